@@ -1,0 +1,176 @@
+"""The base handler: authentication, JSON bodies, JSON errors, request ids.
+
+Every route handler derives from ``BaseHandler`` so that no response, however
+malformed the request, is an HTML error page, a 500 or a traceback.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+import time
+import uuid
+
+from tornado.iostream import StreamClosedError
+from tornado.web import HTTPError, RequestHandler, stream_request_body
+
+from .upstream import UpstreamError
+
+log = logging.getLogger("chat_gpt_proxy")
+
+# A caller-supplied request id is kept only if it cannot smuggle anything
+# into logs or headers.
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+# What each upstream failure means to a client (issue 2: 502 for an
+# unreachable or broken upstream, 504 for a slow one).
+UPSTREAM_ERROR_STATUS = {"connect": 502, "broken": 502, "timeout": 504, "idle": 504, "aborted": 503}
+
+
+class ApiError(HTTPError):
+    """An error answered as JSON: ``status``, a human message, OpenAI-style type and code."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
+                 headers: dict[str, str] | None = None, upstream_error: dict | None = None):
+        super().__init__(status, reason=None)
+        self.message = message
+        self.type = type_
+        self.code = code
+        self.headers = headers or {}
+        self.upstream_error = upstream_error
+
+    @classmethod
+    def from_upstream(cls, exc: UpstreamError) -> ApiError:
+        return cls(UPSTREAM_ERROR_STATUS.get(exc.kind, 502), exc.message, "upstream_error", "upstream_" + exc.kind)
+
+
+def dumps(obj) -> bytes:
+    """JSON as UTF-8 without ``\\u`` escapes: many users write in Russian."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+@stream_request_body
+class BaseHandler(RequestHandler):
+    """Auth, body parsing (size-limited while it arrives), JSON errors."""
+
+    # Routes that are public (health, usage page, metrics) set this to False.
+    requires_access_token = True
+
+    def initialize(self) -> None:
+        self.config = self.settings["config"]
+        self._body_parts: list[bytes] = []
+        self._body_size = 0
+        self.started = time.monotonic()
+        self.upstream_call = None
+
+    @property
+    def request_id(self) -> str:
+        if not hasattr(self, "_request_id"):
+            given = self.request.headers.get("x-request-id", "")
+            self._request_id = given if REQUEST_ID_RE.match(given) else uuid.uuid4().hex
+        return self._request_id
+
+    def set_default_headers(self) -> None:
+        self.set_header("x-request-id", self.request_id)
+
+    # -- authentication
+
+    def prepare(self) -> None:
+        if self.requires_access_token and self.request.method not in ("GET", "HEAD", "OPTIONS"):
+            self.check_access_token()
+        declared = self.request.headers.get("Content-Length")
+        if declared is not None and declared.isdigit() and int(declared) > self.config.max_body_bytes:
+            raise self.too_large()
+        if self.request.method in ("POST", "PUT", "PATCH"):
+            self.request.connection.set_max_body_size(self.config.max_body_bytes + 1)
+
+    def check_access_token(self) -> None:
+        given = self.request.headers.get("access-token", "").encode("utf-8", "surrogateescape")
+        ok = False
+        for token in self.config.access_tokens:
+            # Compare against every token so timing reveals neither which nor how much matched.
+            ok |= hmac.compare_digest(given, token.encode("utf-8"))
+        if not ok:
+            raise ApiError(403, "Missing or wrong access-token header.", "permission_denied", "invalid_access_token")
+
+    def openai_key(self) -> str:
+        key = self.request.headers.get("openai-token", "").strip()
+        if not key:
+            raise ApiError(401, "Missing openai-token header: send your OpenAI API key in it.",
+                           "authentication_error", "missing_openai_token")
+        return key
+
+    # -- the request body, read as it arrives so that an oversized one is refused early
+
+    def data_received(self, chunk: bytes) -> None:
+        self._body_size += len(chunk)
+        if self._body_size > self.config.max_body_bytes:
+            raise self.too_large()
+        self._body_parts.append(chunk)
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(self._body_parts)
+
+    def too_large(self) -> ApiError:
+        return ApiError(413, "Request body is larger than %d bytes." % self.config.max_body_bytes,
+                        code="request_too_large")
+
+    def json_body(self) -> dict:
+        try:
+            parsed = json.loads(self.body)
+        except (ValueError, RecursionError):
+            raise ApiError(400, "The request body is not valid JSON: send a JSON object.", code="invalid_json") from None
+        if not isinstance(parsed, dict):
+            raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
+        return parsed
+
+    # -- errors
+
+    def error_body(self, status: int, message: str, error: dict) -> dict:
+        """The shape of an error on this route; /v1/* overrides it with OpenAI's shape."""
+        return {"status": "error", "text": message, "error": error}
+
+    def write_error(self, status_code: int, **kwargs) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, ApiError):
+            message, error = exc.message, exc.upstream_error
+            if error is None:
+                error = {"message": exc.message, "type": exc.type, "code": exc.code, "param": None}
+            for name, value in exc.headers.items():
+                self.set_header(name, value)
+        elif isinstance(exc, HTTPError) and status_code < 500:
+            message = exc.log_message or self._reason
+            error = {"message": message, "type": "invalid_request_error", "code": None, "param": None}
+        else:
+            # An unexpected exception: Tornado has already logged it; never show it.
+            message = "Internal error in the proxy."
+            error = {"message": message, "type": "server_error", "code": None, "param": None}
+        if status_code == 405:
+            message = "Method %s is not allowed here." % self.request.method
+            error.update(message=message, code="method_not_allowed")
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.finish(dumps(self.error_body(status_code, message, error)))
+
+    def log_exception(self, typ, value, tb) -> None:
+        if isinstance(value, HTTPError):
+            return  # expected outcomes, recorded in the access log
+        super().log_exception(typ, value, tb)
+
+    # -- disconnects
+
+    def on_connection_close(self) -> None:
+        # The client left: stop paying for tokens nobody will read (issue 2).
+        if self.upstream_call is not None:
+            self.upstream_call.abort("client_closed")
+
+    async def flush_or_abort(self) -> bool:
+        """Flush to the client; False (and the upstream aborted) if the client is gone."""
+        try:
+            await self.flush()
+        except StreamClosedError:
+            self.on_connection_close()
+            return False
+        return self.request.connection.stream is not None and not self.request.connection.stream.closed()

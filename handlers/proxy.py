@@ -1,0 +1,181 @@
+"""Relaying upstream answers: the part every proxying route shares.
+
+``ProxyHandler`` opens an ``UpstreamCall`` under the concurrency cap and
+relays its answer, either whole (JSON) or as a live Server-Sent-Events stream.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from tornado.ioloop import IOLoop
+
+from .base import ApiError, BaseHandler, dumps
+from .upstream import UpstreamCall, UpstreamError, make_client, relayed_headers
+
+log = logging.getLogger("chat_gpt_proxy")
+
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    # nginx buffers proxied responses unless told not to.
+    "X-Accel-Buffering": "no",
+}
+SSE_DONE = b"data: [DONE]\n\n"
+SSE_KEEPALIVE = b": keep-alive\n\n"
+# Events are relayed whole, so that keep-alive comments and a final error
+# event never land inside one. An upstream that never ends an event cannot
+# make us hold more than this.
+MAX_PENDING_EVENT = 1024 * 1024
+
+
+class UpstreamPool:
+    """The upstream client of this process and the count of calls in flight."""
+
+    def __init__(self, config):
+        self.config = config
+        self.in_flight = 0
+        self.handlers: set = set()
+        self._client = None
+
+    def client(self):
+        # Created on first use so that it belongs to the running IOLoop.
+        if self._client is None:
+            self._client = make_client(self.config)
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+def last_event_end(data: bytes) -> int:
+    """Index just past the last complete SSE event in ``data`` (0 if none)."""
+    lf = data.rfind(b"\n\n")
+    crlf = data.rfind(b"\r\n\r\n")
+    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+
+
+def error_event(exc: UpstreamError) -> bytes:
+    error = {"message": exc.message, "type": "upstream_error", "code": "upstream_" + exc.kind}
+    return b"data: " + dumps({"error": error}) + b"\n\n" + SSE_DONE
+
+
+class ProxyHandler(BaseHandler):
+    """A handler that calls the upstream and relays the answer."""
+
+    @property
+    def pool(self) -> UpstreamPool:
+        return self.settings["pool"]
+
+    async def open_upstream(self, method: str, url: str, headers: dict, body: bytes | None, *, stream: bool):
+        """Start the upstream call; returns it once the upstream's headers arrived."""
+        pool = self.pool
+        if pool.in_flight >= self.config.max_concurrent_upstream:
+            # Never queue silently (issue 2): the caller can retry elsewhere or later.
+            raise ApiError(503, "The proxy is at its limit of concurrent upstream requests; retry shortly.",
+                           "server_error", "proxy_overloaded", headers={"Retry-After": "1"})
+        pool.in_flight += 1
+        pool.handlers.add(self)
+        try:
+            self.upstream_call = UpstreamCall(pool.client(), self.config, method, url, headers, body, stream=stream)
+            await self.upstream_call.start()
+        except UpstreamError as exc:
+            raise ApiError.from_upstream(exc) from None
+        return self.upstream_call
+
+    def on_finish(self) -> None:
+        if self in self.pool.handlers:
+            self.pool.handlers.discard(self)
+            self.pool.in_flight -= 1
+
+    def relay_headers(self, call: UpstreamCall) -> None:
+        for name, value in relayed_headers(call.headers):
+            self.set_header(name, value)
+
+    async def read_json_answer(self, call: UpstreamCall):
+        """The upstream's whole body parsed as JSON; ``ApiError`` 502 if it is not JSON."""
+        try:
+            body = await call.read_all(self.config.max_body_bytes)
+        except UpstreamError as exc:
+            raise ApiError.from_upstream(exc) from None
+        try:
+            return json.loads(body)
+        except (ValueError, RecursionError):
+            raise ApiError(502, "The upstream answered %d with a body that is not JSON." % call.status,
+                           "upstream_error", "upstream_invalid_json") from None
+
+    def raise_upstream_error(self, call: UpstreamCall, answer) -> None:
+        """Mirror an upstream error status with its error object (issue 2)."""
+        error = answer.get("error") if isinstance(answer, dict) else None
+        if not isinstance(error, dict):
+            error = {"message": "The upstream answered with status %d." % call.status,
+                     "type": "upstream_error", "code": None, "param": None}
+        message = error.get("message")
+        if not isinstance(message, str) or not message:
+            message = "The upstream answered with status %d." % call.status
+        raise ApiError(call.status, message, headers=dict(relayed_headers(call.headers)), upstream_error=error)
+
+    async def relay_stream(self, call: UpstreamCall) -> None:
+        """Relay an SSE answer as it arrives; headers are sent with the first event."""
+        self.set_status(call.status)
+        for name, value in SSE_HEADERS.items():
+            self.set_header(name, value)
+        self.relay_headers(call)
+        pending = b""
+        keepalive = _KeepAlive(self, self.config.stream_keepalive)
+        try:
+            while True:
+                try:
+                    chunk = await call.read()
+                except UpstreamError as exc:
+                    if exc.kind == "aborted" and self.request.connection.stream.closed():
+                        return
+                    log.warning("stream failed request_id=%s kind=%s", self.request_id, exc.kind)
+                    self.write(error_event(exc))
+                    await self.flush_or_abort()
+                    return
+                if chunk is None:
+                    if pending:
+                        self.write(pending)
+                    return
+                pending += chunk
+                end = last_event_end(pending) if len(pending) <= MAX_PENDING_EVENT else len(pending)
+                if end:
+                    self.write(pending[:end] if end < len(pending) else pending)
+                    pending = pending[end:]
+                    keepalive.touch()
+                    if not await self.flush_or_abort():
+                        return
+        finally:
+            keepalive.stop()
+
+
+class _KeepAlive:
+    """Writes an SSE comment after ``interval`` seconds without output (issue 2)."""
+
+    def __init__(self, handler: ProxyHandler, interval: float):
+        self.handler = handler
+        self.interval = interval
+        self.last = time.monotonic()
+        self.loop = IOLoop.current()
+        self.timer = self.loop.call_later(interval, self._fire)
+
+    def touch(self) -> None:
+        self.last = time.monotonic()
+
+    def _fire(self) -> None:
+        idle = time.monotonic() - self.last
+        if idle >= self.interval:
+            self.handler.write(SSE_KEEPALIVE)
+            # Not awaited: the relay loop notices a closed client on its own.
+            self.handler.flush().add_done_callback(lambda f: f.exception())
+            self.last = time.monotonic()
+            idle = 0
+        self.timer = self.loop.call_later(self.interval - idle, self._fire)
+
+    def stop(self) -> None:
+        self.loop.remove_timeout(self.timer)

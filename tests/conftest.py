@@ -1,0 +1,177 @@
+"""Shared fixtures. Servers run on the test's IOLoop, on ephemeral loopback ports.
+
+Fixtures:
+- ``fake_openai``: a started ``FakeOpenAI`` (tests/fake_openai.py); script it with ``push``.
+- ``config``: the proxy's ``Settings`` pointing at the fake; adjust with
+  ``@pytest.mark.settings(name=value, ...)``.
+- ``app`` / ``http_server`` / ``base_url``: the proxy built by ``server.make_app`` and
+  ``server.make_server`` exactly as ``main()`` does, on 127.0.0.1.
+- ``proxy``: a ``ProxyClient`` for the running proxy; every response it returns
+  has passed ``check_response`` (the invariants every response must hold).
+- ``secrets_in_use``: the recognisable secret values the tests send.
+
+Sync clients (requests, the openai SDK) run in a thread through
+``proxy.in_thread(...)`` so that the servers keep running on the IOLoop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import time
+
+import pytest
+import tornado.httpclient
+from tornado.testing import bind_unused_port
+
+from server import make_app, make_server
+from settings import Settings
+from tests.fake_openai import FakeOpenAI
+
+ACCESS_TOKEN = "acc-TESTACCESS-7f3a9c"
+OPENAI_KEY = "sk-TESTOPENAIKEY-5d2e8b1c"
+SECRETS = (ACCESS_TOKEN, OPENAI_KEY)
+AUTH = {"access-token": ACCESS_TOKEN, "openai-token": OPENAI_KEY}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "settings(**kw): override proxy Settings fields for this test")
+
+
+@pytest.fixture
+def secrets_in_use():
+    return SECRETS
+
+
+@pytest.fixture
+def fake_openai(io_loop):
+    fake = FakeOpenAI()
+    fake.start()
+    yield fake
+    io_loop.run_sync(fake.stop)
+
+
+@pytest.fixture
+def config(request, fake_openai):
+    marker = request.node.get_closest_marker("settings")
+    overrides = dict(marker.kwargs) if marker else {}
+    return dataclasses.replace(
+        Settings(), access_tokens=(ACCESS_TOKEN, "second-token-abc"), openai_base_url=fake_openai.url,
+        port=0, host="127.0.0.1", **overrides,
+    )
+
+
+@pytest.fixture
+def app(config, io_loop):
+    application = make_app(config)
+    yield application
+    application.settings["pool"].close()
+
+
+@pytest.fixture
+def _unused_port():
+    return bind_unused_port()
+
+
+@pytest.fixture
+def base_url(http_port):
+    return "http://127.0.0.1:%d" % http_port
+
+
+@pytest.fixture
+def http_server(app, config, io_loop, _unused_port):
+    server = make_server(app, config)
+    server.add_socket(_unused_port[0])
+    yield server
+    server.stop()
+    io_loop.run_sync(server.close_all_connections, timeout=10)
+
+
+def check_response(response, body: bytes | None = None) -> None:
+    """The invariants every response of the proxy must hold (``body``: for streamed responses)."""
+    assert response.code != 500, response.body
+    assert response.code != 599, "no HTTP answer at all: %r" % (response.error,)
+    for name, value in response.headers.get_all():
+        for secret in SECRETS:
+            assert secret not in value, "secret in response header %s" % name
+    body = (response.body or b"") if body is None else body
+    for secret in SECRETS:
+        assert secret.encode() not in body, "secret in response body"
+    assert b"Traceback" not in body
+    assert response.headers.get("x-request-id"), "every response carries x-request-id"
+    if response.code >= 400:
+        assert response.headers["Content-Type"].startswith("application/json"), response.headers
+        parsed = json.loads(body)
+        assert isinstance(parsed["error"], dict) and parsed["error"].get("message")
+
+
+@dataclasses.dataclass
+class Streamed:
+    """A streamed response: its chunks with arrival times (monotonic)."""
+
+    response: tornado.httpclient.HTTPResponse
+    chunks: list[tuple[float, bytes]]
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(c for _, c in self.chunks)
+
+    def events(self) -> list[str]:
+        return [e[len("data: "):] for e in self.body.decode().split("\n\n") if e.startswith("data: ")]
+
+
+class ProxyClient:
+    def __init__(self, base_url: str):
+        self.base_url = base_url
+        self.client = tornado.httpclient.AsyncHTTPClient(force_instance=True)
+
+    async def request(self, path="/chat_complete", method="POST", json_body=None, body=None, headers=None,
+                      auth=True, check=True, **kwargs):
+        all_headers = dict(AUTH) if auth else {}
+        all_headers.update(headers or {})
+        if json_body is not None:
+            body = json.dumps(json_body, ensure_ascii=False).encode("utf-8")
+            all_headers.setdefault("Content-Type", "application/json")
+        response = await self.client.fetch(
+            self.base_url + path, method=method, body=body, headers=all_headers, raise_error=False,
+            allow_nonstandard_methods=True, request_timeout=kwargs.pop("request_timeout", 30), **kwargs,
+        )
+        if check:
+            check_response(response)
+        return response
+
+    async def chat(self, json_body, **kwargs):
+        response = await self.request(json_body=json_body, **kwargs)
+        return response, json.loads(response.body)
+
+    async def stream(self, json_body, **kwargs) -> Streamed:
+        chunks: list[tuple[float, bytes]] = []
+        response = await self.request(
+            json_body=json_body, streaming_callback=lambda c: chunks.append((time.monotonic(), c)), check=False,
+            **kwargs,
+        )
+        streamed = Streamed(response, chunks)
+        check_response(response, streamed.body)
+        return streamed
+
+    async def in_thread(self, fn, *args, **kwargs):
+        return await asyncio.get_running_loop().run_in_executor(None, lambda: fn(*args, **kwargs))
+
+    def close(self) -> None:
+        self.client.close()
+
+
+@pytest.fixture
+def proxy(http_server, base_url):
+    client = ProxyClient(base_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture(autouse=True)
+def _capture_all_logs(caplog):
+    """Every log record at DEBUG, so secret scans see everything that could be logged."""
+    caplog.set_level(logging.DEBUG)
+    yield

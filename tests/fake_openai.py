@@ -1,0 +1,363 @@
+"""A fake OpenAI API: a real HTTP server on loopback that speaks OpenAI's wire format.
+
+Used by the tests (in-process, on the test's IOLoop), by the benchmarks and by
+the demo mode (``python -m tests.fake_openai --port 8081``).
+
+By default it echoes: the answer to a chat request is ``Echo: <last user
+message>``, streamed word by word when ``stream`` is true. Tests script other
+answers with ``FakeOpenAI.push(Behaviour(...))`` (or ``POST /_fake/script``
+from another process); each request takes the next scripted behaviour.
+It records what it received, counts TCP connections, and notes every request
+whose client went away before the answer was complete (an abort).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import dataclasses
+import json
+import socket
+import struct
+import time
+import uuid
+
+import tornado.httpserver
+import tornado.web
+from tornado.iostream import StreamClosedError
+from tornado.testing import bind_unused_port
+
+
+@dataclasses.dataclass
+class Behaviour:
+    """What the fake does with one request.
+
+    kind: ``echo`` (the default answer), ``error`` (``status`` + OpenAI error
+    object), ``hang`` (never answers), ``garbage`` (``status`` with ``body``
+    as ``content_type``), ``drop`` (after ``after`` chunks, close the
+    connection; ``reset`` sends a TCP RST instead of a FIN), ``stall``
+    (after ``after`` chunks, go silent forever).
+    ``chunks`` replaces the streamed pieces of text, ``delay`` is the pause
+    before each chunk after the first, ``first_delay`` the pause before the
+    headers.
+    """
+
+    kind: str = "echo"
+    status: int = 200
+    chunks: list[str] | None = None
+    delay: float = 0.0
+    first_delay: float = 0.0
+    after: int = 0
+    reset: bool = False
+    message: str = "Fake error"
+    error_type: str = "invalid_request_error"
+    error_code: str | None = None
+    headers: dict[str, str] = dataclasses.field(default_factory=dict)
+    body: str = "<html><body>Bad gateway</body></html>"
+    content_type: str = "text/html"
+
+
+@dataclasses.dataclass
+class Received:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def json(self):
+        return json.loads(self.body)
+
+
+class FakeOpenAI:
+    def __init__(self, default_delay: float = 0.0):
+        self.default_delay = default_delay
+        self.script: collections.deque[Behaviour] = collections.deque()
+        self.received: list[Received] = []
+        self.connections = 0
+        self.aborts: list[float] = []
+        self.completed = 0
+        self.port = 0
+        self._abort_waiters: list[asyncio.Future] = []
+        self._server = None
+
+    @property
+    def url(self) -> str:
+        return "http://127.0.0.1:%d/v1" % self.port
+
+    def push(self, *behaviours: Behaviour) -> None:
+        self.script.extend(behaviours)
+
+    def next_behaviour(self) -> Behaviour:
+        return self.script.popleft() if self.script else Behaviour(delay=self.default_delay)
+
+    async def wait_abort(self, timeout: float) -> float:
+        """Wait until a request is aborted by its client; returns the time (monotonic)."""
+        if not self.aborts:
+            waiter = asyncio.get_running_loop().create_future()
+            self._abort_waiters.append(waiter)
+            await asyncio.wait_for(waiter, timeout)
+        return self.aborts[-1]
+
+    def note_abort(self) -> None:
+        self.aborts.append(time.monotonic())
+        waiters, self._abort_waiters = self._abort_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def stats(self) -> dict:
+        return {"connections": self.connections, "requests": len(self.received), "aborts": len(self.aborts),
+                "completed": self.completed}
+
+    def start(self, port: int = 0, address: str = "127.0.0.1") -> int:
+        fake = self
+
+        class CountingServer(tornado.httpserver.HTTPServer):
+            def handle_stream(self, stream, address):
+                fake.connections += 1
+                return super().handle_stream(stream, address)
+
+        app = tornado.web.Application(
+            [
+                (r"/v1/chat/completions", ChatCompletions),
+                (r"/v1/models", Models),
+                (r"/v1/embeddings", Embeddings),
+                (r"/_fake/script", Script),
+                (r"/_fake/stats", Stats),
+            ],
+            fake=self,
+            log_function=lambda handler: None,
+        )
+        self._server = CountingServer(app)
+        if port:
+            self._server.listen(port, address)
+            self.port = port
+        else:
+            sock, self.port = bind_unused_port()
+            self._server.add_sockets([sock])
+        return self.port
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            await self._server.close_all_connections()
+            self._server = None
+
+
+def completion(content: str, model: str) -> dict:
+    return {
+        "id": "chatcmpl-" + uuid.uuid4().hex[:24],
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "system_fingerprint": "fp_fake",
+        "service_tier": "default",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content, "refusal": None, "annotations": []},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": usage_for(content),
+    }
+
+
+def usage_for(content: str) -> dict:
+    completion_tokens = max(1, len(content.split()))
+    return {"prompt_tokens": 9, "completion_tokens": completion_tokens, "total_tokens": 9 + completion_tokens}
+
+
+def chunk(cid: str, model: str, delta: dict, finish_reason=None, usage=None, choices=True) -> bytes:
+    obj = {
+        "id": cid,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "system_fingerprint": "fp_fake",
+        "service_tier": "default",
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+        if choices
+        else [],
+        "usage": usage,
+    }
+    return b"data: " + json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n\n"
+
+
+def error_object(behaviour: Behaviour) -> dict:
+    return {"error": {"message": behaviour.message, "type": behaviour.error_type, "param": None,
+                      "code": behaviour.error_code}}
+
+
+def echo_text(body: dict) -> str:
+    messages = body.get("messages") or []
+    for message in reversed(messages):
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            return "Echo: " + (content if isinstance(content, str) else json.dumps(content, ensure_ascii=False))
+    return "Echo: (no user message)"
+
+
+class FakeHandler(tornado.web.RequestHandler):
+    @property
+    def fake(self) -> FakeOpenAI:
+        return self.settings["fake"]
+
+    def initialize(self) -> None:
+        self.closed = asyncio.Event()
+        self.done = False
+
+    def prepare(self) -> None:
+        if not self.request.path.startswith("/_fake/"):
+            self.fake.received.append(
+                Received(self.request.method, self.request.path, dict(self.request.headers), self.request.body)
+            )
+
+    def on_connection_close(self) -> None:
+        self.closed.set()
+        if not self.done:
+            self.fake.note_abort()
+
+    def on_finish(self) -> None:
+        self.done = True
+        self.fake.completed += 1
+
+    async def pause(self, seconds: float) -> bool:
+        """Sleep; False if the client went away meanwhile."""
+        if seconds > 0:
+            try:
+                await asyncio.wait_for(self.closed.wait(), seconds)
+            except asyncio.TimeoutError:
+                pass
+        return not self.closed.is_set()
+
+    async def send(self, data: bytes) -> bool:
+        self.write(data)
+        try:
+            await self.flush()
+        except StreamClosedError:
+            return False
+        return True
+
+    def write_json(self, obj, status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(obj, ensure_ascii=False).encode("utf-8"))
+
+    def kill_connection(self, reset: bool) -> None:
+        stream = self.request.connection.stream
+        if reset and stream.socket is not None:
+            # SO_LINGER with a zero timeout turns close() into a TCP RST.
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.done = True
+        stream.close()
+
+
+class ChatCompletions(FakeHandler):
+    async def post(self) -> None:
+        behaviour = self.fake.next_behaviour()
+        for name, value in behaviour.headers.items():
+            self.set_header(name, value)
+        self.set_header("x-request-id", "req_fake_" + uuid.uuid4().hex[:12])
+        if not await self.pause(behaviour.first_delay):
+            return
+        if behaviour.kind == "hang":
+            await self.closed.wait()
+            return
+        if behaviour.kind == "error":
+            self.write_json(error_object(behaviour), behaviour.status)
+            return
+        if behaviour.kind == "garbage":
+            self.set_status(behaviour.status)
+            self.set_header("Content-Type", behaviour.content_type)
+            self.finish(behaviour.body)
+            return
+        if behaviour.kind == "drop" and behaviour.after == 0:
+            self.kill_connection(behaviour.reset)
+            return
+        body = json.loads(self.request.body)
+        model = body.get("model", "gpt-4o-mini")
+        text = echo_text(body)
+        if not body.get("stream"):
+            self.write_json(completion(text, model))
+            return
+        pieces = behaviour.chunks if behaviour.chunks is not None else [w + " " for w in text.split(" ")]
+        await self.stream(behaviour, body, model, pieces)
+
+    async def stream(self, behaviour: Behaviour, body: dict, model: str, pieces: list[str]) -> None:
+        self.set_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.set_header("Cache-Control", "no-cache")
+        cid = "chatcmpl-" + uuid.uuid4().hex[:24]
+        if not await self.send(chunk(cid, model, {"role": "assistant", "content": ""})):
+            return
+        for index, piece in enumerate(pieces):
+            if behaviour.kind in ("drop", "stall") and index == behaviour.after:
+                if behaviour.kind == "drop":
+                    self.kill_connection(behaviour.reset)
+                else:
+                    await self.closed.wait()
+                return
+            if index and not await self.pause(behaviour.delay):
+                return
+            if not await self.send(chunk(cid, model, {"content": piece})):
+                return
+        await self.send(chunk(cid, model, {}, finish_reason="stop"))
+        if (body.get("stream_options") or {}).get("include_usage"):
+            await self.send(chunk(cid, model, {}, usage=usage_for("".join(pieces)), choices=False))
+        self.finish(b"data: [DONE]\n\n")
+
+
+class Models(FakeHandler):
+    def get(self) -> None:
+        models = ["gpt-4o-mini", "gpt-4o", "text-embedding-3-small"]
+        self.write_json({"object": "list", "data": [
+            {"id": m, "object": "model", "created": 1700000000, "owned_by": "fake"} for m in models]})
+
+
+class Embeddings(FakeHandler):
+    def post(self) -> None:
+        body = json.loads(self.request.body)
+        inputs = body.get("input")
+        inputs = inputs if isinstance(inputs, list) else [inputs]
+        data = [{"object": "embedding", "index": i, "embedding": [0.1 * (i + 1), 0.2, 0.3]} for i in range(len(inputs))]
+        self.write_json({"object": "list", "data": data, "model": body.get("model"),
+                         "usage": {"prompt_tokens": 3, "total_tokens": 3}})
+
+
+class Script(FakeHandler):
+    def post(self) -> None:
+        """POST /_fake/script: queue a behaviour (JSON fields of ``Behaviour``)."""
+        self.fake.push(Behaviour(**json.loads(self.request.body)))
+        self.write_json({"queued": len(self.fake.script)})
+
+
+class Stats(FakeHandler):
+    def get(self) -> None:
+        """GET /_fake/stats: connections, requests, aborts."""
+        self.write_json(self.fake.stats())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="A fake OpenAI API for tests, benchmarks and demos.")
+    parser.add_argument("--port", type=int, default=8081)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds between streamed chunks")
+    args = parser.parse_args()
+
+    async def serve() -> None:
+        fake = FakeOpenAI(default_delay=args.delay)
+        fake.start(args.port, args.host)
+        print("fake OpenAI listening on http://%s:%d/v1" % (args.host, args.port), flush=True)
+        await asyncio.Event().wait()
+
+    try:
+        asyncio.run(serve())
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()
