@@ -27,9 +27,7 @@ class Settings:
     access_tokens: tuple[str, ...] = (DEFAULT_ACCESS_TOKEN,)
     openai_base_url: str = "https://api.openai.com/v1"
     default_model: str = "gpt-4o-mini"
-    default_generate_params: Mapping = dataclasses.field(
-        default_factory=lambda: MappingProxyType({})
-    )
+    default_generate_params: Mapping = dataclasses.field(default_factory=lambda: MappingProxyType({}))
     max_body_bytes: int = 32 * 1024 * 1024
     connect_timeout: float = 10.0
     request_timeout: float = 600.0
@@ -110,9 +108,7 @@ class Settings:
             stream_idle_timeout=env.float("STREAM_IDLE_TIMEOUT", cls.stream_idle_timeout),
             stream_keepalive=env.float("STREAM_KEEPALIVE", cls.stream_keepalive),
             client_stall_timeout=env.float("CLIENT_STALL_TIMEOUT", cls.client_stall_timeout),
-            max_concurrent_upstream=env.int(
-                "MAX_CONCURRENT_UPSTREAM", cls.max_concurrent_upstream, 1, 100_000
-            ),
+            max_concurrent_upstream=env.int("MAX_CONCURRENT_UPSTREAM", cls.max_concurrent_upstream, 1, 100_000),
             shutdown_grace=env.float("SHUTDOWN_GRACE", cls.shutdown_grace, minimum=0),
             log_format=log_format,
             log_level=log_level,

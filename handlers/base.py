@@ -32,8 +32,15 @@ UPSTREAM_ERROR_STATUS = {"connect": 502, "broken": 502, "timeout": 504, "idle": 
 class ApiError(HTTPError):
     """An error answered as JSON: ``status``, a human message, OpenAI-style type and code."""
 
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
-                 headers: dict[str, str] | None = None, upstream_error: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+        upstream_error: dict | None = None,
+    ):
         super().__init__(status, reason=None)
         self.message = message
         self.type = type_
@@ -98,8 +105,12 @@ class BaseHandler(RequestHandler):
     def openai_key(self) -> str:
         key = self.request.headers.get("openai-token", "").strip()
         if not key:
-            raise ApiError(401, "Missing openai-token header: send your OpenAI API key in it.",
-                           "authentication_error", "missing_openai_token")
+            raise ApiError(
+                401,
+                "Missing openai-token header: send your OpenAI API key in it.",
+                "authentication_error",
+                "missing_openai_token",
+            )
         return key
 
     # -- the request body, read as it arrives so that an oversized one is refused early
@@ -115,14 +126,17 @@ class BaseHandler(RequestHandler):
         return b"".join(self._body_parts)
 
     def too_large(self) -> ApiError:
-        return ApiError(413, "Request body is larger than %d bytes." % self.config.max_body_bytes,
-                        code="request_too_large")
+        return ApiError(
+            413, "Request body is larger than %d bytes." % self.config.max_body_bytes, code="request_too_large"
+        )
 
     def json_body(self) -> dict:
         try:
             parsed = json.loads(self.body)
         except (ValueError, RecursionError):
-            raise ApiError(400, "The request body is not valid JSON: send a JSON object.", code="invalid_json") from None
+            raise ApiError(
+                400, "The request body is not valid JSON: send a JSON object.", code="invalid_json"
+            ) from None
         if not isinstance(parsed, dict):
             raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
         return parsed

@@ -33,7 +33,7 @@ def build_chat_request(body: dict, config) -> dict:
     """
     has_prompt, has_messages = "prompt" in body, "messages" in body
     if has_prompt == has_messages:
-        raise bad_request(("Both \"prompt\" and \"messages\" were sent. " if has_prompt else "") + WHAT_TO_SEND)
+        raise bad_request(('Both "prompt" and "messages" were sent. ' if has_prompt else "") + WHAT_TO_SEND)
     if has_prompt:
         prompt = body["prompt"]
         if not isinstance(prompt, str) or not prompt:
@@ -64,8 +64,9 @@ def build_chat_request(body: dict, config) -> dict:
     if not isinstance(model, str) or not model:
         raise bad_request('"model_name" must be a non-empty string.')
     if config.allowed_models and model not in config.allowed_models:
-        raise ApiError(403, "Model %r is not allowed on this proxy." % model[:100], "permission_denied",
-                       "model_not_allowed")
+        raise ApiError(
+            403, "Model %r is not allowed on this proxy." % model[:100], "permission_denied", "model_not_allowed"
+        )
     if "stream" in payload and not isinstance(payload["stream"], bool):
         raise bad_request('"generate_params.stream" must be true or false.')
     return payload
@@ -85,8 +86,7 @@ class ChatCompleteHandler(UsagePageMixin, ProxyHandler):
         """POST /chat_complete: a chat completion as JSON, or as an SSE stream with stream=true."""
         key = self.openai_key()
         if not API_KEY_RE.match(key):
-            raise ApiError(401, "The openai-token header is malformed.", "authentication_error",
-                           "invalid_openai_token")
+            raise ApiError(401, "The openai-token header is malformed.", "authentication_error", "invalid_openai_token")
         payload = build_chat_request(self.json_body(), self.config)
         stream = payload.get("stream") is True
         self.model = payload["model"]
@@ -95,8 +95,9 @@ class ChatCompleteHandler(UsagePageMixin, ProxyHandler):
             "Content-Type": "application/json",
             "Accept": "text/event-stream" if stream else "application/json",
         }
-        call = await self.open_upstream("POST", self.config.chat_completions_url, headers, dumps(payload),
-                                        stream=stream)
+        call = await self.open_upstream(
+            "POST", self.config.chat_completions_url, headers, dumps(payload), stream=stream
+        )
         if stream and 200 <= call.status < 300:
             await self.relay_stream(call)
             return
@@ -104,8 +105,9 @@ class ChatCompleteHandler(UsagePageMixin, ProxyHandler):
         if not 200 <= call.status < 300:
             self.raise_upstream_error(call, answer)
         if not isinstance(answer, dict):
-            raise ApiError(502, "The upstream answered with JSON that is not an object.", "upstream_error",
-                           "upstream_invalid_json")
+            raise ApiError(
+                502, "The upstream answered with JSON that is not an object.", "upstream_error", "upstream_invalid_json"
+            )
         self.usage = answer.get("usage")
         answer["text"] = answer_text(answer)
         answer["status"] = "ok"

@@ -27,8 +27,6 @@ GET /healthz: {"status": "ok"}
 
 
 class UsagePageMixin:
-    requires_access_token = False
-
     def get(self) -> None:
         """GET /chat_complete: the usage page (the old service showed its README here)."""
         self.set_header("Content-Type", "text/plain; charset=utf-8")
@@ -37,6 +35,8 @@ class UsagePageMixin:
 
 class UsageHandler(UsagePageMixin, BaseHandler):
     """GET /usage: the usage page."""
+
+    requires_access_token = False
 
 
 class HealthHandler(BaseHandler):

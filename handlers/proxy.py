@@ -76,8 +76,13 @@ class ProxyHandler(BaseHandler):
         pool = self.pool
         if pool.in_flight >= self.config.max_concurrent_upstream:
             # Never queue silently (issue 2): the caller can retry elsewhere or later.
-            raise ApiError(503, "The proxy is at its limit of concurrent upstream requests; retry shortly.",
-                           "server_error", "proxy_overloaded", headers={"Retry-After": "1"})
+            raise ApiError(
+                503,
+                "The proxy is at its limit of concurrent upstream requests; retry shortly.",
+                "server_error",
+                "proxy_overloaded",
+                headers={"Retry-After": "1"},
+            )
         pool.in_flight += 1
         pool.handlers.add(self)
         try:
@@ -105,15 +110,23 @@ class ProxyHandler(BaseHandler):
         try:
             return json.loads(body)
         except (ValueError, RecursionError):
-            raise ApiError(502, "The upstream answered %d with a body that is not JSON." % call.status,
-                           "upstream_error", "upstream_invalid_json") from None
+            raise ApiError(
+                502,
+                "The upstream answered %d with a body that is not JSON." % call.status,
+                "upstream_error",
+                "upstream_invalid_json",
+            ) from None
 
     def raise_upstream_error(self, call: UpstreamCall, answer) -> None:
         """Mirror an upstream error status with its error object (issue 2)."""
         error = answer.get("error") if isinstance(answer, dict) else None
         if not isinstance(error, dict):
-            error = {"message": "The upstream answered with status %d." % call.status,
-                     "type": "upstream_error", "code": None, "param": None}
+            error = {
+                "message": "The upstream answered with status %d." % call.status,
+                "type": "upstream_error",
+                "code": None,
+                "param": None,
+            }
         message = error.get("message")
         if not isinstance(message, str) or not message:
             message = "The upstream answered with status %d." % call.status

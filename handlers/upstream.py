@@ -144,6 +144,7 @@ class UpstreamCall:
         self._wakeup: asyncio.Future | None = None
         self._headers_future: asyncio.Future = asyncio.get_running_loop().create_future()
         self._idle_handle = None
+        self._failure: BaseException | None = None
         self._last_activity = self.started_at
         request = HTTPRequest(
             url,
@@ -176,6 +177,9 @@ class UpstreamCall:
         # would only reset a stream; HTTP/1.1 keeps aborts and pooling simple.
         curl.setopt(pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_1_1)
         curl.setopt(pycurl.TCP_NODELAY, 1)
+        # Tornado turns on libcurl's verbose trace when its logger is at DEBUG;
+        # that trace holds the Authorization header, i.e. the caller's key.
+        curl.setopt(pycurl.VERBOSE, 0)
 
     def _on_header_line(self, line: bytes) -> None:
         text = line.decode("latin-1").rstrip("\r\n")
@@ -222,6 +226,10 @@ class UpstreamCall:
     def _on_fetch_done(self, future) -> None:
         # From here on the curl handle may already serve another request.
         self._curl = None
+        # Even with raise_error=False, connection failures and timeouts come
+        # as an exception (CurlError 599), not as a response.
+        failure = future.exception()
+        self._failure = failure if failure is not None else future.result().error
         self._disarm_idle_timer()
         if not self._headers_future.done():
             self._headers_future.set_result(None)
@@ -233,7 +241,7 @@ class UpstreamCall:
             return UpstreamError("idle", "the upstream sent nothing for %g s" % self.settings.stream_idle_timeout)
         if self.abort_reason is not None:
             return UpstreamError("aborted", "the request was aborted (%s)" % self.abort_reason)
-        error = self._fetch.result().error
+        error = self._failure
         if not isinstance(error, CurlError):
             return None
         if error.errno in (CURLE_COULDNT_CONNECT, CURLE_COULDNT_RESOLVE_HOST):

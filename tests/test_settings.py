@@ -1,0 +1,83 @@
+"""Settings: read once from the environment, each bad variable named in a one-line error."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from settings import DEFAULT_ACCESS_TOKEN, Settings, SettingsError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_defaults():
+    s = Settings.from_env({})
+    assert s.port == 9081 and s.host == "0.0.0.0"
+    assert s.access_tokens == (DEFAULT_ACCESS_TOKEN,) and s.default_token_in_use
+    assert s.openai_base_url == "https://api.openai.com/v1"
+    assert s.chat_completions_url == "https://api.openai.com/v1/chat/completions"
+    assert s.default_model == "gpt-4o-mini" and dict(s.default_generate_params) == {}
+    assert s.max_body_bytes == 32 * 1024 * 1024
+    assert (s.connect_timeout, s.request_timeout, s.stream_idle_timeout, s.stream_keepalive) == (10, 600, 300, 15)
+    assert s.max_concurrent_upstream == 1000
+
+
+def test_access_tokens_comma_separated_and_legacy_name():
+    assert Settings.from_env({"ACCESS_TOKEN": " a1 , b2,,"}).access_tokens == ("a1", "b2")
+    assert Settings.from_env({"ACCESS_KEY": "legacy"}).access_tokens == ("legacy",)
+    assert Settings.from_env({"ACCESS_TOKEN": "new", "ACCESS_KEY": "legacy"}).access_tokens == ("new",)
+    assert not Settings.from_env({"ACCESS_TOKEN": "new"}).default_token_in_use
+
+
+def test_base_url_trailing_slash_and_default_params():
+    s = Settings.from_env(
+        {"OPENAI_BASE_URL": "http://127.0.0.1:8081/v1/", "DEFAULT_GENERATE_PARAMS": '{"temperature": 0.2}'}
+    )
+    assert s.chat_completions_url == "http://127.0.0.1:8081/v1/chat/completions"
+    assert dict(s.default_generate_params) == {"temperature": 0.2}
+
+
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("PORT", "abc"),
+        ("PORT", "70000"),
+        ("MAX_BODY_BYTES", "-1"),
+        ("CONNECT_TIMEOUT", "soon"),
+        ("REQUEST_TIMEOUT", "0"),
+        ("STREAM_IDLE_TIMEOUT", "inf"),
+        ("MAX_CONCURRENT_UPSTREAM", "0"),
+        ("DEFAULT_GENERATE_PARAMS", "{not json"),
+        ("DEFAULT_GENERATE_PARAMS", "[1, 2]"),
+        ("OPENAI_BASE_URL", "ftp://example"),
+        ("LOG_FORMAT", "xml"),
+        ("METRICS_ENABLED", "maybe"),
+        ("TRUSTED_PROXIES", "10.0.0.0/8,not-an-ip"),
+        ("ACCESS_TOKEN", ",,"),
+        ("TLS_CERTFILE", "/nonexistent/cert.pem"),
+    ],
+)
+def test_invalid_values_name_the_variable(name, value):
+    env = {name: value}
+    if name == "TLS_CERTFILE":
+        env["TLS_KEYFILE"] = "/nonexistent/key.pem"
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env(env)
+    message = str(info.value)
+    assert message.startswith(name + ":") and "\n" not in message
+
+
+def test_masked_hides_every_token():
+    s = Settings.from_env({"ACCESS_TOKEN": "supersecret-token-1,tok2"})
+    text = repr(s.masked())
+    assert "supersecret-token-1" not in text and "tok2" not in text
+
+
+def test_server_refuses_to_start_with_one_line_error():
+    env = {k: v for k, v in os.environ.items() if k not in ("ACCESS_TOKEN", "ACCESS_KEY")}
+    env["PORT"] = "not-a-port"
+    proc = subprocess.run([sys.executable, "server.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "PORT" in lines[0], proc.stderr
