@@ -13,7 +13,7 @@ import os
 from collections.abc import Mapping
 from types import MappingProxyType
 
-DEFAULT_ACCESS_TOKEN = "123456"
+DEFAULT_ACCESS_TOKEN = "123456"  # noqa: S105 (the old service's documented default)
 
 
 class SettingsError(ValueError):

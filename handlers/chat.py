@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 
 from .base import ApiError, dumps
-from .proxy import ProxyHandler
 from .info import UsagePageMixin
+from .proxy import ProxyHandler
 
 # Keys of generate_params that the proxy itself fills in.
 OWNED_KEYS = ("messages",)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 
@@ -313,11 +314,10 @@ class UpstreamCall:
         if curl is None or self._fetch.done():
             return
         self._arm_idle_timer()
-        try:
-            # May call _on_body synchronously with the bytes held back.
+        # May call _on_body synchronously with the bytes held back; an error
+        # here means the transfer failed while paused, and _finish reports it.
+        with contextlib.suppress(pycurl.error):
             curl.pause(pycurl.PAUSE_CONT)
-        except pycurl.error:
-            pass
 
     def _wake(self) -> None:
         waiter, self._wakeup = self._wakeup, None

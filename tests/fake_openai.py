@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import json
 import socket
@@ -237,10 +238,8 @@ class FakeHandler(tornado.web.RequestHandler):
     async def pause(self, seconds: float) -> bool:
         """Sleep; False if the client went away meanwhile."""
         if seconds > 0:
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.closed.wait(), seconds)
-            except asyncio.TimeoutError:
-                pass
         return not self.closed.is_set()
 
     async def send(self, data: bytes) -> bool:
@@ -373,10 +372,8 @@ def main() -> None:
         print("fake OpenAI listening on http://%s:%d/v1" % (args.host, args.port), flush=True)
         await asyncio.Event().wait()
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve())
-    except KeyboardInterrupt:
-        pass
 
 
 if __name__ == "__main__":
