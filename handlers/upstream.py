@@ -145,7 +145,6 @@ class UpstreamCall:
         self._wakeup: asyncio.Future | None = None
         self._headers_future: asyncio.Future = asyncio.get_running_loop().create_future()
         self._idle_handle = None
-        self._failure: BaseException | None = None
         self._last_activity = self.started_at
         request = HTTPRequest(
             url,
@@ -227,10 +226,7 @@ class UpstreamCall:
     def _on_fetch_done(self, future) -> None:
         # From here on the curl handle may already serve another request.
         self._curl = None
-        # Even with raise_error=False, connection failures and timeouts come
-        # as an exception (CurlError 599), not as a response.
-        failure = future.exception()
-        self._failure = failure if failure is not None else future.result().error
+        future.exception()  # retrieved here so asyncio never reports it unhandled
         self._disarm_idle_timer()
         if not self._headers_future.done():
             self._headers_future.set_result(None)
@@ -242,7 +238,10 @@ class UpstreamCall:
             return UpstreamError("idle", "the upstream sent nothing for %g s" % self.settings.stream_idle_timeout)
         if self.abort_reason is not None:
             return UpstreamError("aborted", "the request was aborted (%s)" % self.abort_reason)
-        error = self._failure
+        # Even with raise_error=False, connection failures and timeouts come
+        # as an exception (CurlError 599), not as a response. Read the future
+        # itself: its done-callbacks may not have run yet.
+        error = self._fetch.exception() or self._fetch.result().error
         if not isinstance(error, CurlError):
             return None
         if error.errno in (CURLE_COULDNT_CONNECT, CURLE_COULDNT_RESOLVE_HOST):

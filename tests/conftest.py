@@ -197,3 +197,21 @@ def _capture_all_logs(caplog):
     """Every log record at DEBUG, so secret scans see everything that could be logged."""
     caplog.set_level(logging.DEBUG)
     yield
+
+
+async def open_raw(base_url: str, body: dict, path: str = "/chat_complete", headers: dict | None = None):
+    """Send a POST by hand and return (reader, writer) after the response headers.
+
+    For tests that must control the client's socket: close it mid-stream, or
+    stop reading from it.
+    """
+    host, port = base_url.rsplit("//", 1)[1].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    payload = json.dumps(body).encode()
+    all_headers = {**AUTH, **(headers or {}), "Content-Type": "application/json", "Content-Length": str(len(payload))}
+    head = "POST %s HTTP/1.1\r\nHost: %s\r\n" % (path, host)
+    head += "".join("%s: %s\r\n" % item for item in all_headers.items()) + "\r\n"
+    writer.write(head.encode() + payload)
+    await writer.drain()
+    status_and_headers = await reader.readuntil(b"\r\n\r\n")
+    return status_and_headers.decode("latin-1"), reader, writer

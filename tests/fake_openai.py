@@ -188,7 +188,7 @@ def chunk(cid: str, model: str, delta: dict, finish_reason=None, usage=None, cho
         "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}] if choices else [],
         "usage": usage,
     }
-    return b"data: " + json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n\n"
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n\n"
 
 
 def error_object(behaviour: Behaviour) -> dict:
