@@ -1,20 +1,28 @@
 """chat_gpt_proxy: a fast, safe proxy for the OpenAI chat API.
 
 ``make_app(settings)`` builds the Tornado application (tests and benchmarks
-import it); ``main()`` reads the settings from the environment and serves.
+import it); ``main()`` reads the settings from the environment and serves
+until SIGTERM or SIGINT, then shuts down gracefully.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
+import resource
+import signal
+import ssl
 import sys
+import time
 
 import tornado.httpserver
-import tornado.ioloop
 import tornado.web
 
 from handlers import routes
-from handlers.base import BaseHandler
+from handlers.base import ApiError, BaseHandler
+from handlers.observability import Metrics, log_request
+from handlers.observability import routes as metrics_routes
 from handlers.proxy import UpstreamPool
 from settings import Settings, SettingsError
 
@@ -27,30 +35,110 @@ class NotFoundHandler(BaseHandler):
     requires_access_token = False
 
     def prepare(self) -> None:
-        from handlers.base import ApiError
-
         raise ApiError(404, "No such route: %s. See GET / for usage." % self.request.path[:200], code="not_found")
 
 
 def make_app(settings: Settings) -> tornado.web.Application:
+    pool = UpstreamPool(settings)
+    metrics = None
+    all_routes = list(routes)
+    if settings.metrics_enabled:
+        metrics = Metrics()
+        metrics.in_flight.set_function(lambda: pool.in_flight)
+        metrics.streams.set_function(lambda: pool.streams)
+        all_routes += metrics_routes
     return tornado.web.Application(
-        routes,
+        all_routes,
         default_handler_class=NotFoundHandler,
         config=settings,
-        pool=UpstreamPool(settings),
-        # Access logging is ours (no secrets, one line per request).
-        log_function=lambda handler: None,
+        pool=pool,
+        metrics=metrics,
+        # Our access log replaces Tornado's: one line, no secrets (issue 3).
+        log_function=log_request,
     )
 
 
 def make_server(app: tornado.web.Application, settings: Settings) -> tornado.httpserver.HTTPServer:
+    ssl_options = None
+    if settings.tls_certfile:
+        ssl_options = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_options.load_cert_chain(settings.tls_certfile, settings.tls_keyfile)
     return tornado.httpserver.HTTPServer(
         app,
-        xheaders=False,
+        ssl_options=ssl_options,
         max_body_size=settings.max_body_bytes + 1,
-        idle_connection_timeout=3600,
+        # Bounds for slow or idle clients: a body must arrive within a minute,
+        # an idle keep-alive connection is closed after five.
         body_timeout=60,
+        idle_connection_timeout=300,
     )
+
+
+async def drain(app: tornado.web.Application, grace: float) -> None:
+    """Let in-flight requests finish for ``grace`` seconds, then end the rest (issue 3)."""
+    pool: UpstreamPool = app.settings["pool"]
+    deadline = time.monotonic() + grace
+    while pool.handlers and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    if pool.handlers:
+        log.warning("shutdown: ending %d requests still in flight after %gs", len(pool.handlers), grace)
+        for handler in list(pool.handlers):
+            if handler.upstream_call is not None:
+                handler.upstream_call.abort("shutdown")
+        deadline = time.monotonic() + 3
+        while pool.handlers and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name}
+        message = record.getMessage()
+        if record.name == "chat_gpt_proxy.access":
+            entry.update(json.loads(message))
+        else:
+            entry["message"] = message
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def setup_logging(settings: Settings) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if settings.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logging.basicConfig(level=settings.log_level, handlers=[handler], force=True)
+
+
+def raise_fd_limit() -> None:
+    """Thousands of streams need two descriptors each; the soft limit is often 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            log.warning("could not raise the open-files limit from %d", soft)
+
+
+async def serve(settings: Settings) -> None:
+    app = make_app(settings)
+    server = make_server(app, settings)
+    server.listen(settings.port, settings.host)
+    scheme = "https" if settings.tls_certfile else "http"
+    log.info("listening on %s://%s:%d", scheme, settings.host, settings.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    pool: UpstreamPool = app.settings["pool"]
+    log.info("shutdown: no new connections; %d requests in flight", len(pool.handlers))
+    server.stop()
+    await drain(app, settings.shutdown_grace)
+    await server.close_all_connections()
+    pool.close()
+    log.info("shutdown complete")
 
 
 def main() -> None:
@@ -59,15 +147,14 @@ def main() -> None:
     except SettingsError as exc:
         print("chat_gpt_proxy: invalid setting %s" % exc, file=sys.stderr)
         sys.exit(2)
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    setup_logging(settings)
     if settings.default_token_in_use:
-        log.warning("ACCESS_TOKEN is not set: the default access token 123456 is in use. Set ACCESS_TOKEN!")
-    log.info("configuration: %s", settings.masked())
-    app = make_app(settings)
-    server = make_server(app, settings)
-    server.listen(settings.port, settings.host)
-    log.info("listening on %s:%d", settings.host, settings.port)
-    tornado.ioloop.IOLoop.current().start()
+        log.warning("ACCESS_TOKEN is not set: the default access token 123456 is in use; set ACCESS_TOKEN!")
+    if settings.demo_upstream:
+        log.warning("DEMO_UPSTREAM is on: answers come from the fake demo upstream, not from OpenAI")
+    log.info("configuration: %s", json.dumps(settings.masked(), default=str))
+    raise_fd_limit()
+    asyncio.run(serve(settings))
 
 
 if __name__ == "__main__":

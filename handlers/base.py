@@ -64,6 +64,8 @@ class BaseHandler(RequestHandler):
 
     # Routes that are public (health, usage page, metrics) set this to False.
     requires_access_token = True
+    # The route label in metrics.
+    route_name = "other"
 
     def initialize(self) -> None:
         self.config = self.settings["config"]
@@ -71,6 +73,17 @@ class BaseHandler(RequestHandler):
         self._body_size = 0
         self.started = time.monotonic()
         self.upstream_call = None
+        # What the access log reports (handlers/observability.py).
+        self.model: str | None = None
+        self.usage: dict | None = None
+        self.bytes_out = 0
+        self.first_byte_at: float | None = None
+        self.upstream_failure: str | None = None
+
+    def write(self, chunk) -> None:
+        if isinstance(chunk, bytes):
+            self.bytes_out += len(chunk)
+        super().write(chunk)
 
     @property
     def request_id(self) -> str:

@@ -82,6 +82,8 @@ def answer_text(answer: dict):
 
 
 class ChatCompleteHandler(UsagePageMixin, ProxyHandler):
+    route_name = "chat_complete"
+
     async def post(self) -> None:
         """POST /chat_complete: a chat completion as JSON, or as an SSE stream with stream=true."""
         key = self.openai_key()

@@ -37,6 +37,7 @@ class UpstreamPool:
     def __init__(self, config):
         self.config = config
         self.in_flight = 0
+        self.streams = 0
         self.handlers: set = set()
         self._client = None
 
@@ -89,8 +90,13 @@ class ProxyHandler(BaseHandler):
             self.upstream_call = UpstreamCall(pool.client(), self.config, method, url, headers, body, stream=stream)
             await self.upstream_call.start()
         except UpstreamError as exc:
-            raise ApiError.from_upstream(exc) from None
+            raise self.upstream_failed(exc) from None
         return self.upstream_call
+
+    def upstream_failed(self, exc: UpstreamError) -> ApiError:
+        self.upstream_failure = exc.kind
+        log.warning("upstream failed request_id=%s kind=%s", self.request_id, exc.kind)
+        return ApiError.from_upstream(exc)
 
     def on_finish(self) -> None:
         if self in self.pool.handlers:
@@ -106,7 +112,7 @@ class ProxyHandler(BaseHandler):
         try:
             body = await call.read_all(self.config.max_body_bytes)
         except UpstreamError as exc:
-            raise ApiError.from_upstream(exc) from None
+            raise self.upstream_failed(exc) from None
         try:
             return json.loads(body)
         except (ValueError, RecursionError):
@@ -140,6 +146,7 @@ class ProxyHandler(BaseHandler):
         self.relay_headers(call)
         pending = b""
         keepalive = _KeepAlive(self, self.config.stream_keepalive)
+        self.pool.streams += 1
         try:
             while True:
                 try:
@@ -147,7 +154,7 @@ class ProxyHandler(BaseHandler):
                 except UpstreamError as exc:
                     if exc.kind == "aborted" and self.request.connection.stream.closed():
                         return
-                    log.warning("stream failed request_id=%s kind=%s", self.request_id, exc.kind)
+                    self.upstream_failed(exc)
                     self.write(error_event(exc))
                     await self.flush_or_abort()
                     return
@@ -158,13 +165,30 @@ class ProxyHandler(BaseHandler):
                 pending += chunk
                 end = last_event_end(pending) if len(pending) <= MAX_PENDING_EVENT else len(pending)
                 if end:
-                    self.write(pending[:end] if end < len(pending) else pending)
+                    events = pending[:end] if end < len(pending) else pending
                     pending = pending[end:]
+                    if self.first_byte_at is None:
+                        self.first_byte_at = time.monotonic()
+                    if b'"usage":{' in events:
+                        self.note_stream_usage(events)
+                    self.write(events)
                     keepalive.touch()
                     if not await self.flush_or_abort():
                         return
         finally:
+            self.pool.streams -= 1
             keepalive.stop()
+
+    def note_stream_usage(self, events: bytes) -> None:
+        """Keep the usage the upstream reports in a stream's last chunk (for logs and metrics)."""
+        for event in events.split(b"\n\n"):
+            if event.startswith(b"data: {") and b'"usage":{' in event:
+                try:
+                    usage = json.loads(event[6:]).get("usage")
+                except (ValueError, AttributeError):
+                    continue
+                if isinstance(usage, dict):
+                    self.usage = usage
 
 
 class _KeepAlive:

@@ -134,6 +134,7 @@ class UpstreamCall:
         self.started_at = time.monotonic()
         self.headers_at: float | None = None
         self.first_byte_at: float | None = None
+        self.finished_at: float | None = None
         self.abort_reason: str | None = None
         self._loop = IOLoop.current()
         self._curl: pycurl.Curl | None = None
@@ -226,6 +227,7 @@ class UpstreamCall:
     def _on_fetch_done(self, future) -> None:
         # From here on the curl handle may already serve another request.
         self._curl = None
+        self.finished_at = time.monotonic()
         future.exception()  # retrieved here so asyncio never reports it unhandled
         self._disarm_idle_timer()
         if not self._headers_future.done():
