@@ -1,5 +1,5 @@
 """Request handlers, one module per concern; each module ends with its routes."""
 
-from . import chat, info
+from . import chat, info, openai_compat
 
-routes = [*info.routes, *chat.routes]
+routes = [*info.routes, *chat.routes, *openai_compat.routes]

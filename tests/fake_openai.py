@@ -130,6 +130,8 @@ class FakeOpenAI:
                 (r"/v1/chat/completions", ChatCompletions),
                 (r"/v1/models", Models),
                 (r"/v1/embeddings", Embeddings),
+                (r"/v1/files", Files),
+                (r"/v1/files/([A-Za-z0-9_-]+)/content", FileContent),
                 (r"/_fake/script", Script),
                 (r"/_fake/stats", Stats),
             ],
@@ -344,6 +346,38 @@ class Embeddings(FakeHandler):
                 "usage": {"prompt_tokens": 3, "total_tokens": 3},
             }
         )
+
+
+class Files(FakeHandler):
+    def post(self) -> None:
+        """POST /v1/files: a multipart upload; answers a file object describing what arrived."""
+        upload = self.request.files["file"][0]
+        self.write_json(
+            {
+                "id": "file-" + uuid.uuid4().hex[:12],
+                "object": "file",
+                "bytes": len(upload.body),
+                "created_at": int(time.time()),
+                "filename": upload.filename,
+                "purpose": self.get_body_argument("purpose"),
+                "status": "processed",
+            }
+        )
+
+
+class FileContent(FakeHandler):
+    async def get(self, file_id: str) -> None:
+        """GET /v1/files/<id>/content: ``?size=N`` bytes of a repeating pattern, sent in 64 KiB pieces."""
+        size = int(self.get_query_argument("size", "1000"))
+        self.set_header("Content-Type", "application/octet-stream")
+        pattern = bytes(range(256)) * 256
+        sent = 0
+        while sent < size:
+            piece = pattern[: min(len(pattern), size - sent)]
+            if not await self.send(piece):
+                return
+            sent += len(piece)
+        self.finish()
 
 
 class Script(FakeHandler):

@@ -1,0 +1,175 @@
+"""/v1/*: the OpenAI API itself, passed through, so any OpenAI client only changes base_url (issue 4).
+
+Bodies go upstream byte for byte and answers come back with their status,
+headers (less hop-by-hop ones) and body unchanged. Errors of the proxy itself
+use OpenAI's error shape, so SDKs raise their usual exception classes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from urllib.parse import unquote
+
+from tornado.httputil import parse_body_arguments
+
+from .base import ApiError
+from .chat import API_KEY_RE
+from .proxy import ProxyHandler
+from .upstream import HOP_BY_HOP_HEADERS, UpstreamError
+
+# Request headers an OpenAI client may need upstream (issue 4). Everything
+# else stays here, above all the proxy's own access-token.
+FORWARDED_REQUEST_HEADERS = (
+    "Content-Type",
+    "Accept",
+    "OpenAI-Organization",
+    "OpenAI-Project",
+    "OpenAI-Beta",
+    "Idempotency-Key",
+)
+# Response headers never relayed: hop-by-hop ones, and cookies the upstream
+# sets for its own domain.
+DROPPED_RESPONSE_HEADERS = HOP_BY_HOP_HEADERS | {"set-cookie", "content-encoding", "server", "date"}
+
+# Answers up to this size are relayed whole, with their Content-Length.
+SMALL_BODY = 1024 * 1024
+
+# Characters allowed in a relayed path or query (RFC 3986 pchar, '/', '?').
+SAFE_PATH_RE = re.compile(r"^[A-Za-z0-9._~!$&'()*+,;=:@%/-]*$")
+SAFE_QUERY_RE = re.compile(r"^[A-Za-z0-9._~!$&'()*+,;=:@%/?-]*$")
+
+
+def upstream_url(base_url: str, raw_path: str, query: str) -> str | None:
+    """``base_url`` + the path after ``/v1``, or None if the path could leave the API.
+
+    Rejects dot segments (also percent-encoded), encoded slashes and
+    backslashes, and empty segments: whatever the client sends, the request
+    goes to ``OPENAI_BASE_URL``'s host and under its path (no SSRF).
+    """
+    if not SAFE_PATH_RE.match(raw_path) or not SAFE_QUERY_RE.match(query):
+        return None
+    lowered = raw_path.lower()
+    if "%2f" in lowered or "%5c" in lowered or "%00" in lowered:
+        return None
+    segments = raw_path.split("/")
+    if any(seg in ("", ".", "..") or unquote(seg) in (".", "..") for seg in segments):
+        return None
+    return base_url + "/" + raw_path + ("?" + query if query else "")
+
+
+class OpenAIHandler(ProxyHandler):
+    """ANY /v1/<path>: forward the request to OPENAI_BASE_URL/<path> and relay the answer."""
+
+    route_name = "v1"
+
+    def error_body(self, status: int, message: str, error: dict) -> dict:
+        return {"error": error}
+
+    def openai_key(self) -> str:
+        auth = self.request.headers.get("Authorization", "")
+        if auth[:7].lower() == "bearer ":
+            key = auth[7:].strip()
+        else:
+            key = self.request.headers.get("openai-token", "").strip()
+        if not key:
+            raise ApiError(
+                401,
+                "Missing API key: send it as 'Authorization: Bearer <key>'.",
+                "invalid_request_error",
+                "missing_api_key",
+            )
+        if not API_KEY_RE.match(key):
+            raise ApiError(401, "The API key is malformed.", "invalid_request_error", "invalid_api_key")
+        return key
+
+    def prepare(self) -> None:
+        # Every /v1 method is an API call, GET included (e.g. /v1/models).
+        self.check_access_token()
+        super().prepare()
+
+    def requested_model_and_stream(self) -> tuple[str | None, bool]:
+        content_type = self.request.headers.get("Content-Type", "")
+        body = self.body
+        if not body:
+            return None, False
+        if content_type.startswith("application/json"):
+            try:
+                parsed = json.loads(body)
+            except (ValueError, RecursionError):
+                return None, False  # the upstream will say what is wrong with it
+            if isinstance(parsed, dict):
+                model = parsed.get("model")
+                return (model if isinstance(model, str) else None), parsed.get("stream") is True
+        elif content_type.startswith("multipart/form-data"):
+            arguments: dict = {}
+            parse_body_arguments(content_type, body, arguments, {})
+            values = arguments.get("model")
+            if values:
+                return values[0].decode("utf-8", "replace"), False
+        return None, False
+
+    async def forward(self) -> None:
+        raw_path = self.request.path[len("/v1/") :]
+        url = upstream_url(self.config.openai_base_url, raw_path, self.request.query)
+        if url is None:
+            raise ApiError(400, "Invalid path.", "invalid_request_error", "invalid_path")
+        headers = {"Authorization": "Bearer " + self.openai_key()}
+        for name in FORWARDED_REQUEST_HEADERS:
+            value = self.request.headers.get(name)
+            if value is not None:
+                headers[name] = value
+        model, stream = self.requested_model_and_stream()
+        self.model = model
+        if self.config.allowed_models and model is not None and model not in self.config.allowed_models:
+            raise ApiError(
+                403, "Model %r is not allowed on this proxy." % model[:100], "permission_denied", "model_not_allowed"
+            )
+        method = self.request.method
+        body = self.body if method in ("POST", "PUT", "PATCH") else None
+        call = await self.open_upstream(method, url, headers, body, stream=stream)
+        self.set_status(call.status)
+        seen = set()
+        for name, value in call.headers.get_all():
+            lowered = name.lower()
+            if lowered in DROPPED_RESPONSE_HEADERS:
+                continue
+            # The first value replaces ours (Content-Type, x-request-id); repeats add.
+            (self.add_header if lowered in seen else self.set_header)(name, value)
+            seen.add(lowered)
+        if call.headers.get("Content-Type", "").startswith("text/event-stream"):
+            await self.relay_stream(call)
+        else:
+            await self.relay_body(call)
+
+    async def relay_body(self, call) -> None:
+        """Relay a non-SSE answer: small ones whole, large ones chunk by chunk, never held whole."""
+        length = call.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) <= SMALL_BODY:
+            try:
+                body = await call.read_all(SMALL_BODY)
+            except UpstreamError as exc:
+                raise self.upstream_failed(exc) from None
+            self.finish(body)
+            return
+        while True:
+            try:
+                chunk = await call.read()
+            except UpstreamError as exc:
+                if not self._headers_written:
+                    raise self.upstream_failed(exc) from None
+                self.upstream_failed(exc)
+                # The status is out: only closing the connection tells the
+                # client that the body is incomplete.
+                self.request.connection.close()
+                return
+            if chunk is None:
+                return
+            self.write(chunk)
+            if not await self.flush_or_abort():
+                return
+
+    get = post = put = patch = delete = forward
+
+
+routes = [(r"/v1/.*", OpenAIHandler)]
