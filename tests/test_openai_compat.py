@@ -241,17 +241,19 @@ async def test_allowed_models_on_both_surfaces(proxy, fake_openai, base_url):
 async def test_httpx_sse_reads_events_one_by_one(proxy, fake_openai, base_url):
     fake_openai.push(Behaviour(chunks=["x ", "y ", "z "], delay=0.3))
     arrivals = []
-    async with httpx.AsyncClient(timeout=20) as client:
-        async with httpx_sse.aconnect_sse(
+    async with (
+        httpx.AsyncClient(timeout=20) as client,
+        httpx_sse.aconnect_sse(
             client,
             "POST",
             base_url + "/v1/chat/completions",
             headers={"access-token": ACCESS_TOKEN, "Authorization": "Bearer " + OPENAI_KEY},
             json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "q"}], "stream": True},
-        ) as source:
-            assert source.response.headers["content-type"] == "text/event-stream; charset=utf-8"
-            async for event in source.aiter_sse():
-                arrivals.append((time.monotonic(), event.data))
+        ) as source,
+    ):
+        assert source.response.headers["content-type"] == "text/event-stream; charset=utf-8"
+        async for event in source.aiter_sse():
+            arrivals.append((time.monotonic(), event.data))
     datas = [d for _, d in arrivals]
     assert datas[-1] == "[DONE]"
     tokens = [(t, json.loads(d)["choices"][0]["delta"].get("content")) for t, d in arrivals[:-1]]
