@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Build the image and (re)start the container: `/bin/bash ./rebuild.sh`.
+# Safe to run any number of times. ACCESS_TOKEN comes from the environment or
+# from a .env file next to this script (never from this script itself).
+set -euo pipefail
+
+# Edit here, or override with CHAT_GPT_PROXY_IMAGE / _CONTAINER / _PORT.
+IMAGE_NAME="${CHAT_GPT_PROXY_IMAGE:-chat_gpt_proxy}"
+CONTAINER_NAME="${CHAT_GPT_PROXY_CONTAINER:-chat_gpt_proxy}"
+HOST_PORT="${CHAT_GPT_PROXY_PORT:-9081}"
+# Docker's stop timeout; the server's SHUTDOWN_GRACE (default 25 s) fits inside it.
+STOP_TIMEOUT=30
+
+cd "$(dirname "$0")"
+
+run_args=(--detach --name "$CONTAINER_NAME" --restart unless-stopped
+          --stop-timeout "$STOP_TIMEOUT" --publish "$HOST_PORT:9081")
+if [ -f .env ]; then
+  run_args+=(--env-file .env)
+fi
+if [ -n "${ACCESS_TOKEN:-}" ]; then
+  # Passed by name, so the value never shows up in `ps` or shell history.
+  export ACCESS_TOKEN
+  run_args+=(--env ACCESS_TOKEN)
+elif ! { [ -f .env ] && grep -qE '^(ACCESS_TOKEN|ACCESS_KEY)=.+' .env; }; then
+  echo "WARNING: no ACCESS_TOKEN given (environment or .env): the default token 123456 is in use." >&2
+  echo "WARNING: anyone who can reach port $HOST_PORT can use this proxy. Set ACCESS_TOKEN!" >&2
+fi
+
+docker build --tag "$IMAGE_NAME" .
+
+if docker container inspect "$CONTAINER_NAME" >/dev/null 2>&1; then
+  echo "Replacing the running container $CONTAINER_NAME"
+  docker stop --time "$STOP_TIMEOUT" "$CONTAINER_NAME" >/dev/null
+  docker rm "$CONTAINER_NAME" >/dev/null
+fi
+
+docker run "${run_args[@]}" "$IMAGE_NAME" >/dev/null
+echo "chat_gpt_proxy is running: http://localhost:$HOST_PORT/healthz"
