@@ -94,6 +94,8 @@ def log_request(handler) -> None:
     model = getattr(handler, "model", None)
     record = {
         "request_id": handler.request_id if isinstance(handler, BaseHandler) else "-",
+        # OpenAI's id for the same request (what its support asks for).
+        "upstream_request_id": call.headers.get("x-request-id") if call is not None else None,
         "client": client_address(handler, config.trusted_proxies),
         "method": handler.request.method,
         "path": handler.request.path[:200],

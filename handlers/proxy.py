@@ -116,6 +116,7 @@ class ProxyHandler(BaseHandler):
         try:
             return json.loads(body)
         except (ValueError, RecursionError):
+            self.upstream_failure = "invalid_json"
             raise ApiError(
                 502,
                 "The upstream answered %d with a body that is not JSON." % call.status,

@@ -227,7 +227,8 @@ class UpstreamCall:
     def _on_fetch_done(self, future) -> None:
         # From here on the curl handle may already serve another request.
         self._curl = None
-        self.finished_at = time.monotonic()
+        if self.finished_at is None:
+            self.finished_at = time.monotonic()
         future.exception()  # retrieved here so asyncio never reports it unhandled
         self._disarm_idle_timer()
         if not self._headers_future.done():
@@ -268,6 +269,8 @@ class UpstreamCall:
         """The next body chunk as it arrived, or None at the end of the body."""
         while not self._chunks:
             if self._fetch.done():
+                if self.finished_at is None:  # the done-callback may not have run yet
+                    self.finished_at = time.monotonic()
                 error = self._error()
                 if error is not None:
                     raise error
