@@ -36,4 +36,4 @@ if docker container inspect "$CONTAINER_NAME" >/dev/null 2>&1; then
 fi
 
 docker run "${run_args[@]}" "$IMAGE_NAME" >/dev/null
-echo "chat_gpt_proxy is running: http://localhost:$HOST_PORT/healthz"
+echo "chat_gpt_proxy is running (port $HOST_PORT, health check: /healthz)"
