@@ -20,7 +20,7 @@ import tornado.httpserver
 import tornado.web
 
 from handlers import routes
-from handlers.base import ApiError, BaseHandler
+from handlers.base import ApiError, BaseHandler, RateLimiter
 from handlers.observability import Metrics, log_request
 from handlers.observability import routes as metrics_routes
 from handlers.proxy import UpstreamPool
@@ -53,6 +53,7 @@ def make_app(settings: Settings) -> tornado.web.Application:
         config=settings,
         pool=pool,
         metrics=metrics,
+        rate_limiter=RateLimiter(settings.rate_limit_per_token) if settings.rate_limit_per_token else None,
         # Our access log replaces Tornado's: one line, no secrets (issue 3).
         log_function=log_request,
     )
@@ -67,10 +68,11 @@ def make_server(app: tornado.web.Application, settings: Settings) -> tornado.htt
         app,
         ssl_options=ssl_options,
         max_body_size=settings.max_body_bytes + 1,
-        # Bounds for slow or idle clients: a body must arrive within a minute,
-        # an idle keep-alive connection is closed after five.
-        body_timeout=60,
-        idle_connection_timeout=300,
+        # Bounds for slow or idle clients (slowloris): the body must arrive
+        # within BODY_TIMEOUT; headers, and the next request on a keep-alive
+        # connection, within CLIENT_IDLE_TIMEOUT.
+        body_timeout=settings.body_timeout,
+        idle_connection_timeout=settings.client_idle_timeout,
     )
 
 

@@ -34,6 +34,9 @@ class Settings:
     stream_idle_timeout: float = 300.0
     stream_keepalive: float = 15.0
     client_stall_timeout: float = 120.0
+    body_timeout: float = 60.0
+    client_idle_timeout: float = 300.0
+    rate_limit_per_token: int = 0
     max_concurrent_upstream: int = 1000
     shutdown_grace: float = 25.0
     log_format: str = "text"
@@ -108,6 +111,9 @@ class Settings:
             stream_idle_timeout=env.float("STREAM_IDLE_TIMEOUT", cls.stream_idle_timeout),
             stream_keepalive=env.float("STREAM_KEEPALIVE", cls.stream_keepalive),
             client_stall_timeout=env.float("CLIENT_STALL_TIMEOUT", cls.client_stall_timeout),
+            body_timeout=env.float("BODY_TIMEOUT", cls.body_timeout),
+            client_idle_timeout=env.float("CLIENT_IDLE_TIMEOUT", cls.client_idle_timeout),
+            rate_limit_per_token=env.int("RATE_LIMIT_PER_TOKEN", 0, 0, 1_000_000),
             max_concurrent_upstream=env.int("MAX_CONCURRENT_UPSTREAM", cls.max_concurrent_upstream, 1, 100_000),
             shutdown_grace=env.float("SHUTDOWN_GRACE", cls.shutdown_grace, minimum=0),
             log_format=log_format,

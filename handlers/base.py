@@ -9,8 +9,10 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
 import re
 import time
+import traceback
 import uuid
 
 from tornado.iostream import StreamClosedError
@@ -27,6 +29,26 @@ REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # What each upstream failure means to a client (issue 2: 502 for an
 # unreachable or broken upstream, 504 for a slow one).
 UPSTREAM_ERROR_STATUS = {"connect": 502, "broken": 502, "timeout": 504, "idle": 504, "aborted": 503}
+
+
+class RateLimiter:
+    """Requests per minute per access token, in process (a token bucket each)."""
+
+    def __init__(self, per_minute: int):
+        self.capacity = float(per_minute)
+        self.rate = per_minute / 60.0
+        self.buckets: dict[str, tuple[float, float]] = {}
+
+    def take(self, key: str) -> int:
+        """0 if a request may go now, else the seconds to wait."""
+        now = time.monotonic()
+        tokens, last = self.buckets.get(key, (self.capacity, now))
+        tokens = min(self.capacity, tokens + (now - last) * self.rate)
+        if tokens >= 1:
+            self.buckets[key] = (tokens - 1, now)
+            return 0
+        self.buckets[key] = (tokens, now)
+        return max(1, math.ceil((1 - tokens) / self.rate))
 
 
 class ApiError(HTTPError):
@@ -55,7 +77,27 @@ class ApiError(HTTPError):
 
 def dumps(obj) -> bytes:
     """JSON as UTF-8 without ``\\u`` escapes: many users write in Russian."""
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    try:
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate (valid in JSON as "\\ud800", not in UTF-8): keep it escaped.
+        return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("ascii")
+
+
+def _reject_constant(name: str):
+    raise ValueError("%s is not valid JSON" % name)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError("number out of range")
+    return value
+
+
+def loads(data: bytes):
+    """Strict JSON: NaN, Infinity and numbers that overflow a double are errors, as in RFC 8259."""
+    return json.loads(data, parse_constant=_reject_constant, parse_float=_finite_float)
 
 
 @stream_request_body
@@ -79,6 +121,8 @@ class BaseHandler(RequestHandler):
         self.bytes_out = 0
         self.first_byte_at: float | None = None
         self.upstream_failure: str | None = None
+        # When the pending flush to the client began (None: none pending).
+        self.flush_started: float | None = None
 
     def write(self, chunk) -> None:
         if isinstance(chunk, bytes):
@@ -108,12 +152,24 @@ class BaseHandler(RequestHandler):
 
     def check_access_token(self) -> None:
         given = self.request.headers.get("access-token", "").encode("utf-8", "surrogateescape")
-        ok = False
+        matched = None
         for token in self.config.access_tokens:
             # Compare against every token so timing reveals neither which nor how much matched.
-            ok |= hmac.compare_digest(given, token.encode("utf-8"))
-        if not ok:
+            if hmac.compare_digest(given, token.encode("utf-8")):
+                matched = token
+        if matched is None:
             raise ApiError(403, "Missing or wrong access-token header.", "permission_denied", "invalid_access_token")
+        limiter = self.settings.get("rate_limiter")
+        if limiter is not None:
+            wait = limiter.take(matched)
+            if wait:
+                raise ApiError(
+                    429,
+                    "Rate limit of this proxy's access token reached; retry in %d s." % wait,
+                    "rate_limit_exceeded",
+                    "proxy_rate_limited",
+                    headers={"Retry-After": str(wait)},
+                )
 
     def openai_key(self) -> str:
         key = self.request.headers.get("openai-token", "").strip()
@@ -145,7 +201,7 @@ class BaseHandler(RequestHandler):
 
     def json_body(self) -> dict:
         try:
-            parsed = json.loads(self.body)
+            parsed = loads(self.body)
         except (ValueError, RecursionError):
             raise ApiError(
                 400, "The request body is not valid JSON: send a JSON object.", code="invalid_json"
@@ -184,7 +240,14 @@ class BaseHandler(RequestHandler):
     def log_exception(self, typ, value, tb) -> None:
         if isinstance(value, HTTPError):
             return  # expected outcomes, recorded in the access log
-        super().log_exception(typ, value, tb)
+        # A bug. Log where it happened, but not the exception's message or the
+        # request: either could hold a key or a prompt.
+        log.error(
+            "unexpected error request_id=%s type=%s\n%s",
+            self.request_id,
+            typ.__name__,
+            "".join(traceback.format_tb(tb)),
+        )
 
     # -- disconnects
 
@@ -195,9 +258,12 @@ class BaseHandler(RequestHandler):
 
     async def flush_or_abort(self) -> bool:
         """Flush to the client; False (and the upstream aborted) if the client is gone."""
+        self.flush_started = time.monotonic()
         try:
             await self.flush()
         except StreamClosedError:
             self.on_connection_close()
             return False
+        finally:
+            self.flush_started = None
         return self.request.connection.stream is not None and not self.request.connection.stream.closed()

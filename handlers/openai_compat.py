@@ -15,7 +15,7 @@ from tornado.httputil import parse_body_arguments
 
 from .base import ApiError
 from .chat import API_KEY_RE
-from .proxy import ProxyHandler
+from .proxy import ProxyHandler, StreamWatch
 from .upstream import HOP_BY_HOP_HEADERS, UpstreamError
 
 # Request headers an OpenAI client may need upstream (issue 4). Everything
@@ -152,6 +152,13 @@ class OpenAIHandler(ProxyHandler):
                 raise self.upstream_failed(exc) from None
             self.finish(body)
             return
+        watch = StreamWatch(self, None, self.config.client_stall_timeout)
+        try:
+            await self._relay_chunks(call)
+        finally:
+            watch.stop()
+
+    async def _relay_chunks(self, call) -> None:
         while True:
             try:
                 chunk = await call.read()

@@ -12,7 +12,7 @@ import time
 
 from tornado.ioloop import IOLoop
 
-from .base import ApiError, BaseHandler, dumps
+from .base import ApiError, BaseHandler, dumps, loads
 from .upstream import UpstreamCall, UpstreamError, make_client, relayed_headers
 
 log = logging.getLogger("chat_gpt_proxy")
@@ -114,7 +114,7 @@ class ProxyHandler(BaseHandler):
         except UpstreamError as exc:
             raise self.upstream_failed(exc) from None
         try:
-            return json.loads(body)
+            return loads(body)
         except (ValueError, RecursionError):
             self.upstream_failure = "invalid_json"
             raise ApiError(
@@ -146,7 +146,7 @@ class ProxyHandler(BaseHandler):
             self.set_header(name, value)
         self.relay_headers(call)
         pending = b""
-        keepalive = _KeepAlive(self, self.config.stream_keepalive)
+        keepalive = StreamWatch(self, self.config.stream_keepalive, self.config.client_stall_timeout)
         self.pool.streams += 1
         try:
             while True:
@@ -192,28 +192,52 @@ class ProxyHandler(BaseHandler):
                     self.usage = usage
 
 
-class _KeepAlive:
-    """Writes an SSE comment after ``interval`` seconds without output (issue 2)."""
+class StreamWatch:
+    """Timers of a long response: keep-alive comments and the stalled-client check.
 
-    def __init__(self, handler: ProxyHandler, interval: float):
+    - After ``keepalive`` seconds without output, write an SSE comment so that
+      intermediaries do not cut a silent stream (issue 2). Only between whole
+      events, which is where the relay loop always leaves the output.
+    - A client that stops reading but never closes would hold its upstream
+      transfer (paused by backpressure) forever: after ``stall`` seconds with
+      a flush pending, drop the client, which aborts the upstream (issue 6).
+    """
+
+    def __init__(self, handler: BaseHandler, keepalive: float | None, stall: float):
         self.handler = handler
-        self.interval = interval
+        self.keepalive = keepalive
+        self.stall = stall
         self.last = time.monotonic()
         self.loop = IOLoop.current()
-        self.timer = self.loop.call_later(interval, self._fire)
+        self.timer = None
+        self._arm(self.last)
 
     def touch(self) -> None:
         self.last = time.monotonic()
 
+    def _arm(self, now: float) -> None:
+        delay = self.stall / 4
+        if self.keepalive is not None:
+            delay = min(delay, max(0.0, self.last + self.keepalive - now))
+        self.timer = self.loop.call_later(delay, self._fire)
+
     def _fire(self) -> None:
-        idle = time.monotonic() - self.last
-        if idle >= self.interval:
-            self.handler.write(SSE_KEEPALIVE)
+        now = time.monotonic()
+        handler = self.handler
+        if handler.flush_started is not None and now - handler.flush_started >= self.stall:
+            log.warning("client stalled request_id=%s kind=client_stall seconds=%g", handler.request_id, self.stall)
+            handler.on_connection_close()
+            handler.request.connection.close()
+            self.timer = None
+            return
+        if self.keepalive is not None and now - self.last >= self.keepalive and handler.flush_started is None:
+            handler.write(SSE_KEEPALIVE)
             # Not awaited: the relay loop notices a closed client on its own.
-            self.handler.flush().add_done_callback(lambda f: f.exception())
-            self.last = time.monotonic()
-            idle = 0
-        self.timer = self.loop.call_later(self.interval - idle, self._fire)
+            handler.flush().add_done_callback(lambda f: f.exception())
+            self.last = now
+        self._arm(now)
 
     def stop(self) -> None:
-        self.loop.remove_timeout(self.timer)
+        if self.timer is not None:
+            self.loop.remove_timeout(self.timer)
+            self.timer = None
