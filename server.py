@@ -68,6 +68,9 @@ def make_server(app: tornado.web.Application, settings: Settings) -> tornado.htt
         app,
         ssl_options=ssl_options,
         max_body_size=settings.max_body_bytes + 1,
+        # A larger header block closes the connection unanswered (Tornado has
+        # no 431); 64 KiB is far above any real client's.
+        max_header_size=64 * 1024,
         # Bounds for slow or idle clients (slowloris): the body must arrive
         # within BODY_TIMEOUT; headers, and the next request on a keep-alive
         # connection, within CLIENT_IDLE_TIMEOUT.

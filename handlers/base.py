@@ -253,8 +253,10 @@ class BaseHandler(RequestHandler):
 
     def on_connection_close(self) -> None:
         # The client left: stop paying for tokens nobody will read (issue 2).
-        if self.upstream_call is not None:
-            self.upstream_call.abort("client_closed")
+        call = self.upstream_call
+        if call is not None and call.abort_reason is None and call.finished_at is None:
+            log.warning("client left request_id=%s kind=client_closed", self.request_id)
+            call.abort("client_closed")
 
     async def flush_or_abort(self) -> bool:
         """Flush to the client; False (and the upstream aborted) if the client is gone."""

@@ -94,9 +94,13 @@ class ProxyHandler(BaseHandler):
         return self.upstream_call
 
     def upstream_failed(self, exc: UpstreamError) -> ApiError:
-        self.upstream_failure = exc.kind
-        log.warning("upstream failed request_id=%s kind=%s", self.request_id, exc.kind)
+        self.note_fault(exc.kind)
         return ApiError.from_upstream(exc)
+
+    def note_fault(self, kind: str) -> None:
+        """An expected upstream fault: one warning line, never a traceback (issue 6)."""
+        self.upstream_failure = kind
+        log.warning("upstream fault request_id=%s kind=%s", self.request_id, kind)
 
     def on_finish(self) -> None:
         if self in self.pool.handlers:
@@ -116,7 +120,7 @@ class ProxyHandler(BaseHandler):
         try:
             return loads(body)
         except (ValueError, RecursionError):
-            self.upstream_failure = "invalid_json"
+            self.note_fault("invalid_json")
             raise ApiError(
                 502,
                 "The upstream answered %d with a body that is not JSON." % call.status,

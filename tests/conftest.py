@@ -57,14 +57,10 @@ def fake_openai(io_loop):
 def config(request, fake_openai):
     marker = request.node.get_closest_marker("settings")
     overrides = dict(marker.kwargs) if marker else {}
-    return dataclasses.replace(
-        Settings(),
-        access_tokens=(ACCESS_TOKEN, "second-token-abc"),
-        openai_base_url=fake_openai.url,
-        port=0,
-        host="127.0.0.1",
-        **overrides,
+    fields = dict(
+        access_tokens=(ACCESS_TOKEN, "second-token-abc"), openai_base_url=fake_openai.url, port=0, host="127.0.0.1"
     )
+    return dataclasses.replace(Settings(), **{**fields, **overrides})
 
 
 @pytest.fixture

@@ -38,7 +38,9 @@ class Behaviour:
     object), ``hang`` (never answers), ``garbage`` (``status`` with ``body``
     as ``content_type``), ``drop`` (after ``after`` chunks, close the
     connection; ``reset`` sends a TCP RST instead of a FIN), ``stall``
-    (after ``after`` chunks, go silent forever).
+    (after ``after`` chunks, go silent forever), ``reset_headers`` (half a
+    header block, then RST), ``reset_body`` (headers promising a JSON body,
+    half of it, then RST).
     ``chunks`` replaces the streamed pieces of text, ``delay`` is the pause
     before each chunk after the first, ``first_delay`` the pause before the
     headers.
@@ -75,6 +77,9 @@ class FakeOpenAI:
     def __init__(self, default_delay: float = 0.0):
         self.default_delay = default_delay
         self.script: collections.deque[Behaviour] = collections.deque()
+        # Requests for these models always get this behaviour, whatever the
+        # order: for faults injected while other traffic runs.
+        self.by_model: dict[str, Behaviour] = {}
         self.received: list[Received] = []
         self.connections = 0
         self.aborts: list[float] = []
@@ -91,7 +96,9 @@ class FakeOpenAI:
     def push(self, *behaviours: Behaviour) -> None:
         self.script.extend(behaviours)
 
-    def next_behaviour(self) -> Behaviour:
+    def next_behaviour(self, model=None) -> Behaviour:
+        if model in self.by_model:
+            return self.by_model[model]
         return self.script.popleft() if self.script else Behaviour(delay=self.default_delay)
 
     async def wait_abort(self, timeout: float) -> float:
@@ -269,7 +276,9 @@ class FakeHandler(tornado.web.RequestHandler):
 
 class ChatCompletions(FakeHandler):
     async def post(self) -> None:
-        behaviour = self.fake.next_behaviour()
+        body = json.loads(self.request.body)
+        model = body.get("model", "gpt-4o-mini")
+        behaviour = self.fake.next_behaviour(model)
         for name, value in behaviour.headers.items():
             self.set_header(name, value)
         self.set_header("x-request-id", "req_fake_" + uuid.uuid4().hex[:12])
@@ -289,8 +298,17 @@ class ChatCompletions(FakeHandler):
         if behaviour.kind == "drop" and behaviour.after == 0:
             self.kill_connection(behaviour.reset)
             return
-        body = json.loads(self.request.body)
-        model = body.get("model", "gpt-4o-mini")
+        if behaviour.kind in ("reset_headers", "reset_body"):
+            payload = json.dumps(completion(echo_text(body), model)).encode()
+            raw = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n" % len(payload)
+            raw = raw[:30] if behaviour.kind == "reset_headers" else raw + b"\r\n" + payload[: len(payload) // 2]
+            self.fake.bytes_sent += len(raw)
+            self.done = True
+            stream = self.request.connection.stream
+            await stream.write(raw)
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            stream.close()
+            return
         text = echo_text(body)
         if not body.get("stream"):
             self.write_json(completion(text, model))
