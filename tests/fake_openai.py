@@ -161,6 +161,14 @@ class FakeOpenAI:
             self._server = None
 
 
+def to_json(obj) -> bytes:
+    """Compact JSON in UTF-8, as OpenAI writes it (escaped only where UTF-8 cannot hold a lone surrogate)."""
+    try:
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(obj, separators=(",", ":")).encode("ascii")
+
+
 def completion(content: str, model: str) -> dict:
     return {
         "id": "chatcmpl-" + uuid.uuid4().hex[:24],
@@ -197,7 +205,7 @@ def chunk(cid: str, model: str, delta: dict, finish_reason=None, usage=None, cho
         "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}] if choices else [],
         "usage": usage,
     }
-    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n\n"
+    return b"data: " + to_json(obj) + b"\n\n"
 
 
 def error_object(behaviour: Behaviour) -> dict:
@@ -235,6 +243,10 @@ class FakeHandler(tornado.web.RequestHandler):
                 Received(self.request.method, self.request.path, dict(self.request.headers), self.request.body)
             )
 
+    def write_error(self, status_code: int, **kwargs) -> None:
+        """Errors as OpenAI writes them: JSON, never Tornado's HTML page."""
+        self.write_json(error_object(Behaviour(message=self._reason)), status_code)
+
     def on_connection_close(self) -> None:
         self.closed.set()
         if not self.done:
@@ -263,7 +275,7 @@ class FakeHandler(tornado.web.RequestHandler):
     def write_json(self, obj, status: int = 200) -> None:
         self.set_status(status)
         self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps(obj, ensure_ascii=False).encode("utf-8"))
+        self.finish(to_json(obj))
 
     def kill_connection(self, reset: bool) -> None:
         stream = self.request.connection.stream
@@ -276,8 +288,20 @@ class FakeHandler(tornado.web.RequestHandler):
 
 class ChatCompletions(FakeHandler):
     async def post(self) -> None:
-        body = json.loads(self.request.body)
+        try:
+            body = json.loads(self.request.body)
+        except (ValueError, RecursionError):
+            body = None
+        if not isinstance(body, dict):
+            self.write_json(error_object(Behaviour(message="We could not parse the JSON body of your request.")), 400)
+            return
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            self.write_json(error_object(Behaviour(message="Invalid type for 'messages': expected an array.")), 400)
+            return
         model = body.get("model", "gpt-4o-mini")
+        if not isinstance(model, str):
+            model = json.dumps(model)
         behaviour = self.fake.next_behaviour(model)
         for name, value in behaviour.headers.items():
             self.set_header(name, value)
