@@ -424,9 +424,15 @@ class FileContent(FakeHandler):
 
 class Script(FakeHandler):
     def post(self) -> None:
-        """POST /_fake/script: queue a behaviour (JSON fields of ``Behaviour``)."""
-        self.fake.push(Behaviour(**json.loads(self.request.body)))
-        self.write_json({"queued": len(self.fake.script)})
+        """POST /_fake/script: queue a behaviour (JSON fields of ``Behaviour``); with ``?model=M``,
+        every request for model M gets it."""
+        behaviour = Behaviour(**json.loads(self.request.body))
+        model = self.get_query_argument("model", None)
+        if model:
+            self.fake.by_model[model] = behaviour
+        else:
+            self.fake.push(behaviour)
+        self.write_json({"queued": len(self.fake.script), "models": sorted(self.fake.by_model)})
 
 
 class Stats(FakeHandler):

@@ -1,0 +1,283 @@
+"""Soak test: mixed traffic against the real proxy process for a while; nothing lost, nothing leaked.
+
+    python bench/soak.py --seconds 600         # ten minutes
+    python bench/soak.py --short               # ~15 s, what CI runs
+
+Starts the fake upstream and ``server.py`` as processes on loopback, then
+sends a bounded, seeded mix: JSON answers, streams, streams the client leaves
+early, upstream errors (429, 503, a dropped stream), bad requests and wrong
+tokens. Every outcome must be the expected one for its kind. After a warm-up
+it records the proxy's RSS and open file descriptors and compares them with
+the end of the run. Exits 1 if anything unexpected happened, RSS grew by 10 %
+or more, or descriptors were left open.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+import tornado.httpclient
+from tornado.simple_httpclient import HTTPTimeoutError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from tests.procs import free_port  # noqa: E402
+
+TOKEN = "soak-access-token"
+KEY = "sk-soak-key"
+HEADERS = {"access-token": TOKEN, "openai-token": KEY, "Content-Type": "application/json"}
+
+# kind -> (weight, request body, expected status)
+MIX = {
+    "json": (40, {"prompt": "soak"}, 200),
+    "stream": (25, {"prompt": "a b c d e f", "generate_params": {"stream": True}}, 200),
+    "client_leaves": (5, {"prompt": "x", "generate_params": {"stream": True, "model_name": "slow"}}, None),
+    "upstream_429": (5, {"prompt": "x", "generate_params": {"model_name": "fault-429"}}, 429),
+    "upstream_503": (5, {"prompt": "x", "generate_params": {"model_name": "fault-503"}}, 503),
+    "stream_dropped": (5, {"prompt": "x", "generate_params": {"stream": True, "model_name": "fault-drop"}}, 200),
+    "bad_request": (10, {"prompt": 42}, 400),
+    "wrong_token": (5, {"prompt": "x"}, 403),
+}
+FAULTS = {
+    "fault-429": {"kind": "error", "status": 429, "headers": {"Retry-After": "1"}},
+    "fault-503": {"kind": "error", "status": 503},
+    "fault-drop": {"kind": "drop", "chunks": ["a ", "b ", "c "], "after": 2},
+    "slow": {"chunks": ["tok "] * 100, "delay": 0.05},
+}
+
+
+def rss_kb(pid: int) -> int:
+    with open("/proc/%d/status" % pid) as f:
+        return int(next(line for line in f if line.startswith("VmRSS")).split()[1])
+
+
+def open_fds(pid: int, upstream_port: int) -> tuple[int, int]:
+    """(descriptors, of which idle keep-alive connections to the upstream).
+
+    The upstream pool grows with the concurrency the run reached, up to the
+    number of concurrent requests; it is reuse, not a leak, so it is counted
+    apart.
+    """
+    inodes = set()
+    for table in ("/proc/%d/net/tcp" % pid, "/proc/%d/net/tcp6" % pid):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if int(fields[2].rsplit(":", 1)[1], 16) == upstream_port:
+                    inodes.add(fields[9])
+    fds = 0
+    pooled = 0
+    for name in os.listdir("/proc/%d/fd" % pid):
+        try:
+            target = os.readlink("/proc/%d/fd/%s" % (pid, name))
+        except OSError:
+            continue
+        fds += 1
+        if target.startswith("socket:[") and target[8:-1] in inodes:
+            pooled += 1
+    return fds, pooled
+
+
+async def wait_http(url: str, timeout: float = 15) -> None:
+    client = tornado.httpclient.AsyncHTTPClient(force_instance=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                await client.fetch(url)
+                return
+            except (OSError, tornado.httpclient.HTTPClientError):
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+    finally:
+        client.close()
+
+
+class Soak:
+    def __init__(self, proxy_url: str, concurrency: int, seed: int):
+        self.url = proxy_url + "/chat_complete"
+        self.concurrency = concurrency
+        self.random = random.Random(seed)
+        self.outcomes: collections.Counter = collections.Counter()
+        self.unexpected: list[str] = []
+        kinds, weights = zip(*((k, v[0]) for k, v in MIX.items()), strict=True)
+        self.kinds, self.weights = kinds, weights
+
+    async def one(self, client, kind: str) -> None:
+        _, body, expected = MIX[kind]
+        headers = dict(HEADERS, **({"access-token": "wrong"} if kind == "wrong_token" else {}))
+        chunks: list[bytes] = []
+        try:
+            response = await client.fetch(
+                self.url,
+                method="POST",
+                body=json.dumps(body),
+                headers=headers,
+                raise_error=False,
+                request_timeout=0.3 if kind == "client_leaves" else 30,
+                streaming_callback=chunks.append if body.get("generate_params", {}).get("stream") else None,
+            )
+        except HTTPTimeoutError:
+            if kind == "client_leaves":
+                self.outcomes[kind + ":left"] += 1
+                return
+            raise
+        data = b"".join(chunks) or response.body or b""
+        ok = response.code == expected
+        if ok and kind == "stream":
+            ok = data.endswith(b"data: [DONE]\n\n") and b'"error"' not in data
+        if ok and kind == "stream_dropped":
+            ok = b'"code":"upstream_broken"' in data and data.endswith(b"data: [DONE]\n\n")
+        if ok and kind == "json":
+            ok = json.loads(data)["text"] == "Echo: soak"
+        self.outcomes["%s:%s" % (kind, response.code)] += 1
+        if not ok:
+            self.unexpected.append("%s -> %s %r" % (kind, response.code, data[:200]))
+
+    async def run(self, seconds: float) -> int:
+        client = tornado.httpclient.AsyncHTTPClient(force_instance=True, max_clients=self.concurrency)
+        deadline = time.monotonic() + seconds
+        done = 0
+
+        async def worker():
+            nonlocal done
+            while time.monotonic() < deadline:
+                kind = self.random.choices(self.kinds, self.weights)[0]
+                try:
+                    await self.one(client, kind)
+                except Exception as exc:  # noqa: BLE001 (every failure is counted, none stops the soak)
+                    self.unexpected.append("%s -> %r" % (kind, exc))
+                done += 1
+
+        await asyncio.gather(*(worker() for _ in range(self.concurrency)))
+        client.close()
+        return done
+
+
+async def main_async(args) -> int:
+    fake_port, proxy_port = free_port(), free_port()
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    procs = []
+    try:
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "tests.fake_openai", "--port", str(fake_port)],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.DEVNULL,
+            )
+        )
+        proxy_env = dict(
+            env,
+            PORT=str(proxy_port),
+            HOST="127.0.0.1",
+            ACCESS_TOKEN=TOKEN,
+            LOG_LEVEL="WARNING",
+            OPENAI_BASE_URL="http://127.0.0.1:%d/v1" % fake_port,
+        )
+        log_file = open(args.log, "wb")  # noqa: SIM115 (closed below)
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "server.py"], cwd=ROOT, env=proxy_env, stdout=log_file, stderr=subprocess.STDOUT
+            )
+        )
+        proxy = procs[1]
+        await wait_http("http://127.0.0.1:%d/_fake/stats" % fake_port)
+        await wait_http("http://127.0.0.1:%d/healthz" % proxy_port)
+        client = tornado.httpclient.AsyncHTTPClient(force_instance=True)
+        for model, behaviour in FAULTS.items():
+            await client.fetch(
+                "http://127.0.0.1:%d/_fake/script?model=%s" % (fake_port, model),
+                method="POST",
+                body=json.dumps(behaviour),
+            )
+        client.close()
+
+        soak = Soak("http://127.0.0.1:%d" % proxy_port, args.concurrency, args.seed)
+        warmup = max(3.0, args.seconds * 0.2)
+        warm_done = await soak.run(warmup)
+        await asyncio.sleep(1.0)  # let closed connections settle
+        rss_start, (fds_start, pool_start) = rss_kb(proxy.pid), open_fds(proxy.pid, fake_port)
+        soak.outcomes.clear()
+        started = time.monotonic()
+        done = await soak.run(args.seconds)
+        elapsed = time.monotonic() - started
+        await asyncio.sleep(1.0)
+        rss_end, (fds_end, pool_end) = rss_kb(proxy.pid), open_fds(proxy.pid, fake_port)
+        alive = proxy.poll() is None
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    log_file.close()
+    with open(args.log, encoding="utf-8", errors="replace") as f:
+        tracebacks = f.read().count("Traceback")
+
+    growth = (rss_end - rss_start) / rss_start
+    failures = list(soak.unexpected)
+    if growth >= 0.10:
+        failures.append("RSS grew by %.1f %%" % (growth * 100))
+    if fds_end - pool_end != fds_start - pool_start:
+        failures.append(
+            "open descriptors %d at start, %d at end (not counting the upstream pool)"
+            % (fds_start - pool_start, fds_end - pool_end)
+        )
+    if pool_end > args.concurrency:
+        failures.append("%d idle upstream connections for %d concurrent requests" % (pool_end, args.concurrency))
+    if tracebacks:
+        failures.append("%d tracebacks in the proxy log" % tracebacks)
+    if not alive:
+        failures.append("the proxy died")
+
+    print(
+        "## Soak: %.0f s of mixed traffic, concurrency %d (after %.0f s warm-up, %d requests)"
+        % (elapsed, args.concurrency, warmup, warm_done)
+    )
+    print()
+    print("| measure | value |\n|---|---|")
+    print("| requests | %d (%.0f/s) |" % (done, done / elapsed))
+    for outcome, count in sorted(soak.outcomes.items()):
+        print("| %s | %d |" % (outcome, count))
+    print("| unexpected outcomes | %d |" % len(soak.unexpected))
+    print("| proxy RSS after warm-up / at end | %d KiB / %d KiB (%+.1f %%) |" % (rss_start, rss_end, growth * 100))
+    print(
+        "| proxy open descriptors (without the upstream pool) after warm-up / at end | %d / %d |"
+        % (fds_start - pool_start, fds_end - pool_end)
+    )
+    print("| idle upstream keep-alive connections after warm-up / at end | %d / %d |" % (pool_start, pool_end))
+    print("| tracebacks in the proxy log | %d |" % tracebacks)
+    for failure in failures[:20]:
+        print("FAIL:", failure)
+    print("result:", "FAIL" if failures else "PASS")
+    return 1 if failures else 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=120)
+    parser.add_argument("--short", action="store_true", help="about 15 s: proves the soak works (CI)")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--log", default="/tmp/chat_gpt_proxy-soak.log")
+    args = parser.parse_args()
+    if args.short:
+        args.seconds = 10
+    sys.exit(asyncio.run(main_async(args)))
+
+
+if __name__ == "__main__":
+    main()
