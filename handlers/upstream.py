@@ -129,7 +129,8 @@ class UpstreamCall:
         self.settings = settings
         self.stream = stream
         self.status = 0
-        self.headers = HTTPHeaders()
+        self._header_lines: list[bytes] = []
+        self._headers: HTTPHeaders | None = None
         self.bytes_received = 0
         self.started_at = time.monotonic()
         self.headers_at: float | None = None
@@ -183,15 +184,14 @@ class UpstreamCall:
         curl.setopt(pycurl.VERBOSE, 0)
 
     def _on_header_line(self, line: bytes) -> None:
-        text = line.decode("latin-1").rstrip("\r\n")
-        if text.startswith("HTTP/"):
-            parts = text.split(" ", 2)
+        if line.startswith(b"HTTP/"):
+            parts = line.split(b" ", 2)
             try:
                 self._pending_status = int(parts[1])
             except (IndexError, ValueError):
                 self._pending_status = 0
-            self.headers = HTTPHeaders()
-        elif text == "":
+            self._header_lines = []
+        elif line == b"\r\n" or line == b"\n":
             # A blank line ends a header block; 1xx blocks are followed by another.
             if self._pending_status >= 200 and not self._headers_done:
                 self._headers_done = True
@@ -199,9 +199,22 @@ class UpstreamCall:
                 self.headers_at = time.monotonic()
                 if not self._headers_future.done():
                     self._headers_future.set_result(None)
-        elif ":" in text and not self._headers_done:
-            name, _, value = text.partition(":")
-            self.headers.add(name.strip(), value.strip())
+        elif not self._headers_done:
+            # Parsed only when someone looks (most requests need one or two).
+            self._header_lines.append(line)
+
+    @property
+    def headers(self) -> HTTPHeaders:
+        if self._headers is None or not self._headers_done:
+            headers = HTTPHeaders()
+            for line in self._header_lines:
+                name, sep, value = line.decode("latin-1").partition(":")
+                if sep:
+                    headers.add(name.strip(), value.strip())
+            if not self._headers_done:
+                return headers
+            self._headers = headers
+        return self._headers
 
     def _on_body(self, data: bytes):
         if self.abort_reason is not None:
