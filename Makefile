@@ -11,8 +11,8 @@ $(VENV)/.runtime: requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
-$(VENV)/.dev: requirements.txt requirements-dev.txt $(VENV)/.runtime
-	$(PY) -m pip install -q -r requirements-dev.txt
+$(VENV)/.dev: requirements.txt requirements-dev.txt requirements-bench.txt $(VENV)/.runtime
+	$(PY) -m pip install -q -r requirements-bench.txt
 	touch $@
 
 run: $(VENV)/.runtime ## install and start the proxy on port 9081
@@ -30,6 +30,14 @@ lint: $(VENV)/.dev
 format: $(VENV)/.dev
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+
+bench: $(VENV)/.dev ## the benchmark suite: direct vs nginx vs this proxy (needs wrk and nginx)
+	@command -v wrk >/dev/null && command -v nginx >/dev/null || \
+		{ apt-get update -qq && apt-get install -y -qq wrk nginx >/dev/null; }
+	$(PY) bench/run.py
+
+soak: $(VENV)/.dev ## ten minutes of mixed traffic; checks RSS and descriptors
+	$(PY) bench/soak.py --seconds 600
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

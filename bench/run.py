@@ -269,6 +269,18 @@ def wrk(url: str, body: dict, connections: int, seconds: float, workdir: str, rs
     return result
 
 
+async def prime(port: int, body: dict, concurrency: int) -> None:
+    payload = json.dumps(body).encode()
+    headers = "access-token: %s\r\nopenai-token: %s\r\nConnection: close\r\n" % (TOKEN, KEY)
+
+    async def one():
+        reader, writer = await open_stream(port, "/chat_complete", payload, headers)
+        await reader.read()  # to EOF: the whole answer
+        writer.close()
+
+    await asyncio.gather(*(one() for _ in range(concurrency)))
+
+
 def nginx_accepted(port: int) -> int:
     import urllib.request
 
@@ -403,6 +415,10 @@ def run(args) -> dict:
             for c in levels:
                 row = results[mode]["c%d" % c]
                 wrk("http://127.0.0.1:%d/chat_complete" % port, cb, c, 1, workdir)  # warm-up: pool, caches
+                # wrk ends by dropping the requests in flight, and each dropped
+                # stream's upstream connection is closed (an abort): refill the
+                # pool with c complete requests so the count below is steady state.
+                asyncio.run(prime(port, cb, c))
                 accepted = nginx_accepted(up_port)
                 row["proxy /chat_complete"] = wrk(
                     "http://127.0.0.1:%d/chat_complete" % port, cb, c, secs, workdir, rss_pid=proxy.pid

@@ -86,13 +86,19 @@ class UpstreamError(Exception):
 def make_client(settings) -> CurlAsyncHTTPClient:
     """One client per IOLoop; ``max_clients`` is our own concurrency cap, so
     Tornado's hidden queue (which has no timeout in the curl client) is never used."""
-    return CurlAsyncHTTPClient(
+    client = CurlAsyncHTTPClient(
         force_instance=True,
         max_clients=settings.max_concurrent_upstream,
         # Our WRITEFUNCTION replaces Tornado's, so this limit would not apply;
         # set it to the largest value anyway for clarity.
         max_body_size=1 << 62,
     )
+    # libcurl sizes its idle-connection cache at 4x the transfers running at
+    # that moment; Tornado removes each finished transfer, so after a burst
+    # the cache shrinks and closes warm connections (each a new TLS handshake
+    # with the real API). Keep up to one idle connection per allowed request.
+    client._multi.setopt(pycurl.M_MAXCONNECTS, settings.max_concurrent_upstream)
+    return client
 
 
 def relayed_headers(headers: HTTPHeaders) -> list[tuple[str, str]]:
