@@ -1,7 +1,6 @@
 """The benchmark suite's short mode: proves it runs end to end (never a timing gate)."""
 
 import json
-import os
 import subprocess
 import sys
 
