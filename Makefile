@@ -18,6 +18,9 @@ $(VENV)/.dev: requirements.txt requirements-dev.txt requirements-bench.txt $(VEN
 run: $(VENV)/.runtime ## install and start the proxy on port 9081
 	$(PY) server.py
 
+demo: $(VENV)/.runtime ## the proxy with the built-in fake OpenAI: no key, no internet needed
+	DEMO_UPSTREAM=true $(PY) server.py
+
 test: $(VENV)/.dev ## install and run the whole test suite and lint
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

@@ -8,6 +8,7 @@ until SIGTERM or SIGINT, then shuts down gracefully.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import resource
@@ -23,6 +24,7 @@ from handlers import routes
 from handlers.base import ApiError, BaseHandler, RateLimiter
 from handlers.observability import Metrics, log_request
 from handlers.observability import routes as metrics_routes
+from handlers.playground import STATIC_DIR, StaticHandler
 from handlers.proxy import UpstreamPool
 from settings import Settings, SettingsError
 
@@ -56,6 +58,9 @@ def make_app(settings: Settings) -> tornado.web.Application:
         rate_limiter=RateLimiter(settings.rate_limit_per_token) if settings.rate_limit_per_token else None,
         # Our access log replaces Tornado's: one line, no secrets (issue 3).
         log_function=log_request,
+        template_path=STATIC_DIR,
+        static_path=STATIC_DIR,
+        static_handler_class=StaticHandler,
     )
 
 
@@ -126,7 +131,31 @@ def raise_fd_limit() -> None:
             log.warning("could not raise the open-files limit from %d", soft)
 
 
+async def start_demo_upstream(settings: Settings) -> Settings:
+    """DEMO_UPSTREAM=true: answers come from the fake OpenAI the tests use (issue 7).
+
+    It lives in tests/, which the Docker image does not contain: a container
+    cannot be switched to demo answers by a stray variable.
+    """
+    try:
+        from tests.fake_openai import FakeOpenAI
+    except ImportError:
+        print(
+            "chat_gpt_proxy: invalid setting DEMO_UPSTREAM: tests/fake_openai.py is not here (not in the image)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    fake = FakeOpenAI(default_delay=0.08)
+    fake.start()
+    log.warning(
+        "DEMO MODE: requests go to the built-in fake OpenAI at %s, not to %s", fake.url, settings.openai_base_url
+    )
+    return dataclasses.replace(settings, openai_base_url=fake.url)
+
+
 async def serve(settings: Settings) -> None:
+    if settings.demo_upstream:
+        settings = await start_demo_upstream(settings)
     app = make_app(settings)
     server = make_server(app, settings)
     server.listen(settings.port, settings.host)
@@ -155,8 +184,6 @@ def main() -> None:
     setup_logging(settings)
     if settings.default_token_in_use:
         log.warning("ACCESS_TOKEN is not set: the default access token 123456 is in use; set ACCESS_TOKEN!")
-    if settings.demo_upstream:
-        log.warning("DEMO_UPSTREAM is on: answers come from the fake demo upstream, not from OpenAI")
     log.info("configuration: %s", json.dumps(settings.masked(), default=str))
     raise_fd_limit()
     asyncio.run(serve(settings))

@@ -1,5 +1,5 @@
 """Request handlers, one module per concern; each module ends with its routes."""
 
-from . import chat, info, openai_compat
+from . import chat, info, openai_compat, playground
 
-routes = [*info.routes, *chat.routes, *openai_compat.routes]
+routes = [*playground.routes, *info.routes, *chat.routes, *openai_compat.routes]

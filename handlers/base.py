@@ -138,6 +138,7 @@ class BaseHandler(RequestHandler):
 
     def set_default_headers(self) -> None:
         self.set_header("x-request-id", self.request_id)
+        self.set_header("X-Content-Type-Options", "nosniff")
 
     # -- authentication
 

@@ -49,7 +49,6 @@ class HealthHandler(BaseHandler):
 
 
 routes = [
-    (r"/", UsageHandler),
     (r"/usage", UsageHandler),
     (r"/healthz", HealthHandler),
 ]
