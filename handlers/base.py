@@ -22,6 +22,10 @@ from .upstream import UpstreamError
 
 log = logging.getLogger("chat_gpt_proxy")
 
+# An API key goes into a header line: anything but visible ASCII could
+# smuggle extra upstream headers (CR/LF) or break the request.
+API_KEY_RE = re.compile(r"^[\x21-\x7e]{1,512}$")
+
 # A caller-supplied request id is kept only if it cannot smuggle anything
 # into logs or headers.
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -172,15 +176,21 @@ class BaseHandler(RequestHandler):
                     headers={"Retry-After": str(wait)},
                 )
 
+    # How this surface names the key and its errors; /v1/* overrides them.
+    missing_key_message = "Missing openai-token header: send your OpenAI API key in it."
+    key_error_codes = ("missing_openai_token", "invalid_openai_token")
+
+    def presented_key(self) -> str:
+        return self.request.headers.get("openai-token", "").strip()
+
     def openai_key(self) -> str:
-        key = self.request.headers.get("openai-token", "").strip()
+        """The caller's OpenAI key, for this one request; 401 if missing or malformed."""
+        key = self.presented_key()
+        missing, malformed = self.key_error_codes
         if not key:
-            raise ApiError(
-                401,
-                "Missing openai-token header: send your OpenAI API key in it.",
-                "authentication_error",
-                "missing_openai_token",
-            )
+            raise ApiError(401, self.missing_key_message, "authentication_error", missing)
+        if not API_KEY_RE.match(key):
+            raise ApiError(401, "The OpenAI key is malformed.", "authentication_error", malformed)
         return key
 
     # -- the request body, read as it arrives so that an oversized one is refused early

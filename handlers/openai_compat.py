@@ -14,7 +14,6 @@ from urllib.parse import unquote
 from tornado.httputil import parse_body_arguments
 
 from .base import ApiError
-from .chat import API_KEY_RE
 from .proxy import ProxyHandler, StreamWatch
 from .upstream import HOP_BY_HOP_HEADERS, UpstreamError
 
@@ -66,22 +65,14 @@ class OpenAIHandler(ProxyHandler):
     def error_body(self, status: int, message: str, error: dict) -> dict:
         return {"error": error}
 
-    def openai_key(self) -> str:
+    missing_key_message = "Missing API key: send it as 'Authorization: Bearer <key>'."
+    key_error_codes = ("missing_api_key", "invalid_api_key")
+
+    def presented_key(self) -> str:
         auth = self.request.headers.get("Authorization", "")
         if auth[:7].lower() == "bearer ":
-            key = auth[7:].strip()
-        else:
-            key = self.request.headers.get("openai-token", "").strip()
-        if not key:
-            raise ApiError(
-                401,
-                "Missing API key: send it as 'Authorization: Bearer <key>'.",
-                "invalid_request_error",
-                "missing_api_key",
-            )
-        if not API_KEY_RE.match(key):
-            raise ApiError(401, "The API key is malformed.", "invalid_request_error", "invalid_api_key")
-        return key
+            return auth[7:].strip()
+        return super().presented_key()
 
     def prepare(self) -> None:
         # Every /v1 method is an API call, GET included (e.g. /v1/models).

@@ -230,6 +230,17 @@ async def fetch_tls(url, certificate, body, chunks=None):
         client.close()
 
 
+async def assert_live_stream(url, certificate, fake_openai, gap=0.4):
+    """Chunks the upstream sends ``gap`` seconds apart arrive over HTTPS that far apart, not all at once."""
+    words = ["one ", "two ", "three "]
+    fake_openai.push(Behaviour(chunks=words, delay=gap))
+    chunks = []
+    response = await fetch_tls(url, certificate, STREAM, chunks)
+    assert response.code == 200
+    assert_gaps(chunks, words, gap)
+    assert b"".join(c for _, c in chunks).endswith(b"data: [DONE]\n\n")
+
+
 def assert_gaps(chunks, words, gap):
     arrivals = {}
     for at, data in chunks:
@@ -248,13 +259,7 @@ async def test_through_nginx_with_tls(proxy, fake_openai, nginx_tls, certificate
     forwarded = fake_openai.received[0]
     assert forwarded.headers["Authorization"] == "Bearer " + OPENAI_KEY
 
-    words = ["one ", "two ", "three "]
-    fake_openai.push(Behaviour(chunks=words, delay=0.4))
-    chunks = []
-    response = await fetch_tls(nginx_tls, certificate, STREAM, chunks)
-    assert response.code == 200
-    assert_gaps(chunks, words, 0.4)
-    assert b"".join(c for _, c in chunks).endswith(b"data: [DONE]\n\n")
+    await assert_live_stream(nginx_tls, certificate, fake_openai)
 
 
 @pytest.mark.gen_test(timeout=30)
@@ -279,12 +284,7 @@ async def test_native_tls(fake_openai, certificate, tmp_path):
                 pass
             await asyncio.sleep(0.1)
         assert json.loads(response.body)["text"] == "Echo: tls"
-        words = ["a1 ", "b2 ", "c3 "]
-        fake_openai.push(Behaviour(chunks=words, delay=0.4))
-        chunks = []
-        response = await fetch_tls(url, certificate, STREAM, chunks)
-        assert response.code == 200
-        assert_gaps(chunks, words, 0.4)
+        await assert_live_stream(url, certificate, fake_openai)
         assert re.search(r"listening on https://", server.output())
     finally:
         server.stop()
