@@ -33,11 +33,50 @@ from tests.fake_openai import FakeOpenAI
 ACCESS_TOKEN = "acc-TESTACCESS-7f3a9c"
 OPENAI_KEY = "sk-TESTOPENAIKEY-5d2e8b1c"
 SECRETS = (ACCESS_TOKEN, OPENAI_KEY)
+# Every token value any test sends (the modules that use others import them
+# from here): the whole run's log output is scanned for them at the end.
+OTHER_SECRETS = (
+    "browser-access-token",
+    "sk-browser-test",
+    "hostile-access-token-77",
+    "sk-hostile-key-12345",
+    "proc-ACCESS-TOKEN-91c2",
+    "second-token-abc",
+)
 AUTH = {"access-token": ACCESS_TOKEN, "openai-token": OPENAI_KEY}
+
+
+class _RunLog(logging.Handler):
+    """Keeps the text of every log record of the whole test run."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        text = record.getMessage()
+        if record.exc_info:
+            text += logging.Formatter().formatException(record.exc_info)
+        self.lines.append(text)
+
+
+RUN_LOG = _RunLog()
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "settings(**kw): override proxy Settings fields for this test")
+    logging.getLogger().addHandler(RUN_LOG)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Issue 3: the captured log output of a full run, errors included, holds no token value."""
+    text = "\n".join(RUN_LOG.lines)
+    leaked = [secret for secret in (*SECRETS, *OTHER_SECRETS) if secret in text]
+    if leaked:
+        session.exitstatus = 1
+        print("\nSECRET LEAK: token values found in the log output of this run: %s" % leaked)
+    elif RUN_LOG.lines:
+        print("\nlog scan: %d log records of this run hold no token value" % len(RUN_LOG.lines))
 
 
 @pytest.fixture

@@ -73,6 +73,11 @@ def test_page_loads_clean_with_security_headers(page, stack):
     assert page.locator("#demo-banner").is_visible()
     assert "Demo upstream" in page.locator("#demo-banner").inner_text()
     assert page.evaluate("window.__csp") == [] and page.problems == []
+    script = page.locator("script").get_attribute("src")
+    assert "?v=" in script, "static files carry a content hash in their URL"
+    static = page.request.get(stack.url + script)
+    assert static.ok and "max-age=" in static.headers["cache-control"]
+    assert static.headers["x-content-type-options"] == "nosniff"
     # Nothing but this server is contacted.
     for resource in page.evaluate("performance.getEntriesByType('resource').map(e => e.name)"):
         assert resource.startswith(stack.url), resource
