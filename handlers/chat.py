@@ -92,7 +92,9 @@ class ChatCompleteHandler(UsagePageMixin, ProxyHandler):
         call = await self.open_upstream(
             "POST", self.config.chat_completions_url, headers, dumps(payload), stream=stream
         )
-        if stream and 200 <= call.status < 300:
+        # Some OpenAI-compatible servers ignore "stream": relay SSE only when
+        # the upstream sends SSE, and answer JSON as JSON.
+        if 200 <= call.status < 300 and call.headers.get("Content-Type", "").startswith("text/event-stream"):
             await self.relay_stream(call)
             return
         answer = await self.read_json_answer(call)

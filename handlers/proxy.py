@@ -149,6 +149,10 @@ class ProxyHandler(BaseHandler):
         for name, value in SSE_HEADERS.items():
             self.set_header(name, value)
         self.relay_headers(call)
+        # Tokens are small writes a few ms apart: without TCP_NODELAY, Nagle's
+        # algorithm holds each one until the client ACKs the previous one,
+        # which a delayed ACK can postpone by 40 ms or more (RFC 1122 4.2.3.2).
+        self.request.connection.stream.set_nodelay(True)
         pending = b""
         keepalive = StreamWatch(self, self.config.stream_keepalive, self.config.client_stall_timeout)
         self.pool.streams += 1

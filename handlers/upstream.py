@@ -55,6 +55,8 @@ HOP_BY_HOP_HEADERS = frozenset(
 RELAYED_RESPONSE_HEADERS = ("x-request-id", "retry-after", "openai-processing-ms")
 RELAYED_RESPONSE_PREFIXES = ("x-ratelimit-",)
 
+USER_AGENT = "chat_gpt_proxy/1.0"
+
 # Pause the transfer when this much is queued for a slow client and resume
 # below the low mark: bounded memory per stream without stalling fast ones.
 HIGH_WATER = 256 * 1024
@@ -165,6 +167,7 @@ class UpstreamCall:
             follow_redirects=False,
             decompress_response=False,
             allow_nonstandard_methods=True,
+            user_agent=USER_AGENT,
             prepare_curl_callback=self._prepare,
         )
         self._fetch = client.fetch(request, raise_error=False)

@@ -61,6 +61,21 @@ async def test_chunks_arrive_as_the_upstream_sends_them(proxy, fake_openai):
 
 
 @pytest.mark.gen_test
+async def test_upstream_that_ignores_stream_gets_a_json_answer(proxy, fake_openai):
+    answer = {
+        "id": "x",
+        "object": "chat.completion",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "not streamed"}}],
+    }
+    fake_openai.push(Behaviour(kind="garbage", body=json.dumps(answer), content_type="application/json"))
+    streamed = await proxy.stream({"prompt": "x", "generate_params": STREAM})
+    assert streamed.response.code == 200
+    assert streamed.response.headers["Content-Type"] == "application/json; charset=utf-8"
+    body = json.loads(streamed.body)
+    assert body["text"] == "not streamed" and body["status"] == "ok"
+
+
+@pytest.mark.gen_test
 async def test_include_usage_chunk_is_relayed(proxy, fake_openai):
     streamed = await proxy.stream(
         {"prompt": "a b", "generate_params": {"stream": True, "stream_options": {"include_usage": True}}}
