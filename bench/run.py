@@ -571,7 +571,8 @@ def plot(results: dict, path: str) -> None:
         values = [row[n]["rps"] for n in names]
         colors = ["#888888", "#2b8a3e", "#1c7ed6", "#4dabf7"][: len(names)]
         bars = ax.bar(range(len(names)), values, color=colors)
-        ax.set_xticks(range(len(names)), [n.replace("proxy ", "proxy\n") for n in names], fontsize=8)
+        short = {"proxy /chat_complete": "proxy\n/chat_complete", "proxy /v1/chat/completions": "proxy\n/v1/chat/…"}
+        ax.set_xticks(range(len(names)), [short.get(n, n) for n in names], fontsize=8)
         ax.set_title(title)
         ax.set_ylabel("requests/s")
         for bar, value in zip(bars, values, strict=True):
