@@ -46,7 +46,7 @@ def make_app(settings: Settings) -> tornado.web.Application:
     all_routes = list(routes)
     if settings.metrics_enabled:
         metrics = Metrics()
-        metrics.in_flight.set_function(lambda: pool.in_flight)
+        metrics.in_flight.set_function(lambda: len(pool.handlers))
         metrics.streams.set_function(lambda: pool.streams)
         all_routes += metrics_routes
     return tornado.web.Application(

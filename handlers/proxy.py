@@ -32,11 +32,10 @@ MAX_PENDING_EVENT = 1024 * 1024
 
 
 class UpstreamPool:
-    """The upstream client of this process and the count of calls in flight."""
+    """The upstream client of this process and the handlers with a call in flight."""
 
     def __init__(self, config):
         self.config = config
-        self.in_flight = 0
         self.streams = 0
         self.handlers: set = set()
         self._client = None
@@ -75,7 +74,7 @@ class ProxyHandler(BaseHandler):
     async def open_upstream(self, method: str, url: str, headers: dict, body: bytes | None, *, stream: bool):
         """Start the upstream call; returns it once the upstream's headers arrived."""
         pool = self.pool
-        if pool.in_flight >= self.config.max_concurrent_upstream:
+        if len(pool.handlers) >= self.config.max_concurrent_upstream:
             # Never queue silently (issue 2): the caller can retry elsewhere or later.
             raise ApiError(
                 503,
@@ -84,7 +83,6 @@ class ProxyHandler(BaseHandler):
                 "proxy_overloaded",
                 headers={"Retry-After": "1"},
             )
-        pool.in_flight += 1
         pool.handlers.add(self)
         try:
             self.upstream_call = UpstreamCall(pool.client(), self.config, method, url, headers, body, stream=stream)
@@ -94,8 +92,13 @@ class ProxyHandler(BaseHandler):
         return self.upstream_call
 
     def upstream_failed(self, exc: UpstreamError) -> ApiError:
-        self.note_fault(exc.kind)
+        if not self.client_left(exc):  # already logged as the client's fault
+            self.note_fault(exc.kind)
         return ApiError.from_upstream(exc)
+
+    def client_left(self, exc: UpstreamError) -> bool:
+        """Whether ``exc`` is our own abort because the client went away."""
+        return exc.kind == "aborted" and self.upstream_call.abort_reason in ("client_closed", "client_stall")
 
     def note_fault(self, kind: str) -> None:
         """An expected upstream fault: one warning line, never a traceback (issue 6)."""
@@ -103,9 +106,7 @@ class ProxyHandler(BaseHandler):
         log.warning("upstream fault request_id=%s kind=%s", self.request_id, kind)
 
     def on_finish(self) -> None:
-        if self in self.pool.handlers:
-            self.pool.handlers.discard(self)
-            self.pool.in_flight -= 1
+        self.pool.handlers.discard(self)
 
     def relay_headers(self, call: UpstreamCall) -> None:
         for name, value in relayed_headers(call.headers):
@@ -161,7 +162,7 @@ class ProxyHandler(BaseHandler):
                 try:
                     chunk = await call.read()
                 except UpstreamError as exc:
-                    if exc.kind == "aborted" and self.request.connection.stream.closed():
+                    if self.client_left(exc):
                         return
                     self.upstream_failed(exc)
                     self.write(error_event(exc))
@@ -234,7 +235,8 @@ class StreamWatch:
         handler = self.handler
         if handler.flush_started is not None and now - handler.flush_started >= self.stall:
             log.warning("client stalled request_id=%s kind=client_stall seconds=%g", handler.request_id, self.stall)
-            handler.on_connection_close()
+            if handler.upstream_call is not None:
+                handler.upstream_call.abort("client_stall")
             handler.request.connection.close()
             self.timer = None
             return
