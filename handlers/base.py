@@ -110,6 +110,9 @@ class BaseHandler(RequestHandler):
 
     # Routes that are public (health, usage page, metrics) set this to False.
     requires_access_token = True
+    # Methods that need no token on routes that otherwise do (the usage page
+    # at GET /chat_complete); /v1/* has none: every call there is an API call.
+    public_methods: tuple[str, ...] = ("GET", "HEAD", "OPTIONS")
     # The route label in metrics.
     route_name = "other"
 
@@ -147,7 +150,7 @@ class BaseHandler(RequestHandler):
     # -- authentication
 
     def prepare(self) -> None:
-        if self.requires_access_token and self.request.method not in ("GET", "HEAD", "OPTIONS"):
+        if self.requires_access_token and self.request.method not in self.public_methods:
             self.check_access_token()
         declared = self.request.headers.get("Content-Length")
         if declared is not None and declared.isdigit() and int(declared) > self.config.max_body_bytes:

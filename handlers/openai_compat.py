@@ -61,6 +61,7 @@ class OpenAIHandler(ProxyHandler):
     """ANY /v1/<path>: forward the request to OPENAI_BASE_URL/<path> and relay the answer."""
 
     route_name = "v1"
+    public_methods = ()  # GET /v1/models is an API call too
 
     def error_body(self, status: int, message: str, error: dict) -> dict:
         return {"error": error}
@@ -73,11 +74,6 @@ class OpenAIHandler(ProxyHandler):
         if auth[:7].lower() == "bearer ":
             return auth[7:].strip()
         return super().presented_key()
-
-    def prepare(self) -> None:
-        # Every /v1 method is an API call, GET included (e.g. /v1/models).
-        self.check_access_token()
-        super().prepare()
 
     def requested_model_and_stream(self) -> tuple[str | None, bool]:
         content_type = self.request.headers.get("Content-Type", "")

@@ -25,10 +25,20 @@ async def test_rate_limit_per_access_token(proxy, fake_openai):
     assert int(response.headers["Retry-After"]) >= 1
     response = await proxy.request("/v1/models", method="GET")
     assert response.code == 429 and set(json.loads(response.body)) == {"error"}
+    # Each request takes one unit, whatever the route.
+    for _ in range(2):
+        response = await proxy.request(
+            "/v1/chat/completions",
+            headers={"access-token": "second-token-abc"},
+            json_body={"model": "m", "messages": [{"role": "user", "content": "x"}]},
+        )
+        assert response.code == 200
     # Another token has its own budget.
     response, _ = await proxy.chat({"prompt": "x"}, headers={"access-token": "second-token-abc"})
     assert response.code == 200
-    assert len(fake_openai.received) == 4
+    response, _ = await proxy.chat({"prompt": "x"}, headers={"access-token": "second-token-abc"})
+    assert response.code == 429
+    assert len(fake_openai.received) == 6
 
 
 def test_access_tokens_compared_in_constant_time(monkeypatch):
