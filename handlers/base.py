@@ -104,6 +104,14 @@ def loads(data: bytes):
     return json.loads(data, parse_constant=_reject_constant, parse_float=_finite_float)
 
 
+def check_model_allowed(config, model: str | None) -> None:
+    """ALLOWED_MODELS (issue 4): an operator can keep a shared proxy on cheap models."""
+    if config.allowed_models and model is not None and model not in config.allowed_models:
+        raise ApiError(
+            403, "Model %r is not allowed on this proxy." % model[:100], "permission_denied", "model_not_allowed"
+        )
+
+
 @stream_request_body
 class BaseHandler(RequestHandler):
     """Auth, body parsing (size-limited while it arrives), JSON errors."""

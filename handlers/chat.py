@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import ApiError, dumps
+from .base import ApiError, check_model_allowed, dumps
 from .info import UsagePageMixin
 from .proxy import ProxyHandler
 
@@ -57,10 +57,7 @@ def build_chat_request(body: dict, config) -> dict:
     model = payload["model"]
     if not isinstance(model, str) or not model:
         raise bad_request('"model_name" must be a non-empty string.')
-    if config.allowed_models and model not in config.allowed_models:
-        raise ApiError(
-            403, "Model %r is not allowed on this proxy." % model[:100], "permission_denied", "model_not_allowed"
-        )
+    check_model_allowed(config, model)
     if "stream" in payload and not isinstance(payload["stream"], bool):
         raise bad_request('"generate_params.stream" must be true or false.')
     return payload

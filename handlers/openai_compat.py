@@ -13,7 +13,7 @@ from urllib.parse import unquote
 
 from tornado.httputil import parse_body_arguments
 
-from .base import ApiError
+from .base import ApiError, check_model_allowed
 from .proxy import ProxyHandler, StreamWatch
 from .upstream import HOP_BY_HOP_HEADERS, UpstreamError
 
@@ -62,12 +62,11 @@ class OpenAIHandler(ProxyHandler):
 
     route_name = "v1"
     public_methods = ()  # GET /v1/models is an API call too
+    missing_key_message = "Missing API key: send it as 'Authorization: Bearer <key>'."
+    key_error_codes = ("missing_api_key", "invalid_api_key")
 
     def error_body(self, status: int, message: str, error: dict) -> dict:
         return {"error": error}
-
-    missing_key_message = "Missing API key: send it as 'Authorization: Bearer <key>'."
-    key_error_codes = ("missing_api_key", "invalid_api_key")
 
     def presented_key(self) -> str:
         auth = self.request.headers.get("Authorization", "")
@@ -76,24 +75,25 @@ class OpenAIHandler(ProxyHandler):
         return super().presented_key()
 
     def requested_model_and_stream(self) -> tuple[str | None, bool]:
+        """The ``model`` and ``stream`` of the body, which is forwarded as it is."""
         content_type = self.request.headers.get("Content-Type", "")
         body = self.body
         if not body:
             return None, False
-        if content_type.startswith("application/json"):
-            try:
-                parsed = json.loads(body)
-            except (ValueError, RecursionError):
-                return None, False  # the upstream will say what is wrong with it
-            if isinstance(parsed, dict):
-                model = parsed.get("model")
-                return (model if isinstance(model, str) else None), parsed.get("stream") is True
-        elif content_type.startswith("multipart/form-data"):
+        if content_type.startswith("multipart/form-data"):
             arguments: dict = {}
             parse_body_arguments(content_type, body, arguments, {})
             values = arguments.get("model")
-            if values:
-                return values[0].decode("utf-8", "replace"), False
+            return (values[0].decode("utf-8", "replace") if values else None), False
+        # Parsed whatever the Content-Type says, so that a mislabelled body
+        # cannot slip a model past ALLOWED_MODELS.
+        try:
+            parsed = json.loads(body)
+        except (ValueError, RecursionError):
+            return None, False  # the upstream will say what is wrong with it
+        if isinstance(parsed, dict):
+            model = parsed.get("model")
+            return (model if isinstance(model, str) else None), parsed.get("stream") is True
         return None, False
 
     async def forward(self) -> None:
@@ -108,10 +108,7 @@ class OpenAIHandler(ProxyHandler):
                 headers[name] = value
         model, stream = self.requested_model_and_stream()
         self.model = model
-        if self.config.allowed_models and model is not None and model not in self.config.allowed_models:
-            raise ApiError(
-                403, "Model %r is not allowed on this proxy." % model[:100], "permission_denied", "model_not_allowed"
-            )
+        check_model_allowed(self.config, model)
         method = self.request.method
         body = self.body if method in ("POST", "PUT", "PATCH") else None
         call = await self.open_upstream(method, url, headers, body, stream=stream)
