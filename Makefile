@@ -21,7 +21,12 @@ run: $(VENV)/.runtime ## install and start the proxy on port 9081
 demo: $(VENV)/.runtime ## the proxy with the built-in fake OpenAI: no key, no internet needed
 	DEMO_UPSTREAM=true $(PY) server.py
 
-test: $(VENV)/.dev ## install and run the whole test suite and lint
+# The README's JavaScript snippet is run by the tests with the official openai package.
+tests/js/node_modules/.installed: tests/js/package.json tests/js/package-lock.json
+	cd tests/js && npm ci --silent --no-audit --no-fund
+	touch $@
+
+test: $(VENV)/.dev tests/js/node_modules/.installed ## install and run the whole test suite and lint
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest

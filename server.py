@@ -158,7 +158,9 @@ async def serve(settings: Settings) -> None:
         settings = await start_demo_upstream(settings)
     app = make_app(settings)
     server = make_server(app, settings)
-    server.listen(settings.port, settings.host)
+    # A burst of new streams must not overflow the accept queue (default 128):
+    # a dropped SYN costs the client a one-second retransmit.
+    server.listen(settings.port, settings.host, backlog=4096)
     scheme = "https" if settings.tls_certfile else "http"
     log.info("listening on %s://%s:%d", scheme, settings.host, settings.port)
     stop = asyncio.Event()

@@ -11,6 +11,7 @@ import pytest
 from tests.conftest import ACCESS_TOKEN, OPENAI_KEY
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+JS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "js")
 
 
 def snippet(name: str) -> tuple[str, str]:
@@ -52,6 +53,27 @@ async def test_python_snippets(proxy, fake_openai, base_url, name, expected):
 
     await proxy.in_thread(run)
     assert out.getvalue().strip() == expected
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_javascript_sdk_snippet(proxy, fake_openai, base_url):
+    """The JavaScript snippet, run by Node with the openai package (tests/js, installed by make test)."""
+    with open(README, encoding="utf-8") as f:
+        text = f.read()
+    match = re.search(r"```javascript\n(.*?)```", text, re.S)
+    assert match, "README has no JavaScript snippet"
+    script = os.path.join(JS_DIR, ".snippet-%d.mjs" % os.getpid())
+    with open(script, "w", encoding="utf-8") as f:
+        f.write(localize(match.group(1), base_url))
+    try:
+        env = dict(os.environ, OPENAI_API_KEY=OPENAI_KEY)
+        result = await proxy.in_thread(
+            subprocess.run, ["node", script], env=env, capture_output=True, text=True, timeout=30
+        )
+    finally:
+        os.unlink(script)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "Echo: Count to five"
 
 
 @pytest.mark.parametrize("name", ["curl-stream", "curl-v1"])
