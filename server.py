@@ -30,6 +30,8 @@ from settings import Settings, SettingsError
 
 log = logging.getLogger("chat_gpt_proxy")
 
+WANTED_OPEN_FILES = 65536
+
 
 class NotFoundHandler(BaseHandler):
     """Any other path: a JSON 404, never Tornado's HTML page."""
@@ -121,14 +123,25 @@ def setup_logging(settings: Settings) -> None:
 
 
 def raise_fd_limit() -> None:
-    """Thousands of streams need two descriptors each; the soft limit is often 1024."""
+    """Thousands of streams need two descriptors each (client and upstream).
+
+    The soft limit is often 1024: raise it to the hard limit. A privileged
+    process may raise the hard limit too, so it asks for at least 65,536.
+    """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    if hard == resource.RLIM_INFINITY:
+        wanted = [(1 << 20, hard)]
+    else:
+        wanted = [(max(hard, WANTED_OPEN_FILES), max(hard, WANTED_OPEN_FILES)), (hard, hard)]
+    for limits in wanted:
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            resource.setrlimit(resource.RLIMIT_NOFILE, limits)
         except (ValueError, OSError):
-            log.warning("could not raise the open-files limit from %d", soft)
+            continue
+        if limits[0] != soft:
+            log.info("open-files limit raised from %d to %d", soft, limits[0])
+        return
+    log.warning("could not raise the open-files limit from %d", soft)
 
 
 async def start_demo_upstream(settings: Settings) -> Settings:
