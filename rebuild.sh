@@ -14,7 +14,9 @@ STOP_TIMEOUT=30
 cd "$(dirname "$0")"
 
 run_args=(--detach --name "$CONTAINER_NAME" --restart unless-stopped
-          --stop-timeout "$STOP_TIMEOUT" --publish "$HOST_PORT:9081")
+          --stop-timeout "$STOP_TIMEOUT" --publish "$HOST_PORT:9081"
+          # Two descriptors per open stream: room for tens of thousands.
+          --ulimit nofile=65536:65536)
 if [ -f .env ]; then
   run_args+=(--env-file .env)
 fi

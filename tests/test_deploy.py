@@ -134,7 +134,13 @@ def test_rebuild_is_idempotent_and_replaces_the_container(fake_docker):
     assert calls[0] == "build --tag chat_gpt_proxy ."
     assert not any(c.startswith(("stop", "rm")) for c in calls)
     run_call = [c for c in calls if c.startswith("run ")][0]
-    for part in ("--restart unless-stopped", "--publish 9081:9081", "--stop-timeout 30", "--env ACCESS_TOKEN"):
+    for part in (
+        "--restart unless-stopped",
+        "--publish 9081:9081",
+        "--stop-timeout 30",
+        "--env ACCESS_TOKEN",
+        "--ulimit nofile=65536:65536",
+    ):
         assert part in run_call
     assert "tok-from-env" not in run_call and "ACCESS_TOKEN=tok-from-env" in calls
     assert "WARNING" not in result.stderr
