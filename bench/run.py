@@ -410,6 +410,23 @@ def run(args) -> dict:
                 row = results[mode].setdefault("c%d" % c, {})
                 row["direct"] = wrk("http://127.0.0.1:%d%s" % (up_port, path), ob, c, secs, workdir)
                 row["nginx"] = wrk("http://127.0.0.1:%d%s" % (ng_port, path), ob, c, secs, workdir)
+            # Calibration: what Tornado itself serves on CPU 0 with no upstream call at all.
+            body_file = os.path.join(workdir, mode + ".body")
+            with open(body_file, "w") as f:
+                f.write(sse_body() if stream else json.dumps(CHAT_JSON, separators=(",", ":")))
+            hello_port = free_port()
+            content_type = "text/event-stream" if stream else "application/json"
+            hello = procs.start(
+                [sys.executable, "bench/tornado_hello.py", str(hello_port), body_file, content_type],
+                0,
+                name="tornado_" + mode,
+            )
+            wait_port(hello_port)
+            for c in levels:
+                results[mode]["c%d" % c]["tornado, no upstream"] = wrk(
+                    "http://127.0.0.1:%d%s" % (hello_port, path), ob, c, secs, workdir
+                )
+            procs.stop(hello)
             proxy, port = start_proxy(procs, "http://127.0.0.1:%d/%s/v1" % (up_port, mode), "proxy_" + mode)
             results[mode]["idle_rss_mb"] = round(rss_kb(proxy.pid) / 1024, 1)
             for c in levels:
@@ -569,9 +586,13 @@ def plot(results: dict, path: str) -> None:
         row = results[mode][level]
         names = list(row)
         values = [row[n]["rps"] for n in names]
-        colors = ["#888888", "#2b8a3e", "#1c7ed6", "#4dabf7"][: len(names)]
+        colors = ["#888888", "#2b8a3e", "#e8a33d", "#1c7ed6", "#4dabf7"][: len(names)]
         bars = ax.bar(range(len(names)), values, color=colors)
-        short = {"proxy /chat_complete": "proxy\n/chat_complete", "proxy /v1/chat/completions": "proxy\n/v1/chat/…"}
+        short = {
+            "proxy /chat_complete": "proxy\n/chat_complete",
+            "proxy /v1/chat/completions": "proxy\n/v1/chat/…",
+            "tornado, no upstream": "tornado\n(no upstream)",
+        }
         ax.set_xticks(range(len(names)), [short.get(n, n) for n in names], fontsize=8)
         ax.set_title(title)
         ax.set_ylabel("requests/s")

@@ -20,7 +20,13 @@ def test_bench_short_mode(tmp_path):
     for mode, levels in (("json", ("c1", "c64")), ("sse", ("c64",))):
         for level in levels:
             row = results[mode][level]
-            assert set(row) == {"direct", "nginx", "proxy /chat_complete", "proxy /v1/chat/completions"}
+            assert set(row) == {
+                "direct",
+                "nginx",
+                "tornado, no upstream",
+                "proxy /chat_complete",
+                "proxy /v1/chat/completions",
+            }
             for subject, measured in row.items():
                 assert measured["rps"] > 0 and measured["errors"] == 0, (mode, level, subject, measured)
     assert results["streams"]["open"] > 0 and results["streams"]["failed"] == 0
