@@ -576,7 +576,7 @@ def plot(results: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
     panels = [
         ("json", "c1", "JSON, 1 connection"),
         ("json", "c64", "JSON, 64 connections"),
@@ -593,7 +593,7 @@ def plot(results: dict, path: str) -> None:
             "proxy /v1/chat/completions": "proxy\n/v1/chat/…",
             "tornado, no upstream": "tornado\n(no upstream)",
         }
-        ax.set_xticks(range(len(names)), [short.get(n, n) for n in names], fontsize=8)
+        ax.set_xticks(range(len(names)), [short.get(n, n) for n in names], fontsize=7)
         ax.set_title(title)
         ax.set_ylabel("requests/s")
         for bar, value in zip(bars, values, strict=True):
