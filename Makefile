@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: run test lint format demo bench bench-short soak clean
+.PHONY: run test lint format demo bench soak system-deps clean
 
 $(VENV)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,10 @@ tests/js/node_modules/.installed: tests/js/package.json tests/js/package-lock.js
 	cd tests/js && npm ci --silent --no-audit --no-fund
 	touch $@
 
-test: $(VENV)/.dev tests/js/node_modules/.installed ## install and run the whole test suite and lint
+system-deps: ## the Debian packages the tests use (nginx, wrk, shellcheck, chromium, node)
+	@bash .ci/system-deps
+
+test: system-deps $(VENV)/.dev tests/js/node_modules/.installed ## install and run the whole test suite and lint
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest
@@ -39,9 +42,7 @@ format: $(VENV)/.dev
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench: $(VENV)/.dev ## the benchmark suite: direct vs nginx vs this proxy (needs wrk and nginx)
-	@command -v wrk >/dev/null && command -v nginx >/dev/null || \
-		{ apt-get update -qq && apt-get install -y -qq wrk nginx >/dev/null; }
+bench: system-deps $(VENV)/.dev ## the benchmark suite: direct vs nginx vs this proxy
 	$(PY) bench/run.py
 
 soak: $(VENV)/.dev ## ten minutes of mixed traffic; checks RSS and descriptors

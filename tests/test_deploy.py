@@ -34,7 +34,7 @@ def test_dockerfile_passes_hadolint():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("script", ["rebuild.sh", "deploy/nginx/make-cert.sh", ".ci/run"])
+@pytest.mark.parametrize("script", ["rebuild.sh", "deploy/nginx/make-cert.sh", ".ci/run", ".ci/system-deps"])
 def test_shell_scripts_pass_shellcheck(script):
     result = run(["shellcheck", script])
     assert result.returncode == 0, result.stdout
