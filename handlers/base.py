@@ -76,7 +76,8 @@ class ApiError(HTTPError):
 
     @classmethod
     def from_upstream(cls, exc: UpstreamError) -> ApiError:
-        return cls(UPSTREAM_ERROR_STATUS.get(exc.kind, 502), exc.message, "upstream_error", "upstream_" + exc.kind)
+        error = exc.error_object()
+        return cls(UPSTREAM_ERROR_STATUS.get(exc.kind, 502), exc.message, error["type"], error["code"])
 
 
 def dumps(obj) -> bytes:

@@ -108,12 +108,11 @@ def log_request(handler) -> None:
         "completion_tokens": usage.get("completion_tokens") if isinstance(usage, dict) else None,
         "bytes": getattr(handler, "bytes_out", 0),
     }
-    if not access_log.isEnabledFor(logging.INFO):
-        pass
-    elif config.log_format == "json":
-        access_log.info(json.dumps(record, ensure_ascii=False))
-    else:
-        access_log.info(" ".join("%s=%s" % (k, "-" if v is None else v) for k, v in record.items()))
+    if access_log.isEnabledFor(logging.INFO):  # formatting costs time on every request
+        if config.log_format == "json":
+            access_log.info(json.dumps(record, ensure_ascii=False))
+        else:
+            access_log.info(" ".join("%s=%s" % (k, "-" if v is None else v) for k, v in record.items()))
 
     metrics: Metrics | None = handler.settings.get("metrics")
     if metrics is None:

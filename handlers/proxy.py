@@ -60,8 +60,7 @@ def last_event_end(data: bytes) -> int:
 
 
 def error_event(exc: UpstreamError) -> bytes:
-    error = {"message": exc.message, "type": "upstream_error", "code": "upstream_" + exc.kind}
-    return b"data: " + dumps({"error": error}) + b"\n\n" + SSE_DONE
+    return b"data: " + dumps({"error": exc.error_object()}) + b"\n\n" + SSE_DONE
 
 
 class ProxyHandler(BaseHandler):

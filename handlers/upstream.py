@@ -84,6 +84,10 @@ class UpstreamError(Exception):
         self.kind = kind
         self.message = message
 
+    def error_object(self) -> dict:
+        """What the client is told, as a JSON error or as a stream's final event."""
+        return {"message": self.message, "type": "upstream_error", "code": "upstream_" + self.kind}
+
 
 def make_client(settings) -> CurlAsyncHTTPClient:
     """One client per IOLoop; ``max_clients`` is our own concurrency cap, so
@@ -139,10 +143,8 @@ class UpstreamCall:
         self.status = 0
         self._header_lines: list[bytes] = []
         self._headers: HTTPHeaders | None = None
-        self.bytes_received = 0
         self.started_at = time.monotonic()
         self.headers_at: float | None = None
-        self.first_byte_at: float | None = None
         self.finished_at: float | None = None
         self.abort_reason: str | None = None
         self._loop = IOLoop.current()
@@ -232,11 +234,8 @@ class UpstreamCall:
             # Not consumed: libcurl keeps these bytes and hands them back on resume.
             self._paused = True
             return pycurl.WRITEFUNC_PAUSE
-        if self.first_byte_at is None:
-            self.first_byte_at = time.monotonic()
         self._chunks.append(data)
         self._queued += len(data)
-        self.bytes_received += len(data)
         self._arm_idle_timer()
         self._wake()
         return None
