@@ -15,6 +15,7 @@ RUN pip install --no-cache-dir -r requirements.txt \
 
 COPY server.py settings.py ./
 COPY handlers/ handlers/
+COPY chat_gpt_proxy/ chat_gpt_proxy/
 COPY static/ static/
 
 # Numeric, so the runtime need not resolve the name (user "proxy" above).

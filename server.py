@@ -20,12 +20,13 @@ import time
 import tornado.httpserver
 import tornado.web
 
+from chat_gpt_proxy.limits import RateLimiter
+from chat_gpt_proxy.observability import Metrics, log_request
+from chat_gpt_proxy.upstream import UpstreamPool
 from handlers import routes
-from handlers.base import ApiError, BaseHandler, RateLimiter
-from handlers.observability import Metrics, log_request
-from handlers.observability import routes as metrics_routes
+from handlers.base import ApiError, BaseHandler
+from handlers.metrics import routes as metrics_routes
 from handlers.playground import STATIC_DIR, StaticHandler
-from handlers.proxy import UpstreamPool
 from settings import Settings, SettingsError
 
 log = logging.getLogger("chat_gpt_proxy")
@@ -145,19 +146,9 @@ def raise_fd_limit() -> None:
 
 
 async def start_demo_upstream(settings: Settings) -> Settings:
-    """DEMO_UPSTREAM=true: answers come from the fake OpenAI the tests use (issue 7).
+    """DEMO_UPSTREAM=true: answers come from the built-in fake OpenAI (issue 7)."""
+    from chat_gpt_proxy.fake_openai import FakeOpenAI
 
-    It lives in tests/, which the Docker image does not contain: a container
-    cannot be switched to demo answers by a stray variable.
-    """
-    try:
-        from tests.fake_openai import FakeOpenAI
-    except ImportError:
-        print(
-            "chat_gpt_proxy: invalid setting DEMO_UPSTREAM: tests/fake_openai.py is not here (not in the image)",
-            file=sys.stderr,
-        )
-        sys.exit(2)
     fake = FakeOpenAI(default_delay=0.08)
     fake.start()
     log.warning(

@@ -10,7 +10,7 @@ load generators run on CPU 1.
 
 - Throughput upstream: Debian's nginx returning a fixed ~650-byte
   chat.completion JSON and a fixed 20-event SSE body.
-- Timed-stream upstream: the project's fake OpenAI (tests/fake_openai.py),
+- Timed-stream upstream: the project's fake OpenAI (chat_gpt_proxy/fake_openai.py),
   dripping 20 chunks 50 ms apart.
 - Load: wrk with a Lua script (POST bodies and headers); an asyncio client for
   stream timing and for holding many open streams.
@@ -453,7 +453,7 @@ def run(args) -> dict:
         fake_port = free_port()
         env = dict(os.environ, PYTHONPATH=ROOT)
         fake = procs.start(
-            [sys.executable, "-m", "tests.fake_openai", "--port", str(fake_port), "--delay", "0.05"],
+            [sys.executable, "-m", "chat_gpt_proxy.fake_openai", "--port", str(fake_port), "--delay", "0.05"],
             1,
             env,
             name="fake",

@@ -171,7 +171,7 @@ async def main_async(args) -> int:
     try:
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "tests.fake_openai", "--port", str(fake_port)],
+                [sys.executable, "-m", "chat_gpt_proxy.fake_openai", "--port", str(fake_port)],
                 cwd=ROOT,
                 env=env,
                 stdout=subprocess.DEVNULL,

@@ -18,7 +18,7 @@ import uuid
 from tornado.iostream import StreamClosedError
 from tornado.web import HTTPError, RequestHandler, stream_request_body
 
-from .upstream import UpstreamError
+from chat_gpt_proxy.upstream import UpstreamError
 
 log = logging.getLogger("chat_gpt_proxy")
 
@@ -33,26 +33,6 @@ REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # What each upstream failure means to a client (issue 2: 502 for an
 # unreachable or broken upstream, 504 for a slow one).
 UPSTREAM_ERROR_STATUS = {"connect": 502, "broken": 502, "timeout": 504, "idle": 504, "aborted": 503}
-
-
-class RateLimiter:
-    """Requests per minute per access token, in process (a token bucket each)."""
-
-    def __init__(self, per_minute: int):
-        self.capacity = float(per_minute)
-        self.rate = per_minute / 60.0
-        self.buckets: dict[str, tuple[float, float]] = {}
-
-    def take(self, key: str) -> int:
-        """0 if a request may go now, else the seconds to wait."""
-        now = time.monotonic()
-        tokens, last = self.buckets.get(key, (self.capacity, now))
-        tokens = min(self.capacity, tokens + (now - last) * self.rate)
-        if tokens >= 1:
-            self.buckets[key] = (tokens - 1, now)
-            return 0
-        self.buckets[key] = (tokens, now)
-        return max(1, math.ceil((1 - tokens) / self.rate))
 
 
 class ApiError(HTTPError):

@@ -13,9 +13,10 @@ from urllib.parse import unquote
 
 from tornado.httputil import parse_body_arguments
 
+from chat_gpt_proxy.upstream import HOP_BY_HOP_HEADERS, UpstreamError
+
 from .base import ApiError, check_model_allowed
 from .proxy import ProxyHandler, StreamWatch
-from .upstream import HOP_BY_HOP_HEADERS, UpstreamError
 
 # Request headers an OpenAI client may need upstream (issue 4). Everything
 # else stays here, above all the proxy's own access-token.

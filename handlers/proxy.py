@@ -12,8 +12,9 @@ import time
 
 from tornado.ioloop import IOLoop
 
+from chat_gpt_proxy.upstream import UpstreamCall, UpstreamError, UpstreamPool, relayed_headers
+
 from .base import ApiError, BaseHandler, dumps, loads
-from .upstream import UpstreamCall, UpstreamError, make_client, relayed_headers
 
 log = logging.getLogger("chat_gpt_proxy")
 
@@ -29,27 +30,6 @@ SSE_KEEPALIVE = b": keep-alive\n\n"
 # event never land inside one. An upstream that never ends an event cannot
 # make us hold more than this.
 MAX_PENDING_EVENT = 1024 * 1024
-
-
-class UpstreamPool:
-    """The upstream client of this process and the handlers with a call in flight."""
-
-    def __init__(self, config):
-        self.config = config
-        self.streams = 0
-        self.handlers: set = set()
-        self._client = None
-
-    def client(self):
-        # Created on first use so that it belongs to the running IOLoop.
-        if self._client is None:
-            self._client = make_client(self.config)
-        return self._client
-
-    def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
 
 
 def last_event_end(data: bytes) -> int:

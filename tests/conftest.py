@@ -1,7 +1,7 @@
 """Shared fixtures. Servers run on the test's IOLoop, on ephemeral loopback ports.
 
 Fixtures:
-- ``fake_openai``: a started ``FakeOpenAI`` (tests/fake_openai.py); script it with ``push``.
+- ``fake_openai``: a started ``FakeOpenAI`` (chat_gpt_proxy/fake_openai.py); script it with ``push``.
 - ``config``: the proxy's ``Settings`` pointing at the fake; adjust with
   ``@pytest.mark.settings(name=value, ...)``.
 - ``app`` / ``http_server`` / ``base_url``: the proxy built by ``server.make_app`` and
@@ -26,9 +26,9 @@ import pytest
 import tornado.httpclient
 from tornado.testing import bind_unused_port
 
+from chat_gpt_proxy.fake_openai import FakeOpenAI
 from server import make_app, make_server
 from settings import Settings
-from tests.fake_openai import FakeOpenAI
 
 ACCESS_TOKEN = "acc-TESTACCESS-7f3a9c"
 OPENAI_KEY = "sk-TESTOPENAIKEY-5d2e8b1c"

@@ -8,8 +8,8 @@ import pytest
 import requests
 from tornado.simple_httpclient import HTTPTimeoutError
 
+from chat_gpt_proxy.fake_openai import Behaviour
 from tests.conftest import ACCESS_TOKEN, AUTH, OPENAI_KEY
-from tests.fake_openai import Behaviour
 
 
 @pytest.mark.gen_test

@@ -17,8 +17,8 @@ import time
 import pytest
 import tornado.httpclient
 
+from chat_gpt_proxy.fake_openai import Behaviour
 from tests.conftest import ACCESS_TOKEN, AUTH, OPENAI_KEY
-from tests.fake_openai import Behaviour
 from tests.procs import ROOT, ServerProcess, free_port
 
 STREAM = {"prompt": "x", "generate_params": {"stream": True}}

@@ -13,8 +13,8 @@ import time
 
 import pytest
 
+from chat_gpt_proxy.fake_openai import Behaviour
 from tests.conftest import AUTH, open_raw
-from tests.fake_openai import Behaviour
 
 pytestmark = pytest.mark.faults
 STREAM = {"stream": True}

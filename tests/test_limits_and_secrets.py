@@ -10,8 +10,8 @@ import openai
 import pytest
 
 import handlers.proxy
+from chat_gpt_proxy.fake_openai import Behaviour
 from tests.conftest import ACCESS_TOKEN, AUTH, OPENAI_KEY
-from tests.fake_openai import Behaviour
 from tests.procs import ServerProcess
 
 

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
+from chat_gpt_proxy.fake_openai import Behaviour
 from tests.conftest import ACCESS_TOKEN, OPENAI_KEY
-from tests.fake_openai import Behaviour
 
 ACCESS = "chat_gpt_proxy.access"
 

@@ -11,9 +11,9 @@ import httpx_sse
 import openai
 import pytest
 
+from chat_gpt_proxy.fake_openai import Behaviour
 from handlers.openai_compat import upstream_url
 from tests.conftest import ACCESS_TOKEN, OPENAI_KEY
-from tests.fake_openai import Behaviour
 
 
 def sdk(base_url, cls=openai.OpenAI, access_token=ACCESS_TOKEN, **kwargs):

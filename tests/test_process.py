@@ -8,8 +8,8 @@ import time
 import pytest
 import tornado.httpclient
 
+from chat_gpt_proxy.fake_openai import Behaviour
 from tests.conftest import OPENAI_KEY
-from tests.fake_openai import Behaviour
 from tests.procs import ServerProcess
 
 TOKEN = "proc-ACCESS-TOKEN-91c2"

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
+from chat_gpt_proxy.fake_openai import Behaviour
 from tests.conftest import open_raw
-from tests.fake_openai import Behaviour
 
 STREAM = {"stream": True}
 

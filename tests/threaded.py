@@ -12,9 +12,9 @@ import threading
 
 from tornado.testing import bind_unused_port
 
+from chat_gpt_proxy.fake_openai import FakeOpenAI
 from server import make_app, make_server
 from settings import Settings
-from tests.fake_openai import FakeOpenAI
 
 
 class BackgroundStack:

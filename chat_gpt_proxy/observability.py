@@ -1,4 +1,4 @@
-"""Access log and Prometheus metrics (issue 3).
+"""Access log and Prometheus metrics (issue 3); /metrics is served by handlers/metrics.py.
 
 One log line per request, never with a prompt, an answer, a token or a key.
 Metrics live in a registry per application, so tests see only their own.
@@ -11,9 +11,7 @@ import json
 import logging
 import time
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-
-from .base import BaseHandler
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 access_log = logging.getLogger("chat_gpt_proxy.access")
 
@@ -93,7 +91,7 @@ def log_request(handler) -> None:
     usage = getattr(handler, "usage", None)
     model = getattr(handler, "model", None)
     record = {
-        "request_id": handler.request_id if isinstance(handler, BaseHandler) else "-",
+        "request_id": getattr(handler, "request_id", "-"),
         # OpenAI's id for the same request (what its support asks for).
         "upstream_request_id": call.headers.get("x-request-id") if call is not None else None,
         "client": client_address(handler, config.trusted_proxies),
@@ -131,15 +129,3 @@ def log_request(handler) -> None:
     kind = getattr(handler, "upstream_failure", None)
     if kind:
         metrics.upstream_errors.labels(kind).inc()
-
-
-class MetricsHandler(BaseHandler):
-    requires_access_token = False
-
-    def get(self) -> None:
-        """GET /metrics: Prometheus text format."""
-        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
-        self.finish(self.settings["metrics"].render())
-
-
-routes = [(r"/metrics", MetricsHandler)]

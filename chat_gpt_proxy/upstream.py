@@ -107,6 +107,27 @@ def make_client(settings) -> CurlAsyncHTTPClient:
     return client
 
 
+class UpstreamPool:
+    """The upstream client of this process and the handlers with a call in flight."""
+
+    def __init__(self, config):
+        self.config = config
+        self.streams = 0
+        self.handlers: set = set()
+        self._client = None
+
+    def client(self):
+        # Created on first use so that it belongs to the running IOLoop.
+        if self._client is None:
+            self._client = make_client(self.config)
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
 def relayed_headers(headers: HTTPHeaders) -> list[tuple[str, str]]:
     return [
         (name, value)

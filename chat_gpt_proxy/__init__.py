@@ -1,0 +1,7 @@
+"""The parts of chat_gpt_proxy that are not request handlers (those live in handlers/).
+
+- ``upstream``: the one upstream call (libcurl through Tornado's CurlAsyncHTTPClient);
+- ``observability``: the access log line and the Prometheus metrics;
+- ``limits``: per-token request limits;
+- ``fake_openai``: a fake OpenAI server for the demo mode, the tests and the benchmarks.
+"""
