@@ -7,12 +7,10 @@ use OpenAI's error shape, so SDKs raise their usual exception classes.
 
 from __future__ import annotations
 
-import json
 import re
 from urllib.parse import unquote
 
-from tornado.httputil import parse_body_arguments
-
+from chat_gpt_proxy.requested_model import inspect_request
 from chat_gpt_proxy.upstream import HOP_BY_HOP_HEADERS, UpstreamError
 
 from .base import ApiError, check_model_allowed
@@ -76,26 +74,34 @@ class OpenAIHandler(ProxyHandler):
         return super().presented_key()
 
     def requested_model_and_stream(self) -> tuple[str | None, bool]:
-        """The ``model`` and ``stream`` of the body, which is forwarded as it is."""
-        content_type = self.request.headers.get("Content-Type", "")
-        body = self.body
-        if not body:
-            return None, False
-        if content_type.startswith("multipart/form-data"):
-            arguments: dict = {}
-            parse_body_arguments(content_type, body, arguments, {})
-            values = arguments.get("model")
-            return (values[0].decode("utf-8", "replace") if values else None), False
-        # Parsed whatever the Content-Type says, so that a mislabelled body
-        # cannot slip a model past ALLOWED_MODELS.
-        try:
-            parsed = json.loads(body)
-        except (ValueError, RecursionError):
-            return None, False  # the upstream will say what is wrong with it
-        if isinstance(parsed, dict):
-            model = parsed.get("model")
-            return (model if isinstance(model, str) else None), parsed.get("stream") is True
-        return None, False
+        """The ``model`` and ``stream`` of the body (which is forwarded as it is), checked against ALLOWED_MODELS.
+
+        With an allow-list, a request whose model cannot be determined with
+        certainty is refused (issue 10): forwarding it would let the upstream
+        read a model we did not check.
+        """
+        if self.request.method not in ("POST", "PUT", "PATCH"):
+            return None, False  # no body goes upstream
+        found = inspect_request(
+            self.request.headers.get_list("Content-Type"),
+            self.request.headers.get("Content-Encoding"),
+            self.body,
+            self.request.query,
+        )
+        self.model = found.model
+        if self.config.allowed_models:
+            if found.problem is not None:
+                raise ApiError(
+                    400,
+                    "ALLOWED_MODELS is in force and the model of this request cannot be determined: %s. "
+                    'Send a JSON object with one string "model" as application/json '
+                    "(or one model field in multipart/form-data)." % found.problem,
+                    "invalid_request_error",
+                    "model_undetermined",
+                )
+            for model in found.models:
+                check_model_allowed(self.config, model)
+        return found.model, found.stream
 
     async def forward(self) -> None:
         raw_path = self.request.path[len("/v1/") :]
@@ -107,9 +113,7 @@ class OpenAIHandler(ProxyHandler):
             value = self.request.headers.get(name)
             if value is not None:
                 headers[name] = value
-        model, stream = self.requested_model_and_stream()
-        self.model = model
-        check_model_allowed(self.config, model)
+        _, stream = self.requested_model_and_stream()
         method = self.request.method
         body = self.body if method in ("POST", "PUT", "PATCH") else None
         call = await self.open_upstream(method, url, headers, body, stream=stream)

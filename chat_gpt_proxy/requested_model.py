@@ -1,0 +1,230 @@
+"""Which model a /v1/* request asks for, for ALLOWED_MODELS (issue 10, point 3).
+
+The body goes upstream byte for byte, so the allow-list is only as good as
+our reading of it agrees with the upstream's. Every place where two parsers
+may disagree (duplicate fields or keys, letter case of the media type,
+encodings, malformed multipart) is reported as a ``problem``: with an
+allow-list in force such a request is refused rather than guessed at.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from urllib.parse import parse_qsl
+
+# RFC 9110 5.6.2 token, and a parameter: token "=" ( token / quoted-string ).
+# Quoted strings with backslash escapes are refused: parsers unescape them differently.
+_TCHARS = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_PARAM_RE = re.compile(r"\s*;\s*(%s)=(%s|\"[^\"\\\r\n]*\")\s*" % (_TCHARS, _TCHARS))
+_MEDIA_TYPE_RE = re.compile(r"\s*(%s/%s)\s*" % (_TCHARS, _TCHARS))
+# RFC 2046 5.1.1: boundary characters, 1-70 of them, not ending in a space.
+_BOUNDARY_RE = re.compile(r"^[0-9A-Za-z'()+_,./:=? -]{0,69}[0-9A-Za-z'()+_,./:=?-]$")
+_HEADER_LINE_RE = re.compile(rb"^(%s):[ \t]*([^\r\n\x00]*?)[ \t]*$" % _TCHARS.encode())
+
+
+@dataclasses.dataclass
+class RequestedModel:
+    """``model``: the model the request names (for logs and the allow-list), or None.
+
+    ``models``: every model name found, nested ones included, all of which
+    must be allowed. ``problem``: why the model cannot be determined with
+    certainty (None if it can). ``stream``: whether the body asks for a stream.
+    """
+
+    model: str | None = None
+    models: tuple[str, ...] = ()
+    stream: bool = False
+    problem: str | None = None
+
+
+class Undetermined(ValueError):
+    pass
+
+
+def parse_content_type(value: str) -> tuple[str, dict[str, str]]:
+    """``(media type in lower case, {parameter name in lower case: value})``; Undetermined if malformed."""
+    match = _MEDIA_TYPE_RE.match(value)
+    if not match:
+        raise Undetermined("malformed Content-Type")
+    params: dict[str, str] = {}
+    pos = match.end()
+    while pos < len(value):
+        param = _PARAM_RE.match(value, pos)
+        if not param:
+            raise Undetermined("malformed Content-Type parameters")
+        name, raw = param.group(1).lower(), param.group(2)
+        if name in params:
+            raise Undetermined("Content-Type parameter %r given twice" % name)
+        params[name] = raw[1:-1] if raw.startswith('"') else raw
+        pos = param.end()
+    return match.group(1).lower(), params
+
+
+def inspect_request(content_types: list[str], content_encoding: str | None, body: bytes, query: str) -> RequestedModel:
+    """What a /v1 request with a body (POST, PUT, PATCH) asks for."""
+    try:
+        found = _inspect(content_types, content_encoding, body)
+        # ";" too: some servers still split query strings on it.
+        pairs = parse_qsl(query.replace(";", "&"), keep_blank_values=True)
+        query_models = [v for k, v in pairs if k.strip().lower() == "model"]
+        if query_models:
+            # Some OpenAI-compatible servers merge query and body parameters.
+            if len(query_models) > 1 or found.model is not None:
+                raise Undetermined("the model is given more than once (query string and body)")
+            found.model = query_models[0]
+            found.models += (query_models[0],)
+        return found
+    except Undetermined as exc:
+        return RequestedModel(*_lenient(body), problem=str(exc))
+
+
+def _inspect(content_types: list[str], content_encoding: str | None, body: bytes) -> RequestedModel:
+    if not body:
+        return RequestedModel()
+    if content_encoding is not None and content_encoding.strip().lower() not in ("", "identity"):
+        raise Undetermined("the body has a Content-Encoding")
+    if len(content_types) != 1:
+        raise Undetermined("the body has %s Content-Type header" % ("no" if not content_types else "more than one"))
+    media_type, params = parse_content_type(content_types[0])
+    if media_type == "application/json":
+        if params.get("charset", "utf-8").lower() != "utf-8":
+            raise Undetermined("a JSON body must be UTF-8")
+        return _from_json(body)
+    if media_type == "multipart/form-data":
+        return _from_multipart(body, params.get("boundary"))
+    raise Undetermined("the Content-Type %s is neither application/json nor multipart/form-data" % media_type[:100])
+
+
+def _reject_constant(name: str):
+    raise ValueError(name)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError("number out of range")
+    return value
+
+
+def _from_json(body: bytes) -> RequestedModel:
+    nested: list[str] = []
+
+    def pairs_hook(pairs: list) -> dict:
+        values = [value for key, value in pairs if key == "model"]
+        if len(values) > 1:
+            raise Undetermined('the JSON body has the key "model" twice in one object')
+        # A "model" string anywhere (e.g. the image_generation tool's model)
+        # is a model the request may use; other values (a JSON schema
+        # property named "model") are not model names.
+        nested.extend(v for v in values if isinstance(v, str))
+        return dict(pairs)
+
+    try:
+        # Strict UTF-8 without a BOM, no NaN/Infinity, no overflowing
+        # numbers: only what every JSON parser reads the same way.
+        parsed = json.loads(
+            body.decode("utf-8"),
+            object_pairs_hook=pairs_hook,
+            parse_constant=_reject_constant,
+            parse_float=_finite_float,
+        )
+    except (ValueError, RecursionError):
+        raise Undetermined("the body is not valid UTF-8 JSON") from None
+    if not isinstance(parsed, dict):
+        raise Undetermined("the JSON body is not an object")
+    model = parsed.get("model")
+    if "model" in parsed and not isinstance(model, str):
+        raise Undetermined('"model" is not a string')
+    return RequestedModel(model, tuple(nested), parsed.get("stream") is True)
+
+
+def _from_multipart(body: bytes, boundary: str | None) -> RequestedModel:
+    if boundary is None or not _BOUNDARY_RE.match(boundary):
+        raise Undetermined("the multipart body has no valid boundary")
+    delimiter = b"--" + boundary.encode("ascii")
+    # Every occurrence of the delimiter must be an unambiguous one: at the
+    # start or after CRLF, followed by CRLF (a part) or "--" (the end).
+    # Lenient parsers also split on bare LF or accept a preamble; such a
+    # body could hold parts only they see.
+    starts = []
+    pos = body.find(delimiter)
+    while pos >= 0:
+        starts.append(pos)
+        pos = body.find(delimiter, pos + 1)
+    if not starts or starts[0] != 0:
+        raise Undetermined("the multipart body does not start with its boundary")
+    model_values: list[bytes] = []
+    for index, start in enumerate(starts):
+        after = start + len(delimiter)
+        if start and body[start - 2 : start] != b"\r\n":
+            raise Undetermined("the multipart body has a boundary not preceded by CRLF")
+        if index == len(starts) - 1:
+            if body[after : after + 2] != b"--" or body[after + 2 :] not in (b"", b"\r\n"):
+                raise Undetermined("the multipart body does not end with its closing boundary")
+            break
+        if body[after : after + 2] != b"\r\n":
+            raise Undetermined("the multipart body has a malformed boundary line")
+        part = body[after + 2 : starts[index + 1] - 2]
+        name, value, plain = _part(part)
+        if name.strip().lower() == "model":
+            if not plain:
+                raise Undetermined("the multipart model field is a file or encoded")
+            model_values.append(value)
+    if len(model_values) > 1:
+        raise Undetermined("the multipart body has more than one model field")
+    if not model_values:
+        return RequestedModel()
+    try:
+        model = model_values[0].decode("utf-8")
+    except UnicodeDecodeError:
+        raise Undetermined("the multipart model field is not UTF-8") from None
+    return RequestedModel(model, (model,))
+
+
+def _part(part: bytes) -> tuple[str, bytes, bool]:
+    """``(field name, value, whether it is a plain field)`` of one part."""
+    head, sep, value = part.partition(b"\r\n\r\n")
+    if not sep:
+        raise Undetermined("a multipart part has no header block")
+    disposition = None
+    plain = True
+    for line in head.split(b"\r\n"):
+        match = _HEADER_LINE_RE.match(line)
+        if not match:
+            raise Undetermined("a multipart part has a malformed header line")
+        header = match.group(1).lower()
+        if header == b"content-disposition":
+            if disposition is not None:
+                raise Undetermined("a multipart part has two Content-Disposition headers")
+            disposition = match.group(2).decode("latin-1")
+        elif header in (b"content-transfer-encoding", b"content-encoding"):
+            plain = False
+    if disposition is None:
+        raise Undetermined("a multipart part has no Content-Disposition")
+    kind, _, rest = disposition.partition(";")
+    if kind.strip().lower() != "form-data":
+        raise Undetermined("a multipart part is not form-data")
+    try:
+        _, params = parse_content_type("x/x;" + rest if rest else "x/x")
+    except Undetermined:
+        raise Undetermined("a multipart part has a malformed Content-Disposition") from None
+    # Only name and filename: an RFC 8187 "name*" would name the field for some parsers only.
+    if "name" not in params or set(params) - {"name", "filename"}:
+        raise Undetermined("a multipart part has a Content-Disposition other than name and filename")
+    return params["name"], value, plain and "filename" not in params
+
+
+def _lenient(body: bytes) -> tuple[str | None, tuple, bool]:
+    """Best effort for logs and the stream flag when there is no allow-list: JSON whatever the label."""
+    try:
+        parsed = json.loads(body)
+    except (ValueError, RecursionError):
+        return None, (), False
+    if not isinstance(parsed, dict):
+        return None, (), False
+    model = parsed.get("model")
+    model = model if isinstance(model, str) else None
+    return model, (), parsed.get("stream") is True
