@@ -28,8 +28,14 @@ SSE_DONE = b"data: [DONE]\n\n"
 SSE_KEEPALIVE = b": keep-alive\n\n"
 # Events are relayed whole, so that keep-alive comments and a final error
 # event never land inside one. An upstream that never ends an event cannot
-# make us hold more than this.
+# make us hold more than this: beyond it the event is relayed in parts, and
+# nothing of ours is written until it ends (issue 10, point 8).
 MAX_PENDING_EVENT = 1024 * 1024
+# Ends an event cut off by an upstream failure, whatever its last bytes
+# ("\n" ends a partial line or follows a lone "\r"; the next blank line
+# dispatches it), so that the client's parser reads our error event as the
+# next event instead of appending it to the broken one.
+SSE_END_EVENT = b"\n\n"
 
 
 def last_event_end(data: bytes) -> int:
@@ -134,6 +140,9 @@ class ProxyHandler(BaseHandler):
         # which a delayed ACK can postpone by 40 ms or more (RFC 1122 4.2.3.2).
         self.request.connection.stream.set_nodelay(True)
         pending = b""
+        # The last bytes written: after a part of an event, its end may be
+        # split between them and what comes next.
+        tail = b""
         keepalive = StreamWatch(self, self.config.stream_keepalive, self.config.client_stall_timeout)
         self.pool.streams += 1
         try:
@@ -144,7 +153,7 @@ class ProxyHandler(BaseHandler):
                     if self.client_left(exc):
                         return
                     self.upstream_failed(exc)
-                    self.write(error_event(exc))
+                    self.write((SSE_END_EVENT if keepalive.mid_event else b"") + error_event(exc))
                     await self.flush_or_abort()
                     return
                 if chunk is None:
@@ -152,7 +161,10 @@ class ProxyHandler(BaseHandler):
                         self.write(pending)
                     return
                 pending += chunk
-                end = last_event_end(pending) if len(pending) <= MAX_PENDING_EVENT else len(pending)
+                if len(pending) > MAX_PENDING_EVENT:
+                    end = len(pending)
+                else:
+                    end = max(0, last_event_end(tail + pending) - len(tail))
                 if end:
                     events = pending[:end] if end < len(pending) else pending
                     pending = pending[end:]
@@ -161,6 +173,8 @@ class ProxyHandler(BaseHandler):
                     if b'"usage":{' in events:
                         self.note_stream_usage(events)
                     self.write(events)
+                    tail = (tail + events)[-4:]
+                    keepalive.mid_event = last_event_end(tail) != len(tail)
                     keepalive.touch()
                     if not await self.flush_or_abort():
                         return
@@ -185,7 +199,9 @@ class StreamWatch:
 
     - After ``keepalive`` seconds without output, write an SSE comment so that
       intermediaries do not cut a silent stream (issue 2). Only between whole
-      events, which is where the relay loop always leaves the output.
+      events: never while ``mid_event`` (part of an event larger than
+      MAX_PENDING_EVENT is out), where the comment's blank line would end the
+      event early and leave the rest unparseable (issue 10, point 8).
     - A client that stops reading but never closes would hold its upstream
       transfer (paused by backpressure) forever: after ``stall`` seconds with
       a flush pending, drop the client, which aborts the upstream (issue 6).
@@ -196,6 +212,7 @@ class StreamWatch:
         self.keepalive = keepalive
         self.stall = stall
         self.last = time.monotonic()
+        self.mid_event = False
         self.loop = IOLoop.current()
         self.timer = None
         self._arm(self.last)
@@ -219,7 +236,12 @@ class StreamWatch:
             handler.request.connection.close()
             self.timer = None
             return
-        if self.keepalive is not None and now - self.last >= self.keepalive and handler.flush_started is None:
+        if (
+            self.keepalive is not None
+            and now - self.last >= self.keepalive
+            and handler.flush_started is None
+            and not self.mid_event
+        ):
             handler.write(SSE_KEEPALIVE)
             # Not awaited: the relay loop notices a closed client on its own.
             handler.flush().add_done_callback(lambda f: f.exception())
