@@ -54,15 +54,22 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+def peer_is_trusted(handler, trusted) -> bool:
+    """Whether the connection comes from a TRUSTED_PROXIES address (whose X-Forwarded-* headers count)."""
+    try:
+        peer = ipaddress.ip_address(handler.request.remote_ip)
+    except ValueError:
+        return False
+    return any(peer in net for net in trusted)
+
+
 def client_address(handler, trusted) -> str:
     """The caller's address; X-Forwarded-For counts only when the peer is a trusted proxy."""
     peer = handler.request.remote_ip or "-"
     forwarded = handler.request.headers.get("X-Forwarded-For")
-    if not forwarded or not trusted:
+    if not forwarded or not trusted or not peer_is_trusted(handler, trusted):
         return peer
     try:
-        if not any(ipaddress.ip_address(peer) in net for net in trusted):
-            return peer
         # The right-most address not belonging to a trusted proxy is the client.
         for hop in reversed([h.strip() for h in forwarded.split(",")]):
             address = ipaddress.ip_address(hop)

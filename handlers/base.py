@@ -133,7 +133,12 @@ class BaseHandler(RequestHandler):
         return self._request_id
 
     def set_default_headers(self) -> None:
+        # x-proxy-request-id: always this proxy's id (the access log's
+        # request_id). x-request-id: the same, until an upstream answer
+        # replaces it with OpenAI's id, which the SDKs read from that header
+        # (issue 10, point 12).
         self.set_header("x-request-id", self.request_id)
+        self.set_header("x-proxy-request-id", self.request_id)
         self.set_header("X-Content-Type-Options", "nosniff")
 
     # -- authentication
@@ -237,6 +242,12 @@ class BaseHandler(RequestHandler):
         if status_code == 405:
             message = "Method %s is not allowed here." % self.request.method
             error.update(message=message, code="method_not_allowed")
+        # The upstream answered (e.g. with a body we could not use): its id
+        # is what OpenAI's support can look up.
+        call = self.upstream_call
+        upstream_id = call.headers.get("x-request-id") if call is not None else None
+        if upstream_id:
+            self.set_header("x-request-id", upstream_id)
         self.set_header("Content-Type", "application/json; charset=utf-8")
         self.finish(dumps(self.error_body(status_code, message, error)))
 

@@ -28,7 +28,14 @@ FORWARDED_REQUEST_HEADERS = (
 )
 # Response headers never relayed: hop-by-hop ones, and cookies the upstream
 # sets for its own domain.
-DROPPED_RESPONSE_HEADERS = HOP_BY_HOP_HEADERS | {"set-cookie", "content-encoding", "server", "date"}
+# x-proxy-request-id is ours alone (handlers/base.py).
+DROPPED_RESPONSE_HEADERS = HOP_BY_HOP_HEADERS | {
+    "set-cookie",
+    "content-encoding",
+    "server",
+    "date",
+    "x-proxy-request-id",
+}
 
 # Answers up to this size are relayed whole, with their Content-Length.
 SMALL_BODY = 1024 * 1024
