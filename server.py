@@ -154,7 +154,10 @@ async def start_demo_upstream(settings: Settings) -> Settings:
     log.warning(
         "DEMO MODE: requests go to the built-in fake OpenAI at %s, not to %s", fake.url, settings.openai_base_url
     )
-    return dataclasses.replace(settings, openai_base_url=fake.url)
+    # A demo (default access token, fake answers) is for this machine: it
+    # listens on all interfaces only when HOST says so.
+    host = settings.host if settings.host_given else "127.0.0.1"
+    return dataclasses.replace(settings, openai_base_url=fake.url, host=host)
 
 
 async def serve(settings: Settings) -> None:

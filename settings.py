@@ -47,6 +47,8 @@ class Settings:
     tls_certfile: str = ""
     tls_keyfile: str = ""
     demo_upstream: bool = False
+    # Whether HOST was set: the demo mode listens on 127.0.0.1 unless it was (issue 10, point 13).
+    host_given: bool = False
 
     @property
     def default_token_in_use(self) -> bool:
@@ -101,6 +103,7 @@ class Settings:
         return cls(
             port=env.int("PORT", cls.port, 1, 65535),
             host=env.str("HOST", cls.host),
+            host_given=env.raw("HOST") is not None,
             access_tokens=tokens,
             openai_base_url=base_url,
             default_model=env.str("DEFAULT_MODEL", cls.default_model),

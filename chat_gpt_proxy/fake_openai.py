@@ -7,8 +7,11 @@ By default it echoes: the answer to a chat request is ``Echo: <last user
 message>``, streamed word by word when ``stream`` is true. Tests script other
 answers with ``FakeOpenAI.push(Behaviour(...))`` (or ``POST /_fake/script``
 from another process); each request takes the next scripted behaviour.
-It records what it received, counts TCP connections, and notes every request
-whose client went away before the answer was complete (an abort).
+``POST /v1/responses`` answers in the Responses API's shapes (JSON, or its
+typed ``event:``/``data:`` stream). It records what it received (the last
+requests only, bodies cut: see ``RecentRequests``), counts TCP connections,
+and notes every request whose client went away before the answer was
+complete (an abort).
 """
 
 from __future__ import annotations
@@ -66,21 +69,80 @@ class Received:
     method: str
     path: str
     headers: dict[str, str]
+    # The first MAX_KEPT_BODY bytes of the body; ``size`` is its real length.
     body: bytes
+    size: int = 0
 
     @property
     def json(self):
         return json.loads(self.body)
 
 
+class RecentRequests:
+    """What the fake received, bounded (issue 10, point 13: the demo ran for days on it).
+
+    Only the last ``keep`` requests are kept, each body cut at ``max_body``
+    bytes. It reads like the list of every request received so far: ``len``
+    is the total count and indexes count from the first request, so a test
+    can note ``len()`` and slice from there; an index of a request no longer
+    kept raises IndexError rather than answering with another one.
+    """
+
+    def __init__(self, keep: int, max_body: int):
+        self.keep = keep
+        self.max_body = max_body
+        self._kept: collections.deque[Received] = collections.deque(maxlen=keep)
+        self._total = 0
+
+    def add(self, method: str, path: str, headers: dict[str, str], body: bytes) -> None:
+        self._kept.append(Received(method, path, headers, body[: self.max_body], len(body)))
+        self._total += 1
+
+    @property
+    def dropped(self) -> int:
+        return self._total - len(self._kept)
+
+    def __len__(self) -> int:
+        return self._total
+
+    def __iter__(self):
+        return iter(list(self._kept))
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            start, stop, step = index.indices(self._total)
+            return [self[i] for i in range(start, stop, step)]
+        if index < 0:
+            index += self._total
+        if not 0 <= index < self._total:
+            raise IndexError("no request %d" % index)
+        if index < self.dropped:
+            raise IndexError("request %d is no longer kept (only the last %d are)" % (index, self.keep))
+        return self._kept[index - self.dropped]
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, RecentRequests):
+            other = list(other) if other.dropped == 0 else None
+        return self.dropped == 0 and isinstance(other, list) and list(self._kept) == other
+
+    def __repr__(self) -> str:
+        return "RecentRequests(total=%d, kept=%r)" % (self._total, list(self._kept))
+
+
+# How much of what it received the fake keeps: enough for any test, a few
+# MiB at most in a demo that runs for days.
+KEPT_REQUESTS = 200
+MAX_KEPT_BODY = 64 * 1024
+
+
 class FakeOpenAI:
-    def __init__(self, default_delay: float = 0.0):
+    def __init__(self, default_delay: float = 0.0, keep: int = KEPT_REQUESTS, max_body: int = MAX_KEPT_BODY):
         self.default_delay = default_delay
         self.script: collections.deque[Behaviour] = collections.deque()
         # Requests for these models always get this behaviour, whatever the
         # order: for faults injected while other traffic runs.
         self.by_model: dict[str, Behaviour] = {}
-        self.received: list[Received] = []
+        self.received = RecentRequests(keep, max_body)
         self.connections = 0
         self.aborts: list[float] = []
         self.completed = 0
@@ -135,6 +197,7 @@ class FakeOpenAI:
         app = tornado.web.Application(
             [
                 (r"/v1/chat/completions", ChatCompletions),
+                (r"/v1/responses", Responses),
                 (r"/v1/models", Models),
                 (r"/v1/embeddings", Embeddings),
                 (r"/v1/files", Files),
@@ -239,8 +302,8 @@ class FakeHandler(tornado.web.RequestHandler):
 
     def prepare(self) -> None:
         if not self.request.path.startswith("/_fake/"):
-            self.fake.received.append(
-                Received(self.request.method, self.request.path, dict(self.request.headers), self.request.body)
+            self.fake.received.add(
+                self.request.method, self.request.path, dict(self.request.headers), self.request.body
             )
 
     def write_error(self, status_code: int, **kwargs) -> None:
@@ -361,6 +424,138 @@ class ChatCompletions(FakeHandler):
         if (body.get("stream_options") or {}).get("include_usage"):
             await self.send(chunk(cid, model, {}, usage=usage_for("".join(pieces)), choices=False))
         self.finish(b"data: [DONE]\n\n")
+
+
+def responses_input_text(body: dict) -> str:
+    """The text of the last user input of a Responses API request (a string or input items)."""
+    given = body.get("input")
+    if isinstance(given, str):
+        return given
+    for item in reversed(given if isinstance(given, list) else []):
+        if isinstance(item, dict) and item.get("role", "user") == "user":
+            content = item.get("content")
+            if isinstance(content, str):
+                return content
+            if isinstance(content, list):
+                return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return "(no user input)"
+
+
+def responses_usage(text: str) -> dict:
+    output = max(1, len(text.split()))
+    return {
+        "input_tokens": 9,
+        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+        "output_tokens": output,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": 9 + output,
+    }
+
+
+def response_object(rid: str, body: dict, model: str, created_at: int, status: str, output: list, usage) -> dict:
+    """A Responses API ``response`` object (openai/types/responses/response.py)."""
+    return {
+        "id": rid,
+        "object": "response",
+        "created_at": created_at,
+        "status": status,
+        "background": False,
+        "completed_at": int(time.time()) if status == "completed" else None,
+        "error": None,
+        "incomplete_details": None,
+        "instructions": body.get("instructions"),
+        "max_output_tokens": body.get("max_output_tokens"),
+        "metadata": {},
+        "model": model,
+        "output": output,
+        "parallel_tool_calls": True,
+        "previous_response_id": body.get("previous_response_id"),
+        "reasoning": {"effort": None, "summary": None},
+        "service_tier": "default",
+        "store": True,
+        "temperature": body.get("temperature", 1.0),
+        "text": {"format": {"type": "text"}, "verbosity": "medium"},
+        "tool_choice": "auto",
+        "tools": [],
+        "top_p": body.get("top_p", 1.0),
+        "truncation": "disabled",
+        "usage": usage,
+        "user": None,
+    }
+
+
+def output_message(item_id: str, text: str, status: str) -> dict:
+    parts = [output_text_part(text)] if status == "completed" else []
+    return {"id": item_id, "type": "message", "status": status, "role": "assistant", "content": parts}
+
+
+def output_text_part(text: str) -> dict:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+class Responses(FakeHandler):
+    async def post(self) -> None:
+        """POST /v1/responses: the Responses API, as JSON or as its typed SSE events (``event:`` + ``data:``)."""
+        try:
+            body = json.loads(self.request.body)
+        except (ValueError, RecursionError):
+            body = None
+        if not isinstance(body, dict) or "input" not in body:
+            self.write_json(error_object(Behaviour(message="Missing required parameter: 'input'.")), 400)
+            return
+        model = body.get("model", "gpt-4o-mini")
+        model = model if isinstance(model, str) else json.dumps(model)
+        behaviour = self.fake.next_behaviour(model)
+        for name, value in behaviour.headers.items():
+            self.set_header(name, value)
+        self.set_header("x-request-id", "req_fake_" + uuid.uuid4().hex[:12])
+        if not await self.pause(behaviour.first_delay):
+            return
+        if behaviour.kind == "error":
+            self.write_json(error_object(behaviour), behaviour.status)
+            return
+        text = "Echo: " + responses_input_text(body)
+        rid, item_id, created_at = "resp_" + uuid.uuid4().hex, "msg_" + uuid.uuid4().hex, int(time.time())
+        done_item = output_message(item_id, text, "completed")
+        if not body.get("stream"):
+            self.write_json(
+                response_object(rid, body, model, created_at, "completed", [done_item], responses_usage(text))
+            )
+            return
+        pieces = behaviour.chunks if behaviour.chunks is not None else [w + " " for w in text.split(" ")]
+        text = "".join(pieces)
+        done_item = output_message(item_id, text, "completed")
+        self.set_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.set_header("Cache-Control", "no-cache")
+        sequence = iter(range(1 << 30))
+        at = {"item_id": item_id, "output_index": 0, "content_index": 0}
+
+        def event(kind: str, **fields) -> bytes:
+            data = {"type": kind, "sequence_number": next(sequence), **fields}
+            return b"event: " + kind.encode() + b"\ndata: " + to_json(data) + b"\n\n"
+
+        in_progress = response_object(rid, body, model, created_at, "in_progress", [], None)
+        opening = [
+            event("response.created", response=in_progress),
+            event("response.in_progress", response=in_progress),
+            event("response.output_item.added", output_index=0, item=output_message(item_id, "", "in_progress")),
+            event("response.content_part.added", **at, part=output_text_part("")),
+        ]
+        if not await self.send(b"".join(opening)):
+            return
+        for index, piece in enumerate(pieces):
+            if index and not await self.pause(behaviour.delay):
+                return
+            if not await self.send(event("response.output_text.delta", **at, delta=piece, logprobs=[])):
+                return
+        completed = response_object(rid, body, model, created_at, "completed", [done_item], responses_usage(text))
+        closing = [
+            event("response.output_text.done", **at, text=text, logprobs=[]),
+            event("response.content_part.done", **at, part=output_text_part(text)),
+            event("response.output_item.done", output_index=0, item=done_item),
+            event("response.completed", response=completed),
+        ]
+        self.finish(b"".join(closing))
 
 
 class Models(FakeHandler):

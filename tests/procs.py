@@ -24,10 +24,13 @@ def free_port() -> int:
 class ServerProcess:
     """``python server.py`` with the given environment; stopped by ``stop()`` whatever happens."""
 
-    def __init__(self, env: dict[str, str], log_path: str):
+    def __init__(self, env: dict[str, str], log_path: str, host: str | None = "127.0.0.1"):
+        """``host``: the HOST variable (None: unset)."""
         self.port = int(env.get("PORT") or free_port())
-        full_env = {k: v for k, v in os.environ.items() if k not in ("ACCESS_TOKEN", "ACCESS_KEY")}
-        full_env.update(env, PORT=str(self.port), HOST="127.0.0.1")
+        full_env = {k: v for k, v in os.environ.items() if k not in ("ACCESS_TOKEN", "ACCESS_KEY", "HOST")}
+        full_env.update(env, PORT=str(self.port))
+        if host is not None:
+            full_env["HOST"] = host
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(
