@@ -441,14 +441,14 @@ class FileContent(FakeHandler):
 
 
 class RawAnswer(FakeHandler):
-    """ANY /v1/raw/<anything>: the next scripted behaviour's ``raw`` bytes (an echo of the method otherwise)."""
+    """ANY /v1/raw/<anything>: the next scripted behaviour's ``raw`` bytes (a small JSON object otherwise)."""
 
     async def any_method(self) -> None:
         behaviour = self.fake.next_behaviour()
         if behaviour.kind == "raw":
             await self.send_raw(behaviour)
         else:
-            self.write_json({"method": self.request.method, "bytes": len(self.request.body)})
+            self.write_json({"object": "raw", "bytes": len(self.request.body)})
 
     get = head = post = put = patch = delete = options = any_method
 
