@@ -10,6 +10,7 @@ import pytest
 
 from chat_gpt_proxy.fake_openai import Behaviour, completion
 from chat_gpt_proxy.request_body import BodyNotDecodable, BodyTooLarge, RequestBody
+from settings import Settings, SettingsError
 from tests.conftest import ACCESS_TOKEN, OPENAI_KEY
 
 V1_AUTH = {"access-token": ACCESS_TOKEN, "Authorization": "Bearer " + OPENAI_KEY}
@@ -58,6 +59,13 @@ async def test_v1_answers_are_relayed_as_they_arrive_whatever_the_limits(proxy, 
     assert response.code == 200 and len(response.body) > 500_000
 
 
+def test_max_answer_bytes_setting():
+    assert Settings.from_env({}).max_answer_bytes == 256 * 1024 * 1024
+    assert Settings.from_env({"MAX_ANSWER_BYTES": "5000", "MAX_BODY_BYTES": "2048"}).max_answer_bytes == 5000
+    with pytest.raises(SettingsError, match="^MAX_ANSWER_BYTES: "):
+        Settings.from_env({"MAX_ANSWER_BYTES": "lots"})
+
+
 # -- chunked uploads (point 9)
 
 
@@ -100,6 +108,17 @@ async def test_an_oversized_chunked_body_gets_the_413_json(proxy, fake_openai, b
     error = json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
     assert error["code"] == "request_too_large" and "4096" in error["message"]
     assert fake_openai.received == []
+
+
+@pytest.mark.settings(max_body_bytes=4096)
+@pytest.mark.gen_test
+async def test_a_declared_oversized_body_is_refused_before_it_is_sent(proxy, fake_openai, base_url):
+    head = (
+        b"POST /chat_complete HTTP/1.1\r\nHost: x\r\naccess-token: %s\r\nopenai-token: %s\r\n"
+        b"Content-Length: 10000000\r\n\r\n" % (ACCESS_TOKEN.encode(), OPENAI_KEY.encode())
+    )
+    answer, closed = await raw_post(base_url, head, b"")
+    assert answer.startswith(b"HTTP/1.1 413 ") and b"\r\nConnection: close\r\n" in answer and closed
 
 
 @pytest.mark.settings(max_body_bytes=4096)

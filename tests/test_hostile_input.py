@@ -2,6 +2,7 @@
 
 import contextlib
 import http.client
+import ipaddress
 import json
 import logging
 import re
@@ -21,7 +22,12 @@ GOOD = {"access-token": TOKEN, "openai-token": KEY, "Content-Type": "application
 
 @pytest.fixture(scope="module")
 def stack():
-    background = BackgroundStack(access_tokens=(TOKEN,), max_body_bytes=256 * 1024).start()
+    background = BackgroundStack(
+        access_tokens=(TOKEN,),
+        max_body_bytes=256 * 1024,
+        # The test client counts as a trusted proxy, so that X-Forwarded-For values are parsed too.
+        trusted_proxies=(ipaddress.ip_network("127.0.0.1/32"),),
+    ).start()
     yield background
     background.stop()
 
@@ -453,3 +459,14 @@ def test_upstream_answers_without_content_are_relayed_on_v1(stack, no_errors_log
         stack, "/v1/raw/x", None, {"access-token": TOKEN, "Authorization": "Bearer " + KEY}, "GET"
     )
     assert status == int(raw.rsplit(b"HTTP/1.1 ", 1)[1][:3]) and body == b""
+
+
+@pytest.mark.parametrize("status", [600, 999])
+def test_an_invalid_upstream_status_is_a_502(stack, no_errors_logged, status):
+    stack.fake.script.clear()
+    stack.fake.push(Behaviour(kind="raw", raw="HTTP/1.1 %d Odd\r\nContent-Length: 2\r\n\r\n{}" % status))
+    code, headers, body = send(
+        stack, "/v1/raw/x", None, {"access-token": TOKEN, "Authorization": "Bearer " + KEY}, "GET"
+    )
+    assert code == 502 and json.loads(body)["error"]["code"] == "upstream_broken"
+    assert "invalid status %d" % status in json.loads(body)["error"]["message"]
