@@ -268,7 +268,8 @@ HEADER_NAMES = [
     "Cookie",
 ]
 raw_header_values = st.one_of(
-    st.binary(max_size=40).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")),
+    # Any byte but LF, which would end the field (the injection tests above cover CR/LF).
+    st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"")),
     st.sampled_from(NON_ASCII_DIGITS),
     st.sampled_from([b"12\x00", b" 12 ", b"-1", b"1e3", b"0x10", b"9" * 30, b"14, 14", b"14,15", b"gzip", b"br"]),
     st.sampled_from([b"100-continue", b"*", b"null", b"application/json", b"text/html", b"multipart/form-data"]),
