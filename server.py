@@ -20,6 +20,7 @@ import time
 import tornado.httpserver
 import tornado.web
 
+from chat_gpt_proxy.cors import CorsPolicy
 from chat_gpt_proxy.limits import RateLimiter
 from chat_gpt_proxy.observability import Metrics, log_request
 from chat_gpt_proxy.upstream import UpstreamPool
@@ -59,6 +60,7 @@ def make_app(settings: Settings) -> tornado.web.Application:
         pool=pool,
         metrics=metrics,
         rate_limiter=RateLimiter(settings.rate_limit_per_token) if settings.rate_limit_per_token else None,
+        cors=CorsPolicy(settings.cors_allow_origins),
         # Our access log replaces Tornado's: one line, no secrets (issue 3).
         log_function=log_request,
         template_path=STATIC_DIR,

@@ -13,6 +13,8 @@ import os
 from collections.abc import Mapping
 from types import MappingProxyType
 
+from chat_gpt_proxy.cors import parse_origins
+
 DEFAULT_ACCESS_TOKEN = "123456"  # noqa: S105 (the old service's documented default)
 
 
@@ -29,6 +31,9 @@ class Settings:
     default_model: str = "gpt-4o-mini"
     default_generate_params: Mapping = dataclasses.field(default_factory=lambda: MappingProxyType({}))
     max_body_bytes: int = 32 * 1024 * 1024
+    # Answers /chat_complete must hold whole (to add "text"); a separate,
+    # generous bound: a request limit must not fail paid answers (issue 10).
+    max_answer_bytes: int = 256 * 1024 * 1024
     connect_timeout: float = 10.0
     request_timeout: float = 600.0
     stream_idle_timeout: float = 300.0
@@ -49,6 +54,7 @@ class Settings:
     demo_upstream: bool = False
     # Whether HOST was set: the demo mode listens on 127.0.0.1 unless it was (issue 10, point 13).
     host_given: bool = False
+    cors_allow_origins: tuple[str, ...] = ()
 
     @property
     def default_token_in_use(self) -> bool:
@@ -109,6 +115,7 @@ class Settings:
             default_model=env.str("DEFAULT_MODEL", cls.default_model),
             default_generate_params=env.json_object("DEFAULT_GENERATE_PARAMS"),
             max_body_bytes=env.int("MAX_BODY_BYTES", cls.max_body_bytes, 1024, 1 << 31),
+            max_answer_bytes=env.int("MAX_ANSWER_BYTES", cls.max_answer_bytes, 1024, 1 << 34),
             connect_timeout=env.float("CONNECT_TIMEOUT", cls.connect_timeout),
             request_timeout=env.float("REQUEST_TIMEOUT", cls.request_timeout),
             stream_idle_timeout=env.float("STREAM_IDLE_TIMEOUT", cls.stream_idle_timeout),
@@ -127,6 +134,7 @@ class Settings:
             tls_certfile=certfile,
             tls_keyfile=keyfile,
             demo_upstream=env.bool("DEMO_UPSTREAM", cls.demo_upstream),
+            cors_allow_origins=env.origins("CORS_ALLOW_ORIGINS"),
         )
 
 
@@ -198,6 +206,12 @@ class _Env:
         if not isinstance(parsed, dict):
             raise SettingsError(f"{name}: must be a JSON object, got {type(parsed).__name__}")
         return MappingProxyType(parsed)
+
+    def origins(self, name: str) -> tuple[str, ...]:
+        try:
+            return parse_origins(self.raw(name) or "")
+        except ValueError as exc:
+            raise SettingsError(f"{name}: {exc}") from None
 
     def networks(self, name: str) -> tuple:
         nets = []

@@ -43,7 +43,10 @@ class Behaviour:
     connection; ``reset`` sends a TCP RST instead of a FIN), ``stall``
     (after ``after`` chunks, go silent forever), ``reset_headers`` (half a
     header block, then RST), ``reset_body`` (headers promising a JSON body,
-    half of it, then RST).
+    half of it, then RST), ``raw`` (the bytes of ``raw``, Latin-1 text so
+    that any byte fits in JSON, written as they are, then the connection
+    closed: any status line, 1xx answers before the final one, headers
+    and framing, even invalid ones; also answers ``ANY /v1/raw/<anything>``).
     ``chunks`` replaces the streamed pieces of text, ``delay`` is the pause
     before each chunk after the first, ``first_delay`` the pause before the
     headers.
@@ -62,6 +65,7 @@ class Behaviour:
     headers: dict[str, str] = dataclasses.field(default_factory=dict)
     body: str = "<html><body>Bad gateway</body></html>"
     content_type: str = "text/html"
+    raw: str = ""
 
 
 @dataclasses.dataclass
@@ -202,6 +206,7 @@ class FakeOpenAI:
                 (r"/v1/embeddings", Embeddings),
                 (r"/v1/files", Files),
                 (r"/v1/files/([A-Za-z0-9_-]+)/content", FileContent),
+                (r"/v1/raw/.*", RawAnswer),
                 (r"/_fake/script", Script),
                 (r"/_fake/stats", Stats),
             ],
@@ -340,6 +345,16 @@ class FakeHandler(tornado.web.RequestHandler):
         self.set_header("Content-Type", "application/json")
         self.finish(to_json(obj))
 
+    async def send_raw(self, behaviour: Behaviour) -> None:
+        """Write ``behaviour.raw`` as the whole answer, bypassing Tornado's HTTP layer, then close."""
+        data = behaviour.raw.encode("latin-1")
+        self.fake.bytes_sent += len(data)
+        self.done = True
+        stream = self.request.connection.stream
+        with contextlib.suppress(StreamClosedError):
+            await stream.write(data)
+        stream.close()
+
     def kill_connection(self, reset: bool) -> None:
         stream = self.request.connection.stream
         if reset and stream.socket is not None:
@@ -384,6 +399,9 @@ class ChatCompletions(FakeHandler):
             return
         if behaviour.kind == "drop" and behaviour.after == 0:
             self.kill_connection(behaviour.reset)
+            return
+        if behaviour.kind == "raw":
+            await self.send_raw(behaviour)
             return
         if behaviour.kind in ("reset_headers", "reset_body"):
             payload = json.dumps(completion(echo_text(body), model)).encode()
@@ -615,6 +633,19 @@ class FileContent(FakeHandler):
                 return
             sent += len(piece)
         self.finish()
+
+
+class RawAnswer(FakeHandler):
+    """ANY /v1/raw/<anything>: the next scripted behaviour's ``raw`` bytes (a small JSON object otherwise)."""
+
+    async def any_method(self) -> None:
+        behaviour = self.fake.next_behaviour()
+        if behaviour.kind == "raw":
+            await self.send_raw(behaviour)
+        else:
+            self.write_json({"object": "raw", "bytes": len(self.request.body)})
+
+    get = head = post = put = patch = delete = options = any_method
 
 
 class Script(FakeHandler):

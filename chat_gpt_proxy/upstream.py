@@ -22,6 +22,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import re
 import time
 
 import pycurl
@@ -56,6 +57,11 @@ RELAYED_RESPONSE_HEADERS = ("x-request-id", "retry-after", "openai-processing-ms
 RELAYED_RESPONSE_PREFIXES = ("x-ratelimit-",)
 
 USER_AGENT = "chat_gpt_proxy/1.0"
+
+# RFC 9110 section 5.1 (token) and 5.5 (field-value: no control characters but HTAB).
+FIELD_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+FORBIDDEN_VALUE_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+STATUS_LINE_RE = re.compile(rb"HTTP/[0-9.]+ +([0-9]{3})(?:[ \t]|\r?\n|$)")
 
 # Pause the transfer when this much is queued for a slow client and resume
 # below the low mark: bounded memory per stream without stalling fast ones.
@@ -217,11 +223,9 @@ class UpstreamCall:
 
     def _on_header_line(self, line: bytes) -> None:
         if line.startswith(b"HTTP/"):
-            parts = line.split(b" ", 2)
-            try:
-                self._pending_status = int(parts[1])
-            except (IndexError, ValueError):
-                self._pending_status = 0
+            # Three ASCII digits (RFC 9112 section 4): int() would also take "2_00" or " 200".
+            match = STATUS_LINE_RE.match(line)
+            self._pending_status = int(match.group(1)) if match else 0
             self._header_lines = []
         elif line == b"\r\n" or line == b"\n":
             # A blank line ends a header block; 1xx blocks are followed by another.
@@ -241,8 +245,11 @@ class UpstreamCall:
             headers = HTTPHeaders()
             for line in self._header_lines:
                 name, sep, value = line.decode("latin-1").partition(":")
-                if sep:
-                    headers.add(name.strip(), value.strip())
+                # A field that is not one (no colon, a name that is not a
+                # token, control characters in the value) is dropped: relayed,
+                # it could split our response; HTTPHeaders raises on it (issue 10).
+                if sep and FIELD_NAME_RE.fullmatch(name) and not FORBIDDEN_VALUE_RE.search(value.strip()):
+                    headers.add(name, value.strip())
             if not self._headers_done:
                 return headers
             self._headers = headers
@@ -305,6 +312,10 @@ class UpstreamCall:
         if not self._headers_done:
             error = self._error()
             raise error or UpstreamError("broken", "the upstream closed without answering")
+        if self.status > 599:
+            # Not an HTTP status (RFC 9110 section 15): relaying it would pass the breakage on.
+            self.abort("invalid_status")
+            raise UpstreamError("broken", "the upstream answered with the invalid status %d" % self.status)
         return self.status, self.headers
 
     async def read(self) -> bytes | None:

@@ -18,6 +18,14 @@ import uuid
 from tornado.iostream import StreamClosedError
 from tornado.web import HTTPError, RequestHandler, stream_request_body
 
+from chat_gpt_proxy.request_body import (
+    SUPPORTED_ENCODINGS,
+    BodyNotDecodable,
+    BodyTooLarge,
+    RequestBody,
+    UnsupportedEncoding,
+    content_coding,
+)
 from chat_gpt_proxy.upstream import UpstreamError
 
 log = logging.getLogger("chat_gpt_proxy")
@@ -29,6 +37,28 @@ API_KEY_RE = re.compile(r"^[\x21-\x7e]{1,512}$")
 # A caller-supplied request id is kept only if it cannot smuggle anything
 # into logs or headers.
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+# Content-Length is 1*DIGIT, ASCII digits only (RFC 9110 section 8.6):
+# str.isdigit() also accepts "\xb2" or Arabic-Indic digits, which int() then
+# refuses (issue 10). Identical repeated values ("5, 5") are allowed, as Tornado does.
+CONTENT_LENGTH_RE = re.compile(r"[0-9]{1,19}")
+
+
+def parse_content_length(value: str | None) -> int | None:
+    """A Content-Length header's value; None if absent; ValueError if it is not one."""
+    if value is None:
+        return None
+    values = {item.strip() for item in value.split(",")}
+    if len(values) != 1:
+        raise ValueError("several Content-Length values")
+    (single,) = values
+    if not CONTENT_LENGTH_RE.fullmatch(single):
+        raise ValueError("not a Content-Length")
+    return int(single)
+
+
+# Bodies are limited by data_received (MAX_BODY_BYTES, counted after decoding).
+UNLIMITED_BODY = 1 << 62
 
 # What each upstream failure means to a client (issue 2: 502 for an
 # unreachable or broken upstream, 504 for a slow one).
@@ -107,8 +137,9 @@ class BaseHandler(RequestHandler):
 
     def initialize(self) -> None:
         self.config = self.settings["config"]
-        self._body_parts: list[bytes] = []
-        self._body_size = 0
+        self._body = RequestBody(self.config.max_body_bytes)
+        self._body_refused = False
+        self._decoded_body: bytes | None = None
         self.started = time.monotonic()
         self.upstream_call = None
         # What the access log reports (handlers/observability.py).
@@ -141,16 +172,82 @@ class BaseHandler(RequestHandler):
         self.set_header("x-proxy-request-id", self.request_id)
         self.set_header("X-Content-Type-Options", "nosniff")
 
+    def flush(self, include_footers: bool = False):
+        # Every answer, errors and streams included, gets its CORS headers
+        # here, with the headers it is about to send (issue 10).
+        if not self._headers_written and not self._is_preflight():
+            cors = self.settings["cors"]
+            for name, value in cors.response_headers(self.request.headers.get("Origin"), self._headers):
+                self.add_header(name, value)
+        return super().flush(include_footers)
+
+    # -- methods
+
+    def allowed_methods(self) -> list[str]:
+        """The methods this route implements, for Allow (RFC 9110 section 10.2.1) and CORS."""
+        methods = [
+            method
+            for method in self.SUPPORTED_METHODS
+            if getattr(type(self), method.lower(), None) is not getattr(RequestHandler, method.lower(), None)
+        ]
+        if "GET" not in methods and "HEAD" in methods:
+            methods.remove("HEAD")
+        return methods
+
+    def head(self, *args, **kwargs):
+        """HEAD answers as GET does (RFC 9110 section 9.3.2): Tornado's flush() sends no body for HEAD,
+        and finish() has already set the Content-Length of the body GET would send."""
+        if "GET" not in self.allowed_methods():
+            raise HTTPError(405)
+        return self.get(*args, **kwargs)
+
+    def _is_preflight(self) -> bool:
+        return self.request.method == "OPTIONS" and "Access-Control-Request-Method" in self.request.headers
+
+    def options(self, *args, **kwargs) -> None:
+        """OPTIONS: the route's methods (RFC 9110 section 9.3.7); a CORS preflight gets its
+        Access-Control-* headers here when its origin is allowed. Never needs the access token."""
+        methods = self.allowed_methods()
+        self.set_status(204)
+        self.set_header("Allow", ", ".join(methods))
+        if self._is_preflight():
+            cors = self.settings["cors"]
+            for name, value in cors.preflight_headers(
+                self.request.headers.get("Origin"),
+                self.request.headers.get("Access-Control-Request-Headers", ""),
+                [m for m in methods if m != "OPTIONS"],
+            ):
+                self.add_header(name, value)
+        self.finish()
+
     # -- authentication
 
     def prepare(self) -> None:
-        if self.requires_access_token and self.request.method not in self.public_methods:
+        method = self.request.method
+        if self.requires_access_token and method not in self.public_methods and method != "OPTIONS":
             self.check_access_token()
-        declared = self.request.headers.get("Content-Length")
-        if declared is not None and declared.isdigit() and int(declared) > self.config.max_body_bytes:
+        try:
+            declared = parse_content_length(self.request.headers.get("Content-Length"))
+        except ValueError:
+            raise ApiError(
+                400, "The Content-Length header is not a number of bytes.", code="invalid_content_length"
+            ) from None
+        if declared is not None and declared > self.config.max_body_bytes:
             raise self.too_large()
-        if self.request.method in ("POST", "PUT", "PATCH"):
-            self.request.connection.set_max_body_size(self.config.max_body_bytes + 1)
+        try:
+            coding = content_coding(self.request.headers.get("Content-Encoding"))
+        except UnsupportedEncoding:
+            raise ApiError(
+                415,
+                "Content-Encoding %r is not supported: send the body uncompressed, or as %s."
+                % (self.request.headers.get("Content-Encoding", "")[:40], SUPPORTED_ENCODINGS),
+                code="unsupported_content_encoding",
+                headers={"Accept-Encoding": SUPPORTED_ENCODINGS},
+            ) from None
+        self._body = RequestBody(self.config.max_body_bytes, coding)
+        # data_received enforces MAX_BODY_BYTES itself and answers the JSON 413;
+        # Tornado's own limit would answer a chunked body with a bare 400 first (issue 10).
+        self.request.connection.set_max_body_size(UNLIMITED_BODY)
 
     def check_access_token(self) -> None:
         given = self.request.headers.get("access-token", "").encode("utf-8", "surrogateescape")
@@ -193,18 +290,52 @@ class BaseHandler(RequestHandler):
     # -- the request body, read as it arrives so that an oversized one is refused early
 
     def data_received(self, chunk: bytes) -> None:
-        self._body_size += len(chunk)
-        if self._body_size > self.config.max_body_bytes:
-            raise self.too_large()
-        self._body_parts.append(chunk)
+        if self._body_refused:
+            return
+        try:
+            self._body.feed(chunk)
+        except BodyTooLarge:
+            self.refuse_body(self.too_large())
+        except BodyNotDecodable:
+            self.refuse_body(self.not_decodable())
+
+    def refuse_body(self, error: ApiError) -> None:
+        """Answer ``error`` while the body is still arriving.
+
+        An exception raised here would reach Tornado's HTTP layer, which logs
+        a traceback and drops the connection without an answer. Tornado
+        closes the connection after this answer, since the rest of the body
+        is never read.
+        """
+        self._body_refused = True
+        self.send_error(error.status_code, exc_info=(type(error), error, None))
 
     @property
     def body(self) -> bytes:
-        return b"".join(self._body_parts)
+        """The whole request body, decoded if it came compressed."""
+        if self._decoded_body is None:
+            try:
+                self._decoded_body = self._body.finish()
+            except BodyNotDecodable:
+                raise self.not_decodable() from None
+        return self._decoded_body
 
     def too_large(self) -> ApiError:
         return ApiError(
-            413, "Request body is larger than %d bytes." % self.config.max_body_bytes, code="request_too_large"
+            413,
+            "Request body is larger than %d bytes%s."
+            % (
+                self.config.max_body_bytes,
+                " once decompressed" if self.request.headers.get("Content-Encoding") else "",
+            ),
+            code="request_too_large",
+        )
+
+    def not_decodable(self) -> ApiError:
+        return ApiError(
+            400,
+            "The request body is not valid %s data (Content-Encoding)." % self.request.headers.get("Content-Encoding"),
+            code="invalid_content_encoding",
         )
 
     def json_body(self) -> dict:
@@ -242,12 +373,18 @@ class BaseHandler(RequestHandler):
         if status_code == 405:
             message = "Method %s is not allowed here." % self.request.method
             error.update(message=message, code="method_not_allowed")
+            # RFC 9110 section 15.5.6: a 405 names the methods that are allowed.
+            self.set_header("Allow", ", ".join(self.allowed_methods()))
         # The upstream answered (e.g. with a body we could not use): its id
         # is what OpenAI's support can look up.
         call = self.upstream_call
         upstream_id = call.headers.get("x-request-id") if call is not None else None
         if upstream_id:
             self.set_header("x-request-id", upstream_id)
+        if not self.request._body_future.done():
+            # Answered before the request was read to its end: Tornado closes
+            # the connection after this answer; say so (RFC 9112 section 9.6).
+            self.set_header("Connection", "close")
         self.set_header("Content-Type", "application/json; charset=utf-8")
         self.finish(dumps(self.error_body(status_code, message, error)))
 
@@ -266,6 +403,8 @@ class BaseHandler(RequestHandler):
     # -- disconnects
 
     def on_connection_close(self) -> None:
+        # Fails a pending request body, so that the handler does not wait for it forever.
+        super().on_connection_close()
         # The client left: stop paying for tokens nobody will read (issue 2).
         call = self.upstream_call
         if call is not None and call.abort_reason is None and call.finished_at is None:

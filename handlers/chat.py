@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .base import ApiError, check_model_allowed, dumps
 from .info import UsagePageMixin
-from .proxy import ProxyHandler
+from .proxy import ProxyHandler, without_content
 
 # Keys of generate_params that the proxy itself fills in.
 OWNED_KEYS = ("messages",)
@@ -91,7 +91,11 @@ class ChatCompleteHandler(UsagePageMixin, ProxyHandler):
         )
         # Some OpenAI-compatible servers ignore "stream": relay SSE only when
         # the upstream sends SSE, and answer JSON as JSON.
-        if 200 <= call.status < 300 and call.headers.get("Content-Type", "").startswith("text/event-stream"):
+        if (
+            200 <= call.status < 300
+            and not without_content(call.status, "POST")
+            and call.headers.get("Content-Type", "").startswith("text/event-stream")
+        ):
             await self.relay_stream(call)
             return
         answer = await self.read_json_answer(call)

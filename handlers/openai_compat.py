@@ -7,14 +7,15 @@ use OpenAI's error shape, so SDKs raise their usual exception classes.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from urllib.parse import unquote
 
 from chat_gpt_proxy.requested_model import inspect_request
 from chat_gpt_proxy.upstream import HOP_BY_HOP_HEADERS, UpstreamError
 
-from .base import ApiError, check_model_allowed
-from .proxy import ProxyHandler, StreamWatch
+from .base import ApiError, check_model_allowed, parse_content_length
+from .proxy import ProxyHandler, StreamWatch, without_content
 
 # Request headers an OpenAI client may need upstream (issue 4). Everything
 # else stays here, above all the proxy's own access-token.
@@ -91,7 +92,9 @@ class OpenAIHandler(ProxyHandler):
             return None, False  # no body goes upstream
         found = inspect_request(
             self.request.headers.get_list("Content-Type"),
-            self.request.headers.get("Content-Encoding"),
+            # The base handler has already decoded a gzip or deflate body (or
+            # refused any other coding with 415): what is read here is what goes upstream.
+            None,
             self.body,
             self.request.query,
         )
@@ -133,15 +136,38 @@ class OpenAIHandler(ProxyHandler):
             # The first value replaces ours (Content-Type, x-request-id); repeats add.
             (self.add_header if lowered in seen else self.set_header)(name, value)
             seen.add(lowered)
-        if call.headers.get("Content-Type", "").startswith("text/event-stream"):
+        if without_content(call.status, method):
+            await self.relay_no_body(call)
+        elif call.headers.get("Content-Type", "").startswith("text/event-stream"):
             await self.relay_stream(call)
         else:
             await self.relay_body(call)
 
+    def upstream_length(self, call) -> int | None:
+        """The upstream's Content-Length, parsed strictly (None when absent or invalid)."""
+        try:
+            return parse_content_length(call.headers.get("Content-Length"))
+        except ValueError:
+            return None
+
+    async def relay_no_body(self, call) -> None:
+        """An answer that has no body (HEAD, 204, 205, 304, ...): Tornado refuses to send one (issue 10)."""
+        # Whatever an upstream sent anyway is read and dropped, bounded.
+        with contextlib.suppress(UpstreamError):
+            await call.read_all(SMALL_BODY)
+        if call.status == 205:
+            self.set_header("Content-Length", 0)
+        elif self.request.method == "HEAD" and call.status not in (204, 304):
+            # What GET would answer; Tornado would count the empty body instead.
+            length = self.upstream_length(call)
+            if length is not None:
+                self.set_header("Content-Length", length)
+        self.finish()
+
     async def relay_body(self, call) -> None:
         """Relay a non-SSE answer: small ones whole, large ones chunk by chunk, never held whole."""
-        length = call.headers.get("Content-Length", "")
-        if length.isdigit() and int(length) <= SMALL_BODY:
+        length = self.upstream_length(call)
+        if length is not None and length <= SMALL_BODY:
             try:
                 body = await call.read_all(SMALL_BODY)
             except UpstreamError as exc:

@@ -38,6 +38,12 @@ MAX_PENDING_EVENT = 1024 * 1024
 SSE_END_EVENT = b"\n\n"
 
 
+def without_content(status: int, method: str) -> bool:
+    """Whether an answer has no body: to HEAD, 1xx, 204 and 304 (RFC 9110 section 6.4.1),
+    and 205, which must not have one (section 15.3.6)."""
+    return method == "HEAD" or status < 200 or status in (204, 205, 304)
+
+
 def last_event_end(data: bytes) -> int:
     """Index just past the last complete SSE event in ``data`` (0 if none)."""
     lf = data.rfind(b"\n\n")
@@ -100,7 +106,7 @@ class ProxyHandler(BaseHandler):
     async def read_json_answer(self, call: UpstreamCall):
         """The upstream's whole body parsed as JSON; ``ApiError`` 502 if it is not JSON."""
         try:
-            body = await call.read_all(self.config.max_body_bytes)
+            body = await call.read_all(self.config.max_answer_bytes)
         except UpstreamError as exc:
             raise self.upstream_failed(exc) from None
         try:
