@@ -21,7 +21,7 @@ import tornado.httpserver
 import tornado.web
 
 from chat_gpt_proxy.limits import RateLimiter
-from chat_gpt_proxy.observability import Metrics, log_request
+from chat_gpt_proxy.observability import JsonFormatter, Metrics, TextFormatter, log_request
 from chat_gpt_proxy.upstream import UpstreamPool
 from handlers import routes
 from handlers.base import ApiError, BaseHandler
@@ -103,23 +103,9 @@ async def drain(app: tornado.web.Application, grace: float) -> None:
             await asyncio.sleep(0.05)
 
 
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name}
-        message = record.getMessage()
-        if record.name == "chat_gpt_proxy.access":
-            entry.update(json.loads(message))
-        else:
-            entry["message"] = message
-        return json.dumps(entry, ensure_ascii=False)
-
-
 def setup_logging(settings: Settings) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    if settings.log_format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    handler.setFormatter(JsonFormatter() if settings.log_format == "json" else TextFormatter())
     logging.basicConfig(level=settings.log_level, handlers=[handler], force=True)
 
 

@@ -22,6 +22,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import re
 import time
 
 import pycurl
@@ -54,6 +55,9 @@ HOP_BY_HOP_HEADERS = frozenset(
 # OpenAI's request id for support tickets, and rate-limit information.
 RELAYED_RESPONSE_HEADERS = ("x-request-id", "retry-after", "openai-processing-ms")
 RELAYED_RESPONSE_PREFIXES = ("x-ratelimit-",)
+
+FIELD_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+FIELD_VALUE_RE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
 
 USER_AGENT = "chat_gpt_proxy/1.0"
 
@@ -241,8 +245,12 @@ class UpstreamCall:
             headers = HTTPHeaders()
             for line in self._header_lines:
                 name, sep, value = line.decode("latin-1").partition(":")
-                if sep:
-                    headers.add(name.strip(), value.strip())
+                name, value = name.strip(), value.strip()
+                # A line that is no valid field (RFC 9110 5.1, 5.5; e.g. a
+                # control character in the value) is dropped: relayed, it
+                # would make Tornado refuse the whole response (a 500).
+                if sep and FIELD_NAME_RE.fullmatch(name) and FIELD_VALUE_RE.fullmatch(value):
+                    headers.add(name, value)
             if not self._headers_done:
                 return headers
             self._headers = headers

@@ -129,7 +129,7 @@ class BaseHandler(RequestHandler):
     def request_id(self) -> str:
         if not hasattr(self, "_request_id"):
             given = self.request.headers.get("x-request-id", "")
-            self._request_id = given if REQUEST_ID_RE.match(given) else uuid.uuid4().hex
+            self._request_id = given if REQUEST_ID_RE.fullmatch(given) else uuid.uuid4().hex
         return self._request_id
 
     def set_default_headers(self) -> None:
@@ -246,10 +246,10 @@ class BaseHandler(RequestHandler):
         # A bug. Log where it happened, but not the exception's message or the
         # request: either could hold a key or a prompt.
         log.error(
-            "unexpected error request_id=%s type=%s\n%s",
+            "unexpected error request_id=%s type=%s",
             self.request_id,
             typ.__name__,
-            "".join(traceback.format_tb(tb)),
+            extra={"traceback_text": "".join(traceback.format_tb(tb))},
         )
 
     # -- disconnects

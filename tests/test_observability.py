@@ -1,11 +1,17 @@
 """Access log, request ids and Prometheus metrics."""
 
+import asyncio
+import dataclasses
+import io
 import ipaddress
 import json
+import logging
+import re
 
 import pytest
 
 from chat_gpt_proxy.fake_openai import Behaviour
+from chat_gpt_proxy.observability import JsonFormatter, TextFormatter
 from tests.conftest import ACCESS_TOKEN, OPENAI_KEY
 
 ACCESS = "chat_gpt_proxy.access"
@@ -101,3 +107,180 @@ async def test_metrics(proxy, fake_openai):
 async def test_metrics_can_be_disabled(proxy):
     response = await proxy.request("/metrics", method="GET", auth=False)
     assert response.code == 404
+
+
+# -- log injection (issue 10): caller text never forges a line or a field
+
+# Every character Python's str.splitlines() treats as a line end, and more
+# that terminals or log viewers act on: C0, DEL, C1 (NEL), U+2028/U+2029, a
+# bidi override, a lone surrogate; and text that imitates a whole log line.
+HOSTILE = "m\r\n2026-01-01 00:00:00,000 INFO chat_gpt_proxy.access status=200\x0b\x0c\x1c\x1d\x1e\x85\x1b[31m\x7f\x9f"
+HOSTILE += '\u2028\u2029\u202e\ud800 x=y "q" back\\slash'
+# A request target may hold any visible byte and obs-text (RFC 9110 5.5):
+# Latin-1 C1 controls (NEL) and U+2028's UTF-8 bytes pass Tornado's parser.
+HOSTILE_PATH = b'/v1/models/a\x85b\x9fc\xe2\x80\xa8d=e"f\\g'
+EXPECTED_KEYS = [
+    "request_id",
+    "upstream_request_id",
+    "client",
+    "method",
+    "path",
+    "status",
+    "ms",
+    "upstream_ms",
+    "ttfb_ms",
+    "model",
+    "prompt_tokens",
+    "completion_tokens",
+    "bytes",
+]
+
+
+@pytest.fixture
+def formatted_log():
+    """What the proxy's own formatter writes (LOG_FORMAT of the test's settings), as one string."""
+
+    def attach(log_format):
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+        logging.getLogger().addHandler(handler)
+        handlers.append(handler)
+
+    stream = io.StringIO()
+    handlers = []
+    yield attach, stream
+    for handler in handlers:
+        logging.getLogger().removeHandler(handler)
+
+
+async def raw_exchange(base_url, head: bytes, body: bytes = b"") -> bytes:
+    """One request written byte for byte (what no HTTP client library would send); the whole answer."""
+    host, port = base_url.rsplit("//", 1)[1].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(head + body)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+
+
+def unescape(value: str) -> str:
+    """The inverse of the log's escaping: \\xNN, \\uNNNN and \\UNNNNNNNN back to their characters."""
+    return re.sub(
+        r"\\(?:x([0-9a-f]{2})|u([0-9a-f]{4})|U([0-9a-f]{8}))", lambda m: chr(int(m.group(m.lastindex), 16)), value
+    )
+
+
+async def send_hostile_requests(proxy, app, base_url, fake_openai):
+    """Three requests carrying HOSTILE text in every field the access log shows; two of them refused."""
+    # 1. A model name the proxy relays (and so logs), through /chat_complete.
+    body = json.dumps({"prompt": "x", "generate_params": {"model_name": HOSTILE}}).encode()
+    response = await proxy.request(body=body)
+    assert response.code == 200
+    # 2. Refused with 403 (wrong token), the hostile path on the raw request line.
+    answer = await raw_exchange(
+        base_url, b"GET " + HOSTILE_PATH + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\naccess-token: no\r\n\r\n"
+    )
+    assert answer.startswith(b"HTTP/1.1 403 ")
+    # 3. Refused with 403 by ALLOWED_MODELS on /v1, after the model was read.
+    app.settings["config"] = dataclasses.replace(app.settings["config"], allowed_models=("gpt-4o-mini",))
+    body = json.dumps({"model": HOSTILE, "messages": []}).encode()
+    response = await proxy.request("/v1/chat/completions", body=body, headers={"Authorization": "Bearer sk-x"})
+    assert response.code == 403
+
+
+@pytest.mark.settings(trusted_proxies=(ipaddress.ip_network("127.0.0.1/32"),))
+@pytest.mark.gen_test
+async def test_text_access_log_escapes_caller_text(proxy, app, base_url, fake_openai, caplog, formatted_log):
+    attach, stream = formatted_log
+    attach("text")
+    await send_hostile_requests(proxy, app, base_url, fake_openai)
+    # A trusted proxy's X-Forwarded-For with an IPv6 zone id, which Python's
+    # ipaddress accepts whatever it holds (spaces, '=', Latin-1 C1 bytes).
+    await raw_exchange(
+        base_url,
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"X-Forwarded-For: fe80::1%eth0 status=200\x85forged\r\n\r\n",
+    )
+    lines = access_lines(caplog)
+    assert len(lines) == 4
+    relayed, refused, not_allowed, forwarded = (dict(part.split("=", 1) for part in line.split(" ")) for line in lines)
+    for record in (relayed, refused, not_allowed, forwarded):
+        assert list(record) == EXPECTED_KEYS  # no forged field, none lost
+        assert all(value.isprintable() for value in record.values())
+    assert unescape(relayed["model"]) == HOSTILE and relayed["status"] == "200"
+    assert unescape(refused["path"]) == HOSTILE_PATH.decode("latin-1") and refused["status"] == "403"
+    assert unescape(not_allowed["model"]) == HOSTILE and not_allowed["status"] == "403"
+    assert unescape(forwarded["client"]) == "fe80::1%eth0 status=200\x85forged"
+    # What reaches stderr: one line per record, wherever a reader splits lines.
+    written = stream.getvalue()
+    assert written.count("\n") == len(written.splitlines())
+    access = [line for line in written.splitlines() if " chat_gpt_proxy.access " in line]
+    assert [line.split(" chat_gpt_proxy.access ", 1)[1] for line in access] == lines
+
+
+@pytest.mark.settings(log_format="json", trusted_proxies=(ipaddress.ip_network("127.0.0.1/32"),))
+@pytest.mark.gen_test
+async def test_json_access_log_escapes_caller_text(proxy, app, base_url, fake_openai, caplog, formatted_log):
+    attach, stream = formatted_log
+    attach("json")
+    await send_hostile_requests(proxy, app, base_url, fake_openai)
+    written = stream.getvalue()
+    assert written.count("\n") == len(written.splitlines())
+    for char in "\x85\x9f\x7f\u2028\u2029\u202e\ud800":
+        assert char not in written
+    records = [json.loads(line) for line in written.splitlines()]
+    relayed, refused, not_allowed = (r for r in records if r["logger"] == ACCESS)
+    assert relayed["model"] == HOSTILE and not_allowed["model"] == HOSTILE
+    assert refused["path"] == HOSTILE_PATH.decode("latin-1") and refused["status"] == 403
+    assert [k for k in relayed if k not in ("time", "level", "logger")] == EXPECTED_KEYS
+
+
+@pytest.mark.parametrize(
+    "sent,logged",
+    [
+        # Valid in a header (RFC 9110 5.5: obs-text, spaces, tabs): kept, and escaped in the log.
+        (b"req forged status=1\x85\tx", "req forged status=1\x85\tx"),
+        # Not a valid field value: dropped, and the answer is relayed (it was a 500).
+        (b"req\x0bforged", None),
+    ],
+)
+@pytest.mark.gen_test
+async def test_upstream_request_id_is_caller_text_too(proxy, app, caplog, sent, logged):
+    answer = b'{"choices": [{"message": {"content": "hi"}}]}'
+
+    async def upstream(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nx-request-id: %s\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (sent, len(answer), answer)
+        )
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
+    try:
+        url = "http://127.0.0.1:%d/v1" % server.sockets[0].getsockname()[1]
+        app.settings["config"] = dataclasses.replace(app.settings["config"], openai_base_url=url)
+        response, body = await proxy.chat({"prompt": "x"})
+        assert response.code == 200 and body["text"] == "hi"
+    finally:
+        server.close()
+    [line] = access_lines(caplog)
+    record = fields(line)
+    assert list(record) == EXPECTED_KEYS
+    assert record["upstream_request_id"] == "-" if logged is None else unescape(record["upstream_request_id"]) == logged
+
+
+def test_formatters_keep_every_record_on_one_line():
+    """Any logger's message (Tornado's included) is escaped; our own traceback frames stay readable."""
+    record = logging.LogRecord("tornado.general", logging.INFO, __file__, 1, "bad %s", (HOSTILE,), None)
+    text = TextFormatter().format(record)
+    assert len(text.splitlines()) == 1 and unescape(text.split(" bad ", 1)[1]) == HOSTILE
+    line = JsonFormatter().format(record)
+    assert len(line.splitlines()) == 1 and json.loads(line)["message"] == "bad " + HOSTILE
+    bug = logging.LogRecord("chat_gpt_proxy", logging.ERROR, __file__, 1, "unexpected error", (), None)
+    bug.traceback_text = '  File "x.py", line 1, in f\n    g()\n'
+    assert TextFormatter().format(bug).splitlines()[1:] == ['  File "x.py", line 1, in f', "    g()"]
+    assert json.loads(JsonFormatter().format(bug))["traceback"] == bug.traceback_text
