@@ -179,6 +179,36 @@ def _field(value) -> str:
     return escape_field(str(value))
 
 
+# nginx's status for "client closed request": what the access log and the
+# metrics show for a request whose client left before the status line.
+CLIENT_CLOSED_STATUS = 499
+
+
+def how_it_ended(handler) -> str:
+    """Why the response ended: ok, client_closed, client_stall, upstream_error or shutdown."""
+    call = getattr(handler, "upstream_call", None)
+    reason = call.abort_reason if call is not None else None
+    if reason in ("client_stall", "shutdown"):
+        return reason
+    if getattr(handler, "client_gone", False) or reason == "client_closed":
+        return "client_closed"
+    if getattr(handler, "upstream_failure", None):
+        return "upstream_error"
+    return "ok"
+
+
+def token_counts(usage) -> tuple[int | None, int | None]:
+    """(prompt, completion) tokens of an OpenAI ``usage`` object (Chat Completions,
+    Embeddings, or the Responses API's input/output names); None where absent."""
+    if not isinstance(usage, dict):
+        return None, None
+    counts = []
+    for names in (("prompt_tokens", "input_tokens"), ("completion_tokens", "output_tokens")):
+        value = next((usage[n] for n in names if n in usage), None)
+        counts.append(value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None)
+    return counts[0], counts[1]
+
+
 def log_request(handler) -> None:
     """Tornado's ``log_function``: the access log line and the request metrics."""
     config = handler.settings["config"]
@@ -186,11 +216,13 @@ def log_request(handler) -> None:
     started = getattr(handler, "started", now)
     call = getattr(handler, "upstream_call", None)
     status = handler.get_status()
+    if getattr(handler, "left_before_headers", False):
+        status = CLIENT_CLOSED_STATUS
     route = getattr(handler, "route_name", "other")
     upstream_s = call.headers_at - call.started_at if call is not None and call.headers_at else None
     first_byte = getattr(handler, "first_byte_at", None)
     ttfb_s = first_byte - started if first_byte else None
-    usage = getattr(handler, "usage", None)
+    prompt_tokens, completion_tokens = token_counts(getattr(handler, "usage", None))
     model = getattr(handler, "model", None)
     if isinstance(model, str):
         model = model[:MAX_FIELD_CHARS]
@@ -207,9 +239,10 @@ def log_request(handler) -> None:
         "upstream_ms": _ms(upstream_s),
         "ttfb_ms": _ms(ttfb_s),
         "model": model,
-        "prompt_tokens": usage.get("prompt_tokens") if isinstance(usage, dict) else None,
-        "completion_tokens": usage.get("completion_tokens") if isinstance(usage, dict) else None,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
         "bytes": getattr(handler, "bytes_out", 0),
+        "end": how_it_ended(handler),
     }
     if access_log.isEnabledFor(logging.INFO):  # formatting costs time on every request
         if config.log_format == "json":
@@ -227,10 +260,10 @@ def log_request(handler) -> None:
         metrics.ttft.labels(route).observe(ttfb_s)
     elif call is not None and call.finished_at is not None and not call.stream:
         metrics.overhead.labels(route).observe(max(0.0, (now - started) - (call.finished_at - call.started_at)))
-    if isinstance(usage, dict) and isinstance(model, str):
-        for kind in ("prompt_tokens", "completion_tokens"):
-            if isinstance(usage.get(kind), int):
-                metrics.tokens.labels(model, kind.split("_")[0]).inc(usage[kind])
+    if isinstance(model, str):
+        for kind, count in (("prompt", prompt_tokens), ("completion", completion_tokens)):
+            if count is not None:
+                metrics.tokens.labels(model, kind).inc(count)
     kind = getattr(handler, "upstream_failure", None)
     if kind:
         metrics.upstream_errors.labels(kind).inc()

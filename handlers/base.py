@@ -119,6 +119,12 @@ class BaseHandler(RequestHandler):
         self.upstream_failure: str | None = None
         # When the pending flush to the client began (None: none pending).
         self.flush_started: float | None = None
+        self.pending_flush = None
+        # The client closed its connection before the response was complete,
+        # and whether our status line had been written by then (issue 10:
+        # if not, the access log and metrics say 499, not the unsent status).
+        self.client_gone = False
+        self.left_before_headers = False
 
     def write(self, chunk) -> None:
         if isinstance(chunk, bytes):
@@ -255,6 +261,9 @@ class BaseHandler(RequestHandler):
     # -- disconnects
 
     def on_connection_close(self) -> None:
+        if not self.client_gone:
+            self.client_gone = True
+            self.left_before_headers = not self._headers_written
         # The client left: stop paying for tokens nobody will read (issue 2).
         call = self.upstream_call
         if call is not None and call.abort_reason is None and call.finished_at is None:
@@ -264,11 +273,22 @@ class BaseHandler(RequestHandler):
     async def flush_or_abort(self) -> bool:
         """Flush to the client; False (and the upstream aborted) if the client is gone."""
         self.flush_started = time.monotonic()
+        self.pending_flush = self.flush()
         try:
-            await self.flush()
+            await self.pending_flush
         except StreamClosedError:
             self.on_connection_close()
             return False
         finally:
-            self.flush_started = None
+            self.flush_started = self.pending_flush = None
         return self.request.connection.stream is not None and not self.request.connection.stream.closed()
+
+    def drop_client(self) -> None:
+        """Close the client's connection now, even with a flush pending."""
+        self.request.connection.close()
+        # HTTP1Connection.close() forgets the future of a pending write, which
+        # then never resolves: fail it, or the relay loop waits forever and
+        # its handler stays in flight (seen with a stalled client, issue 10).
+        flush = self.pending_flush
+        if flush is not None and not flush.done():
+            flush.set_exception(StreamClosedError())

@@ -7,12 +7,14 @@ import ipaddress
 import json
 import logging
 import re
+import time
 
 import pytest
 
 from chat_gpt_proxy.fake_openai import Behaviour
-from chat_gpt_proxy.observability import JsonFormatter, TextFormatter
-from tests.conftest import ACCESS_TOKEN, OPENAI_KEY
+from chat_gpt_proxy.observability import JsonFormatter, TextFormatter, token_counts
+from server import drain
+from tests.conftest import ACCESS_TOKEN, OPENAI_KEY, open_raw
 
 ACCESS = "chat_gpt_proxy.access"
 
@@ -133,6 +135,7 @@ EXPECTED_KEYS = [
     "prompt_tokens",
     "completion_tokens",
     "bytes",
+    "end",
 ]
 
 
@@ -284,3 +287,131 @@ def test_formatters_keep_every_record_on_one_line():
     bug.traceback_text = '  File "x.py", line 1, in f\n    g()\n'
     assert TextFormatter().format(bug).splitlines()[1:] == ['  File "x.py", line 1, in f', "    g()"]
     assert json.loads(JsonFormatter().format(bug))["traceback"] == bug.traceback_text
+
+
+# -- how a request ended (issue 10): 499 when nobody got the status, end=... on every line
+
+
+async def metrics_text(proxy) -> str:
+    response = await proxy.request("/metrics", method="GET", auth=False)
+    return response.body.decode()
+
+
+async def wait_for_access_lines(caplog, count, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while len(access_lines(caplog)) < count:
+        assert time.monotonic() < deadline, access_lines(caplog)
+        await asyncio.sleep(0.02)
+    return access_lines(caplog)
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_client_leaving_before_the_answer_is_499_not_503(proxy, fake_openai, caplog):
+    fake_openai.push(Behaviour(kind="hang"))
+    reader, writer = await asyncio.open_connection(*proxy.base_url.rsplit("//", 1)[1].split(":"))
+    body = b'{"prompt": "x"}'
+    head = (
+        "POST /chat_complete HTTP/1.1\r\nHost: x\r\naccess-token: %s\r\nopenai-token: %s\r\nContent-Length: %d\r\n\r\n"
+    )
+    writer.write((head % (ACCESS_TOKEN, OPENAI_KEY, len(body))).encode() + body)
+    while not fake_openai.received:
+        await asyncio.sleep(0.01)
+    writer.close()  # before any answer
+    await fake_openai.wait_abort(timeout=3)
+    [line] = await wait_for_access_lines(caplog, 1)
+    record = fields(line)
+    assert record["status"] == "499" and record["end"] == "client_closed"
+    text = await metrics_text(proxy)
+    assert 'proxy_requests_total{route="chat_complete",status="499"} 1.0' in text
+    assert 'status="503"' not in text
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_stream_the_client_abandoned_says_so(proxy, fake_openai, caplog):
+    fake_openai.push(Behaviour(chunks=["tok "] * 50, delay=0.1))
+    head, reader, writer = await open_raw(proxy.base_url, {"prompt": "x", "generate_params": {"stream": True}})
+    await reader.readuntil(b'"content":"tok "')
+    writer.close()
+    await fake_openai.wait_abort(timeout=3)
+    [line] = await wait_for_access_lines(caplog, 1)
+    record = fields(line)
+    # The client did get the status line: it stays 200; the end says what happened.
+    assert record["status"] == "200" and record["end"] == "client_closed"
+    assert 'proxy_requests_total{route="chat_complete",status="200"} 1.0' in await metrics_text(proxy)
+
+
+@pytest.mark.settings(client_stall_timeout=1.0)
+@pytest.mark.gen_test(timeout=30)
+async def test_end_of_a_stream_whose_client_stalled(proxy, fake_openai, caplog):
+    fake_openai.push(Behaviour(chunks=["z" * 4000] * 15_000))
+    head, reader, writer = await open_raw(proxy.base_url, {"prompt": "x", "generate_params": {"stream": True}})
+    try:
+        await fake_openai.wait_abort(timeout=10)
+        [line] = await wait_for_access_lines(caplog, 1)
+    finally:
+        writer.close()
+    assert fields(line)["status"] == "200" and fields(line)["end"] == "client_stall"
+    assert "proxy_in_flight_requests 0.0" in await metrics_text(proxy)
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_end_ok_and_upstream_error(proxy, fake_openai, caplog):
+    await proxy.chat({"prompt": "x"})
+    await proxy.stream({"prompt": "x", "generate_params": {"stream": True}})
+    await proxy.chat({"prompt": "x"}, headers={"access-token": "nope"})
+    fake_openai.push(Behaviour(kind="garbage"))
+    await proxy.chat({"prompt": "x"})
+    fake_openai.push(Behaviour(kind="drop", chunks=["a ", "b "], after=1))
+    await proxy.stream({"prompt": "x", "generate_params": {"stream": True}})
+    ends = [(fields(line)["status"], fields(line)["end"]) for line in access_lines(caplog)]
+    assert ends == [
+        ("200", "ok"),
+        ("200", "ok"),
+        ("403", "ok"),
+        ("502", "upstream_error"),
+        ("200", "upstream_error"),
+    ]
+
+
+@pytest.mark.settings(log_format="json")
+@pytest.mark.gen_test(timeout=20)
+async def test_end_of_a_stream_cut_by_shutdown_in_json(proxy, app, fake_openai, caplog):
+    fake_openai.push(Behaviour(chunks=["tok "] * 100, delay=0.1))
+    streamed = asyncio.ensure_future(proxy.stream({"prompt": "x", "generate_params": {"stream": True}}))
+    while not fake_openai.received:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)
+    await drain(app, 0)
+    await streamed
+    [line] = await wait_for_access_lines(caplog, 1)
+    record = json.loads(line)
+    assert record["status"] == 200 and record["end"] == "shutdown"
+
+
+@pytest.mark.gen_test
+async def test_v1_json_answers_record_token_usage(proxy, fake_openai, caplog):
+    chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "one two"}]}
+    response = await proxy.request("/v1/chat/completions", json_body=chat)
+    assert response.code == 200
+    embeddings = {"model": "text-embedding-3-small", "input": ["a"]}
+    response = await proxy.request("/v1/embeddings", json_body=embeddings)
+    assert response.code == 200
+    response = await proxy.request("/v1/models", method="GET")
+    assert response.code == 200
+    chat_line, embeddings_line, models_line = (fields(line) for line in access_lines(caplog))
+    usage = json.loads((await proxy.request("/v1/chat/completions", json_body=chat)).body)["usage"]
+    assert chat_line["prompt_tokens"] == str(usage["prompt_tokens"]) and chat_line["end"] == "ok"
+    assert chat_line["completion_tokens"] == str(usage["completion_tokens"])
+    assert embeddings_line["prompt_tokens"] == "3" and embeddings_line["completion_tokens"] == "-"
+    assert models_line["prompt_tokens"] == "-"
+    text = await metrics_text(proxy)
+    assert 'proxy_tokens_total{kind="prompt",model="gpt-4o-mini"} %.1f' % (2 * usage["prompt_tokens"]) in text
+    assert 'proxy_tokens_total{kind="prompt",model="text-embedding-3-small"} 3.0' in text
+
+
+def test_token_counts_of_every_usage_shape():
+    assert token_counts({"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}) == (9, 2)
+    assert token_counts({"prompt_tokens": 3, "total_tokens": 3}) == (3, None)
+    assert token_counts({"input_tokens": 5, "output_tokens": 7}) == (5, 7)  # Responses API
+    for junk in (None, [], "9", {"prompt_tokens": "9\r\nx", "completion_tokens": True}, {"prompt_tokens": -1}):
+        assert token_counts(junk) == (None, None)
