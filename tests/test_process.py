@@ -58,7 +58,7 @@ async def wait_for(predicate, timeout=5.0):
 
 @pytest.mark.gen_test(timeout=30)
 async def test_startup_warns_about_default_token_and_masks_config(start_server):
-    server = await start_server(ACCESS_KEY="")
+    server = await start_server()  # neither ACCESS_TOKEN nor ACCESS_KEY in its environment
     server.signal(signal.SIGINT)
     assert await server.wait_exit(10) == 0
     out = server.output()
