@@ -126,6 +126,14 @@ class BaseHandler(RequestHandler):
         self.client_gone = False
         self.left_before_headers = False
 
+    def flush(self, include_footers: bool = False):
+        if self.settings.get("draining"):
+            # Shutting down: this connection ends with this response (Tornado
+            # then sends Connection: close), so a keep-alive client sends its
+            # next request to another instance (issue 10).
+            self.request.connection._disconnect_on_finish = True
+        return super().flush(include_footers)
+
     def write(self, chunk) -> None:
         if isinstance(chunk, bytes):
             self.bytes_out += len(chunk)
