@@ -1,6 +1,7 @@
 """Access log, request ids and Prometheus metrics."""
 
 import asyncio
+import contextlib
 import dataclasses
 import io
 import ipaddress
@@ -168,6 +169,25 @@ async def raw_exchange(base_url, head: bytes, body: bytes = b"") -> bytes:
         writer.close()
 
 
+@contextlib.asynccontextmanager
+async def canned_upstream(app, response: bytes):
+    """Point the proxy at a loopback server that answers every request with ``response``, byte for byte."""
+
+    async def answer(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(response)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    url = "http://127.0.0.1:%d/v1" % server.sockets[0].getsockname()[1]
+    app.settings["config"] = dataclasses.replace(app.settings["config"], openai_base_url=url)
+    try:
+        yield
+    finally:
+        server.close()
+
+
 def unescape(value: str) -> str:
     """The inverse of the log's escaping: \\xNN, \\uNNNN and \\UNNNNNNNN back to their characters."""
     return re.sub(
@@ -252,24 +272,10 @@ async def test_json_access_log_escapes_caller_text(proxy, app, base_url, fake_op
 @pytest.mark.gen_test
 async def test_upstream_request_id_is_caller_text_too(proxy, app, caplog, sent, logged):
     answer = b'{"choices": [{"message": {"content": "hi"}}]}'
-
-    async def upstream(reader, writer):
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(
-            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nx-request-id: %s\r\n"
-            b"Content-Length: %d\r\n\r\n%s" % (sent, len(answer), answer)
-        )
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
-    try:
-        url = "http://127.0.0.1:%d/v1" % server.sockets[0].getsockname()[1]
-        app.settings["config"] = dataclasses.replace(app.settings["config"], openai_base_url=url)
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nx-request-id: %s\r\nContent-Length: %d\r\n\r\n"
+    async with canned_upstream(app, head % (sent, len(answer)) + answer):
         response, body = await proxy.chat({"prompt": "x"})
-        assert response.code == 200 and body["text"] == "hi"
-    finally:
-        server.close()
+    assert response.code == 200 and body["text"] == "hi"
     [line] = access_lines(caplog)
     record = fields(line)
     assert list(record) == EXPECTED_KEYS
@@ -407,6 +413,18 @@ async def test_v1_json_answers_record_token_usage(proxy, fake_openai, caplog):
     text = await metrics_text(proxy)
     assert 'proxy_tokens_total{kind="prompt",model="gpt-4o-mini"} %.1f' % (2 * usage["prompt_tokens"]) in text
     assert 'proxy_tokens_total{kind="prompt",model="text-embedding-3-small"} 3.0' in text
+
+
+@pytest.mark.gen_test
+async def test_v1_responses_api_usage_is_recorded(proxy, app, caplog):
+    """The Responses API names its counts input_tokens and output_tokens."""
+    answer = b'{"object": "response", "output": [], "usage": {"input_tokens": 5, "output_tokens": 7}}'
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+    async with canned_upstream(app, head % len(answer) + answer):
+        response = await proxy.request("/v1/responses", json_body={"model": "gpt-4o-mini", "input": "hi"})
+    assert response.code == 200 and response.body == answer
+    [line] = access_lines(caplog)
+    assert (fields(line)["prompt_tokens"], fields(line)["completion_tokens"]) == ("5", "7")
 
 
 def test_token_counts_of_every_usage_shape():
