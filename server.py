@@ -9,20 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import json
 import logging
 import resource
 import signal
+import socket
 import ssl
 import sys
 import time
 
 import tornado.httpserver
+import tornado.netutil
 import tornado.web
 
 from chat_gpt_proxy.cors import CorsPolicy
 from chat_gpt_proxy.limits import RateLimiter
-from chat_gpt_proxy.observability import Metrics, log_request
+from chat_gpt_proxy.observability import JsonFormatter, Metrics, TextFormatter, log_request
 from chat_gpt_proxy.upstream import UpstreamPool
 from handlers import routes
 from handlers.base import ApiError, BaseHandler
@@ -69,14 +72,72 @@ def make_app(settings: Settings) -> tornado.web.Application:
     )
 
 
-def make_server(app: tornado.web.Application, settings: Settings) -> tornado.httpserver.HTTPServer:
-    ssl_options = None
-    if settings.tls_certfile:
-        ssl_options = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ssl_options.load_cert_chain(settings.tls_certfile, settings.tls_keyfile)
+class _EncryptedKey(Exception):
+    pass
+
+
+def _refuse_password():
+    # Without a callback OpenSSL would prompt on the terminal for an encrypted key.
+    raise _EncryptedKey
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The server's TLS context (TLS_CERTFILE/TLS_KEYFILE), or None for plain HTTP.
+
+    A file it cannot use is a ``SettingsError`` naming the variable and the
+    cause (issue 10), not an OpenSSL traceback.
+    """
+    if not settings.tls_certfile:
+        return None
+    certfile, keyfile = settings.tls_certfile, settings.tls_keyfile
+    for name, path in (("TLS_CERTFILE", certfile), ("TLS_KEYFILE", keyfile)):
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise SettingsError(f"{name}: cannot read {path!r}: {exc.strerror}") from None
+    try:
+        # Parses the certificate file alone, so that a bad one is told apart from a bad key.
+        ssl.create_default_context().load_verify_locations(cafile=certfile)
+    except ssl.SSLError:
+        raise SettingsError(f"TLS_CERTFILE: no PEM certificate in {certfile!r}") from None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(certfile, keyfile, password=_refuse_password)
+    except _EncryptedKey:
+        raise SettingsError(f"TLS_KEYFILE: {keyfile!r} is encrypted; give an unencrypted key") from None
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise SettingsError(f"TLS_KEYFILE: {keyfile!r} is not the key of the certificate in TLS_CERTFILE") from None
+        raise SettingsError(f"TLS_KEYFILE: no PEM private key in {keyfile!r}") from None
+    return context
+
+
+def listen_sockets(settings: Settings) -> list[socket.socket]:
+    """The listening sockets for HOST and PORT; a ``SettingsError`` naming the variable if impossible."""
+    host, port = settings.host, settings.port
+    try:
+        # A burst of new streams must not overflow the accept queue (default
+        # 128): a dropped SYN costs the client a one-second retransmit.
+        return tornado.netutil.bind_sockets(port, host, backlog=4096)
+    except socket.gaierror as exc:
+        raise SettingsError(f"HOST: cannot resolve {host!r} ({exc.strerror})") from None
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise SettingsError(f"PORT: {port} is already in use on {host}") from None
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise SettingsError(f"HOST: {host!r} is not an address of this machine") from None
+        if exc.errno == errno.EACCES:
+            raise SettingsError(f"PORT: no permission to listen on port {port} (below 1024 needs privileges)") from None
+        raise SettingsError(f"PORT: cannot listen on {host}:{port} ({exc.strerror})") from None
+
+
+def make_server(
+    app: tornado.web.Application, settings: Settings, ssl_context: ssl.SSLContext | None = None
+) -> tornado.httpserver.HTTPServer:
     return tornado.httpserver.HTTPServer(
         app,
-        ssl_options=ssl_options,
+        ssl_options=ssl_context or tls_context(settings),
         max_body_size=settings.max_body_bytes + 1,
         # A larger header block closes the connection unanswered (Tornado has
         # no 431); 64 KiB is far above any real client's.
@@ -89,39 +150,36 @@ def make_server(app: tornado.web.Application, settings: Settings) -> tornado.htt
     )
 
 
-async def drain(app: tornado.web.Application, grace: float) -> None:
-    """Let in-flight requests finish for ``grace`` seconds, then end the rest (issue 3)."""
+async def drain(app: tornado.web.Application, grace: float, now: asyncio.Event | None = None) -> None:
+    """Let in-flight requests finish for ``grace`` seconds, then end the rest (issue 3).
+
+    Responses from now on carry ``Connection: close`` (handlers/base.py), so
+    keep-alive clients move to another instance. ``now`` set (a second
+    signal) ends everything at once (issue 10).
+    """
+    app.settings["draining"] = True
     pool: UpstreamPool = app.settings["pool"]
     deadline = time.monotonic() + grace
-    while pool.handlers and time.monotonic() < deadline:
+    while pool.handlers and time.monotonic() < deadline and not (now and now.is_set()):
         await asyncio.sleep(0.05)
-    if pool.handlers:
+    if not pool.handlers:
+        return
+    if now and now.is_set():
+        log.warning("shutdown: second signal, ending %d requests in flight now", len(pool.handlers))
+    else:
         log.warning("shutdown: ending %d requests still in flight after %gs", len(pool.handlers), grace)
-        for handler in list(pool.handlers):
-            if handler.upstream_call is not None:
-                handler.upstream_call.abort("shutdown")
-        deadline = time.monotonic() + 3
-        while pool.handlers and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-
-
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name}
-        message = record.getMessage()
-        if record.name == "chat_gpt_proxy.access":
-            entry.update(json.loads(message))
-        else:
-            entry["message"] = message
-        return json.dumps(entry, ensure_ascii=False)
+    for handler in list(pool.handlers):
+        if handler.upstream_call is not None:
+            handler.upstream_call.abort("shutdown")
+    # Streams get their final error event, unless a second signal asks for no more waiting.
+    deadline = time.monotonic() + 3
+    while pool.handlers and time.monotonic() < deadline and not (now and now.is_set()):
+        await asyncio.sleep(0.05)
 
 
 def setup_logging(settings: Settings) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    if settings.log_format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    handler.setFormatter(JsonFormatter() if settings.log_format == "json" else TextFormatter())
     logging.basicConfig(level=settings.log_level, handlers=[handler], force=True)
 
 
@@ -156,32 +214,39 @@ async def start_demo_upstream(settings: Settings) -> Settings:
     log.warning(
         "DEMO MODE: requests go to the built-in fake OpenAI at %s, not to %s", fake.url, settings.openai_base_url
     )
-    # A demo (default access token, fake answers) is for this machine: it
-    # listens on all interfaces only when HOST says so.
-    host = settings.host if settings.host_given else "127.0.0.1"
-    return dataclasses.replace(settings, openai_base_url=fake.url, host=host)
+    return dataclasses.replace(settings, openai_base_url=fake.url)
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, sockets: list[socket.socket], ssl_context: ssl.SSLContext | None) -> None:
     if settings.demo_upstream:
         settings = await start_demo_upstream(settings)
     app = make_app(settings)
-    server = make_server(app, settings)
-    # A burst of new streams must not overflow the accept queue (default 128):
-    # a dropped SYN costs the client a one-second retransmit.
-    server.listen(settings.port, settings.host, backlog=4096)
+    server = make_server(app, settings, ssl_context)
+    server.add_sockets(sockets)
     scheme = "https" if settings.tls_certfile else "http"
     log.info("listening on %s://%s:%d", scheme, settings.host, settings.port)
-    stop = asyncio.Event()
+    stop, now = asyncio.Event(), asyncio.Event()
+
+    def on_signal() -> None:
+        (now if stop.is_set() else stop).set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     await stop.wait()
     pool: UpstreamPool = app.settings["pool"]
-    log.info("shutdown: no new connections; %d requests in flight", len(pool.handlers))
+    log.info(
+        "shutdown: no new connections; %d requests in flight (a second SIGTERM or SIGINT ends them now)",
+        len(pool.handlers),
+    )
     server.stop()
-    await drain(app, settings.shutdown_grace)
-    await server.close_all_connections()
+    # Requests read from now on are answered with Connection: close.
+    server.conn_params.no_keep_alive = True
+    await drain(app, settings.shutdown_grace, now)
+    try:
+        await asyncio.wait_for(server.close_all_connections(), 5)
+    except TimeoutError:
+        log.warning("shutdown: connections still open after 5 s; exiting anyway")
     pool.close()
     log.info("shutdown complete")
 
@@ -189,6 +254,10 @@ async def serve(settings: Settings) -> None:
 def main() -> None:
     try:
         settings = Settings.from_env()
+        # Operator mistakes found before anything runs: one line naming the
+        # variable, exit 2, never a traceback (issue 10).
+        ssl_context = tls_context(settings)
+        sockets = listen_sockets(settings)
     except SettingsError as exc:
         print("chat_gpt_proxy: invalid setting %s" % exc, file=sys.stderr)
         sys.exit(2)
@@ -197,7 +266,7 @@ def main() -> None:
         log.warning("ACCESS_TOKEN is not set: the default access token 123456 is in use; set ACCESS_TOKEN!")
     log.info("configuration: %s", json.dumps(settings.masked(), default=str))
     raise_fd_limit()
-    asyncio.run(serve(settings))
+    asyncio.run(serve(settings, sockets, ssl_context))
 
 
 if __name__ == "__main__":

@@ -10,10 +10,12 @@ import dataclasses
 import ipaddress
 import json
 import os
+import urllib.parse
 from collections.abc import Mapping
 from types import MappingProxyType
 
 from chat_gpt_proxy.cors import parse_origins
+from chat_gpt_proxy.generate_params import ParamsError, normalize_generate_params
 
 DEFAULT_ACCESS_TOKEN = "123456"  # noqa: S105 (the old service's documented default)
 
@@ -52,8 +54,6 @@ class Settings:
     tls_certfile: str = ""
     tls_keyfile: str = ""
     demo_upstream: bool = False
-    # Whether HOST was set: the demo mode listens on 127.0.0.1 unless it was (issue 10, point 13).
-    host_given: bool = False
     cors_allow_origins: tuple[str, ...] = ()
 
     @property
@@ -81,19 +81,30 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = _Env(os.environ if environ is None else environ)
-        tokens_raw = env.raw("ACCESS_TOKEN")
-        if tokens_raw is None:
-            # The old service called it ACCESS_KEY (issue 2: stay compatible).
-            tokens_raw = env.raw("ACCESS_KEY")
-        if tokens_raw is None:
-            tokens = (DEFAULT_ACCESS_TOKEN,)
-        else:
-            tokens = tuple(t.strip() for t in tokens_raw.split(",") if t.strip())
-            if not tokens:
-                raise SettingsError("ACCESS_TOKEN: must hold at least one non-empty token")
+        tokens = _access_tokens(env)
         base_url = env.str("OPENAI_BASE_URL", cls.openai_base_url).rstrip("/")
         if not base_url.startswith(("http://", "https://")):
             raise SettingsError(f"OPENAI_BASE_URL: must start with http:// or https://, got {base_url!r}")
+        try:
+            parts = urllib.parse.urlsplit(base_url)
+            parts.port  # noqa: B018 (raises ValueError for a port out of range)
+        except ValueError as exc:
+            raise SettingsError(f"OPENAI_BASE_URL: {exc} in {base_url!r}") from None
+        if not parts.hostname:
+            raise SettingsError(f"OPENAI_BASE_URL: no host in {base_url!r}")
+        allowed_models = env.csv("ALLOWED_MODELS")
+        if env.raw("ALLOWED_MODELS") is not None and not allowed_models:
+            raise SettingsError("ALLOWED_MODELS: lists no model; name models separated by commas, or unset it")
+        default_model = env.str("DEFAULT_MODEL", cls.default_model)
+        if allowed_models and default_model not in allowed_models:
+            raise SettingsError(f"DEFAULT_MODEL: {default_model!r} is not in ALLOWED_MODELS")
+        try:
+            # The rules a request's generate_params must follow (issue 10): else every request would fail.
+            default_params = normalize_generate_params(
+                dict(env.json_object("DEFAULT_GENERATE_PARAMS")), allowed_models, where="DEFAULT_GENERATE_PARAMS"
+            )
+        except ParamsError as exc:
+            raise SettingsError("DEFAULT_GENERATE_PARAMS: " + exc.message) from None
         log_format = env.str("LOG_FORMAT", cls.log_format).lower()
         if log_format not in ("text", "json"):
             raise SettingsError(f"LOG_FORMAT: must be 'text' or 'json', got {log_format!r}")
@@ -106,14 +117,16 @@ class Settings:
         for name, path in (("TLS_CERTFILE", certfile), ("TLS_KEYFILE", keyfile)):
             if path and not os.path.isfile(path):
                 raise SettingsError(f"{name}: no such file {path!r}")
+        demo = env.bool("DEMO_UPSTREAM", cls.demo_upstream)
         return cls(
             port=env.int("PORT", cls.port, 1, 65535),
-            host=env.str("HOST", cls.host),
-            host_given=env.raw("HOST") is not None,
+            # A demo (default access token, fake answers) is for this machine:
+            # it listens on all interfaces only when HOST says so (issue 10).
+            host=env.str("HOST", "127.0.0.1" if demo else cls.host),
             access_tokens=tokens,
             openai_base_url=base_url,
-            default_model=env.str("DEFAULT_MODEL", cls.default_model),
-            default_generate_params=env.json_object("DEFAULT_GENERATE_PARAMS"),
+            default_model=default_model,
+            default_generate_params=MappingProxyType(default_params),
             max_body_bytes=env.int("MAX_BODY_BYTES", cls.max_body_bytes, 1024, 1 << 31),
             max_answer_bytes=env.int("MAX_ANSWER_BYTES", cls.max_answer_bytes, 1024, 1 << 34),
             connect_timeout=env.float("CONNECT_TIMEOUT", cls.connect_timeout),
@@ -130,12 +143,27 @@ class Settings:
             log_level=log_level,
             metrics_enabled=env.bool("METRICS_ENABLED", cls.metrics_enabled),
             trusted_proxies=env.networks("TRUSTED_PROXIES"),
-            allowed_models=env.csv("ALLOWED_MODELS"),
+            allowed_models=allowed_models,
             tls_certfile=certfile,
             tls_keyfile=keyfile,
-            demo_upstream=env.bool("DEMO_UPSTREAM", cls.demo_upstream),
+            demo_upstream=demo,
             cors_allow_origins=env.origins("CORS_ALLOW_ORIGINS"),
         )
+
+
+def _access_tokens(env: _Env) -> tuple[str, ...]:
+    # The old service called it ACCESS_KEY (issue 2: stay compatible).
+    for name in ("ACCESS_TOKEN", "ACCESS_KEY"):
+        value = env.environ.get(name)
+        if value is None:
+            continue
+        # Set but empty (e.g. "ACCESS_TOKEN=${ACCESS_TOKEN}" with nothing to
+        # expand) must not quietly mean the public default token (issue 10).
+        tokens = tuple(t.strip() for t in value.split(",") if t.strip())
+        if not tokens:
+            raise SettingsError(f"{name}: is set but holds no token; set at least one (comma-separated)")
+        return tokens
+    return (DEFAULT_ACCESS_TOKEN,)
 
 
 def _mask(secret: str) -> str:

@@ -1,7 +1,9 @@
-"""Access log and Prometheus metrics (issue 3); /metrics is served by handlers/metrics.py.
+"""Logging and Prometheus metrics (issue 3); /metrics is served by handlers/metrics.py.
 
-One log line per request, never with a prompt, an answer, a token or a key.
-Metrics live in a registry per application, so tests see only their own.
+One access line per request, never with a prompt, an answer, a token or a key.
+Every log line is one line whatever a caller sends: text that comes from a
+request or from the upstream is escaped (issue 10). Metrics live in a
+registry per application, so tests see only their own.
 """
 
 from __future__ import annotations
@@ -9,11 +11,19 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import re
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 access_log = logging.getLogger("chat_gpt_proxy.access")
+
+# The longest text kept from one caller-controlled field (a model name can be
+# megabytes of JSON string).
+MAX_FIELD_CHARS = 200
+# Characters of an access-log field that are printable but would let a value
+# pass for several key=value fields, or make the escaping ambiguous.
+_FIELD_SPECIALS = re.compile(r'[ ="\\]')
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
@@ -80,8 +90,130 @@ def client_address(handler, trusted) -> str:
     return peer
 
 
+def _escape_char(char: str) -> str:
+    code = ord(char)
+    if code < 0x100:
+        return "\\x%02x" % code
+    return "\\u%04x" % code if code < 0x10000 else "\\U%08x" % code
+
+
+def escape_message(text: str) -> str:
+    """``text`` on one line: every character ``str.isprintable`` refuses is escaped.
+
+    That is C0 (CR, LF, ...), DEL, C1 (NEL U+0085 too), U+2028/U+2029,
+    format characters (bidi overrides) and lone surrogates.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _escape_char(c) for c in text)
+
+
+def escape_field(value: str) -> str:
+    """One access-log value: one line, and one ``key=value`` field (spaces, ``=``, quotes escaped)."""
+    value = value[:MAX_FIELD_CHARS]
+    if value.isprintable() and not _FIELD_SPECIALS.search(value):
+        return value
+    return "".join(c if c.isprintable() and c not in ' ="\\' else _escape_char(c) for c in value)
+
+
+def _json_escape_char(char: str) -> str:
+    code = ord(char)
+    if code < 0x10000:
+        return "\\u%04x" % code
+    code -= 0x10000
+    return "\\u%04x\\u%04x" % (0xD800 + (code >> 10), 0xDC00 + (code & 0x3FF))
+
+
+def json_line(obj) -> str:
+    """JSON on one line, readable UTF-8, but with no character that could break or garble a line.
+
+    ``json.dumps`` escapes C0 but, with ``ensure_ascii=False``, leaves DEL, C1,
+    U+2028/U+2029 and lone surrogates raw; they can only occur inside strings,
+    where ``\\uXXXX`` is their JSON spelling.
+    """
+    text = json.dumps(obj, ensure_ascii=False, default=str)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _json_escape_char(c) for c in text)
+
+
+class TextFormatter(logging.Formatter):
+    """``time LEVEL logger message``, the message escaped onto one line.
+
+    A record may carry ``traceback_text`` (our own stack frames, never request
+    data), which follows on its own lines.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return escape_message(super().formatMessage(record))
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        trace = getattr(record, "traceback_text", None)
+        return text + "\n" + trace.rstrip("\n") if trace else text
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; access lines become objects of their own fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name}
+        message = record.getMessage()
+        if record.name == access_log.name and message.startswith("{"):
+            entry.update(json.loads(message))
+        else:
+            entry["message"] = message
+        trace = getattr(record, "traceback_text", None)
+        if trace:
+            entry["traceback"] = trace
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json_line(entry)
+
+
 def _ms(seconds) -> float | None:
     return None if seconds is None else round(seconds * 1000, 2)
+
+
+def _field(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, (int, float)):
+        return str(value)
+    return escape_field(str(value))
+
+
+# nginx's status for "client closed request": what the access log and the
+# metrics show for a request whose client left before the status line.
+CLIENT_CLOSED_STATUS = 499
+
+
+def how_it_ended(handler) -> str:
+    """Why the response ended: ok, client_closed, client_stall, upstream_error or shutdown."""
+    call = getattr(handler, "upstream_call", None)
+    reason = call.abort_reason if call is not None else None
+    if reason in ("client_stall", "shutdown"):
+        return reason
+    if getattr(handler, "client_gone", False) or reason == "client_closed":
+        return "client_closed"
+    if getattr(handler, "upstream_failure", None):
+        return "upstream_error"
+    return "ok"
+
+
+def token_counts(usage) -> tuple[int | None, int | None]:
+    """(prompt, completion) tokens of an OpenAI ``usage`` object (Chat Completions,
+    Embeddings, or the Responses API's input/output names); None where absent."""
+    if not isinstance(usage, dict):
+        return None, None
+    counts = []
+    for names in (("prompt_tokens", "input_tokens"), ("completion_tokens", "output_tokens")):
+        value = next((usage[n] for n in names if n in usage), None)
+        counts.append(value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None)
+    return counts[0], counts[1]
 
 
 def log_request(handler) -> None:
@@ -91,33 +223,39 @@ def log_request(handler) -> None:
     started = getattr(handler, "started", now)
     call = getattr(handler, "upstream_call", None)
     status = handler.get_status()
+    if getattr(handler, "left_before_headers", False):
+        status = CLIENT_CLOSED_STATUS
     route = getattr(handler, "route_name", "other")
     upstream_s = call.headers_at - call.started_at if call is not None and call.headers_at else None
     first_byte = getattr(handler, "first_byte_at", None)
     ttfb_s = first_byte - started if first_byte else None
-    usage = getattr(handler, "usage", None)
+    prompt_tokens, completion_tokens = token_counts(getattr(handler, "usage", None))
     model = getattr(handler, "model", None)
+    if isinstance(model, str):
+        model = model[:MAX_FIELD_CHARS]
+    upstream_id = call.headers.get("x-request-id") if call is not None else None
     record = {
         "request_id": getattr(handler, "request_id", "-"),
         # OpenAI's id for the same request (what its support asks for).
-        "upstream_request_id": call.headers.get("x-request-id") if call is not None else None,
+        "upstream_request_id": upstream_id[:MAX_FIELD_CHARS] if upstream_id is not None else None,
         "client": client_address(handler, config.trusted_proxies),
         "method": handler.request.method,
-        "path": handler.request.path[:200],
+        "path": handler.request.path[:MAX_FIELD_CHARS],
         "status": status,
         "ms": _ms(now - started),
         "upstream_ms": _ms(upstream_s),
         "ttfb_ms": _ms(ttfb_s),
         "model": model,
-        "prompt_tokens": usage.get("prompt_tokens") if isinstance(usage, dict) else None,
-        "completion_tokens": usage.get("completion_tokens") if isinstance(usage, dict) else None,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
         "bytes": getattr(handler, "bytes_out", 0),
+        "end": how_it_ended(handler),
     }
     if access_log.isEnabledFor(logging.INFO):  # formatting costs time on every request
         if config.log_format == "json":
-            access_log.info(json.dumps(record, ensure_ascii=False))
+            access_log.info(json_line(record))
         else:
-            access_log.info(" ".join("%s=%s" % (k, "-" if v is None else v) for k, v in record.items()))
+            access_log.info(" ".join("%s=%s" % (k, _field(v)) for k, v in record.items()))
 
     metrics: Metrics | None = handler.settings.get("metrics")
     if metrics is None:
@@ -129,10 +267,10 @@ def log_request(handler) -> None:
         metrics.ttft.labels(route).observe(ttfb_s)
     elif call is not None and call.finished_at is not None and not call.stream:
         metrics.overhead.labels(route).observe(max(0.0, (now - started) - (call.finished_at - call.started_at)))
-    if isinstance(usage, dict) and isinstance(model, str):
-        for kind in ("prompt_tokens", "completion_tokens"):
-            if isinstance(usage.get(kind), int):
-                metrics.tokens.labels(model, kind.split("_")[0]).inc(usage[kind])
+    if isinstance(model, str):
+        for kind, count in (("prompt", prompt_tokens), ("completion", completion_tokens)):
+            if count is not None:
+                metrics.tokens.labels(model, kind).inc(count)
     kind = getattr(handler, "upstream_failure", None)
     if kind:
         metrics.upstream_errors.labels(kind).inc()

@@ -150,6 +150,12 @@ class BaseHandler(RequestHandler):
         self.upstream_failure: str | None = None
         # When the pending flush to the client began (None: none pending).
         self.flush_started: float | None = None
+        self.pending_flush = None
+        # The client closed its connection before the response was complete,
+        # and whether our status line had been written by then (issue 10:
+        # if not, the access log and metrics say 499, not the unsent status).
+        self.client_gone = False
+        self.left_before_headers = False
 
     def write(self, chunk) -> None:
         if isinstance(chunk, bytes):
@@ -160,7 +166,7 @@ class BaseHandler(RequestHandler):
     def request_id(self) -> str:
         if not hasattr(self, "_request_id"):
             given = self.request.headers.get("x-request-id", "")
-            self._request_id = given if REQUEST_ID_RE.match(given) else uuid.uuid4().hex
+            self._request_id = given if REQUEST_ID_RE.fullmatch(given) else uuid.uuid4().hex
         return self._request_id
 
     def set_default_headers(self) -> None:
@@ -173,6 +179,11 @@ class BaseHandler(RequestHandler):
         self.set_header("X-Content-Type-Options", "nosniff")
 
     def flush(self, include_footers: bool = False):
+        if self.settings.get("draining"):
+            # Shutting down: this connection ends with this response (Tornado
+            # then sends Connection: close), so a keep-alive client sends its
+            # next request to another instance (issue 10).
+            self.request.connection._disconnect_on_finish = True
         # Every answer, errors and streams included, gets its CORS headers
         # here, with the headers it is about to send (issue 10).
         if not self._headers_written and not self._is_preflight():
@@ -394,10 +405,10 @@ class BaseHandler(RequestHandler):
         # A bug. Log where it happened, but not the exception's message or the
         # request: either could hold a key or a prompt.
         log.error(
-            "unexpected error request_id=%s type=%s\n%s",
+            "unexpected error request_id=%s type=%s",
             self.request_id,
             typ.__name__,
-            "".join(traceback.format_tb(tb)),
+            extra={"traceback_text": "".join(traceback.format_tb(tb))},
         )
 
     # -- disconnects
@@ -405,6 +416,9 @@ class BaseHandler(RequestHandler):
     def on_connection_close(self) -> None:
         # Fails a pending request body, so that the handler does not wait for it forever.
         super().on_connection_close()
+        if not self.client_gone:
+            self.client_gone = True
+            self.left_before_headers = not self._headers_written
         # The client left: stop paying for tokens nobody will read (issue 2).
         call = self.upstream_call
         if call is not None and call.abort_reason is None and call.finished_at is None:
@@ -414,11 +428,22 @@ class BaseHandler(RequestHandler):
     async def flush_or_abort(self) -> bool:
         """Flush to the client; False (and the upstream aborted) if the client is gone."""
         self.flush_started = time.monotonic()
+        self.pending_flush = self.flush()
         try:
-            await self.flush()
+            await self.pending_flush
         except StreamClosedError:
             self.on_connection_close()
             return False
         finally:
-            self.flush_started = None
+            self.flush_started = self.pending_flush = None
         return self.request.connection.stream is not None and not self.request.connection.stream.closed()
+
+    def drop_client(self) -> None:
+        """Close the client's connection now, even with a flush pending."""
+        self.request.connection.close()
+        # HTTP1Connection.close() forgets the future of a pending write, which
+        # then never resolves: fail it, or the relay loop waits forever and
+        # its handler stays in flight (seen with a stalled client, issue 10).
+        flush = self.pending_flush
+        if flush is not None and not flush.done():
+            flush.set_exception(StreamClosedError())

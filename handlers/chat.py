@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from .base import ApiError, check_model_allowed, dumps
+from chat_gpt_proxy.generate_params import ParamsError, normalize_generate_params
+
+from .base import ApiError, dumps
 from .info import UsagePageMixin
 from .proxy import ProxyHandler, without_content
-
-# Keys of generate_params that the proxy itself fills in.
-OWNED_KEYS = ("messages",)
 
 WHAT_TO_SEND = (
     'Send a JSON object with either "prompt" (a non-empty string) or "messages" '
@@ -39,27 +38,16 @@ def build_chat_request(body: dict, config) -> dict:
             raise bad_request('"messages" must be a non-empty list of objects. ' + WHAT_TO_SEND)
 
     params = body.get("generate_params")
-    if params is None:
-        params = {}
-    if not isinstance(params, dict):
-        raise bad_request('"generate_params" must be an object, e.g. {"model_name": "gpt-4o-mini"}.')
-    for key in OWNED_KEYS:
-        if key in params:
-            raise bad_request('"generate_params" must not contain "%s": send it at the top level.' % key)
-    params = dict(params)
-    model_name = params.pop("model_name", None)
-    if model_name is not None and "model" in params and params["model"] != model_name:
-        raise bad_request('"generate_params" has "model_name" and "model" with different values: send one.')
-    if model_name is not None:
-        params["model"] = model_name
-
-    payload = {"model": config.default_model, **config.default_generate_params, **params, "messages": messages}
-    model = payload["model"]
-    if not isinstance(model, str) or not model:
-        raise bad_request('"model_name" must be a non-empty string.')
-    check_model_allowed(config, model)
-    if "stream" in payload and not isinstance(payload["stream"], bool):
-        raise bad_request('"generate_params.stream" must be true or false.')
+    try:
+        params = normalize_generate_params({} if params is None else params, config.allowed_models)
+        # Settings built in code skip the startup check of the defaults: check what is sent.
+        payload = normalize_generate_params(
+            {"model": config.default_model, **config.default_generate_params, **params}, config.allowed_models
+        )
+    except ParamsError as exc:
+        type_ = "permission_denied" if exc.status == 403 else "invalid_request_error"
+        raise ApiError(exc.status, exc.message, type_, exc.code) from None
+    payload["messages"] = messages
     return payload
 
 

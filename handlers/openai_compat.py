@@ -8,6 +8,7 @@ use OpenAI's error shape, so SDKs raise their usual exception classes.
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 from urllib.parse import unquote
 
@@ -40,6 +41,9 @@ DROPPED_RESPONSE_HEADERS = HOP_BY_HOP_HEADERS | {
 
 # Answers up to this size are relayed whole, with their Content-Length.
 SMALL_BODY = 1024 * 1024
+# JSON answers up to this size are parsed for their token usage (issue 10);
+# a chat completion is a few KiB, and parsing costs event-loop time.
+USAGE_PARSE_LIMIT = 256 * 1024
 
 # Characters allowed in a relayed path or query (RFC 3986 pchar, '/', '?').
 SAFE_PATH_RE = re.compile(r"^[A-Za-z0-9._~!$&'()*+,;=:@%/-]*$")
@@ -172,6 +176,7 @@ class OpenAIHandler(ProxyHandler):
                 body = await call.read_all(SMALL_BODY)
             except UpstreamError as exc:
                 raise self.upstream_failed(exc) from None
+            self.note_usage(call, body)
             self.finish(body)
             return
         watch = StreamWatch(self, None, self.config.client_stall_timeout)
@@ -179,6 +184,21 @@ class OpenAIHandler(ProxyHandler):
             await self._relay_chunks(call)
         finally:
             watch.stop()
+
+    def note_usage(self, call, body: bytes) -> None:
+        """Keep the token usage of a small JSON answer for the access log and metrics, as /chat_complete does."""
+        if (
+            200 <= call.status < 300
+            and len(body) <= USAGE_PARSE_LIMIT
+            and b'"usage"' in body
+            and "json" in call.headers.get("Content-Type", "")
+        ):
+            try:
+                answer = json.loads(body)
+            except (ValueError, RecursionError):
+                return
+            if isinstance(answer, dict):
+                self.usage = answer.get("usage")
 
     async def _relay_chunks(self, call) -> None:
         while True:

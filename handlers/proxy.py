@@ -193,8 +193,10 @@ class ProxyHandler(BaseHandler):
         for event in events.split(b"\n\n"):
             if event.startswith(b"data: {") and b'"usage":{' in event:
                 try:
-                    usage = json.loads(event[6:]).get("usage")
-                except (ValueError, AttributeError):
+                    parsed = json.loads(event[6:])
+                    # The Responses API reports it inside its final "response" object.
+                    usage = parsed.get("usage") or (parsed.get("response") or {}).get("usage")
+                except (ValueError, AttributeError, RecursionError):
                     continue
                 if isinstance(usage, dict):
                     self.usage = usage
@@ -239,7 +241,7 @@ class StreamWatch:
             log.warning("client stalled request_id=%s kind=client_stall seconds=%g", handler.request_id, self.stall)
             if handler.upstream_call is not None:
                 handler.upstream_call.abort("client_stall")
-            handler.request.connection.close()
+            handler.drop_client()
             self.timer = None
             return
         if (

@@ -54,7 +54,7 @@ class _RunLog(logging.Handler):
         self.lines: list[str] = []
 
     def emit(self, record):
-        text = record.getMessage()
+        text = record.getMessage() + getattr(record, "traceback_text", "")
         if record.exc_info:
             text += logging.Formatter().formatException(record.exc_info)
         self.lines.append(text)

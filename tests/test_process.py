@@ -2,7 +2,12 @@
 
 import asyncio
 import json
+import os
+import shutil
 import signal
+import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -10,7 +15,7 @@ import tornado.httpclient
 
 from chat_gpt_proxy.fake_openai import Behaviour
 from tests.conftest import OPENAI_KEY
-from tests.procs import ServerProcess
+from tests.procs import ROOT, ServerProcess, free_port
 
 TOKEN = "proc-ACCESS-TOKEN-91c2"
 
@@ -58,7 +63,7 @@ async def wait_for(predicate, timeout=5.0):
 
 @pytest.mark.gen_test(timeout=30)
 async def test_startup_warns_about_default_token_and_masks_config(start_server):
-    server = await start_server(ACCESS_KEY="")
+    server = await start_server()  # neither ACCESS_TOKEN nor ACCESS_KEY in its environment
     server.signal(signal.SIGINT)
     assert await server.wait_exit(10) == 0
     out = server.output()
@@ -106,3 +111,159 @@ async def test_sigterm_ends_streams_past_the_grace_with_error_event(start_server
     assert 0.4 < ended - signalled < 5
     assert await server.wait_exit(10) == 0
     await fake_openai.wait_abort(timeout=3)
+
+
+# -- operator mistakes (issue 10): one line naming the variable and the cause, exit 2, no traceback
+
+
+def refused_start(env: dict, wrapper: tuple = ()) -> str:
+    """Run ``python server.py`` expecting it to refuse to start; returns its one line of output."""
+    full_env = {k: v for k, v in os.environ.items() if k not in ("ACCESS_TOKEN", "ACCESS_KEY")}
+    full_env.update({"ACCESS_TOKEN": TOKEN, "HOST": "127.0.0.1", "PORT": str(free_port()), **env})
+    proc = subprocess.run(
+        [*wrapper, sys.executable, "server.py"], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=30
+    )
+    output = (proc.stdout + proc.stderr).strip()
+    assert proc.returncode == 2, output
+    assert len(output.splitlines()) == 1 and "Traceback" not in output, output
+    return output
+
+
+@pytest.fixture(scope="module")
+def two_certificates(tmp_path_factory):
+    """Two self-signed certificates and their keys, made by the project's own script."""
+    pairs = []
+    for name in ("a", "b"):
+        directory = tmp_path_factory.mktemp("tls-" + name)
+        result = subprocess.run(
+            ["bash", "deploy/nginx/make-cert.sh", str(directory), "127.0.0.1"], cwd=ROOT, capture_output=True
+        )
+        assert result.returncode == 0, result.stderr
+        pairs.append((str(directory / "chat_gpt_proxy.crt"), str(directory / "chat_gpt_proxy.key")))
+    return pairs
+
+
+def test_port_already_in_use():
+    taken = socket.socket()
+    try:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        line = refused_start({"PORT": str(port)})
+    finally:
+        taken.close()
+    assert line.startswith("chat_gpt_proxy: invalid setting PORT: %d is already in use" % port), line
+
+
+@pytest.mark.parametrize(
+    "host,cause",
+    [("no-such-host.invalid", "cannot resolve"), ("203.0.113.7", "not an address of this machine")],
+)
+def test_host_that_cannot_be_listened_on(host, cause):
+    line = refused_start({"HOST": host})
+    assert "invalid setting HOST: " in line and cause in line, line
+
+
+@pytest.mark.parametrize(
+    "problem,variable,cause",
+    [
+        ("key of another certificate", "TLS_KEYFILE", "is not the key of the certificate"),
+        ("garbage certificate", "TLS_CERTFILE", "no PEM certificate"),
+        ("garbage key", "TLS_KEYFILE", "no PEM private key"),
+        ("certificate as key", "TLS_KEYFILE", "no PEM private key"),
+        ("encrypted key", "TLS_KEYFILE", "is encrypted"),
+    ],
+)
+def test_unusable_tls_files(two_certificates, tmp_path, problem, variable, cause):
+    (cert_a, key_a), (cert_b, key_b) = two_certificates
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n")
+    encrypted = tmp_path / "encrypted.key"
+    subprocess.run(
+        ["openssl", "pkey", "-in", key_a, "-aes256", "-passout", "pass:secret1", "-out", str(encrypted)], check=True
+    )
+    cert, key = {
+        "key of another certificate": (cert_a, key_b),
+        "garbage certificate": (str(garbage), key_a),
+        "garbage key": (cert_a, str(garbage)),
+        "certificate as key": (cert_a, cert_a),
+        "encrypted key": (cert_a, str(encrypted)),
+    }[problem]
+    line = refused_start({"TLS_CERTFILE": cert, "TLS_KEYFILE": key})
+    assert "invalid setting %s: " % variable in line and cause in line, line
+
+
+def test_unreadable_tls_key(two_certificates, tmp_path):
+    (cert, key), _ = two_certificates
+    unreadable = tmp_path / "unreadable.key"
+    shutil.copy(key, unreadable)
+    unreadable.chmod(0)
+    # root reads any file: run the server without the capabilities that allow it.
+    wrapper = ("setpriv", "--bounding-set=-dac_override,-dac_read_search") if os.geteuid() == 0 else ()
+    line = refused_start({"TLS_CERTFILE": cert, "TLS_KEYFILE": str(unreadable)}, wrapper)
+    assert "invalid setting TLS_KEYFILE: cannot read" in line and "Permission denied" in line, line
+
+
+# -- shutdown (issue 10): a second signal ends the drain at once; Connection: close while draining
+
+
+@pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.gen_test(timeout=30)
+async def test_second_signal_ends_the_drain_at_once(start_server, fake_openai, second):
+    server = await start_server(ACCESS_TOKEN=TOKEN, SHUTDOWN_GRACE=60)
+    fake_openai.push(Behaviour(chunks=["tok "] * 200, delay=0.2))
+    chunks = []
+    request = asyncio.ensure_future(stream_request(server.url, chunks))
+    await wait_for(lambda: any(b'"content":"tok "' in c for _, c in chunks))
+    server.signal(signal.SIGTERM)
+    await asyncio.sleep(0.5)
+    assert server.proc.poll() is None, "still draining: the grace is 60 s"
+    signalled = time.monotonic()
+    server.signal(second)
+    assert await server.wait_exit(10) == 0
+    assert time.monotonic() - signalled < 5
+    await fake_openai.wait_abort(timeout=3)
+    # The client's stream is cut (no [DONE]): it knows the answer is incomplete.
+    await asyncio.wait([request], timeout=5)
+    assert request.done()
+    request.exception()  # retrieved: the client library reports the cut connection as an error
+    assert not b"".join(c for _, c in chunks).endswith(b"data: [DONE]\n\n")
+    output = server.output()
+    assert "second signal, ending 1 requests in flight now" in output and "shutdown complete" in output
+    assert "Traceback" not in output and "Error" not in output
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_answers_during_the_drain_close_the_connection(start_server, fake_openai):
+    server = await start_server(ACCESS_TOKEN=TOKEN, SHUTDOWN_GRACE=10)
+    fake_openai.push(Behaviour(first_delay=1.0))
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        body = b'{"prompt": "x"}'
+        writer.write(
+            b"POST /chat_complete HTTP/1.1\r\nHost: x\r\naccess-token: %s\r\nopenai-token: %s\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (TOKEN.encode(), OPENAI_KEY.encode(), len(body), body)
+        )
+        await writer.drain()
+        await wait_for(lambda: fake_openai.received)
+        server.signal(signal.SIGTERM)
+        answer = await asyncio.wait_for(reader.read(), 10)  # to EOF: the proxy closes the connection
+    finally:
+        writer.close()
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and json.loads(payload)["text"] == "Echo: x"
+    assert b"\r\nConnection: close" in head
+    assert await server.wait_exit(10) == 0
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_keep_alive_answers_before_shutdown_keep_the_connection(start_server, fake_openai):
+    """The contrast to the test above: outside a drain, HTTP/1.1 connections stay open."""
+    server = await start_server(ACCESS_TOKEN=TOKEN)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200 ") and b"Connection: close" not in head
+    finally:
+        writer.close()

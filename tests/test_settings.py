@@ -56,6 +56,22 @@ def test_base_url_trailing_slash_and_default_params():
         ("TRUSTED_PROXIES", "10.0.0.0/8,not-an-ip"),
         ("ACCESS_TOKEN", ",,"),
         ("TLS_CERTFILE", "/nonexistent/cert.pem"),
+        # Set but empty: not the public default token 123456 (issue 10).
+        ("ACCESS_TOKEN", ""),
+        ("ACCESS_TOKEN", "  "),
+        ("ACCESS_KEY", ""),
+        ("ACCESS_KEY", " , "),
+        ("ALLOWED_MODELS", " , ,"),
+        ("OPENAI_BASE_URL", "http://"),
+        ("OPENAI_BASE_URL", "https:///v1"),
+        ("OPENAI_BASE_URL", "http://:8080/v1"),
+        ("OPENAI_BASE_URL", "http://api.example:99999/v1"),
+        # What a request's generate_params may not hold, DEFAULT_GENERATE_PARAMS may not either.
+        ("DEFAULT_GENERATE_PARAMS", '{"messages": [{"role": "user", "content": "x"}]}'),
+        ("DEFAULT_GENERATE_PARAMS", '{"stream": "yes"}'),
+        ("DEFAULT_GENERATE_PARAMS", '{"model": ""}'),
+        ("DEFAULT_GENERATE_PARAMS", '{"model_name": 5}'),
+        ("DEFAULT_GENERATE_PARAMS", '{"model": "gpt-4o", "model_name": "gpt-4o-mini"}'),
     ],
 )
 def test_invalid_values_name_the_variable(name, value):
@@ -68,16 +84,57 @@ def test_invalid_values_name_the_variable(name, value):
     assert message.startswith(name + ":") and "\n" not in message
 
 
+@pytest.mark.parametrize(
+    "name,env",
+    [
+        ("DEFAULT_MODEL", {"ALLOWED_MODELS": "gpt-4o"}),
+        ("DEFAULT_MODEL", {"ALLOWED_MODELS": "gpt-4o", "DEFAULT_MODEL": "gpt-4.1"}),
+        ("DEFAULT_GENERATE_PARAMS", {"ALLOWED_MODELS": "gpt-4o-mini", "DEFAULT_GENERATE_PARAMS": '{"model": "o3"}'}),
+        (
+            "DEFAULT_GENERATE_PARAMS",
+            {"ALLOWED_MODELS": "gpt-4o-mini", "DEFAULT_GENERATE_PARAMS": '{"model_name": "o3"}'},
+        ),
+        ("ACCESS_TOKEN", {"ACCESS_TOKEN": "", "ACCESS_KEY": "legacy-token"}),
+    ],
+)
+def test_settings_that_contradict_each_other_name_the_variable(name, env):
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env(env)
+    message = str(info.value)
+    assert message.startswith(name + ":") and "\n" not in message
+
+
+def test_consistent_settings_are_accepted():
+    s = Settings.from_env(
+        {
+            "ALLOWED_MODELS": "gpt-4o-mini, gpt-4o",
+            "DEFAULT_MODEL": "gpt-4o",
+            "DEFAULT_GENERATE_PARAMS": '{"model_name": "gpt-4o-mini", "stream": false, "temperature": 0}',
+            "OPENAI_BASE_URL": "http://[::1]:8081/v1",
+        }
+    )
+    assert s.allowed_models == ("gpt-4o-mini", "gpt-4o") and s.default_model == "gpt-4o"
+    # model_name is the caller's spelling: upstream it is model, as for a request.
+    assert dict(s.default_generate_params) == {"model": "gpt-4o-mini", "stream": False, "temperature": 0}
+    # An empty ALLOWED_MODELS is unset, like every other variable; only ACCESS_TOKEN/ACCESS_KEY refuse empty.
+    assert Settings.from_env({"ALLOWED_MODELS": ""}).allowed_models == ()
+    assert Settings.from_env({"ACCESS_TOKEN": "tok", "ACCESS_KEY": ""}).access_tokens == ("tok",)
+
+
 def test_masked_hides_every_token():
     s = Settings.from_env({"ACCESS_TOKEN": "supersecret-token-1,tok2"})
     text = repr(s.masked())
     assert "supersecret-token-1" not in text and "tok2" not in text
 
 
-def test_server_refuses_to_start_with_one_line_error():
+@pytest.mark.parametrize(
+    "name,value",
+    [("PORT", "not-a-port"), ("ACCESS_TOKEN", ""), ("DEFAULT_GENERATE_PARAMS", '{"messages": []}')],
+)
+def test_server_refuses_to_start_with_one_line_error(name, value):
     env = {k: v for k, v in os.environ.items() if k not in ("ACCESS_TOKEN", "ACCESS_KEY")}
-    env["PORT"] = "not-a-port"
+    env[name] = value
     proc = subprocess.run([sys.executable, "server.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "PORT" in lines[0], proc.stderr
+    assert len(lines) == 1 and name + ":" in lines[0], proc.stderr
