@@ -93,37 +93,18 @@ def check_model_allowed(config, model: str | None) -> None:
         )
 
 
-@stream_request_body
-class BaseHandler(RequestHandler):
-    """Auth, body parsing (size-limited while it arrives), JSON errors."""
+class ApiMixin:
+    """What every API surface shares, HTTP and WebSocket alike: request ids,
+    the access token (and its rate limit), the caller's OpenAI key, JSON errors.
+
+    Mixed into ``BaseHandler`` (HTTP routes) and into the realtime WebSocket
+    handler, which must refuse an upgrade exactly as /v1/* refuses a request.
+    """
 
     # Routes that are public (health, usage page, metrics) set this to False.
     requires_access_token = True
-    # Methods that need no token on routes that otherwise do (the usage page
-    # at GET /chat_complete); /v1/* has none: every call there is an API call.
-    public_methods: tuple[str, ...] = ("GET", "HEAD", "OPTIONS")
     # The route label in metrics.
     route_name = "other"
-
-    def initialize(self) -> None:
-        self.config = self.settings["config"]
-        self._body_parts: list[bytes] = []
-        self._body_size = 0
-        self.started = time.monotonic()
-        self.upstream_call = None
-        # What the access log reports (handlers/observability.py).
-        self.model: str | None = None
-        self.usage: dict | None = None
-        self.bytes_out = 0
-        self.first_byte_at: float | None = None
-        self.upstream_failure: str | None = None
-        # When the pending flush to the client began (None: none pending).
-        self.flush_started: float | None = None
-
-    def write(self, chunk) -> None:
-        if isinstance(chunk, bytes):
-            self.bytes_out += len(chunk)
-        super().write(chunk)
 
     @property
     def request_id(self) -> str:
@@ -138,17 +119,11 @@ class BaseHandler(RequestHandler):
 
     # -- authentication
 
-    def prepare(self) -> None:
-        if self.requires_access_token and self.request.method not in self.public_methods:
-            self.check_access_token()
-        declared = self.request.headers.get("Content-Length")
-        if declared is not None and declared.isdigit() and int(declared) > self.config.max_body_bytes:
-            raise self.too_large()
-        if self.request.method in ("POST", "PUT", "PATCH"):
-            self.request.connection.set_max_body_size(self.config.max_body_bytes + 1)
+    def presented_access_token(self) -> str:
+        return self.request.headers.get("access-token", "")
 
     def check_access_token(self) -> None:
-        given = self.request.headers.get("access-token", "").encode("utf-8", "surrogateescape")
+        given = self.presented_access_token().encode("utf-8", "surrogateescape")
         matched = None
         for token in self.config.access_tokens:
             # Compare against every token so timing reveals neither which nor how much matched.
@@ -184,34 +159,6 @@ class BaseHandler(RequestHandler):
         if not API_KEY_RE.match(key):
             raise ApiError(401, "The OpenAI key is malformed.", "authentication_error", malformed)
         return key
-
-    # -- the request body, read as it arrives so that an oversized one is refused early
-
-    def data_received(self, chunk: bytes) -> None:
-        self._body_size += len(chunk)
-        if self._body_size > self.config.max_body_bytes:
-            raise self.too_large()
-        self._body_parts.append(chunk)
-
-    @property
-    def body(self) -> bytes:
-        return b"".join(self._body_parts)
-
-    def too_large(self) -> ApiError:
-        return ApiError(
-            413, "Request body is larger than %d bytes." % self.config.max_body_bytes, code="request_too_large"
-        )
-
-    def json_body(self) -> dict:
-        try:
-            parsed = loads(self.body)
-        except (ValueError, RecursionError):
-            raise ApiError(
-                400, "The request body is not valid JSON: send a JSON object.", code="invalid_json"
-            ) from None
-        if not isinstance(parsed, dict):
-            raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
-        return parsed
 
     # -- errors
 
@@ -251,6 +198,72 @@ class BaseHandler(RequestHandler):
             typ.__name__,
             "".join(traceback.format_tb(tb)),
         )
+
+
+@stream_request_body
+class BaseHandler(ApiMixin, RequestHandler):
+    """Auth, body parsing (size-limited while it arrives), JSON errors."""
+
+    # Methods that need no token on routes that otherwise do (the usage page
+    # at GET /chat_complete); /v1/* has none: every call there is an API call.
+    public_methods: tuple[str, ...] = ("GET", "HEAD", "OPTIONS")
+
+    def initialize(self) -> None:
+        self.config = self.settings["config"]
+        self._body_parts: list[bytes] = []
+        self._body_size = 0
+        self.started = time.monotonic()
+        self.upstream_call = None
+        # What the access log reports (handlers/observability.py).
+        self.model: str | None = None
+        self.usage: dict | None = None
+        self.bytes_out = 0
+        self.first_byte_at: float | None = None
+        self.upstream_failure: str | None = None
+        # When the pending flush to the client began (None: none pending).
+        self.flush_started: float | None = None
+
+    def write(self, chunk) -> None:
+        if isinstance(chunk, bytes):
+            self.bytes_out += len(chunk)
+        super().write(chunk)
+
+    def prepare(self) -> None:
+        if self.requires_access_token and self.request.method not in self.public_methods:
+            self.check_access_token()
+        declared = self.request.headers.get("Content-Length")
+        if declared is not None and declared.isdigit() and int(declared) > self.config.max_body_bytes:
+            raise self.too_large()
+        if self.request.method in ("POST", "PUT", "PATCH"):
+            self.request.connection.set_max_body_size(self.config.max_body_bytes + 1)
+
+    # -- the request body, read as it arrives so that an oversized one is refused early
+
+    def data_received(self, chunk: bytes) -> None:
+        self._body_size += len(chunk)
+        if self._body_size > self.config.max_body_bytes:
+            raise self.too_large()
+        self._body_parts.append(chunk)
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(self._body_parts)
+
+    def too_large(self) -> ApiError:
+        return ApiError(
+            413, "Request body is larger than %d bytes." % self.config.max_body_bytes, code="request_too_large"
+        )
+
+    def json_body(self) -> dict:
+        try:
+            parsed = loads(self.body)
+        except (ValueError, RecursionError):
+            raise ApiError(
+                400, "The request body is not valid JSON: send a JSON object.", code="invalid_json"
+            ) from None
+        if not isinstance(parsed, dict):
+            raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
+        return parsed
 
     # -- disconnects
 
