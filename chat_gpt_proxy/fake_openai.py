@@ -453,8 +453,10 @@ class RealtimeBehaviour:
     the handshake with ``status`` and an OpenAI error object), ``close`` (after
     ``after`` received messages, closes with ``code`` and ``reason``), ``drop``
     (after ``after`` received messages, closes TCP without a close frame),
-    ``stall`` (after ``after`` received messages, stops reading), ``flood``
-    (sends ``size``-byte text messages as fast as the connection takes them).
+    ``stall`` (after ``after`` received messages, stops reading, and so
+    answers no ping), ``flood`` (sends ``size``-byte text messages as fast as
+    the connection takes them), ``hang`` (answers the handshake only after
+    ``delay`` seconds).
     ``delay`` is the pause before each delta.
     """
 
@@ -512,8 +514,10 @@ class RealtimeSocket(tornado.websocket.WebSocketHandler):
         self.set_header("x-request-id", "req_fake_" + uuid.uuid4().hex[:12])
         self.finish(to_json(error_object(behaviour)))
 
-    def prepare(self) -> None:
+    async def prepare(self) -> None:
         self.behaviour = self.fake.realtime_script.popleft() if self.fake.realtime_script else RealtimeBehaviour()
+        if self.behaviour.kind == "hang":
+            await asyncio.sleep(self.behaviour.delay)
         self.record = None
         self.closing = asyncio.Event()
         self.last_text = "Hello from the fake realtime API"

@@ -39,6 +39,7 @@ from tornado.websocket import WebSocketClosedError
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as _connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
+from websockets.protocol import State
 
 from .upstream import USER_AGENT, UpstreamError
 
@@ -346,6 +347,13 @@ class RealtimeSession:
                 # frame. Tornado waits 5 s more for one; the upstream need not.
                 self.closed_by, self.close_code, self.end_reason = "proxy", 1006, "client_lost"
                 self._spawn(self._close_upstream(*mirrored_close(None, "")))
+            elif self.upstream.state is State.CLOSING and self.upstream.protocol.close_sent is not None:
+                # websockets is closing the upstream itself (no pong to its
+                # ping, an oversized message) and waits CLOSE_TIMEOUT for the
+                # upstream's answer: the client need not wait with it.
+                sent = self.upstream.protocol.close_sent
+                self.closed_by, self.close_code, self.end_reason = "proxy", sent.code, "upstream_lost"
+                self.client.close(*mirrored_close(sent.code, sent.reason))
             elif (
                 self.writing_since is None
                 and self.sending_since is None

@@ -7,6 +7,8 @@ tests/test_realtime_browser.py drives Chromium.
 
 import asyncio
 import base64
+import contextlib
+import io
 import json
 import logging
 import os
@@ -20,6 +22,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from chat_gpt_proxy.fake_openai import RealtimeBehaviour
 from server import drain
 from tests.conftest import ACCESS_TOKEN, OPENAI_KEY
+from tests.test_readme import localize, snippet
 
 # The test clients' own handshake trace (their access-token and Authorization
 # headers) is not the proxy's output; the proxy's upstream leg logs through
@@ -37,6 +40,18 @@ async def until(condition, timeout: float) -> bool:
             return False
         await asyncio.sleep(0.02)
     return True
+
+
+@pytest.fixture(autouse=True)
+def _sessions_end(proxy, app, io_loop):
+    """Every session a test opened has ended on both sides before the servers stop."""
+    yield
+    pool = app.settings["pool"]
+
+    async def ended():
+        return await until(lambda: not pool.handlers, 5)
+
+    assert io_loop.run_sync(ended), "a realtime session outlived its test"
 
 
 def ws_url(base_url: str, query: str = "?model=gpt-realtime") -> str:
@@ -351,6 +366,49 @@ async def test_refusals_before_the_upgrade(proxy, fake_openai, base_url):
         assert json.loads(await ws.recv())["type"] == "session.created"
 
 
+@pytest.mark.settings(connect_timeout=0.5)
+@pytest.mark.gen_test(timeout=20)
+async def test_slow_upstream_handshake_is_504(proxy, fake_openai, base_url):
+    fake_openai.push_realtime(RealtimeBehaviour(kind="hang", delay=2))
+    status, body, _ = await refusal(base_url)
+    assert status == 504 and body["error"]["code"] == "upstream_timeout"
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_unreachable_upstream_is_502(proxy, fake_openai, base_url, app):
+    await fake_openai.stop()
+    status, body, _ = await refusal(base_url)
+    assert status == 502 and body["error"]["code"] == "upstream_connect"
+    assert app.settings["pool"].handlers == set()
+
+
+@pytest.mark.settings(ws_ping_interval=0.3)
+@pytest.mark.gen_test(timeout=20)
+async def test_upstream_that_answers_no_ping_ends_the_session(proxy, fake_openai, base_url):
+    fake_openai.push_realtime(RealtimeBehaviour(kind="stall"))
+    async with connect(base_url) as ws:  # this client answers the proxy's pings
+        await ws.recv()
+        await ws.send("{}")
+        with pytest.raises(ConnectionClosed) as info:
+            # Ping after 0.3 s, no pong by 0.6 s: the client hears of it at once.
+            await asyncio.wait_for(ws.recv(), 3)
+    assert (info.value.rcvd.code, info.value.rcvd.reason) == (1011, "keepalive ping timeout")
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_readme_python_snippet(proxy, fake_openai, base_url):
+    language, code = snippet("python-realtime")
+    assert language == "python"
+    out = io.StringIO()
+
+    def run():
+        with contextlib.redirect_stdout(out):
+            exec(compile(localize(code, base_url), "python-realtime", "exec"), {})
+
+    await proxy.in_thread(run)
+    assert out.getvalue().strip() == "Echo: Привет!"
+
+
 @pytest.mark.gen_test(timeout=20)
 async def test_plain_get_is_a_json_error(proxy):
     response = await proxy.request("/v1/realtime?model=gpt-realtime", method="GET")
@@ -390,13 +448,13 @@ async def test_sessions_count_in_the_concurrency_cap(proxy, fake_openai, base_ur
 @pytest.mark.gen_test(timeout=20)
 async def test_subprotocol_tokens_and_selection(proxy, fake_openai, base_url):
     protocols = ["realtime", "access-token." + ACCESS_TOKEN, "openai-insecure-api-key." + OPENAI_KEY]
-    async with websockets.connect(ws_url(base_url), subprotocols=protocols) as ws:
+    async with websockets.connect(ws_url(base_url), subprotocols=[*protocols, "openai-beta.realtime-v1"]) as ws:
         assert ws.subprotocol == "realtime"
         assert json.loads(await ws.recv())["type"] == "session.created"
         assert ACCESS_TOKEN not in str(ws.response.headers) and OPENAI_KEY not in str(ws.response.headers)
     seen = await fake_openai.wait_realtime_session()
     assert seen.headers["Authorization"] == "Bearer " + OPENAI_KEY
-    assert seen.subprotocols == ["realtime"]  # the tokens stay at the proxy
+    assert seen.subprotocols == ["realtime", "openai-beta.realtime-v1"]  # the tokens stay at the proxy
     # Not offered, not selected: the tokens alone authenticate.
     async with websockets.connect(ws_url(base_url), subprotocols=protocols[1:]) as ws:
         assert ws.subprotocol is None
@@ -405,6 +463,10 @@ async def test_subprotocol_tokens_and_selection(proxy, fake_openai, base_url):
     with pytest.raises(InvalidStatus) as info:
         await websockets.connect(ws_url(base_url), subprotocols=["realtime", "access-token.wrong", protocols[2]])
     assert info.value.response.status_code == 403
+    # The key may also come in the openai-token header.
+    async with connect(base_url, headers={"access-token": ACCESS_TOKEN, "openai-token": OPENAI_KEY}) as ws:
+        assert json.loads(await ws.recv())["type"] == "session.created"
+    assert fake_openai.realtime_sessions[-1].headers["Authorization"] == "Bearer " + OPENAI_KEY
 
 
 @pytest.mark.gen_test(timeout=20)

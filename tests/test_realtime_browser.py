@@ -7,6 +7,7 @@ from playwright.sync_api import sync_playwright
 
 from chat_gpt_proxy.fake_openai import RealtimeBehaviour
 from tests.test_browser import ARGS, CHROMIUM
+from tests.test_readme import snippet
 from tests.threaded import BackgroundStack
 
 TOKEN = "rt-browser-access-7c1d"
@@ -100,3 +101,12 @@ def test_browser_refused_without_the_access_token(page, stack):
     # Browsers hide the refusal's status from pages: the socket just fails (1006).
     assert "protocol" not in result and result["closeCode"] == 1006
     assert len(stack.fake.realtime_sessions) == before, "no upstream session was opened"
+
+
+def test_readme_browser_snippet(page, stack):
+    language, code = snippet("browser-realtime")
+    assert language == "javascript"
+    code = code.replace("ws://127.0.0.1:9081", "ws" + stack.url[len("http") :]).replace("123456", TOKEN)
+    script = "async (key) => { const output = {textContent: ''}; %s\n" % code
+    script += "await new Promise(resolve => ws.addEventListener('close', resolve)); return output.textContent; }"
+    assert page.evaluate(script, KEY) == "Echo: Привет! "
