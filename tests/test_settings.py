@@ -21,6 +21,12 @@ def test_defaults():
     assert s.max_body_bytes == 32 * 1024 * 1024
     assert (s.connect_timeout, s.request_timeout, s.stream_idle_timeout, s.stream_keepalive) == (10, 600, 300, 15)
     assert s.max_concurrent_upstream == 1000
+    assert (s.ws_max_message_bytes, s.ws_ping_interval) == (16 * 1024 * 1024, 20)
+
+
+def test_realtime_settings():
+    s = Settings.from_env({"WS_MAX_MESSAGE_BYTES": "65536", "WS_PING_INTERVAL": "0"})
+    assert (s.ws_max_message_bytes, s.ws_ping_interval) == (65536, 0)  # 0: no pings
 
 
 def test_access_tokens_comma_separated_and_legacy_name():
@@ -56,6 +62,8 @@ def test_base_url_trailing_slash_and_default_params():
         ("TRUSTED_PROXIES", "10.0.0.0/8,not-an-ip"),
         ("ACCESS_TOKEN", ",,"),
         ("TLS_CERTFILE", "/nonexistent/cert.pem"),
+        ("WS_MAX_MESSAGE_BYTES", "10"),
+        ("WS_PING_INTERVAL", "-1"),
     ],
 )
 def test_invalid_values_name_the_variable(name, value):
