@@ -3,10 +3,11 @@
 The client side is Tornado's ``WebSocketHandler`` (handlers/realtime.py). The
 upstream side is the ``websockets`` library's asyncio client (the one the
 official ``openai`` SDK uses), because Tornado's ``websocket_connect`` cannot go
-through an egress proxy while ``websockets`` can: ``connect_upstream`` takes
-``proxy`` (``http://``/``https://`` CONNECT proxies; ``socks5://`` ones with
-python-socks installed) and ``ca_file``, so UPSTREAM_PROXY / UPSTREAM_CA_FILE
-need only be passed in.
+through an egress proxy. ``connect_upstream`` takes ``proxy`` and ``ca_file``,
+so UPSTREAM_PROXY / UPSTREAM_CA_FILE need only be passed in: ``http://``
+proxies are tunnelled here (CONNECT, credentials from the URL; tested with
+tinyproxy), any other scheme is left to websockets (``https://`` proxies;
+``socks5://`` ones only with python-socks installed, which is not pinned yet).
 
 ``RealtimeSession`` relays one session:
 
@@ -28,10 +29,13 @@ need only be passed in.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
+import socket
 import ssl
 import time
+import urllib.parse
 
 from tornado.httputil import HTTPHeaders
 from tornado.ioloop import IOLoop
@@ -40,6 +44,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as _connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 from websockets.protocol import State
+from websockets.uri import parse_uri
 
 from .upstream import USER_AGENT, UpstreamError
 
@@ -96,6 +101,12 @@ async def connect_upstream(
     kwargs = {}
     if ca_file and url.startswith("wss://"):
         kwargs["ssl"] = ssl.create_default_context(cafile=ca_file)
+    if proxy is not None and proxy.startswith("http://"):
+        # websockets 15 tunnels through HTTP proxies itself, but its strict
+        # parser refuses a CONNECT answered with "HTTP/1.0 200" (tinyproxy's
+        # answer), so the tunnel is opened here and handed over as a socket.
+        kwargs["sock"] = await _http_tunnel(proxy, url, open_timeout)
+        proxy = None
     try:
         return await _NoRedirectConnect(
             url,
@@ -126,6 +137,53 @@ async def connect_upstream(
         raise UpstreamError("connect", "could not connect to the upstream") from None
     except (WebSocketException, EOFError, ValueError):
         raise UpstreamError("broken", "the upstream's WebSocket handshake failed") from None
+
+
+async def _http_tunnel(proxy: str, url: str, timeout: float) -> socket.socket:
+    """A TCP connection to ``url``'s host through an HTTP proxy's CONNECT (RFC 9110 section 9.3.6)."""
+    target = parse_uri(url)
+    parts = urllib.parse.urlsplit(proxy)
+    authority = "%s:%d" % ("[%s]" % target.host if ":" in target.host else target.host, target.port)
+    request = "CONNECT %s HTTP/1.1\r\nHost: %s\r\n" % (authority, authority)
+    if parts.username is not None:
+        credentials = "%s:%s" % (urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.password or ""))
+        request += "Proxy-Authorization: Basic %s\r\n" % base64.b64encode(credentials.encode()).decode()
+    loop = asyncio.get_running_loop()
+    sock = None
+    try:
+        async with asyncio.timeout(timeout):
+            infos = await loop.getaddrinfo(parts.hostname, parts.port or 80, type=socket.SOCK_STREAM)
+            family, type_, proto, _, address = infos[0]
+            sock = socket.socket(family, type_, proto)
+            sock.setblocking(False)
+            await loop.sock_connect(sock, address)
+            await loop.sock_sendall(sock, (request + "\r\n").encode())
+            head = b""
+            # Byte by byte, so that nothing after the proxy's answer is consumed.
+            while not head.endswith(b"\r\n\r\n"):
+                byte = await loop.sock_recv(sock, 1)
+                if not byte or len(head) > 16384:
+                    raise UpstreamError("connect", "the egress proxy closed the tunnel")
+                head += byte
+    except TimeoutError:
+        _close(sock)
+        raise UpstreamError("timeout", "the egress proxy did not open the tunnel in time") from None
+    except OSError:
+        _close(sock)
+        raise UpstreamError("connect", "could not connect to the egress proxy") from None
+    except UpstreamError:
+        _close(sock)
+        raise
+    status = head.split(b" ", 2)[1] if head.startswith(b"HTTP/1.") else b""
+    if not (status.isdigit() and 200 <= int(status) < 300):
+        _close(sock)
+        raise UpstreamError("connect", "the egress proxy refused the tunnel (%s)" % status.decode("latin-1")[:3])
+    return sock
+
+
+def _close(sock: socket.socket | None) -> None:
+    if sock is not None:
+        sock.close()
 
 
 # Close codes an endpoint may send (RFC 6455 section 7.4, IANA registry).

@@ -44,6 +44,7 @@ OTHER_SECRETS = (
     "second-token-abc",
     "rt-browser-access-7c1d",
     "sk-rt-browser-2b9e",
+    "rt-proxy-pass-5e1",
 )
 AUTH = {"access-token": ACCESS_TOKEN, "openai-token": OPENAI_KEY}
 
