@@ -380,6 +380,23 @@ async def test_slow_upstream_handshake_is_504(proxy, fake_openai, base_url):
 
 
 @pytest.mark.gen_test(timeout=20)
+async def test_client_leaving_during_the_upstream_handshake_closes_the_upstream(proxy, fake_openai, base_url, app):
+    fake_openai.push_realtime(RealtimeBehaviour(kind="hang", delay=0.5))
+    host, port = base_url.rsplit("//", 1)[1].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    head = "GET /v1/realtime?model=gpt-realtime HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    head += "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n" % base64.b64encode(os.urandom(16)).decode()
+    head += "".join("%s: %s\r\n" % item for item in HEADERS.items()) + "\r\n"
+    writer.write(head.encode())
+    await asyncio.sleep(0.1)
+    writer.close()  # before the upstream answered
+    seen = await fake_openai.wait_realtime_session(timeout=3)
+    await seen.wait_closed(timeout=2)
+    assert (seen.close_code, seen.close_reason) == (1001, "client left")
+    assert await until(lambda: not app.settings["pool"].handlers, 2)
+
+
+@pytest.mark.gen_test(timeout=20)
 async def test_unreachable_upstream_is_502(proxy, fake_openai, base_url, app):
     await fake_openai.stop()
     status, body, _ = await refusal(base_url)
@@ -534,7 +551,7 @@ async def test_session_metrics_and_one_access_line(proxy, fake_openai, base_url,
 
 
 @pytest.mark.gen_test(timeout=20)
-async def test_graceful_shutdown_closes_sessions_with_1001(proxy, fake_openai, base_url, app):
+async def test_graceful_shutdown_closes_sessions_with_1001(proxy, fake_openai, base_url, app, caplog):
     async with connect(base_url) as ws:
         await ws.recv()
         started = time.monotonic()
@@ -547,6 +564,8 @@ async def test_graceful_shutdown_closes_sessions_with_1001(proxy, fake_openai, b
     await seen.wait_closed(timeout=1)
     assert seen.close_code == 1001
     assert await until(lambda: not app.settings["pool"].handlers, 2)
+    line = next(r.getMessage() for r in caplog.records if "status=101" in r.getMessage())
+    assert "closed_by=proxy close_code=1001 proxy_reason=shutdown" in line
 
 
 @pytest.mark.gen_test(timeout=20)
