@@ -55,6 +55,9 @@ class Settings:
     tls_keyfile: str = ""
     demo_upstream: bool = False
     cors_allow_origins: tuple[str, ...] = ()
+    # Realtime WebSocket relay (issue 12).
+    ws_max_message_bytes: int = 16 * 1024 * 1024
+    ws_ping_interval: float = 20.0
 
     @property
     def default_token_in_use(self) -> bool:
@@ -148,6 +151,8 @@ class Settings:
             tls_keyfile=keyfile,
             demo_upstream=demo,
             cors_allow_origins=env.origins("CORS_ALLOW_ORIGINS"),
+            ws_max_message_bytes=env.int("WS_MAX_MESSAGE_BYTES", cls.ws_max_message_bytes, 1024, 1 << 30),
+            ws_ping_interval=env.float("WS_PING_INTERVAL", cls.ws_ping_interval, minimum=0),
         )
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import collections
 import contextlib
 import dataclasses
@@ -29,6 +30,7 @@ import uuid
 
 import tornado.httpserver
 import tornado.web
+import tornado.websocket
 from tornado.iostream import StreamClosedError
 from tornado.testing import bind_unused_port
 
@@ -154,6 +156,9 @@ class FakeOpenAI:
         self.port = 0
         self._abort_waiters: list[asyncio.Future] = []
         self._server = None
+        # The realtime WebSocket (issue 12): scripted sessions and what each saw.
+        self.realtime_script: collections.deque[RealtimeBehaviour] = collections.deque()
+        self.realtime_sessions: list[RealtimeRecord] = []
 
     @property
     def url(self) -> str:
@@ -161,6 +166,18 @@ class FakeOpenAI:
 
     def push(self, *behaviours: Behaviour) -> None:
         self.script.extend(behaviours)
+
+    def push_realtime(self, *behaviours: RealtimeBehaviour) -> None:
+        self.realtime_script.extend(behaviours)
+
+    async def wait_realtime_session(self, timeout: float = 5.0) -> RealtimeRecord:
+        """The latest realtime session, waiting up to ``timeout`` for one to open."""
+        deadline = time.monotonic() + timeout
+        while not self.realtime_sessions:
+            if time.monotonic() > deadline:
+                raise TimeoutError("no realtime session opened")
+            await asyncio.sleep(0.01)
+        return self.realtime_sessions[-1]
 
     def next_behaviour(self, model=None) -> Behaviour:
         if model in self.by_model:
@@ -207,6 +224,9 @@ class FakeOpenAI:
                 (r"/v1/files", Files),
                 (r"/v1/files/([A-Za-z0-9_-]+)/content", FileContent),
                 (r"/v1/raw/.*", RawAnswer),
+                (r"/v1/realtime", RealtimeSocket),
+                (r"/v1/realtime/client_secrets", RealtimeClientSecrets),
+                (r"/v1/realtime/calls", RealtimeCalls),
                 (r"/_fake/script", Script),
                 (r"/_fake/stats", Stats),
             ],
@@ -646,6 +666,238 @@ class RawAnswer(FakeHandler):
             self.write_json({"object": "raw", "bytes": len(self.request.body)})
 
     get = head = post = put = patch = delete = options = any_method
+
+
+@dataclasses.dataclass
+class RealtimeBehaviour:
+    """What the fake's realtime WebSocket does with one session.
+
+    kind: ``normal`` (``session.created``, then answers each ``response.create``
+    with ``response.created``, ``response.output_text.delta`` per piece of
+    ``chunks``, ``audio_deltas`` ``response.output_audio.delta`` events and
+    ``response.done`` with usage; echoes binary messages), ``refuse`` (answers
+    the handshake with ``status`` and an OpenAI error object), ``close`` (after
+    ``after`` received messages, closes with ``code`` and ``reason``), ``drop``
+    (after ``after`` received messages, closes TCP without a close frame),
+    ``stall`` (after ``after`` received messages, stops reading, and so
+    answers no ping), ``flood`` (sends ``size``-byte text messages as fast as
+    the connection takes them), ``hang`` (answers the handshake only after
+    ``delay`` seconds).
+    ``delay`` is the pause before each delta.
+    """
+
+    kind: str = "normal"
+    status: int = 401
+    message: str = "Fake refusal"
+    error_code: str | None = None
+    code: int = 1000
+    reason: str = ""
+    after: int = 0
+    delay: float = 0.0
+    chunks: list[str] | None = None
+    audio_deltas: int = 2
+    size: int = 64 * 1024
+
+
+@dataclasses.dataclass
+class RealtimeRecord:
+    """One realtime session as the fake saw it."""
+
+    path: str
+    query: str
+    headers: dict[str, str]
+    subprotocols: list[str]
+    received: list[tuple[float, str | bytes]] = dataclasses.field(default_factory=list)
+    sent_messages: int = 0
+    sent_bytes: int = 0
+    close_code: int | None = None
+    close_reason: str | None = None
+    closed_at: float | None = None
+    closed: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+
+    async def wait_closed(self, timeout: float) -> float:
+        """Wait until the session's connection closed; returns when (monotonic)."""
+        await asyncio.wait_for(self.closed.wait(), timeout)
+        return self.closed_at
+
+
+def realtime_event(type_: str, **fields) -> str:
+    return json.dumps({"type": type_, "event_id": "event_" + uuid.uuid4().hex[:16], **fields}, separators=(",", ":"))
+
+
+class RealtimeSocket(tornado.websocket.WebSocketHandler):
+    """/v1/realtime: OpenAI's Realtime API over a WebSocket, as far as the tests need it."""
+
+    @property
+    def fake(self) -> FakeOpenAI:
+        return self.settings["fake"]
+
+    def write_error(self, status_code: int, **kwargs) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        behaviour = getattr(exc, "behaviour", None) or Behaviour(message=self._reason)
+        self.set_status(status_code)
+        self.set_header("Content-Type", "application/json")
+        self.set_header("x-request-id", "req_fake_" + uuid.uuid4().hex[:12])
+        self.finish(to_json(error_object(behaviour)))
+
+    async def prepare(self) -> None:
+        self.behaviour = self.fake.realtime_script.popleft() if self.fake.realtime_script else RealtimeBehaviour()
+        if self.behaviour.kind == "hang":
+            await asyncio.sleep(self.behaviour.delay)
+        self.record = None
+        self.closing = asyncio.Event()
+        self.last_text = "Hello from the fake realtime API"
+        auth = self.request.headers.get("Authorization", "")
+        if not auth.startswith("Bearer ") or not auth[7:].strip():
+            error = tornado.web.HTTPError(401)
+            error.behaviour = Behaviour(
+                message="You didn't provide an API key.", error_type="invalid_request_error", error_code=None
+            )
+            raise error
+        if self.behaviour.kind == "refuse":
+            error = tornado.web.HTTPError(self.behaviour.status)
+            error.behaviour = Behaviour(message=self.behaviour.message, error_code=self.behaviour.error_code)
+            raise error
+
+    def select_subprotocol(self, subprotocols: list[str]) -> str | None:
+        return "realtime" if "realtime" in subprotocols else None
+
+    def open(self) -> None:
+        protocols = self.request.headers.get("Sec-WebSocket-Protocol", "")
+        self.record = RealtimeRecord(
+            self.request.path,
+            self.request.query,
+            dict(self.request.headers),
+            [p.strip() for p in protocols.split(",") if p.strip()],
+        )
+        self.fake.realtime_sessions.append(self.record)
+        session = {"id": "sess_" + uuid.uuid4().hex[:12], "object": "realtime.session", "type": "realtime"}
+        session["model"] = self.get_query_argument("model", "gpt-realtime")
+        self.send(realtime_event("session.created", session=session))
+        if self.behaviour.kind == "flood":
+            asyncio.ensure_future(self.flood())
+        self.react()
+
+    def send(self, message: str | bytes) -> asyncio.Future | None:
+        if self.ws_connection is None or self.ws_connection.is_closing():
+            return None
+        self.record.sent_messages += 1
+        self.record.sent_bytes += len(message)
+        return self.write_message(message, binary=isinstance(message, bytes))
+
+    def react(self) -> bool:
+        """Apply the scripted close/drop once ``after`` messages arrived; True if it did."""
+        kind = self.behaviour.kind
+        if kind not in ("close", "drop") or len(self.record.received) < self.behaviour.after:
+            return False
+        if kind == "close":
+            self.close(self.behaviour.code, self.behaviour.reason)
+        elif self.ws_connection is not None:
+            self.ws_connection.stream.close()
+        return True
+
+    async def on_message(self, message: str | bytes) -> None:
+        self.record.received.append((time.monotonic(), message))
+        if self.react():
+            return
+        if self.behaviour.kind == "stall" and len(self.record.received) > self.behaviour.after:
+            await self.closing.wait()  # Tornado reads no further frame meanwhile
+            return
+        if isinstance(message, bytes):
+            self.send(message)
+            return
+        try:
+            event = json.loads(message)
+        except ValueError:
+            return
+        if not isinstance(event, dict):
+            return
+        if event.get("type") == "conversation.item.create":
+            content = ((event.get("item") or {}).get("content") or [{}])[0]
+            if isinstance(content, dict) and isinstance(content.get("text"), str):
+                self.last_text = "Echo: " + content["text"]
+        elif event.get("type") == "session.update":
+            self.send(realtime_event("session.updated", session=event.get("session")))
+        elif event.get("type") == "response.create":
+            asyncio.ensure_future(self.respond())
+
+    async def respond(self) -> None:
+        behaviour = self.behaviour
+        rid = "resp_" + uuid.uuid4().hex[:12]
+        item = "item_" + uuid.uuid4().hex[:12]
+        self.send(realtime_event("response.created", response={"id": rid, "object": "realtime.response"}))
+        pieces = behaviour.chunks if behaviour.chunks is not None else [w + " " for w in self.last_text.split(" ")]
+        where = {"response_id": rid, "item_id": item, "output_index": 0, "content_index": 0}
+        for piece in pieces:
+            if not await self.pause(behaviour.delay):
+                return
+            self.send(realtime_event("response.output_text.delta", delta=piece, **where))
+        for index in range(behaviour.audio_deltas):
+            if not await self.pause(behaviour.delay):
+                return
+            audio = base64.b64encode(bytes([index]) * 4800).decode()
+            self.send(realtime_event("response.output_audio.delta", delta=audio, **where))
+        output_tokens = len(pieces) + behaviour.audio_deltas
+        usage = {"total_tokens": 7 + output_tokens, "input_tokens": 7, "output_tokens": output_tokens}
+        response = {"id": rid, "object": "realtime.response", "status": "completed", "usage": usage}
+        self.send(realtime_event("response.done", response=response))
+
+    async def pause(self, seconds: float) -> bool:
+        if seconds > 0:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.closing.wait(), seconds)
+        return not self.closing.is_set()
+
+    async def flood(self) -> None:
+        padding = "A" * max(0, self.behaviour.size - 60)
+        message = realtime_event("response.output_audio.delta", delta=padding)
+        while not self.closing.is_set():
+            future = self.send(message)
+            if future is None:
+                return
+            try:
+                await future
+            except tornado.websocket.WebSocketClosedError:
+                return
+            await asyncio.sleep(0)  # a write that completed at once must not starve the loop
+
+    def on_close(self) -> None:
+        self.closing.set()
+        if self.record is not None:
+            self.record.close_code = self.close_code
+            self.record.close_reason = self.close_reason
+            self.record.closed_at = time.monotonic()
+            self.record.closed.set()
+
+
+class RealtimeClientSecrets(FakeHandler):
+    def post(self) -> None:
+        """POST /v1/realtime/client_secrets: an ephemeral key for a browser session."""
+        body = json.loads(self.request.body or b"{}")
+        session = body.get("session") or {"type": "realtime"}
+        self.write_json(
+            {"value": "ek_fake_" + uuid.uuid4().hex[:16], "expires_at": int(time.time()) + 600, "session": session}
+        )
+
+
+class RealtimeCalls(FakeHandler):
+    def post(self) -> None:
+        """POST /v1/realtime/calls: a WebRTC SDP offer (raw application/sdp, or multipart with a session); answers
+        201 with an SDP answer that quotes the offer's first line."""
+        content_type = self.request.headers.get("Content-Type", "")
+        if content_type.startswith("multipart/form-data"):
+            offer = self.request.body_arguments.get("sdp", [b""])[0] or self.request.files["sdp"][0].body
+        elif content_type.startswith("application/sdp"):
+            offer = self.request.body
+        else:
+            self.write_json(error_object(Behaviour(message="Expected an application/sdp body.")), 400)
+            return
+        call_id = "rtc_" + uuid.uuid4().hex[:12]
+        self.set_status(201)
+        self.set_header("Content-Type", "application/sdp")
+        self.set_header("Location", "/v1/realtime/calls/" + call_id)
+        first = offer.split(b"\n", 1)[0].strip()
+        self.finish(b"v=0\r\no=- fake-answer " + call_id.encode() + b"\r\na=offer:" + first + b"\r\n")
 
 
 class Script(FakeHandler):

@@ -59,6 +59,20 @@ class Metrics:
         )
         self.tokens = Counter("proxy_tokens", "Tokens reported by the upstream", ["model", "kind"], registry=r)
         self.upstream_errors = Counter("proxy_upstream_errors", "Upstream failures", ["kind"], registry=r)
+        # Realtime WebSocket sessions (issue 12); direction is client_to_upstream or upstream_to_client.
+        self.realtime_sessions = Gauge("proxy_realtime_open_sessions", "Realtime sessions being relayed", registry=r)
+        self.realtime_messages = Counter(
+            "proxy_realtime_messages", "Realtime messages relayed", ["direction"], registry=r
+        )
+        self.realtime_bytes = Counter(
+            "proxy_realtime_bytes", "Realtime message bytes relayed", ["direction"], registry=r
+        )
+        self.realtime_closes = Counter(
+            "proxy_realtime_closes",
+            "Realtime sessions ended: who closed first (client, upstream, proxy) and the close code",
+            ["by", "code"],
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -216,8 +230,19 @@ def token_counts(usage) -> tuple[int | None, int | None]:
     return counts[0], counts[1]
 
 
+def _access_line(config, record: dict) -> None:
+    if access_log.isEnabledFor(logging.INFO):  # formatting costs time on every request
+        if config.log_format == "json":
+            access_log.info(json_line(record))
+        else:
+            access_log.info(" ".join("%s=%s" % (k, _field(v)) for k, v in record.items()))
+
+
 def log_request(handler) -> None:
     """Tornado's ``log_function``: the access log line and the request metrics."""
+    status = handler.get_status()
+    if status == 101:
+        return  # a WebSocket session: logged when it ends (log_session)
     config = handler.settings["config"]
     now = time.monotonic()
     started = getattr(handler, "started", now)
@@ -251,11 +276,7 @@ def log_request(handler) -> None:
         "bytes": getattr(handler, "bytes_out", 0),
         "end": how_it_ended(handler),
     }
-    if access_log.isEnabledFor(logging.INFO):  # formatting costs time on every request
-        if config.log_format == "json":
-            access_log.info(json_line(record))
-        else:
-            access_log.info(" ".join("%s=%s" % (k, _field(v)) for k, v in record.items()))
+    _access_line(config, record)
 
     metrics: Metrics | None = handler.settings.get("metrics")
     if metrics is None:
@@ -274,3 +295,44 @@ def log_request(handler) -> None:
     kind = getattr(handler, "upstream_failure", None)
     if kind:
         metrics.upstream_errors.labels(kind).inc()
+
+
+def log_session(handler, session) -> None:
+    """The access line of a realtime WebSocket session when it ends, and its metrics (issue 12).
+
+    ``ms`` is the session's whole duration, ``upstream_ms`` the upstream
+    handshake, tokens the sums of the ``response.done`` events' usage.
+    """
+    config = handler.settings["config"]
+    upstream = handler.upstream
+    response = getattr(upstream, "response", None)
+    usage = session.usage if session.usage_seen else None
+    record = {
+        "request_id": handler.request_id,
+        "upstream_request_id": response.headers.get("x-request-id") if response is not None else None,
+        "client": client_address(handler, config.trusted_proxies),
+        "method": handler.request.method,
+        "path": handler.request.path[:200],
+        "status": 101,
+        "ms": _ms(time.monotonic() - handler.started),
+        "upstream_ms": handler.upstream_ms,
+        "ttfb_ms": None,
+        "model": handler.model,
+        "prompt_tokens": usage["input_tokens"] if usage else None,
+        "completion_tokens": usage["output_tokens"] if usage else None,
+        "bytes": session.bytes["upstream_to_client"],
+        "bytes_in": session.bytes["client_to_upstream"],
+        "messages_out": session.messages["upstream_to_client"],
+        "messages_in": session.messages["client_to_upstream"],
+        "closed_by": session.closed_by,
+        "close_code": session.close_code,
+        "proxy_reason": session.end_reason,
+    }
+    _access_line(config, record)
+    metrics: Metrics | None = handler.settings.get("metrics")
+    if metrics is None:
+        return
+    metrics.requests.labels(handler.route_name, "101").inc()
+    if usage and isinstance(handler.model, str):
+        metrics.tokens.labels(handler.model, "prompt").inc(usage["input_tokens"])
+        metrics.tokens.labels(handler.model, "completion").inc(usage["output_tokens"])

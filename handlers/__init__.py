@@ -1,5 +1,5 @@
 """Request handlers, one module per concern; each module ends with its routes."""
 
-from . import chat, info, openai_compat, playground
+from . import chat, info, openai_compat, playground, realtime
 
-routes = [*playground.routes, *info.routes, *chat.routes, *openai_compat.routes]
+routes = [*playground.routes, *info.routes, *chat.routes, *realtime.routes, *openai_compat.routes]

@@ -123,44 +123,18 @@ def check_model_allowed(config, model: str | None) -> None:
         )
 
 
-@stream_request_body
-class BaseHandler(RequestHandler):
-    """Auth, body parsing (size-limited while it arrives), JSON errors."""
+class ApiMixin:
+    """What every API surface shares, HTTP and WebSocket alike: request ids,
+    the access token (and its rate limit), the caller's OpenAI key, JSON errors.
+
+    Mixed into ``BaseHandler`` (HTTP routes) and into the realtime WebSocket
+    handler, which must refuse an upgrade exactly as /v1/* refuses a request.
+    """
 
     # Routes that are public (health, usage page, metrics) set this to False.
     requires_access_token = True
-    # Methods that need no token on routes that otherwise do (the usage page
-    # at GET /chat_complete); /v1/* has none: every call there is an API call.
-    public_methods: tuple[str, ...] = ("GET", "HEAD", "OPTIONS")
     # The route label in metrics.
     route_name = "other"
-
-    def initialize(self) -> None:
-        self.config = self.settings["config"]
-        self._body = RequestBody(self.config.max_body_bytes)
-        self._body_refused = False
-        self._decoded_body: bytes | None = None
-        self.started = time.monotonic()
-        self.upstream_call = None
-        # What the access log reports (handlers/observability.py).
-        self.model: str | None = None
-        self.usage: dict | None = None
-        self.bytes_out = 0
-        self.first_byte_at: float | None = None
-        self.upstream_failure: str | None = None
-        # When the pending flush to the client began (None: none pending).
-        self.flush_started: float | None = None
-        self.pending_flush = None
-        # The client closed its connection before the response was complete,
-        # and whether our status line had been written by then (issue 10:
-        # if not, the access log and metrics say 499, not the unsent status).
-        self.client_gone = False
-        self.left_before_headers = False
-
-    def write(self, chunk) -> None:
-        if isinstance(chunk, bytes):
-            self.bytes_out += len(chunk)
-        super().write(chunk)
 
     @property
     def request_id(self) -> str:
@@ -178,22 +152,6 @@ class BaseHandler(RequestHandler):
         self.set_header("x-proxy-request-id", self.request_id)
         self.set_header("X-Content-Type-Options", "nosniff")
 
-    def flush(self, include_footers: bool = False):
-        if self.settings.get("draining"):
-            # Shutting down: this connection ends with this response (Tornado
-            # then sends Connection: close), so a keep-alive client sends its
-            # next request to another instance (issue 10).
-            self.request.connection._disconnect_on_finish = True
-        # Every answer, errors and streams included, gets its CORS headers
-        # here, with the headers it is about to send (issue 10).
-        if not self._headers_written and not self._is_preflight():
-            cors = self.settings["cors"]
-            for name, value in cors.response_headers(self.request.headers.get("Origin"), self._headers):
-                self.add_header(name, value)
-        return super().flush(include_footers)
-
-    # -- methods
-
     def allowed_methods(self) -> list[str]:
         """The methods this route implements, for Allow (RFC 9110 section 10.2.1) and CORS."""
         methods = [
@@ -205,63 +163,13 @@ class BaseHandler(RequestHandler):
             methods.remove("HEAD")
         return methods
 
-    def head(self, *args, **kwargs):
-        """HEAD answers as GET does (RFC 9110 section 9.3.2): Tornado's flush() sends no body for HEAD,
-        and finish() has already set the Content-Length of the body GET would send."""
-        if "GET" not in self.allowed_methods():
-            raise HTTPError(405)
-        return self.get(*args, **kwargs)
-
-    def _is_preflight(self) -> bool:
-        return self.request.method == "OPTIONS" and "Access-Control-Request-Method" in self.request.headers
-
-    def options(self, *args, **kwargs) -> None:
-        """OPTIONS: the route's methods (RFC 9110 section 9.3.7); a CORS preflight gets its
-        Access-Control-* headers here when its origin is allowed. Never needs the access token."""
-        methods = self.allowed_methods()
-        self.set_status(204)
-        self.set_header("Allow", ", ".join(methods))
-        if self._is_preflight():
-            cors = self.settings["cors"]
-            for name, value in cors.preflight_headers(
-                self.request.headers.get("Origin"),
-                self.request.headers.get("Access-Control-Request-Headers", ""),
-                [m for m in methods if m != "OPTIONS"],
-            ):
-                self.add_header(name, value)
-        self.finish()
-
     # -- authentication
 
-    def prepare(self) -> None:
-        method = self.request.method
-        if self.requires_access_token and method not in self.public_methods and method != "OPTIONS":
-            self.check_access_token()
-        try:
-            declared = parse_content_length(self.request.headers.get("Content-Length"))
-        except ValueError:
-            raise ApiError(
-                400, "The Content-Length header is not a number of bytes.", code="invalid_content_length"
-            ) from None
-        if declared is not None and declared > self.config.max_body_bytes:
-            raise self.too_large()
-        try:
-            coding = content_coding(self.request.headers.get("Content-Encoding"))
-        except UnsupportedEncoding:
-            raise ApiError(
-                415,
-                "Content-Encoding %r is not supported: send the body uncompressed, or as %s."
-                % (self.request.headers.get("Content-Encoding", "")[:40], SUPPORTED_ENCODINGS),
-                code="unsupported_content_encoding",
-                headers={"Accept-Encoding": SUPPORTED_ENCODINGS},
-            ) from None
-        self._body = RequestBody(self.config.max_body_bytes, coding)
-        # data_received enforces MAX_BODY_BYTES itself and answers the JSON 413;
-        # Tornado's own limit would answer a chunked body with a bare 400 first (issue 10).
-        self.request.connection.set_max_body_size(UNLIMITED_BODY)
+    def presented_access_token(self) -> str:
+        return self.request.headers.get("access-token", "")
 
     def check_access_token(self) -> None:
-        given = self.request.headers.get("access-token", "").encode("utf-8", "surrogateescape")
+        given = self.presented_access_token().encode("utf-8", "surrogateescape")
         matched = None
         for token in self.config.access_tokens:
             # Compare against every token so timing reveals neither which nor how much matched.
@@ -297,6 +205,165 @@ class BaseHandler(RequestHandler):
         if not API_KEY_RE.match(key):
             raise ApiError(401, "The OpenAI key is malformed.", "authentication_error", malformed)
         return key
+
+    # -- errors
+
+    def error_body(self, status: int, message: str, error: dict) -> dict:
+        """The shape of an error on this route; /v1/* overrides it with OpenAI's shape."""
+        return {"status": "error", "text": message, "error": error}
+
+    def write_error(self, status_code: int, **kwargs) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, ApiError):
+            message, error = exc.message, exc.upstream_error
+            if error is None:
+                error = {"message": exc.message, "type": exc.type, "code": exc.code, "param": None}
+            for name, value in exc.headers.items():
+                self.set_header(name, value)
+        elif isinstance(exc, HTTPError) and status_code < 500:
+            message = exc.log_message or self._reason
+            error = {"message": message, "type": "invalid_request_error", "code": None, "param": None}
+        else:
+            # An unexpected exception: Tornado has already logged it; never show it.
+            message = "Internal error in the proxy."
+            error = {"message": message, "type": "server_error", "code": None, "param": None}
+        if status_code == 405:
+            message = "Method %s is not allowed here." % self.request.method
+            error.update(message=message, code="method_not_allowed")
+            # RFC 9110 section 15.5.6: a 405 names the methods that are allowed.
+            self.set_header("Allow", ", ".join(self.allowed_methods()))
+        # The upstream answered (e.g. with a body we could not use): its id
+        # is what OpenAI's support can look up.
+        call = getattr(self, "upstream_call", None)
+        upstream_headers = getattr(call, "headers", None)
+        upstream_id = upstream_headers.get("x-request-id") if upstream_headers is not None else None
+        if upstream_id:
+            self.set_header("x-request-id", upstream_id)
+        # Only a streamed-body (HTTP) request has a body future; a WebSocket upgrade has none.
+        body_future = getattr(self.request, "_body_future", None)
+        if body_future is not None and not body_future.done():
+            # Answered before the request was read to its end: Tornado closes
+            # the connection after this answer; say so (RFC 9112 section 9.6).
+            self.set_header("Connection", "close")
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.finish(dumps(self.error_body(status_code, message, error)))
+
+    def log_exception(self, typ, value, tb) -> None:
+        if isinstance(value, HTTPError):
+            return  # expected outcomes, recorded in the access log
+        # A bug. Log where it happened, but not the exception's message or the
+        # request: either could hold a key or a prompt.
+        log.error(
+            "unexpected error request_id=%s type=%s",
+            self.request_id,
+            typ.__name__,
+            extra={"traceback_text": "".join(traceback.format_tb(tb))},
+        )
+
+
+@stream_request_body
+class BaseHandler(ApiMixin, RequestHandler):
+    """Auth, body parsing (size-limited while it arrives), JSON errors."""
+
+    # Methods that need no token on routes that otherwise do (the usage page
+    # at GET /chat_complete); /v1/* has none: every call there is an API call.
+    public_methods: tuple[str, ...] = ("GET", "HEAD", "OPTIONS")
+
+    def initialize(self) -> None:
+        self.config = self.settings["config"]
+        self._body = RequestBody(self.config.max_body_bytes)
+        self._body_refused = False
+        self._decoded_body: bytes | None = None
+        self.started = time.monotonic()
+        self.upstream_call = None
+        # What the access log reports (handlers/observability.py).
+        self.model: str | None = None
+        self.usage: dict | None = None
+        self.bytes_out = 0
+        self.first_byte_at: float | None = None
+        self.upstream_failure: str | None = None
+        # When the pending flush to the client began (None: none pending).
+        self.flush_started: float | None = None
+        self.pending_flush = None
+        # The client closed its connection before the response was complete,
+        # and whether our status line had been written by then (issue 10:
+        # if not, the access log and metrics say 499, not the unsent status).
+        self.client_gone = False
+        self.left_before_headers = False
+
+    def write(self, chunk) -> None:
+        if isinstance(chunk, bytes):
+            self.bytes_out += len(chunk)
+        super().write(chunk)
+
+    def flush(self, include_footers: bool = False):
+        if self.settings.get("draining"):
+            # Shutting down: this connection ends with this response (Tornado
+            # then sends Connection: close), so a keep-alive client sends its
+            # next request to another instance (issue 10).
+            self.request.connection._disconnect_on_finish = True
+        # Every answer, errors and streams included, gets its CORS headers
+        # here, with the headers it is about to send (issue 10).
+        if not self._headers_written and not self._is_preflight():
+            cors = self.settings["cors"]
+            for name, value in cors.response_headers(self.request.headers.get("Origin"), self._headers):
+                self.add_header(name, value)
+        return super().flush(include_footers)
+
+    # -- methods
+
+    def head(self, *args, **kwargs):
+        """HEAD answers as GET does (RFC 9110 section 9.3.2): Tornado's flush() sends no body for HEAD,
+        and finish() has already set the Content-Length of the body GET would send."""
+        if "GET" not in self.allowed_methods():
+            raise HTTPError(405)
+        return self.get(*args, **kwargs)
+
+    def _is_preflight(self) -> bool:
+        return self.request.method == "OPTIONS" and "Access-Control-Request-Method" in self.request.headers
+
+    def options(self, *args, **kwargs) -> None:
+        """OPTIONS: the route's methods (RFC 9110 section 9.3.7); a CORS preflight gets its
+        Access-Control-* headers here when its origin is allowed. Never needs the access token."""
+        methods = self.allowed_methods()
+        self.set_status(204)
+        self.set_header("Allow", ", ".join(methods))
+        if self._is_preflight():
+            cors = self.settings["cors"]
+            for name, value in cors.preflight_headers(
+                self.request.headers.get("Origin"),
+                self.request.headers.get("Access-Control-Request-Headers", ""),
+                [m for m in methods if m != "OPTIONS"],
+            ):
+                self.add_header(name, value)
+        self.finish()
+
+    def prepare(self) -> None:
+        method = self.request.method
+        if self.requires_access_token and method not in self.public_methods and method != "OPTIONS":
+            self.check_access_token()
+        try:
+            declared = parse_content_length(self.request.headers.get("Content-Length"))
+        except ValueError:
+            raise ApiError(
+                400, "The Content-Length header is not a number of bytes.", code="invalid_content_length"
+            ) from None
+        if declared is not None and declared > self.config.max_body_bytes:
+            raise self.too_large()
+        try:
+            coding = content_coding(self.request.headers.get("Content-Encoding"))
+        except UnsupportedEncoding:
+            raise ApiError(
+                415,
+                "Content-Encoding %r is not supported: send the body uncompressed, or as %s."
+                % (self.request.headers.get("Content-Encoding", "")[:40], SUPPORTED_ENCODINGS),
+                code="unsupported_content_encoding",
+                headers={"Accept-Encoding": SUPPORTED_ENCODINGS},
+            ) from None
+        self._body = RequestBody(self.config.max_body_bytes, coding)
+        # data_received enforces MAX_BODY_BYTES itself and answers the JSON 413;
+        # Tornado's own limit would answer a chunked body with a bare 400 first (issue 10).
+        self.request.connection.set_max_body_size(UNLIMITED_BODY)
 
     # -- the request body, read as it arrives so that an oversized one is refused early
 
@@ -359,57 +426,6 @@ class BaseHandler(RequestHandler):
         if not isinstance(parsed, dict):
             raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
         return parsed
-
-    # -- errors
-
-    def error_body(self, status: int, message: str, error: dict) -> dict:
-        """The shape of an error on this route; /v1/* overrides it with OpenAI's shape."""
-        return {"status": "error", "text": message, "error": error}
-
-    def write_error(self, status_code: int, **kwargs) -> None:
-        exc = kwargs.get("exc_info", (None, None, None))[1]
-        if isinstance(exc, ApiError):
-            message, error = exc.message, exc.upstream_error
-            if error is None:
-                error = {"message": exc.message, "type": exc.type, "code": exc.code, "param": None}
-            for name, value in exc.headers.items():
-                self.set_header(name, value)
-        elif isinstance(exc, HTTPError) and status_code < 500:
-            message = exc.log_message or self._reason
-            error = {"message": message, "type": "invalid_request_error", "code": None, "param": None}
-        else:
-            # An unexpected exception: Tornado has already logged it; never show it.
-            message = "Internal error in the proxy."
-            error = {"message": message, "type": "server_error", "code": None, "param": None}
-        if status_code == 405:
-            message = "Method %s is not allowed here." % self.request.method
-            error.update(message=message, code="method_not_allowed")
-            # RFC 9110 section 15.5.6: a 405 names the methods that are allowed.
-            self.set_header("Allow", ", ".join(self.allowed_methods()))
-        # The upstream answered (e.g. with a body we could not use): its id
-        # is what OpenAI's support can look up.
-        call = self.upstream_call
-        upstream_id = call.headers.get("x-request-id") if call is not None else None
-        if upstream_id:
-            self.set_header("x-request-id", upstream_id)
-        if not self.request._body_future.done():
-            # Answered before the request was read to its end: Tornado closes
-            # the connection after this answer; say so (RFC 9112 section 9.6).
-            self.set_header("Connection", "close")
-        self.set_header("Content-Type", "application/json; charset=utf-8")
-        self.finish(dumps(self.error_body(status_code, message, error)))
-
-    def log_exception(self, typ, value, tb) -> None:
-        if isinstance(value, HTTPError):
-            return  # expected outcomes, recorded in the access log
-        # A bug. Log where it happened, but not the exception's message or the
-        # request: either could hold a key or a prompt.
-        log.error(
-            "unexpected error request_id=%s type=%s",
-            self.request_id,
-            typ.__name__,
-            extra={"traceback_text": "".join(traceback.format_tb(tb))},
-        )
 
     # -- disconnects
 

@@ -68,11 +68,9 @@ def upstream_url(base_url: str, raw_path: str, query: str) -> str | None:
     return base_url + "/" + raw_path + ("?" + query if query else "")
 
 
-class OpenAIHandler(ProxyHandler):
-    """ANY /v1/<path>: forward the request to OPENAI_BASE_URL/<path> and relay the answer."""
+class OpenAIStyle:
+    """How /v1/* (HTTP and the realtime WebSocket) takes the key and words its errors: as OpenAI does."""
 
-    route_name = "v1"
-    public_methods = ()  # GET /v1/models is an API call too
     missing_key_message = "Missing API key: send it as 'Authorization: Bearer <key>'."
     key_error_codes = ("missing_api_key", "invalid_api_key")
 
@@ -84,6 +82,13 @@ class OpenAIHandler(ProxyHandler):
         if auth[:7].lower() == "bearer ":
             return auth[7:].strip()
         return super().presented_key()
+
+
+class OpenAIHandler(OpenAIStyle, ProxyHandler):
+    """ANY /v1/<path>: forward the request to OPENAI_BASE_URL/<path> and relay the answer."""
+
+    route_name = "v1"
+    public_methods = ()  # GET /v1/models is an API call too
 
     def requested_model_and_stream(self) -> tuple[str | None, bool]:
         """The ``model`` and ``stream`` of the body (which is forwarded as it is), checked against ALLOWED_MODELS.

@@ -55,6 +55,36 @@ def error_event(exc: UpstreamError) -> bytes:
     return b"data: " + dumps({"error": exc.error_object()}) + b"\n\n" + SSE_DONE
 
 
+def mirrored_error(status: int, answer, headers) -> ApiError:
+    """An upstream error status with its error object, for the client (issue 2)."""
+    error = answer.get("error") if isinstance(answer, dict) else None
+    if not isinstance(error, dict):
+        error = {
+            "message": "The upstream answered with status %d." % status,
+            "type": "upstream_error",
+            "code": None,
+            "param": None,
+        }
+    message = error.get("message")
+    if not isinstance(message, str) or not message:
+        message = "The upstream answered with status %d." % status
+    return ApiError(status, message, headers=dict(relayed_headers(headers)), upstream_error=error)
+
+
+def take_upstream_slot(handler, pool: UpstreamPool) -> None:
+    """Count ``handler`` in MAX_CONCURRENT_UPSTREAM (HTTP calls and realtime sessions alike), or refuse with 503."""
+    if len(pool.handlers) >= handler.config.max_concurrent_upstream:
+        # Never queue silently (issue 2): the caller can retry elsewhere or later.
+        raise ApiError(
+            503,
+            "The proxy is at its limit of concurrent upstream requests; retry shortly.",
+            "server_error",
+            "proxy_overloaded",
+            headers={"Retry-After": "1"},
+        )
+    pool.handlers.add(handler)
+
+
 class ProxyHandler(BaseHandler):
     """A handler that calls the upstream and relays the answer."""
 
@@ -65,16 +95,7 @@ class ProxyHandler(BaseHandler):
     async def open_upstream(self, method: str, url: str, headers: dict, body: bytes | None, *, stream: bool):
         """Start the upstream call; returns it once the upstream's headers arrived."""
         pool = self.pool
-        if len(pool.handlers) >= self.config.max_concurrent_upstream:
-            # Never queue silently (issue 2): the caller can retry elsewhere or later.
-            raise ApiError(
-                503,
-                "The proxy is at its limit of concurrent upstream requests; retry shortly.",
-                "server_error",
-                "proxy_overloaded",
-                headers={"Retry-After": "1"},
-            )
-        pool.handlers.add(self)
+        take_upstream_slot(self, pool)
         try:
             self.upstream_call = UpstreamCall(pool.client(), self.config, method, url, headers, body, stream=stream)
             await self.upstream_call.start()
@@ -121,19 +142,7 @@ class ProxyHandler(BaseHandler):
             ) from None
 
     def raise_upstream_error(self, call: UpstreamCall, answer) -> None:
-        """Mirror an upstream error status with its error object (issue 2)."""
-        error = answer.get("error") if isinstance(answer, dict) else None
-        if not isinstance(error, dict):
-            error = {
-                "message": "The upstream answered with status %d." % call.status,
-                "type": "upstream_error",
-                "code": None,
-                "param": None,
-            }
-        message = error.get("message")
-        if not isinstance(message, str) or not message:
-            message = "The upstream answered with status %d." % call.status
-        raise ApiError(call.status, message, headers=dict(relayed_headers(call.headers)), upstream_error=error)
+        raise mirrored_error(call.status, answer, call.headers)
 
     async def relay_stream(self, call: UpstreamCall) -> None:
         """Relay an SSE answer as it arrives; headers are sent with the first event."""

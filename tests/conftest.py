@@ -42,6 +42,9 @@ OTHER_SECRETS = (
     "sk-hostile-key-12345",
     "proc-ACCESS-TOKEN-91c2",
     "second-token-abc",
+    "rt-browser-access-7c1d",
+    "sk-rt-browser-2b9e",
+    "rt-proxy-pass-5e1",
 )
 AUTH = {"access-token": ACCESS_TOKEN, "openai-token": OPENAI_KEY}
 

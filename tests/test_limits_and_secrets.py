@@ -56,6 +56,7 @@ def test_access_tokens_compared_in_constant_time(monkeypatch):
     class Fake:
         config = Config()
         settings = {}
+        presented_access_token = BaseHandler.presented_access_token
 
         class request:  # noqa: N801
             headers = {"access-token": "first-token"}

@@ -21,6 +21,12 @@ def test_defaults():
     assert s.max_body_bytes == 32 * 1024 * 1024
     assert (s.connect_timeout, s.request_timeout, s.stream_idle_timeout, s.stream_keepalive) == (10, 600, 300, 15)
     assert s.max_concurrent_upstream == 1000
+    assert (s.ws_max_message_bytes, s.ws_ping_interval) == (16 * 1024 * 1024, 20)
+
+
+def test_realtime_settings():
+    s = Settings.from_env({"WS_MAX_MESSAGE_BYTES": "65536", "WS_PING_INTERVAL": "0"})
+    assert (s.ws_max_message_bytes, s.ws_ping_interval) == (65536, 0)  # 0: no pings
 
 
 def test_access_tokens_comma_separated_and_legacy_name():
@@ -72,6 +78,8 @@ def test_base_url_trailing_slash_and_default_params():
         ("DEFAULT_GENERATE_PARAMS", '{"model": ""}'),
         ("DEFAULT_GENERATE_PARAMS", '{"model_name": 5}'),
         ("DEFAULT_GENERATE_PARAMS", '{"model": "gpt-4o", "model_name": "gpt-4o-mini"}'),
+        ("WS_MAX_MESSAGE_BYTES", "10"),
+        ("WS_PING_INTERVAL", "-1"),
     ],
 )
 def test_invalid_values_name_the_variable(name, value):

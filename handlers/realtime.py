@@ -1,0 +1,252 @@
+"""/v1/realtime: OpenAI's Realtime API WebSocket, relayed (issue 12).
+
+Everything that can refuse the session is decided before the client's upgrade
+is accepted, so each refusal is an ordinary HTTP status with a JSON error
+(never accept-then-close): the access token, the key, ALLOWED_MODELS, the rate
+limit, the concurrency cap, and the upstream's own handshake, which is opened
+first so that its refusal (401, 403, 404, 429...) reaches the client with the
+same status and body. The relay itself is chat_gpt_proxy/realtime.py.
+
+Browsers cannot set headers on a WebSocket, so the tokens may also come as
+subprotocols: ``access-token.<token>`` and ``openai-insecure-api-key.<key>``
+(OpenAI's own form). Neither is selected in the answer nor sent upstream; the
+key becomes the upstream ``Authorization`` header.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+
+import tornado.web
+from tornado.websocket import WebSocketHandler, WebSocketProtocol13
+
+from chat_gpt_proxy.observability import log_session
+from chat_gpt_proxy.realtime import RealtimeSession, UpstreamRefused, connect_upstream
+from chat_gpt_proxy.upstream import UpstreamError
+
+from .base import ApiError, ApiMixin, check_model_allowed, loads
+from .openai_compat import OpenAIStyle, upstream_url
+from .proxy import mirrored_error, take_upstream_slot
+
+log = logging.getLogger("chat_gpt_proxy")
+
+ACCESS_TOKEN_PROTOCOL = "access-token."  # noqa: S105 (a prefix, not a secret)
+API_KEY_PROTOCOL = "openai-insecure-api-key."
+# The one subprotocol selected in the answer, when the client offers it.
+REALTIME_PROTOCOL = "realtime"
+# Sec-WebSocket-Protocol values are HTTP tokens (RFC 6455 section 4.1, RFC 9110 section 5.6.2).
+TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,1024}$")
+# Request headers an OpenAI client may need upstream; OpenAI-Beta only when the
+# client sent it (OpenAI answers the retired beta shape with an error and a close).
+FORWARDED_HEADERS = ("OpenAI-Organization", "OpenAI-Project", "OpenAI-Beta")
+
+
+class ClientProtocol(WebSocketProtocol13):
+    """Tornado's protocol, noting the close frames each way, which Tornado does not keep:
+    a close frame without a code (1005) and no close frame at all (1006) look alike to
+    ``on_close``, yet they are mirrored upstream as 1000 and 1011."""
+
+    close_frame_received = False
+    sent_close_code: int | None = None
+
+    def _handle_message(self, opcode: int, data: bytes):
+        if opcode == 0x8:
+            self.close_frame_received = True
+        return super()._handle_message(opcode, data)
+
+    def close(self, code: int | None = None, reason: str | None = None) -> None:
+        if not self.server_terminated and self.sent_close_code is None:
+            self.sent_close_code = code if code is not None else (1000 if reason is not None else 1005)
+        super().close(code, reason)
+
+
+class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
+    """GET /v1/realtime?model=...: a WebSocket relayed to OPENAI_BASE_URL/realtime (ws/wss)."""
+
+    route_name = "realtime"
+
+    def initialize(self) -> None:
+        self.config = self.settings["config"]
+        self.started = time.monotonic()
+        self.model: str | None = None
+        self.subprotocols: list[str] = []
+        self.upstream = None
+        self.upstream_ms: float | None = None
+        self.client_protocol: ClientProtocol | None = None
+        self.client_gone = False
+        self.session: RealtimeSession | None = None
+        # server.py's drain ends whatever a handler in the pool has in flight
+        # through ``upstream_call.abort(reason)``: here, the session.
+        self.upstream_call = None
+        self.upstream_failure: str | None = None
+
+    # Limits of the client's side, from the settings.
+    @property
+    def ping_interval(self) -> float | None:
+        return self.config.ws_ping_interval or None
+
+    @property
+    def ping_timeout(self) -> float | None:
+        return self.config.ws_ping_interval or None
+
+    @property
+    def max_message_size(self) -> int:
+        return self.config.ws_max_message_bytes
+
+    def get_websocket_protocol(self):
+        base = super().get_websocket_protocol()
+        if base is None:
+            return None
+        self.client_protocol = ClientProtocol(self, False, base.params)
+        return self.client_protocol
+
+    def check_origin(self, origin: str) -> bool:
+        # Pages on any origin may connect: the session is authorised by the tokens
+        # the page itself presents, never by cookies, so a foreign page gains
+        # nothing it did not already hold (OpenAI accepts any origin the same way).
+        return True
+
+    def presented_access_token(self) -> str:
+        header = super().presented_access_token()
+        if header:
+            return header
+        return self._from_subprotocol(ACCESS_TOKEN_PROTOCOL)
+
+    def presented_key(self) -> str:
+        return super().presented_key() or self._from_subprotocol(API_KEY_PROTOCOL)
+
+    def _from_subprotocol(self, prefix: str) -> str:
+        for protocol in self.subprotocols:
+            if protocol.startswith(prefix):
+                return protocol[len(prefix) :]
+        return ""
+
+    def select_subprotocol(self, subprotocols: list[str]) -> str | None:
+        # Browsers fail the handshake if a subprotocol they did not offer comes
+        # back, and the tokens must never be echoed: only ``realtime``, if offered.
+        return REALTIME_PROTOCOL if REALTIME_PROTOCOL in subprotocols else None
+
+    @property
+    def pool(self):
+        return self.settings["pool"]
+
+    async def prepare(self) -> None:
+        headers = self.request.headers
+        if headers.get("Upgrade", "").lower() != "websocket":
+            raise ApiError(
+                400,
+                "/v1/realtime is a WebSocket: open it with a WebSocket client (see the README, Realtime).",
+                code="websocket_required",
+            )
+        if headers.get("Sec-WebSocket-Version") != "13" or not headers.get("Sec-WebSocket-Key"):
+            raise ApiError(
+                426,
+                "WebSocket version 13 is required.",
+                code="websocket_version",
+                headers={"Sec-WebSocket-Version": "13"},
+            )
+        offered = headers.get("Sec-WebSocket-Protocol", "")
+        self.subprotocols = [p.strip() for p in offered.split(",") if p.strip()]
+        if not all(TOKEN_RE.match(p) for p in self.subprotocols):
+            raise ApiError(400, "Malformed Sec-WebSocket-Protocol header.", code="invalid_subprotocol")
+        self.check_access_token()
+        key = self.openai_key()
+        model = self.get_query_argument("model", None)
+        self.model = model
+        check_model_allowed(self.config, model)
+        url = upstream_url(self.config.openai_base_url, "realtime", self.request.query)
+        if url is None:
+            raise ApiError(400, "Invalid query string.", "invalid_request_error", "invalid_path")
+        upstream_headers = {"Authorization": "Bearer " + key}
+        for name in FORWARDED_HEADERS:
+            value = headers.get(name)
+            if value is not None:
+                upstream_headers[name] = value
+        # The token subprotocols stay here; the others (realtime, openai-beta.*,
+        # openai-organization.*, openai-project.*) mean something to OpenAI.
+        upstream_protocols = [
+            p for p in self.subprotocols if not p.startswith((ACCESS_TOKEN_PROTOCOL, API_KEY_PROTOCOL))
+        ]
+        take_upstream_slot(self, self.pool)
+        opened = time.monotonic()
+        try:
+            self.upstream = await connect_upstream(
+                "ws" + url[len("http") :],
+                upstream_headers,
+                upstream_protocols,
+                open_timeout=self.config.connect_timeout,
+                max_size=self.config.ws_max_message_bytes,
+                ping_interval=self.config.ws_ping_interval,
+            )
+        except UpstreamRefused as exc:
+            try:
+                answer = loads(exc.body)
+            except (ValueError, RecursionError):
+                answer = None
+            raise mirrored_error(exc.status, answer, exc.headers) from None
+        except UpstreamError as exc:
+            self.upstream_failure = exc.kind
+            log.warning("upstream fault request_id=%s kind=%s", self.request_id, exc.kind)
+            raise ApiError.from_upstream(exc) from None
+        self.upstream_ms = round((time.monotonic() - opened) * 1000, 2)
+        if self.client_gone:
+            # The client left while the upstream was answering.
+            await self.upstream.close(1001, "client left")
+            self.set_status(499, "Client Closed Request")
+            raise tornado.web.Finish()
+
+    def on_finish(self) -> None:
+        # Called at the 101 too; only a request that never became a session ends here.
+        if self.session is None and self.get_status() != 101:
+            self.pool.handlers.discard(self)
+            if self.upstream is not None:
+                self.upstream.transport.abort()
+
+    def open(self) -> None:
+        self.set_nodelay(True)
+        metrics = self.settings.get("metrics")
+        if metrics is not None:
+            metrics.realtime_sessions.inc()
+        self.session = RealtimeSession(self, self.upstream, self.config, metrics, self._session_ended)
+        self.upstream_call = self.session
+        self.session.start()
+
+    def on_message(self, message: str | bytes):
+        return self.session.from_client(message)
+
+    def on_close(self) -> None:
+        if self.session is None:
+            # Before the upgrade: the client left while the upstream was connecting.
+            self.client_gone = True
+            return
+        protocol = self.client_protocol
+        if protocol.close_frame_received:
+            self.session.client_closed(self.close_code or 1005, self.close_reason or "")
+        elif protocol.sent_close_code == 1009:
+            # Tornado refused a message over WS_MAX_MESSAGE_BYTES.
+            self.session.client_closed(1009, "message too big", by="proxy")
+        else:
+            self.session.client_closed(None, "")
+
+    # What RealtimeSession needs of its client side.
+
+    def client_closing(self) -> bool:
+        protocol = self.client_protocol
+        return protocol is not None and protocol.server_terminated and not protocol.client_terminated
+
+    def drop(self) -> None:
+        protocol = self.client_protocol
+        if protocol is not None and protocol.stream is not None:
+            protocol.stream.close()
+
+    def _session_ended(self, session: RealtimeSession) -> None:
+        self.pool.handlers.discard(self)
+        metrics = self.settings.get("metrics")
+        if metrics is not None:
+            metrics.realtime_sessions.dec()
+        log_session(self, session)
+
+
+routes = [(r"/v1/realtime", RealtimeHandler)]
