@@ -7,11 +7,14 @@ into the Tornado application settings (as JupyterHub does with its config).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import json
 import os
 from collections.abc import Mapping
 from types import MappingProxyType
+
+from chat_gpt_proxy import egress
 
 DEFAULT_ACCESS_TOKEN = "123456"  # noqa: S105 (the old service's documented default)
 
@@ -47,6 +50,19 @@ class Settings:
     tls_certfile: str = ""
     tls_keyfile: str = ""
     demo_upstream: bool = False
+    # Egress (issue 11): the proxy as configured (UPSTREAM_PROXY or the
+    # environment), hosts reached directly, a private CA, retries.
+    upstream_proxy: egress.EgressProxy | None = None
+    no_proxy: tuple[str, ...] = ()
+    upstream_ca_file: str = ""
+    upstream_retries: int = 2
+    retry_on_status: tuple[int, ...] = ()
+    retry_max_wait: float = 10.0
+
+    @functools.cached_property
+    def upstream_egress(self) -> egress.EgressProxy | None:
+        """The proxy the calls to OPENAI_BASE_URL go through (None: direct), decided once."""
+        return egress.proxy_for(self.openai_base_url, self.upstream_proxy, self.no_proxy)
 
     @property
     def default_token_in_use(self) -> bool:
@@ -63,6 +79,8 @@ class Settings:
             value = getattr(self, field.name)
             if field.name == "access_tokens":
                 value = [_mask(t) for t in value]
+            elif field.name == "upstream_proxy":
+                value = egress.describe(self.openai_base_url, value, self.no_proxy)
             elif isinstance(value, Mapping):
                 value = dict(value)
             elif isinstance(value, tuple):
@@ -98,6 +116,13 @@ class Settings:
         for name, path in (("TLS_CERTFILE", certfile), ("TLS_KEYFILE", keyfile)):
             if path and not os.path.isfile(path):
                 raise SettingsError(f"{name}: no such file {path!r}")
+        try:
+            proxy = egress.proxy_from_env(env.environ, base_url)
+            ca_file = env.raw("UPSTREAM_CA_FILE")
+            if ca_file is not None:
+                egress.check_ca_file(ca_file)
+        except egress.EgressConfigError as exc:
+            raise SettingsError(str(exc)) from None
         return cls(
             port=env.int("PORT", cls.port, 1, 65535),
             host=env.str("HOST", cls.host),
@@ -124,6 +149,12 @@ class Settings:
             tls_certfile=certfile,
             tls_keyfile=keyfile,
             demo_upstream=env.bool("DEMO_UPSTREAM", cls.demo_upstream),
+            upstream_proxy=proxy,
+            no_proxy=egress.no_proxy_from_env(env.environ),
+            upstream_ca_file=ca_file or "",
+            upstream_retries=env.int("UPSTREAM_RETRIES", cls.upstream_retries, 0, 10),
+            retry_on_status=env.statuses("RETRY_ON_STATUS"),
+            retry_max_wait=env.float("RETRY_MAX_WAIT", cls.retry_max_wait, minimum=0),
         )
 
 
@@ -183,6 +214,14 @@ class _Env:
     def csv(self, name: str) -> tuple[str, ...]:
         value = self.raw(name) or ""
         return tuple(item.strip() for item in value.split(",") if item.strip())
+
+    def statuses(self, name: str) -> tuple[int, ...]:
+        out = []
+        for item in self.csv(name):
+            if not item.isdigit() or not 400 <= int(item) <= 599:
+                raise SettingsError(f"{name}: must list HTTP error statuses (400-599), e.g. 429,503; got {item!r}")
+            out.append(int(item))
+        return tuple(out)
 
     def json_object(self, name: str) -> Mapping:
         value = self.raw(name)

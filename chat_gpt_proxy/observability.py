@@ -49,6 +49,9 @@ class Metrics:
         )
         self.tokens = Counter("proxy_tokens", "Tokens reported by the upstream", ["model", "kind"], registry=r)
         self.upstream_errors = Counter("proxy_upstream_errors", "Upstream failures", ["kind"], registry=r)
+        self.upstream_retries = Counter(
+            "proxy_upstream_retries", "Upstream attempts retried (issue 11)", ["reason"], registry=r
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
