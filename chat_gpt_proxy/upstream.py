@@ -75,6 +75,9 @@ CURLE_SSL_CONNECT_ERROR = 35
 CURLE_ABORTED_BY_CALLBACK = 42
 CURLE_PEER_FAILED_VERIFICATION = 60
 CURLE_PROXY = 97  # any SOCKS failure (libcurl >= 7.73)
+# curl/curl.h CURLOPT_SUPPRESS_CONNECT_HEADERS (libcurl >= 7.54), which
+# pycurl 7.49 does not name; pycurl passes long options through.
+CURLOPT_SUPPRESS_CONNECT_HEADERS = 265
 
 # How libcurl 8 words the failures that tell a proxy's fault from the
 # upstream's (measured against tinyproxy and microsocks, see
@@ -309,6 +312,9 @@ class UpstreamCall:
         # tinyproxy closes a forwarding connection after every request
         # (measured), which would cost a new connection per request.
         curl.setopt(pycurl.HTTPPROXYTUNNEL, 1 if proxy.tunnels else 0)
+        # The proxy's "200 Connection established" block would otherwise reach
+        # _on_header_line as if it were the upstream's status and headers.
+        curl.setopt(CURLOPT_SUPPRESS_CONNECT_HEADERS, 1)
         if proxy.scheme == "https" and self.settings.upstream_ca_file:
             curl.setopt(pycurl.PROXY_CAINFO, self.settings.upstream_ca_file)
 

@@ -42,6 +42,10 @@ OTHER_SECRETS = (
     "sk-hostile-key-12345",
     "proc-ACCESS-TOKEN-91c2",
     "second-token-abc",
+    # Egress proxy passwords (tests/egress_servers.py), also percent-encoded.
+    "tiny-PROXYPASS-8e1f",
+    "sox-P@ss:w/rd-3b7d",
+    "sox-P%40ss%3Aw%2Frd-3b7d",
 )
 AUTH = {"access-token": ACCESS_TOKEN, "openai-token": OPENAI_KEY}
 
