@@ -46,6 +46,8 @@ OTHER_SECRETS = (
     "tiny-PROXYPASS-8e1f",
     "sox-P@ss:w/rd-3b7d",
     "sox-P%40ss%3Aw%2Frd-3b7d",
+    "pw-unit-secret",
+    "secret-pw",
 )
 AUTH = {"access-token": ACCESS_TOKEN, "openai-token": OPENAI_KEY}
 
