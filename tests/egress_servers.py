@@ -8,9 +8,11 @@ throwaway CA and a server certificate for ``localhost``/``127.0.0.1``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
+import ssl
 import subprocess
 import time
 
@@ -234,3 +236,47 @@ async def serving(settings):
         server.stop()
         await server.close_all_connections()
         app.settings["pool"].close()
+
+
+class TlsFront:
+    """TLS in front of a plain proxy server: an ``https://`` egress proxy for the tests.
+
+    Runs on the test's IOLoop; each TLS connection is relayed byte for byte to
+    ``127.0.0.1:target_port`` (tinyproxy does not speak TLS itself).
+    """
+
+    def __init__(self, target_port: int, certfile: str, keyfile: str):
+        self.target_port = target_port
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.context.load_cert_chain(certfile, keyfile)
+        self.server = None
+        self.port = 0
+
+    async def start(self) -> TlsFront:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0, ssl=self.context)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _relay(self, reader, writer) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+
+        async def pipe(src, dst):
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (OSError, ssl.SSLError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    async def stop(self) -> None:
+        self.server.close()
+        if hasattr(self.server, "close_clients"):
+            self.server.close_clients()

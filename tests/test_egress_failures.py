@@ -15,7 +15,15 @@ from chat_gpt_proxy.egress import EgressProxy
 from chat_gpt_proxy.fake_openai import FakeOpenAI
 from settings import Settings
 from tests.conftest import ACCESS_TOKEN, OTHER_SECRETS
-from tests.egress_servers import SOCKS_PASSWORD, TINYPROXY_PASSWORD, MicroSocks, TinyProxy, make_tls_files, serving
+from tests.egress_servers import (
+    SOCKS_PASSWORD,
+    TINYPROXY_PASSWORD,
+    MicroSocks,
+    TinyProxy,
+    TlsFront,
+    make_tls_files,
+    serving,
+)
 from tests.procs import ServerProcess, free_port
 
 PASSWORDS = [s for s in OTHER_SECRETS if "PASS" in s or "P@ss" in s or "P%40ss" in s]
@@ -228,3 +236,28 @@ async def test_bad_egress_settings_stop_the_process_with_one_line(tmp_path, env,
     finally:
         server.stop()
     assert code == 2 and len(lines) == 1 and message in lines[0], lines
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_https_proxy_with_a_private_ca(config, servers, workdir):
+    """TLS to the proxy itself (``https://``), its certificate trusted through UPSTREAM_CA_FILE."""
+    tls = make_tls_files(workdir)
+    tiny = servers(TinyProxy, auth=True)
+    front = await TlsFront(tiny.port, tls["server.pem"], tls["server.key"]).start()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tls["server.pem"], tls["server.key"])
+    fake = FakeOpenAI(ssl_context=context)
+    fake.start()
+    try:
+        proxy = dataclasses.replace(tiny.proxy("https"), host="localhost", port=front.port)
+        settings = dataclasses.replace(
+            config, upstream_proxy=proxy, openai_base_url=fake.url, upstream_ca_file=tls["ca.pem"]
+        )
+        async with serving(settings) as (client, _):
+            for i in range(3):
+                response, body = await client.chat({"prompt": "tls in tls %d" % i})
+                assert response.code == 200 and body["text"] == "Echo: tls in tls %d" % i
+        assert tiny.connections() == 1 and fake.connections == 1
+    finally:
+        await fake.stop()
+        await front.stop()
