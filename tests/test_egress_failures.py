@@ -14,7 +14,7 @@ import pytest
 from chat_gpt_proxy.egress import EgressProxy
 from chat_gpt_proxy.fake_openai import FakeOpenAI
 from settings import Settings
-from tests.conftest import ACCESS_TOKEN, OTHER_SECRETS
+from tests.conftest import ACCESS_TOKEN, OTHER_SECRETS, ProxyClient
 from tests.egress_servers import (
     SOCKS_PASSWORD,
     TINYPROXY_PASSWORD,
@@ -261,3 +261,20 @@ async def test_https_proxy_with_a_private_ca(config, servers, workdir):
     finally:
         await fake.stop()
         await front.stop()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_demo_mode_ignores_an_egress_proxy(tmp_path):
+    """DEMO_UPSTREAM's fake runs on loopback: an operator's ALL_PROXY must not break the demo."""
+    env = {"DEMO_UPSTREAM": "true", "ACCESS_TOKEN": ACCESS_TOKEN, "ALL_PROXY": "socks5h://127.0.0.1:%d" % free_port()}
+    server = ServerProcess(env, str(tmp_path / "server.log"))
+    try:
+        await server.wait_ready()
+        client = ProxyClient(server.url)
+        try:
+            response, body = await client.chat({"prompt": "demo"})
+        finally:
+            client.close()
+    finally:
+        server.stop()
+    assert response.code == 200 and body["text"].startswith("Echo: demo")
