@@ -214,7 +214,8 @@ async def start_demo_upstream(settings: Settings) -> Settings:
     log.warning(
         "DEMO MODE: requests go to the built-in fake OpenAI at %s, not to %s", fake.url, settings.openai_base_url
     )
-    return dataclasses.replace(settings, openai_base_url=fake.url)
+    # The fake runs on loopback: an egress proxy from the environment (issue 11) must not apply.
+    return dataclasses.replace(settings, openai_base_url=fake.url, upstream_proxy=None)
 
 
 async def serve(settings: Settings, sockets: list[socket.socket], ssl_context: ssl.SSLContext | None) -> None:

@@ -7,6 +7,7 @@ into the Tornado application settings (as JupyterHub does with its config).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import json
 import os
@@ -14,6 +15,7 @@ import urllib.parse
 from collections.abc import Mapping
 from types import MappingProxyType
 
+from chat_gpt_proxy import egress
 from chat_gpt_proxy.cors import parse_origins
 from chat_gpt_proxy.generate_params import ParamsError, normalize_generate_params
 
@@ -58,6 +60,19 @@ class Settings:
     # Realtime WebSocket relay (issue 12).
     ws_max_message_bytes: int = 16 * 1024 * 1024
     ws_ping_interval: float = 20.0
+    # Egress (issue 11): the proxy as configured (UPSTREAM_PROXY or the
+    # environment), hosts reached directly, a private CA, retries.
+    upstream_proxy: egress.EgressProxy | None = None
+    no_proxy: tuple[str, ...] = ()
+    upstream_ca_file: str = ""
+    upstream_retries: int = 2
+    retry_on_status: tuple[int, ...] = ()
+    retry_max_wait: float = 10.0
+
+    @functools.cached_property
+    def upstream_egress(self) -> egress.EgressProxy | None:
+        """The proxy the calls to OPENAI_BASE_URL go through (None: direct), decided once."""
+        return egress.proxy_for(self.openai_base_url, self.upstream_proxy, self.no_proxy)
 
     @property
     def default_token_in_use(self) -> bool:
@@ -74,6 +89,8 @@ class Settings:
             value = getattr(self, field.name)
             if field.name == "access_tokens":
                 value = [_mask(t) for t in value]
+            elif field.name == "upstream_proxy":
+                value = egress.describe(self.openai_base_url, value, self.no_proxy)
             elif isinstance(value, Mapping):
                 value = dict(value)
             elif isinstance(value, tuple):
@@ -121,6 +138,13 @@ class Settings:
             if path and not os.path.isfile(path):
                 raise SettingsError(f"{name}: no such file {path!r}")
         demo = env.bool("DEMO_UPSTREAM", cls.demo_upstream)
+        try:
+            proxy = egress.proxy_from_env(env.environ, base_url)
+            ca_file = env.raw("UPSTREAM_CA_FILE")
+            if ca_file is not None:
+                egress.check_ca_file(ca_file)
+        except egress.EgressConfigError as exc:
+            raise SettingsError(str(exc)) from None
         return cls(
             port=env.int("PORT", cls.port, 1, 65535),
             # A demo (default access token, fake answers) is for this machine:
@@ -153,6 +177,12 @@ class Settings:
             cors_allow_origins=env.origins("CORS_ALLOW_ORIGINS"),
             ws_max_message_bytes=env.int("WS_MAX_MESSAGE_BYTES", cls.ws_max_message_bytes, 1024, 1 << 30),
             ws_ping_interval=env.float("WS_PING_INTERVAL", cls.ws_ping_interval, minimum=0),
+            upstream_proxy=proxy,
+            no_proxy=egress.no_proxy_from_env(env.environ),
+            upstream_ca_file=ca_file or "",
+            upstream_retries=env.int("UPSTREAM_RETRIES", cls.upstream_retries, 0, 10),
+            retry_on_status=env.statuses("RETRY_ON_STATUS"),
+            retry_max_wait=env.float("RETRY_MAX_WAIT", cls.retry_max_wait, minimum=0),
         )
 
 
@@ -227,6 +257,14 @@ class _Env:
     def csv(self, name: str) -> tuple[str, ...]:
         value = self.raw(name) or ""
         return tuple(item.strip() for item in value.split(",") if item.strip())
+
+    def statuses(self, name: str) -> tuple[int, ...]:
+        out = []
+        for item in self.csv(name):
+            if not item.isdigit() or not 400 <= int(item) <= 599:
+                raise SettingsError(f"{name}: must list HTTP error statuses (400-599), e.g. 429,503; got {item!r}")
+            out.append(int(item))
+        return tuple(out)
 
     def json_object(self, name: str) -> Mapping:
         value = self.raw(name)

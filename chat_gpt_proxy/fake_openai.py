@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import json
 import socket
+import ssl
 import struct
 import time
 import uuid
@@ -142,8 +143,19 @@ MAX_KEPT_BODY = 64 * 1024
 
 
 class FakeOpenAI:
-    def __init__(self, default_delay: float = 0.0, keep: int = KEPT_REQUESTS, max_body: int = MAX_KEPT_BODY):
+    def __init__(
+        self,
+        default_delay: float = 0.0,
+        ssl_context=None,
+        host_name: str = "127.0.0.1",
+        keep: int = KEPT_REQUESTS,
+        max_body: int = MAX_KEPT_BODY,
+    ):
         self.default_delay = default_delay
+        # With an ``ssl.SSLContext`` it serves HTTPS (an upstream with a
+        # private CA, issue 11); ``host_name`` is the host its ``url`` names.
+        self.ssl_context = ssl_context
+        self.host_name = host_name
         self.script: collections.deque[Behaviour] = collections.deque()
         # Requests for these models always get this behaviour, whatever the
         # order: for faults injected while other traffic runs.
@@ -162,7 +174,8 @@ class FakeOpenAI:
 
     @property
     def url(self) -> str:
-        return "http://127.0.0.1:%d/v1" % self.port
+        scheme = "https" if self.ssl_context is not None else "http"
+        return "%s://%s:%d/v1" % (scheme, self.host_name, self.port)
 
     def push(self, *behaviours: Behaviour) -> None:
         self.script.extend(behaviours)
@@ -207,7 +220,8 @@ class FakeOpenAI:
             "completed": self.completed,
         }
 
-    def start(self, port: int = 0, address: str = "127.0.0.1") -> int:
+    def start(self, port: int = 0, address: str = "127.0.0.1", sockets=None) -> int:
+        """Listen on ``port`` (0: an unused one), or on ``sockets``, listening sockets on one port."""
         fake = self
 
         class CountingServer(tornado.httpserver.HTTPServer):
@@ -233,8 +247,11 @@ class FakeOpenAI:
             fake=self,
             log_function=lambda handler: None,
         )
-        self._server = CountingServer(app)
-        if port:
+        self._server = CountingServer(app, ssl_options=self.ssl_context)
+        if sockets:
+            self._server.add_sockets(sockets)
+            self.port = sockets[0].getsockname()[1]
+        elif port:
             self._server.listen(port, address)
             self.port = port
         else:
@@ -924,12 +941,18 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8081)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--delay", type=float, default=0.0, help="seconds between streamed chunks")
+    parser.add_argument("--certfile", help="serve HTTPS with this certificate chain (PEM)")
+    parser.add_argument("--keyfile", help="the certificate's private key (PEM)")
     args = parser.parse_args()
+    context = None
+    if args.certfile:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(args.certfile, args.keyfile)
 
     async def serve() -> None:
-        fake = FakeOpenAI(default_delay=args.delay)
+        fake = FakeOpenAI(default_delay=args.delay, ssl_context=context, host_name=args.host)
         fake.start(args.port, args.host)
-        print("fake OpenAI listening on http://%s:%d/v1" % (args.host, args.port), flush=True)
+        print("fake OpenAI listening on %s" % fake.url, flush=True)
         await asyncio.Event().wait()
 
     with contextlib.suppress(KeyboardInterrupt):

@@ -73,6 +73,9 @@ class Metrics:
             ["by", "code"],
             registry=r,
         )
+        self.upstream_retries = Counter(
+            "proxy_upstream_retries", "Upstream attempts retried (issue 11)", ["reason"], registry=r
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

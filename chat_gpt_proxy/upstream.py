@@ -31,6 +31,8 @@ from tornado.httpclient import HTTPRequest
 from tornado.httputil import HTTPHeaders
 from tornado.ioloop import IOLoop
 
+from chat_gpt_proxy.retry import RetryPolicy
+
 log = logging.getLogger("chat_gpt_proxy.upstream")
 
 # Hop-by-hop headers (RFC 9110 section 7.6.1) and those libcurl computes
@@ -69,11 +71,32 @@ HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
 
 # libcurl error codes (curl/curl.h) that mean something to a client.
+CURLE_COULDNT_RESOLVE_PROXY = 5
 CURLE_COULDNT_RESOLVE_HOST = 6
 CURLE_COULDNT_CONNECT = 7
 CURLE_WRITE_ERROR = 23
 CURLE_OPERATION_TIMEDOUT = 28
+CURLE_SSL_CONNECT_ERROR = 35
 CURLE_ABORTED_BY_CALLBACK = 42
+CURLE_PEER_FAILED_VERIFICATION = 60
+CURLE_PROXY = 97  # any SOCKS failure (libcurl >= 7.73)
+# curl/curl.h CURLOPT_SUPPRESS_CONNECT_HEADERS (libcurl >= 7.54), which
+# pycurl 7.49 does not name; pycurl passes long options through.
+CURLOPT_SUPPRESS_CONNECT_HEADERS = 265
+
+# How libcurl 8 words the failures that tell a proxy's fault from the
+# upstream's (measured against tinyproxy and microsocks, see
+# tests/test_egress_proxies.py): the CONNECT answer's status, a SOCKS5
+# server refusing our credentials, and timeouts before a connection existed.
+CONNECT_FAILED_RE = re.compile(r"CONNECT tunnel failed, response (\d+)")
+SOCKS_AUTH_RE = re.compile(r"rejected by the SOCKS5 server|No authentication method was acceptable", re.I)
+CONNECT_PHASE_TIMEOUT_RE = re.compile(r"^(Resolving|Connection) timed out", re.I)
+
+PROXY_MESSAGES = {
+    "proxy_unreachable": "could not connect to the egress proxy (%s): check that it is running and reachable",
+    "proxy_auth": "the egress proxy (%s) refused its credentials: check the user and password in the setting",
+    "proxy_failed": "the egress proxy (%s) could not connect to the upstream: check the proxy's own access",
+}
 
 
 class UpstreamError(Exception):
@@ -82,13 +105,21 @@ class UpstreamError(Exception):
     ``kind`` is one of: ``connect`` (refused or unresolvable), ``timeout``
     (connect or total timeout), ``idle`` (stream went silent), ``broken``
     (connection failed mid-response), ``aborted`` (we aborted it: client left
-    or shutdown). The message never contains request data or secrets.
+    or shutdown), ``tls`` (the upstream's certificate was not trusted),
+    ``proxy_unreachable``, ``proxy_auth``, ``proxy_failed`` (the egress
+    proxy, issue 11). The message never contains request data or secrets.
+
+    ``retry_reason`` is set when the request cannot have reached the upstream
+    (nothing was sent), so that trying again is safe; ``detail`` is for the
+    operator's log line (the masked proxy address and libcurl's words).
     """
 
-    def __init__(self, kind: str, message: str):
+    def __init__(self, kind: str, message: str, retry_reason: str | None = None, detail: str = ""):
         super().__init__(message)
         self.kind = kind
         self.message = message
+        self.retry_reason = retry_reason
+        self.detail = detail
 
     def error_object(self) -> dict:
         """What the client is told, as a JSON error or as a stream's final event."""
@@ -118,6 +149,7 @@ class UpstreamPool:
 
     def __init__(self, config):
         self.config = config
+        self.retry = RetryPolicy(config)
         self.streams = 0
         self.handlers: set = set()
         self._client = None
@@ -132,6 +164,47 @@ class UpstreamPool:
         if self._client is not None:
             self._client.close()
             self._client = None
+
+
+def classify(errno: int, message: str, status: int, proxy) -> UpstreamError:
+    """The ``UpstreamError`` for a libcurl failure (``proxy``: the egress proxy in use, or None)."""
+    if proxy is not None:
+        where = "%s from %s" % (proxy.masked(), proxy.source)
+        detail = "proxy=%s curl=%r" % (where, message[:200])
+        kind = None
+        connect_status = CONNECT_FAILED_RE.search(message)
+        if connect_status:
+            code = int(connect_status.group(1))
+            # tinyproxy answers a refused Proxy-Authorization with 401, not 407.
+            kind = "proxy_auth" if code in (401, 407) else "proxy_failed"
+            retry = "proxy_failed" if code >= 500 else None
+        elif errno == CURLE_PROXY:
+            kind = "proxy_auth" if SOCKS_AUTH_RE.search(message) else "proxy_failed"
+            retry = "proxy_failed" if kind == "proxy_failed" else None
+        elif errno in (CURLE_COULDNT_CONNECT, CURLE_COULDNT_RESOLVE_PROXY):
+            # With a proxy, libcurl opens TCP connections only to the proxy.
+            kind, retry = "proxy_unreachable", "proxy_unreachable"
+        if kind is not None:
+            return UpstreamError(kind, PROXY_MESSAGES[kind] % proxy.source, retry, detail)
+    if errno == CURLE_COULDNT_CONNECT:
+        return UpstreamError("connect", "could not connect to the upstream", "connect_refused")
+    if errno == CURLE_COULDNT_RESOLVE_HOST:
+        return UpstreamError("connect", "could not resolve the upstream's host name", "dns")
+    if errno == CURLE_OPERATION_TIMEDOUT:
+        if status:
+            return UpstreamError("timeout", "the upstream did not finish its answer in time")
+        if CONNECT_PHASE_TIMEOUT_RE.search(message):
+            return UpstreamError("timeout", "could not connect to the upstream in time", "connect_timeout")
+        return UpstreamError("timeout", "the upstream did not answer in time")
+    if errno == CURLE_PEER_FAILED_VERIFICATION:
+        return UpstreamError(
+            "tls",
+            "the upstream's TLS certificate could not be verified: check OPENAI_BASE_URL and UPSTREAM_CA_FILE",
+            detail="curl=%r" % message[:200],
+        )
+    if errno == CURLE_SSL_CONNECT_ERROR:
+        return UpstreamError("tls", "the TLS handshake with the upstream failed", detail="curl=%r" % message[:200])
+    return UpstreamError("broken", "the upstream connection failed (curl error %d)" % errno)
 
 
 def relayed_headers(headers: HTTPHeaders) -> list[tuple[str, str]]:
@@ -164,6 +237,7 @@ class UpstreamCall:
         body: bytes | None,
         *,
         stream: bool,
+        timeout: float | None = None,
     ):
         self.settings = settings
         self.stream = stream
@@ -190,9 +264,12 @@ class UpstreamCall:
             method=method,
             headers=headers,
             body=body,
-            connect_timeout=settings.connect_timeout,
+            # ``timeout``: what is left of the request's time after retries.
+            connect_timeout=min(settings.connect_timeout, timeout or settings.connect_timeout),
             # Streams have no total cap (issue 2): the idle timer bounds them.
-            request_timeout=0 if stream else settings.request_timeout,
+            request_timeout=0 if stream else (timeout or settings.request_timeout),
+            # Verification is always on; this only replaces the trusted roots.
+            ca_certs=settings.upstream_ca_file or None,
             follow_redirects=False,
             decompress_response=False,
             allow_nonstandard_methods=True,
@@ -220,6 +297,31 @@ class UpstreamCall:
         # Tornado turns on libcurl's verbose trace when its logger is at DEBUG;
         # that trace holds the Authorization header, i.e. the caller's key.
         curl.setopt(pycurl.VERBOSE, 0)
+        self._set_proxy(curl)
+
+    def _set_proxy(self, curl: pycurl.Curl) -> None:
+        # Tornado unsets PROXY when HTTPRequest has no proxy_host, and libcurl
+        # then reads http(s)_proxy/ALL_PROXY/NO_PROXY by itself: always set it
+        # so that the route chosen (and logged) at startup is the one used.
+        proxy = self.settings.upstream_egress
+        if proxy is None:
+            curl.setopt(pycurl.PROXY, "")  # "" = direct, whatever the environment says
+            return
+        curl.setopt(pycurl.PROXY, proxy.address)
+        curl.setopt(pycurl.NOPROXY, "")  # NO_PROXY was applied at startup
+        if proxy.username or proxy.password:
+            curl.setopt(pycurl.PROXYUSERNAME, proxy.username)
+            curl.setopt(pycurl.PROXYPASSWORD, proxy.password)
+        # Always a CONNECT tunnel, also for a plain-http upstream: otherwise the
+        # proxy's own error pages arrive as if the upstream sent them, and
+        # tinyproxy closes a forwarding connection after every request
+        # (measured), which would cost a new connection per request.
+        curl.setopt(pycurl.HTTPPROXYTUNNEL, 1 if proxy.tunnels else 0)
+        # The proxy's "200 Connection established" block would otherwise reach
+        # _on_header_line as if it were the upstream's status and headers.
+        curl.setopt(CURLOPT_SUPPRESS_CONNECT_HEADERS, 1)
+        if proxy.scheme == "https" and self.settings.upstream_ca_file:
+            curl.setopt(pycurl.PROXY_CAINFO, self.settings.upstream_ca_file)
 
     def _on_header_line(self, line: bytes) -> None:
         if line.startswith(b"HTTP/"):
@@ -296,13 +398,7 @@ class UpstreamCall:
         error = self._fetch.exception() or self._fetch.result().error
         if not isinstance(error, CurlError):
             return None
-        if error.errno in (CURLE_COULDNT_CONNECT, CURLE_COULDNT_RESOLVE_HOST):
-            return UpstreamError("connect", "could not connect to the upstream")
-        if error.errno == CURLE_OPERATION_TIMEDOUT:
-            if self.status:
-                return UpstreamError("timeout", "the upstream did not finish its answer in time")
-            return UpstreamError("timeout", "the upstream did not answer in time")
-        return UpstreamError("broken", "the upstream connection failed (curl error %d)" % error.errno)
+        return classify(error.errno, error.message or "", self.status, self.settings.upstream_egress)
 
     # -- the reader's side
 
@@ -347,6 +443,12 @@ class UpstreamCall:
                 raise UpstreamError("broken", "the upstream answer is larger than %d bytes" % limit)
             parts.append(chunk)
         return b"".join(parts)
+
+    async def discard(self) -> None:
+        """Finish an answer nobody will see (before a retry): read a small one to keep the connection."""
+        # Too large or broken: read_all has aborted it, nothing else to do.
+        with contextlib.suppress(UpstreamError):
+            await self.read_all(64 * 1024)
 
     def abort(self, reason: str) -> None:
         """Stop the transfer now; the upstream sees its connection closed."""

@@ -61,8 +61,19 @@ def parse_content_length(value: str | None) -> int | None:
 UNLIMITED_BODY = 1 << 62
 
 # What each upstream failure means to a client (issue 2: 502 for an
-# unreachable or broken upstream, 504 for a slow one).
-UPSTREAM_ERROR_STATUS = {"connect": 502, "broken": 502, "timeout": 504, "idle": 504, "aborted": 503}
+# unreachable or broken upstream, 504 for a slow one; issue 11: 502 for the
+# egress proxy's faults and an untrusted upstream certificate).
+UPSTREAM_ERROR_STATUS = {
+    "connect": 502,
+    "broken": 502,
+    "timeout": 504,
+    "idle": 504,
+    "aborted": 503,
+    "tls": 502,
+    "proxy_unreachable": 502,
+    "proxy_auth": 502,
+    "proxy_failed": 502,
+}
 
 
 class ApiError(HTTPError):

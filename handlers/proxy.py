@@ -6,6 +6,7 @@ relays its answer, either whole (JSON) or as a live Server-Sent-Events stream.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -96,26 +97,64 @@ class ProxyHandler(BaseHandler):
         """Start the upstream call; returns it once the upstream's headers arrived."""
         pool = self.pool
         take_upstream_slot(self, pool)
-        try:
-            self.upstream_call = UpstreamCall(pool.client(), self.config, method, url, headers, body, stream=stream)
-            await self.upstream_call.start()
-        except UpstreamError as exc:
-            raise self.upstream_failed(exc) from None
-        return self.upstream_call
+        first = time.monotonic()
+        attempt = 0
+        timeout = None
+        while True:
+            call = self.upstream_call = UpstreamCall(
+                pool.client(), self.config, method, url, headers, body, stream=stream, timeout=timeout
+            )
+            try:
+                await call.start()
+            except UpstreamError as exc:
+                attempt += 1
+                wait = pool.retry.after_error(exc, attempt, time.monotonic() - first)
+                if wait is None:
+                    raise self.upstream_failed(exc) from None
+                reason = exc.retry_reason
+            else:
+                if call.status < 400 or not pool.retry.statuses:
+                    return call
+                attempt += 1
+                wait = pool.retry.after_status(call.status, call.headers, attempt, time.monotonic() - first)
+                if wait is None:
+                    return call
+                reason = "status_%d" % call.status
+                await call.discard()
+            # Nothing has been sent to the client yet (issue 11).
+            self.note_retry(reason, attempt, wait)
+            await asyncio.sleep(wait)
+            stream_ = self.request.connection.stream
+            if stream_ is None or stream_.closed():
+                raise ApiError.from_upstream(UpstreamError("aborted", "the request was aborted (client_closed)"))
+            timeout = pool.retry.budget - (time.monotonic() - first)
+
+    def note_retry(self, reason: str, attempt: int, wait: float) -> None:
+        log.warning(
+            "upstream retry request_id=%s reason=%s attempt=%d/%d wait_ms=%d",
+            self.request_id,
+            reason,
+            attempt,
+            self.pool.retry.retries,
+            wait * 1000,
+        )
+        metrics = self.settings.get("metrics")
+        if metrics is not None:
+            metrics.upstream_retries.labels(reason).inc()
 
     def upstream_failed(self, exc: UpstreamError) -> ApiError:
         if not self.client_left(exc):  # already logged as the client's fault
-            self.note_fault(exc.kind)
+            self.note_fault(exc.kind, exc.detail)
         return ApiError.from_upstream(exc)
 
     def client_left(self, exc: UpstreamError) -> bool:
         """Whether ``exc`` is our own abort because the client went away."""
         return exc.kind == "aborted" and self.upstream_call.abort_reason in ("client_closed", "client_stall")
 
-    def note_fault(self, kind: str) -> None:
+    def note_fault(self, kind: str, detail: str = "") -> None:
         """An expected upstream fault: one warning line, never a traceback (issue 6)."""
         self.upstream_failure = kind
-        log.warning("upstream fault request_id=%s kind=%s", self.request_id, kind)
+        log.warning("upstream fault request_id=%s kind=%s%s", self.request_id, kind, " " + detail if detail else "")
 
     def on_finish(self) -> None:
         self.pool.handlers.discard(self)

@@ -45,6 +45,12 @@ OTHER_SECRETS = (
     "rt-browser-access-7c1d",
     "sk-rt-browser-2b9e",
     "rt-proxy-pass-5e1",
+    # Egress proxy passwords (tests/egress_servers.py), also percent-encoded.
+    "tiny-PROXYPASS-8e1f",
+    "sox-P@ss:w/rd-3b7d",
+    "sox-P%40ss%3Aw%2Frd-3b7d",
+    "pw-unit-secret",
+    "secret-pw",
 )
 AUTH = {"access-token": ACCESS_TOKEN, "openai-token": OPENAI_KEY}
 

@@ -66,7 +66,8 @@ async def test_broken_upstream_answers(proxy, fake_openai, caplog, behaviour, st
     assert response.code == 200 and body["text"] == "Echo: after the fault"
 
 
-@pytest.mark.settings(openai_base_url="http://127.0.0.1:9/v1")
+# Without retries (tests/test_egress_retries.py covers them): one attempt, one line.
+@pytest.mark.settings(openai_base_url="http://127.0.0.1:9/v1", upstream_retries=0)
 @pytest.mark.gen_test
 async def test_upstream_refuses_connections(proxy, caplog):
     response, body = await proxy.chat({"prompt": "x"})

@@ -1,0 +1,216 @@
+"""Unit tests of the egress pieces (issue 11): proxy URLs, the environment, NO_PROXY, failure kinds, retry waits."""
+
+import email.utils
+import time
+
+import pytest
+from tornado.httputil import HTTPHeaders
+
+from chat_gpt_proxy.egress import (
+    EgressConfigError,
+    EgressProxy,
+    bypasses,
+    describe,
+    parse_proxy_url,
+    proxy_for,
+    proxy_from_env,
+)
+from chat_gpt_proxy.retry import RetryPolicy, backoff, retry_after_seconds
+from chat_gpt_proxy.upstream import classify
+from settings import Settings, SettingsError
+
+HTTPS_UPSTREAM = "https://api.openai.com/v1"
+
+
+def test_proxy_url_with_percent_encoded_credentials():
+    proxy = parse_proxy_url("socks5h://us%40er:p%40ss%3Aw@proxy.corp:1080", "UPSTREAM_PROXY")
+    assert (proxy.scheme, proxy.host, proxy.port) == ("socks5h", "proxy.corp", 1080)
+    assert (proxy.username, proxy.password) == ("us@er", "p@ss:w")
+    assert proxy.address == "socks5h://proxy.corp:1080"
+    assert proxy.url == "socks5h://us%40er:p%40ss%3Aw@proxy.corp:1080"
+    assert proxy.masked() == "socks5h://***:***@proxy.corp:1080"
+    assert "p@ss" not in repr(proxy) and "p@ss" not in str(proxy)
+
+
+@pytest.mark.parametrize("value", ["http://proxy:3128", "https://proxy:3128", "proxy:3128", "HTTP://proxy:3128/"])
+def test_http_proxy_forms(value):
+    proxy = parse_proxy_url(value, "UPSTREAM_PROXY")
+    assert proxy.port == 3128 and proxy.tunnels and proxy.url == proxy.address
+
+
+@pytest.mark.parametrize(
+    "value,message",
+    [
+        ("ftp://proxy:21", "UPSTREAM_PROXY: the scheme must be one of"),
+        ("socks4://proxy:1080", "UPSTREAM_PROXY: the scheme must be one of"),
+        ("http://proxy", "UPSTREAM_PROXY: give the proxy's port"),
+        ("http://:3128", "UPSTREAM_PROXY: no host"),
+        ("http://proxy:99999", "UPSTREAM_PROXY: not a valid proxy URL"),
+        ("http://proxy:3128/path", "UPSTREAM_PROXY: a proxy URL has no path"),
+    ],
+)
+def test_bad_proxy_urls(value, message):
+    with pytest.raises(EgressConfigError) as error:
+        parse_proxy_url(value, "UPSTREAM_PROXY")
+    assert str(error.value).startswith(message)
+
+
+def test_environment_order_like_curl():
+    env = {
+        "https_proxy": "http://lower:1",
+        "HTTPS_PROXY": "http://upper:2",
+        "all_proxy": "http://all:3",
+        "ALL_PROXY": "http://ALL:4",
+        "http_proxy": "http://plain:5",
+        "HTTP_PROXY": "http://cgi:6",
+    }
+    assert proxy_from_env({**env, "UPSTREAM_PROXY": "socks5://mine:7"}, HTTPS_UPSTREAM).source == "UPSTREAM_PROXY"
+    assert proxy_from_env(env, HTTPS_UPSTREAM).host == "lower"
+    assert proxy_from_env({k: v for k, v in env.items() if k != "https_proxy"}, HTTPS_UPSTREAM).host == "upper"
+    assert proxy_from_env({"ALL_PROXY": "http://ALL:4"}, HTTPS_UPSTREAM).source == "ALL_PROXY"
+    # An http upstream: lower-case http_proxy only (HTTP_PROXY is CGI's "httpoxy").
+    assert proxy_from_env(env, "http://local:8000/v1").host == "plain"
+    assert proxy_from_env({"HTTP_PROXY": "http://cgi:6"}, "http://local:8000/v1") is None
+    assert proxy_from_env({}, HTTPS_UPSTREAM) is None
+
+
+@pytest.mark.parametrize(
+    "host,no_proxy,expected",
+    [
+        ("api.openai.com", ("*",), True),
+        ("api.openai.com", ("openai.com",), True),
+        ("api.openai.com", (".openai.com",), True),
+        ("openai.com", (".openai.com",), True),
+        ("notopenai.com", ("openai.com",), False),
+        ("api.openai.com", ("example.com", "localhost"), False),
+        ("10.1.2.3", ("10.0.0.0/8",), True),
+        ("10.1.2.3", ("10.1.2.3",), True),
+        ("11.1.2.3", ("10.0.0.0/8",), False),
+        ("::1", ("::1",), True),
+        ("API.OpenAI.com.", ("openai.com",), True),
+    ],
+)
+def test_no_proxy_matching(host, no_proxy, expected):
+    assert bypasses(host, no_proxy) is expected
+
+
+def test_no_proxy_from_settings_and_the_startup_description():
+    env = {"HTTPS_PROXY": "http://u:secret-pw@proxy:3128", "NO_PROXY": "localhost, .internal"}
+    settings = Settings.from_env(env)
+    assert settings.no_proxy == ("localhost", ".internal")
+    assert settings.upstream_egress == settings.upstream_proxy
+    assert settings.masked()["upstream_proxy"] == "http://***:***@proxy:3128 (from HTTPS_PROXY)"
+    internal = Settings.from_env({**env, "OPENAI_BASE_URL": "https://llm.internal/v1"})
+    assert internal.upstream_egress is None
+    assert internal.masked()["upstream_proxy"].startswith("direct (the upstream's host is in NO_PROXY")
+    assert "secret-pw" not in str(internal.masked())
+    assert Settings.from_env({}).masked()["upstream_proxy"] == "direct"
+    # For another upstream leg (a WebSocket relay): the same decision from the plain URL.
+    assert proxy_for("wss://api.openai.com/v1/realtime", settings.upstream_proxy, settings.no_proxy).url == (
+        "http://u:secret-pw@proxy:3128"
+    )
+    assert describe("https://x.internal", None, ()) == "direct"
+
+
+@pytest.mark.parametrize(
+    "env,message",
+    [
+        ({"UPSTREAM_RETRIES": "-1"}, "UPSTREAM_RETRIES: must be between 0 and 10"),
+        ({"RETRY_ON_STATUS": "429,200"}, "RETRY_ON_STATUS: must list HTTP error statuses"),
+        ({"RETRY_ON_STATUS": "abc"}, "RETRY_ON_STATUS: must list HTTP error statuses"),
+        ({"RETRY_MAX_WAIT": "soon"}, "RETRY_MAX_WAIT: must be a number"),
+        ({"ALL_PROXY": "gopher://x:70"}, "ALL_PROXY: the scheme must be one of"),
+        ({"UPSTREAM_CA_FILE": "/"}, "UPSTREAM_CA_FILE: no such file"),
+    ],
+)
+def test_bad_egress_settings(env, message):
+    with pytest.raises(SettingsError) as error:
+        Settings.from_env(env)
+    assert str(error.value).startswith(message)
+
+
+def test_retry_settings():
+    settings = Settings.from_env({"RETRY_ON_STATUS": "429, 503", "RETRY_MAX_WAIT": "5", "UPSTREAM_RETRIES": "0"})
+    assert (settings.retry_on_status, settings.retry_max_wait, settings.upstream_retries) == ((429, 503), 5.0, 0)
+    defaults = Settings.from_env({})
+    assert (defaults.retry_on_status, defaults.retry_max_wait, defaults.upstream_retries) == ((), 10.0, 2)
+
+
+PROXY = EgressProxy("http", "127.0.0.1", 3128, "user", "pw-unit-secret")
+
+
+# The messages libcurl 8.23 gave against tinyproxy and microsocks (see
+# shared/notes/proxies-websockets-redis.md and tests/test_egress_failures.py).
+@pytest.mark.parametrize(
+    "errno,message,proxy,kind,retry",
+    [
+        (7, "CONNECT tunnel failed, response 407", PROXY, "proxy_auth", None),
+        (7, "CONNECT tunnel failed, response 401", PROXY, "proxy_auth", None),
+        (7, "CONNECT tunnel failed, response 403", PROXY, "proxy_failed", None),
+        (7, "CONNECT tunnel failed, response 500", PROXY, "proxy_failed", "proxy_failed"),
+        (
+            7,
+            "Failed to connect to h:1 over proxy 127.0.0.1 after 0 ms: Could not connect",
+            PROXY,
+            "proxy_unreachable",
+            "proxy_unreachable",
+        ),
+        (5, "Could not resolve proxy: proxy.corp", PROXY, "proxy_unreachable", "proxy_unreachable"),
+        (97, "User was rejected by the SOCKS5 server (1 2).", PROXY, "proxy_auth", None),
+        (97, "No authentication method was acceptable.", PROXY, "proxy_auth", None),
+        (97, "cannot complete SOCKS5 connection to 127.0.0.1. (5)", PROXY, "proxy_failed", "proxy_failed"),
+        (6, "Could not resolve host: api.openai.com", PROXY, "connect", "dns"),
+        (
+            7,
+            "Failed to connect to h port 1 after 0 ms: Could not connect to server",
+            None,
+            "connect",
+            "connect_refused",
+        ),
+        (6, "Could not resolve host: api.openai.com", None, "connect", "dns"),
+        (28, "Connection timed out after 300 milliseconds", None, "timeout", "connect_timeout"),
+        (28, "Resolving timed out after 300 milliseconds", None, "timeout", "connect_timeout"),
+        (28, "Operation timed out after 500 milliseconds with 0 bytes received", None, "timeout", None),
+        (56, "Recv failure: Connection reset by peer", None, "broken", None),
+        (60, "SSL certificate problem: unable to get local issuer certificate", None, "tls", None),
+    ],
+)
+def test_classify_libcurl_failures(errno, message, proxy, kind, retry):
+    error = classify(errno, message, 0, proxy)
+    assert (error.kind, error.retry_reason) == (kind, retry)
+    assert "pw-unit-secret" not in error.message + error.detail
+    if kind.startswith("proxy_"):
+        assert "http://***:***@127.0.0.1:3128" in error.detail and "UPSTREAM_PROXY" in error.message
+
+
+def test_timeout_after_the_status_is_never_retried():
+    assert classify(28, "Connection timed out after 1 ms", 200, None).retry_reason is None
+
+
+def test_retry_after_forms():
+    assert retry_after_seconds(HTTPHeaders({"Retry-After": "3"})) == 3
+    assert retry_after_seconds(HTTPHeaders({"retry-after-ms": "250", "Retry-After": "3"})) == 0.25
+    date = email.utils.formatdate(time.time() + 5, usegmt=True)
+    assert 3 < retry_after_seconds(HTTPHeaders({"Retry-After": date})) <= 5
+    assert retry_after_seconds(HTTPHeaders({"Retry-After": "soon"})) is None
+    assert retry_after_seconds(HTTPHeaders()) is None
+
+
+def test_backoff_is_short_jittered_and_grows():
+    first = [backoff(1) for _ in range(200)]
+    assert all(0.1 <= w <= 0.2 for w in first) and len(set(first)) > 100
+    assert all(0.2 <= backoff(2) <= 0.4 for _ in range(50))
+
+
+def test_retry_policy_limits():
+    settings = Settings.from_env({"RETRY_ON_STATUS": "429", "REQUEST_TIMEOUT": "5", "RETRY_MAX_WAIT": "3"})
+    policy = RetryPolicy(settings)
+    headers = HTTPHeaders({"Retry-After": "2"})
+    assert policy.after_status(429, headers, 1, 0) == 2
+    assert policy.after_status(500, headers, 1, 0) is None  # not listed
+    assert policy.after_status(429, HTTPHeaders({"Retry-After": "4"}), 1, 0) is None  # > RETRY_MAX_WAIT
+    assert policy.after_status(429, headers, 1, 3.5) is None  # past the request's timeout
+    assert policy.after_status(429, headers, 3, 0) is None  # UPSTREAM_RETRIES=2 used up
+    refused = classify(7, "Failed to connect", 0, None)
+    assert 0.1 <= policy.after_error(refused, 1, 0) <= 0.2
+    assert policy.after_error(classify(56, "Recv failure", 0, None), 1, 0) is None
