@@ -10,10 +10,13 @@ import dataclasses
 import ipaddress
 import json
 import os
+import re
 from collections.abc import Mapping
 from types import MappingProxyType
 
 DEFAULT_ACCESS_TOKEN = "123456"  # noqa: S105 (the old service's documented default)
+# The server key goes into a header line, like a caller's key.
+SERVER_KEY_RE = re.compile(r"^[\x21-\x7e]{1,512}$")
 
 
 class SettingsError(ValueError):
@@ -47,6 +50,10 @@ class Settings:
     tls_certfile: str = ""
     tls_keyfile: str = ""
     demo_upstream: bool = False
+    access_tokens_file: str = ""
+    # The server-held OpenAI key (issue 13): kept out of repr() and masked()
+    # so that no log line can show it.
+    openai_api_key: str = dataclasses.field(default="", repr=False)
 
     @property
     def default_token_in_use(self) -> bool:
@@ -63,6 +70,8 @@ class Settings:
             value = getattr(self, field.name)
             if field.name == "access_tokens":
                 value = [_mask(t) for t in value]
+            elif field.name == "openai_api_key":
+                value = "***" if value else ""
             elif isinstance(value, Mapping):
                 value = dict(value)
             elif isinstance(value, tuple):
@@ -77,8 +86,10 @@ class Settings:
         if tokens_raw is None:
             # The old service called it ACCESS_KEY (issue 2: stay compatible).
             tokens_raw = env.raw("ACCESS_KEY")
+        tokens_file = env.str("ACCESS_TOKENS_FILE", "")
         if tokens_raw is None:
-            tokens = (DEFAULT_ACCESS_TOKEN,)
+            # With a tokens file, only the tokens it names (issue 13): no default token.
+            tokens = () if tokens_file else (DEFAULT_ACCESS_TOKEN,)
         else:
             tokens = tuple(t.strip() for t in tokens_raw.split(",") if t.strip())
             if not tokens:
@@ -124,6 +135,8 @@ class Settings:
             tls_certfile=certfile,
             tls_keyfile=keyfile,
             demo_upstream=env.bool("DEMO_UPSTREAM", cls.demo_upstream),
+            access_tokens_file=tokens_file,
+            openai_api_key=env.server_key(),
         )
 
 
@@ -195,6 +208,27 @@ class _Env:
         if not isinstance(parsed, dict):
             raise SettingsError(f"{name}: must be a JSON object, got {type(parsed).__name__}")
         return MappingProxyType(parsed)
+
+    def server_key(self) -> str:
+        """OPENAI_API_KEY, or the first line of OPENAI_API_KEY_FILE; never quoted in an error."""
+        key, path = self.raw("OPENAI_API_KEY"), self.raw("OPENAI_API_KEY_FILE")
+        name = "OPENAI_API_KEY"
+        if path is not None:
+            if key is not None:
+                raise SettingsError("OPENAI_API_KEY_FILE: set OPENAI_API_KEY or OPENAI_API_KEY_FILE, not both")
+            name = "OPENAI_API_KEY_FILE"
+            try:
+                with open(path, encoding="utf-8") as f:
+                    key = f.read().strip()
+            except OSError as exc:
+                raise SettingsError(f"{name}: cannot read {path!r}: {exc.strerror or exc}") from None
+            except UnicodeDecodeError:
+                raise SettingsError(f"{name}: {path!r} is not UTF-8 text") from None
+            if not key:
+                raise SettingsError(f"{name}: {path!r} is empty")
+        if key is not None and not SERVER_KEY_RE.match(key):
+            raise SettingsError(f"{name}: must be one line of visible ASCII characters (the value is not shown)")
+        return key or ""
 
     def networks(self, name: str) -> tuple:
         nets = []

@@ -2,6 +2,8 @@
 
 One log line per request, never with a prompt, an answer, a token or a key.
 Metrics live in a registry per application, so tests see only their own.
+Usage per token (issue 13): the ``token`` field and label carry the token's
+name from ACCESS_TOKENS_FILE, or ``-``, so label values stay bounded.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("proxy_requests", "Requests answered", ["route", "status"], registry=r)
+        self.requests = Counter("proxy_requests", "Requests answered", ["route", "status", "token"], registry=r)
         self.in_flight = Gauge("proxy_in_flight_requests", "Requests being served", registry=r)
         self.streams = Gauge("proxy_open_streams", "SSE streams being relayed", registry=r)
         self.upstream_latency = Histogram(
@@ -47,7 +49,8 @@ class Metrics:
             buckets=OVERHEAD_BUCKETS,
             registry=r,
         )
-        self.tokens = Counter("proxy_tokens", "Tokens reported by the upstream", ["model", "kind"], registry=r)
+        self.tokens = Counter("proxy_tokens", "Tokens reported by the upstream", ["model", "kind", "token"], registry=r)
+        self.limited = Counter("proxy_limited", "Requests refused by a limit", ["limit", "token"], registry=r)
         self.upstream_errors = Counter("proxy_upstream_errors", "Upstream failures", ["kind"], registry=r)
 
     def render(self) -> bytes:
@@ -90,11 +93,14 @@ def log_request(handler) -> None:
     ttfb_s = first_byte - started if first_byte else None
     usage = getattr(handler, "usage", None)
     model = getattr(handler, "model", None)
+    entry = getattr(handler, "token", None)
+    token = entry.name if entry is not None else "-"
     record = {
         "request_id": getattr(handler, "request_id", "-"),
         # OpenAI's id for the same request (what its support asks for).
         "upstream_request_id": call.headers.get("x-request-id") if call is not None else None,
         "client": client_address(handler, config.trusted_proxies),
+        "token": token,
         "method": handler.request.method,
         "path": handler.request.path[:200],
         "status": status,
@@ -115,7 +121,7 @@ def log_request(handler) -> None:
     metrics: Metrics | None = handler.settings.get("metrics")
     if metrics is None:
         return
-    metrics.requests.labels(route, str(status)).inc()
+    metrics.requests.labels(route, str(status), token).inc()
     if upstream_s is not None:
         metrics.upstream_latency.labels(route).observe(upstream_s)
     if ttfb_s is not None:
@@ -125,7 +131,10 @@ def log_request(handler) -> None:
     if isinstance(usage, dict) and isinstance(model, str):
         for kind in ("prompt_tokens", "completion_tokens"):
             if isinstance(usage.get(kind), int):
-                metrics.tokens.labels(model, kind.split("_")[0]).inc(usage[kind])
+                metrics.tokens.labels(model, kind.split("_")[0], token).inc(usage[kind])
+    limited = getattr(handler, "limited", None)
+    if limited:
+        metrics.limited.labels(limited, token).inc()
     kind = getattr(handler, "upstream_failure", None)
     if kind:
         metrics.upstream_errors.labels(kind).inc()

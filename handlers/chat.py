@@ -19,11 +19,12 @@ def bad_request(message: str, code: str = "invalid_request") -> ApiError:
     return ApiError(400, message, code=code)
 
 
-def build_chat_request(body: dict, config) -> dict:
+def build_chat_request(body: dict, config, allowed_models: tuple[str, ...] | None = None) -> dict:
     """The upstream ``/chat/completions`` payload for a ``/chat_complete`` body.
 
     ``model_name`` (or ``model``) becomes ``model``; every other key of
     ``generate_params`` passes through verbatim, over ``DEFAULT_GENERATE_PARAMS``.
+    ``allowed_models``: the caller's token's list, if not ALLOWED_MODELS.
     """
     has_prompt, has_messages = "prompt" in body, "messages" in body
     if has_prompt == has_messages:
@@ -57,7 +58,7 @@ def build_chat_request(body: dict, config) -> dict:
     model = payload["model"]
     if not isinstance(model, str) or not model:
         raise bad_request('"model_name" must be a non-empty string.')
-    check_model_allowed(config, model)
+    check_model_allowed(config.allowed_models if allowed_models is None else allowed_models, model)
     if "stream" in payload and not isinstance(payload["stream"], bool):
         raise bad_request('"generate_params.stream" must be true or false.')
     return payload
@@ -78,7 +79,7 @@ class ChatCompleteHandler(UsagePageMixin, ProxyHandler):
     async def post(self) -> None:
         """POST /chat_complete: a chat completion as JSON, or as an SSE stream with stream=true."""
         key = self.openai_key()
-        payload = build_chat_request(self.json_body(), self.config)
+        payload = build_chat_request(self.json_body(), self.config, self.allowed_models())
         stream = payload.get("stream") is True
         self.model = payload["model"]
         headers = {

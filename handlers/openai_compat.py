@@ -109,7 +109,7 @@ class OpenAIHandler(ProxyHandler):
                 headers[name] = value
         model, stream = self.requested_model_and_stream()
         self.model = model
-        check_model_allowed(self.config, model)
+        check_model_allowed(self.allowed_models(), model)
         method = self.request.method
         body = self.body if method in ("POST", "PUT", "PATCH") else None
         call = await self.open_upstream(method, url, headers, body, stream=stream)

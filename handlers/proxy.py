@@ -54,6 +54,7 @@ class ProxyHandler(BaseHandler):
         """Start the upstream call; returns it once the upstream's headers arrived."""
         pool = self.pool
         if len(pool.handlers) >= self.config.max_concurrent_upstream:
+            self.limited = "max_concurrent_upstream"
             # Never queue silently (issue 2): the caller can retry elsewhere or later.
             raise ApiError(
                 503,
@@ -85,6 +86,7 @@ class ProxyHandler(BaseHandler):
         log.warning("upstream fault request_id=%s kind=%s", self.request_id, kind)
 
     def on_finish(self) -> None:
+        super().on_finish()
         self.pool.handlers.discard(self)
 
     def relay_headers(self, call: UpstreamCall) -> None:

@@ -26,7 +26,9 @@ class ServerProcess:
 
     def __init__(self, env: dict[str, str], log_path: str):
         self.port = int(env.get("PORT") or free_port())
-        full_env = {k: v for k, v in os.environ.items() if k not in ("ACCESS_TOKEN", "ACCESS_KEY")}
+        # Only what the test gives: never a developer's own token or OpenAI key.
+        inherited = ("ACCESS_TOKEN", "ACCESS_KEY", "ACCESS_TOKENS_FILE", "OPENAI_API_KEY", "OPENAI_API_KEY_FILE")
+        full_env = {k: v for k, v in os.environ.items() if k not in inherited}
         full_env.update(env, PORT=str(self.port), HOST="127.0.0.1")
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop)

@@ -85,10 +85,10 @@ async def test_metrics(proxy, fake_openai):
     response = await proxy.request("/metrics", method="GET", auth=False)
     assert response.code == 200 and response.headers["Content-Type"].startswith("text/plain")
     text = response.body.decode()
-    assert 'proxy_requests_total{route="chat_complete",status="200"} 2.0' in text
-    assert 'proxy_requests_total{route="chat_complete",status="403"} 1.0' in text
-    assert 'proxy_requests_total{route="chat_complete",status="502"} 1.0' in text
-    assert 'proxy_tokens_total{kind="prompt",model="gpt-4o-mini"} 18.0' in text
+    assert 'proxy_requests_total{route="chat_complete",status="200",token="-"} 2.0' in text
+    assert 'proxy_requests_total{route="chat_complete",status="403",token="-"} 1.0' in text
+    assert 'proxy_requests_total{route="chat_complete",status="502",token="-"} 1.0' in text
+    assert 'proxy_tokens_total{kind="prompt",model="gpt-4o-mini",token="-"} 18.0' in text
     assert 'proxy_stream_first_byte_seconds_count{route="chat_complete"} 1.0' in text
     assert 'proxy_added_seconds_count{route="chat_complete"} 2.0' in text
     assert 'proxy_upstream_errors_total{kind="invalid_json"} 1.0' in text
