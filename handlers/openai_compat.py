@@ -135,6 +135,8 @@ class OpenAIHandler(ProxyHandler):
                 body = await call.read_all(SMALL_BODY)
             except UpstreamError as exc:
                 raise self.upstream_failed(exc) from None
+            if b'"usage":' in body:
+                self.note_usage(body)
             self.finish(body)
             return
         watch = StreamWatch(self, None, self.config.client_stall_timeout)
@@ -142,6 +144,15 @@ class OpenAIHandler(ProxyHandler):
             await self._relay_chunks(call)
         finally:
             watch.stop()
+
+    def note_usage(self, body: bytes) -> None:
+        """Keep the usage of a JSON answer (chat, responses, embeddings) for logs and metrics (issue 13)."""
+        try:
+            usage = json.loads(body).get("usage")
+        except (ValueError, RecursionError, AttributeError):
+            return
+        if isinstance(usage, dict):
+            self.usage = usage
 
     async def _relay_chunks(self, call) -> None:
         while True:
