@@ -153,7 +153,7 @@ class BaseHandler(RequestHandler):
 
     def check_access_token(self) -> None:
         tokens = self.settings["tokens"]
-        entry = tokens.lookup(self.request.headers.get("access-token", ""))
+        entry = tokens.lookup(self.presented_access_token())
         if entry is None:
             raise ApiError(403, "Missing or wrong access-token header.", "permission_denied", "invalid_access_token")
         # Names the caller in the access log and metrics (issue 13); "-" for ACCESS_TOKEN's.
@@ -161,6 +161,9 @@ class BaseHandler(RequestHandler):
         if entry.policy.disabled:
             raise ApiError(403, "This access token is disabled.", "permission_denied", "access_token_disabled")
         self.admit_token(tokens, entry)
+
+    def presented_access_token(self) -> str:
+        return self.request.headers.get("access-token", "")
 
     def admit_token(self, tokens, entry) -> None:
         """Apply the token's limits (chat_gpt_proxy/tokens.py); 429 with Retry-After when one is reached."""

@@ -69,10 +69,26 @@ class OpenAIHandler(ProxyHandler):
     def error_body(self, status: int, message: str, error: dict) -> dict:
         return {"error": error}
 
-    def presented_key(self) -> str:
+    # Set when the bearer credential is the proxy's access token, not an OpenAI key.
+    bearer_is_access_token = False
+
+    def bearer(self) -> str:
         auth = self.request.headers.get("Authorization", "")
-        if auth[:7].lower() == "bearer ":
-            return auth[7:].strip()
+        return auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+
+    def presented_access_token(self) -> str:
+        token = self.request.headers.get("access-token")
+        if token is None and self.bearer():
+            # An SDK given only base_url and api_key sends the proxy's token as
+            # its API key (issue 13): such a request carries no OpenAI key of
+            # its own, so its token's use_server_key decides.
+            self.bearer_is_access_token = True
+            return self.bearer()
+        return token or ""
+
+    def presented_key(self) -> str:
+        if not self.bearer_is_access_token and self.bearer():
+            return self.bearer()
         return super().presented_key()
 
     def requested_model_and_stream(self) -> tuple[str | None, bool]:

@@ -52,6 +52,7 @@ OTHER_SECRETS = (
     "frank-TOKEN-9c2e4a6b8d",
     "short-tok-12",
     "sk-SERVERKEY-7e1d4c9a2b",
+    "the-token-you-gave-alice",
 )
 AUTH = {"access-token": ACCESS_TOKEN, "openai-token": OPENAI_KEY}
 

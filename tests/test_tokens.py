@@ -19,6 +19,7 @@ from chat_gpt_proxy.tokens import TokenRegistry, TokensFileError, parse_tokens_f
 from settings import Settings, SettingsError
 from tests.conftest import ACCESS_TOKEN, OPENAI_KEY, OTHER_SECRETS, open_raw
 from tests.procs import ROOT, ServerProcess
+from tests.test_readme import README, snippet
 
 ALICE = "alice-TOKEN-4b9e2f71c0"  # use_server_key
 BOB = "bob-TOKEN-8d1c3a55e7f0"  # given only as its SHA-256; allowed_models = ["gpt-4o"]
@@ -29,7 +30,8 @@ GRACE = "grace-TOKEN-5d7f9b1e3a"  # rate_limit_per_minute = 0: none, whatever RA
 FRANK = "frank-TOKEN-9c2e4a6b8d"  # only in the reloaded file
 SHORT = "short-tok-12"  # too short to be accepted in plain text
 SERVER_KEY = "sk-SERVERKEY-7e1d4c9a2b"
-NAMED = (ALICE, BOB, CAROL, DAVE, ERIN, GRACE, FRANK, SHORT, SERVER_KEY)
+README_ALICE = "the-token-you-gave-alice"  # the README's example
+NAMED = (ALICE, BOB, CAROL, DAVE, ERIN, GRACE, FRANK, SHORT, SERVER_KEY, README_ALICE)
 NAMES = ("alice", "bob", "carol", "dave", "erin", "grace", "frank")
 
 
@@ -488,8 +490,13 @@ async def test_a_disabled_token_is_refused(proxy, fake_openai, caplog):
 @pytest.mark.gen_test
 async def test_reload_swaps_the_tokens_and_a_broken_file_keeps_them(proxy, fake_openai, app, tokens_file):
     tokens = app.settings["tokens"]
+    for _ in range(2):
+        response, _ = await proxy.chat({"prompt": "x"}, headers=as_(ERIN, OPENAI_KEY))
+        assert response.code == 200
     tokens_file.write_text(RELOADED_TOML)
     tokens.reload()
+    response, _ = await proxy.chat({"prompt": "x"}, headers=as_(ERIN, OPENAI_KEY))
+    assert response.code == 429, "erin's rate limit carries over the reload"
     response, _ = await proxy.chat({"prompt": "x"}, headers=as_(ALICE, OPENAI_KEY))
     assert response.code == 403
     response, _ = await proxy.chat({"prompt": "x"}, headers=as_(FRANK), auth=False)
@@ -499,6 +506,81 @@ async def test_reload_swaps_the_tokens_and_a_broken_file_keeps_them(proxy, fake_
         tokens.reload()
     response, _ = await proxy.chat({"prompt": "x"}, headers=as_(FRANK), auth=False)
     assert response.code == 200
+
+
+@pytest.mark.settings(max_concurrent_upstream=1)
+@pytest.mark.gen_test(timeout=30)
+async def test_max_concurrent_upstream_refusals_are_counted_per_token(proxy, fake_openai):
+    fake_openai.push(Behaviour(chunks=["a ", "b ", "c "], delay=0.3))
+    chunks = []
+    first = asyncio.ensure_future(
+        proxy.request(
+            json_body={"prompt": "x", "generate_params": {"stream": True}},
+            headers=as_(GRACE, OPENAI_KEY),
+            streaming_callback=chunks.append,
+            check=False,
+        )
+    )
+    deadline = time.monotonic() + 10
+    while not chunks:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+    response, body = await proxy.chat({"prompt": "x"}, headers=as_(ALICE, OPENAI_KEY))
+    assert response.code == 503 and body["error"]["code"] == "proxy_overloaded"
+    assert (await first).code == 200
+    text = await metrics_text(proxy)
+    assert 'proxy_limited_total{limit="max_concurrent_upstream",token="alice"} 1.0' in text
+
+
+# -- the README's "Run it for a team"
+
+
+def test_readme_tokens_file_and_hash_command(tmp_path):
+    language, text = snippet("tokens-file")
+    assert language == "toml"
+    path = tmp_path / "tokens.toml"
+    path.write_text(text)
+    registry = TokenRegistry(Settings(access_tokens=(), access_tokens_file=str(path), openai_api_key=SERVER_KEY))
+    alice = registry.lookup(README_ALICE)
+    assert alice.name == "alice" and alice.policy.use_server_key and alice.policy.max_concurrent == 4
+    assert alice.policy.rate_limit_per_minute == 60 and alice.policy.allowed_models == ("gpt-4o-mini", "gpt-4o")
+    assert registry.lookup("a-long-random-token-of-16-or-more-characters").name == "ci-bot"
+    assert [e.policy.disabled for e in registry.entries] == [False, False, True]
+    with open(README, encoding="utf-8") as f:
+        command = next(line for line in f if "| sha256sum | cut" in line).split("#")[0]
+    command = command.replace("the-token-you-gave-alice", README_ALICE)
+    digest = subprocess.run(["bash", "-c", command], capture_output=True, text=True, check=True).stdout.strip()
+    assert bytes.fromhex(digest) == alice.digest
+
+
+@pytest.mark.gen_test
+async def test_readme_sdk_snippet_with_a_named_token_as_the_api_key(proxy, fake_openai, base_url):
+    import contextlib
+    import io
+
+    import openai
+
+    _, code = snippet("python-sdk-team")
+    code = code.replace("http://127.0.0.1:9081", base_url)
+
+    def run(token):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            exec(compile(code.replace('"your-token-from-the-operator"', repr(token)), "snippet", "exec"), {})
+        return out.getvalue().strip()
+
+    assert await proxy.in_thread(run, ALICE) == "Echo: Привет!"
+    assert fake_openai.received[-1].headers["Authorization"] == "Bearer " + SERVER_KEY
+    # Without use_server_key, the request has no OpenAI key: the SDK's usual AuthenticationError.
+    with pytest.raises(openai.AuthenticationError):
+        await proxy.in_thread(run, ERIN)
+    # With an access-token header, the bearer is the caller's own OpenAI key, as before.
+    client = openai.OpenAI(
+        base_url=base_url + "/v1", api_key=OPENAI_KEY, max_retries=0, default_headers={"access-token": ALICE}
+    )
+    await proxy.in_thread(client.models.list)
+    assert fake_openai.received[-1].headers["Authorization"] == "Bearer " + OPENAI_KEY
+    assert len(fake_openai.received) == 2
 
 
 # -- the real process: SIGHUP under load
