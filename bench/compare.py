@@ -135,13 +135,14 @@ def main() -> None:
     for label, row in results.items():
         per_cpu = statistics.median(row["per_cpu_s"])
         lines.append(
-            "| %s | %.0f (%s) | %.1f %% | %.0f | %.3f | %d |"
+            "| %s | %.0f (%s) | %.1f %% | %.0f (%s) | %.3f | %d |"
             % (
                 label,
                 per_cpu,
                 ", ".join("%.0f" % r for r in row["per_cpu_s"]),
                 100 * per_cpu / base,
                 statistics.median(row["rps"]),
+                ", ".join("%.0f" % r for r in row["rps"]),
                 statistics.median(row["p50_c1"]),
                 sum(row["errors"]),
             )
