@@ -160,6 +160,18 @@ def test_every_policy_field_and_the_global_defaults(tokens_file):
     assert not policies["-"].use_server_key and policies["-"].rate_limit_per_minute == 7
 
 
+def test_limit_counts_carry_over_a_reload(tokens_file):
+    registry = TokenRegistry(Settings(access_tokens=(), access_tokens_file=str(tokens_file), openai_api_key=SERVER_KEY))
+    carol, erin = registry.lookup(CAROL), registry.lookup(ERIN)
+    assert registry.admit(carol) is None and registry.admit(erin) is None and registry.admit(erin) is None
+    registry.reload()
+    assert registry.lookup(CAROL) is not carol, "a new snapshot of entries"
+    assert registry.admit(registry.lookup(CAROL)).limit == "max_concurrent"
+    assert registry.admit(registry.lookup(ERIN)).limit == "rate_limit_per_minute"
+    registry.release(carol)
+    assert registry.admit(registry.lookup(CAROL)) is None
+
+
 def test_lookup_compares_digests_with_every_entry(tokens_file, monkeypatch):
     """Constant time: as many comparisons, of equal-length digests, whichever token (if any) matches."""
     settings = Settings(
