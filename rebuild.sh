@@ -20,11 +20,24 @@ run_args=(--detach --name "$CONTAINER_NAME" --restart unless-stopped
 if [ -f .env ]; then
   run_args+=(--env-file .env)
 fi
+# Named tokens (README "Run it for a team"): CHAT_GPT_PROXY_TOKENS is the
+# tokens file on this host. Its directory is mounted, not the file, so that a
+# file replaced by an editor is what SIGHUP (docker kill -s HUP) reloads.
+tokens_file="${CHAT_GPT_PROXY_TOKENS:-}"
+if [ -n "$tokens_file" ]; then
+  if [ ! -r "$tokens_file" ]; then
+    echo "ERROR: CHAT_GPT_PROXY_TOKENS: cannot read $tokens_file" >&2
+    exit 2
+  fi
+  tokens_dir="$(cd "$(dirname "$tokens_file")" && pwd)"
+  run_args+=(--volume "$tokens_dir:/etc/chat_gpt_proxy:ro"
+             --env "ACCESS_TOKENS_FILE=/etc/chat_gpt_proxy/$(basename "$tokens_file")")
+fi
 if [ -n "${ACCESS_TOKEN:-}" ]; then
   # Passed by name, so the value never shows up in `ps` or shell history.
   export ACCESS_TOKEN
   run_args+=(--env ACCESS_TOKEN)
-elif ! { [ -f .env ] && grep -qE '^(ACCESS_TOKEN|ACCESS_KEY)=.+' .env; }; then
+elif [ -z "$tokens_file" ] && ! { [ -f .env ] && grep -qE '^(ACCESS_TOKEN|ACCESS_KEY|ACCESS_TOKENS_FILE)=.+' .env; }; then
   echo "WARNING: no ACCESS_TOKEN given (environment or .env): the default token 123456 is in use." >&2
   echo "WARNING: anyone who can reach port $HOST_PORT can use this proxy. Set ACCESS_TOKEN!" >&2
 fi

@@ -24,8 +24,8 @@ import tornado.netutil
 import tornado.web
 
 from chat_gpt_proxy.cors import CorsPolicy
-from chat_gpt_proxy.limits import RateLimiter
 from chat_gpt_proxy.observability import JsonFormatter, Metrics, TextFormatter, log_request
+from chat_gpt_proxy.tokens import TokenRegistry, TokensFileError
 from chat_gpt_proxy.upstream import UpstreamPool
 from handlers import routes
 from handlers.base import ApiError, BaseHandler
@@ -47,7 +47,10 @@ class NotFoundHandler(BaseHandler):
         raise ApiError(404, "No such route: %s. See GET / for usage." % self.request.path[:200], code="not_found")
 
 
-def make_app(settings: Settings) -> tornado.web.Application:
+def make_app(settings: Settings, tokens: TokenRegistry | None = None) -> tornado.web.Application:
+    """The application; ``tokens`` defaults to a registry read from ``settings`` (TokensFileError if broken)."""
+    if tokens is None:
+        tokens = TokenRegistry(settings)
     pool = UpstreamPool(settings)
     metrics = None
     all_routes = list(routes)
@@ -62,8 +65,9 @@ def make_app(settings: Settings) -> tornado.web.Application:
         config=settings,
         pool=pool,
         metrics=metrics,
-        rate_limiter=RateLimiter(settings.rate_limit_per_token) if settings.rate_limit_per_token else None,
         cors=CorsPolicy(settings.cors_allow_origins),
+        # The access tokens and their limits; replaced in place on SIGHUP (issue 13).
+        tokens=tokens,
         # Our access log replaces Tornado's: one line, no secrets (issue 3).
         log_function=log_request,
         template_path=STATIC_DIR,
@@ -218,10 +222,26 @@ async def start_demo_upstream(settings: Settings) -> Settings:
     return dataclasses.replace(settings, openai_base_url=fake.url, upstream_proxy=None)
 
 
-async def serve(settings: Settings, sockets: list[socket.socket], ssl_context: ssl.SSLContext | None) -> None:
+def reload_tokens(app: tornado.web.Application) -> None:
+    """SIGHUP: read ACCESS_TOKENS_FILE again; a broken file leaves the tokens in force (issue 13)."""
+    tokens: TokenRegistry = app.settings["tokens"]
+    if not tokens.settings.access_tokens_file:
+        log.warning("SIGHUP: ACCESS_TOKENS_FILE is not set; nothing to reload")
+        return
+    try:
+        tokens.reload()
+    except TokensFileError as exc:
+        log.error("SIGHUP: tokens file refused, the previous tokens stay in force: %s", exc)
+        return
+    log.info("SIGHUP: reloaded %s: %d named tokens", tokens.settings.access_tokens_file, tokens.named)
+
+
+async def serve(
+    settings: Settings, tokens: TokenRegistry, sockets: list[socket.socket], ssl_context: ssl.SSLContext | None
+) -> None:
     if settings.demo_upstream:
         settings = await start_demo_upstream(settings)
-    app = make_app(settings)
+    app = make_app(settings, tokens)
     server = make_server(app, settings, ssl_context)
     server.add_sockets(sockets)
     scheme = "https" if settings.tls_certfile else "http"
@@ -234,6 +254,7 @@ async def serve(settings: Settings, sockets: list[socket.socket], ssl_context: s
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
+    loop.add_signal_handler(signal.SIGHUP, reload_tokens, app)
     await stop.wait()
     pool: UpstreamPool = app.settings["pool"]
     log.info(
@@ -262,12 +283,19 @@ def main() -> None:
     except SettingsError as exc:
         print("chat_gpt_proxy: invalid setting %s" % exc, file=sys.stderr)
         sys.exit(2)
+    try:
+        tokens = TokenRegistry(settings)
+    except TokensFileError as exc:
+        print("chat_gpt_proxy: invalid setting ACCESS_TOKENS_FILE: %s" % exc, file=sys.stderr)
+        sys.exit(2)
     setup_logging(settings)
     if settings.default_token_in_use:
         log.warning("ACCESS_TOKEN is not set: the default access token 123456 is in use; set ACCESS_TOKEN!")
     log.info("configuration: %s", json.dumps(settings.masked(), default=str))
+    if settings.access_tokens_file:
+        log.info("access tokens: %d named from %s", tokens.named, settings.access_tokens_file)
     raise_fd_limit()
-    asyncio.run(serve(settings, sockets, ssl_context))
+    asyncio.run(serve(settings, tokens, sockets, ssl_context))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import functools
 import ipaddress
 import json
 import os
+import re
 import urllib.parse
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -20,6 +21,8 @@ from chat_gpt_proxy.cors import parse_origins
 from chat_gpt_proxy.generate_params import ParamsError, normalize_generate_params
 
 DEFAULT_ACCESS_TOKEN = "123456"  # noqa: S105 (the old service's documented default)
+# The server key goes into a header line, like a caller's key.
+SERVER_KEY_RE = re.compile(r"^[\x21-\x7e]{1,512}$")
 
 
 class SettingsError(ValueError):
@@ -74,6 +77,11 @@ class Settings:
         """The proxy the calls to OPENAI_BASE_URL go through (None: direct), decided once."""
         return egress.proxy_for(self.openai_base_url, self.upstream_proxy, self.no_proxy)
 
+    access_tokens_file: str = ""
+    # The server-held OpenAI key (issue 13): kept out of repr() and masked()
+    # so that no log line can show it.
+    openai_api_key: str = dataclasses.field(default="", repr=False)
+
     @property
     def default_token_in_use(self) -> bool:
         return DEFAULT_ACCESS_TOKEN in self.access_tokens
@@ -91,6 +99,8 @@ class Settings:
                 value = [_mask(t) for t in value]
             elif field.name == "upstream_proxy":
                 value = egress.describe(self.openai_base_url, value, self.no_proxy)
+            elif field.name == "openai_api_key":
+                value = "***" if value else ""
             elif isinstance(value, Mapping):
                 value = dict(value)
             elif isinstance(value, tuple):
@@ -101,7 +111,8 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = _Env(os.environ if environ is None else environ)
-        tokens = _access_tokens(env)
+        tokens_file = env.str("ACCESS_TOKENS_FILE", "")
+        tokens = _access_tokens(env, tokens_file)
         base_url = env.str("OPENAI_BASE_URL", cls.openai_base_url).rstrip("/")
         if not base_url.startswith(("http://", "https://")):
             raise SettingsError(f"OPENAI_BASE_URL: must start with http:// or https://, got {base_url!r}")
@@ -183,10 +194,12 @@ class Settings:
             upstream_retries=env.int("UPSTREAM_RETRIES", cls.upstream_retries, 0, 10),
             retry_on_status=env.statuses("RETRY_ON_STATUS"),
             retry_max_wait=env.float("RETRY_MAX_WAIT", cls.retry_max_wait, minimum=0),
+            access_tokens_file=tokens_file,
+            openai_api_key=env.server_key(),
         )
 
 
-def _access_tokens(env: _Env) -> tuple[str, ...]:
+def _access_tokens(env: _Env, tokens_file: str) -> tuple[str, ...]:
     # The old service called it ACCESS_KEY (issue 2: stay compatible).
     for name in ("ACCESS_TOKEN", "ACCESS_KEY"):
         value = env.environ.get(name)
@@ -198,7 +211,8 @@ def _access_tokens(env: _Env) -> tuple[str, ...]:
         if not tokens:
             raise SettingsError(f"{name}: is set but holds no token; set at least one (comma-separated)")
         return tokens
-    return (DEFAULT_ACCESS_TOKEN,)
+    # With a tokens file, only the tokens it names (issue 13): no default token.
+    return () if tokens_file else (DEFAULT_ACCESS_TOKEN,)
 
 
 def _mask(secret: str) -> str:
@@ -283,6 +297,27 @@ class _Env:
             return parse_origins(self.raw(name) or "")
         except ValueError as exc:
             raise SettingsError(f"{name}: {exc}") from None
+
+    def server_key(self) -> str:
+        """OPENAI_API_KEY, or the first line of OPENAI_API_KEY_FILE; never quoted in an error."""
+        key, path = self.raw("OPENAI_API_KEY"), self.raw("OPENAI_API_KEY_FILE")
+        name = "OPENAI_API_KEY"
+        if path is not None:
+            if key is not None:
+                raise SettingsError("OPENAI_API_KEY_FILE: set OPENAI_API_KEY or OPENAI_API_KEY_FILE, not both")
+            name = "OPENAI_API_KEY_FILE"
+            try:
+                with open(path, encoding="utf-8") as f:
+                    key = f.read().strip()
+            except OSError as exc:
+                raise SettingsError(f"{name}: cannot read {path!r}: {exc.strerror or exc}") from None
+            except UnicodeDecodeError:
+                raise SettingsError(f"{name}: {path!r} is not UTF-8 text") from None
+            if not key:
+                raise SettingsError(f"{name}: {path!r} is empty")
+        if key is not None and not SERVER_KEY_RE.match(key):
+            raise SettingsError(f"{name}: must be one line of visible ASCII characters (the value is not shown)")
+        return key or ""
 
     def networks(self, name: str) -> tuple:
         nets = []

@@ -240,10 +240,12 @@ def parse_duration(text: str) -> float:
     return value * {"us": 0.001, "ms": 1, "s": 1000, "m": 60000}[unit]
 
 
-def wrk(url: str, body: dict, connections: int, seconds: float, workdir: str, rss_pid: int | None = None) -> dict:
+def wrk(
+    url: str, body: dict, connections: int, seconds: float, workdir: str, rss_pid: int | None = None, token: str = TOKEN
+) -> dict:
     script = os.path.join(workdir, "post.lua")
     with open(script, "w") as f:
-        f.write(WRK_LUA.format(body=lua_string(json.dumps(body)), token=TOKEN, key=KEY))
+        f.write(WRK_LUA.format(body=lua_string(json.dumps(body)), token=token, key=KEY))
     cmd = ["wrk", "-t1", "-c%d" % connections, "-d%ds" % max(1, round(seconds)), "--latency", "-s", script, url]
     if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
         cmd = ["taskset", "-c", "1", *cmd]

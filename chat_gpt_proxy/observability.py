@@ -4,6 +4,8 @@ One access line per request, never with a prompt, an answer, a token or a key.
 Every log line is one line whatever a caller sends: text that comes from a
 request or from the upstream is escaped (issue 10). Metrics live in a
 registry per application, so tests see only their own.
+Usage per token (issue 13): the ``token`` field and label carry the token's
+name from ACCESS_TOKENS_FILE, or ``-``, so label values stay bounded.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("proxy_requests", "Requests answered", ["route", "status"], registry=r)
+        self.requests = Counter("proxy_requests", "Requests answered", ["route", "status", "token"], registry=r)
         self.in_flight = Gauge("proxy_in_flight_requests", "Requests being served", registry=r)
         self.streams = Gauge("proxy_open_streams", "SSE streams being relayed", registry=r)
         self.upstream_latency = Histogram(
@@ -57,7 +59,8 @@ class Metrics:
             buckets=OVERHEAD_BUCKETS,
             registry=r,
         )
-        self.tokens = Counter("proxy_tokens", "Tokens reported by the upstream", ["model", "kind"], registry=r)
+        self.tokens = Counter("proxy_tokens", "Tokens reported by the upstream", ["model", "kind", "token"], registry=r)
+        self.limited = Counter("proxy_limited", "Requests refused by a limit", ["limit", "token"], registry=r)
         self.upstream_errors = Counter("proxy_upstream_errors", "Upstream failures", ["kind"], registry=r)
         # Realtime WebSocket sessions (issue 12); direction is client_to_upstream or upstream_to_client.
         self.realtime_sessions = Gauge("proxy_realtime_open_sessions", "Realtime sessions being relayed", registry=r)
@@ -262,11 +265,14 @@ def log_request(handler) -> None:
     if isinstance(model, str):
         model = model[:MAX_FIELD_CHARS]
     upstream_id = call.headers.get("x-request-id") if call is not None else None
+    entry = getattr(handler, "token", None)
+    token = entry.name if entry is not None else "-"
     record = {
         "request_id": getattr(handler, "request_id", "-"),
         # OpenAI's id for the same request (what its support asks for).
         "upstream_request_id": upstream_id[:MAX_FIELD_CHARS] if upstream_id is not None else None,
         "client": client_address(handler, config.trusted_proxies),
+        "token": token,
         "method": handler.request.method,
         "path": handler.request.path[:MAX_FIELD_CHARS],
         "status": status,
@@ -284,7 +290,7 @@ def log_request(handler) -> None:
     metrics: Metrics | None = handler.settings.get("metrics")
     if metrics is None:
         return
-    metrics.requests.labels(route, str(status)).inc()
+    metrics.requests.labels(route, str(status), token).inc()
     if upstream_s is not None:
         metrics.upstream_latency.labels(route).observe(upstream_s)
     if ttfb_s is not None:
@@ -294,7 +300,10 @@ def log_request(handler) -> None:
     if isinstance(model, str):
         for kind, count in (("prompt", prompt_tokens), ("completion", completion_tokens)):
             if count is not None:
-                metrics.tokens.labels(model, kind).inc(count)
+                metrics.tokens.labels(model, kind, token).inc(count)
+    limited = getattr(handler, "limited", None)
+    if limited:
+        metrics.limited.labels(limited, token).inc()
     kind = getattr(handler, "upstream_failure", None)
     if kind:
         metrics.upstream_errors.labels(kind).inc()
@@ -310,10 +319,13 @@ def log_session(handler, session) -> None:
     upstream = handler.upstream
     response = getattr(upstream, "response", None)
     usage = session.usage if session.usage_seen else None
+    entry = getattr(handler, "token", None)
+    token = entry.name if entry is not None else "-"
     record = {
         "request_id": handler.request_id,
         "upstream_request_id": response.headers.get("x-request-id") if response is not None else None,
         "client": client_address(handler, config.trusted_proxies),
+        "token": token,
         "method": handler.request.method,
         "path": handler.request.path[:200],
         "status": 101,
@@ -335,7 +347,7 @@ def log_session(handler, session) -> None:
     metrics: Metrics | None = handler.settings.get("metrics")
     if metrics is None:
         return
-    metrics.requests.labels(handler.route_name, "101").inc()
+    metrics.requests.labels(handler.route_name, "101", token).inc()
     if usage and isinstance(handler.model, str):
-        metrics.tokens.labels(handler.model, "prompt").inc(usage["input_tokens"])
-        metrics.tokens.labels(handler.model, "completion").inc(usage["output_tokens"])
+        metrics.tokens.labels(handler.model, "prompt", token).inc(usage["input_tokens"])
+        metrics.tokens.labels(handler.model, "completion", token).inc(usage["output_tokens"])

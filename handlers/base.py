@@ -6,7 +6,6 @@ malformed the request, is an HTML error page, a 500 or a traceback.
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import math
@@ -126,9 +125,9 @@ def loads(data: bytes):
     return json.loads(data, parse_constant=_reject_constant, parse_float=_finite_float)
 
 
-def check_model_allowed(config, model: str | None) -> None:
-    """ALLOWED_MODELS (issue 4): an operator can keep a shared proxy on cheap models."""
-    if config.allowed_models and model is not None and model not in config.allowed_models:
+def check_model_allowed(allowed_models: tuple[str, ...], model: str | None) -> None:
+    """ALLOWED_MODELS (issue 4), or a token's own list (issue 13): keep a shared proxy on cheap models."""
+    if allowed_models and model is not None and model not in allowed_models:
         raise ApiError(
             403, "Model %r is not allowed on this proxy." % model[:100], "permission_denied", "model_not_allowed"
         )
@@ -146,6 +145,12 @@ class ApiMixin:
     requires_access_token = True
     # The route label in metrics.
     route_name = "other"
+
+    # The access token's entry (chat_gpt_proxy/tokens.py), whether the request
+    # counts against its max_concurrent, and the limit that refused it, if any.
+    token = None
+    token_admitted = False
+    limited: str | None = None
 
     @property
     def request_id(self) -> str:
@@ -180,25 +185,39 @@ class ApiMixin:
         return self.request.headers.get("access-token", "")
 
     def check_access_token(self) -> None:
-        given = self.presented_access_token().encode("utf-8", "surrogateescape")
-        matched = None
-        for token in self.config.access_tokens:
-            # Compare against every token so timing reveals neither which nor how much matched.
-            if hmac.compare_digest(given, token.encode("utf-8")):
-                matched = token
-        if matched is None:
+        tokens = self.settings["tokens"]
+        entry = tokens.lookup(self.presented_access_token())
+        if entry is None:
             raise ApiError(403, "Missing or wrong access-token header.", "permission_denied", "invalid_access_token")
-        limiter = self.settings.get("rate_limiter")
-        if limiter is not None:
-            wait = limiter.take(matched)
-            if wait:
-                raise ApiError(
-                    429,
-                    "Rate limit of this proxy's access token reached; retry in %d s." % wait,
-                    "rate_limit_exceeded",
-                    "proxy_rate_limited",
-                    headers={"Retry-After": str(wait)},
-                )
+        # Names the caller in the access log and metrics (issue 13); "-" for ACCESS_TOKEN's.
+        self.token = entry
+        if entry.policy.disabled:
+            raise ApiError(403, "This access token is disabled.", "permission_denied", "access_token_disabled")
+        self.admit_token(tokens, entry)
+
+    def admit_token(self, tokens, entry) -> None:
+        """Apply the token's limits (chat_gpt_proxy/tokens.py); 429 with Retry-After when one is reached."""
+        refusal = tokens.admit(entry)
+        if refusal is not None:
+            self.limited = refusal.limit
+            code = "proxy_rate_limited" if refusal.limit == "rate_limit_per_minute" else "proxy_concurrency_limited"
+            raise ApiError(
+                429, refusal.message, "rate_limit_exceeded", code, headers={"Retry-After": str(refusal.retry_after)}
+            )
+        self.token_admitted = True
+
+    def release_token(self) -> None:
+        """The request no longer counts against its token's max_concurrent; safe to call twice."""
+        if self.token_admitted:
+            self.token_admitted = False
+            self.settings["tokens"].release(self.token)
+
+    def on_finish(self) -> None:
+        self.release_token()
+
+    def allowed_models(self) -> tuple[str, ...]:
+        """ALLOWED_MODELS, or the caller's token's own allowed_models (issue 13)."""
+        return self.token.policy.allowed_models if self.token is not None else self.config.allowed_models
 
     # How this surface names the key and its errors; /v1/* overrides them.
     missing_key_message = "Missing openai-token header: send your OpenAI API key in it."
@@ -208,9 +227,15 @@ class ApiMixin:
         return self.request.headers.get("openai-token", "").strip()
 
     def openai_key(self) -> str:
-        """The caller's OpenAI key, for this one request; 401 if missing or malformed."""
+        """The caller's OpenAI key, for this one request; 401 if missing or malformed.
+
+        A caller who sends none may use the server's key if its token allows
+        it (use_server_key, issue 13); a key the caller sends always wins.
+        """
         key = self.presented_key()
         missing, malformed = self.key_error_codes
+        if not key and self.token is not None and self.token.policy.use_server_key:
+            return self.config.openai_api_key
         if not key:
             raise ApiError(401, self.missing_key_message, "authentication_error", missing)
         if not API_KEY_RE.match(key):
@@ -446,6 +471,7 @@ class BaseHandler(ApiMixin, RequestHandler):
         if not self.client_gone:
             self.client_gone = True
             self.left_before_headers = not self._headers_written
+        self.release_token()
         # The client left: stop paying for tokens nobody will read (issue 2).
         call = self.upstream_call
         if call is not None and call.abort_reason is None and call.finished_at is None:

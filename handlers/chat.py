@@ -18,11 +18,12 @@ def bad_request(message: str, code: str = "invalid_request") -> ApiError:
     return ApiError(400, message, code=code)
 
 
-def build_chat_request(body: dict, config) -> dict:
+def build_chat_request(body: dict, config, allowed_models: tuple[str, ...] | None = None) -> dict:
     """The upstream ``/chat/completions`` payload for a ``/chat_complete`` body.
 
     ``model_name`` (or ``model``) becomes ``model``; every other key of
     ``generate_params`` passes through verbatim, over ``DEFAULT_GENERATE_PARAMS``.
+    ``allowed_models``: the caller's token's list, if not ALLOWED_MODELS.
     """
     has_prompt, has_messages = "prompt" in body, "messages" in body
     if has_prompt == has_messages:
@@ -38,11 +39,12 @@ def build_chat_request(body: dict, config) -> dict:
             raise bad_request('"messages" must be a non-empty list of objects. ' + WHAT_TO_SEND)
 
     params = body.get("generate_params")
+    allowed = config.allowed_models if allowed_models is None else allowed_models
     try:
-        params = normalize_generate_params({} if params is None else params, config.allowed_models)
+        params = normalize_generate_params({} if params is None else params, allowed)
         # Settings built in code skip the startup check of the defaults: check what is sent.
         payload = normalize_generate_params(
-            {"model": config.default_model, **config.default_generate_params, **params}, config.allowed_models
+            {"model": config.default_model, **config.default_generate_params, **params}, allowed
         )
     except ParamsError as exc:
         type_ = "permission_denied" if exc.status == 403 else "invalid_request_error"
@@ -66,7 +68,7 @@ class ChatCompleteHandler(UsagePageMixin, ProxyHandler):
     async def post(self) -> None:
         """POST /chat_complete: a chat completion as JSON, or as an SSE stream with stream=true."""
         key = self.openai_key()
-        payload = build_chat_request(self.json_body(), self.config)
+        payload = build_chat_request(self.json_body(), self.config, self.allowed_models())
         stream = payload.get("stream") is True
         self.model = payload["model"]
         headers = {

@@ -77,10 +77,26 @@ class OpenAIStyle:
     def error_body(self, status: int, message: str, error: dict) -> dict:
         return {"error": error}
 
-    def presented_key(self) -> str:
+    # Set when the bearer credential is the proxy's access token, not an OpenAI key.
+    bearer_is_access_token = False
+
+    def bearer(self) -> str:
         auth = self.request.headers.get("Authorization", "")
-        if auth[:7].lower() == "bearer ":
-            return auth[7:].strip()
+        return auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+
+    def presented_access_token(self) -> str:
+        token = self.request.headers.get("access-token")
+        if token is None and self.bearer():
+            # An SDK given only base_url and api_key sends the proxy's token as
+            # its API key (issue 13): such a request carries no OpenAI key of
+            # its own, so its token's use_server_key decides.
+            self.bearer_is_access_token = True
+            return self.bearer()
+        return token or ""
+
+    def presented_key(self) -> str:
+        if not self.bearer_is_access_token and self.bearer():
+            return self.bearer()
         return super().presented_key()
 
 
@@ -108,18 +124,20 @@ class OpenAIHandler(OpenAIStyle, ProxyHandler):
             self.request.query,
         )
         self.model = found.model
-        if self.config.allowed_models:
+        allowed = self.allowed_models()
+        if allowed:
             if found.problem is not None:
                 raise ApiError(
                     400,
-                    "ALLOWED_MODELS is in force and the model of this request cannot be determined: %s. "
+                    "ALLOWED_MODELS (or the token's allowed_models) is in force and the model of this request "
+                    "cannot be determined: %s. "
                     'Send a JSON object with one string "model" as application/json '
                     "(or one model field in multipart/form-data)." % found.problem,
                     "invalid_request_error",
                     "model_undetermined",
                 )
             for model in found.models:
-                check_model_allowed(self.config, model)
+                check_model_allowed(allowed, model)
         return found.model, found.stream
 
     async def forward(self) -> None:

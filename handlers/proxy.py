@@ -75,6 +75,7 @@ def mirrored_error(status: int, answer, headers) -> ApiError:
 def take_upstream_slot(handler, pool: UpstreamPool) -> None:
     """Count ``handler`` in MAX_CONCURRENT_UPSTREAM (HTTP calls and realtime sessions alike), or refuse with 503."""
     if len(pool.handlers) >= handler.config.max_concurrent_upstream:
+        handler.limited = "max_concurrent_upstream"
         # Never queue silently (issue 2): the caller can retry elsewhere or later.
         raise ApiError(
             503,
@@ -157,6 +158,7 @@ class ProxyHandler(BaseHandler):
         log.warning("upstream fault request_id=%s kind=%s%s", self.request_id, kind, " " + detail if detail else "")
 
     def on_finish(self) -> None:
+        super().on_finish()
         self.pool.handlers.discard(self)
 
     def relay_headers(self, call: UpstreamCall) -> None:

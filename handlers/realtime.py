@@ -155,7 +155,7 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
         key = self.openai_key()
         model = self.get_query_argument("model", None)
         self.model = model
-        check_model_allowed(self.config, model)
+        check_model_allowed(self.allowed_models(), model)
         url = upstream_url(self.config.openai_base_url, "realtime", self.request.query)
         if url is None:
             raise ApiError(400, "Invalid query string.", "invalid_request_error", "invalid_path")
@@ -201,6 +201,7 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
         # Called at the 101 too; only a request that never became a session ends here.
         if self.session is None and self.get_status() != 101:
             self.pool.handlers.discard(self)
+            self.release_token()
             if self.upstream is not None:
                 self.upstream.transport.abort()
 
@@ -243,6 +244,8 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
 
     def _session_ended(self, session: RealtimeSession) -> None:
         self.pool.handlers.discard(self)
+        # A session counts against its token's max_concurrent until it ends (issue 13).
+        self.release_token()
         metrics = self.settings.get("metrics")
         if metrics is not None:
             metrics.realtime_sessions.dec()

@@ -51,6 +51,17 @@ OTHER_SECRETS = (
     "sox-P%40ss%3Aw%2Frd-3b7d",
     "pw-unit-secret",
     "secret-pw",
+    # tests/test_tokens.py: named tokens, a too-short one, the server-held OpenAI key.
+    "alice-TOKEN-4b9e2f71c0",
+    "bob-TOKEN-8d1c3a55e7f0",
+    "carol-TOKEN-1f7a9c3e2b",
+    "dave-TOKEN-6e0b4d8a1c",
+    "erin-TOKEN-3a5c7e9b1d",
+    "grace-TOKEN-5d7f9b1e3a",
+    "frank-TOKEN-9c2e4a6b8d",
+    "short-tok-12",
+    "sk-SERVERKEY-7e1d4c9a2b",
+    "the-token-you-gave-alice",
 )
 AUTH = {"access-token": ACCESS_TOKEN, "openai-token": OPENAI_KEY}
 

@@ -27,7 +27,16 @@ class ServerProcess:
     def __init__(self, env: dict[str, str], log_path: str, host: str | None = "127.0.0.1"):
         """``host``: the HOST variable (None: unset)."""
         self.port = int(env.get("PORT") or free_port())
-        full_env = {k: v for k, v in os.environ.items() if k not in ("ACCESS_TOKEN", "ACCESS_KEY", "HOST")}
+        # Only what the test gives: never a developer's own token or OpenAI key.
+        inherited = (
+            "ACCESS_TOKEN",
+            "ACCESS_KEY",
+            "ACCESS_TOKENS_FILE",
+            "OPENAI_API_KEY",
+            "OPENAI_API_KEY_FILE",
+            "HOST",
+        )
+        full_env = {k: v for k, v in os.environ.items() if k not in inherited}
         full_env.update(env, PORT=str(self.port))
         if host is not None:
             full_env["HOST"] = host

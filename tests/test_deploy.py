@@ -120,8 +120,9 @@ def fake_docker(tmp_path):
         result = subprocess.run(
             ["/bin/bash", "./rebuild.sh"], cwd=project, env={**env, **extra}, capture_output=True, text=True, timeout=30
         )
-        calls = (tmp_path / "calls").read_text().splitlines()
-        (tmp_path / "calls").unlink()
+        log = tmp_path / "calls"
+        calls = log.read_text().splitlines() if log.exists() else []
+        log.unlink(missing_ok=True)
         return result, calls
 
     rebuild.project = project
@@ -158,6 +159,20 @@ def test_rebuild_reads_env_file_and_warns_without_token(fake_docker):
     result, calls = fake_docker()
     assert result.returncode == 0 and "WARNING" not in result.stderr
     assert any("--env-file .env" in c for c in calls)
+
+
+def test_rebuild_mounts_the_tokens_files_directory(fake_docker, tmp_path):
+    tokens = tmp_path / "conf" / "tokens.toml"
+    tokens.parent.mkdir()
+    tokens.write_text("")
+    result, calls = fake_docker(CHAT_GPT_PROXY_TOKENS=str(tokens))
+    assert result.returncode == 0 and "WARNING" not in result.stderr, result.stderr
+    run_call = [c for c in calls if c.startswith("run ")][0]
+    assert "--volume %s:/etc/chat_gpt_proxy:ro" % tokens.parent in run_call
+    assert "--env ACCESS_TOKENS_FILE=/etc/chat_gpt_proxy/tokens.toml" in run_call
+    result, calls = fake_docker(CHAT_GPT_PROXY_TOKENS=str(tmp_path / "missing.toml"))
+    assert result.returncode == 2 and "CHAT_GPT_PROXY_TOKENS" in result.stderr
+    assert not any(c.startswith("run ") for c in calls)
 
 
 @pytest.fixture(scope="session")

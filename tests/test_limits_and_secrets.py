@@ -44,24 +44,14 @@ async def test_rate_limit_per_access_token(proxy, fake_openai):
 
 def test_access_tokens_compared_in_constant_time(monkeypatch):
     """Every configured token is compared with hmac.compare_digest, whichever matches."""
-    from handlers.base import BaseHandler
+    import chat_gpt_proxy.tokens
+    from settings import Settings
 
+    registry = chat_gpt_proxy.tokens.TokenRegistry(Settings(access_tokens=("first-token", "second-token", "third")))
     calls = []
     real = hmac.compare_digest
     monkeypatch.setattr(hmac, "compare_digest", lambda a, b: calls.append((a, b)) or real(a, b))
-
-    class Config:
-        access_tokens = ("first-token", "second-token", "third-token")
-
-    class Fake:
-        config = Config()
-        settings = {}
-        presented_access_token = BaseHandler.presented_access_token
-
-        class request:  # noqa: N801
-            headers = {"access-token": "first-token"}
-
-    BaseHandler.check_access_token(Fake())
+    assert registry.lookup("first-token").key == "-0"
     assert len(calls) == 3
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from chat_gpt_proxy.fake_openai import Behaviour
 from chat_gpt_proxy.observability import JsonFormatter, TextFormatter, token_counts
+from chat_gpt_proxy.tokens import TokenRegistry
 from server import drain
 from tests.conftest import ACCESS_TOKEN, OPENAI_KEY, open_raw
 
@@ -94,10 +95,10 @@ async def test_metrics(proxy, fake_openai):
     response = await proxy.request("/metrics", method="GET", auth=False)
     assert response.code == 200 and response.headers["Content-Type"].startswith("text/plain")
     text = response.body.decode()
-    assert 'proxy_requests_total{route="chat_complete",status="200"} 2.0' in text
-    assert 'proxy_requests_total{route="chat_complete",status="403"} 1.0' in text
-    assert 'proxy_requests_total{route="chat_complete",status="502"} 1.0' in text
-    assert 'proxy_tokens_total{kind="prompt",model="gpt-4o-mini"} 18.0' in text
+    assert 'proxy_requests_total{route="chat_complete",status="200",token="-"} 2.0' in text
+    assert 'proxy_requests_total{route="chat_complete",status="403",token="-"} 1.0' in text
+    assert 'proxy_requests_total{route="chat_complete",status="502",token="-"} 1.0' in text
+    assert 'proxy_tokens_total{kind="prompt",model="gpt-4o-mini",token="-"} 18.0' in text
     assert 'proxy_stream_first_byte_seconds_count{route="chat_complete"} 1.0' in text
     assert 'proxy_added_seconds_count{route="chat_complete"} 2.0' in text
     assert 'proxy_upstream_errors_total{kind="invalid_json"} 1.0' in text
@@ -126,6 +127,7 @@ EXPECTED_KEYS = [
     "request_id",
     "upstream_request_id",
     "client",
+    "token",
     "method",
     "path",
     "status",
@@ -208,6 +210,8 @@ async def send_hostile_requests(proxy, app, base_url, fake_openai):
     assert answer.startswith(b"HTTP/1.1 403 ")
     # 3. Refused with 403 by ALLOWED_MODELS on /v1, after the model was read.
     app.settings["config"] = dataclasses.replace(app.settings["config"], allowed_models=("gpt-4o-mini",))
+    # The access tokens' policies are taken from the settings when the registry is built.
+    app.settings["tokens"] = TokenRegistry(app.settings["config"])
     body = json.dumps({"model": HOSTILE, "messages": []}).encode()
     response = await proxy.request(
         "/v1/chat/completions", body=body, headers={"Authorization": "Bearer sk-x", "Content-Type": "application/json"}
@@ -330,7 +334,7 @@ async def test_client_leaving_before_the_answer_is_499_not_503(proxy, fake_opena
     record = fields(line)
     assert record["status"] == "499" and record["end"] == "client_closed"
     text = await metrics_text(proxy)
-    assert 'proxy_requests_total{route="chat_complete",status="499"} 1.0' in text
+    assert 'proxy_requests_total{route="chat_complete",status="499",token="-"} 1.0' in text
     assert 'status="503"' not in text
 
 
@@ -345,7 +349,7 @@ async def test_stream_the_client_abandoned_says_so(proxy, fake_openai, caplog):
     record = fields(line)
     # The client did get the status line: it stays 200; the end says what happened.
     assert record["status"] == "200" and record["end"] == "client_closed"
-    assert 'proxy_requests_total{route="chat_complete",status="200"} 1.0' in await metrics_text(proxy)
+    assert 'proxy_requests_total{route="chat_complete",status="200",token="-"} 1.0' in await metrics_text(proxy)
 
 
 @pytest.mark.settings(client_stall_timeout=1.0)
@@ -413,8 +417,8 @@ async def test_v1_json_answers_record_token_usage(proxy, fake_openai, caplog):
     assert embeddings_line["prompt_tokens"] == "3" and embeddings_line["completion_tokens"] == "-"
     assert models_line["prompt_tokens"] == "-"
     text = await metrics_text(proxy)
-    assert 'proxy_tokens_total{kind="prompt",model="gpt-4o-mini"} %.1f' % (2 * usage["prompt_tokens"]) in text
-    assert 'proxy_tokens_total{kind="prompt",model="text-embedding-3-small"} 3.0' in text
+    assert 'proxy_tokens_total{kind="prompt",model="gpt-4o-mini",token="-"} %.1f' % (2 * usage["prompt_tokens"]) in text
+    assert 'proxy_tokens_total{kind="prompt",model="text-embedding-3-small",token="-"} 3.0' in text
 
 
 @pytest.mark.gen_test

@@ -543,8 +543,8 @@ async def test_session_metrics_and_one_access_line(proxy, fake_openai, base_url,
         'proxy_realtime_messages_total{direction="client_to_upstream"} 2.0',
         'proxy_realtime_messages_total{direction="upstream_to_client"} 8.0',
         'proxy_realtime_closes_total{by="client",code="4000"} 1.0',
-        'proxy_requests_total{route="realtime",status="101"} 1.0',
-        'proxy_tokens_total{kind="completion",model="gpt-realtime"} 5.0',
+        'proxy_requests_total{route="realtime",status="101",token="-"} 1.0',
+        'proxy_tokens_total{kind="completion",model="gpt-realtime",token="-"} 5.0',
     ):
         assert part in metrics, part
     assert 'proxy_realtime_bytes_total{direction="upstream_to_client"}' in metrics

@@ -1,0 +1,158 @@
+"""A/B: the proxy's JSON throughput for two commits, and with a tokens file, interleaved in one run.
+
+    python bench/compare.py --before HEAD~2 --tokens 100 --rounds 5 --seconds 5
+
+Uses bench/run.py's layout: Debian's nginx as the fixed upstream on CPU 1, each
+proxy one process on CPU 0, wrk on CPU 1, ``/chat_complete`` at c=64 and c=1.
+The subjects run in turn, round after round, so a noisy neighbour on this
+shared machine hits all of them alike. The main figure is per-core
+throughput: requests served per CPU-second the proxy process used (from
+/proc/<pid>/stat), which other processes on the same core barely disturb,
+unlike wall-clock req/s; the report gives per-subject medians and each
+one's ratio to the first subject. ``--before`` is exported with
+``git archive`` into a temporary directory (the working tree is not touched).
+Results: bench/results/compare.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench.run import (  # noqa: E402
+    CHAT_JSON,
+    MODEL,
+    TOKEN,
+    UPSTREAM_SERVER,
+    Processes,
+    free_port,
+    sse_body,
+    start_nginx,
+    wait_port,
+    wrk,
+)
+
+
+def tokens_file(path: str, count: int) -> None:
+    """``count`` named tokens; the benchmark's own token is the last one, so a lookup scans them all."""
+    with open(path, "w") as f:
+        for i in range(count - 1):
+            f.write('[user%d]\ntoken = "bench-named-token-%06d"\nrate_limit_per_minute = 0\n\n' % (i, i))
+        f.write('[bench]\ntoken = "%s-named"\nmax_concurrent = 100000\n' % TOKEN)
+
+
+def start(procs: Processes, tree: str, upstream: str, name: str, tokens: str | None):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("ACCESS_TOKENS_FILE", "OPENAI_API_KEY")}
+    env.update(PORT=str(port), HOST="127.0.0.1", ACCESS_TOKEN=TOKEN, OPENAI_BASE_URL=upstream, LOG_LEVEL="WARNING")
+    if tokens:
+        env["ACCESS_TOKENS_FILE"] = tokens
+    proc = procs.start([sys.executable, os.path.join(tree, "server.py")], 0, env, name=name)
+    wait_port(port)
+    return proc, port
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process: per-core throughput holds up on a machine others share."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--before", default="HEAD~1", help="git ref to compare the working tree with")
+    parser.add_argument("--tokens", type=int, default=100, help="also measure with a file of this many tokens (0: no)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=5)
+    args = parser.parse_args()
+
+    workdir = tempfile.mkdtemp(prefix="chat_gpt_proxy-compare-")
+    before_tree = os.path.join(workdir, "before")
+    os.makedirs(before_tree)
+    archive = subprocess.run(["git", "archive", args.before], cwd=ROOT, check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", before_tree], input=archive, check=True)
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", args.before], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout.strip()
+    procs = Processes(workdir)
+    results: dict[str, dict[str, list[float]]] = {}
+    try:
+        up_port = free_port()
+        sse_file = os.path.join(workdir, "sse.txt")
+        with open(sse_file, "w") as f:
+            f.write(sse_body())
+        start_nginx(
+            procs,
+            "upstream",
+            UPSTREAM_SERVER.format(port=up_port, json=json.dumps(CHAT_JSON, separators=(",", ":")), sse_file=sse_file),
+            cpu=1,
+        )
+        wait_port(up_port)
+        upstream = "http://127.0.0.1:%d/json/v1" % up_port
+        subjects = [("before (%s), no tokens file" % commit, before_tree, None), ("after, no tokens file", ROOT, None)]
+        if args.tokens:
+            path = os.path.join(workdir, "tokens.toml")
+            tokens_file(path, args.tokens)
+            subjects.append(("after, %d named tokens" % args.tokens, ROOT, path))
+        body = {"prompt": "Hello!", "generate_params": {"model_name": MODEL}}
+        for _ in range(args.rounds):
+            for label, tree, tokens in subjects:
+                proxy, port = start(procs, tree, upstream, "proxy", tokens)
+                url = "http://127.0.0.1:%d/chat_complete" % port
+                token = TOKEN + "-named" if tokens else TOKEN
+                row = results.setdefault(label, {"per_cpu_s": [], "rps": [], "p50_c1": [], "errors": []})
+                wrk(url, body, 64, 1, workdir, token=token)  # warm-up: upstream pool, caches
+                cpu = cpu_seconds(proxy.pid)
+                result = wrk(url, body, 64, args.seconds, workdir, token=token)
+                row["per_cpu_s"].append(result["requests"] / (cpu_seconds(proxy.pid) - cpu))
+                row["rps"].append(result["rps"])
+                row["errors"].append(result["errors"])
+                result = wrk(url, body, 1, args.seconds, workdir, token=token)
+                row["p50_c1"].append(result["p50_ms"])
+                row["errors"].append(result["errors"])
+                procs.stop(proxy)
+    finally:
+        procs.stop_all()
+
+    base = statistics.median(next(iter(results.values()))["per_cpu_s"])
+    lines = [
+        "Command: `python bench/compare.py --before %s --tokens %d --rounds %d --seconds %g` (rounds interleaved)"
+        % (args.before, args.tokens, args.rounds, args.seconds),
+        "",
+        "| subject | requests per CPU-second of the proxy, c=64: median (each round) | vs first "
+        "| req/s c=64 (wall clock), median | p50 ms c=1, median | errors |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for label, row in results.items():
+        per_cpu = statistics.median(row["per_cpu_s"])
+        lines.append(
+            "| %s | %.0f (%s) | %.1f %% | %.0f (%s) | %.3f | %d |"
+            % (
+                label,
+                per_cpu,
+                ", ".join("%.0f" % r for r in row["per_cpu_s"]),
+                100 * per_cpu / base,
+                statistics.median(row["rps"]),
+                ", ".join("%.0f" % r for r in row["rps"]),
+                statistics.median(row["p50_c1"]),
+                sum(row["errors"]),
+            )
+        )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
+    with open(os.path.join(ROOT, "bench", "results", "compare.md"), "w") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""Access tokens: the unnamed ones of ACCESS_TOKEN and the named ones of ACCESS_TOKENS_FILE (issue 13).
+
+The file is TOML, one table per token name::
+
+    [alice]
+    token = "a-long-random-token-of-16-or-more-characters"
+    rate_limit_per_minute = 60        # unset: RATE_LIMIT_PER_TOKEN; 0: none
+    max_concurrent = 4                # requests and streams in flight; unset or 0: no limit
+    allowed_models = ["gpt-4o-mini"]  # unset: ALLOWED_MODELS
+    use_server_key = true             # may use OPENAI_API_KEY when sending no key of its own
+    disabled = false
+
+    [bob]
+    token_sha256 = "<hex SHA-256 of bob's token>"   # a leaked file then leaks no token
+
+``TokenRegistry`` (one per application, in its settings as ``"tokens"``)
+finds the entry a presented token belongs to, admits requests under each
+entry's limits, and reloads the file on SIGHUP: a new snapshot of entries
+replaces the old one in one assignment, so new requests see it at once while
+requests in flight keep the entry (and policy) they were admitted with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import re
+import tomllib
+
+from chat_gpt_proxy.limits import InFlight, RateLimiter
+
+# Names end up in log lines and metric labels: keep them short and plain.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+# A token travels in a header: visible ASCII only.
+TOKEN_RE = re.compile(r"^[\x21-\x7e]+$")
+SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+MIN_TOKEN_LENGTH = 16
+FIELDS = (
+    "token",
+    "token_sha256",
+    "rate_limit_per_minute",
+    "max_concurrent",
+    "allowed_models",
+    "use_server_key",
+    "disabled",
+)
+UNNAMED = "-"
+
+
+class TokensFileError(ValueError):
+    """A tokens file that cannot be used; the message is one line naming the file and the token."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenPolicy:
+    """What a token may do, with the global settings already filled in where the file says nothing."""
+
+    rate_limit_per_minute: int = 0  # 0: no limit
+    max_concurrent: int = 0  # 0: no limit
+    allowed_models: tuple[str, ...] = ()  # (): any model
+    use_server_key: bool = False
+    disabled: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenEntry:
+    name: str  # "-" for the unnamed tokens of ACCESS_TOKEN
+    key: str  # what the limits count under: the name, or "-<n>" for the n-th unnamed token
+    digest: bytes = dataclasses.field(repr=False)
+    policy: TokenPolicy = TokenPolicy()
+
+
+@dataclasses.dataclass(frozen=True)
+class Refusal:
+    """A request refused by one of its token's limits (answered 429)."""
+
+    limit: str  # the policy field: "rate_limit_per_minute" or "max_concurrent"
+    retry_after: int
+    message: str
+
+
+def token_digest(token: str) -> bytes:
+    """SHA-256 of a token as it arrives in a header: what ``token_sha256`` holds, in hex."""
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+
+
+def unnamed_entries(settings) -> list[TokenEntry]:
+    """ACCESS_TOKEN / ACCESS_KEY: unnamed, with the global settings, exactly as before issue 13."""
+    policy = TokenPolicy(rate_limit_per_minute=settings.rate_limit_per_token, allowed_models=settings.allowed_models)
+    return [TokenEntry(UNNAMED, "-%d" % i, token_digest(t), policy) for i, t in enumerate(settings.access_tokens)]
+
+
+def parse_tokens_file(path: str, settings) -> list[TokenEntry]:
+    """The named tokens of ``path``; ``TokensFileError`` (one line) for anything wrong with it."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise TokensFileError("%s: cannot read it: %s" % (path, exc.strerror or exc)) from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise TokensFileError("%s: not valid TOML: %s" % (path, str(exc).replace("\n", " "))) from None
+    entries = []
+    for name, table in data.items():
+        if not isinstance(table, dict):
+            raise TokensFileError(
+                "%s: %r is not a table: write each token as [name] followed by its fields" % (path, name[:64])
+            )
+        if not NAME_RE.match(name):
+            raise TokensFileError(
+                "%s: token %r: a name is 1-64 letters, digits, '.', '_', '@' or '-', starting with a letter or digit"
+                % (path, name[:64])
+            )
+        entries.append(_parse_entry(table, settings, "%s: token %r: " % (path, name), name))
+    return entries
+
+
+def _parse_entry(table: dict, settings, where: str, name: str) -> TokenEntry:
+    unknown = sorted(set(table) - set(FIELDS))
+    if unknown:
+        raise TokensFileError(where + "unknown field %r (known: %s)" % (unknown[0][:64], ", ".join(FIELDS)))
+    plain, hashed = table.get("token"), table.get("token_sha256")
+    if (plain is None) == (hashed is None):
+        raise TokensFileError(where + "give exactly one of token and token_sha256")
+    if plain is not None:
+        # Never quote the token itself in an error: errors go to logs.
+        if not isinstance(plain, str) or not TOKEN_RE.match(plain):
+            raise TokensFileError(where + "token must be a string of visible ASCII characters, without spaces")
+        if len(plain) < MIN_TOKEN_LENGTH:
+            raise TokensFileError(
+                where
+                + "token is shorter than %d characters: use a longer one, or give its token_sha256 instead"
+                % MIN_TOKEN_LENGTH
+            )
+        digest = token_digest(plain)
+    else:
+        if not isinstance(hashed, str) or not SHA256_RE.match(hashed):
+            raise TokensFileError(where + "token_sha256 must be 64 hexadecimal digits (sha256sum's output)")
+        digest = bytes.fromhex(hashed)
+    models = table.get("allowed_models")
+    if models is not None and (
+        not isinstance(models, list) or not models or not all(isinstance(m, str) and m for m in models)
+    ):
+        raise TokensFileError(where + "allowed_models must be a non-empty list of model names")
+    use_server_key = _bool(table, "use_server_key", where)
+    if use_server_key and not settings.openai_api_key:
+        raise TokensFileError(
+            where + "use_server_key = true, but neither OPENAI_API_KEY nor OPENAI_API_KEY_FILE is set"
+        )
+    policy = TokenPolicy(
+        rate_limit_per_minute=_int(table, "rate_limit_per_minute", where, settings.rate_limit_per_token, 1_000_000),
+        max_concurrent=_int(table, "max_concurrent", where, 0, 100_000),
+        allowed_models=tuple(models) if models is not None else settings.allowed_models,
+        use_server_key=use_server_key,
+        disabled=_bool(table, "disabled", where),
+    )
+    return TokenEntry(name, name, digest, policy)
+
+
+def _int(table: dict, field: str, where: str, default: int, high: int) -> int:
+    value = table.get(field)
+    if value is None:
+        return default
+    # bool is an int in Python; TOML's true is not a number.
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= high:
+        raise TokensFileError(where + "%s must be an integer from 0 to %d" % (field, high))
+    return value
+
+
+def _bool(table: dict, field: str, where: str) -> bool:
+    value = table.get(field, False)
+    if not isinstance(value, bool):
+        raise TokensFileError(where + "%s must be true or false" % field)
+    return value
+
+
+def load_entries(settings) -> tuple[TokenEntry, ...]:
+    """Every token the proxy accepts: ACCESS_TOKEN's, then ACCESS_TOKENS_FILE's."""
+    entries = unnamed_entries(settings)
+    if settings.access_tokens_file:
+        path = settings.access_tokens_file
+        seen = {e.digest: "one in ACCESS_TOKEN" for e in entries}
+        for entry in parse_tokens_file(path, settings):
+            if entry.digest in seen:
+                # Which entry a request belongs to must never be ambiguous.
+                raise TokensFileError("%s: token %r: the same token as %s" % (path, entry.name, seen[entry.digest]))
+            seen[entry.digest] = "token %r" % entry.name
+            entries.append(entry)
+    return tuple(entries)
+
+
+class TokenRegistry:
+    """The tokens in force, and the per-token limit counters, which outlive reloads."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.rate = RateLimiter()
+        self.in_flight = InFlight()
+        self.entries = load_entries(settings)
+
+    @property
+    def named(self) -> int:
+        return sum(1 for e in self.entries if e.name != UNNAMED)
+
+    def reload(self) -> None:
+        """Read ACCESS_TOKENS_FILE again; on ``TokensFileError`` the tokens in force stay."""
+        entries = load_entries(self.settings)
+        self.entries = entries  # one assignment: requests see the old set or the new one, never a mix
+
+    def lookup(self, presented: str) -> TokenEntry | None:
+        """The entry ``presented`` belongs to, if any.
+
+        Digests of equal length are compared with every entry, plain and hashed
+        alike, whichever matches, so timing reveals neither which token matched
+        nor how much of one.
+        """
+        digest = token_digest(presented)
+        found = None
+        for entry in self.entries:
+            if hmac.compare_digest(digest, entry.digest):
+                found = entry
+        return found
+
+    def admit(self, entry: TokenEntry) -> Refusal | None:
+        """Count a new request under ``entry``'s limits; a ``Refusal`` if one is reached.
+
+        An admitted request must be ``release``d once it has finished.
+        """
+        policy = entry.policy
+        if not self.in_flight.acquire(entry.key, policy.max_concurrent):
+            return Refusal(
+                "max_concurrent",
+                1,
+                "This access token already has %d requests in flight, its max_concurrent limit; "
+                "retry when one has finished." % policy.max_concurrent,
+            )
+        if policy.rate_limit_per_minute:
+            wait = self.rate.take(entry.key, policy.rate_limit_per_minute)
+            if wait:
+                self.in_flight.release(entry.key)
+                return Refusal(
+                    "rate_limit_per_minute",
+                    wait,
+                    "Rate limit of this access token (%d requests per minute) reached; retry in %d s."
+                    % (policy.rate_limit_per_minute, wait),
+                )
+        return None
+
+    def release(self, entry: TokenEntry) -> None:
+        self.in_flight.release(entry.key)
