@@ -59,6 +59,8 @@ def make_app(settings: Settings) -> tornado.web.Application:
         pool=pool,
         metrics=metrics,
         rate_limiter=RateLimiter(settings.rate_limit_per_token) if settings.rate_limit_per_token else None,
+        # Set on SIGTERM/SIGINT: /readyz answers 503 from then on (issue 14).
+        draining=False,
         # Our access log replaces Tornado's: one line, no secrets (issue 3).
         log_function=log_request,
         template_path=STATIC_DIR,
@@ -85,6 +87,19 @@ def make_server(app: tornado.web.Application, settings: Settings) -> tornado.htt
         body_timeout=settings.body_timeout,
         idle_connection_timeout=settings.client_idle_timeout,
     )
+
+
+async def stop_being_ready(app: tornado.web.Application, delay: float) -> None:
+    """/readyz turns 503 at once; requests are still accepted and served for ``delay`` seconds.
+
+    A load balancer that polls /readyz (Kubernetes, HAProxy, a cloud LB) or an
+    endpoint list that updates late needs that time to stop sending new
+    requests here before this instance stops listening (issue 14).
+    """
+    app.settings["draining"] = True
+    if delay:
+        log.info("shutdown: /readyz answers 503; still serving for SHUTDOWN_DELAY=%gs", delay)
+        await asyncio.sleep(delay)
 
 
 async def drain(app: tornado.web.Application, grace: float) -> None:
@@ -172,6 +187,7 @@ async def serve(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    await stop_being_ready(app, settings.shutdown_delay)
     pool: UpstreamPool = app.settings["pool"]
     log.info("shutdown: no new connections; %d requests in flight", len(pool.handlers))
     server.stop()

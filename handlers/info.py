@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import BaseHandler, dumps
+from .base import ApiError, BaseHandler, dumps
 
 USAGE_TEXT = """chat_gpt_proxy: a proxy for the OpenAI chat API.
 
@@ -22,7 +22,8 @@ Example:
        -H "openai-token: $OPENAI_API_KEY" -H 'Content-Type: application/json' \\
        -d '{"prompt": "Привет, какая ты версия модели?"}'
 
-GET /healthz: {"status": "ok"}
+GET /healthz: {"status": "ok"} while the process runs
+GET /readyz:  {"status": "ready"}, or 503 {"status": "draining", ...} once it is shutting down
 """
 
 
@@ -48,7 +49,30 @@ class HealthHandler(BaseHandler):
         self.finish(dumps({"status": "ok"}))
 
 
+class ReadyHandler(BaseHandler):
+    """GET /readyz: whether a load balancer should send this instance new requests (issue 14).
+
+    Liveness (/healthz) stays 200 until the process exits, so nothing restarts
+    an instance that is finishing its streams; readiness turns 503 as soon as
+    SIGTERM or SIGINT arrives (server.py sets ``draining``), while the process
+    still serves for SHUTDOWN_DELAY seconds, so that the balancer stops sending
+    requests before the instance stops accepting them.
+    """
+
+    requires_access_token = False
+
+    def get(self) -> None:
+        if self.settings.get("draining"):
+            raise ApiError(503, "Shutting down: this instance takes no new requests.", "server_error", code="draining")
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.finish(dumps({"status": "ready"}))
+
+    def error_body(self, status: int, message: str, error: dict) -> dict:
+        return {**super().error_body(status, message, error), "status": "draining"}
+
+
 routes = [
     (r"/usage", UsageHandler),
     (r"/healthz", HealthHandler),
+    (r"/readyz", ReadyHandler),
 ]
