@@ -89,14 +89,21 @@ def make_server(app: tornado.web.Application, settings: Settings) -> tornado.htt
     )
 
 
-async def stop_being_ready(app: tornado.web.Application, delay: float) -> None:
+async def stop_being_ready(app: tornado.web.Application, server: tornado.httpserver.HTTPServer, delay: float) -> None:
     """/readyz turns 503 at once; requests are still accepted and served for ``delay`` seconds.
 
     A load balancer that polls /readyz (Kubernetes, HAProxy, a cloud LB) or an
     endpoint list that updates late needs that time to stop sending new
-    requests here before this instance stops listening (issue 14).
+    requests here before this instance stops listening (issue 14). Every
+    request read from now on is answered with ``Connection: close``: a
+    balancer that keeps connections alive (nginx's upstream keepalive) would
+    otherwise go on sending requests over them, and the last ones would meet
+    the close at the end of the drain and fail (seen under load in
+    tests/test_load_balancing.py); instead it opens new connections, which
+    are refused once this instance stops listening, and it moves on.
     """
     app.settings["draining"] = True
+    server.conn_params.no_keep_alive = True
     if delay:
         log.info("shutdown: /readyz answers 503; still serving for SHUTDOWN_DELAY=%gs", delay)
         await asyncio.sleep(delay)
@@ -187,7 +194,7 @@ async def serve(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    await stop_being_ready(app, settings.shutdown_delay)
+    await stop_being_ready(app, server, settings.shutdown_delay)
     pool: UpstreamPool = app.settings["pool"]
     log.info("shutdown: no new connections; %d requests in flight", len(pool.handlers))
     server.stop()

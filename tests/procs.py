@@ -65,7 +65,8 @@ class ServerProcess:
         return self.proc.poll()
 
     def output(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         with open(self.log_path, encoding="utf-8", errors="replace") as f:
             return f.read()
 
@@ -124,7 +125,7 @@ class Nginx:
     """Debian's nginx with a site config, in the foreground in ``temp``; checked with ``nginx -t`` first."""
 
     def __init__(self, site: str, temp, port: int, level: str = "warn"):
-        self.temp, self.port = temp, port
+        self.temp, self.port, self.site = temp, port, site
         os.makedirs(temp, exist_ok=True)
         with open(os.path.join(temp, "site.conf"), "w") as f:
             f.write(site)

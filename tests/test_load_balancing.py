@@ -7,6 +7,9 @@ certificate and one upstream ``server`` line per instance (tests/procs.py
 
 import asyncio
 import json
+import re
+import signal
+import time
 
 import pytest
 import tornado.httpclient
@@ -15,8 +18,9 @@ import tornado.web
 import tornado.websocket
 from tornado.testing import bind_unused_port
 
-from tests.conftest import AUTH
-from tests.procs import Nginx, example_site, free_port
+from chat_gpt_proxy.fake_openai import Behaviour
+from tests.conftest import ACCESS_TOKEN, AUTH
+from tests.procs import Nginx, ServerProcess, example_site, free_port
 
 
 @pytest.fixture
@@ -170,3 +174,125 @@ async def test_a_post_that_reached_an_instance_is_not_sent_again(
     # each of the others exactly once, and never the failed one.
     assert sorted(statuses) == [200, 200, 200, 502], statuses
     assert len(fake_openai.received) == 3
+
+
+STREAM_WORDS = ["w%d " % i for i in range(8)]
+
+
+async def one_request(client, url, certificate, n):
+    """JSON and streamed requests in turn; returns (kind, ok, detail) with every check made."""
+    stream = n % 2 == 1
+    body = {"prompt": "req %d" % n}
+    if stream:
+        body["generate_params"] = {"stream": True, "model_name": "slow-stream"}
+    chunks = []
+    try:
+        response = await client.fetch(
+            url + "/chat_complete",
+            method="POST",
+            body=json.dumps(body),
+            headers=AUTH,
+            ca_certs=certificate[0],
+            raise_error=False,
+            request_timeout=30,
+            streaming_callback=chunks.append if stream else None,
+        )
+    except Exception as exc:  # every outcome is counted, none may escape
+        return ("stream" if stream else "json"), False, repr(exc)
+    if not stream:
+        ok = response.code == 200 and json.loads(response.body).get("text") == "Echo: req %d" % n
+        return "json", ok, "%d %r" % (response.code, response.body[:300])
+    text = b"".join(chunks).decode()
+    ok = (
+        response.code == 200
+        and text.endswith("data: [DONE]\n\n")
+        and '"error"' not in text
+        and all('"content":"%s"' % w in text for w in STREAM_WORDS)
+    )
+    return "stream", ok, "%d %r" % (response.code, text[-300:])
+
+
+@pytest.mark.slow
+@pytest.mark.gen_test(timeout=120)
+async def test_rolling_restart_of_three_instances_behind_nginx_loses_nothing(
+    start_nginx, fake_openai, certificate, tmp_path
+):
+    """Issue 14, 5(b): under continuous JSON and streaming load through nginx, each of three
+    instances gets SIGTERM in turn and is replaced on its port; every request must succeed."""
+    fake_openai.by_model["slow-stream"] = Behaviour(chunks=STREAM_WORDS, delay=0.1)
+    env = {"ACCESS_TOKEN": ACCESS_TOKEN, "OPENAI_BASE_URL": fake_openai.url, "SHUTDOWN_GRACE": "15"}
+    servers = []
+
+    async def start(port=None, generation=0):
+        server = ServerProcess(
+            {**env, **({"PORT": str(port)} if port else {})},
+            str(tmp_path / ("proxy%d-%d.log" % (len(servers), generation))),
+        )
+        servers.append(server)
+        await server.wait_ready()
+        return server
+
+    try:
+        instances = [await start() for _ in range(3)]
+        nginx = start_nginx([s.port for s in instances])
+        fail_timeout = float(re.search(r"fail_timeout=(\d+)s", nginx.site).group(1))
+        outcomes = []
+        stop = False
+        deadline = time.monotonic() + 90
+
+        async def worker(w):
+            client = tornado.httpclient.AsyncHTTPClient(force_instance=True)
+            try:
+                n = w
+                while not stop and time.monotonic() < deadline and n < 20000:
+                    started = time.monotonic()
+                    kind, ok, detail = await one_request(client, nginx.url, certificate, n)
+                    outcomes.append((kind, ok, started, time.monotonic(), detail))
+                    n += 6
+                    await asyncio.sleep(0.02)
+            finally:
+                client.close()
+
+        async def completed(count, timeout=30):
+            target = len(outcomes) + count
+            limit = time.monotonic() + timeout
+            while len(outcomes) < target:
+                assert time.monotonic() < limit, "the load stalled"
+                await asyncio.sleep(0.05)
+
+        workers = [asyncio.ensure_future(worker(w)) for w in range(6)]
+        await completed(30)
+        signalled = []
+        for i, old in enumerate(list(instances)):
+            signalled.append(time.monotonic())
+            old.signal(signal.SIGTERM)
+            assert await old.wait_exit(30) == 0, old.output()
+            instances[i] = new = await start(old.port, generation=1)
+            # As the README says: the next restart waits until nginx has put the
+            # replacement back into rotation (fail_timeout after its failure).
+            await asyncio.sleep(fail_timeout + 0.5)
+            await completed(20)
+            assert "path=/chat_complete" in new.output(), "nginx sent nothing to the replacement"
+        stop = True
+        await asyncio.gather(*workers)
+    finally:
+        for server in servers:
+            server.stop()
+
+    failures = [o for o in outcomes if not o[1]]
+    assert not failures, "%d of %d requests failed: %s\nnginx: %s" % (
+        len(failures),
+        len(outcomes),
+        failures[:5],
+        nginx.error_log()[-3000:],
+    )
+    streams = [o for o in outcomes if o[0] == "stream"]
+    assert len(outcomes) >= 100 and len(streams) >= 40
+    # Streams were running through each restart, and each old instance had work in flight when told to stop.
+    for at in signalled:
+        assert any(start < at < end for _, _, start, end, _ in streams)
+    in_flight = [
+        int(re.search(r"shutdown: no new connections; (\d+) requests in flight", s.output()).group(1))
+        for s in servers[:3]
+    ]
+    assert sum(in_flight) > 0, in_flight

@@ -6,6 +6,7 @@ keeps accepting and serving for SHUTDOWN_DELAY seconds before it stops listening
 
 import asyncio
 import json
+import re
 import signal
 import time
 
@@ -51,6 +52,15 @@ async def fetch(url, path, **kwargs):
         client.close()
 
 
+async def get_on(reader, writer, path):
+    """A GET on an open HTTP/1.1 connection (keep-alive unless the server says otherwise); its head."""
+    writer.write(b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % path.encode())
+    head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).decode("latin-1")
+    length = int(re.search(r"(?im)^content-length: (\d+)", head).group(1))
+    await asyncio.wait_for(reader.readexactly(length), 5)
+    return head
+
+
 @pytest.mark.slow
 @pytest.mark.gen_test(timeout=40)
 async def test_sigterm_turns_readyz_503_and_serves_new_requests_for_the_delay(fake_openai, tmp_path):
@@ -62,6 +72,10 @@ async def test_sigterm_turns_readyz_503_and_serves_new_requests_for_the_delay(fa
     try:
         await server.wait_ready()
         assert (await fetch(server.url, "/readyz")).code == 200
+        # A keep-alive connection opened before the signal, as a balancer keeps them.
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        head = await get_on(reader, writer, "/healthz")
+        assert head.startswith("HTTP/1.1 200") and "connection: close" not in head.lower()
         server.signal(signal.SIGTERM)
         signalled = time.monotonic()
         for _ in range(100):
@@ -73,6 +87,12 @@ async def test_sigterm_turns_readyz_503_and_serves_new_requests_for_the_delay(fa
         became_unready = time.monotonic()
         assert became_unready - signalled < 1.5
         assert (await fetch(server.url, "/healthz")).code == 200
+        # Served on the old connection too, and closed after that answer, so
+        # that the balancer opens a new one (refused once listening stops).
+        head = await get_on(reader, writer, "/healthz")
+        assert head.startswith("HTTP/1.1 200") and "connection: close" in head.lower()
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
 
         # Still accepting and serving new connections well after readiness went.
         await asyncio.sleep(0.5)
