@@ -16,6 +16,7 @@ import signal
 import ssl
 import sys
 import time
+import weakref
 
 import tornado.httpserver
 import tornado.web
@@ -61,6 +62,8 @@ def make_app(settings: Settings) -> tornado.web.Application:
         rate_limiter=RateLimiter(settings.rate_limit_per_token) if settings.rate_limit_per_token else None,
         # Set on SIGTERM/SIGINT: /readyz answers 503 from then on (issue 14).
         draining=False,
+        # Every request handler while it lives, for the drain (weak: nothing to clean up).
+        requests=weakref.WeakSet(),
         # Our access log replaces Tornado's: one line, no secrets (issue 3).
         log_function=log_request,
         template_path=STATIC_DIR,
@@ -109,11 +112,23 @@ async def stop_being_ready(app: tornado.web.Application, server: tornado.httpser
         await asyncio.sleep(delay)
 
 
+def requests_in_progress(app: tornado.web.Application) -> int:
+    """Requests begun and not answered yet, with or without an upstream call.
+
+    ``pool.handlers`` holds only those whose upstream call began; the drain
+    waits for the others too (body still arriving, being checked): one that
+    came on a kept-alive connection just before the end of the drain was
+    otherwise cut by the closing of all connections (nginx: "upstream
+    prematurely closed connection", a 502 it must not retry; issue 14).
+    """
+    return sum(1 for handler in app.settings["requests"] if handler.in_progress())
+
+
 async def drain(app: tornado.web.Application, grace: float) -> None:
     """Let in-flight requests finish for ``grace`` seconds, then end the rest (issue 3)."""
     pool: UpstreamPool = app.settings["pool"]
     deadline = time.monotonic() + grace
-    while pool.handlers and time.monotonic() < deadline:
+    while (pool.handlers or requests_in_progress(app)) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     if pool.handlers:
         log.warning("shutdown: ending %d requests still in flight after %gs", len(pool.handlers), grace)

@@ -119,6 +119,19 @@ class BaseHandler(RequestHandler):
         self.upstream_failure: str | None = None
         # When the pending flush to the client began (None: none pending).
         self.flush_started: float | None = None
+        # For the drain on shutdown (server.py): answered yet?
+        self.answered = False
+        requests = self.settings.get("requests")
+        if requests is not None:
+            requests.add(self)
+
+    def in_progress(self) -> bool:
+        """Read and not answered yet, with its client still connected."""
+        stream = self.request.connection.stream
+        return not self.answered and stream is not None and not stream.closed()
+
+    def on_finish(self) -> None:
+        self.answered = True
 
     def write(self, chunk) -> None:
         if isinstance(chunk, bytes):

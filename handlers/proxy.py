@@ -85,6 +85,7 @@ class ProxyHandler(BaseHandler):
         log.warning("upstream fault request_id=%s kind=%s", self.request_id, kind)
 
     def on_finish(self) -> None:
+        super().on_finish()
         self.pool.handlers.discard(self)
 
     def relay_headers(self, call: UpstreamCall) -> None:

@@ -114,3 +114,36 @@ async def test_sigterm_turns_readyz_503_and_serves_new_requests_for_the_delay(fa
         assert "still serving for SHUTDOWN_DELAY=2.5s" in server.output()
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.gen_test(timeout=40)
+async def test_a_request_whose_body_is_still_arriving_at_sigterm_is_answered(fake_openai, tmp_path):
+    """It has no upstream call yet: the drain must wait for it all the same, not close its connection."""
+    server = ServerProcess(
+        {"ACCESS_TOKEN": TOKEN, "OPENAI_BASE_URL": fake_openai.url, "SHUTDOWN_GRACE": "10"},
+        str(tmp_path / "server.log"),
+    )
+    try:
+        await server.wait_ready()
+        body = json.dumps({"prompt": "slow body"}).encode()
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(
+            b"POST /chat_complete HTTP/1.1\r\nHost: 127.0.0.1\r\naccess-token: %s\r\nopenai-token: %s\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+            % (TOKEN.encode(), AUTH["openai-token"].encode(), len(body))
+            + body[:5]
+        )
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        server.signal(signal.SIGTERM)
+        await asyncio.sleep(0.5)
+        writer.write(body[5:])
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+        assert b'"text":"Echo: slow body"' in answer
+        assert await server.wait_exit(10) == 0
+    finally:
+        server.stop()
