@@ -18,6 +18,7 @@ import socket
 import ssl
 import sys
 import time
+import weakref
 
 import tornado.httpserver
 import tornado.netutil
@@ -68,6 +69,10 @@ def make_app(settings: Settings, tokens: TokenRegistry | None = None) -> tornado
         cors=CorsPolicy(settings.cors_allow_origins),
         # The access tokens and their limits; replaced in place on SIGHUP (issue 13).
         tokens=tokens,
+        # Set on SIGTERM/SIGINT: /readyz answers 503 from then on (issue 14).
+        draining=False,
+        # Every request handler while it lives, for the drain (weak: nothing to clean up).
+        requests=weakref.WeakSet(),
         # Our access log replaces Tornado's: one line, no secrets (issue 3).
         log_function=log_request,
         template_path=STATIC_DIR,
@@ -154,6 +159,38 @@ def make_server(
     )
 
 
+async def stop_being_ready(app: tornado.web.Application, server: tornado.httpserver.HTTPServer, delay: float) -> None:
+    """/readyz turns 503 at once; requests are still accepted and served for ``delay`` seconds.
+
+    A load balancer that polls /readyz (Kubernetes, HAProxy, a cloud LB) or an
+    endpoint list that updates late needs that time to stop sending new
+    requests here before this instance stops listening (issue 14). Every
+    request read from now on is answered with ``Connection: close``: a
+    balancer that keeps connections alive (nginx's upstream keepalive) would
+    otherwise go on sending requests over them, and the last ones would meet
+    the close at the end of the drain and fail (seen under load in
+    tests/test_load_balancing.py); instead it opens new connections, which
+    are refused once this instance stops listening, and it moves on.
+    """
+    app.settings["draining"] = True
+    server.conn_params.no_keep_alive = True
+    if delay:
+        log.info("shutdown: /readyz answers 503; still serving for SHUTDOWN_DELAY=%gs", delay)
+        await asyncio.sleep(delay)
+
+
+def requests_in_progress(app: tornado.web.Application) -> int:
+    """Requests begun and not answered yet, with or without an upstream call.
+
+    ``pool.handlers`` holds only those whose upstream call began; the drain
+    waits for the others too (body still arriving, being checked): one that
+    came on a kept-alive connection just before the end of the drain was
+    otherwise cut by the closing of all connections (nginx: "upstream
+    prematurely closed connection", a 502 it must not retry; issue 14).
+    """
+    return sum(1 for handler in app.settings["requests"] if handler.in_progress())
+
+
 async def drain(app: tornado.web.Application, grace: float, now: asyncio.Event | None = None) -> None:
     """Let in-flight requests finish for ``grace`` seconds, then end the rest (issue 3).
 
@@ -164,7 +201,7 @@ async def drain(app: tornado.web.Application, grace: float, now: asyncio.Event |
     app.settings["draining"] = True
     pool: UpstreamPool = app.settings["pool"]
     deadline = time.monotonic() + grace
-    while pool.handlers and time.monotonic() < deadline and not (now and now.is_set()):
+    while (pool.handlers or requests_in_progress(app)) and time.monotonic() < deadline and not (now and now.is_set()):
         await asyncio.sleep(0.05)
     if not pool.handlers:
         return
@@ -256,6 +293,7 @@ async def serve(
         loop.add_signal_handler(sig, on_signal)
     loop.add_signal_handler(signal.SIGHUP, reload_tokens, app)
     await stop.wait()
+    await stop_being_ready(app, server, settings.shutdown_delay)
     pool: UpstreamPool = app.settings["pool"]
     log.info(
         "shutdown: no new connections; %d requests in flight (a second SIGTERM or SIGINT ends them now)",

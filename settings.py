@@ -51,6 +51,7 @@ class Settings:
     rate_limit_per_token: int = 0
     max_concurrent_upstream: int = 1000
     shutdown_grace: float = 25.0
+    shutdown_delay: float = 0.0
     log_format: str = "text"
     log_level: str = "INFO"
     metrics_enabled: bool = True
@@ -177,6 +178,7 @@ class Settings:
             rate_limit_per_token=env.int("RATE_LIMIT_PER_TOKEN", 0, 0, 1_000_000),
             max_concurrent_upstream=env.int("MAX_CONCURRENT_UPSTREAM", cls.max_concurrent_upstream, 1, 100_000),
             shutdown_grace=env.float("SHUTDOWN_GRACE", cls.shutdown_grace, minimum=0),
+            shutdown_delay=env.float("SHUTDOWN_DELAY", cls.shutdown_delay, minimum=0),
             log_format=log_format,
             log_level=log_level,
             metrics_enabled=env.bool("METRICS_ENABLED", cls.metrics_enabled),

@@ -326,6 +326,20 @@ class BaseHandler(ApiMixin, RequestHandler):
         # if not, the access log and metrics say 499, not the unsent status).
         self.client_gone = False
         self.left_before_headers = False
+        # For the drain on shutdown (server.py): answered yet?
+        self.answered = False
+        requests = self.settings.get("requests")
+        if requests is not None:
+            requests.add(self)
+
+    def in_progress(self) -> bool:
+        """Read and not answered yet, with its client still connected."""
+        stream = self.request.connection.stream
+        return not self.answered and stream is not None and not stream.closed()
+
+    def on_finish(self) -> None:
+        self.answered = True
+        super().on_finish()
 
     def write(self, chunk) -> None:
         if isinstance(chunk, bytes):

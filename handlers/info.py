@@ -6,7 +6,7 @@ import re
 
 from chat_gpt_proxy.observability import peer_is_trusted
 
-from .base import BaseHandler, dumps
+from .base import ApiError, BaseHandler, dumps
 
 # What a Host header may be for the page to show it: a DNS name or an IP
 # literal, and a port. Anything else is not reflected (issue 10, point 12).
@@ -33,7 +33,8 @@ Example:
 OpenAI SDKs: base_url="BASE_URL/v1", your OpenAI key as the API key,
   and the header access-token: <this proxy's access token>.
 
-GET /healthz: {"status": "ok"}
+GET /healthz: {"status": "ok"} while the process runs
+GET /readyz:  {"status": "ready"}, or 503 {"status": "draining", ...} once it is shutting down
 """
 
 
@@ -73,7 +74,30 @@ class HealthHandler(BaseHandler):
         self.finish(dumps({"status": "ok"}))
 
 
+class ReadyHandler(BaseHandler):
+    """GET /readyz: whether a load balancer should send this instance new requests (issue 14).
+
+    Liveness (/healthz) stays 200 until the process exits, so nothing restarts
+    an instance that is finishing its streams; readiness turns 503 as soon as
+    SIGTERM or SIGINT arrives (server.py sets ``draining``), while the process
+    still serves for SHUTDOWN_DELAY seconds, so that the balancer stops sending
+    requests before the instance stops accepting them.
+    """
+
+    requires_access_token = False
+
+    def get(self) -> None:
+        if self.settings.get("draining"):
+            raise ApiError(503, "Shutting down: this instance takes no new requests.", "server_error", code="draining")
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.finish(dumps({"status": "ready"}))
+
+    def error_body(self, status: int, message: str, error: dict) -> dict:
+        return {**super().error_body(status, message, error), "status": "draining"}
+
+
 routes = [
     (r"/usage", UsageHandler),
     (r"/healthz", HealthHandler),
+    (r"/readyz", ReadyHandler),
 ]

@@ -9,6 +9,8 @@ Fixtures:
 - ``proxy``: a ``ProxyClient`` for the running proxy; every response it returns
   has passed ``check_response`` (the invariants every response must hold).
 - ``secrets_in_use``: the recognisable secret values the tests send.
+- ``certificate``: (cert, key) paths of a throwaway certificate for 127.0.0.1, made by
+  deploy/nginx/make-cert.sh.
 
 Sync clients (requests, the openai SDK) run in a thread through
 ``proxy.in_thread(...)`` so that the servers keep running on the IOLoop.
@@ -20,6 +22,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import subprocess
 import time
 
 import pytest
@@ -29,6 +32,7 @@ from tornado.testing import bind_unused_port
 from chat_gpt_proxy.fake_openai import FakeOpenAI
 from server import make_app, make_server
 from settings import Settings
+from tests.procs import ROOT
 
 ACCESS_TOKEN = "acc-TESTACCESS-7f3a9c"
 OPENAI_KEY = "sk-TESTOPENAIKEY-5d2e8b1c"
@@ -102,6 +106,20 @@ def pytest_sessionfinish(session, exitstatus):
 @pytest.fixture
 def secrets_in_use():
     return SECRETS
+
+
+@pytest.fixture(scope="session")
+def certificate(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tls")
+    result = subprocess.run(
+        ["bash", "deploy/nginx/make-cert.sh", str(directory), "127.0.0.1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return str(directory / "chat_gpt_proxy.crt"), str(directory / "chat_gpt_proxy.key")
 
 
 @pytest.fixture

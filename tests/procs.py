@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -74,7 +77,8 @@ class ServerProcess:
         return self.proc.poll()
 
     def output(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         with open(self.log_path, encoding="utf-8", errors="replace") as f:
             return f.read()
 
@@ -83,3 +87,92 @@ class ServerProcess:
             self.proc.kill()
             self.proc.wait(10)
         self._log.close()
+
+
+NGINX_MAIN = """
+{user}
+worker_processes 1;
+daemon off;
+pid {temp}/nginx.pid;
+error_log {temp}/error.log {level};
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {temp}/body;
+    proxy_temp_path {temp}/proxy;
+    fastcgi_temp_path {temp}/fastcgi;
+    uwsgi_temp_path {temp}/uwsgi;
+    scgi_temp_path {temp}/scgi;
+    include {temp}/site.conf;
+}}
+"""
+
+UPSTREAM_SERVER_RE = re.compile(r"^\s*server 127\.0\.0\.1:\d+.*$", re.M)
+
+
+def example_site(listen_port: int, upstream_ports: list[int], certificate: tuple[str, str]) -> str:
+    """deploy/nginx/chat_gpt_proxy.conf on loopback: one upstream ``server`` line per port, with the
+    parameters of the file's own lines, and a throwaway certificate."""
+    with open(os.path.join(ROOT, "deploy/nginx/chat_gpt_proxy.conf")) as f:
+        site = f.read()
+    servers = UPSTREAM_SERVER_RE.findall(site)
+    assert servers, "no upstream server lines in the example config"
+    lines = [re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:%d" % port, servers[0]) for port in upstream_ports]
+    site = site.replace(servers[0], "\n".join(lines), 1)
+    for other in servers[1:]:
+        site = site.replace(other + "\n", "", 1)
+    site = site.replace("listen 443 ssl", "listen 127.0.0.1:%d ssl" % listen_port)
+    cert, key = certificate
+    site = site.replace("/etc/nginx/ssl/chat_gpt_proxy.crt", cert).replace("/etc/nginx/ssl/chat_gpt_proxy.key", key)
+    assert "listen 127.0.0.1:%d" % listen_port in site and cert in site
+    assert all("127.0.0.1:%d " % p in site for p in upstream_ports)
+    return site
+
+
+def nginx_binary() -> str:
+    return shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+class Nginx:
+    """Debian's nginx with a site config, in the foreground in ``temp``; checked with ``nginx -t`` first."""
+
+    def __init__(self, site: str, temp, port: int, level: str = "warn"):
+        self.temp, self.port, self.site = temp, port, site
+        os.makedirs(temp, exist_ok=True)
+        with open(os.path.join(temp, "site.conf"), "w") as f:
+            f.write(site)
+        user = "user root;" if os.geteuid() == 0 else ""
+        self.conf = os.path.join(temp, "nginx.conf")
+        with open(self.conf, "w") as f:
+            f.write(NGINX_MAIN.format(user=user, temp=temp, level=level))
+        check = subprocess.run(
+            [nginx_binary(), "-t", "-p", str(temp), "-c", self.conf], capture_output=True, text=True, timeout=30
+        )
+        assert check.returncode == 0, check.stderr
+        self.proc = subprocess.Popen([nginx_binary(), "-p", str(temp), "-c", self.conf])
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.stop()
+                    raise AssertionError("nginx did not start: " + self.error_log()) from None
+                time.sleep(0.05)
+
+    def error_log(self) -> str:
+        try:
+            with open(os.path.join(self.temp, "error.log")) as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import tornado.httpclient
 
 from chat_gpt_proxy.fake_openai import Behaviour
 from tests.conftest import ACCESS_TOKEN, AUTH, OPENAI_KEY
-from tests.procs import ROOT, ServerProcess, free_port
+from tests.procs import ROOT, Nginx, ServerProcess, example_site, free_port
 
 STREAM = {"prompt": "x", "generate_params": {"stream": True}}
 
@@ -175,63 +174,13 @@ def test_rebuild_mounts_the_tokens_files_directory(fake_docker, tmp_path):
     assert not any(c.startswith("run ") for c in calls)
 
 
-@pytest.fixture(scope="session")
-def certificate(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tls")
-    result = run(["bash", "deploy/nginx/make-cert.sh", str(directory), "127.0.0.1"])
-    assert result.returncode == 0, result.stderr
-    return str(directory / "chat_gpt_proxy.crt"), str(directory / "chat_gpt_proxy.key")
-
-
 @pytest.fixture
 def nginx_tls(tmp_path, certificate, http_port):
     """Debian's nginx with the project's site config, on a loopback port, in front of the test proxy."""
-    cert, key = certificate
-    with open(os.path.join(ROOT, "deploy/nginx/chat_gpt_proxy.conf")) as f:
-        site = f.read()
     port = free_port()
-    site = site.replace("listen 443 ssl", "listen 127.0.0.1:%d ssl" % port)
-    site = site.replace("127.0.0.1:9081", "127.0.0.1:%d" % http_port)
-    site = site.replace("/etc/nginx/ssl/chat_gpt_proxy.crt", cert).replace("/etc/nginx/ssl/chat_gpt_proxy.key", key)
-    assert str(port) in site and cert in site and str(http_port) in site
-    temp = tmp_path / "nginx"
-    temp.mkdir()
-    (temp / "site.conf").write_text(site)
-    user = "user root;" if os.geteuid() == 0 else ""
-    (temp / "nginx.conf").write_text(f"""
-{user}
-worker_processes 1;
-daemon off;
-pid {temp}/nginx.pid;
-error_log {temp}/error.log warn;
-events {{ worker_connections 256; }}
-http {{
-    access_log off;
-    client_body_temp_path {temp}/body;
-    proxy_temp_path {temp}/proxy;
-    fastcgi_temp_path {temp}/fastcgi;
-    uwsgi_temp_path {temp}/uwsgi;
-    scgi_temp_path {temp}/scgi;
-    include {temp}/site.conf;
-}}
-""")
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    check = subprocess.run(
-        [nginx, "-t", "-p", str(temp), "-c", str(temp / "nginx.conf")], capture_output=True, text=True
-    )
-    assert check.returncode == 0, check.stderr
-    proc = subprocess.Popen([nginx, "-p", str(temp), "-c", str(temp / "nginx.conf")])
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert time.monotonic() < deadline and proc.poll() is None, (temp / "error.log").read_text()
-            time.sleep(0.05)
+    nginx = Nginx(example_site(port, [http_port], certificate), tmp_path / "nginx", port)
     yield "https://127.0.0.1:%d" % port
-    proc.terminate()
-    proc.wait(10)
+    nginx.stop()
 
 
 async def fetch_tls(url, certificate, body, chunks=None):
