@@ -217,6 +217,17 @@ def _access_tokens(env: _Env, tokens_file: str) -> tuple[str, ...]:
     return () if tokens_file else (DEFAULT_ACCESS_TOKEN,)
 
 
+def _reject_constant(name: str):
+    raise ValueError("%s is not valid JSON" % name)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError("number out of range: %s" % text[:20])
+    return value
+
+
 def _mask(secret: str) -> str:
     return secret[:2] + "***" if len(secret) > 8 else "***"
 
@@ -287,8 +298,10 @@ class _Env:
         if value is None:
             return MappingProxyType({})
         try:
-            parsed = json.loads(value)
-        except ValueError as exc:
+            # As strict as a request body (handlers/base.py): NaN, Infinity and
+            # numbers that overflow a double would fail every request later.
+            parsed = json.loads(value, parse_constant=_reject_constant, parse_float=_finite_float)
+        except (ValueError, RecursionError) as exc:
             raise SettingsError(f"{name}: not valid JSON ({exc})") from None
         if not isinstance(parsed, dict):
             raise SettingsError(f"{name}: must be a JSON object, got {type(parsed).__name__}")

@@ -128,6 +128,13 @@ def escape_message(text: str) -> str:
     return "".join(c if c.isprintable() else _escape_char(c) for c in text)
 
 
+def model_label(model: str) -> str:
+    """The ``model`` label of proxy_tokens_total: the caller names the model, so it
+    is escaped as in the access log and cut to 100 characters. Only models the
+    upstream accepted and billed (an answer with ``usage``) ever become a label."""
+    return escape_field(model[:100])
+
+
 def escape_field(value: str) -> str:
     """One access-log value: one line, and one ``key=value`` field (spaces, ``=``, quotes escaped)."""
     value = value[:MAX_FIELD_CHARS]
@@ -300,7 +307,7 @@ def log_request(handler) -> None:
     if isinstance(model, str):
         for kind, count in (("prompt", prompt_tokens), ("completion", completion_tokens)):
             if count is not None:
-                metrics.tokens.labels(model, kind, token).inc(count)
+                metrics.tokens.labels(model_label(model), kind, token).inc(count)
     limited = getattr(handler, "limited", None)
     if limited:
         metrics.limited.labels(limited, token).inc()
@@ -349,5 +356,6 @@ def log_session(handler, session) -> None:
         return
     metrics.requests.labels(handler.route_name, "101", token).inc()
     if usage and isinstance(handler.model, str):
-        metrics.tokens.labels(handler.model, "prompt", token).inc(usage["input_tokens"])
-        metrics.tokens.labels(handler.model, "completion", token).inc(usage["output_tokens"])
+        model = model_label(handler.model)
+        metrics.tokens.labels(model, "prompt", token).inc(usage["input_tokens"])
+        metrics.tokens.labels(model, "completion", token).inc(usage["output_tokens"])

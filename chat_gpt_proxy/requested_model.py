@@ -157,6 +157,7 @@ def _from_multipart(body: bytes, boundary: str | None) -> RequestedModel:
     if not starts or starts[0] != 0:
         raise Undetermined("the multipart body does not start with its boundary")
     model_values: list[bytes] = []
+    nested_models: tuple[str, ...] = ()
     for index, start in enumerate(starts):
         after = start + len(delimiter)
         if start and body[start - 2 : start] != b"\r\n":
@@ -169,19 +170,30 @@ def _from_multipart(body: bytes, boundary: str | None) -> RequestedModel:
             raise Undetermined("the multipart body has a malformed boundary line")
         part = body[after + 2 : starts[index + 1] - 2]
         name, value, plain = _part(part)
-        if name.strip().lower() == "model":
+        field = name.strip().lower()
+        if field == "model":
             if not plain:
                 raise Undetermined("the multipart model field is a file or encoded")
             model_values.append(value)
+        elif field == "session" or (plain and value.lstrip()[:1] == b"{"):
+            # A JSON field can name a model too: POST /v1/realtime/calls sends
+            # the session, {"type": "realtime", "model": ...}, as a part.
+            if not plain:
+                raise Undetermined("the multipart session field is a file or encoded")
+            try:
+                nested_models += _from_json(value).models
+            except Undetermined:
+                if field == "session":
+                    raise Undetermined("the multipart session field is not a JSON object") from None
     if len(model_values) > 1:
         raise Undetermined("the multipart body has more than one model field")
     if not model_values:
-        return RequestedModel()
+        return RequestedModel(nested_models[0] if nested_models else None, nested_models)
     try:
         model = model_values[0].decode("utf-8")
     except UnicodeDecodeError:
         raise Undetermined("the multipart model field is not UTF-8") from None
-    return RequestedModel(model, (model,))
+    return RequestedModel(model, (model, *nested_models))
 
 
 def _part(part: bytes) -> tuple[str, bytes, bool]:

@@ -93,7 +93,9 @@ class ReadyHandler(BaseHandler):
         self.finish(dumps({"status": "ready"}))
 
     def error_body(self, status: int, message: str, error: dict) -> dict:
-        return {**super().error_body(status, message, error), "status": "draining"}
+        body = super().error_body(status, message, error)
+        # Only the 503 of a draining instance says so; a 405 (PUT /readyz) is no readiness answer.
+        return {**body, "status": "draining"} if status == 503 else body
 
 
 routes = [

@@ -158,7 +158,9 @@ class OpenAIHandler(OpenAIStyle, ProxyHandler):
         seen = set()
         for name, value in call.headers.get_all():
             lowered = name.lower()
-            if lowered in DROPPED_RESPONSE_HEADERS:
+            # CORS is this proxy's own policy (CORS_ALLOW_ORIGINS): the
+            # upstream's Access-Control-* headers never reach a browser.
+            if lowered in DROPPED_RESPONSE_HEADERS or lowered.startswith("access-control-"):
                 continue
             # The first value replaces ours (Content-Type, x-request-id); repeats add.
             (self.add_header if lowered in seen else self.set_header)(name, value)
@@ -224,6 +226,10 @@ class OpenAIHandler(OpenAIStyle, ProxyHandler):
                 self.usage = answer.get("usage")
 
     async def _relay_chunks(self, call) -> None:
+        # OpenAI sends its JSON answers chunked (no Content-Length): a copy of
+        # a small one is kept while it is relayed, for its token usage.
+        copy: list[bytes] | None = [] if "json" in call.headers.get("Content-Type", "") else None
+        copied = 0
         while True:
             try:
                 chunk = await call.read()
@@ -236,7 +242,15 @@ class OpenAIHandler(OpenAIStyle, ProxyHandler):
                 self.request.connection.close()
                 return
             if chunk is None:
+                if copy is not None:
+                    self.note_usage(call, b"".join(copy))
                 return
+            if copy is not None:
+                copied += len(chunk)
+                if copied > USAGE_PARSE_LIMIT:
+                    copy = None
+                else:
+                    copy.append(chunk)
             self.write(chunk)
             if not await self.flush_or_abort():
                 return

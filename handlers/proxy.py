@@ -46,10 +46,15 @@ def without_content(status: int, method: str) -> bool:
 
 
 def last_event_end(data: bytes) -> int:
-    """Index just past the last complete SSE event in ``data`` (0 if none)."""
+    """Index just past the last complete SSE event in ``data`` (0 if none).
+
+    An event ends with a blank line; lines end in LF, CRLF or a lone CR
+    (WHATWG HTML, "Server-sent events", 9.2.4), so LF LF, CRLF CRLF and CR CR.
+    """
     lf = data.rfind(b"\n\n")
     crlf = data.rfind(b"\r\n\r\n")
-    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+    cr = data.rfind(b"\r\r")
+    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0, cr + 2 if cr >= 0 else 0)
 
 
 def error_event(exc: UpstreamError) -> bytes:

@@ -47,6 +47,11 @@ def chat_json(**fields) -> bytes:
 # Each is a request the upstream could read with a model other than the one
 # the proxy checked (or with none checked): (path, body, headers).
 UNDETERMINED = {
+    "a realtime call's session part that is not JSON": (
+        "/v1/realtime/calls",
+        multipart(('name="sdp"', "v=0"), ('name="session"', "type=realtime model=gpt-realtime")),
+        {"Content-Type": MULTIPART},
+    ),
     "multipart with two model fields": (
         "/v1/audio/transcriptions",
         multipart(('name="model"', "gpt-4o-mini"), ('name="model"', "gpt-4o")),
@@ -127,6 +132,11 @@ UNDETERMINED = {
 
 # Requests whose model is certain, and not allowed.
 NOT_ALLOWED = {
+    "model in the session part of a realtime call": (
+        "/v1/realtime/calls",
+        multipart(('name="sdp"', "v=0"), ('name="session"', '{"type": "realtime", "model": "gpt-realtime"}')),
+        {"Content-Type": MULTIPART},
+    ),
     "Multipart/Form-Data in other letter case": (
         "/v1/audio/transcriptions",
         multipart(('name="model"', "gpt-4o")),

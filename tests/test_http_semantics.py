@@ -183,3 +183,27 @@ def test_cors_allow_origins_setting():
     for bad in ("app.example.com", "https://app.example.com/path", "ftp://x.example", "https://a b"):
         with pytest.raises(SettingsError, match="^CORS_ALLOW_ORIGINS: "):
             Settings.from_env({"CORS_ALLOW_ORIGINS": bad})
+
+
+UPSTREAM_CORS_ANSWER = (
+    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nAccess-Control-Allow-Origin: *\r\n"
+    "Access-Control-Allow-Credentials: true\r\nAccess-Control-Expose-Headers: *\r\nContent-Length: 2\r\n\r\n{}"
+)
+
+
+@pytest.mark.parametrize("origins", [(), (ORIGIN,)])
+@pytest.mark.gen_test
+async def test_the_upstreams_cors_headers_never_reach_the_browser(proxy, fake_openai, app, origins):
+    """CORS is the proxy's own policy: OpenAI's Access-Control-* headers are not relayed on /v1/*."""
+    app.settings["cors"] = CorsPolicy(origins)
+    fake_openai.push(Behaviour(kind="raw", raw=UPSTREAM_CORS_ANSWER))
+    response = await proxy.request(
+        "/v1/raw/x", method="GET", headers={"Origin": ORIGIN, "Authorization": "Bearer sk-x"}
+    )
+    assert response.code == 200 and response.body == b"{}"
+    cors = {name.lower(): value for name, value in response.headers.get_all() if name.lower().startswith("access-")}
+    if origins:
+        assert response.headers.get_list("Access-Control-Allow-Origin") == [ORIGIN]
+        assert "access-control-allow-credentials" not in cors and cors["access-control-expose-headers"] != "*"
+    else:
+        assert cors == {}

@@ -152,3 +152,23 @@ async def test_upstream_failing_inside_a_large_event_ends_it_before_the_error_ev
     assert json.loads(datas[2])["error"]["code"] == "upstream_broken"
     assert datas[3:] == ["[DONE]"]
     assert b": keep-alive" not in raw
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_events_ending_in_lone_cr_are_relayed_as_they_arrive(http_server, base_url, raw_upstream):
+    """SSE lines may end in a lone CR (WHATWG HTML, server-sent events): each event still goes out at once."""
+    gap = 0.6
+    events = [chunk_event("w%d" % i).replace(b"\n", b"\r") for i in range(3)]
+    raw_upstream.script = [events[0], gap, events[1], gap, events[2], b"data: [DONE]\r\r"]
+    arrivals: list[tuple[float, bytes]] = []
+    async with (
+        httpx.AsyncClient(timeout=30) as client,
+        client.stream("POST", base_url + "/v1/chat/completions", json=SURFACES["v1"][1], headers=HEADERS["v1"]) as r,
+    ):
+        async for data in r.aiter_raw():
+            arrivals.append((asyncio.get_running_loop().time(), data))
+    raw = b"".join(data for _, data in arrivals)
+    assert raw.replace(b": keep-alive\n\n", b"") == b"".join(events) + b"data: [DONE]\r\r"
+    # Each event arrived on its own, the gaps between them kept (generous margin).
+    times = [next(t for t, data in arrivals if b'"w%d"' % i in data) for i in range(3)]
+    assert times[1] - times[0] > gap * 0.5 and times[2] - times[1] > gap * 0.5

@@ -237,6 +237,8 @@ async def test_rolling_restart_of_three_instances_behind_nginx_loses_nothing(
         nginx = start_nginx([s.port for s in instances])
         fail_timeout = float(re.search(r"fail_timeout=(\d+)s", nginx.site).group(1))
         outcomes = []
+        # When each stream now in flight began (by request number).
+        streaming: dict[int, float] = {}
         stop = False
         deadline = time.monotonic() + 90
 
@@ -246,7 +248,10 @@ async def test_rolling_restart_of_three_instances_behind_nginx_loses_nothing(
                 n = w
                 while not stop and time.monotonic() < deadline and n < 20000:
                     started = time.monotonic()
+                    if n % 2 == 1:
+                        streaming[n] = started
                     kind, ok, detail = await one_request(client, nginx.url, certificate, n)
+                    streaming.pop(n, None)
                     outcomes.append((kind, ok, started, time.monotonic(), detail))
                     n += 6
                     await asyncio.sleep(0.02)
@@ -264,6 +269,13 @@ async def test_rolling_restart_of_three_instances_behind_nginx_loses_nothing(
         await completed(30)
         signalled = []
         for i, old in enumerate(list(instances)):
+            # Signal only while a stream is well under way (it lasts about 0.8 s),
+            # so that each restart really cuts across one; on a loaded machine
+            # the workers may all be between requests at any given instant.
+            limit = time.monotonic() + 20
+            while not any(time.monotonic() - t > 0.2 for t in streaming.values()):
+                assert time.monotonic() < limit, "no stream in flight to restart across"
+                await asyncio.sleep(0.01)
             signalled.append(time.monotonic())
             old.signal(signal.SIGTERM)
             assert await old.wait_exit(30) == 0, old.output()

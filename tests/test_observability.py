@@ -422,6 +422,19 @@ async def test_v1_json_answers_record_token_usage(proxy, fake_openai, caplog):
 
 
 @pytest.mark.gen_test
+async def test_v1_chunked_json_answers_record_token_usage(proxy, app, caplog):
+    """OpenAI sends its JSON answers with Transfer-Encoding: chunked, not Content-Length."""
+    answer = b'{"object": "chat.completion", "choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 7}}'
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (answer[:40], answer[40:])) + b"0\r\n\r\n"
+    async with canned_upstream(app, head + chunked):
+        response = await proxy.request("/v1/chat/completions", json_body={"model": "gpt-4o-mini", "messages": []})
+    assert response.code == 200 and response.body == answer
+    [line] = access_lines(caplog)
+    assert (fields(line)["prompt_tokens"], fields(line)["completion_tokens"]) == ("11", "7")
+
+
+@pytest.mark.gen_test
 async def test_v1_responses_api_usage_is_recorded(proxy, app, caplog):
     """The Responses API names its counts input_tokens and output_tokens."""
     answer = b'{"object": "response", "output": [], "usage": {"input_tokens": 5, "output_tokens": 7}}'
@@ -439,3 +452,17 @@ def test_token_counts_of_every_usage_shape():
     assert token_counts({"input_tokens": 5, "output_tokens": 7}) == (5, 7)  # Responses API
     for junk in (None, [], "9", {"prompt_tokens": "9\r\nx", "completion_tokens": True}, {"prompt_tokens": -1}):
         assert token_counts(junk) == (None, None)
+
+
+@pytest.mark.gen_test
+async def test_the_model_label_is_escaped_and_bounded(proxy, fake_openai):
+    """The caller names the model: on /metrics it stays one escaped line of at most 100 characters."""
+    model = "m\r\n\u2028" + "x" * 300
+    response = await proxy.request(
+        "/v1/chat/completions", json_body={"model": model, "messages": [{"role": "user", "content": "hi"}]}
+    )
+    assert response.code == 200
+    lines = [line for line in (await metrics_text(proxy)).splitlines() if line.startswith("proxy_tokens_total{")]
+    [label] = {re.search(r'model="([^"]*)"', line).group(1) for line in lines}
+    # The escaped value; the text format doubles each backslash.
+    assert label.startswith(r"m\\x0d\\x0a\\u2028x") and len(label) < 130 and "\r" not in label

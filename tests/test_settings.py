@@ -77,6 +77,9 @@ def test_base_url_trailing_slash_and_default_params():
         ("DEFAULT_GENERATE_PARAMS", '{"stream": "yes"}'),
         ("DEFAULT_GENERATE_PARAMS", '{"model": ""}'),
         ("DEFAULT_GENERATE_PARAMS", '{"model_name": 5}'),
+        # As strict as a request body: these would fail every request with a 500.
+        ("DEFAULT_GENERATE_PARAMS", '{"temperature": NaN}'),
+        ("DEFAULT_GENERATE_PARAMS", '{"max_tokens": 1e999}'),
         ("DEFAULT_GENERATE_PARAMS", '{"model": "gpt-4o", "model_name": "gpt-4o-mini"}'),
         ("WS_MAX_MESSAGE_BYTES", "10"),
         ("WS_PING_INTERVAL", "-1"),
