@@ -179,6 +179,9 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
                 open_timeout=self.config.connect_timeout,
                 max_size=self.config.ws_max_message_bytes,
                 ping_interval=self.config.ws_ping_interval,
+                # The egress proxy and CA of the HTTP routes apply to this leg too (issue 11).
+                proxy=self.config.upstream_egress,
+                ca_file=self.config.upstream_ca_file,
             )
         except UpstreamRefused as exc:
             try:
@@ -188,7 +191,8 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
             raise mirrored_error(exc.status, answer, exc.headers) from None
         except UpstreamError as exc:
             self.upstream_failure = exc.kind
-            log.warning("upstream fault request_id=%s kind=%s", self.request_id, exc.kind)
+            detail = " " + exc.detail if exc.detail else ""
+            log.warning("upstream fault request_id=%s kind=%s%s", self.request_id, exc.kind, detail)
             raise ApiError.from_upstream(exc) from None
         self.upstream_ms = round((time.monotonic() - opened) * 1000, 2)
         if self.client_gone:
