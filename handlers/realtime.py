@@ -109,10 +109,14 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
         return True
 
     def presented_access_token(self) -> str:
-        header = super().presented_access_token()
-        if header:
-            return header
-        return self._from_subprotocol(ACCESS_TOKEN_PROTOCOL)
+        # The header, else the subprotocol form, and only then the bearer as
+        # the access token (an SDK given only base_url and api_key): a client
+        # may send its own key as the bearer and the token as a subprotocol.
+        if "access-token" not in self.request.headers:
+            token = self._from_subprotocol(ACCESS_TOKEN_PROTOCOL)
+            if token:
+                return token
+        return super().presented_access_token()
 
     def presented_key(self) -> str:
         return super().presented_key() or self._from_subprotocol(API_KEY_PROTOCOL)
@@ -134,7 +138,9 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
 
     async def prepare(self) -> None:
         headers = self.request.headers
-        if headers.get("Upgrade", "").lower() != "websocket":
+        connection = {item.strip().lower() for item in headers.get("Connection", "").split(",")}
+        # Tornado checks "Connection: Upgrade" only after prepare(), with a text answer.
+        if headers.get("Upgrade", "").lower() != "websocket" or "upgrade" not in connection:
             raise ApiError(
                 400,
                 "/v1/realtime is a WebSocket: open it with a WebSocket client (see the README, Realtime).",

@@ -366,6 +366,21 @@ async def test_refusals_before_the_upgrade(proxy, fake_openai, base_url):
         assert json.loads(await ws.recv())["type"] == "session.created"
 
 
+@pytest.mark.gen_test(timeout=20)
+async def test_upgrade_without_connection_upgrade_is_refused_before_the_upstream(proxy, fake_openai):
+    """RFC 6455 section 4.1: a handshake needs "Connection: Upgrade"; without it, a JSON 400 and no upstream session."""
+    headers = {
+        **HEADERS,
+        "Upgrade": "websocket",
+        "Connection": "keep-alive",
+        "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(),
+    }
+    response = await proxy.request("/v1/realtime?model=gpt-realtime", method="GET", headers=headers, auth=False)
+    assert response.code == 400 and json.loads(response.body)["error"]["code"] == "websocket_required"
+    assert fake_openai.realtime_sessions == []
+
+
 @pytest.mark.settings(connect_timeout=0.5)
 @pytest.mark.gen_test(timeout=20)
 async def test_slow_upstream_handshake_is_504(proxy, fake_openai, base_url):

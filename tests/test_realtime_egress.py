@@ -287,3 +287,21 @@ async def test_proxy_from_the_environment_applies_to_the_relay(fake_openai, serv
             assert json.loads(await ws.recv())["type"] == "session.created"
         await sessions_end(app)
     assert server.connections() == 1 and len(fake_openai.realtime_sessions) == 2
+
+
+@pytest.mark.parametrize("fake_openai", ["https"], indirect=True)
+@pytest.mark.gen_test(timeout=30)
+async def test_direct_wss_upstream_trusted_via_the_private_ca(config, fake_openai, tls_files, caplog):
+    settings = dataclasses.replace(config, upstream_ca_file=tls_files["ca.pem"])
+    async with serving(settings) as (client, app):
+        async with websockets.connect(ws_url(client), additional_headers=HEADERS, open_timeout=15) as ws:
+            assert json.loads(await ws.recv())["type"] == "session.created"
+        await sessions_end(app)
+    # Without the CA file the same upstream is refused, never trusted blindly.
+    async with serving(dataclasses.replace(settings, upstream_ca_file="")) as (client, _):
+        status, body = await refusal(client)
+    assert status == 502 and body["error"]["code"] == "upstream_tls"
+    assert "UPSTREAM_CA_FILE" in body["error"]["message"]
+    lines = warnings(caplog)
+    assert len(lines) == 1 and "kind=tls" in lines[0], lines
+    assert len(fake_openai.realtime_sessions) == 1
