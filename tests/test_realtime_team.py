@@ -235,3 +235,26 @@ async def test_token_name_in_the_access_line_and_metrics(proxy, fake_openai, bas
     for text in (caplog.text, metrics):
         for secret in NAMED:
             assert secret not in text
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_max_concurrent_released_when_the_upstream_ends_the_session(proxy, fake_openai, base_url):
+    fake_openai.push_realtime(RealtimeBehaviour(kind="close", code=4002, reason="session expired", after=1))
+    headers = {"access-token": CAROL, "Authorization": "Bearer " + OPENAI_KEY}
+    async with connect(base_url, headers=headers) as ws:
+        await opened(ws)
+        await ws.send("{}")
+        await ws.wait_closed()
+    assert ws.close_code == 4002
+    await admitted_again(base_url, headers)
+
+
+@pytest.mark.settings(stream_idle_timeout=0.3)
+@pytest.mark.gen_test(timeout=30)
+async def test_max_concurrent_released_when_an_idle_session_times_out(proxy, fake_openai, base_url):
+    headers = {"access-token": CAROL, "Authorization": "Bearer " + OPENAI_KEY}
+    async with connect(base_url, headers=headers) as ws:
+        await opened(ws)
+        await asyncio.wait_for(ws.wait_closed(), 5)
+    assert ws.close_code == 1001
+    await admitted_again(base_url, headers)
