@@ -3,11 +3,10 @@
 The client side is Tornado's ``WebSocketHandler`` (handlers/realtime.py). The
 upstream side is the ``websockets`` library's asyncio client (the one the
 official ``openai`` SDK uses), because Tornado's ``websocket_connect`` cannot go
-through an egress proxy. ``connect_upstream`` takes ``proxy`` and ``ca_file``,
-so UPSTREAM_PROXY / UPSTREAM_CA_FILE need only be passed in: ``http://``
-proxies are tunnelled here (CONNECT, credentials from the URL; tested with
-tinyproxy), any other scheme is left to websockets (``https://`` proxies;
-``socks5://`` ones only with python-socks installed, which is not pinned yet).
+through an egress proxy. ``connect_upstream`` takes the egress proxy
+(UPSTREAM_PROXY or the environment's, issue 11) and UPSTREAM_CA_FILE; the
+tunnel through the proxy (http, https, socks5, socks5h) is opened by
+chat_gpt_proxy/tunnel.py and handed to websockets.
 
 ``RealtimeSession`` relays one session:
 
@@ -29,13 +28,10 @@ tinyproxy), any other scheme is left to websockets (``https://`` proxies;
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
-import socket
 import ssl
 import time
-import urllib.parse
 
 from tornado.httputil import HTTPHeaders
 from tornado.ioloop import IOLoop
@@ -46,6 +42,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketExce
 from websockets.protocol import State
 from websockets.uri import parse_uri
 
+from .egress import EgressProxy
+from .tunnel import open_tunnel
 from .upstream import USER_AGENT, UpstreamError
 
 log = logging.getLogger("chat_gpt_proxy")
@@ -75,11 +73,41 @@ class UpstreamRefused(Exception):
         self.body = body
 
 
-class _NoRedirectConnect(_connect):
+class _UpstreamConnect(_connect):
+    """websockets' ``connect``, never following a redirect, over a tunnel through the egress proxy if given."""
+
+    def __init__(self, uri: str, *, egress: EgressProxy | None, ca_file: str, **kwargs):
+        # proxy=None: websockets would otherwise read the proxy variables of
+        # the environment by itself; the egress proxy was decided at startup.
+        super().__init__(uri, proxy=None, **kwargs)
+        self.egress = egress
+        self.ca_file = ca_file
+
     # A redirect would send the caller's key to wherever the upstream points:
     # never follow one; the client gets the 3xx status like any refusal.
     def process_redirect(self, exc: Exception) -> Exception:
         return exc
+
+    async def create_connection(self) -> ClientConnection:
+        if self.egress is None:
+            return await super().create_connection()
+        # As websockets itself does for its HTTP proxies (asyncio/client.py),
+        # with our tunnel: the connection's protocol on the tunnel's transport,
+        # TLS to the upstream started inside it for wss://.
+        ws_uri = parse_uri(self.uri)
+        transport = await open_tunnel(self.egress, ws_uri.host, ws_uri.port, self.ca_file)
+        connection = self.protocol_factory(ws_uri)
+        transport.set_protocol(connection)
+        if ws_uri.secure:
+            # On failure start_tls closes the tunnel itself.
+            transport = await asyncio.get_running_loop().start_tls(
+                transport, connection, self.connection_kwargs["ssl"], server_hostname=ws_uri.host
+            )
+            connection.connection_made(transport)
+        else:
+            connection.connection_made(transport)
+            transport.resume_reading()
+        return connection
 
 
 async def connect_upstream(
@@ -90,41 +118,39 @@ async def connect_upstream(
     open_timeout: float,
     max_size: int,
     ping_interval: float | None,
-    proxy: str | None = None,
-    ca_file: str | None = None,
+    proxy: EgressProxy | None = None,
+    ca_file: str = "",
 ) -> ClientConnection:
     """Open the upstream WebSocket; raises ``UpstreamRefused`` or ``UpstreamError``.
 
-    ``proxy``: ``None`` connects directly; a URL sends the connection through
-    that proxy. ``ca_file``: the CA bundle that verifies a ``wss://`` upstream.
+    ``proxy``: ``None`` connects directly; an ``EgressProxy`` (the settings'
+    ``upstream_egress``) sends the connection through it. ``ca_file``
+    (UPSTREAM_CA_FILE): the CA bundle that verifies a ``wss://`` upstream and
+    an ``https://`` proxy, as on the HTTP path; empty: the system's CAs.
     """
     kwargs = {}
-    if ca_file and url.startswith("wss://"):
-        kwargs["ssl"] = ssl.create_default_context(cafile=ca_file)
-    if proxy is not None and proxy.startswith("http://"):
-        # websockets 15 tunnels through HTTP proxies itself, but its strict
-        # parser refuses a CONNECT answered with "HTTP/1.0 200" (tinyproxy's
-        # answer), so the tunnel is opened here and handed over as a socket.
-        kwargs["sock"] = await _http_tunnel(proxy, url, open_timeout)
-        proxy = None
+    if url.startswith("wss://"):
+        kwargs["ssl"] = ssl.create_default_context(cafile=ca_file or None)
+    connect = _UpstreamConnect(
+        url,
+        egress=proxy,
+        ca_file=ca_file,
+        additional_headers=headers,
+        subprotocols=subprotocols or None,
+        user_agent_header=USER_AGENT,
+        # Messages are relayed as they are; compressing them again costs CPU for nothing.
+        compression=None,
+        open_timeout=open_timeout,
+        max_size=max_size,
+        max_queue=UPSTREAM_QUEUE,
+        ping_interval=ping_interval or None,
+        ping_timeout=ping_interval or None,
+        close_timeout=CLOSE_TIMEOUT,
+        logger=wire_log,
+        **kwargs,
+    )
     try:
-        return await _NoRedirectConnect(
-            url,
-            additional_headers=headers,
-            subprotocols=subprotocols or None,
-            user_agent_header=USER_AGENT,
-            # Messages are relayed as they are; compressing them again costs CPU for nothing.
-            compression=None,
-            proxy=proxy,
-            open_timeout=open_timeout,
-            max_size=max_size,
-            max_queue=UPSTREAM_QUEUE,
-            ping_interval=ping_interval or None,
-            ping_timeout=ping_interval or None,
-            close_timeout=CLOSE_TIMEOUT,
-            logger=wire_log,
-            **kwargs,
-        )
+        return await connect
     except InvalidStatus as exc:
         response = exc.response
         relayed = HTTPHeaders()
@@ -133,57 +159,16 @@ async def connect_upstream(
         raise UpstreamRefused(response.status_code, relayed, response.body or b"") from None
     except TimeoutError:
         raise UpstreamError("timeout", "the upstream did not accept the WebSocket in time") from None
+    except ssl.SSLCertVerificationError as exc:
+        raise UpstreamError(
+            "tls",
+            "the upstream's TLS certificate could not be verified: check OPENAI_BASE_URL and UPSTREAM_CA_FILE",
+            detail="error=%r" % exc.verify_message,
+        ) from None
     except OSError:
         raise UpstreamError("connect", "could not connect to the upstream") from None
     except (WebSocketException, EOFError, ValueError):
         raise UpstreamError("broken", "the upstream's WebSocket handshake failed") from None
-
-
-async def _http_tunnel(proxy: str, url: str, timeout: float) -> socket.socket:
-    """A TCP connection to ``url``'s host through an HTTP proxy's CONNECT (RFC 9110 section 9.3.6)."""
-    target = parse_uri(url)
-    parts = urllib.parse.urlsplit(proxy)
-    authority = "%s:%d" % ("[%s]" % target.host if ":" in target.host else target.host, target.port)
-    request = "CONNECT %s HTTP/1.1\r\nHost: %s\r\n" % (authority, authority)
-    if parts.username is not None:
-        credentials = "%s:%s" % (urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.password or ""))
-        request += "Proxy-Authorization: Basic %s\r\n" % base64.b64encode(credentials.encode()).decode()
-    loop = asyncio.get_running_loop()
-    sock = None
-    try:
-        async with asyncio.timeout(timeout):
-            infos = await loop.getaddrinfo(parts.hostname, parts.port or 80, type=socket.SOCK_STREAM)
-            family, type_, proto, _, address = infos[0]
-            sock = socket.socket(family, type_, proto)
-            sock.setblocking(False)
-            await loop.sock_connect(sock, address)
-            await loop.sock_sendall(sock, (request + "\r\n").encode())
-            head = b""
-            # Byte by byte, so that nothing after the proxy's answer is consumed.
-            while not head.endswith(b"\r\n\r\n"):
-                byte = await loop.sock_recv(sock, 1)
-                if not byte or len(head) > 16384:
-                    raise UpstreamError("connect", "the egress proxy closed the tunnel")
-                head += byte
-    except TimeoutError:
-        _close(sock)
-        raise UpstreamError("timeout", "the egress proxy did not open the tunnel in time") from None
-    except OSError:
-        _close(sock)
-        raise UpstreamError("connect", "could not connect to the egress proxy") from None
-    except UpstreamError:
-        _close(sock)
-        raise
-    status = head.split(b" ", 2)[1] if head.startswith(b"HTTP/1.") else b""
-    if not (status.isdigit() and 200 <= int(status) < 300):
-        _close(sock)
-        raise UpstreamError("connect", "the egress proxy refused the tunnel (%s)" % status.decode("latin-1")[:3])
-    return sock
-
-
-def _close(sock: socket.socket | None) -> None:
-    if sock is not None:
-        sock.close()
 
 
 # Close codes an endpoint may send (RFC 6455 section 7.4, IANA registry).

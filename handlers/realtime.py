@@ -109,10 +109,14 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
         return True
 
     def presented_access_token(self) -> str:
-        header = super().presented_access_token()
-        if header:
-            return header
-        return self._from_subprotocol(ACCESS_TOKEN_PROTOCOL)
+        # The header, else the subprotocol form, and only then the bearer as
+        # the access token (an SDK given only base_url and api_key): a client
+        # may send its own key as the bearer and the token as a subprotocol.
+        if "access-token" not in self.request.headers:
+            token = self._from_subprotocol(ACCESS_TOKEN_PROTOCOL)
+            if token:
+                return token
+        return super().presented_access_token()
 
     def presented_key(self) -> str:
         return super().presented_key() or self._from_subprotocol(API_KEY_PROTOCOL)
@@ -134,7 +138,9 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
 
     async def prepare(self) -> None:
         headers = self.request.headers
-        if headers.get("Upgrade", "").lower() != "websocket":
+        connection = {item.strip().lower() for item in headers.get("Connection", "").split(",")}
+        # Tornado checks "Connection: Upgrade" only after prepare(), with a text answer.
+        if headers.get("Upgrade", "").lower() != "websocket" or "upgrade" not in connection:
             raise ApiError(
                 400,
                 "/v1/realtime is a WebSocket: open it with a WebSocket client (see the README, Realtime).",
@@ -179,6 +185,9 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
                 open_timeout=self.config.connect_timeout,
                 max_size=self.config.ws_max_message_bytes,
                 ping_interval=self.config.ws_ping_interval,
+                # The egress proxy and CA of the HTTP routes apply to this leg too (issue 11).
+                proxy=self.config.upstream_egress,
+                ca_file=self.config.upstream_ca_file,
             )
         except UpstreamRefused as exc:
             try:
@@ -188,7 +197,8 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
             raise mirrored_error(exc.status, answer, exc.headers) from None
         except UpstreamError as exc:
             self.upstream_failure = exc.kind
-            log.warning("upstream fault request_id=%s kind=%s", self.request_id, exc.kind)
+            detail = " " + exc.detail if exc.detail else ""
+            log.warning("upstream fault request_id=%s kind=%s%s", self.request_id, exc.kind, detail)
             raise ApiError.from_upstream(exc) from None
         self.upstream_ms = round((time.monotonic() - opened) * 1000, 2)
         if self.client_gone:

@@ -12,7 +12,6 @@ import io
 import json
 import logging
 import os
-import subprocess
 import time
 
 import openai
@@ -21,11 +20,8 @@ import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from chat_gpt_proxy.fake_openai import RealtimeBehaviour
-from chat_gpt_proxy.realtime import connect_upstream
-from chat_gpt_proxy.upstream import UpstreamError
 from server import drain
 from tests.conftest import ACCESS_TOKEN, OPENAI_KEY
-from tests.procs import free_port
 from tests.test_readme import localize, snippet
 
 # The test clients' own handshake trace (their access-token and Authorization
@@ -33,7 +29,6 @@ from tests.test_readme import localize, snippet
 # chat_gpt_proxy.realtime.wire, which stays quiet at DEBUG by itself.
 logging.getLogger("websockets.client").setLevel(logging.WARNING)
 
-PROXY_PASSWORD = "rt-proxy-pass-5e1"
 HEADERS = {"access-token": ACCESS_TOKEN, "Authorization": "Bearer " + OPENAI_KEY}
 
 
@@ -371,6 +366,21 @@ async def test_refusals_before_the_upgrade(proxy, fake_openai, base_url):
         assert json.loads(await ws.recv())["type"] == "session.created"
 
 
+@pytest.mark.gen_test(timeout=20)
+async def test_upgrade_without_connection_upgrade_is_refused_before_the_upstream(proxy, fake_openai):
+    """RFC 6455 section 4.1: a handshake needs "Connection: Upgrade"; without it, a JSON 400 and no upstream session."""
+    headers = {
+        **HEADERS,
+        "Upgrade": "websocket",
+        "Connection": "keep-alive",
+        "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(),
+    }
+    response = await proxy.request("/v1/realtime?model=gpt-realtime", method="GET", headers=headers, auth=False)
+    assert response.code == 400 and json.loads(response.body)["error"]["code"] == "websocket_required"
+    assert fake_openai.realtime_sessions == []
+
+
 @pytest.mark.settings(connect_timeout=0.5)
 @pytest.mark.gen_test(timeout=20)
 async def test_slow_upstream_handshake_is_504(proxy, fake_openai, base_url):
@@ -585,44 +595,3 @@ async def test_realtime_http_routes_pass_through(proxy, fake_openai, base_url):
         ("/v1/realtime/calls", "multipart/form-data"),
     ]
     await client.close()
-
-
-@pytest.fixture
-def tinyproxy(tmp_path):
-    """Debian's tinyproxy (an HTTP CONNECT proxy, with a password) on a loopback port."""
-    port = free_port()
-    conf = tmp_path / "tinyproxy.conf"
-    conf.write_text(
-        "Port %d\nListen 127.0.0.1\nTimeout 30\nAllow 127.0.0.1\nLogLevel Error\nMaxClients 20\n"
-        "BasicAuth rtproxy %s\n" % (port, PROXY_PASSWORD)
-    )
-    proc = subprocess.Popen(["tinyproxy", "-d", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        yield port
-    finally:
-        proc.kill()
-        proc.wait(10)
-
-
-@pytest.mark.gen_test(timeout=20)
-async def test_upstream_connection_goes_through_a_given_proxy(proxy, fake_openai, tinyproxy):
-    """connect_upstream takes the egress proxy (for UPSTREAM_PROXY): here through tinyproxy's CONNECT."""
-    url = "ws" + fake_openai.url[len("http") :] + "/realtime?model=gpt-realtime"
-    headers = {"Authorization": "Bearer " + OPENAI_KEY}
-    options = dict(open_timeout=5, max_size=1 << 20, ping_interval=None)
-    via = "http://rtproxy:%s@127.0.0.1:%d" % (PROXY_PASSWORD, tinyproxy)
-    for _ in range(50):  # until tinyproxy listens
-        try:
-            upstream = await connect_upstream(url, headers, [], proxy=via, **options)
-            break
-        except UpstreamError:
-            await asyncio.sleep(0.1)
-    assert json.loads(await upstream.recv())["type"] == "session.created"
-    await upstream.close()
-    with pytest.raises(UpstreamError) as info:
-        await connect_upstream(url, headers, [], proxy="http://rtproxy:wrong@127.0.0.1:%d" % tinyproxy, **options)
-    assert info.value.kind == "connect" and "refused the tunnel (401)" in info.value.message
-    # A proxy that is not there: the connection fails, although the upstream itself is reachable.
-    with pytest.raises(UpstreamError) as info:
-        await connect_upstream(url, headers, [], proxy="http://127.0.0.1:%d" % free_port(), **options)
-    assert info.value.kind == "connect"
