@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from urllib.parse import parse_qsl
 
 import tornado.web
 from tornado.websocket import WebSocketHandler, WebSocketProtocol13
@@ -159,9 +160,21 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
             raise ApiError(400, "Malformed Sec-WebSocket-Protocol header.", code="invalid_subprotocol")
         self.check_access_token()
         key = self.openai_key()
-        model = self.get_query_argument("model", None)
-        self.model = model
-        check_model_allowed(self.allowed_models(), model)
+        # "model" in any letter case and spelling an upstream might accept
+        # (";" separators too), as on /v1/* (issue 10).
+        pairs = parse_qsl(self.request.query.replace(";", "&"), keep_blank_values=True)
+        models = [value for name, value in pairs if name.strip().lower() == "model"]
+        self.model = models[0] if models else None
+        allowed = self.allowed_models()
+        if allowed and (len(models) != 1 or ("model", models[0]) not in pairs):
+            # Without exactly one plain model=, the upstream would pick a model we did not check.
+            raise ApiError(
+                400,
+                "ALLOWED_MODELS (or the token's allowed_models) is in force: name the model once, as ?model=<model>.",
+                "invalid_request_error",
+                "model_undetermined",
+            )
+        check_model_allowed(allowed, self.model)
         url = upstream_url(self.config.openai_base_url, "realtime", self.request.query)
         if url is None:
             raise ApiError(400, "Invalid query string.", "invalid_request_error", "invalid_path")

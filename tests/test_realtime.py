@@ -355,6 +355,10 @@ async def test_refusals_before_the_upgrade(proxy, fake_openai, base_url):
     assert status == 401 and body["error"]["code"] == "missing_api_key"
     status, body, _ = await refusal(base_url, query="?model=gpt-4o-realtime-expensive")
     assert status == 403 and body["error"]["code"] == "model_not_allowed"
+    # Under an allow-list the model must be named once, plainly: the upstream would choose otherwise.
+    for query in ("", "?Model=gpt-4o-realtime-expensive", "?model=gpt-realtime&model=gpt-4o-realtime-expensive"):
+        status, body, _ = await refusal(base_url, query=query)
+        assert status == 400 and body["error"]["code"] == "model_undetermined", query
     assert fake_openai.realtime_sessions == []
     # The upstream's refusal: same status, same body, its request id.
     for code in (401, 403, 404, 429):
