@@ -11,14 +11,15 @@ WORKDIR /app
 # changes. pycurl's wheel carries its own libcurl, so no compiler is needed.
 COPY requirements.txt .
 RUN pip install --no-cache-dir -r requirements.txt \
-    && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin proxy
+    && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin chatgptproxy
 
 COPY server.py settings.py ./
 COPY handlers/ handlers/
 COPY chat_gpt_proxy/ chat_gpt_proxy/
 COPY static/ static/
 
-# Numeric, so the runtime need not resolve the name (user "proxy" above).
+# Numeric, so the runtime need not resolve the name (user "chatgptproxy" above;
+# not "proxy", which every Debian image already has as uid 13).
 USER 10001
 EXPOSE 9081
 

@@ -413,5 +413,16 @@ class RealtimeSession:
             self._loop.remove_timeout(self._timer)
             self._timer = None
         if self.metrics is not None:
-            self.metrics.realtime_closes.labels(self.closed_by or "client", str(self.close_code)).inc()
+            self.metrics.realtime_closes.labels(self.closed_by or "client", close_code_label(self.close_code)).inc()
         self.on_end(self)
+
+
+def close_code_label(code: int | None) -> str:
+    """The ``code`` label of proxy_realtime_closes_total, bounded: the protocol's own
+    codes (1000-2999) as they are, application codes (3000-4999, chosen by a
+    client) by range, so a client cannot add series at will."""
+    if code is None:
+        return "none"
+    if code < 3000:
+        return str(code)
+    return "%dxxx" % (code // 1000)

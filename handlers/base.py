@@ -151,6 +151,23 @@ class ApiMixin:
     token = None
     token_admitted = False
     limited: str | None = None
+    # Whether this request goes upstream with the server-held key (issue 13).
+    used_server_key = False
+
+    def server_key_refused(self) -> ApiError:
+        """The upstream refused the server's own key: the operator's problem, not the caller's.
+
+        OpenAI's 401 shows the refused key's first and last characters; a
+        caller of a shared key never sees them (issue 13: the key appears in
+        no error body).
+        """
+        log.warning("server key refused by the upstream request_id=%s (check OPENAI_API_KEY)", self.request_id)
+        return ApiError(
+            502,
+            "The upstream refused this proxy's own OpenAI key; tell the proxy's operator.",
+            "upstream_error",
+            "server_key_refused",
+        )
 
     @property
     def request_id(self) -> str:
@@ -235,6 +252,7 @@ class ApiMixin:
         key = self.presented_key()
         missing, malformed = self.key_error_codes
         if not key and self.token is not None and self.token.policy.use_server_key:
+            self.used_server_key = True
             return self.config.openai_api_key
         if not key:
             raise ApiError(401, self.missing_key_message, "authentication_error", missing)

@@ -154,6 +154,9 @@ class OpenAIHandler(OpenAIStyle, ProxyHandler):
         method = self.request.method
         body = self.body if method in ("POST", "PUT", "PATCH") else None
         call = await self.open_upstream(method, url, headers, body, stream=stream)
+        if call.status == 401 and self.used_server_key:
+            await call.discard()
+            raise self.server_key_refused()
         self.set_status(call.status)
         seen = set()
         for name, value in call.headers.get_all():

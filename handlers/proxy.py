@@ -188,6 +188,8 @@ class ProxyHandler(BaseHandler):
             ) from None
 
     def raise_upstream_error(self, call: UpstreamCall, answer) -> None:
+        if call.status == 401 and self.used_server_key:
+            raise self.server_key_refused()
         raise mirrored_error(call.status, answer, call.headers)
 
     async def relay_stream(self, call: UpstreamCall) -> None:

@@ -203,6 +203,8 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
                 ca_file=self.config.upstream_ca_file,
             )
         except UpstreamRefused as exc:
+            if exc.status == 401 and self.used_server_key:
+                raise self.server_key_refused() from None
             try:
                 answer = loads(exc.body)
             except (ValueError, RecursionError):
@@ -219,6 +221,11 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
             await self.upstream.close(1001, "client left")
             self.set_status(499, "Client Closed Request")
             raise tornado.web.Finish()
+        # While draining, Tornado closes each connection after its response
+        # and says "Connection: close", which would replace the handshake's
+        # "Connection: Upgrade" and void it (RFC 6455 section 4.2.2). A session
+        # accepted now is ended with 1001 after SHUTDOWN_GRACE like the others.
+        self.request.connection._disconnect_on_finish = False
 
     def on_finish(self) -> None:
         # Called at the 101 too; only a request that never became a session ends here.

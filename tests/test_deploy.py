@@ -48,6 +48,17 @@ def dockerfile_steps():
     return [src for group in copies for src in group], pip.split("&&")[0].strip(), entry
 
 
+def test_dockerfile_user_is_new_to_the_debian_base_image():
+    """useradd fails (exit 9) for a name the image already has; Debian's base-passwd lists them all."""
+    with open(os.path.join(ROOT, "Dockerfile")) as f:
+        dockerfile = f.read()
+    [name] = re.findall(r"useradd [^\n]*?(\S+)\s*$", dockerfile, flags=re.M)
+    with open("/usr/share/base-passwd/passwd.master") as f:
+        debian_users = {line.split(":")[0] for line in f if line.strip()}
+    assert "proxy" in debian_users  # the name this Dockerfile used to take
+    assert name not in debian_users, name
+
+
 @pytest.mark.gen_test(timeout=300)
 async def test_dockerfile_install_and_start_steps_in_clean_venv(tmp_path, fake_openai):
     """COPY what the Dockerfile copies, run its pip step in a fresh venv, start its ENTRYPOINT."""

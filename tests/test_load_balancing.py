@@ -176,6 +176,24 @@ async def test_a_post_that_reached_an_instance_is_not_sent_again(
     assert len(fake_openai.received) == 3
 
 
+@pytest.mark.slow
+@pytest.mark.gen_test(timeout=30)
+async def test_an_idempotent_get_that_reached_a_dying_instance_goes_to_another(
+    start_nginx, proxy, http_port, fake_openai, certificate
+):
+    """The other side of the rule above: a GET (nothing billed, nothing to resend) is re-sent once."""
+    reached = []
+    hole = await black_hole(reached)
+    try:
+        nginx = start_nginx([hole.sockets[0].getsockname()[1], http_port])
+        statuses = [(await fetch(nginx.url, certificate, path="/v1/models")).code for _ in range(4)]
+    finally:
+        hole.close()
+    assert statuses == [200, 200, 200, 200]
+    assert len(reached) == 1 and reached[0].startswith(b"GET /v1/models ")
+    assert [r.path for r in fake_openai.received] == ["/v1/models"] * 4
+
+
 STREAM_WORDS = ["w%d " % i for i in range(8)]
 
 

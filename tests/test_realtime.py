@@ -556,7 +556,7 @@ async def test_session_metrics_and_one_access_line(proxy, fake_openai, base_url,
         "proxy_realtime_open_sessions 0.0",
         'proxy_realtime_messages_total{direction="client_to_upstream"} 2.0',
         'proxy_realtime_messages_total{direction="upstream_to_client"} 8.0',
-        'proxy_realtime_closes_total{by="client",code="4000"} 1.0',
+        'proxy_realtime_closes_total{by="client",code="4xxx"} 1.0',
         'proxy_requests_total{route="realtime",status="101",token="-"} 1.0',
         'proxy_tokens_total{kind="completion",model="gpt-realtime",token="-"} 5.0',
     ):
@@ -580,6 +580,17 @@ async def test_graceful_shutdown_closes_sessions_with_1001(proxy, fake_openai, b
     assert await until(lambda: not app.settings["pool"].handlers, 2)
     line = next(r.getMessage() for r in caplog.records if "status=101" in r.getMessage())
     assert "closed_by=proxy close_code=1001 proxy_reason=shutdown" in line
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_a_session_opened_while_draining_gets_a_valid_handshake(proxy, fake_openai, base_url, app, http_server):
+    """During SHUTDOWN_DELAY the instance still serves: an upgrade then must not get "Connection: close" (issue 14)."""
+    app.settings["draining"] = True
+    http_server.conn_params.no_keep_alive = True  # what the shutdown sets (server.py)
+    async with connect(base_url) as ws:
+        assert json.loads(await ws.recv())["type"] == "session.created"
+        await ws.send(json.dumps({"type": "response.create"}))
+        assert json.loads(await ws.recv())["type"] == "response.created"
 
 
 @pytest.mark.gen_test(timeout=20)

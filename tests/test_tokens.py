@@ -250,7 +250,8 @@ def test_tokens_file_replaces_the_default_token(tokens_file):
 
 def test_server_key_from_env_or_file_never_shown(tmp_path):
     key_file = tmp_path / "openai.key"
-    key_file.write_text(SERVER_KEY + "\n")
+    # The first line is the key (README): a note after it is fine.
+    key_file.write_text(SERVER_KEY + "\n# rotated 2026-11, ask ops\n")
     for env in ({"OPENAI_API_KEY": SERVER_KEY}, {"OPENAI_API_KEY_FILE": str(key_file)}):
         s = Settings.from_env(env)
         assert s.openai_api_key == SERVER_KEY
@@ -371,6 +372,27 @@ async def test_server_key_only_without_a_callers_key_and_only_with_permission(pr
             )
         else:
             assert fake_openai.received[-1].headers["Authorization"] == "Bearer " + upstream_key
+
+
+@pytest.mark.gen_test
+async def test_a_refused_server_key_is_the_operators_problem_and_never_shown(proxy, fake_openai, caplog):
+    """OpenAI's 401 quotes the key's ends ("sk-SERV***2b"): a caller of the shared key gets a 502 of ours instead."""
+    quoted = "Incorrect API key provided: %s***%s." % (SERVER_KEY[:7], SERVER_KEY[-4:])
+    refusal = Behaviour(kind="error", status=401, message=quoted, error_code="invalid_api_key")
+    v1_body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}
+    for path, body in (("/chat_complete", {"prompt": "x"}), ("/v1/chat/completions", v1_body)):
+        fake_openai.push(refusal)
+        response = await proxy.request(path, json_body=body, auth=False, headers=as_(ALICE))
+        assert response.code == 502, response.body
+        assert json.loads(response.body)["error"]["code"] == "server_key_refused"
+        assert SERVER_KEY[-4:].encode() not in response.body
+    # A caller's own key refused is the caller's business: OpenAI's answer, unchanged.
+    fake_openai.push(refusal)
+    response = await proxy.request(
+        "/chat_complete", json_body={"prompt": "x"}, auth=False, headers=as_(ALICE, OPENAI_KEY)
+    )
+    assert response.code == 401 and json.loads(response.body)["error"]["code"] == "invalid_api_key"
+    assert sum("server key refused by the upstream" in r.getMessage() for r in caplog.records) == 2
 
 
 @pytest.mark.gen_test
