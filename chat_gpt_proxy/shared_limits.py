@@ -333,6 +333,12 @@ class SharedLimits:
         if exc is not None:
             self.up = False
             self.skip_until = time.monotonic() + RETRY_AFTER_FAILURE
+            # The idle connections are to the Redis that failed: after a
+            # restart each would fail once more, each time starting another
+            # pause (seen in tests/test_scale_out_redis.py). Reconnect afresh.
+            future = asyncio.ensure_future(self.client.connection_pool.disconnect(inuse_connections=False))
+            self.pending.add(future)
+            future.add_done_callback(self.pending.discard)
         now = time.monotonic()
         if now - self.warned_at < WARNING_INTERVAL:
             self.suppressed += 1
@@ -363,3 +369,5 @@ class SharedLimits:
             self.warned_at = -math.inf
             self.suppressed = 0
         self.up = True
+        # Any call that got through (a heartbeat too) ends the pause.
+        self.skip_until = 0.0
