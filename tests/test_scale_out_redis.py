@@ -20,7 +20,7 @@ from tests.procs import Nginx, ServerProcess, example_site, free_port
 TOKENS = {
     "alice": "alice-TOKEN-4b9e2f71c0",  # 10 requests per minute
     "carol": "carol-TOKEN-1f7a9c3e2b",  # 3 in flight
-    "dave": "dave-TOKEN-6e0b4d8a1c",  # 2 in flight
+    "dave": "dave-TOKEN-6e0b4d8a1c",  # 3 in flight
     "erin": "erin-TOKEN-3a5c7e9b1d",  # limits that load never reaches: every request asks Redis
 }
 TOKENS_FILE = """
@@ -34,7 +34,7 @@ max_concurrent = 3
 
 [dave]
 token = "dave-TOKEN-6e0b4d8a1c"
-max_concurrent = 2
+max_concurrent = 3
 
 [erin]
 token = "erin-TOKEN-3a5c7e9b1d"
@@ -79,11 +79,11 @@ def cluster(tmp_path, redis_server, fake_openai, certificate):
         process.stop()
 
 
-async def call(url, certificate, name, prompt="hi", stream=False):
+async def call(url, certificate, name, prompt="hi", stream=False, model="slow"):
     """One /chat_complete with ``name``'s token; the response (never an exception), its body in ``.data``."""
     body = {"prompt": prompt}
     if stream:
-        body["generate_params"] = {"stream": True, "model_name": "slow"}
+        body["generate_params"] = {"stream": True, "model_name": model}
     client = tornado.httpclient.AsyncHTTPClient(force_instance=True)
     chunks = []
     try:
@@ -226,17 +226,25 @@ async def call_health(url):
 @pytest.mark.slow
 @pytest.mark.gen_test(timeout=90)
 async def test_an_instance_killed_with_sigkill_leaves_no_in_flight_count_after_its_ttl(
-    cluster, certificate, redis_server
+    cluster, certificate, redis_server, fake_openai
 ):
-    """5(d): dave may have 2 in flight; both are on an instance that dies; after REDIS_INFLIGHT_TTL, 2 again."""
+    """5(d): dave may have 3 in flight; 2 are on an instance that dies, 1 on one that lives (and keeps
+    the token's keys alive); after REDIS_INFLIGHT_TTL only the living one's counts."""
     (doomed, survivor, _), _ = await cluster()
+    fake_openai.by_model["long"] = Behaviour(chunks=["l%d " % i for i in range(12)], delay=0.5)
     inspect = redis.Redis(port=redis_server.port, password=redis_server.password, socket_timeout=5)
-    try:
-        streams = [asyncio.ensure_future(call(doomed.url, certificate, "dave", "d%d" % i, stream=True)) for i in (1, 2)]
+
+    async def in_flight(count):
         deadline = time.monotonic() + 10
-        while sum(int(v) for v in inspect.hvals("{chat_gpt_proxy:dave}:inflight")) < 2:
+        while sum(int(v) for v in inspect.hvals("{chat_gpt_proxy:dave}:inflight")) < count:
             assert time.monotonic() < deadline, "the streams were not counted"
             await asyncio.sleep(0.05)
+
+    try:
+        streams = [asyncio.ensure_future(call(doomed.url, certificate, "dave", "d%d" % i, stream=True)) for i in (1, 2)]
+        await in_flight(2)
+        lasting = asyncio.ensure_future(call(survivor.url, certificate, "dave", "lasting", stream=True, model="long"))
+        await in_flight(3)
         doomed.proc.kill()
         killed = time.monotonic()
         await asyncio.gather(*streams, return_exceptions=True)  # cut by the kill
@@ -252,8 +260,15 @@ async def test_an_instance_killed_with_sigkill_leaves_no_in_flight_count_after_i
             await asyncio.sleep(0.25)
         assert statuses[-1] == 200 and set(statuses) <= {200, 429}, statuses
         assert time.monotonic() - killed >= INFLIGHT_TTL * 0.5
-        # Both places are free: the dead instance's entry is gone from Redis.
+        assert not lasting.done(), "the living instance's stream must still hold its place here"
+        # The dead instance's two places are free, the living one's stream still counts.
         both = await asyncio.gather(*(call(survivor.url, certificate, "dave", "both%d" % i) for i in (1, 2)))
         assert [r.code for r in both] == [200, 200]
+        # Their releases are sent without waiting: give them a moment.
+        deadline = time.monotonic() + 5
+        while list(inspect.hgetall("{chat_gpt_proxy:dave}:inflight").values()) != [b"1"]:
+            assert time.monotonic() < deadline, inspect.hgetall("{chat_gpt_proxy:dave}:inflight")
+            await asyncio.sleep(0.05)
+        assert (await lasting).code == 200
     finally:
         inspect.close()

@@ -137,11 +137,12 @@ async def test_a_limit_is_checked_before_anything_is_counted(limits, inspect):
 @pytest.mark.gen_test(timeout=20)
 async def test_an_instance_that_dies_leaves_no_count_after_its_ttl(limits):
     dead, alive = limits(redis_inflight_ttl=1.0), limits(redis_inflight_ttl=1.0)
-    token = entry(concurrent=2)
-    assert await admit_all([dead, dead], token, 2) == [None, None]
+    token = entry(concurrent=3)
+    assert await admit_all([dead, dead, alive], token, 3) == [None, None, None]
     dead.heartbeat_task.cancel()  # as SIGKILL would: no heartbeat, no release
     assert (await alive.admit(token)).limit == "max_concurrent"
-    await asyncio.sleep(1.3)
+    # The living instance's heartbeat keeps the token's keys; only the dead one's count goes.
+    await asyncio.sleep(1.5)
     assert await alive.admit(token) is None
     assert await alive.admit(token) is None
     assert (await alive.admit(token)).limit == "max_concurrent"
