@@ -60,6 +60,13 @@ def make_app(settings: Settings, tokens: TokenRegistry | None = None) -> tornado
         metrics.in_flight.set_function(lambda: len(pool.handlers))
         metrics.streams.set_function(lambda: pool.streams)
         all_routes += metrics_routes
+    shared_limits = None
+    if settings.redis_url:
+        # Imported only here: without REDIS_URL the redis package is never loaded (issue 14).
+        from chat_gpt_proxy.shared_limits import SharedLimits
+
+        shared_limits = SharedLimits(settings, metrics.redis_errors if metrics is not None else None)
+        log.info("%s", shared_limits.describe())
     return tornado.web.Application(
         all_routes,
         default_handler_class=NotFoundHandler,
@@ -69,6 +76,8 @@ def make_app(settings: Settings, tokens: TokenRegistry | None = None) -> tornado
         cors=CorsPolicy(settings.cors_allow_origins),
         # The access tokens and their limits; replaced in place on SIGHUP (issue 13).
         tokens=tokens,
+        # With REDIS_URL: the per-token counters every instance shares (issue 14).
+        shared_limits=shared_limits,
         # Set on SIGTERM/SIGINT: /readyz answers 503 from then on (issue 14).
         draining=False,
         # Every request handler while it lives, for the drain (weak: nothing to clean up).
@@ -308,6 +317,8 @@ async def serve(
     except TimeoutError:
         log.warning("shutdown: connections still open after 5 s; exiting anyway")
     pool.close()
+    if app.settings["shared_limits"] is not None:
+        await app.settings["shared_limits"].close()
     log.info("shutdown complete")
 
 

@@ -23,6 +23,8 @@ from chat_gpt_proxy.generate_params import ParamsError, normalize_generate_param
 DEFAULT_ACCESS_TOKEN = "123456"  # noqa: S105 (the old service's documented default)
 # The server key goes into a header line, like a caller's key.
 SERVER_KEY_RE = re.compile(r"^[\x21-\x7e]{1,512}$")
+# Goes into every Redis key, inside the {hash tag}: no braces.
+REDIS_PREFIX_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
 class SettingsError(ValueError):
@@ -79,6 +81,13 @@ class Settings:
         return egress.proxy_for(self.openai_base_url, self.upstream_proxy, self.no_proxy)
 
     access_tokens_file: str = ""
+    # Shared limits (issue 14): the per-token counters in Redis when REDIS_URL
+    # is set. The URL may hold a password: out of repr(), masked in masked().
+    redis_url: str = dataclasses.field(default="", repr=False)
+    redis_prefix: str = "chat_gpt_proxy"
+    redis_failure_mode: str = "open"
+    redis_timeout: float = 0.25
+    redis_inflight_ttl: float = 30.0
     # The server-held OpenAI key (issue 13): kept out of repr() and masked()
     # so that no log line can show it.
     openai_api_key: str = dataclasses.field(default="", repr=False)
@@ -102,6 +111,8 @@ class Settings:
                 value = egress.describe(self.openai_base_url, value, self.no_proxy)
             elif field.name == "openai_api_key":
                 value = "***" if value else ""
+            elif field.name == "redis_url":
+                value = mask_url(value)
             elif isinstance(value, Mapping):
                 value = dict(value)
             elif isinstance(value, tuple):
@@ -157,6 +168,14 @@ class Settings:
                 egress.check_ca_file(ca_file)
         except egress.EgressConfigError as exc:
             raise SettingsError(str(exc)) from None
+        redis_mode = env.str("REDIS_FAILURE_MODE", cls.redis_failure_mode).lower()
+        if redis_mode not in ("open", "closed"):
+            raise SettingsError(f"REDIS_FAILURE_MODE: must be 'open' or 'closed', got {redis_mode!r}")
+        redis_prefix = env.str("REDIS_PREFIX", cls.redis_prefix)
+        if not REDIS_PREFIX_RE.match(redis_prefix):
+            raise SettingsError(
+                f"REDIS_PREFIX: 1-64 letters, digits, '.', '_', ':' or '-' (no braces), got {redis_prefix[:80]!r}"
+            )
         return cls(
             port=env.int("PORT", cls.port, 1, 65535),
             # A demo (default access token, fake answers) is for this machine:
@@ -198,6 +217,11 @@ class Settings:
             retry_max_wait=env.float("RETRY_MAX_WAIT", cls.retry_max_wait, minimum=0),
             access_tokens_file=tokens_file,
             openai_api_key=env.server_key(),
+            redis_url=env.redis_url("REDIS_URL"),
+            redis_prefix=redis_prefix,
+            redis_failure_mode=redis_mode,
+            redis_timeout=env.float("REDIS_TIMEOUT", cls.redis_timeout),
+            redis_inflight_ttl=env.float("REDIS_INFLIGHT_TTL", cls.redis_inflight_ttl, minimum=0.5),
         )
 
 
@@ -226,6 +250,20 @@ def _finite_float(text: str) -> float:
     if value in (float("inf"), float("-inf")):
         raise ValueError("number out of range: %s" % text[:20])
     return value
+
+
+def mask_url(url: str) -> str:
+    """``url`` with the password of its user part replaced by ``***``, for logs and errors."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    authority, slash, path = rest.partition("/")
+    user, at, host = authority.rpartition("@")
+    if at and ":" in user:
+        user = user.split(":", 1)[0] + ":***"
+    # redis-py also reads ?password=... from the query string.
+    path = re.sub(r"(?i)(password=)[^&#]*", r"\1***", path)
+    return scheme + sep + (user + at if at else "") + host + slash + path
 
 
 def _mask(secret: str) -> str:
@@ -334,6 +372,26 @@ class _Env:
         if key is not None and not SERVER_KEY_RE.match(key):
             raise SettingsError(f"{name}: must be one line of visible ASCII characters (the value is not shown)")
         return key or ""
+
+    def redis_url(self, name: str) -> str:
+        """REDIS_URL: redis:// or rediss://, a host, optional port and database; never quoted with its password."""
+        url = self.raw(name)
+        if url is None:
+            return ""
+        shown = mask_url(url)
+        try:
+            parts = urllib.parse.urlsplit(url)
+            parts.port  # noqa: B018 (raises ValueError for a port out of range)
+        except ValueError:
+            raise SettingsError(f"{name}: not a valid URL: {shown!r}") from None
+        if parts.scheme not in ("redis", "rediss"):
+            raise SettingsError(f"{name}: must start with redis:// or rediss:// (TLS), got {shown!r}")
+        if not parts.hostname:
+            raise SettingsError(f"{name}: no host in {shown!r}")
+        database = parts.path.lstrip("/")
+        if database and not database.isdigit():
+            raise SettingsError(f"{name}: the path must be a database number (e.g. /0), got {shown!r}")
+        return url
 
     def networks(self, name: str) -> tuple:
         nets = []

@@ -1,6 +1,12 @@
 """A/B: the proxy's JSON throughput for two commits, and with a tokens file, interleaved in one run.
 
     python bench/compare.py --before HEAD~2 --tokens 100 --rounds 5 --seconds 5
+    python bench/compare.py --redis --rounds 5 --seconds 5
+
+``--redis`` compares instead the cost of shared limits (issue 14): the same
+token with a rate limit and a max_concurrent, counted in the process, then in
+Debian's redis-server (REDIS_URL, on CPU 1 with wrk and the upstream): one
+EVALSHA per request to admit it and one to release it.
 
 Uses bench/run.py's layout: Debian's nginx as the fixed upstream on CPU 1, each
 proxy one process on CPU 0, wrk on CPU 1, ``/chat_complete`` at c=64 and c=1.
@@ -49,12 +55,31 @@ def tokens_file(path: str, count: int) -> None:
         f.write('[bench]\ntoken = "%s-named"\nmax_concurrent = 100000\n' % TOKEN)
 
 
-def start(procs: Processes, tree: str, upstream: str, name: str, tokens: str | None):
+def limited_tokens_file(path: str) -> None:
+    """The benchmark's token with limits it never reaches, so that every request runs the limit code."""
+    with open(path, "w") as f:
+        f.write('[bench]\ntoken = "%s-named"\nrate_limit_per_minute = 1000000\nmax_concurrent = 100000\n' % TOKEN)
+
+
+def start_redis(procs: Processes) -> str:
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("ACCESS_TOKENS_FILE", "OPENAI_API_KEY")}
+    procs.start(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        1,
+        name="redis",
+    )
+    wait_port(port)
+    return "redis://127.0.0.1:%d/0" % port
+
+
+def start(procs: Processes, tree: str, upstream: str, name: str, tokens: str | None, redis_url: str = ""):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("ACCESS_TOKENS_FILE", "OPENAI_API_KEY", "REDIS_URL")}
     env.update(PORT=str(port), HOST="127.0.0.1", ACCESS_TOKEN=TOKEN, OPENAI_BASE_URL=upstream, LOG_LEVEL="WARNING")
     if tokens:
         env["ACCESS_TOKENS_FILE"] = tokens
+    if redis_url:
+        env["REDIS_URL"] = redis_url
     proc = procs.start([sys.executable, os.path.join(tree, "server.py")], 0, env, name=name)
     wait_port(port)
     return proc, port
@@ -73,6 +98,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=100, help="also measure with a file of this many tokens (0: no)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=5)
+    parser.add_argument("--redis", action="store_true", help="limits in the process against limits in Redis")
     args = parser.parse_args()
 
     workdir = tempfile.mkdtemp(prefix="chat_gpt_proxy-compare-")
@@ -99,14 +125,21 @@ def main() -> None:
         wait_port(up_port)
         upstream = "http://127.0.0.1:%d/json/v1" % up_port
         subjects = [("before (%s), no tokens file" % commit, before_tree, None), ("after, no tokens file", ROOT, None)]
-        if args.tokens:
+        redis_url = ""
+        if args.redis:
+            path = os.path.join(workdir, "limited.toml")
+            limited_tokens_file(path)
+            redis_url = start_redis(procs)
+            subjects = [("limits in the process", ROOT, path), ("limits in Redis (REDIS_URL)", ROOT, path)]
+        elif args.tokens:
             path = os.path.join(workdir, "tokens.toml")
             tokens_file(path, args.tokens)
             subjects.append(("after, %d named tokens" % args.tokens, ROOT, path))
         body = {"prompt": "Hello!", "generate_params": {"model_name": MODEL}}
         for _ in range(args.rounds):
             for label, tree, tokens in subjects:
-                proxy, port = start(procs, tree, upstream, "proxy", tokens)
+                in_redis = "REDIS_URL" in label
+                proxy, port = start(procs, tree, upstream, "proxy", tokens, redis_url if in_redis else "")
                 url = "http://127.0.0.1:%d/chat_complete" % port
                 token = TOKEN + "-named" if tokens else TOKEN
                 row = results.setdefault(label, {"per_cpu_s": [], "rps": [], "p50_c1": [], "errors": []})
@@ -124,9 +157,13 @@ def main() -> None:
         procs.stop_all()
 
     base = statistics.median(next(iter(results.values()))["per_cpu_s"])
+    command = (
+        "--redis --rounds %d --seconds %g" % (args.rounds, args.seconds)
+        if args.redis
+        else "--before %s --tokens %d --rounds %d --seconds %g" % (args.before, args.tokens, args.rounds, args.seconds)
+    )
     lines = [
-        "Command: `python bench/compare.py --before %s --tokens %d --rounds %d --seconds %g` (rounds interleaved)"
-        % (args.before, args.tokens, args.rounds, args.seconds),
+        "Command: `python bench/compare.py %s` (rounds interleaved)" % command,
         "",
         "| subject | requests per CPU-second of the proxy, c=64: median (each round) | vs first "
         "| req/s c=64 (wall clock), median | p50 ms c=1, median | errors |",
@@ -150,7 +187,7 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
-    with open(os.path.join(ROOT, "bench", "results", "compare.md"), "w") as f:
+    with open(os.path.join(ROOT, "bench", "results", "compare-redis.md" if args.redis else "compare.md"), "w") as f:
         f.write(text)
 
 

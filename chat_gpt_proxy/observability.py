@@ -76,6 +76,13 @@ class Metrics:
             ["by", "code"],
             registry=r,
         )
+        # Shared limits (issue 14): failed or skipped Redis calls, by operation.
+        self.redis_errors = Counter(
+            "proxy_redis_errors",
+            "Redis calls of the shared limits that failed or were skipped (fallback to REDIS_FAILURE_MODE)",
+            ["op"],
+            registry=r,
+        )
         self.upstream_retries = Counter(
             "proxy_upstream_retries", "Upstream attempts retried (issue 11)", ["reason"], registry=r
         )

@@ -80,6 +80,31 @@ class Refusal:
     message: str
 
 
+class Unavailable:
+    """The shared limits (Redis, chat_gpt_proxy/shared_limits.py) could not be asked: REDIS_FAILURE_MODE decides."""
+
+
+UNAVAILABLE = Unavailable()
+
+
+def concurrency_refusal(policy: TokenPolicy) -> Refusal:
+    return Refusal(
+        "max_concurrent",
+        1,
+        "This access token already has %d requests in flight, its max_concurrent limit; "
+        "retry when one has finished." % policy.max_concurrent,
+    )
+
+
+def rate_refusal(policy: TokenPolicy, wait: int) -> Refusal:
+    return Refusal(
+        "rate_limit_per_minute",
+        wait,
+        "Rate limit of this access token (%d requests per minute) reached; retry in %d s."
+        % (policy.rate_limit_per_minute, wait),
+    )
+
+
 def token_digest(token: str) -> bytes:
     """SHA-256 of a token as it arrives in a header: what ``token_sha256`` holds, in hex."""
     return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
@@ -228,22 +253,12 @@ class TokenRegistry:
         """
         policy = entry.policy
         if not self.in_flight.acquire(entry.key, policy.max_concurrent):
-            return Refusal(
-                "max_concurrent",
-                1,
-                "This access token already has %d requests in flight, its max_concurrent limit; "
-                "retry when one has finished." % policy.max_concurrent,
-            )
+            return concurrency_refusal(policy)
         if policy.rate_limit_per_minute:
             wait = self.rate.take(entry.key, policy.rate_limit_per_minute)
             if wait:
                 self.in_flight.release(entry.key)
-                return Refusal(
-                    "rate_limit_per_minute",
-                    wait,
-                    "Rate limit of this access token (%d requests per minute) reached; retry in %d s."
-                    % (policy.rate_limit_per_minute, wait),
-                )
+                return rate_refusal(policy, wait)
         return None
 
     def release(self, entry: TokenEntry) -> None:

@@ -25,6 +25,7 @@ from chat_gpt_proxy.request_body import (
     UnsupportedEncoding,
     content_coding,
 )
+from chat_gpt_proxy.tokens import UNAVAILABLE
 from chat_gpt_proxy.upstream import UpstreamError
 
 log = logging.getLogger("chat_gpt_proxy")
@@ -149,7 +150,7 @@ class ApiMixin:
     # The access token's entry (chat_gpt_proxy/tokens.py), whether the request
     # counts against its max_concurrent, and the limit that refused it, if any.
     token = None
-    token_admitted = False
+    token_admitted = ""
     limited: str | None = None
     # Whether this request goes upstream with the server-held key (issue 13).
     used_server_key = False
@@ -201,7 +202,8 @@ class ApiMixin:
     def presented_access_token(self) -> str:
         return self.request.headers.get("access-token", "")
 
-    def check_access_token(self) -> None:
+    def check_access_token(self):
+        """Find and admit the presented token; an awaitable only when shared limits need a Redis round trip."""
         tokens = self.settings["tokens"]
         entry = tokens.lookup(self.presented_access_token())
         if entry is None:
@@ -210,24 +212,58 @@ class ApiMixin:
         self.token = entry
         if entry.policy.disabled:
             raise ApiError(403, "This access token is disabled.", "permission_denied", "access_token_disabled")
-        self.admit_token(tokens, entry)
+        return self.admit_token(tokens, entry)
 
-    def admit_token(self, tokens, entry) -> None:
-        """Apply the token's limits (chat_gpt_proxy/tokens.py); 429 with Retry-After when one is reached."""
-        refusal = tokens.admit(entry)
+    def admit_token(self, tokens, entry):
+        """Apply the token's limits; 429 with Retry-After when one is reached.
+
+        With REDIS_URL, a token with limits is admitted by Redis (one round
+        trip, chat_gpt_proxy/shared_limits.py): the awaitable returned does
+        it. Everything else stays synchronous, as without Redis.
+        """
+        shared = self.settings.get("shared_limits")
+        policy = entry.policy
+        if shared is None or not (policy.rate_limit_per_minute or policy.max_concurrent):
+            self.admitted(tokens.admit(entry), "local")
+            return None
+        return self.admit_shared(shared, tokens, entry)
+
+    async def admit_shared(self, shared, tokens, entry) -> None:
+        verdict = await shared.admit(entry)
+        if verdict is not UNAVAILABLE:
+            self.admitted(verdict, "shared" if entry.policy.max_concurrent else "")
+        elif shared.closed_mode:
+            # REDIS_FAILURE_MODE=closed: no request of a limited token passes unchecked (issue 14).
+            raise ApiError(
+                503,
+                "The shared limits of this access token cannot be checked right now; retry shortly.",
+                "server_error",
+                "limits_unavailable",
+                headers={"Retry-After": "1"},
+            )
+        else:
+            self.admitted(tokens.admit(entry), "local")
+        if getattr(self, "client_gone", False):
+            # The client left while Redis answered: on_connection_close found nothing to release yet.
+            self.release_token()
+
+    def admitted(self, refusal, counted_by: str) -> None:
         if refusal is not None:
             self.limited = refusal.limit
             code = "proxy_rate_limited" if refusal.limit == "rate_limit_per_minute" else "proxy_concurrency_limited"
             raise ApiError(
                 429, refusal.message, "rate_limit_exceeded", code, headers={"Retry-After": str(refusal.retry_after)}
             )
-        self.token_admitted = True
+        # Where the request is counted, to uncount it there: "local", "shared" or "" (nowhere).
+        self.token_admitted = counted_by
 
     def release_token(self) -> None:
         """The request no longer counts against its token's max_concurrent; safe to call twice."""
-        if self.token_admitted:
-            self.token_admitted = False
+        counted_by, self.token_admitted = self.token_admitted, ""
+        if counted_by == "local":
             self.settings["tokens"].release(self.token)
+        elif counted_by == "shared":
+            self.settings["shared_limits"].release(self.token)
 
     def on_finish(self) -> None:
         self.release_token()
@@ -406,10 +442,21 @@ class BaseHandler(ApiMixin, RequestHandler):
                 self.add_header(name, value)
         self.finish()
 
-    def prepare(self) -> None:
+    def prepare(self):
         method = self.request.method
         if self.requires_access_token and method not in self.public_methods and method != "OPTIONS":
-            self.check_access_token()
+            pending = self.check_access_token()
+            if pending is not None:
+                # Shared limits: Tornado awaits this before reading the body.
+                return self.prepare_after(pending)
+        self.prepare_body()
+        return None
+
+    async def prepare_after(self, pending) -> None:
+        await pending
+        self.prepare_body()
+
+    def prepare_body(self) -> None:
         try:
             declared = parse_content_length(self.request.headers.get("Content-Length"))
         except ValueError:

@@ -33,7 +33,7 @@ Example:
 OpenAI SDKs: base_url="BASE_URL/v1", your OpenAI key as the API key,
   and the header access-token: <this proxy's access token>.
 
-GET /healthz: {"status": "ok"} while the process runs
+GET /healthz: {"status": "ok"} while the process runs (with REDIS_URL, also "redis": "up" or "down")
 GET /readyz:  {"status": "ready"}, or 503 {"status": "draining", ...} once it is shutting down
 """
 
@@ -68,10 +68,25 @@ class UsageHandler(UsagePageMixin, BaseHandler):
 class HealthHandler(BaseHandler):
     requires_access_token = False
 
-    def get(self) -> None:
-        """GET /healthz: 200 while the process serves requests."""
+    def get(self):
+        """GET /healthz: 200 while the process serves requests.
+
+        With REDIS_URL it also says whether Redis answers ("redis": "up" or
+        "down"), still with 200: an instance without Redis serves
+        (REDIS_FAILURE_MODE), and restarting it would not bring Redis back.
+        """
+        shared = self.settings.get("shared_limits")
+        if shared is None:
+            self.answer({"status": "ok"})
+            return None
+        return self.with_redis(shared)
+
+    async def with_redis(self, shared) -> None:
+        self.answer({"status": "ok", "redis": await shared.state()})
+
+    def answer(self, body: dict) -> None:
         self.set_header("Content-Type", "application/json; charset=utf-8")
-        self.finish(dumps({"status": "ok"}))
+        self.finish(dumps(body))
 
 
 class ReadyHandler(BaseHandler):

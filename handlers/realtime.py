@@ -158,7 +158,9 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
         self.subprotocols = [p.strip() for p in offered.split(",") if p.strip()]
         if not all(TOKEN_RE.match(p) for p in self.subprotocols):
             raise ApiError(400, "Malformed Sec-WebSocket-Protocol header.", code="invalid_subprotocol")
-        self.check_access_token()
+        pending = self.check_access_token()
+        if pending is not None:
+            await pending  # shared limits in Redis (issue 14)
         key = self.openai_key()
         # "model" in any letter case and spelling an upstream might accept
         # (";" separators too), as on /v1/* (issue 10).

@@ -9,6 +9,8 @@ Fixtures:
 - ``proxy``: a ``ProxyClient`` for the running proxy; every response it returns
   has passed ``check_response`` (the invariants every response must hold).
 - ``secrets_in_use``: the recognisable secret values the tests send.
+- ``redis_server``: Debian's redis-server on an ephemeral loopback port with a password
+  (tests/procs.py ``RedisServer``; ``.url`` for REDIS_URL), stopped at the end.
 - ``certificate``: (cert, key) paths of a throwaway certificate for 127.0.0.1, made by
   deploy/nginx/make-cert.sh.
 
@@ -32,7 +34,7 @@ from tornado.testing import bind_unused_port
 from chat_gpt_proxy.fake_openai import FakeOpenAI
 from server import make_app, make_server
 from settings import Settings
-from tests.procs import ROOT
+from tests.procs import ROOT, RedisServer
 
 ACCESS_TOKEN = "acc-TESTACCESS-7f3a9c"
 OPENAI_KEY = "sk-TESTOPENAIKEY-5d2e8b1c"
@@ -66,6 +68,9 @@ OTHER_SECRETS = (
     "short-tok-12",
     "sk-SERVERKEY-7e1d4c9a2b",
     "the-token-you-gave-alice",
+    # The redis_server fixture's password (REDIS_URL), and a wrong one.
+    "redis-PASS-4c8e1a9f",
+    "wrong-REDIS-pass-77d1",
 )
 AUTH = {"access-token": ACCESS_TOKEN, "openai-token": OPENAI_KEY}
 
@@ -120,6 +125,15 @@ def certificate(tmp_path_factory):
     )
     assert result.returncode == 0, result.stderr
     return str(directory / "chat_gpt_proxy.crt"), str(directory / "chat_gpt_proxy.key")
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    server = RedisServer(tmp_path / "redis", password="redis-PASS-4c8e1a9f")
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Helpers for tests that run real processes: the proxy as `python server.py`, nginx."""
+"""Helpers for tests that run real processes: the proxy as `python server.py`, nginx, redis-server."""
 
 from __future__ import annotations
 
@@ -176,3 +176,60 @@ class Nginx:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+
+
+class RedisServer:
+    """Debian's redis-server on a loopback port, nothing saved to disk; ``stop()``/``start()`` keep the port."""
+
+    def __init__(self, temp, password: str = ""):
+        self.temp, self.password = str(temp), password
+        os.makedirs(self.temp, exist_ok=True)
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        auth = ":%s@" % self.password if self.password else ""
+        return "redis://%s127.0.0.1:%d/0" % (auth, self.port)
+
+    def start(self) -> None:
+        args = [shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(self.port)]
+        args += ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", self.temp]
+        if self.password:
+            args += ["--requirepass", self.password]
+        self._log = open(os.path.join(self.temp, "redis.log"), "ab")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while self.command("PING") != "+PONG":
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.stop()
+                raise AssertionError("redis-server did not start on port %d" % self.port)
+            time.sleep(0.05)
+
+    def command(self, *words: str) -> str:
+        """One command in the inline protocol; its first reply line ("" if none)."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
+                if self.password:
+                    sock.sendall(b"AUTH %s\r\n" % self.password.encode())
+                    sock.recv(100)
+                sock.sendall(" ".join(words).encode() + b"\r\n")
+                return sock.recv(65536).split(b"\r\n")[0].decode()
+        except OSError:
+            return ""
+
+    def pause(self) -> None:
+        """SIGSTOP: a Redis that hangs, connections open, no answer."""
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+            self.proc.wait(10)
+        if self.proc is not None:
+            self._log.close()

@@ -199,6 +199,11 @@ def test_compose_services_addresses_and_grace_fit_together():
         assert service["read_only"] is True and service["cap_drop"] == ["ALL"]
     redis = services["redis"]["command"]
     assert redis[redis.index("--save") + 1] == "" and redis[redis.index("--appendonly") + 1] == "no"
+    # The instances share their limits through that Redis (issue 14).
+    for service in proxies.values():
+        url = service["environment"]["REDIS_URL"]
+        assert url == "redis://redis:6379/0" and Settings.from_env({"REDIS_URL": url}).redis_url == url
+        assert "redis" in service["depends_on"]
     # The example env file holds every variable a proxy needs, and is the only place of the token.
     with open(os.path.join(ROOT, "deploy/compose/proxy.env.example")) as f:
         example = dict(line.split("=", 1) for line in f.read().splitlines() if line and not line.startswith("#"))
