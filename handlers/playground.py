@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import uuid
 
 from tornado.web import StaticFileHandler
 
+from .base import dumps
 from .info import UsageHandler
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static")
@@ -41,6 +43,26 @@ class StaticHandler(StaticFileHandler):
     def set_default_headers(self) -> None:
         for name, value in PAGE_HEADERS.items():
             self.set_header(name, value)
+        # Every response carries a request id, static files too.
+        request_id = uuid.uuid4().hex
+        self.set_header("x-request-id", request_id)
+        self.set_header("x-proxy-request-id", request_id)
+
+    def options(self, *args, **kwargs) -> None:
+        """204 with Allow, as on every route (issue 10)."""
+        self.set_status(204)
+        self.set_header("Allow", "GET, HEAD, OPTIONS")
+        self.finish()
+
+    def write_error(self, status_code: int, **kwargs) -> None:
+        """Errors as JSON, as everywhere else; a 405 names what is allowed (RFC 9110 section 15.5.6)."""
+        if status_code == 405:
+            self.set_header("Allow", "GET, HEAD, OPTIONS")
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        message = "Method %s is not allowed here." % self.request.method if status_code == 405 else self._reason
+        code = "method_not_allowed" if status_code == 405 else None
+        error = {"message": message, "type": "invalid_request_error", "code": code, "param": None}
+        self.finish(dumps({"status": "error", "text": message, "error": error}))
 
 
 routes = [(r"/", PlaygroundHandler)]

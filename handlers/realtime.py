@@ -138,6 +138,8 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
         return self.settings["pool"]
 
     async def prepare(self) -> None:
+        if self.request.method == "OPTIONS":
+            return  # options() answers it, as on every route (issue 10)
         headers = self.request.headers
         connection = {item.strip().lower() for item in headers.get("Connection", "").split(",")}
         # Tornado checks "Connection: Upgrade" only after prepare(), with a text answer.
@@ -228,6 +230,12 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
         # "Connection: Upgrade" and void it (RFC 6455 section 4.2.2). A session
         # accepted now is ended with 1001 after SHUTDOWN_GRACE like the others.
         self.request.connection._disconnect_on_finish = False
+
+    def options(self, *args, **kwargs) -> None:
+        """OPTIONS: 204 with Allow, as on every route (RFC 9110 section 9.3.7); a WebSocket needs no preflight."""
+        self.set_status(204)
+        self.set_header("Allow", "GET, OPTIONS")
+        self.finish()
 
     def on_finish(self) -> None:
         # Called at the 101 too; only a request that never became a session ends here.

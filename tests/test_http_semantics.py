@@ -207,3 +207,14 @@ async def test_the_upstreams_cors_headers_never_reach_the_browser(proxy, fake_op
         assert "access-control-allow-credentials" not in cors and cors["access-control-expose-headers"] != "*"
     else:
         assert cors == {}
+
+
+@pytest.mark.parametrize("path", ["/static/playground.css", "/v1/realtime"])
+@pytest.mark.gen_test
+async def test_static_files_and_the_realtime_socket_answer_options_and_405_like_every_route(proxy, path):
+    response = await proxy.request(path, method="OPTIONS", auth=False)
+    assert response.code == 204 and "GET" in response.headers["Allow"]
+    if path.startswith("/static/"):
+        response = await proxy.request(path, method="POST", body=b"x", auth=False)
+        assert response.code == 405 and response.headers["Allow"] == "GET, HEAD, OPTIONS"
+        assert json.loads(response.body)["error"]["code"] == "method_not_allowed"
