@@ -23,6 +23,7 @@ import collections
 import contextlib
 import logging
 import re
+import select
 import time
 
 import pycurl
@@ -91,6 +92,11 @@ CURLOPT_SUPPRESS_CONNECT_HEADERS = 265
 CONNECT_FAILED_RE = re.compile(r"CONNECT tunnel failed, response (\d+)")
 SOCKS_AUTH_RE = re.compile(r"rejected by the SOCKS5 server|No authentication method was acceptable", re.I)
 CONNECT_PHASE_TIMEOUT_RE = re.compile(r"^(Resolving|Connection) timed out", re.I)
+
+# RFC 9110 section 9.2.2: methods a client may repeat automatically. Go's
+# net/http replays a request whose reused connection died only for these
+# (Transport.shouldRetryRequest); nginx never replays a POST it has sent.
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 PROXY_MESSAGES = {
     "proxy_unreachable": "could not connect to the egress proxy (%s): check that it is running and reachable",
@@ -207,6 +213,25 @@ def classify(errno: int, message: str, status: int, proxy) -> UpstreamError:
     return UpstreamError("broken", "the upstream connection failed (curl error %d)" % errno)
 
 
+def client_sockets(client: CurlAsyncHTTPClient) -> dict:
+    """The sockets of ``client``'s connections by local address: (ip, port) -> fd.
+
+    Recorded when a connection is made; the entry of a closed one is replaced
+    when its address is used again, so the map never outgrows the port range.
+    """
+    sockets = getattr(client, "_upstream_sockets", None)
+    if sockets is None:
+        sockets = client._upstream_sockets = {}
+    return sockets
+
+
+def readable(fd: int) -> bool:
+    """Whether a socket has something to read now (data, end of file or an error), without reading it."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLPRI)
+    return bool(poller.poll(0))
+
+
 def relayed_headers(headers: HTTPHeaders) -> list[tuple[str, str]]:
     return [
         (name, value)
@@ -259,6 +284,13 @@ class UpstreamCall:
         self._headers_future: asyncio.Future = asyncio.get_running_loop().create_future()
         self._idle_handle = None
         self._last_activity = self.started_at
+        self.method = method
+        # How many times libcurl was about to send the request (see _on_prereq).
+        self._sends = 0
+        self._new_socket = -1
+        self._sockets = client_sockets(client)
+        self.resend_refused = False
+        self.stale_connection = False
         request = HTTPRequest(
             url,
             method=method,
@@ -297,6 +329,8 @@ class UpstreamCall:
         # Tornado turns on libcurl's verbose trace when its logger is at DEBUG;
         # that trace holds the Authorization header, i.e. the caller's key.
         curl.setopt(pycurl.VERBOSE, 0)
+        curl.setopt(pycurl.SOCKOPTFUNCTION, self._on_new_socket)
+        curl.setopt(pycurl.PREREQFUNCTION, self._on_prereq)
         self._set_proxy(curl)
 
     def _set_proxy(self, curl: pycurl.Curl) -> None:
@@ -322,6 +356,40 @@ class UpstreamCall:
         curl.setopt(CURLOPT_SUPPRESS_CONNECT_HEADERS, 1)
         if proxy.scheme == "https" and self.settings.upstream_ca_file:
             curl.setopt(pycurl.PROXY_CAINFO, self.settings.upstream_ca_file)
+
+    def _on_new_socket(self, fd: int, _purpose: int) -> int:
+        self._new_socket = fd
+        return 0  # CURL_SOCKOPT_OK
+
+    def _on_prereq(self, _remote_ip, local_ip, _remote_port, local_port) -> int:
+        # Called each time libcurl is about to send the request on a
+        # connection, new or reused.
+        self._sends += 1
+        if self._sends > 1:
+            # libcurl is resending on its own: the reused connection closed
+            # after the request went out and before any answer byte, and
+            # libcurl retries that on another connection (Curl_retry_request,
+            # lib/multi.c; libcurl 8.23 has no option to turn it off). The
+            # upstream may be processing the first copy: refuse, and let
+            # open_upstream decide as for any failure after the request was sent.
+            self.resend_refused = True
+            return pycurl.PREREQFUNC_ABORT
+        # pycurl refuses getinfo() inside a callback: the sockets libcurl
+        # opened are known by their local address instead.
+        if self._new_socket >= 0:
+            self._sockets[(local_ip, local_port)] = self._new_socket
+            return pycurl.PREREQFUNC_OK
+        # A reused connection. libcurl checks pooled connections for a close
+        # by the upstream (an idle timeout: uvicorn's is 5 s) at most once a
+        # second (prune_dead_connections, lib/url.c), so it may hand us one
+        # that is already closed. Anything to read on an idle connection (end
+        # of file, a reset, stray bytes) means it is unusable; nothing of this
+        # request was sent yet, so a retry on another connection is safe.
+        fd = self._sockets.get((local_ip, local_port), -1)
+        if fd >= 0 and readable(fd):
+            self.stale_connection = True
+            return pycurl.PREREQFUNC_ABORT
+        return pycurl.PREREQFUNC_OK
 
     def _on_header_line(self, line: bytes) -> None:
         if line.startswith(b"HTTP/"):
@@ -392,6 +460,24 @@ class UpstreamCall:
             return UpstreamError("idle", "the upstream sent nothing for %g s" % self.settings.stream_idle_timeout)
         if self.abort_reason is not None:
             return UpstreamError("aborted", "the request was aborted (%s)" % self.abort_reason)
+        if self.stale_connection:
+            return UpstreamError(
+                "broken",
+                "the upstream had closed the kept-alive connection",
+                "reused_connection_closed",
+                "reused connection found closed before sending",
+            )
+        if self.resend_refused:
+            # Only a request that cannot change anything is sent again (by our
+            # retry loop, logged and counted like every retry).
+            idempotent = self.method in IDEMPOTENT_METHODS
+            return UpstreamError(
+                "broken",
+                "the upstream closed a kept-alive connection without answering"
+                + ("" if idempotent else "; not retried, as the upstream may have processed the request"),
+                "reused_connection_closed" if idempotent else None,
+                "reused connection closed before any answer byte",
+            )
         # Even with raise_error=False, connection failures and timeouts come
         # as an exception (CurlError 599), not as a response. Read the future
         # itself: its done-callbacks may not have run yet.
