@@ -100,6 +100,12 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 PROXY_MESSAGES = {
     "proxy_unreachable": "could not connect to the egress proxy (%s): check that it is running and reachable",
+    "proxy_timeout": (
+        "the egress proxy (%s) did not open the connection in time: check that it is running and reachable"
+    ),
+    "proxy_tls": (
+        "the egress proxy's TLS certificate could not be verified: check the proxy's name in %s and UPSTREAM_CA_FILE"
+    ),
     "proxy_auth": "the egress proxy (%s) refused its credentials: check the user and password in the setting",
     "proxy_failed": "the egress proxy (%s) could not connect to the upstream: check the proxy's own access",
 }
@@ -112,8 +118,8 @@ class UpstreamError(Exception):
     (connect or total timeout), ``idle`` (stream went silent), ``broken``
     (connection failed mid-response), ``aborted`` (we aborted it: client left
     or shutdown), ``tls`` (the upstream's certificate was not trusted),
-    ``proxy_unreachable``, ``proxy_auth``, ``proxy_failed`` (the egress
-    proxy, issue 11). The message never contains request data or secrets.
+    ``proxy_unreachable``, ``proxy_auth``, ``proxy_failed``, ``proxy_tls``
+    (the egress proxy, issue 11). The message never contains request data or secrets.
 
     ``retry_reason`` is set when the request cannot have reached the upstream
     (nothing was sent), so that trying again is safe; ``detail`` is for the
@@ -132,10 +138,42 @@ class UpstreamError(Exception):
         return {"message": self.message, "type": "upstream_error", "code": "upstream_" + self.kind}
 
 
+class UpstreamClient(CurlAsyncHTTPClient):
+    """Tornado's libcurl client, plus what ``UpstreamCall`` needs to know about its connections."""
+
+    def initialize(self, *args, **kwargs) -> None:
+        super().initialize(*args, **kwargs)
+        # The sockets of the connections libcurl opened, by local address
+        # (ip, port) -> fd (pycurl refuses getinfo() inside a callback). The
+        # entry of a closed connection is replaced when its address is used
+        # again, so the map never outgrows the port range.
+        self.sockets: dict[tuple[str, int], int] = {}
+
+    def _finish(self, curl, curl_error=None, curl_message=None) -> None:
+        # The last moment this transfer's libcurl state can be read: Tornado
+        # hands the handle to the next request right after.
+        call = getattr(curl, "upstream_call", None)
+        curl.upstream_call = None
+        if curl_error and call is not None:
+            call.past_proxy = past_proxy(curl)
+        super()._finish(curl, curl_error, curl_message)
+
+
+def past_proxy(curl: pycurl.Curl) -> bool:
+    """Whether a failed transfer had got past the egress proxy to the upstream.
+
+    Measured with libcurl 8.23 (tests/test_egress_failures.py): the CONNECT
+    was answered 2xx (HTTP_CONNECTCODE, 0 without one), or TLS with the
+    upstream had begun (SSL_VERIFYRESULT, 0 until then, 1 while it is under
+    way); libcurl's error messages are the same either way.
+    """
+    return curl.getinfo(pycurl.HTTP_CONNECTCODE) // 100 == 2 or curl.getinfo(pycurl.SSL_VERIFYRESULT) != 0
+
+
 def make_client(settings) -> CurlAsyncHTTPClient:
     """One client per IOLoop; ``max_clients`` is our own concurrency cap, so
     Tornado's hidden queue (which has no timeout in the curl client) is never used."""
-    client = CurlAsyncHTTPClient(
+    client = UpstreamClient(
         force_instance=True,
         max_clients=settings.max_concurrent_upstream,
         # Our WRITEFUNCTION replaces Tornado's, so this limit would not apply;
@@ -172,8 +210,12 @@ class UpstreamPool:
             self._client = None
 
 
-def classify(errno: int, message: str, status: int, proxy) -> UpstreamError:
-    """The ``UpstreamError`` for a libcurl failure (``proxy``: the egress proxy in use, or None)."""
+def classify(errno: int, message: str, status: int, proxy, *, past_proxy: bool = False) -> UpstreamError:
+    """The ``UpstreamError`` for a libcurl failure.
+
+    ``proxy``: the egress proxy in use, or None; ``past_proxy``: whether the
+    connection had got through it to the upstream (see ``past_proxy()``).
+    """
     if proxy is not None:
         where = "%s from %s" % (proxy.masked(), proxy.source)
         detail = "proxy=%s curl=%r" % (where, message[:200])
@@ -190,6 +232,16 @@ def classify(errno: int, message: str, status: int, proxy) -> UpstreamError:
         elif errno in (CURLE_COULDNT_CONNECT, CURLE_COULDNT_RESOLVE_PROXY):
             # With a proxy, libcurl opens TCP connections only to the proxy.
             kind, retry = "proxy_unreachable", "proxy_unreachable"
+        elif past_proxy or status:
+            pass  # the upstream's own failure, classified below
+        elif errno == CURLE_OPERATION_TIMEDOUT and CONNECT_PHASE_TIMEOUT_RE.search(message):
+            # The proxy accepted TCP but did not finish its handshake (CONNECT
+            # answer, SOCKS5 reply, TLS): nothing reached the upstream.
+            return UpstreamError(
+                "proxy_unreachable", PROXY_MESSAGES["proxy_timeout"] % proxy.source, "proxy_unreachable", detail
+            )
+        elif errno in (CURLE_PEER_FAILED_VERIFICATION, CURLE_SSL_CONNECT_ERROR) and proxy.scheme == "https":
+            kind, retry = "proxy_tls", None  # a certificate does not fix itself
         if kind is not None:
             return UpstreamError(kind, PROXY_MESSAGES[kind] % proxy.source, retry, detail)
     if errno == CURLE_COULDNT_CONNECT:
@@ -211,18 +263,6 @@ def classify(errno: int, message: str, status: int, proxy) -> UpstreamError:
     if errno == CURLE_SSL_CONNECT_ERROR:
         return UpstreamError("tls", "the TLS handshake with the upstream failed", detail="curl=%r" % message[:200])
     return UpstreamError("broken", "the upstream connection failed (curl error %d)" % errno)
-
-
-def client_sockets(client: CurlAsyncHTTPClient) -> dict:
-    """The sockets of ``client``'s connections by local address: (ip, port) -> fd.
-
-    Recorded when a connection is made; the entry of a closed one is replaced
-    when its address is used again, so the map never outgrows the port range.
-    """
-    sockets = getattr(client, "_upstream_sockets", None)
-    if sockets is None:
-        sockets = client._upstream_sockets = {}
-    return sockets
 
 
 def readable(fd: int) -> bool:
@@ -254,7 +294,7 @@ class UpstreamCall:
 
     def __init__(
         self,
-        client: CurlAsyncHTTPClient,
+        client: UpstreamClient,
         settings,
         method: str,
         url: str,
@@ -288,7 +328,9 @@ class UpstreamCall:
         # How many times libcurl was about to send the request (see _on_prereq).
         self._sends = 0
         self._new_socket = -1
-        self._sockets = client_sockets(client)
+        self._sockets = client.sockets
+        # Set by UpstreamClient._finish when the transfer failed.
+        self.past_proxy = False
         self.resend_refused = False
         self.stale_connection = False
         request = HTTPRequest(
@@ -318,6 +360,7 @@ class UpstreamCall:
 
     def _prepare(self, curl: pycurl.Curl) -> None:
         self._curl = curl
+        curl.upstream_call = self
         curl.setopt(pycurl.HEADERFUNCTION, self._on_header_line)
         curl.setopt(pycurl.WRITEFUNCTION, self._on_body)
         curl.setopt(pycurl.NOPROGRESS, 0)
@@ -484,7 +527,9 @@ class UpstreamCall:
         error = self._fetch.exception() or self._fetch.result().error
         if not isinstance(error, CurlError):
             return None
-        return classify(error.errno, error.message or "", self.status, self.settings.upstream_egress)
+        return classify(
+            error.errno, error.message or "", self.status, self.settings.upstream_egress, past_proxy=self.past_proxy
+        )
 
     # -- the reader's side
 

@@ -183,6 +183,41 @@ def test_classify_libcurl_failures(errno, message, proxy, kind, retry):
         assert "http://***:***@127.0.0.1:3128" in error.detail and "UPSTREAM_PROXY" in error.message
 
 
+HTTPS_PROXY = EgressProxy("https", "127.0.0.1", 3129, "u", "pw-unit-secret")
+TIMED_OUT = "Connection timed out after 1001 milliseconds"
+UNTRUSTED = "SSL certificate OpenSSL verify result: unable to get local issuer certificate (20)"
+
+
+# libcurl 8.23 words a connect-phase timeout and a certificate failure the
+# same whether the proxy or the upstream is at fault (measured against a
+# silent listener, tinyproxy, microsocks and a TLS front): only how far the
+# connection got tells them apart (``past_proxy``, from HTTP_CONNECTCODE and
+# SSL_VERIFYRESULT; see tests/test_egress_failures.py).
+@pytest.mark.parametrize(
+    "errno,message,proxy,past_proxy,kind,retry",
+    [
+        (28, TIMED_OUT, PROXY, False, "proxy_unreachable", "proxy_unreachable"),
+        (28, TIMED_OUT, HTTPS_PROXY, False, "proxy_unreachable", "proxy_unreachable"),
+        (28, TIMED_OUT, PROXY, True, "timeout", "connect_timeout"),
+        (28, TIMED_OUT, None, False, "timeout", "connect_timeout"),
+        (60, UNTRUSTED, HTTPS_PROXY, False, "proxy_tls", None),
+        (35, "TLS connect error: error:0A000410:SSL routines::ssl/tls alert handshake failure", HTTPS_PROXY, False,
+         "proxy_tls", None),
+        (60, UNTRUSTED, HTTPS_PROXY, True, "tls", None),
+        (60, UNTRUSTED, PROXY, False, "tls", None),  # no TLS with an http:// proxy itself
+        (60, UNTRUSTED, None, False, "tls", None),
+    ],
+)  # fmt: skip
+def test_classify_by_how_far_the_connection_got(errno, message, proxy, past_proxy, kind, retry):
+    error = classify(errno, message, 0, proxy, past_proxy=past_proxy)
+    assert (error.kind, error.retry_reason) == (kind, retry)
+    if kind.startswith("proxy_"):
+        assert "UPSTREAM_PROXY" in error.message and "OPENAI_BASE_URL" not in error.message
+        assert "://***:***@127.0.0.1:" in error.detail and "pw-unit-secret" not in error.detail
+    if kind == "proxy_tls":
+        assert "UPSTREAM_CA_FILE" in error.message and error.error_object()["code"] == "upstream_proxy_tls"
+
+
 def test_timeout_after_the_status_is_never_retried():
     assert classify(28, "Connection timed out after 1 ms", 200, None).retry_reason is None
 
