@@ -121,12 +121,42 @@ def test_no_proxy_from_settings_and_the_startup_description():
         ({"RETRY_MAX_WAIT": "soon"}, "RETRY_MAX_WAIT: must be a number"),
         ({"ALL_PROXY": "gopher://x:70"}, "ALL_PROXY: the scheme must be one of"),
         ({"UPSTREAM_CA_FILE": "/"}, "UPSTREAM_CA_FILE: no such file"),
+        # Control characters once percent-decoded: libcurl would cut the
+        # credentials at a NUL, or send a newline inside Proxy-Authorization.
+        ({"UPSTREAM_PROXY": "http://al%00ice:pw-unit-secret@h:3128"}, "UPSTREAM_PROXY: the user or password holds"),
+        ({"UPSTREAM_PROXY": "http://alice:pw-unit%0Asecret@h:3128"}, "UPSTREAM_PROXY: the user or password holds"),
+        ({"HTTPS_PROXY": "socks5h://alice:pw-unit%7Fsecret@h:1080"}, "HTTPS_PROXY: the user or password holds"),
+        ({"UPSTREAM_PROXY": "http://alice:pw-unit-secret\t@h:3128"}, "UPSTREAM_PROXY: holds a space or a control"),
+        ({"UPSTREAM_PROXY": "http://alice:pw-unit-secret@pro\nxy:3128"}, "UPSTREAM_PROXY: holds a space or a control"),
+        ({"UPSTREAM_PROXY": "http://alice:pw-unit-secret@pro xy:3128"}, "UPSTREAM_PROXY: holds a space or a control"),
+        ({"UPSTREAM_PROXY": "http://proxy:0"}, "UPSTREAM_PROXY: the proxy's port must be between 1 and 65535, got 0"),
+        ({"UPSTREAM_PROXY": "http://pro%20xy:3128"}, "UPSTREAM_PROXY: 'pro%20xy' is not a valid host"),
+        ({"UPSTREAM_PROXY": "http://u:pw-unit-secret@a..b:3128"}, "UPSTREAM_PROXY: 'a..b' is not a valid host"),
+        ({"UPSTREAM_PROXY": "http://-proxy:3128"}, "UPSTREAM_PROXY: '-proxy' is not a valid host"),
+        ({"UPSTREAM_PROXY": "http://999.1.1.1:3128"}, "UPSTREAM_PROXY: '999.1.1.1' is not a valid host"),
+        ({"UPSTREAM_PROXY": "http://pro!xy:3128"}, "UPSTREAM_PROXY: 'pro!xy' is not a valid host"),
     ],
 )
 def test_bad_egress_settings(env, message):
     with pytest.raises(SettingsError) as error:
         Settings.from_env(env)
-    assert str(error.value).startswith(message)
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+    assert "pw-unit" not in str(error.value) and "secret" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "value,host",
+    [
+        ("http://proxy.corp:3128", "proxy.corp"),
+        ("http://squid_proxy:3128", "squid_proxy"),  # a Compose service name
+        ("socks5h://127.0.0.1:1080", "127.0.0.1"),
+        ("http://[::1]:3128", "::1"),
+        ("http://proxy.corp.:3128", "proxy.corp."),
+        ("http://PROXY-1.corp:65535", "proxy-1.corp"),
+    ],
+)
+def test_good_proxy_hosts(value, host):
+    assert Settings.from_env({"UPSTREAM_PROXY": value}).upstream_proxy.host == host
 
 
 def test_retry_settings():

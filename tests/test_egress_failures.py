@@ -227,6 +227,18 @@ async def test_startup_line_names_the_proxy_and_its_source_masked(fake_openai, t
         ({"UPSTREAM_CA_FILE": "README.md"}, "UPSTREAM_CA_FILE: 'README.md' holds no PEM certificate"),
         ({"UPSTREAM_PROXY": "ftp://proxy:21"}, "UPSTREAM_PROXY: the scheme must be one of"),
         ({"HTTPS_PROXY": "http://proxy.corp"}, "HTTPS_PROXY: give the proxy's port"),
+        (
+            {"UPSTREAM_PROXY": "http://al%%00ice:%s@proxy:3128" % TINYPROXY_PASSWORD},
+            "UPSTREAM_PROXY: the user or password holds a control character",
+        ),
+        ({"UPSTREAM_PROXY": "http://proxy:0"}, "UPSTREAM_PROXY: the proxy's port must be between 1 and 65535"),
+        ({"UPSTREAM_PROXY": "http://u:%s@pro xy:3128" % TINYPROXY_PASSWORD}, "UPSTREAM_PROXY: holds a space"),
+        (
+            {"OPENAI_BASE_URL": "http://u:%s@api.example/v1" % TINYPROXY_PASSWORD},
+            "OPENAI_BASE_URL: must not hold a user or password",
+        ),
+        ({"OPENAI_BASE_URL": "http://api.example/v1?a=b"}, "OPENAI_BASE_URL: must not hold a query or fragment"),
+        ({"OPENAI_BASE_URL": "http://api example/v1"}, "OPENAI_BASE_URL: holds a space"),
     ],
 )
 @pytest.mark.gen_test(timeout=30)
@@ -238,6 +250,7 @@ async def test_bad_egress_settings_stop_the_process_with_one_line(tmp_path, env,
     finally:
         server.stop()
     assert code == 2 and len(lines) == 1 and message in lines[0], lines
+    assert_no_password(*lines)
 
 
 @pytest.mark.gen_test(timeout=60)
