@@ -5,9 +5,9 @@ was never made (refused, DNS failure, connect timeout, the egress proxy
 unreachable or unable to reach the upstream), or, opted in with
 ``RETRY_ON_STATUS``, an error status whose answer has not been relayed. A
 reset or a timeout after the request was sent is never retried: it may have
-been processed, and billed, already. The one exception is a GET, HEAD or
-OPTIONS, which changes nothing, whose kept-alive connection closed before any
-answer byte. A kept-alive connection found closed before the request was sent
+been processed, and billed, already. The one exception is a GET or HEAD,
+which changes nothing, whose kept-alive connection closed before any answer
+byte. A kept-alive connection found closed before the request was sent
 is retried at once (``reused_connection_closed``).
 """
 

@@ -93,10 +93,11 @@ CONNECT_FAILED_RE = re.compile(r"CONNECT tunnel failed, response (\d+)")
 SOCKS_AUTH_RE = re.compile(r"rejected by the SOCKS5 server|No authentication method was acceptable", re.I)
 CONNECT_PHASE_TIMEOUT_RE = re.compile(r"^(Resolving|Connection) timed out", re.I)
 
-# RFC 9110 section 9.2.2: methods a client may repeat automatically. Go's
-# net/http replays a request whose reused connection died only for these
-# (Transport.shouldRetryRequest); nginx never replays a POST it has sent.
-IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# Requests that change nothing (RFC 9110 section 9.2.2) and so may be sent
+# again when their reused connection closed before answering, as Go's
+# net/http does (Transport.shouldRetryRequest); nginx never resends a POST.
+# (OPTIONS is answered by the proxy itself.)
+REPLAYABLE_METHODS = frozenset({"GET", "HEAD"})
 
 PROXY_MESSAGES = {
     "proxy_unreachable": "could not connect to the egress proxy (%s): check that it is running and reachable",
@@ -513,7 +514,7 @@ class UpstreamCall:
         if self.resend_refused:
             # Only a request that cannot change anything is sent again (by our
             # retry loop, logged and counted like every retry).
-            idempotent = self.method in IDEMPOTENT_METHODS
+            idempotent = self.method in REPLAYABLE_METHODS
             return UpstreamError(
                 "broken",
                 "the upstream closed a kept-alive connection without answering"

@@ -3,8 +3,8 @@
 Retried: the connection was never made (refused, connect timeout, the egress
 proxy unreachable: see tests/test_egress_failures.py), and, opted in with
 RETRY_ON_STATUS, error statuses whose answer has not been relayed. Never
-retried: anything after the request was sent, except a GET, HEAD or OPTIONS
-whose reused keep-alive connection closed before any answer byte.
+retried: anything after the request was sent, except a GET or HEAD whose
+reused keep-alive connection closed before any answer byte.
 """
 
 import asyncio
@@ -288,3 +288,19 @@ async def test_a_kept_alive_connection_the_upstream_closed_is_retried_before_sen
     lines = retry_lines(caplog)
     assert len(lines) == 2 and all("reason=reused_connection_closed attempt=1/2 wait_ms=0" in x for x in lines)
     assert fault_lines(caplog) == []
+
+
+@pytest.mark.settings(upstream_retries=0)
+@pytest.mark.gen_test(timeout=30)
+async def test_upstream_retries_0_also_turns_off_the_retry_of_a_closed_kept_alive_connection(config, caplog):
+    fake = FakeOpenAI()
+    fake.start(idle_connection_timeout=0.2)
+    try:
+        async with serving(dataclasses.replace(config, openai_base_url=fake.url)) as (client, _):
+            assert (await client.chat({"prompt": "warm"}))[0].code == 200
+            await asyncio.sleep(0.4)
+            response, body = await client.chat({"prompt": "x"})
+    finally:
+        await fake.stop()
+    assert response.code == 502 and body["error"]["code"] == "upstream_broken"
+    assert len(fake.received) == 1 and retry_lines(caplog) == []
