@@ -24,6 +24,7 @@ import contextlib
 import logging
 import re
 import select
+import socket
 import time
 
 import pycurl
@@ -266,6 +267,28 @@ def classify(errno: int, message: str, status: int, proxy, *, past_proxy: bool =
     return UpstreamError("broken", "the upstream connection failed (curl error %d)" % errno)
 
 
+def connected_socket(fds: list[int], local_ip: str, local_port: int) -> int:
+    """Which of the sockets libcurl opened for a transfer is its connection (-1: none)."""
+    if len(fds) == 1:
+        return fds[0]
+    # Several: addresses tried one after the other, or IPv6 and IPv4 raced
+    # (happy eyeballs); the losers are closed, and their numbers may be reused.
+    for fd in fds:
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            continue  # closed
+        try:
+            name = sock.getsockname()
+        except OSError:
+            continue
+        finally:
+            sock.detach()  # libcurl's socket: never closed here
+        if name[0] == local_ip and name[1] == local_port:
+            return fd
+    return -1
+
+
 def readable(fd: int) -> bool:
     """Whether a socket has something to read now (data, end of file or an error), without reading it."""
     poller = select.poll()
@@ -328,7 +351,7 @@ class UpstreamCall:
         self.method = method
         # How many times libcurl was about to send the request (see _on_prereq).
         self._sends = 0
-        self._new_socket = -1
+        self._new_sockets: list[int] = []
         self._sockets = client.sockets
         # Set by UpstreamClient._finish when the transfer failed.
         self.past_proxy = False
@@ -402,7 +425,7 @@ class UpstreamCall:
             curl.setopt(pycurl.PROXY_CAINFO, self.settings.upstream_ca_file)
 
     def _on_new_socket(self, fd: int, _purpose: int) -> int:
-        self._new_socket = fd
+        self._new_sockets.append(fd)
         return 0  # CURL_SOCKOPT_OK
 
     def _on_prereq(self, _remote_ip, local_ip, _remote_port, local_port) -> int:
@@ -420,8 +443,10 @@ class UpstreamCall:
             return pycurl.PREREQFUNC_ABORT
         # pycurl refuses getinfo() inside a callback: the sockets libcurl
         # opened are known by their local address instead.
-        if self._new_socket >= 0:
-            self._sockets[(local_ip, local_port)] = self._new_socket
+        if self._new_sockets:
+            fd = connected_socket(self._new_sockets, local_ip, local_port)
+            if fd >= 0:
+                self._sockets[(local_ip, local_port)] = fd
             return pycurl.PREREQFUNC_OK
         # A reused connection. libcurl checks pooled connections for a close
         # by the upstream (an idle timeout: uvicorn's is 5 s) at most once a

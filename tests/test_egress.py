@@ -1,6 +1,7 @@
 """Unit tests of the egress pieces (issue 11): proxy URLs, the environment, NO_PROXY, failure kinds, retry waits."""
 
 import email.utils
+import socket
 import time
 
 import pytest
@@ -16,7 +17,7 @@ from chat_gpt_proxy.egress import (
     proxy_from_env,
 )
 from chat_gpt_proxy.retry import RetryPolicy, backoff, retry_after_seconds
-from chat_gpt_proxy.upstream import classify
+from chat_gpt_proxy.upstream import classify, connected_socket, readable
 from settings import Settings, SettingsError
 
 HTTPS_UPSTREAM = "https://api.openai.com/v1"
@@ -279,3 +280,30 @@ def test_retry_policy_limits():
     refused = classify(7, "Failed to connect", 0, None)
     assert 0.1 <= policy.after_error(refused, 1, 0) <= 0.2
     assert policy.after_error(classify(56, "Recv failure", 0, None), 1, 0) is None
+
+
+def test_the_socket_of_a_connection_is_found_by_its_local_address():
+    """libcurl may open several sockets for one connection (addresses in turn, happy eyeballs)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    lost, won = socket.create_connection(listener.getsockname()), socket.create_connection(listener.getsockname())
+    closed = socket.socket()
+    closed_fd = closed.fileno()
+    closed.close()
+    try:
+        ip, port = won.getsockname()
+        assert connected_socket([lost.fileno(), won.fileno()], ip, port) == won.fileno()
+        assert connected_socket([closed_fd, won.fileno()], ip, port) == won.fileno()
+        assert connected_socket([lost.fileno(), closed_fd], ip, port) == -1
+        assert connected_socket([won.fileno()], ip, port) == won.fileno()
+        assert won.fileno() >= 0 and lost.fileno() >= 0  # looked at, never closed
+        peer, _ = listener.accept()  # lost's other end
+        assert not readable(lost.fileno())  # idle and open
+        peer.close()
+        time.sleep(0.05)
+        assert readable(lost.fileno()) and not readable(won.fileno())  # closed by its peer
+        assert lost.recv(1) == b""  # readable() read nothing: the end of file is still there
+    finally:
+        for sock in (listener, lost, won):
+            sock.close()
