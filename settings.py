@@ -125,16 +125,7 @@ class Settings:
         env = _Env(os.environ if environ is None else environ)
         tokens_file = env.str("ACCESS_TOKENS_FILE", "")
         tokens = _access_tokens(env, tokens_file)
-        base_url = env.str("OPENAI_BASE_URL", cls.openai_base_url).rstrip("/")
-        if not base_url.startswith(("http://", "https://")):
-            raise SettingsError(f"OPENAI_BASE_URL: must start with http:// or https://, got {base_url!r}")
-        try:
-            parts = urllib.parse.urlsplit(base_url)
-            parts.port  # noqa: B018 (raises ValueError for a port out of range)
-        except ValueError as exc:
-            raise SettingsError(f"OPENAI_BASE_URL: {exc} in {base_url!r}") from None
-        if not parts.hostname:
-            raise SettingsError(f"OPENAI_BASE_URL: no host in {base_url!r}")
+        base_url = _base_url(env.str("OPENAI_BASE_URL", cls.openai_base_url).rstrip("/"))
         allowed_models = env.csv("ALLOWED_MODELS")
         if env.raw("ALLOWED_MODELS") is not None and not allowed_models:
             raise SettingsError("ALLOWED_MODELS: lists no model; name models separated by commas, or unset it")
@@ -223,6 +214,35 @@ class Settings:
             redis_timeout=env.float("REDIS_TIMEOUT", cls.redis_timeout),
             redis_inflight_ttl=env.float("REDIS_INFLIGHT_TTL", cls.redis_inflight_ttl, minimum=0.5),
         )
+
+
+def _base_url(url: str) -> str:
+    """OPENAI_BASE_URL: ``http(s)://host[:port][/path]``, to which the API's paths are appended."""
+    # What errors may quote: credentials in the URL are not echoed.
+    shown = re.sub(r"(?<=//)[^/?#]*@", "***@", url)
+    if not url.startswith(("http://", "https://")):
+        raise SettingsError(f"OPENAI_BASE_URL: must start with http:// or https://, got {shown!r}")
+    if re.search(r"[\x00-\x20\x7f]", url):
+        raise SettingsError(f"OPENAI_BASE_URL: holds a space or a control character: {shown!r}")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise SettingsError(f"OPENAI_BASE_URL: {exc} in {shown!r}") from None
+    if "@" in parts.netloc:
+        # Keys go in each request's header; credentials here would be sent
+        # with every request and printed in the startup line.
+        raise SettingsError("OPENAI_BASE_URL: must not hold a user or password (the value is not shown)")
+    if "?" in url or "#" in url:
+        # The API's paths are appended: ".../v1?a=b" would become ".../v1?a=b/chat/completions".
+        raise SettingsError(f"OPENAI_BASE_URL: must not hold a query or fragment ('?' or '#'), got {shown!r}")
+    if not parts.hostname:
+        raise SettingsError(f"OPENAI_BASE_URL: no host in {shown!r}")
+    if not egress.valid_host(parts.hostname):
+        raise SettingsError(f"OPENAI_BASE_URL: {parts.hostname!r} is not a valid host name or IP address")
+    if port is not None and not 1 <= port <= 65535:
+        raise SettingsError(f"OPENAI_BASE_URL: the port must be between 1 and 65535, got {port}")
+    return url
 
 
 def _access_tokens(env: _Env, tokens_file: str) -> tuple[str, ...]:

@@ -18,11 +18,43 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import ssl
 from collections.abc import Mapping
 from urllib.parse import quote, unquote, urlsplit
 
 PROXY_SCHEMES = ("http", "https", "socks5", "socks5h")
+
+# A DNS label (RFC 1123 section 2.1), also with "_", which Docker and
+# Compose service names may hold and resolvers accept.
+DNS_LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def valid_host(host: str) -> bool:
+    """A DNS name, an IPv4 address or an IPv6 address (as ``urlsplit`` gives it, without brackets)."""
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return False
+        return True
+    try:
+        ascii_host = host.encode("idna").decode("ascii") if not host.isascii() else host
+    except UnicodeError:
+        return False
+    name = ascii_host[:-1] if ascii_host.endswith(".") else ascii_host
+    if not name or len(name) > 253:
+        return False
+    labels = name.split(".")
+    if all(label.isdigit() for label in labels):
+        # All digits: an IPv4 address or nothing ("999.1.1.1", "1.2.3").
+        try:
+            ipaddress.IPv4Address(name)
+        except ValueError:
+            return False
+        return True
+    return all(DNS_LABEL_RE.fullmatch(label) for label in labels)
 
 
 class EgressConfigError(ValueError):
@@ -72,6 +104,9 @@ class EgressProxy:
 
 def parse_proxy_url(value: str, name: str) -> EgressProxy:
     """``scheme://[user:pass@]host:port``; a URL without a scheme is http, as for curl."""
+    if CONTROL_RE.search(value) or " " in value:
+        # urlsplit would silently drop a tab or a newline (WHATWG URL rules).
+        raise EgressConfigError("%s: holds a space or a control character (the value is not shown)" % name)
     if "://" not in value:
         value = "http://" + value
     try:
@@ -86,18 +121,30 @@ def parse_proxy_url(value: str, name: str) -> EgressProxy:
         )
     if not parts.hostname:
         raise EgressConfigError("%s: no host in the proxy URL" % name)
+    if not valid_host(parts.hostname):
+        # The host only: the URL may hold a password.
+        raise EgressConfigError("%s: %r is not a valid host name or IP address" % (name, parts.hostname))
     if port is None:
         # curl's default proxy port is 1080 whatever the scheme: a surprise
         # for an HTTP proxy, so the port must be explicit.
         raise EgressConfigError("%s: give the proxy's port, e.g. %s://%s:3128" % (name, scheme, parts.hostname))
+    if not 1 <= port <= 65535:
+        raise EgressConfigError("%s: the proxy's port must be between 1 and 65535, got %d" % (name, port))
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise EgressConfigError("%s: a proxy URL has no path or query" % name)
+    username, password = unquote(parts.username or ""), unquote(parts.password or "")
+    if CONTROL_RE.search(username) or CONTROL_RE.search(password):
+        # libcurl would cut the credentials at a NUL or send the control
+        # character in a header line. The value itself is never shown.
+        raise EgressConfigError(
+            "%s: the user or password holds a control character once percent-decoded (the value is not shown)" % name
+        )
     return EgressProxy(
         scheme=scheme,
         host=parts.hostname,
         port=port,
-        username=unquote(parts.username or ""),
-        password=unquote(parts.password or ""),
+        username=username,
+        password=password,
         source=name,
     )
 

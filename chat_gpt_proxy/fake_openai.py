@@ -220,8 +220,14 @@ class FakeOpenAI:
             "completed": self.completed,
         }
 
-    def start(self, port: int = 0, address: str = "127.0.0.1", sockets=None) -> int:
-        """Listen on ``port`` (0: an unused one), or on ``sockets``, listening sockets on one port."""
+    def start(
+        self, port: int = 0, address: str = "127.0.0.1", sockets=None, idle_connection_timeout: float = 3600
+    ) -> int:
+        """Listen on ``port`` (0: an unused one), or on ``sockets``, listening sockets on one port.
+
+        ``idle_connection_timeout``: how long a kept-alive connection may stay
+        idle before the fake closes it (uvicorn, behind many self-hosted
+        servers, closes them after 5 s)."""
         fake = self
 
         class CountingServer(tornado.httpserver.HTTPServer):
@@ -247,7 +253,9 @@ class FakeOpenAI:
             fake=self,
             log_function=lambda handler: None,
         )
-        self._server = CountingServer(app, ssl_options=self.ssl_context)
+        self._server = CountingServer(
+            app, ssl_options=self.ssl_context, idle_connection_timeout=idle_connection_timeout
+        )
         if sockets:
             self._server.add_sockets(sockets)
             self.port = sockets[0].getsockname()[1]

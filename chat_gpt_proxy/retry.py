@@ -5,7 +5,10 @@ was never made (refused, DNS failure, connect timeout, the egress proxy
 unreachable or unable to reach the upstream), or, opted in with
 ``RETRY_ON_STATUS``, an error status whose answer has not been relayed. A
 reset or a timeout after the request was sent is never retried: it may have
-been processed, and billed, already.
+been processed, and billed, already. The one exception is a GET or HEAD,
+which changes nothing, whose kept-alive connection closed before any answer
+byte. A kept-alive connection found closed before the request was sent
+is retried at once (``reused_connection_closed``).
 """
 
 from __future__ import annotations
@@ -60,7 +63,9 @@ class RetryPolicy:
         """Seconds to wait before trying again after ``exc``; None: do not retry."""
         if exc.retry_reason is None:
             return None
-        return self._wait(backoff(attempt), attempt, elapsed)
+        # A closed kept-alive connection says nothing about the route: at once.
+        wait = 0.0 if exc.retry_reason == "reused_connection_closed" else backoff(attempt)
+        return self._wait(wait, attempt, elapsed)
 
     def after_status(self, status: int, headers, attempt: int, elapsed: float) -> float | None:
         """Seconds to wait before trying again after an error status; None: answer it now."""

@@ -23,6 +23,8 @@ import collections
 import contextlib
 import logging
 import re
+import select
+import socket
 import time
 
 import pycurl
@@ -92,8 +94,20 @@ CONNECT_FAILED_RE = re.compile(r"CONNECT tunnel failed, response (\d+)")
 SOCKS_AUTH_RE = re.compile(r"rejected by the SOCKS5 server|No authentication method was acceptable", re.I)
 CONNECT_PHASE_TIMEOUT_RE = re.compile(r"^(Resolving|Connection) timed out", re.I)
 
+# Requests that change nothing (RFC 9110 section 9.2.2) and so may be sent
+# again when their reused connection closed before answering, as Go's
+# net/http does (Transport.shouldRetryRequest); nginx never resends a POST.
+# (OPTIONS is answered by the proxy itself.)
+REPLAYABLE_METHODS = frozenset({"GET", "HEAD"})
+
 PROXY_MESSAGES = {
     "proxy_unreachable": "could not connect to the egress proxy (%s): check that it is running and reachable",
+    "proxy_timeout": (
+        "the egress proxy (%s) did not open the connection in time: check that it is running and reachable"
+    ),
+    "proxy_tls": (
+        "the egress proxy's TLS certificate could not be verified: check the proxy's name in %s and UPSTREAM_CA_FILE"
+    ),
     "proxy_auth": "the egress proxy (%s) refused its credentials: check the user and password in the setting",
     "proxy_failed": "the egress proxy (%s) could not connect to the upstream: check the proxy's own access",
 }
@@ -106,8 +120,8 @@ class UpstreamError(Exception):
     (connect or total timeout), ``idle`` (stream went silent), ``broken``
     (connection failed mid-response), ``aborted`` (we aborted it: client left
     or shutdown), ``tls`` (the upstream's certificate was not trusted),
-    ``proxy_unreachable``, ``proxy_auth``, ``proxy_failed`` (the egress
-    proxy, issue 11). The message never contains request data or secrets.
+    ``proxy_unreachable``, ``proxy_auth``, ``proxy_failed``, ``proxy_tls``
+    (the egress proxy, issue 11). The message never contains request data or secrets.
 
     ``retry_reason`` is set when the request cannot have reached the upstream
     (nothing was sent), so that trying again is safe; ``detail`` is for the
@@ -126,10 +140,42 @@ class UpstreamError(Exception):
         return {"message": self.message, "type": "upstream_error", "code": "upstream_" + self.kind}
 
 
+class UpstreamClient(CurlAsyncHTTPClient):
+    """Tornado's libcurl client, plus what ``UpstreamCall`` needs to know about its connections."""
+
+    def initialize(self, *args, **kwargs) -> None:
+        super().initialize(*args, **kwargs)
+        # The sockets of the connections libcurl opened, by local address
+        # (ip, port) -> fd (pycurl refuses getinfo() inside a callback). The
+        # entry of a closed connection is replaced when its address is used
+        # again, so the map never outgrows the port range.
+        self.sockets: dict[tuple[str, int], int] = {}
+
+    def _finish(self, curl, curl_error=None, curl_message=None) -> None:
+        # The last moment this transfer's libcurl state can be read: Tornado
+        # hands the handle to the next request right after.
+        call = getattr(curl, "upstream_call", None)
+        curl.upstream_call = None
+        if curl_error and call is not None:
+            call.past_proxy = past_proxy(curl)
+        super()._finish(curl, curl_error, curl_message)
+
+
+def past_proxy(curl: pycurl.Curl) -> bool:
+    """Whether a failed transfer had got past the egress proxy to the upstream.
+
+    Measured with libcurl 8.23 (tests/test_egress_failures.py): the CONNECT
+    was answered 2xx (HTTP_CONNECTCODE, 0 without one), or TLS with the
+    upstream had begun (SSL_VERIFYRESULT, 0 until then, 1 while it is under
+    way); libcurl's error messages are the same either way.
+    """
+    return curl.getinfo(pycurl.HTTP_CONNECTCODE) // 100 == 2 or curl.getinfo(pycurl.SSL_VERIFYRESULT) != 0
+
+
 def make_client(settings) -> CurlAsyncHTTPClient:
     """One client per IOLoop; ``max_clients`` is our own concurrency cap, so
     Tornado's hidden queue (which has no timeout in the curl client) is never used."""
-    client = CurlAsyncHTTPClient(
+    client = UpstreamClient(
         force_instance=True,
         max_clients=settings.max_concurrent_upstream,
         # Our WRITEFUNCTION replaces Tornado's, so this limit would not apply;
@@ -166,8 +212,12 @@ class UpstreamPool:
             self._client = None
 
 
-def classify(errno: int, message: str, status: int, proxy) -> UpstreamError:
-    """The ``UpstreamError`` for a libcurl failure (``proxy``: the egress proxy in use, or None)."""
+def classify(errno: int, message: str, status: int, proxy, *, past_proxy: bool = False) -> UpstreamError:
+    """The ``UpstreamError`` for a libcurl failure.
+
+    ``proxy``: the egress proxy in use, or None; ``past_proxy``: whether the
+    connection had got through it to the upstream (see ``past_proxy()``).
+    """
     if proxy is not None:
         where = "%s from %s" % (proxy.masked(), proxy.source)
         detail = "proxy=%s curl=%r" % (where, message[:200])
@@ -184,6 +234,16 @@ def classify(errno: int, message: str, status: int, proxy) -> UpstreamError:
         elif errno in (CURLE_COULDNT_CONNECT, CURLE_COULDNT_RESOLVE_PROXY):
             # With a proxy, libcurl opens TCP connections only to the proxy.
             kind, retry = "proxy_unreachable", "proxy_unreachable"
+        elif past_proxy or status:
+            pass  # the upstream's own failure, classified below
+        elif errno == CURLE_OPERATION_TIMEDOUT and CONNECT_PHASE_TIMEOUT_RE.search(message):
+            # The proxy accepted TCP but did not finish its handshake (CONNECT
+            # answer, SOCKS5 reply, TLS): nothing reached the upstream.
+            return UpstreamError(
+                "proxy_unreachable", PROXY_MESSAGES["proxy_timeout"] % proxy.source, "proxy_unreachable", detail
+            )
+        elif errno in (CURLE_PEER_FAILED_VERIFICATION, CURLE_SSL_CONNECT_ERROR) and proxy.scheme == "https":
+            kind, retry = "proxy_tls", None  # a certificate does not fix itself
         if kind is not None:
             return UpstreamError(kind, PROXY_MESSAGES[kind] % proxy.source, retry, detail)
     if errno == CURLE_COULDNT_CONNECT:
@@ -205,6 +265,35 @@ def classify(errno: int, message: str, status: int, proxy) -> UpstreamError:
     if errno == CURLE_SSL_CONNECT_ERROR:
         return UpstreamError("tls", "the TLS handshake with the upstream failed", detail="curl=%r" % message[:200])
     return UpstreamError("broken", "the upstream connection failed (curl error %d)" % errno)
+
+
+def connected_socket(fds: list[int], local_ip: str, local_port: int) -> int:
+    """Which of the sockets libcurl opened for a transfer is its connection (-1: none)."""
+    if len(fds) == 1:
+        return fds[0]
+    # Several: addresses tried one after the other, or IPv6 and IPv4 raced
+    # (happy eyeballs); the losers are closed, and their numbers may be reused.
+    for fd in fds:
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            continue  # closed
+        try:
+            name = sock.getsockname()
+        except OSError:
+            continue
+        finally:
+            sock.detach()  # libcurl's socket: never closed here
+        if name[0] == local_ip and name[1] == local_port:
+            return fd
+    return -1
+
+
+def readable(fd: int) -> bool:
+    """Whether a socket has something to read now (data, end of file or an error), without reading it."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLPRI)
+    return bool(poller.poll(0))
 
 
 def relayed_headers(headers: HTTPHeaders) -> list[tuple[str, str]]:
@@ -229,7 +318,7 @@ class UpstreamCall:
 
     def __init__(
         self,
-        client: CurlAsyncHTTPClient,
+        client: UpstreamClient,
         settings,
         method: str,
         url: str,
@@ -259,6 +348,15 @@ class UpstreamCall:
         self._headers_future: asyncio.Future = asyncio.get_running_loop().create_future()
         self._idle_handle = None
         self._last_activity = self.started_at
+        self.method = method
+        # How many times libcurl was about to send the request (see _on_prereq).
+        self._sends = 0
+        self._new_sockets: list[int] = []
+        self._sockets = client.sockets
+        # Set by UpstreamClient._finish when the transfer failed.
+        self.past_proxy = False
+        self.resend_refused = False
+        self.stale_connection = False
         request = HTTPRequest(
             url,
             method=method,
@@ -286,6 +384,7 @@ class UpstreamCall:
 
     def _prepare(self, curl: pycurl.Curl) -> None:
         self._curl = curl
+        curl.upstream_call = self
         curl.setopt(pycurl.HEADERFUNCTION, self._on_header_line)
         curl.setopt(pycurl.WRITEFUNCTION, self._on_body)
         curl.setopt(pycurl.NOPROGRESS, 0)
@@ -297,6 +396,8 @@ class UpstreamCall:
         # Tornado turns on libcurl's verbose trace when its logger is at DEBUG;
         # that trace holds the Authorization header, i.e. the caller's key.
         curl.setopt(pycurl.VERBOSE, 0)
+        curl.setopt(pycurl.SOCKOPTFUNCTION, self._on_new_socket)
+        curl.setopt(pycurl.PREREQFUNCTION, self._on_prereq)
         self._set_proxy(curl)
 
     def _set_proxy(self, curl: pycurl.Curl) -> None:
@@ -322,6 +423,42 @@ class UpstreamCall:
         curl.setopt(CURLOPT_SUPPRESS_CONNECT_HEADERS, 1)
         if proxy.scheme == "https" and self.settings.upstream_ca_file:
             curl.setopt(pycurl.PROXY_CAINFO, self.settings.upstream_ca_file)
+
+    def _on_new_socket(self, fd: int, _purpose: int) -> int:
+        self._new_sockets.append(fd)
+        return 0  # CURL_SOCKOPT_OK
+
+    def _on_prereq(self, _remote_ip, local_ip, _remote_port, local_port) -> int:
+        # Called each time libcurl is about to send the request on a
+        # connection, new or reused.
+        self._sends += 1
+        if self._sends > 1:
+            # libcurl is resending on its own: the reused connection closed
+            # after the request went out and before any answer byte, and
+            # libcurl retries that on another connection (Curl_retry_request,
+            # lib/multi.c; libcurl 8.23 has no option to turn it off). The
+            # upstream may be processing the first copy: refuse, and let
+            # open_upstream decide as for any failure after the request was sent.
+            self.resend_refused = True
+            return pycurl.PREREQFUNC_ABORT
+        # pycurl refuses getinfo() inside a callback: the sockets libcurl
+        # opened are known by their local address instead.
+        if self._new_sockets:
+            fd = connected_socket(self._new_sockets, local_ip, local_port)
+            if fd >= 0:
+                self._sockets[(local_ip, local_port)] = fd
+            return pycurl.PREREQFUNC_OK
+        # A reused connection. libcurl checks pooled connections for a close
+        # by the upstream (an idle timeout: uvicorn's is 5 s) at most once a
+        # second (prune_dead_connections, lib/url.c), so it may hand us one
+        # that is already closed. Anything to read on an idle connection (end
+        # of file, a reset, stray bytes) means it is unusable; nothing of this
+        # request was sent yet, so a retry on another connection is safe.
+        fd = self._sockets.get((local_ip, local_port), -1)
+        if fd >= 0 and readable(fd):
+            self.stale_connection = True
+            return pycurl.PREREQFUNC_ABORT
+        return pycurl.PREREQFUNC_OK
 
     def _on_header_line(self, line: bytes) -> None:
         if line.startswith(b"HTTP/"):
@@ -392,13 +529,33 @@ class UpstreamCall:
             return UpstreamError("idle", "the upstream sent nothing for %g s" % self.settings.stream_idle_timeout)
         if self.abort_reason is not None:
             return UpstreamError("aborted", "the request was aborted (%s)" % self.abort_reason)
+        if self.stale_connection:
+            return UpstreamError(
+                "broken",
+                "the upstream had closed the kept-alive connection",
+                "reused_connection_closed",
+                "reused connection found closed before sending",
+            )
+        if self.resend_refused:
+            # Only a request that cannot change anything is sent again (by our
+            # retry loop, logged and counted like every retry).
+            idempotent = self.method in REPLAYABLE_METHODS
+            return UpstreamError(
+                "broken",
+                "the upstream closed a kept-alive connection without answering"
+                + ("" if idempotent else "; not retried, as the upstream may have processed the request"),
+                "reused_connection_closed" if idempotent else None,
+                "reused connection closed before any answer byte",
+            )
         # Even with raise_error=False, connection failures and timeouts come
         # as an exception (CurlError 599), not as a response. Read the future
         # itself: its done-callbacks may not have run yet.
         error = self._fetch.exception() or self._fetch.result().error
         if not isinstance(error, CurlError):
             return None
-        return classify(error.errno, error.message or "", self.status, self.settings.upstream_egress)
+        return classify(
+            error.errno, error.message or "", self.status, self.settings.upstream_egress, past_proxy=self.past_proxy
+        )
 
     # -- the reader's side
 

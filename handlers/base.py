@@ -73,6 +73,7 @@ UPSTREAM_ERROR_STATUS = {
     "proxy_unreachable": 502,
     "proxy_auth": 502,
     "proxy_failed": 502,
+    "proxy_tls": 502,
 }
 
 

@@ -1,6 +1,7 @@
 """Unit tests of the egress pieces (issue 11): proxy URLs, the environment, NO_PROXY, failure kinds, retry waits."""
 
 import email.utils
+import socket
 import time
 
 import pytest
@@ -16,7 +17,7 @@ from chat_gpt_proxy.egress import (
     proxy_from_env,
 )
 from chat_gpt_proxy.retry import RetryPolicy, backoff, retry_after_seconds
-from chat_gpt_proxy.upstream import classify
+from chat_gpt_proxy.upstream import classify, connected_socket, readable
 from settings import Settings, SettingsError
 
 HTTPS_UPSTREAM = "https://api.openai.com/v1"
@@ -121,12 +122,42 @@ def test_no_proxy_from_settings_and_the_startup_description():
         ({"RETRY_MAX_WAIT": "soon"}, "RETRY_MAX_WAIT: must be a number"),
         ({"ALL_PROXY": "gopher://x:70"}, "ALL_PROXY: the scheme must be one of"),
         ({"UPSTREAM_CA_FILE": "/"}, "UPSTREAM_CA_FILE: no such file"),
+        # Control characters once percent-decoded: libcurl would cut the
+        # credentials at a NUL, or send a newline inside Proxy-Authorization.
+        ({"UPSTREAM_PROXY": "http://al%00ice:pw-unit-secret@h:3128"}, "UPSTREAM_PROXY: the user or password holds"),
+        ({"UPSTREAM_PROXY": "http://alice:pw-unit%0Asecret@h:3128"}, "UPSTREAM_PROXY: the user or password holds"),
+        ({"HTTPS_PROXY": "socks5h://alice:pw-unit%7Fsecret@h:1080"}, "HTTPS_PROXY: the user or password holds"),
+        ({"UPSTREAM_PROXY": "http://alice:pw-unit-secret\t@h:3128"}, "UPSTREAM_PROXY: holds a space or a control"),
+        ({"UPSTREAM_PROXY": "http://alice:pw-unit-secret@pro\nxy:3128"}, "UPSTREAM_PROXY: holds a space or a control"),
+        ({"UPSTREAM_PROXY": "http://alice:pw-unit-secret@pro xy:3128"}, "UPSTREAM_PROXY: holds a space or a control"),
+        ({"UPSTREAM_PROXY": "http://proxy:0"}, "UPSTREAM_PROXY: the proxy's port must be between 1 and 65535, got 0"),
+        ({"UPSTREAM_PROXY": "http://pro%20xy:3128"}, "UPSTREAM_PROXY: 'pro%20xy' is not a valid host"),
+        ({"UPSTREAM_PROXY": "http://u:pw-unit-secret@a..b:3128"}, "UPSTREAM_PROXY: 'a..b' is not a valid host"),
+        ({"UPSTREAM_PROXY": "http://-proxy:3128"}, "UPSTREAM_PROXY: '-proxy' is not a valid host"),
+        ({"UPSTREAM_PROXY": "http://999.1.1.1:3128"}, "UPSTREAM_PROXY: '999.1.1.1' is not a valid host"),
+        ({"UPSTREAM_PROXY": "http://pro!xy:3128"}, "UPSTREAM_PROXY: 'pro!xy' is not a valid host"),
     ],
 )
 def test_bad_egress_settings(env, message):
     with pytest.raises(SettingsError) as error:
         Settings.from_env(env)
-    assert str(error.value).startswith(message)
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+    assert "pw-unit" not in str(error.value) and "secret" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "value,host",
+    [
+        ("http://proxy.corp:3128", "proxy.corp"),
+        ("http://squid_proxy:3128", "squid_proxy"),  # a Compose service name
+        ("socks5h://127.0.0.1:1080", "127.0.0.1"),
+        ("http://[::1]:3128", "::1"),
+        ("http://proxy.corp.:3128", "proxy.corp."),
+        ("http://PROXY-1.corp:65535", "proxy-1.corp"),
+    ],
+)
+def test_good_proxy_hosts(value, host):
+    assert Settings.from_env({"UPSTREAM_PROXY": value}).upstream_proxy.host == host
 
 
 def test_retry_settings():
@@ -183,6 +214,41 @@ def test_classify_libcurl_failures(errno, message, proxy, kind, retry):
         assert "http://***:***@127.0.0.1:3128" in error.detail and "UPSTREAM_PROXY" in error.message
 
 
+HTTPS_PROXY = EgressProxy("https", "127.0.0.1", 3129, "u", "pw-unit-secret")
+TIMED_OUT = "Connection timed out after 1001 milliseconds"
+UNTRUSTED = "SSL certificate OpenSSL verify result: unable to get local issuer certificate (20)"
+
+
+# libcurl 8.23 words a connect-phase timeout and a certificate failure the
+# same whether the proxy or the upstream is at fault (measured against a
+# silent listener, tinyproxy, microsocks and a TLS front): only how far the
+# connection got tells them apart (``past_proxy``, from HTTP_CONNECTCODE and
+# SSL_VERIFYRESULT; see tests/test_egress_failures.py).
+@pytest.mark.parametrize(
+    "errno,message,proxy,past_proxy,kind,retry",
+    [
+        (28, TIMED_OUT, PROXY, False, "proxy_unreachable", "proxy_unreachable"),
+        (28, TIMED_OUT, HTTPS_PROXY, False, "proxy_unreachable", "proxy_unreachable"),
+        (28, TIMED_OUT, PROXY, True, "timeout", "connect_timeout"),
+        (28, TIMED_OUT, None, False, "timeout", "connect_timeout"),
+        (60, UNTRUSTED, HTTPS_PROXY, False, "proxy_tls", None),
+        (35, "TLS connect error: error:0A000410:SSL routines::ssl/tls alert handshake failure", HTTPS_PROXY, False,
+         "proxy_tls", None),
+        (60, UNTRUSTED, HTTPS_PROXY, True, "tls", None),
+        (60, UNTRUSTED, PROXY, False, "tls", None),  # no TLS with an http:// proxy itself
+        (60, UNTRUSTED, None, False, "tls", None),
+    ],
+)  # fmt: skip
+def test_classify_by_how_far_the_connection_got(errno, message, proxy, past_proxy, kind, retry):
+    error = classify(errno, message, 0, proxy, past_proxy=past_proxy)
+    assert (error.kind, error.retry_reason) == (kind, retry)
+    if kind.startswith("proxy_"):
+        assert "UPSTREAM_PROXY" in error.message and "OPENAI_BASE_URL" not in error.message
+        assert "://***:***@127.0.0.1:" in error.detail and "pw-unit-secret" not in error.detail
+    if kind == "proxy_tls":
+        assert "UPSTREAM_CA_FILE" in error.message and error.error_object()["code"] == "upstream_proxy_tls"
+
+
 def test_timeout_after_the_status_is_never_retried():
     assert classify(28, "Connection timed out after 1 ms", 200, None).retry_reason is None
 
@@ -214,3 +280,30 @@ def test_retry_policy_limits():
     refused = classify(7, "Failed to connect", 0, None)
     assert 0.1 <= policy.after_error(refused, 1, 0) <= 0.2
     assert policy.after_error(classify(56, "Recv failure", 0, None), 1, 0) is None
+
+
+def test_the_socket_of_a_connection_is_found_by_its_local_address():
+    """libcurl may open several sockets for one connection (addresses in turn, happy eyeballs)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    lost, won = socket.create_connection(listener.getsockname()), socket.create_connection(listener.getsockname())
+    closed = socket.socket()
+    closed_fd = closed.fileno()
+    closed.close()
+    try:
+        ip, port = won.getsockname()
+        assert connected_socket([lost.fileno(), won.fileno()], ip, port) == won.fileno()
+        assert connected_socket([closed_fd, won.fileno()], ip, port) == won.fileno()
+        assert connected_socket([lost.fileno(), closed_fd], ip, port) == -1
+        assert connected_socket([won.fileno()], ip, port) == won.fileno()
+        assert won.fileno() >= 0 and lost.fileno() >= 0  # looked at, never closed
+        peer, _ = listener.accept()  # lost's other end
+        assert not readable(lost.fileno())  # idle and open
+        peer.close()
+        time.sleep(0.05)
+        assert readable(lost.fileno()) and not readable(won.fileno())  # closed by its peer
+        assert lost.recv(1) == b""  # readable() read nothing: the end of file is still there
+    finally:
+        for sock in (listener, lost, won):
+            sock.close()

@@ -7,6 +7,8 @@ check, one warning line, and never the proxy's credentials.
 
 import dataclasses
 import logging
+import os
+import socket
 import ssl
 
 import pytest
@@ -225,6 +227,18 @@ async def test_startup_line_names_the_proxy_and_its_source_masked(fake_openai, t
         ({"UPSTREAM_CA_FILE": "README.md"}, "UPSTREAM_CA_FILE: 'README.md' holds no PEM certificate"),
         ({"UPSTREAM_PROXY": "ftp://proxy:21"}, "UPSTREAM_PROXY: the scheme must be one of"),
         ({"HTTPS_PROXY": "http://proxy.corp"}, "HTTPS_PROXY: give the proxy's port"),
+        (
+            {"UPSTREAM_PROXY": "http://al%%00ice:%s@proxy:3128" % TINYPROXY_PASSWORD},
+            "UPSTREAM_PROXY: the user or password holds a control character",
+        ),
+        ({"UPSTREAM_PROXY": "http://proxy:0"}, "UPSTREAM_PROXY: the proxy's port must be between 1 and 65535"),
+        ({"UPSTREAM_PROXY": "http://u:%s@pro xy:3128" % TINYPROXY_PASSWORD}, "UPSTREAM_PROXY: holds a space"),
+        (
+            {"OPENAI_BASE_URL": "http://u:%s@api.example/v1" % TINYPROXY_PASSWORD},
+            "OPENAI_BASE_URL: must not hold a user or password",
+        ),
+        ({"OPENAI_BASE_URL": "http://api.example/v1?a=b"}, "OPENAI_BASE_URL: must not hold a query or fragment"),
+        ({"OPENAI_BASE_URL": "http://api example/v1"}, "OPENAI_BASE_URL: holds a space"),
     ],
 )
 @pytest.mark.gen_test(timeout=30)
@@ -236,6 +250,7 @@ async def test_bad_egress_settings_stop_the_process_with_one_line(tmp_path, env,
     finally:
         server.stop()
     assert code == 2 and len(lines) == 1 and message in lines[0], lines
+    assert_no_password(*lines)
 
 
 @pytest.mark.gen_test(timeout=60)
@@ -278,3 +293,93 @@ async def test_demo_mode_ignores_an_egress_proxy(tmp_path):
     finally:
         server.stop()
     assert response.code == 200 and body["text"].startswith("Echo: demo")
+
+
+@pytest.fixture
+def silent_port():
+    """A port that accepts TCP connections (the kernel completes them) and never says a word."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    yield listener.getsockname()[1]
+    listener.close()
+
+
+@pytest.mark.parametrize("scheme", ["http", "https", "socks5", "socks5h"])
+@pytest.mark.settings(connect_timeout=0.5)
+@pytest.mark.gen_test(timeout=30)
+async def test_a_proxy_that_never_answers_its_handshake_is_unreachable(
+    config, fake_openai, caplog, silent_port, scheme
+):
+    """Not the upstream's timeout: the CONNECT, SOCKS5 or TLS handshake with the proxy never completed."""
+    proxy = EgressProxy(scheme, "127.0.0.1", silent_port, "proxyuser", TINYPROXY_PASSWORD)
+    async with serving(dataclasses.replace(config, upstream_proxy=proxy)) as (client, app):
+        response, body = await client.chat({"prompt": "x"})
+    assert response.code == 502 and body["error"]["code"] == "upstream_proxy_unreachable", body
+    assert "egress proxy (UPSTREAM_PROXY) did not open the connection in time" in body["text"]
+    lines = warnings(caplog)
+    retries = [line for line in lines if "upstream retry" in line]
+    assert len(retries) == 2 and all("reason=proxy_unreachable" in line for line in retries), lines
+    faults = [line for line in lines if "upstream fault" in line]
+    assert len(faults) == 1 and "kind=proxy_unreachable" in faults[0]
+    assert "proxy=%s://***:***@127.0.0.1:%d" % (scheme, silent_port) in faults[0]
+    assert retries_metric(app, "proxy_unreachable") == 2
+    assert fake_openai.received == []
+    assert_no_password(response.body.decode(), *lines)
+
+
+@pytest.mark.parametrize("kind", ["tinyproxy", "microsocks"])
+@pytest.mark.settings(connect_timeout=0.5, upstream_retries=0)
+@pytest.mark.gen_test(timeout=30)
+async def test_an_upstream_that_stalls_its_tls_handshake_through_the_proxy_is_the_upstreams_timeout(
+    config, servers, caplog, silent_port, kind
+):
+    server = servers(TinyProxy if kind == "tinyproxy" else MicroSocks)
+    settings = dataclasses.replace(
+        config, upstream_proxy=server.proxy(), openai_base_url="https://127.0.0.1:%d/v1" % silent_port
+    )
+    async with serving(settings) as (client, _):
+        response, body = await client.chat({"prompt": "x"})
+    assert response.code == 504 and body["error"]["code"] == "upstream_timeout", body
+    assert body["text"] == "could not connect to the upstream in time"
+
+
+@pytest.mark.parametrize("untrusted", ["proxy", "upstream"])
+@pytest.mark.gen_test(timeout=60)
+async def test_an_untrusted_https_proxy_certificate_is_the_proxys_fault(config, servers, workdir, caplog, untrusted):
+    """Two CAs: UPSTREAM_CA_FILE trusts one; the proxy's or the upstream's certificate comes from the other."""
+    trusted, other = (os.path.join(workdir, name) for name in ("trusted", "other"))
+    os.mkdir(trusted)
+    os.mkdir(other)
+    trusted_tls, other_tls = make_tls_files(trusted), make_tls_files(other)
+    proxy_tls, upstream_tls = (other_tls, trusted_tls) if untrusted == "proxy" else (trusted_tls, other_tls)
+    tiny = servers(TinyProxy, auth=True)
+    front = await TlsFront(tiny.port, proxy_tls["server.pem"], proxy_tls["server.key"]).start()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(upstream_tls["server.pem"], upstream_tls["server.key"])
+    fake = FakeOpenAI(ssl_context=context)
+    fake.start()
+    try:
+        proxy = dataclasses.replace(tiny.proxy("https"), host="localhost", port=front.port)
+        settings = dataclasses.replace(
+            config, upstream_proxy=proxy, openai_base_url=fake.url, upstream_ca_file=trusted_tls["ca.pem"]
+        )
+        async with serving(settings) as (client, app):
+            response, body = await client.chat({"prompt": "x"})
+        lines = warnings(caplog)
+    finally:
+        await fake.stop()
+        await front.stop()
+    assert response.code == 502 and fake.received == []
+    assert not [line for line in lines if "upstream retry" in line]  # a certificate does not fix itself
+    assert len(lines) == 1
+    if untrusted == "proxy":
+        assert body["error"]["code"] == "upstream_proxy_tls", body
+        assert (
+            "egress proxy's TLS certificate" in body["text"] and "UPSTREAM_PROXY and UPSTREAM_CA_FILE" in body["text"]
+        )
+        assert "kind=proxy_tls proxy=https://***:***@localhost:%d" % front.port in lines[0]
+    else:
+        assert body["error"]["code"] == "upstream_tls", body
+        assert "OPENAI_BASE_URL" in body["text"] and "kind=tls" in lines[0]
+    assert_no_password(response.body.decode(), *lines)

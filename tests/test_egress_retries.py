@@ -3,10 +3,13 @@
 Retried: the connection was never made (refused, connect timeout, the egress
 proxy unreachable: see tests/test_egress_failures.py), and, opted in with
 RETRY_ON_STATUS, error statuses whose answer has not been relayed. Never
-retried: anything after the request was sent.
+retried: anything after the request was sent, except a GET or HEAD whose
+reused keep-alive connection closed before any answer byte.
 """
 
+import asyncio
 import dataclasses
+import json
 import logging
 import socket
 import time
@@ -14,6 +17,7 @@ import time
 import pytest
 
 from chat_gpt_proxy.fake_openai import Behaviour, FakeOpenAI
+from tests.conftest import OPENAI_KEY
 from tests.egress_servers import serving
 
 STREAM = {"stream": True}
@@ -197,3 +201,106 @@ async def test_status_answered_at_once(config, fake_openai, caplog, settings, re
     assert len(fake_openai.received) == received
     if received == 1:
         assert time.monotonic() - started < 1.0
+
+
+def fault_lines(caplog):
+    return [r.getMessage() for r in caplog.records if "upstream fault" in r.getMessage()]
+
+
+@pytest.mark.parametrize("reset", [True, False])
+@pytest.mark.parametrize("path", ["/chat_complete", "/v1/chat/completions", "/chat_complete stream"])
+@pytest.mark.gen_test(timeout=30)
+async def test_a_post_is_never_sent_twice_when_its_kept_alive_connection_dies(
+    proxy, fake_openai, app, caplog, path, reset
+):
+    """libcurl resends a request by itself when a reused connection closes before any answer byte
+    (Curl_retry_request): the upstream got the first copy and may be processing it, so a POST is a 502."""
+    warm, _ = await proxy.chat({"prompt": "warm"})
+    assert warm.code == 200 and fake_openai.connections == 1
+    fake_openai.push(Behaviour(kind="drop", after=0, reset=reset))
+    if path == "/v1/chat/completions":
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}
+        response, answer = await proxy.chat(body, path=path, headers={"Authorization": "Bearer " + OPENAI_KEY})
+    elif path == "/chat_complete":
+        response, answer = await proxy.chat({"prompt": "x"})
+    else:
+        streamed = await proxy.stream({"prompt": "x", "generate_params": STREAM})
+        response, answer = streamed.response, json.loads(streamed.body)
+    assert response.code == 502 and answer["error"]["code"] == "upstream_broken", answer
+    assert "not retried" in answer["error"]["message"]
+    assert len(fake_openai.received) == 2  # the warm-up and the one copy of the request
+    assert retry_lines(caplog) == [] and retries_metric(app, "reused_connection_closed") == 0
+    faults = fault_lines(caplog)
+    assert len(faults) == 1 and "kind=broken" in faults[0] and "reused connection closed" in faults[0], faults
+    # The pool recovers: the next request goes out on a fresh connection.
+    response, answer = await proxy.chat({"prompt": "after"})
+    assert response.code == 200 and answer["text"] == "Echo: after"
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+@pytest.mark.gen_test(timeout=30)
+async def test_a_get_whose_kept_alive_connection_dies_is_retried_as_one_logged_retry(
+    proxy, fake_openai, app, caplog, method
+):
+    """The same failure for a request that changes nothing: retried once, logged and counted, never hidden."""
+    headers = {"Authorization": "Bearer " + OPENAI_KEY}
+    warm = await proxy.request("/v1/raw/x", method=method, headers=headers)
+    assert warm.code == 200 and fake_openai.connections == 1
+    fake_openai.push(Behaviour(kind="raw", raw=""))  # closes the connection without a byte
+    response = await proxy.request("/v1/raw/x", method=method, headers=headers)
+    assert response.code == 200
+    assert [r.method for r in fake_openai.received] == [method] * 3
+    lines = retry_lines(caplog)
+    assert len(lines) == 1 and "reason=reused_connection_closed attempt=1/2" in lines[0], lines
+    assert retries_metric(app, "reused_connection_closed") == 1
+    assert fault_lines(caplog) == []
+
+
+@pytest.mark.settings(upstream_retries=0)
+@pytest.mark.gen_test(timeout=30)
+async def test_a_get_is_not_resent_with_upstream_retries_0(proxy, fake_openai, caplog):
+    headers = {"Authorization": "Bearer " + OPENAI_KEY}
+    assert (await proxy.request("/v1/raw/x", method="GET", headers=headers)).code == 200
+    fake_openai.push(Behaviour(kind="raw", raw=""))
+    response = await proxy.request("/v1/raw/x", method="GET", headers=headers, check=False)
+    assert response.code == 502 and json.loads(response.body)["error"]["code"] == "upstream_broken"
+    assert len(fake_openai.received) == 2 and retry_lines(caplog) == []
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_kept_alive_connection_the_upstream_closed_is_retried_before_sending(config, caplog):
+    """The common case of a dead kept-alive connection: the upstream's idle timeout closed it. libcurl
+    checks its pool for such connections only once a second and would send the request into the closed
+    one (then resend it); it is found closed before anything is sent and the request retried at once."""
+    fake = FakeOpenAI()
+    fake.start(idle_connection_timeout=0.2)
+    try:
+        async with serving(dataclasses.replace(config, openai_base_url=fake.url)) as (client, proxy_app):
+            for i in range(3):
+                if i:
+                    await asyncio.sleep(0.4)  # closed by the fake after 0.2 s; libcurl's check is 1 s apart
+                response, body = await client.chat({"prompt": "idle %d" % i})
+                assert response.code == 200 and body["text"] == "Echo: idle %d" % i
+            assert retries_metric(proxy_app, "reused_connection_closed") == 2
+    finally:
+        await fake.stop()
+    assert len(fake.received) == 3 and fake.connections == 3
+    lines = retry_lines(caplog)
+    assert len(lines) == 2 and all("reason=reused_connection_closed attempt=1/2 wait_ms=0" in x for x in lines)
+    assert fault_lines(caplog) == []
+
+
+@pytest.mark.settings(upstream_retries=0)
+@pytest.mark.gen_test(timeout=30)
+async def test_upstream_retries_0_also_turns_off_the_retry_of_a_closed_kept_alive_connection(config, caplog):
+    fake = FakeOpenAI()
+    fake.start(idle_connection_timeout=0.2)
+    try:
+        async with serving(dataclasses.replace(config, openai_base_url=fake.url)) as (client, _):
+            assert (await client.chat({"prompt": "warm"}))[0].code == 200
+            await asyncio.sleep(0.4)
+            response, body = await client.chat({"prompt": "x"})
+    finally:
+        await fake.stop()
+    assert response.code == 502 and body["error"]["code"] == "upstream_broken"
+    assert len(fake.received) == 1 and retry_lines(caplog) == []

@@ -72,6 +72,16 @@ def test_base_url_trailing_slash_and_default_params():
         ("OPENAI_BASE_URL", "https:///v1"),
         ("OPENAI_BASE_URL", "http://:8080/v1"),
         ("OPENAI_BASE_URL", "http://api.example:99999/v1"),
+        ("OPENAI_BASE_URL", "http://api.example:0/v1"),
+        # The API's paths are appended: a query would end up before them.
+        ("OPENAI_BASE_URL", "http://api.example/v1?a=b"),
+        ("OPENAI_BASE_URL", "http://api.example/v1?"),
+        ("OPENAI_BASE_URL", "http://api.example/v1#part"),
+        ("OPENAI_BASE_URL", "http://api example/v1"),
+        ("OPENAI_BASE_URL", "http://api%20example/v1"),
+        ("OPENAI_BASE_URL", "http://api.example/v 1"),
+        ("OPENAI_BASE_URL", "http://api..example/v1"),
+        ("OPENAI_BASE_URL", "http://[zz::1]/v1"),
         # What a request's generate_params may not hold, DEFAULT_GENERATE_PARAMS may not either.
         ("DEFAULT_GENERATE_PARAMS", '{"messages": [{"role": "user", "content": "x"}]}'),
         ("DEFAULT_GENERATE_PARAMS", '{"stream": "yes"}'),
@@ -113,6 +123,24 @@ def test_settings_that_contradict_each_other_name_the_variable(name, env):
         Settings.from_env(env)
     message = str(info.value)
     assert message.startswith(name + ":") and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["http://user:base-url-pw@api.example/v1", "https://:base-url-pw@api.example/v1", "ftp://u:base-url-pw@x/v1"],
+)
+def test_credentials_in_openai_base_url_are_refused_and_never_shown(value):
+    """They would go with every request and be printed in the startup configuration line."""
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({"OPENAI_BASE_URL": value})
+    assert str(info.value).startswith("OPENAI_BASE_URL:") and "base-url-pw" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "value", ["http://vllm:8000/v1", "http://my_llm:8000/v1", "https://api.openai.com/v1", "http://[::1]:1/v1"]
+)
+def test_good_openai_base_urls(value):
+    assert Settings.from_env({"OPENAI_BASE_URL": value}).openai_base_url == value
 
 
 def test_consistent_settings_are_accepted():
