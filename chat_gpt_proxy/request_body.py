@@ -48,6 +48,7 @@ class RequestBody:
         self.received = 0  # bytes as sent
         self.size = 0  # bytes after decoding
         self._parts: list[bytes] = []
+        self._coding = coding
         self._decoder = zlib.decompressobj(DECODERS[coding]) if coding else None
 
     def feed(self, chunk: bytes) -> None:
@@ -60,16 +61,18 @@ class RequestBody:
         data = chunk
         while data:
             if self._decoder.eof:
-                raise BodyNotDecodable("data after the end of the compressed stream")
+                if self._coding == "deflate":
+                    raise BodyNotDecodable("data after the end of the compressed stream")
+                # A gzip body may be several members, one after the other (RFC 1952 section 2.2).
+                self._decoder = zlib.decompressobj(DECODERS[self._coding])
             try:
                 # At most one byte more than the limit allows: enough to know it is too large.
                 out = self._decoder.decompress(data, self.limit - self.size + 1)
             except zlib.error:
                 raise BodyNotDecodable("invalid compressed data") from None
             self._keep(out)
-            if self._decoder.unused_data:
-                raise BodyNotDecodable("data after the end of the compressed stream")
-            data = self._decoder.unconsumed_tail
+            # What follows the end of a member, if anything, starts the next one.
+            data = self._decoder.unused_data if self._decoder.eof else self._decoder.unconsumed_tail
 
     def _keep(self, data: bytes) -> None:
         self.size += len(data)

@@ -242,3 +242,21 @@ def test_request_body_plain_and_truncated():
     cut.feed(gzip.compress(b"hello")[:-4])
     with pytest.raises(BodyNotDecodable):
         cut.finish()
+
+
+def test_request_body_of_several_gzip_members():
+    """RFC 1952 section 2.2: a gzip body is a series of members (what `cat a.gz b.gz` makes)."""
+    members = gzip.compress(b'{"prompt": ') + gzip.compress(b'"hi"}')
+    for split in (1, len(members) // 2, len(members)):  # the members' boundary anywhere in the chunks
+        body = RequestBody(1000, "gzip")
+        body.feed(members[:split])
+        body.feed(members[split:])
+        assert body.finish() == b'{"prompt": "hi"}'
+    # The limit counts every member: a second member cannot slip past it.
+    big = RequestBody(12, "gzip")
+    with pytest.raises(BodyTooLarge):
+        big.feed(gzip.compress(b"x" * 10) + gzip.compress(b"y" * 10))
+    # deflate (zlib framing) has one stream only: anything after it is an error.
+    trailing = RequestBody(1000, "deflate")
+    with pytest.raises(BodyNotDecodable):
+        trailing.feed(zlib.compress(b"a") + zlib.compress(b"b"))
