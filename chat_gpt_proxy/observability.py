@@ -260,6 +260,9 @@ def _access_line(config, record: dict) -> None:
 
 def log_request(handler) -> None:
     """Tornado's ``log_function``: the access log line and the request metrics."""
+    if getattr(handler, "access_logged", False):
+        return
+    handler.access_logged = True
     status = handler.get_status()
     if status == 101:
         return  # a WebSocket session: logged when it ends (log_session)

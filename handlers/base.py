@@ -14,6 +14,7 @@ import time
 import traceback
 import uuid
 
+from tornado.ioloop import IOLoop
 from tornado.iostream import StreamClosedError
 from tornado.web import HTTPError, RequestHandler, stream_request_body
 
@@ -155,6 +156,8 @@ class ApiMixin:
     limited: str | None = None
     # Whether this request goes upstream with the server-held key (issue 13).
     used_server_key = False
+    # Set by the access log (chat_gpt_proxy/observability.py): one line per request.
+    access_logged = False
 
     def server_key_refused(self) -> ApiError:
         """The upstream refused the server's own key: the operator's problem, not the caller's.
@@ -546,6 +549,11 @@ class BaseHandler(ApiMixin, RequestHandler):
     # -- disconnects
 
     def on_connection_close(self) -> None:
+        body_future = getattr(self.request, "_body_future", None)
+        if body_future is not None and not body_future.done() and not self._finished:
+            # The client left while sending its body: Tornado then ends the
+            # request without a word; the access log still gets its line (499).
+            IOLoop.current().add_callback(self._log_abandoned)
         # Fails a pending request body, so that the handler does not wait for it forever.
         super().on_connection_close()
         if not self.client_gone:
@@ -557,6 +565,10 @@ class BaseHandler(ApiMixin, RequestHandler):
         if call is not None and call.abort_reason is None and call.finished_at is None:
             log.warning("client left request_id=%s kind=client_closed", self.request_id)
             call.abort("client_closed")
+
+    def _log_abandoned(self) -> None:
+        if not self._finished and not self.access_logged:
+            self.application.log_request(self)
 
     async def flush_or_abort(self) -> bool:
         """Flush to the client; False (and the upstream aborted) if the client is gone."""

@@ -466,3 +466,25 @@ async def test_the_model_label_is_escaped_and_bounded(proxy, fake_openai):
     [label] = {re.search(r'model="([^"]*)"', line).group(1) for line in lines}
     # The escaped value; the text format doubles each backslash.
     assert label.startswith(r"m\\x0d\\x0a\\u2028x") and len(label) < 130 and "\r" not in label
+
+
+@pytest.mark.gen_test
+async def test_a_client_that_leaves_while_sending_its_body_gets_its_access_line(proxy, base_url, caplog):
+    """One line per request: also when the body never arrived in full (status 499, end=client_closed)."""
+    host, port = base_url.rsplit("//", 1)[1].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    head = "POST /chat_complete HTTP/1.1\r\nHost: x\r\naccess-token: %s\r\nopenai-token: %s\r\n" % (
+        ACCESS_TOKEN,
+        OPENAI_KEY,
+    )
+    writer.write(head.encode() + b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n" + b'{"prompt": ')
+    await writer.drain()
+    await asyncio.sleep(0.2)
+    writer.close()
+    for _ in range(50):
+        if access_lines(caplog):
+            break
+        await asyncio.sleep(0.05)
+    [line] = access_lines(caplog)
+    assert fields(line)["status"] == "499" and fields(line)["end"] == "client_closed"
+    assert 'proxy_requests_total{route="chat_complete",status="499",token="-"} 1.0' in await metrics_text(proxy)
