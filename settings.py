@@ -219,7 +219,7 @@ class Settings:
 def _base_url(url: str) -> str:
     """OPENAI_BASE_URL: ``http(s)://host[:port][/path]``, to which the API's paths are appended."""
     # What errors may quote: credentials in the URL are not echoed.
-    shown = re.sub(r"(?<=//)[^/?#]*@", "***@", url)
+    shown = mask_url(url)
     if not url.startswith(("http://", "https://")):
         raise SettingsError(f"OPENAI_BASE_URL: must start with http:// or https://, got {shown!r}")
     if re.search(r"[\x00-\x20\x7f]", url):
@@ -227,8 +227,9 @@ def _base_url(url: str) -> str:
     try:
         parts = urllib.parse.urlsplit(url)
         port = parts.port
-    except ValueError as exc:
-        raise SettingsError(f"OPENAI_BASE_URL: {exc} in {shown!r}") from None
+    except ValueError:
+        # Python's message may quote a piece of a password: not shown.
+        raise SettingsError(f"OPENAI_BASE_URL: not a valid URL (its port?): {shown!r}") from None
     if "@" in parts.netloc:
         # Keys go in each request's header; credentials here would be sent
         # with every request and printed in the startup line.
@@ -273,17 +274,19 @@ def _finite_float(text: str) -> float:
 
 
 def mask_url(url: str) -> str:
-    """``url`` with the password of its user part replaced by ``***``, for logs and errors."""
+    """``url`` with the password of its user part replaced by ``***``, for logs and errors.
+
+    The user part ends at the last "@" (a password may hold "/", "?" or "#"),
+    and redis-py also reads ``?password=`` from the query, with or without a
+    path before it.
+    """
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url
-    authority, slash, path = rest.partition("/")
-    user, at, host = authority.rpartition("@")
-    if at and ":" in user:
-        user = user.split(":", 1)[0] + ":***"
-    # redis-py also reads ?password=... from the query string.
-    path = re.sub(r"(?i)(password=)[^&#]*", r"\1***", path)
-    return scheme + sep + (user + at if at else "") + host + slash + path
+    userinfo, at, after = rest.rpartition("@")
+    if at and ":" in userinfo:
+        rest = userinfo.split(":", 1)[0] + ":***@" + after
+    return scheme + sep + re.sub(r"(?i)(password=)[^&#]*", r"\1***", rest)
 
 
 def _mask(secret: str) -> str:

@@ -127,7 +127,14 @@ def test_settings_that_contradict_each_other_name_the_variable(name, env):
 
 @pytest.mark.parametrize(
     "value",
-    ["http://user:base-url-pw@api.example/v1", "https://:base-url-pw@api.example/v1", "ftp://u:base-url-pw@x/v1"],
+    [
+        "http://user:base-url-pw@api.example/v1",
+        "https://:base-url-pw@api.example/v1",
+        "ftp://u:base-url-pw@x/v1",
+        # A "/" in the password: the URL parser takes "base-url" for a port.
+        "http://user:base-url-pw/x@api.example/v1",
+        "http://user:base-url-pw?x@api.example/v1",
+    ],
 )
 def test_credentials_in_openai_base_url_are_refused_and_never_shown(value):
     """They would go with every request and be printed in the startup configuration line."""
