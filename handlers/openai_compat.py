@@ -39,6 +39,15 @@ DROPPED_RESPONSE_HEADERS = HOP_BY_HOP_HEADERS | {
     "x-proxy-request-id",
 }
 
+# The endpoints that use a model, and choose one themselves when the body
+# names none (images, moderations, realtime sessions) or take it from a stored
+# object (a Responses prompt): with an allow-list they must name it.
+MODEL_DEFAULTING_PATH_RE = re.compile(
+    r"^/v1/(?:chat/completions|completions|responses|embeddings|moderations"
+    r"|images/(?:generations|edits|variations)|audio/(?:speech|transcriptions|translations)"
+    r"|realtime/(?:client_secrets|sessions|transcription_sessions|calls))/?$"
+)
+
 # Answers up to this size are relayed whole, with their Content-Length.
 SMALL_BODY = 1024 * 1024
 # JSON answers up to this size are parsed for their token usage (issue 10);
@@ -126,6 +135,9 @@ class OpenAIHandler(OpenAIStyle, ProxyHandler):
         self.model = found.model
         allowed = self.allowed_models()
         if allowed:
+            if found.problem is None and not found.models and MODEL_DEFAULTING_PATH_RE.match(self.request.path):
+                # These endpoints pick a model themselves when none is named.
+                found.problem = "the body names no model, and this endpoint would choose one itself"
             if found.problem is not None:
                 raise ApiError(
                     400,

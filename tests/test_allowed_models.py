@@ -47,6 +47,14 @@ def chat_json(**fields) -> bytes:
 # Each is a request the upstream could read with a model other than the one
 # the proxy checked (or with none checked): (path, body, headers).
 UNDETERMINED = {
+    # Endpoints that would choose a model themselves when the body names none.
+    "an image generation without a model": ("/v1/images/generations", b'{"prompt": "a cat"}', {}),
+    "a realtime client secret without a model": (
+        "/v1/realtime/client_secrets",
+        b'{"session": {"type": "realtime"}}',
+        {},
+    ),
+    "a moderation without a model": ("/v1/moderations", b'{"input": "x"}', {}),
     "a realtime call's session part that is not JSON": (
         "/v1/realtime/calls",
         multipart(('name="sdp"', "v=0"), ('name="session"', "type=realtime model=gpt-realtime")),
