@@ -44,7 +44,7 @@ from websockets.uri import parse_uri
 
 from .egress import EgressProxy
 from .tunnel import open_tunnel
-from .upstream import USER_AGENT, UpstreamError
+from .upstream import PROXY_MESSAGES, USER_AGENT, UpstreamError
 
 log = logging.getLogger("chat_gpt_proxy")
 
@@ -82,6 +82,9 @@ class _UpstreamConnect(_connect):
         super().__init__(uri, proxy=None, **kwargs)
         self.egress = egress
         self.ca_file = ca_file
+        # Whether the tunnel through the egress proxy stands: a timeout before
+        # it is the proxy's fault, not the upstream's.
+        self.tunnel_open = False
 
     # A redirect would send the caller's key to wherever the upstream points:
     # never follow one; the client gets the 3xx status like any refusal.
@@ -96,6 +99,7 @@ class _UpstreamConnect(_connect):
         # TLS to the upstream started inside it for wss://.
         ws_uri = parse_uri(self.uri)
         transport = await open_tunnel(self.egress, ws_uri.host, ws_uri.port, self.ca_file)
+        self.tunnel_open = True
         connection = self.protocol_factory(ws_uri)
         transport.set_protocol(connection)
         if ws_uri.secure:
@@ -158,6 +162,13 @@ async def connect_upstream(
             relayed.add(name, value)
         raise UpstreamRefused(response.status_code, relayed, response.body or b"") from None
     except TimeoutError:
+        if proxy is not None and not connect.tunnel_open:
+            # As on the HTTP routes: a proxy that never completes its handshake is unreachable (issue 11).
+            raise UpstreamError(
+                "proxy_unreachable",
+                PROXY_MESSAGES["proxy_timeout"] % proxy.source,
+                detail="proxy=%s from %s error='no tunnel within %gs'" % (proxy.masked(), proxy.source, open_timeout),
+            ) from None
         raise UpstreamError("timeout", "the upstream did not accept the WebSocket in time") from None
     except ssl.SSLCertVerificationError as exc:
         raise UpstreamError(

@@ -236,6 +236,26 @@ async def test_proxy_down_is_unreachable(config, fake_openai, caplog, refused_po
     assert fake_openai.realtime_sessions == []
 
 
+@pytest.mark.parametrize("scheme", ["http", "socks5h"])
+@pytest.mark.settings(connect_timeout=0.5)
+@pytest.mark.gen_test(timeout=30)
+async def test_a_proxy_that_never_answers_its_handshake_is_unreachable(config, fake_openai, caplog, scheme):
+    """As on the HTTP routes: the proxy's silence is the proxy's fault (502), not the upstream's timeout (504)."""
+    listener = socket.socket()  # the kernel completes connections to it; nothing ever answers
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    try:
+        silent = EgressProxy(scheme, "127.0.0.1", listener.getsockname()[1], "proxyuser", TINYPROXY_PASSWORD)
+        async with serving(dataclasses.replace(config, upstream_proxy=silent)) as (client, _):
+            status, body = await refusal(client)
+    finally:
+        listener.close()
+    assert status == 502 and body["error"]["code"] == "upstream_proxy_unreachable", body
+    lines = warnings(caplog)
+    assert len(lines) == 1 and "kind=proxy_unreachable" in lines[0] and "***:***@127.0.0.1" in lines[0], lines
+    assert_no_password(caplog.text, json.dumps(body))
+
+
 @pytest.mark.parametrize("kind", ["http-auth", "socks5h-auth"])
 @pytest.mark.parametrize("password", ["wrong", ""])
 @pytest.mark.gen_test(timeout=30)
