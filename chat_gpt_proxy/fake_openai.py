@@ -767,10 +767,12 @@ class RealtimeSocket(tornado.websocket.WebSocketHandler):
 
     async def prepare(self) -> None:
         self.behaviour = self.fake.realtime_script.popleft() if self.fake.realtime_script else RealtimeBehaviour()
-        if self.behaviour.kind == "hang":
-            await asyncio.sleep(self.behaviour.delay)
         self.record = None
         self.closing = asyncio.Event()
+        if self.behaviour.kind == "hang":
+            await asyncio.sleep(self.behaviour.delay)
+            if self.closing.is_set():
+                raise tornado.web.Finish()  # the client left meanwhile: no session
         self.last_text = "Hello from the fake realtime API"
         auth = self.request.headers.get("Authorization", "")
         if not auth.startswith("Bearer ") or not auth[7:].strip():

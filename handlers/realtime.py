@@ -15,6 +15,7 @@ key becomes the upstream ``Authorization`` header.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -74,6 +75,7 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
         self.model: str | None = None
         self.subprotocols: list[str] = []
         self.upstream = None
+        self.connecting: asyncio.Future | None = None
         self.upstream_ms: float | None = None
         self.client_protocol: ClientProtocol | None = None
         self.client_gone = False
@@ -194,8 +196,9 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
         ]
         take_upstream_slot(self, self.pool)
         opened = time.monotonic()
-        try:
-            self.upstream = await connect_upstream(
+        # A task, so that a client leaving meanwhile can cancel it (on_close).
+        self.connecting = asyncio.ensure_future(
+            connect_upstream(
                 "ws" + url[len("http") :],
                 upstream_headers,
                 upstream_protocols,
@@ -206,6 +209,13 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
                 proxy=self.config.upstream_egress,
                 ca_file=self.config.upstream_ca_file,
             )
+        )
+        try:
+            self.upstream = await self.connecting
+        except asyncio.CancelledError:
+            # The client left during the handshake: nothing to answer, nothing the upstream did wrong.
+            self.set_status(499, "Client Closed Request")
+            raise tornado.web.Finish() from None
         except UpstreamRefused as exc:
             if exc.status == 401 and self.used_server_key:
                 raise self.server_key_refused() from None
@@ -259,8 +269,11 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
 
     def on_close(self) -> None:
         if self.session is None:
-            # Before the upgrade: the client left while the upstream was connecting.
+            # Before the upgrade: the client left while the upstream was connecting;
+            # stop connecting (it holds a concurrency slot and a token's place).
             self.client_gone = True
+            if self.connecting is not None and not self.connecting.done():
+                self.connecting.cancel()
             return
         protocol = self.client_protocol
         if protocol.close_frame_received:

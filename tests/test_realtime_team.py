@@ -210,9 +210,8 @@ async def test_max_concurrent_released_when_the_client_leaves_during_the_upstrea
     headers = {"access-token": CAROL, "Authorization": "Bearer " + OPENAI_KEY}
     with pytest.raises(TimeoutError):
         await websockets.connect(ws_url(base_url), additional_headers=headers, open_timeout=0.2)
-    seen = await fake_openai.wait_realtime_session(timeout=3)
-    await seen.wait_closed(timeout=2)
-    await admitted_again(base_url, headers)
+    # The abandoned handshake is cancelled at once: the slot is free long before the upstream's 0.5 s.
+    assert await admitted_again(base_url, headers) < 0.5
 
 
 @pytest.mark.gen_test(timeout=20)
