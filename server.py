@@ -221,9 +221,11 @@ async def drain(app: tornado.web.Application, grace: float, now: asyncio.Event |
     for handler in list(pool.handlers):
         if handler.upstream_call is not None:
             handler.upstream_call.abort("shutdown")
-    # Streams get their final error event, unless a second signal asks for no more waiting.
-    deadline = time.monotonic() + 3
-    while pool.handlers and time.monotonic() < deadline and not (now and now.is_set()):
+    # Streams get their final error event and realtime sessions their 1001;
+    # after a second signal only a moment, enough for each to end, log its
+    # line and give back its shared (Redis) counts.
+    deadline = time.monotonic() + (0.5 if now and now.is_set() else 3)
+    while pool.handlers and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
 
 

@@ -590,6 +590,24 @@ async def test_graceful_shutdown_closes_sessions_with_1001(proxy, fake_openai, b
 
 
 @pytest.mark.gen_test(timeout=20)
+async def test_a_second_signal_still_ends_sessions_with_their_line(proxy, fake_openai, base_url, app, caplog):
+    """Issue 10: the second signal ends the drain at once, yet each session ends properly (1001, its line, its slot)."""
+    now = asyncio.Event()
+    now.set()
+    async with connect(base_url) as ws:
+        await ws.recv()
+        started = time.monotonic()
+        await drain(app, 60, now)
+        assert time.monotonic() - started < 1.5
+        with pytest.raises(ConnectionClosed) as info:
+            await asyncio.wait_for(ws.recv(), 2)
+    assert info.value.rcvd.code == 1001
+    assert not app.settings["pool"].handlers
+    line = next(r.getMessage() for r in caplog.records if "status=101" in r.getMessage())
+    assert "proxy_reason=shutdown" in line
+
+
+@pytest.mark.gen_test(timeout=20)
 async def test_a_session_opened_while_draining_gets_a_valid_handshake(proxy, fake_openai, base_url, app, http_server):
     """During SHUTDOWN_DELAY the instance still serves: an upgrade then must not get "Connection: close" (issue 14)."""
     app.settings["draining"] = True
