@@ -311,8 +311,6 @@ async def serve(
         len(pool.handlers),
     )
     server.stop()
-    # Requests read from now on are answered with Connection: close.
-    server.conn_params.no_keep_alive = True
     await drain(app, settings.shutdown_grace, now)
     try:
         await asyncio.wait_for(server.close_all_connections(), 5)
