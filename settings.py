@@ -9,14 +9,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import ipaddress
-import json
 import os
 import re
 import urllib.parse
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from chat_gpt_proxy import egress
+from chat_gpt_proxy import egress, strict_json
 from chat_gpt_proxy.cors import parse_origins
 from chat_gpt_proxy.generate_params import ParamsError, normalize_generate_params
 
@@ -262,17 +261,6 @@ def _access_tokens(env: _Env, tokens_file: str) -> tuple[str, ...]:
     return () if tokens_file else (DEFAULT_ACCESS_TOKEN,)
 
 
-def _reject_constant(name: str):
-    raise ValueError("%s is not valid JSON" % name)
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if value in (float("inf"), float("-inf")):
-        raise ValueError("number out of range: %s" % text[:20])
-    return value
-
-
 def mask_url(url: str) -> str:
     """``url`` with the password of its user part replaced by ``***``, for logs and errors.
 
@@ -361,7 +349,7 @@ class _Env:
         try:
             # As strict as a request body (handlers/base.py): NaN, Infinity and
             # numbers that overflow a double would fail every request later.
-            parsed = json.loads(value, parse_constant=_reject_constant, parse_float=_finite_float)
+            parsed = strict_json.loads(value)
         except (ValueError, RecursionError) as exc:
             raise SettingsError(f"{name}: not valid JSON ({exc})") from None
         if not isinstance(parsed, dict):

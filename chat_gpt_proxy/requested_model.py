@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 from urllib.parse import parse_qsl
+
+from . import strict_json
 
 # RFC 9110 5.6.2 token, and a parameter: token "=" ( token / quoted-string ).
 # Quoted strings with backslash escapes are refused: parsers unescape them differently.
@@ -98,17 +99,6 @@ def _inspect(content_types: list[str], content_encoding: str | None, body: bytes
     raise Undetermined("the Content-Type %s is neither application/json nor multipart/form-data" % media_type[:100])
 
 
-def _reject_constant(name: str):
-    raise ValueError(name)
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if math.isinf(value):
-        raise ValueError("number out of range")
-    return value
-
-
 def _from_json(body: bytes) -> RequestedModel:
     nested: list[str] = []
 
@@ -125,12 +115,7 @@ def _from_json(body: bytes) -> RequestedModel:
     try:
         # Strict UTF-8 without a BOM, no NaN/Infinity, no overflowing
         # numbers: only what every JSON parser reads the same way.
-        parsed = json.loads(
-            body.decode("utf-8"),
-            object_pairs_hook=pairs_hook,
-            parse_constant=_reject_constant,
-            parse_float=_finite_float,
-        )
+        parsed = strict_json.loads(body.decode("utf-8"), object_pairs_hook=pairs_hook)
     except (ValueError, RecursionError):
         raise Undetermined("the body is not valid UTF-8 JSON") from None
     if not isinstance(parsed, dict):

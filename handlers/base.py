@@ -6,9 +6,7 @@ malformed the request, is an HTML error page, a 500 or a traceback.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import re
 import time
 import traceback
@@ -26,6 +24,7 @@ from chat_gpt_proxy.request_body import (
     UnsupportedEncoding,
     content_coding,
 )
+from chat_gpt_proxy.strict_json import dumps, loads
 from chat_gpt_proxy.tokens import UNAVAILABLE
 from chat_gpt_proxy.upstream import UpstreamError
 
@@ -101,31 +100,6 @@ class ApiError(HTTPError):
     def from_upstream(cls, exc: UpstreamError) -> ApiError:
         error = exc.error_object()
         return cls(UPSTREAM_ERROR_STATUS.get(exc.kind, 502), exc.message, error["type"], error["code"])
-
-
-def dumps(obj) -> bytes:
-    """JSON as UTF-8 without ``\\u`` escapes: many users write in Russian."""
-    try:
-        return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
-    except UnicodeEncodeError:
-        # A lone surrogate (valid in JSON as "\\ud800", not in UTF-8): keep it escaped.
-        return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("ascii")
-
-
-def _reject_constant(name: str):
-    raise ValueError("%s is not valid JSON" % name)
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if math.isinf(value):
-        raise ValueError("number out of range")
-    return value
-
-
-def loads(data: bytes):
-    """Strict JSON: NaN, Infinity and numbers that overflow a double are errors, as in RFC 8259."""
-    return json.loads(data, parse_constant=_reject_constant, parse_float=_finite_float)
 
 
 def check_model_allowed(allowed_models: tuple[str, ...], model: str | None) -> None:
