@@ -385,6 +385,19 @@ class FakeHandler(tornado.web.RequestHandler):
             return False
         return True
 
+    async def begin(self, body: dict) -> tuple[str, Behaviour | None]:
+        """The model asked for and the behaviour scripted for it, with its headers and a request id
+        set, after its ``first_delay``; the behaviour is None if the client left meanwhile."""
+        model = body.get("model", "gpt-4o-mini")
+        model = model if isinstance(model, str) else json.dumps(model)
+        behaviour = self.fake.next_behaviour(model)
+        for name, value in behaviour.headers.items():
+            self.set_header(name, value)
+        self.set_header("x-request-id", "req_fake_" + uuid.uuid4().hex[:12])
+        if not await self.pause(behaviour.first_delay):
+            return model, None
+        return model, behaviour
+
     def write_json(self, obj, status: int = 200) -> None:
         self.set_status(status)
         self.set_header("Content-Type", "application/json")
@@ -422,14 +435,8 @@ class ChatCompletions(FakeHandler):
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             self.write_json(error_object(Behaviour(message="Invalid type for 'messages': expected an array.")), 400)
             return
-        model = body.get("model", "gpt-4o-mini")
-        if not isinstance(model, str):
-            model = json.dumps(model)
-        behaviour = self.fake.next_behaviour(model)
-        for name, value in behaviour.headers.items():
-            self.set_header(name, value)
-        self.set_header("x-request-id", "req_fake_" + uuid.uuid4().hex[:12])
-        if not await self.pause(behaviour.first_delay):
+        model, behaviour = await self.begin(body)
+        if behaviour is None:
             return
         if behaviour.kind == "hang":
             await self.closed.wait()
@@ -566,13 +573,8 @@ class Responses(FakeHandler):
         if not isinstance(body, dict) or "input" not in body:
             self.write_json(error_object(Behaviour(message="Missing required parameter: 'input'.")), 400)
             return
-        model = body.get("model", "gpt-4o-mini")
-        model = model if isinstance(model, str) else json.dumps(model)
-        behaviour = self.fake.next_behaviour(model)
-        for name, value in behaviour.headers.items():
-            self.set_header(name, value)
-        self.set_header("x-request-id", "req_fake_" + uuid.uuid4().hex[:12])
-        if not await self.pause(behaviour.first_delay):
+        model, behaviour = await self.begin(body)
+        if behaviour is None:
             return
         if behaviour.kind == "error":
             self.write_json(error_object(behaviour), behaviour.status)
