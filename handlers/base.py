@@ -274,6 +274,11 @@ class ApiMixin:
             raise ApiError(401, "The OpenAI key is malformed.", "authentication_error", malformed)
         return key
 
+    def note_fault(self, kind: str, detail: str = "") -> None:
+        """An expected upstream fault: one warning line, never a traceback (issue 6)."""
+        self.upstream_failure = kind
+        log.warning("upstream fault request_id=%s kind=%s%s", self.request_id, kind, " " + detail if detail else "")
+
     # -- errors
 
     def error_body(self, status: int, message: str, error: dict) -> dict:

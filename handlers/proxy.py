@@ -157,11 +157,6 @@ class ProxyHandler(BaseHandler):
         """Whether ``exc`` is our own abort because the client went away."""
         return exc.kind == "aborted" and self.upstream_call.abort_reason in ("client_closed", "client_stall")
 
-    def note_fault(self, kind: str, detail: str = "") -> None:
-        """An expected upstream fault: one warning line, never a traceback (issue 6)."""
-        self.upstream_failure = kind
-        log.warning("upstream fault request_id=%s kind=%s%s", self.request_id, kind, " " + detail if detail else "")
-
     def on_finish(self) -> None:
         super().on_finish()
         self.pool.handlers.discard(self)

@@ -225,9 +225,7 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
                 answer = None
             raise mirrored_error(exc.status, answer, exc.headers) from None
         except UpstreamError as exc:
-            self.upstream_failure = exc.kind
-            detail = " " + exc.detail if exc.detail else ""
-            log.warning("upstream fault request_id=%s kind=%s%s", self.request_id, exc.kind, detail)
+            self.note_fault(exc.kind, exc.detail)
             raise ApiError.from_upstream(exc) from None
         self.upstream_ms = round((time.monotonic() - opened) * 1000, 2)
         if self.client_gone:
