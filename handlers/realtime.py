@@ -16,7 +16,6 @@ key becomes the upstream ``Authorization`` header.
 from __future__ import annotations
 
 import asyncio
-import logging
 import re
 import time
 from urllib.parse import parse_qsl
@@ -31,8 +30,6 @@ from chat_gpt_proxy.upstream import UpstreamError
 from .base import ApiError, ApiMixin, check_model_allowed, loads
 from .openai_compat import OpenAIStyle, upstream_url
 from .proxy import mirrored_error, take_upstream_slot
-
-log = logging.getLogger("chat_gpt_proxy")
 
 ACCESS_TOKEN_PROTOCOL = "access-token."  # noqa: S105 (a prefix, not a secret)
 API_KEY_PROTOCOL = "openai-insecure-api-key."
