@@ -23,7 +23,6 @@ Results: bench/results/compare.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -34,14 +33,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench.run import (  # noqa: E402
-    CHAT_JSON,
     MODEL,
     TOKEN,
-    UPSTREAM_SERVER,
     Processes,
     free_port,
-    sse_body,
-    start_nginx,
+    start_fixed_upstream,
     wait_port,
     wrk,
 )
@@ -112,17 +108,7 @@ def main() -> None:
     procs = Processes(workdir)
     results: dict[str, dict[str, list[float]]] = {}
     try:
-        up_port = free_port()
-        sse_file = os.path.join(workdir, "sse.txt")
-        with open(sse_file, "w") as f:
-            f.write(sse_body())
-        start_nginx(
-            procs,
-            "upstream",
-            UPSTREAM_SERVER.format(port=up_port, json=json.dumps(CHAT_JSON, separators=(",", ":")), sse_file=sse_file),
-            cpu=1,
-        )
-        wait_port(up_port)
+        up_port = start_fixed_upstream(procs)
         upstream = "http://127.0.0.1:%d/json/v1" % up_port
         subjects = [("before (%s), no tokens file" % commit, before_tree, None), ("after, no tokens file", ROOT, None)]
         redis_url = ""

@@ -202,6 +202,18 @@ def start_nginx(procs: Processes, name: str, body: str, cpu: int) -> subprocess.
     return procs.start([nginx, "-p", procs.workdir, "-c", conf], cpu, name=name)
 
 
+def start_fixed_upstream(procs: Processes, cpu: int = 1) -> int:
+    """Debian's nginx answering the fixed chat.completion and SSE bodies; returns its port once it listens."""
+    port = free_port()
+    sse_file = os.path.join(procs.workdir, "sse.txt")
+    with open(sse_file, "w") as f:
+        f.write(sse_body())
+    body = UPSTREAM_SERVER.format(port=port, json=json.dumps(CHAT_JSON, separators=(",", ":")), sse_file=sse_file)
+    start_nginx(procs, "upstream", body, cpu=cpu)
+    wait_port(port)
+    return port
+
+
 def start_proxy(procs: Processes, base_url: str, name: str, **env) -> tuple[subprocess.Popen, int]:
     port = free_port()
     full_env = dict(
@@ -381,15 +393,7 @@ def run(args) -> dict:
         "sse": {},
     }
     try:
-        up_port = free_port()
-        sse_file = os.path.join(workdir, "sse.txt")
-        with open(sse_file, "w") as f:
-            f.write(sse_body())
-        up_body = UPSTREAM_SERVER.format(
-            port=up_port, json=json.dumps(CHAT_JSON, separators=(",", ":")), sse_file=sse_file
-        )
-        start_nginx(procs, "upstream", up_body, cpu=1)
-        wait_port(up_port)
+        up_port = start_fixed_upstream(procs)
         ng_port = free_port()
         start_nginx(procs, "nginx_proxy", PROXY_SERVER.format(upstream=up_port, port=ng_port), cpu=0)
         wait_port(ng_port)

@@ -30,14 +30,12 @@ import sys
 import tempfile
 
 from run import (
-    CHAT_JSON,
     MODEL,
     ROOT,
-    UPSTREAM_SERVER,
     Processes,
     free_port,
     prime,
-    sse_body,
+    start_fixed_upstream,
     start_nginx,
     start_proxy,
     wait_port,
@@ -102,15 +100,7 @@ def run(args) -> dict:
         "connections": args.connections,
     }
     try:
-        up_port = free_port()
-        sse_file = os.path.join(procs.workdir, "sse.txt")
-        with open(sse_file, "w") as f:
-            f.write(sse_body())
-        upstream = UPSTREAM_SERVER.format(
-            port=up_port, json=json.dumps(CHAT_JSON, separators=(",", ":")), sse_file=sse_file
-        )
-        start_nginx(procs, "upstream", upstream, cpu=1)
-        wait_port(up_port)
+        up_port = start_fixed_upstream(procs)
         for mode in ("json", "sse"):
             # One and two in turn, several rounds: a change in the machine's
             # other load hits both alike; the median of each is reported.
