@@ -28,6 +28,7 @@ import ssl
 import struct
 import time
 import uuid
+from urllib.parse import unquote
 
 import tornado.httpserver
 import tornado.web
@@ -142,6 +143,19 @@ KEPT_REQUESTS = 200
 MAX_KEPT_BODY = 64 * 1024
 
 
+class DecodingApplication(tornado.web.Application):
+    """Routes on the percent-decoded path, as OpenAI's servers do (``/v1/re%73ponses`` is
+    ``/v1/responses``), while handlers and ``received`` still see the path as it arrived."""
+
+    def find_handler(self, request, **kwargs):
+        raw = request.path
+        request.path = unquote(raw)
+        try:
+            return super().find_handler(request, **kwargs)
+        finally:
+            request.path = raw
+
+
 class FakeOpenAI:
     def __init__(
         self,
@@ -235,7 +249,7 @@ class FakeOpenAI:
                 fake.connections += 1
                 return super().handle_stream(stream, address)
 
-        app = tornado.web.Application(
+        app = DecodingApplication(
             [
                 (r"/v1/chat/completions", ChatCompletions),
                 (r"/v1/responses", Responses),
@@ -250,6 +264,7 @@ class FakeOpenAI:
                 (r"/_fake/script", Script),
                 (r"/_fake/stats", Stats),
             ],
+            default_handler_class=NotFound,
             fake=self,
             log_function=lambda handler: None,
         )
@@ -680,6 +695,18 @@ class FileContent(FakeHandler):
                 return
             sent += len(piece)
         self.finish()
+
+
+class NotFound(FakeHandler):
+    """Any other path: OpenAI's 404, as JSON (the request is recorded like every other)."""
+
+    def any_method(self, *args) -> None:
+        message = "Invalid URL (%s %s)" % (self.request.method, self.request.path)
+        self.write_json(
+            {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}, 404
+        )
+
+    get = head = post = put = patch = delete = options = any_method
 
 
 class RawAnswer(FakeHandler):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-from urllib.parse import unquote
+import string
 
 from chat_gpt_proxy.requested_model import inspect_request
 from chat_gpt_proxy.upstream import HOP_BY_HOP_HEADERS, UpstreamError
@@ -39,13 +39,47 @@ DROPPED_RESPONSE_HEADERS = HOP_BY_HOP_HEADERS | {
     "x-proxy-request-id",
 }
 
-# The endpoints that use a model, and choose one themselves when the body
-# names none (images, moderations, realtime sessions) or take it from a stored
-# object (a Responses prompt): with an allow-list they must name it.
-MODEL_DEFAULTING_PATH_RE = re.compile(
-    r"^/v1/(?:chat/completions|completions|responses|embeddings|moderations"
-    r"|images/(?:generations|edits|variations)|audio/(?:speech|transcriptions|translations)"
-    r"|realtime/(?:client_secrets|sessions|transcription_sessions|calls))/?$"
+# With an allow-list in force, a request with a body must name its model,
+# except on these endpoints, which run no model (issue 22: the rule fails
+# closed, so an endpoint added upstream later, a case variant or a path with
+# ";" parameters is refused rather than forwarded unchecked). "{id}" is one
+# path segment. The README's "Allowed models" section lists the same paths.
+MODEL_FREE_PATHS = (
+    "files",
+    "uploads",
+    "uploads/{id}/parts",
+    "uploads/{id}/complete",
+    "uploads/{id}/cancel",
+    "batches/{id}/cancel",
+    "vector_stores",
+    "vector_stores/{id}",
+    "vector_stores/{id}/files",
+    "vector_stores/{id}/files/{id}",
+    "vector_stores/{id}/file_batches",
+    "vector_stores/{id}/file_batches/{id}/cancel",
+    "conversations",
+    "conversations/{id}",
+    "conversations/{id}/items",
+    "threads",
+    "threads/{id}",
+    "threads/{id}/messages",
+    "threads/{id}/messages/{id}",
+    "threads/{id}/runs/{id}/cancel",
+    "assistants/{id}",
+    "chat/completions/{id}",
+    "responses/{id}/cancel",
+    "fine_tuning/jobs/{id}/cancel",
+    "fine_tuning/jobs/{id}/pause",
+    "fine_tuning/jobs/{id}/resume",
+    "containers",
+    "containers/{id}/files",
+)
+# An id as OpenAI writes them, a prefix and "_" or "-" (thread_..., vs_...,
+# file-...): so that a word such as "runs" in POST /v1/threads/runs (which
+# runs the assistant's model) is never read as the id of "threads/{id}".
+_ID = "[A-Za-z0-9]+[_-][A-Za-z0-9_-]*"
+MODEL_FREE_PATH_RE = re.compile(
+    "^(?:%s)$" % "|".join(re.escape(path).replace(re.escape("{id}"), _ID) for path in MODEL_FREE_PATHS)
 )
 
 # Answers up to this size are relayed whole, with their Content-Length.
@@ -59,22 +93,45 @@ SAFE_PATH_RE = re.compile(r"^[A-Za-z0-9._~!$&'()*+,;=:@%/-]*$")
 SAFE_QUERY_RE = re.compile(r"^[A-Za-z0-9._~!$&'()*+,;=:@%/?-]*$")
 
 
-def upstream_url(base_url: str, raw_path: str, query: str) -> str | None:
-    """``base_url`` + the path after ``/v1``, or None if the path could leave the API.
+_ESCAPE_RE = re.compile(r"%([0-9A-Fa-f]{2})")
+_UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
 
-    Rejects dot segments (also percent-encoded), encoded slashes and
-    backslashes, and empty segments: whatever the client sends, the request
-    goes to ``OPENAI_BASE_URL``'s host and under its path (no SSRF).
+
+def _normalise_escape(match: re.Match) -> str:
+    char = chr(int(match.group(1), 16))
+    return char if char in _UNRESERVED else "%" + match.group(1).upper()
+
+
+def normalised_path(raw_path: str) -> str | None:
+    """The path after ``/v1/`` as both the allow-list check and the upstream see it, or None if refused.
+
+    Escapes of unreserved characters are decoded and the others written in
+    upper case (RFC 3986 section 6.2.2): the upstream decodes ``re%73ponses``
+    to ``responses`` before routing, so the check must read it so too, and
+    what is forwarded is the normalised path, never the raw one (issue 22).
+    Refused: characters outside RFC 3986 ``pchar``, a ``%`` that starts no
+    escape, encoded slashes, backslashes and NUL, dot segments (also encoded)
+    and empty segments; whatever the client sends, the request goes to
+    ``OPENAI_BASE_URL``'s host and under its path (no SSRF).
     """
-    if not SAFE_PATH_RE.match(raw_path) or not SAFE_QUERY_RE.match(query):
+    if not SAFE_PATH_RE.match(raw_path):
         return None
-    lowered = raw_path.lower()
-    if "%2f" in lowered or "%5c" in lowered or "%00" in lowered:
+    path = _ESCAPE_RE.sub(_normalise_escape, raw_path)
+    if "%" in _ESCAPE_RE.sub("", path):
         return None
-    segments = raw_path.split("/")
-    if any(seg in ("", ".", "..") or unquote(seg) in (".", "..") for seg in segments):
+    if "%2F" in path or "%5C" in path or "%00" in path:
         return None
-    return base_url + "/" + raw_path + ("?" + query if query else "")
+    if any(segment in ("", ".", "..") for segment in path.split("/")):
+        return None
+    return path
+
+
+def upstream_url(base_url: str, path: str, query: str) -> str | None:
+    """``base_url`` + the normalised ``path`` after ``/v1`` + the query, or None if either is refused."""
+    path = normalised_path(path)
+    if path is None or not SAFE_QUERY_RE.match(query):
+        return None
+    return base_url + "/" + path + ("?" + query if query else "")
 
 
 class OpenAIStyle:
@@ -135,9 +192,13 @@ class OpenAIHandler(OpenAIStyle, ProxyHandler):
         self.model = found.model
         allowed = self.allowed_models()
         if allowed:
-            if found.problem is None and not found.models and MODEL_DEFAULTING_PATH_RE.match(self.request.path):
-                # These endpoints pick a model themselves when none is named.
-                found.problem = "the body names no model, and this endpoint would choose one itself"
+            if found.problem is None and not found.models and not MODEL_FREE_PATH_RE.match(self.v1_path):
+                # Fail closed (issue 22): an endpoint that may run a model picks
+                # one itself when none is named (images, moderations, a stored
+                # prompt, a batch's file), and an unknown path may be one.
+                found.problem = (
+                    "the body names no model, and /v1/%s is not an endpoint that runs none" % (self.v1_path[:100])
+                )
             if found.problem is not None:
                 raise ApiError(
                     400,
@@ -153,10 +214,11 @@ class OpenAIHandler(OpenAIStyle, ProxyHandler):
         return found.model, found.stream
 
     async def forward(self) -> None:
-        raw_path = self.request.path[len("/v1/") :]
-        url = upstream_url(self.config.openai_base_url, raw_path, self.request.query)
+        # One normalised path for the allow-list check and the upstream (issue 22).
+        url = upstream_url(self.config.openai_base_url, self.request.path[len("/v1/") :], self.request.query)
         if url is None:
             raise ApiError(400, "Invalid path.", "invalid_request_error", "invalid_path")
+        self.v1_path = normalised_path(self.request.path[len("/v1/") :])
         headers = {"Authorization": "Bearer " + self.openai_key()}
         for name in FORWARDED_REQUEST_HEADERS:
             value = self.request.headers.get(name)

@@ -4,16 +4,21 @@ The body goes upstream byte for byte, so every way our reading of it could
 differ from the upstream's is a way around the allow-list (issue 10, point 3).
 """
 
+import asyncio
 import gzip
 import io
 import json
+import pathlib
+import re
 
 import openai
 import pytest
 import tornado.httputil
 
 from chat_gpt_proxy.requested_model import inspect_request
+from handlers.openai_compat import MODEL_FREE_PATHS
 from tests.conftest import ACCESS_TOKEN, OPENAI_KEY
+from tests.procs import ROOT
 
 ALLOWED = ("gpt-4o-mini",)
 V1_AUTH = {"access-token": ACCESS_TOKEN, "Authorization": "Bearer " + OPENAI_KEY}
@@ -269,3 +274,124 @@ async def test_a_compressed_body_is_checked_on_what_it_decodes_to(proxy, fake_op
     assert response.code == 200, response.body
     [seen] = fake_openai.received
     assert seen.body == allowed and "Content-Encoding" not in seen.headers
+
+
+# Issue 22: the allow-list check and the upstream must see one path. The fake,
+# like OpenAI, routes on the percent-decoded path, so each of these would have
+# reached a model-choosing endpoint without naming a model.
+ENCODED_PATHS = {
+    "an image generation, encoded": ("/v1/images/%67enerations", b'{"prompt": "a cat"}', "application/json"),
+    "Responses, encoded": ("/v1/re%73ponses", b'{"input": "x", "prompt": {"id": "pmpt_1"}}', "application/json"),
+    "a chat completion, encoded": ("/v1/chat/%63ompletions", json.dumps(CHAT).encode(), "application/json"),
+    "a transcription, encoded, multipart": (
+        "/v1/audio/%74ranscriptions",
+        multipart(('name="file"; filename="a.wav"', "RIFF")),
+        MULTIPART,
+    ),
+    "two escapes, upper and lower case hex": ("/v1/re%73%70onses", b'{"input": "x"}', "application/json"),
+    "a case variant": ("/v1/IMAGES/generations", b'{"prompt": "a cat"}', "application/json"),
+    "a ';' parameter": ("/v1/images/generations;x=1", b'{"prompt": "a cat"}', "application/json"),
+    "a trailing %20": ("/v1/images/generations%20", b'{"prompt": "a cat"}', "application/json"),
+}
+
+# Endpoints that run a model the proxy cannot see named: the rule fails closed.
+UNLISTED_PATHS = {
+    "videos": "/v1/videos",
+    "responses/compact": "/v1/responses/compact",
+    "chatkit sessions": "/v1/chatkit/sessions",
+    "realtime translations": "/v1/realtime/translations",
+    "a batch (its models are in a file)": "/v1/batches",
+    "a run of a new thread (the assistant's model)": "/v1/threads/runs",
+    "a run (the assistant's model)": "/v1/threads/thread_abc/runs",
+    "an endpoint OpenAI adds tomorrow": "/v1/something/new",
+}
+
+
+async def raw_request(base_url: str, head: str, body: bytes) -> tuple[int, dict]:
+    """Send ``head`` (request line and headers, no Content-Length) and ``body`` byte for byte on a socket."""
+    host, port = base_url.rsplit("//", 1)[1].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(head.encode("latin-1") + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    status_line, _, rest = answer.partition(b"\r\n")
+    return int(status_line.split()[1]), json.loads(rest.partition(b"\r\n\r\n")[2] or b"null")
+
+
+@pytest.mark.settings(allowed_models=ALLOWED)
+@pytest.mark.parametrize("case", list(ENCODED_PATHS))
+@pytest.mark.gen_test
+async def test_an_encoded_or_variant_path_naming_no_model_is_refused(proxy, fake_openai, base_url, case):
+    path, body, content_type = ENCODED_PATHS[case]
+    head = (
+        "POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\naccess-token: %s\r\nAuthorization: Bearer %s\r\nContent-Type: %s\r\n"
+        % (path, ACCESS_TOKEN, OPENAI_KEY, content_type)
+    )
+    status, answer = await raw_request(base_url, head, body)
+    assert status == 400, answer
+    assert answer["error"]["code"] == "model_undetermined"
+    assert fake_openai.received == []
+
+
+@pytest.mark.settings(allowed_models=ALLOWED)
+@pytest.mark.parametrize("case", list(UNLISTED_PATHS))
+@pytest.mark.gen_test
+async def test_a_path_not_known_to_run_no_model_must_name_one(proxy, fake_openai, case):
+    response = await send(proxy, UNLISTED_PATHS[case], b'{"prompt": "x"}', {})
+    assert response.code == 400, response.body
+    error = json.loads(response.body)["error"]
+    assert error["code"] == "model_undetermined" and "names no model" in error["message"]
+    assert fake_openai.received == []
+    # Naming an allowed model lets the same request through; a disallowed one is 403.
+    named = await send(proxy, UNLISTED_PATHS[case], b'{"model": "gpt-4o", "prompt": "x"}', {})
+    assert named.code == 403 and json.loads(named.body)["error"]["code"] == "model_not_allowed"
+    await send(proxy, UNLISTED_PATHS[case], b'{"model": "gpt-4o-mini", "prompt": "x"}', {})
+    assert [r.path for r in fake_openai.received] == [UNLISTED_PATHS[case]]
+
+
+@pytest.mark.settings(allowed_models=ALLOWED)
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/vector_stores",
+        "/v1/threads/thread_abc/messages",
+        "/v1/uploads/upload_1/complete",
+        "/v1/batches/batch_1/cancel",
+    ],
+)
+@pytest.mark.gen_test
+async def test_endpoints_that_run_no_model_pass_without_one(proxy, fake_openai, path):
+    await send(proxy, path, b'{"name": "x"}', {})
+    assert [r.path for r in fake_openai.received] == [path]
+
+
+@pytest.mark.gen_test
+async def test_the_upstream_receives_the_normalised_path(proxy, fake_openai, base_url):
+    """Without an allow-list too: what goes upstream is the path the checks read, escapes of
+    unreserved characters decoded (RFC 3986 6.2.2.2), other escapes in upper case."""
+    head = (
+        "POST /v1/chat/%%63ompletions HTTP/1.1\r\nHost: 127.0.0.1\r\naccess-token: %s\r\n"
+        "Authorization: Bearer %s\r\nContent-Type: application/json\r\n" % (ACCESS_TOKEN, OPENAI_KEY)
+    )
+    status, answer = await raw_request(base_url, head, chat_json(model="gpt-4o-mini"))
+    assert status == 200 and answer["choices"][0]["message"]["content"] == "Echo: x"
+    await send(proxy, "/v1/raw/a%7eb%3bc", b"{}", {})
+    assert [r.path for r in fake_openai.received] == ["/v1/chat/completions", "/v1/raw/a~b%3Bc"]
+
+
+@pytest.mark.parametrize("path", ["/v1/raw/%2e%2E/x", "/v1/raw/a%zz", "/v1/raw/%2F", "/v1/raw//x"])
+@pytest.mark.gen_test
+async def test_paths_that_could_leave_the_api_are_refused(proxy, fake_openai, path):
+    response = await send(proxy, path, b"{}", {})
+    assert response.code == 400 and json.loads(response.body)["error"]["code"] == "invalid_path"
+    assert fake_openai.received == []
+
+
+def test_the_readme_lists_exactly_the_paths_that_may_name_no_model():
+    readme = (pathlib.Path(ROOT) / "README.md").read_text()
+    start = readme.index("A body that names no model is forwarded only on these paths")
+    listed = re.findall(r"`([^`]+)`", readme[readme.index(":", start) : readme.index("Every other path", start)])
+    assert tuple(listed) == MODEL_FREE_PATHS
