@@ -28,10 +28,12 @@ chat_gpt_proxy/tunnel.py and handed to websockets.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import ssl
 import time
+import uuid
 
 from tornado.httputil import HTTPHeaders
 from tornado.ioloop import IOLoop
@@ -43,6 +45,7 @@ from websockets.protocol import State
 from websockets.uri import parse_uri
 
 from .egress import EgressProxy
+from .requested_model import inspect_event
 from .tunnel import open_tunnel
 from .upstream import PROXY_MESSAGES, USER_AGENT, UpstreamError
 
@@ -214,8 +217,11 @@ class RealtimeSession:
     runs once, when both sides are closed.
     """
 
-    def __init__(self, client, upstream: ClientConnection, config, metrics, on_end):
+    def __init__(self, client, upstream: ClientConnection, config, metrics, on_end, allowed_models=()):
         self.client = client
+        # ALLOWED_MODELS or the token's allowed_models: every model a client
+        # event names is checked against it (issue 22); empty: nothing is read.
+        self.allowed_models = allowed_models
         self.upstream = upstream
         self.config = config
         self.metrics = metrics
@@ -279,6 +285,8 @@ class RealtimeSession:
         """One message from the client; returns once the upstream's socket took it (backpressure)."""
         if self.closed_by is not None:
             return
+        if self.allowed_models and await self._refused(message):
+            return
         self._note(CLIENT_TO_UPSTREAM, message)
         self.sending_since = time.monotonic()
         try:
@@ -287,6 +295,32 @@ class RealtimeSession:
             pass  # the pump sees the upstream's close and ends the session
         finally:
             self.sending_since = None
+
+    async def _refused(self, message: str | bytes) -> bool:
+        """With an allow-list, an event naming a model outside it (or naming one unclearly) is not
+        relayed: the client gets an error event, and the session ends with 1008 (policy violation)."""
+        found = inspect_event(message)
+        refused = [m for m in found.models if m not in self.allowed_models]
+        if found.problem is None and not refused:
+            return False
+        if found.problem is not None:
+            code = "model_undetermined"
+            text = (
+                "ALLOWED_MODELS (or the token's allowed_models) is in force and this event's model cannot be "
+                "determined: %s." % found.problem
+            )
+        else:
+            code = "model_not_allowed"
+            text = "Model %r is not allowed on this proxy." % refused[0][:100]
+        event = {
+            "type": "error",
+            "event_id": "event_proxy_" + uuid.uuid4().hex[:16],
+            "error": {"type": "invalid_request_error", "code": code, "message": text, "param": None},
+        }
+        with contextlib.suppress(WebSocketClosedError):
+            await self.client.write_message(json.dumps(event))
+        self.end(code, 1008, code.replace("_", " "))
+        return True
 
     # -- upstream to client
 

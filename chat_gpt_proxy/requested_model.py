@@ -214,6 +214,33 @@ def _part(part: bytes) -> tuple[str, bytes, bool]:
     return params["name"], value, plain and "filename" not in params
 
 
+def inspect_event(message: str | bytes) -> RequestedModel:
+    """The models a realtime client event names, anywhere in it (issue 22): ``session.update``'s
+    ``session.model``, ``session.audio.input.transcription.model``, a ``response.create``'s...
+
+    Read as strictly as a /v1 JSON body: a message a lenient parser would
+    still read (NaN, a byte-order mark) or with a "model" key twice is a
+    ``problem``. A message no JSON parser reads is no event and names nothing.
+    """
+    if isinstance(message, bytes):
+        try:
+            message = message.decode("utf-8")
+        except UnicodeDecodeError:
+            return RequestedModel()
+    # A key can spell "model" only literally or with \u escapes: audio
+    # appends (megabytes of base64) hold neither and are not parsed.
+    if "model" not in message and "\\u" not in message:
+        return RequestedModel()
+    try:
+        return _from_json(message.encode("utf-8"))
+    except Undetermined as exc:
+        try:
+            json.loads(message.lstrip("\ufeff"))
+        except (ValueError, RecursionError):
+            return RequestedModel()
+        return RequestedModel(problem=str(exc).replace("body", "event"))
+
+
 def _lenient(body: bytes) -> tuple[str | None, tuple, bool]:
     """Best effort for logs and the stream flag when there is no allow-list: JSON whatever the label."""
     try:

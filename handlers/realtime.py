@@ -255,7 +255,9 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
         metrics = self.settings.get("metrics")
         if metrics is not None:
             metrics.realtime_sessions.inc()
-        self.session = RealtimeSession(self, self.upstream, self.config, metrics, self._session_ended)
+        self.session = RealtimeSession(
+            self, self.upstream, self.config, metrics, self._session_ended, self.allowed_models()
+        )
         self.upstream_call = self.session
         self.session.start()
 

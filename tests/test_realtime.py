@@ -635,3 +635,60 @@ async def test_realtime_http_routes_pass_through(proxy, fake_openai, base_url):
         ("/v1/realtime/calls", "multipart/form-data"),
     ]
     await client.close()
+
+
+@pytest.mark.settings(allowed_models=("gpt-realtime", "gpt-4o-mini-transcribe"))
+@pytest.mark.parametrize(
+    "event, code",
+    [
+        ({"type": "session.update", "session": {"type": "realtime", "model": "gpt-4o-realtime-expensive"}}, None),
+        (
+            {
+                "type": "session.update",
+                "session": {"type": "realtime", "audio": {"input": {"transcription": {"model": "whisper-1"}}}},
+            },
+            None,
+        ),
+        ({"type": "response.create", "response": {"model": "gpt-4o-realtime-expensive"}}, None),
+        ('{"type": "session.update", "session": {"mod\\u0065l": "gpt-4o-realtime-expensive"}}', None),
+        ('{"type": "session.update", "session": {"model": "gpt-realtime", "model": "x"}}', "model_undetermined"),
+        ('{"type": "session.update", "session": {"model": "gpt-realtime"}, "n": NaN}', "model_undetermined"),
+        (b'{"type": "session.update", "session": {"model": "gpt-4o-realtime-expensive"}}', None),
+    ],
+)
+@pytest.mark.gen_test(timeout=20)
+async def test_a_client_event_naming_a_model_outside_the_allow_list_ends_the_session(
+    proxy, fake_openai, base_url, event, code
+):
+    """Issue 22: the ?model= check alone let session.update switch models (or name a transcription model)."""
+    allowed = {"type": "session.update", "session": {"type": "realtime", "model": "gpt-realtime"}}
+    async with connect(base_url) as ws:
+        assert json.loads(await ws.recv())["type"] == "session.created"
+        # Allowed models, and events that name none (an audio append), are relayed.
+        await ws.send(json.dumps(allowed))
+        await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": "AAAA" * 1000}))
+        await ws.send(event if isinstance(event, str | bytes) else json.dumps(event))
+        error = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        if error["type"] == "session.updated":  # the fake's answer to the allowed update
+            error = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        assert error["type"] == "error" and error["error"]["code"] == (code or "model_not_allowed")
+        assert "allowed" in error["error"]["message"] or "ALLOWED_MODELS" in error["error"]["message"]
+        with pytest.raises(ConnectionClosed) as info:
+            await asyncio.wait_for(ws.recv(), 5)
+    assert info.value.rcvd.code == 1008
+    seen = await fake_openai.wait_realtime_session()
+    await seen.wait_closed(timeout=5)
+    relayed = [message for _, message in seen.received]
+    assert [json.loads(m)["type"] for m in relayed] == ["session.update", "input_audio_buffer.append"]
+    assert json.loads(relayed[0]) == allowed
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_without_an_allow_list_client_events_are_relayed_unread(proxy, fake_openai, base_url):
+    event = '{"type": "session.update", "session": {"model": "a", "model": "b"}}'
+    async with connect(base_url) as ws:
+        await ws.recv()
+        await ws.send(event)
+        seen = await fake_openai.wait_realtime_session()
+        assert await until(lambda: len(seen.received) == 1, 5)
+    assert seen.received[0][1] == event
