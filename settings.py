@@ -105,7 +105,8 @@ class Settings:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if field.name == "access_tokens":
-                value = [_mask(t) for t in value]
+                # Not one character of a token: a prefix narrows a guess (issue 22).
+                value = ["***" for _ in value]
             elif field.name == "upstream_proxy":
                 value = egress.describe(self.openai_base_url, value, self.no_proxy)
             elif field.name == "openai_api_key":
@@ -275,10 +276,6 @@ def mask_url(url: str) -> str:
     if at and ":" in userinfo:
         rest = userinfo.split(":", 1)[0] + ":***@" + after
     return scheme + sep + re.sub(r"(?i)(password=)[^&#]*", r"\1***", rest)
-
-
-def _mask(secret: str) -> str:
-    return secret[:2] + "***" if len(secret) > 8 else "***"
 
 
 class _Env:
