@@ -90,7 +90,7 @@ class _UpstreamConnect(_connect):
         self.tunnel_open = False
 
     # A redirect would send the caller's key to wherever the upstream points:
-    # never follow one; the client gets the 3xx status like any refusal.
+    # never follow one; the client gets a 502 (connect_upstream).
     def process_redirect(self, exc: Exception) -> Exception:
         return exc
 
@@ -160,6 +160,14 @@ async def connect_upstream(
         return await connect
     except InvalidStatus as exc:
         response = exc.response
+        if response.status_code < 400:
+            # A 2xx (or a 3xx, which is never followed) is no refusal the client
+            # could act on, and relaying it would tell the client the upgrade
+            # succeeded: the upstream broke the handshake (issue 22).
+            raise UpstreamError(
+                "broken",
+                "the upstream answered the WebSocket handshake with HTTP %d instead of 101" % response.status_code,
+            ) from None
         relayed = HTTPHeaders()
         for name, value in response.headers.raw_items():
             relayed.add(name, value)

@@ -692,3 +692,13 @@ async def test_without_an_allow_list_client_events_are_relayed_unread(proxy, fak
         seen = await fake_openai.wait_realtime_session()
         assert await until(lambda: len(seen.received) == 1, 5)
     assert seen.received[0][1] == event
+
+
+@pytest.mark.parametrize("status", [200, 201, 302])
+@pytest.mark.gen_test(timeout=20)
+async def test_an_upstream_answering_the_upgrade_without_101_is_a_502_of_ours(proxy, fake_openai, base_url, status):
+    """Issue 22: a 200 with JSON reached the client as HTTP 200, as if the upgrade had worked."""
+    fake_openai.push_realtime(RealtimeBehaviour(kind="refuse", status=status, message="not a websocket"))
+    status_seen, body, _ = await refusal(base_url)
+    assert status_seen == 502 and body["error"]["code"] == "upstream_broken"
+    assert "instead of 101" in body["error"]["message"]
