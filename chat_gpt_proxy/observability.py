@@ -27,6 +27,10 @@ MAX_FIELD_CHARS = 200
 # pass for several key=value fields, or make the escaping ambiguous.
 _FIELD_SPECIALS = re.compile(r'[ ="\\]')
 
+# Distinct ``model`` labels on proxy_tokens_total before the rest become OTHER_MODELS.
+MAX_MODEL_LABELS = 100
+OTHER_MODELS = "(other)"
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 
@@ -60,6 +64,7 @@ class Metrics:
             registry=r,
         )
         self.tokens = Counter("proxy_tokens", "Tokens reported by the upstream", ["model", "kind", "token"], registry=r)
+        self._model_labels: set[str] = set()
         self.limited = Counter("proxy_limited", "Requests refused by a limit", ["limit", "token"], registry=r)
         self.upstream_errors = Counter("proxy_upstream_errors", "Upstream failures", ["kind"], registry=r)
         # Realtime WebSocket sessions (issue 12); direction is client_to_upstream or upstream_to_client.
@@ -86,6 +91,19 @@ class Metrics:
         self.upstream_retries = Counter(
             "proxy_upstream_retries", "Upstream attempts retried (issue 11)", ["reason"], registry=r
         )
+
+    def model_label(self, model: str) -> str:
+        """The ``model`` label of proxy_tokens_total. The caller names the model, so it is
+        escaped as in the access log and cut to 100 characters, and without an allow-list
+        an upstream that accepts any name would let callers add series at will (issue 22):
+        after MAX_MODEL_LABELS distinct models, the others are counted as ``(other)``."""
+        label = escape_field(model[:100])
+        if label in self._model_labels:
+            return label
+        if len(self._model_labels) >= MAX_MODEL_LABELS:
+            return OTHER_MODELS
+        self._model_labels.add(label)
+        return label
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -133,13 +151,6 @@ def escape_message(text: str) -> str:
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else _escape_char(c) for c in text)
-
-
-def model_label(model: str) -> str:
-    """The ``model`` label of proxy_tokens_total: the caller names the model, so it
-    is escaped as in the access log and cut to 100 characters. Only models the
-    upstream accepted and billed (an answer with ``usage``) ever become a label."""
-    return escape_field(model[:100])
 
 
 def escape_field(value: str) -> str:
@@ -270,7 +281,6 @@ def log_request(handler) -> None:
     now = time.monotonic()
     started = getattr(handler, "started", now)
     call = getattr(handler, "upstream_call", None)
-    status = handler.get_status()
     if getattr(handler, "left_before_headers", False):
         status = CLIENT_CLOSED_STATUS
     route = getattr(handler, "route_name", "other")
@@ -288,6 +298,7 @@ def log_request(handler) -> None:
         "request_id": getattr(handler, "request_id", "-"),
         # OpenAI's id for the same request (what its support asks for).
         "upstream_request_id": upstream_id[:MAX_FIELD_CHARS] if upstream_id is not None else None,
+        "client_request_id": getattr(handler, "client_request_id", None),
         "client": client_address(handler, config.trusted_proxies),
         "token": token,
         "method": handler.request.method,
@@ -317,7 +328,7 @@ def log_request(handler) -> None:
     if isinstance(model, str):
         for kind, count in (("prompt", prompt_tokens), ("completion", completion_tokens)):
             if count is not None:
-                metrics.tokens.labels(model_label(model), kind, token).inc(count)
+                metrics.tokens.labels(metrics.model_label(model), kind, token).inc(count)
     limited = getattr(handler, "limited", None)
     if limited:
         metrics.limited.labels(limited, token).inc()
@@ -341,15 +352,16 @@ def log_session(handler, session) -> None:
     record = {
         "request_id": handler.request_id,
         "upstream_request_id": response.headers.get("x-request-id") if response is not None else None,
+        "client_request_id": handler.client_request_id,
         "client": client_address(handler, config.trusted_proxies),
         "token": token,
         "method": handler.request.method,
-        "path": handler.request.path[:200],
+        "path": handler.request.path[:MAX_FIELD_CHARS],
         "status": 101,
         "ms": _ms(time.monotonic() - handler.started),
         "upstream_ms": handler.upstream_ms,
         "ttfb_ms": None,
-        "model": handler.model,
+        "model": handler.model[:MAX_FIELD_CHARS] if isinstance(handler.model, str) else None,
         "prompt_tokens": usage["input_tokens"] if usage else None,
         "completion_tokens": usage["output_tokens"] if usage else None,
         "bytes": session.bytes["upstream_to_client"],
@@ -366,6 +378,6 @@ def log_session(handler, session) -> None:
         return
     metrics.requests.labels(handler.route_name, "101", token).inc()
     if usage and isinstance(handler.model, str):
-        model = model_label(handler.model)
+        model = metrics.model_label(handler.model)
         metrics.tokens.labels(model, "prompt", token).inc(usage["input_tokens"])
         metrics.tokens.labels(model, "completion", token).inc(usage["output_tokens"])

@@ -150,10 +150,17 @@ class ApiMixin:
 
     @property
     def request_id(self) -> str:
+        """The proxy's own id, always new: a caller's id could collide with, or pose as,
+        another request's in the logs (issue 22); it is kept as ``client_request_id``."""
         if not hasattr(self, "_request_id"):
-            given = self.request.headers.get("x-request-id", "")
-            self._request_id = given if REQUEST_ID_RE.fullmatch(given) else uuid.uuid4().hex
+            self._request_id = uuid.uuid4().hex
         return self._request_id
+
+    @property
+    def client_request_id(self) -> str | None:
+        """The caller's own ``x-request-id``, if well formed, for the access line."""
+        given = self.request.headers.get("x-request-id", "")
+        return given if REQUEST_ID_RE.fullmatch(given) else None
 
     def set_default_headers(self) -> None:
         # x-proxy-request-id: always this proxy's id (the access log's

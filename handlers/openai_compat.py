@@ -33,6 +33,7 @@ FORWARDED_REQUEST_HEADERS = (
 # x-proxy-request-id is ours alone (handlers/base.py).
 DROPPED_RESPONSE_HEADERS = HOP_BY_HOP_HEADERS | {
     "set-cookie",
+    "set-cookie2",
     "content-encoding",
     "server",
     "date",

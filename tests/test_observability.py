@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from chat_gpt_proxy import observability
 from chat_gpt_proxy.fake_openai import Behaviour
 from chat_gpt_proxy.observability import JsonFormatter, TextFormatter, token_counts
 from chat_gpt_proxy.tokens import TokenRegistry
@@ -76,13 +77,17 @@ async def test_forwarded_for_honoured_from_trusted_proxies(proxy, fake_openai, c
 
 @pytest.mark.gen_test
 async def test_request_ids(proxy, fake_openai, caplog):
+    """The proxy's id is its own; a caller's well-formed x-request-id is logged beside it (issue 22)."""
     response = await proxy.request("/healthz", method="GET", headers={"x-request-id": "my-trace.42"})
-    assert response.headers["x-request-id"] == "my-trace.42"
+    own = response.headers["x-request-id"]
+    assert own == response.headers["x-proxy-request-id"] != "my-trace.42" and len(own) == 32
     response = await proxy.request("/healthz", method="GET", headers={"x-request-id": "bad id\twith space"})
     assert response.headers["x-request-id"] != "bad id\twith space" and len(response.headers["x-request-id"]) == 32
     response, _ = await proxy.chat({"prompt": "x"}, headers={"access-token": "wrong", "x-request-id": "abc"})
-    assert response.headers["x-request-id"] == "abc"
-    assert [fields(line)["request_id"] for line in access_lines(caplog)][0] == "my-trace.42"
+    assert response.headers["x-request-id"] != "abc"
+    records = [fields(line) for line in access_lines(caplog)]
+    assert [r["client_request_id"] for r in records] == ["my-trace.42", "-", "abc"]
+    assert records[0]["request_id"] == own
 
 
 @pytest.mark.gen_test
@@ -126,6 +131,7 @@ HOSTILE_PATH = b'/v1/models/a\x85b\x9fc\xe2\x80\xa8d=e"f\\g'
 EXPECTED_KEYS = [
     "request_id",
     "upstream_request_id",
+    "client_request_id",
     "client",
     "token",
     "method",
@@ -466,6 +472,24 @@ async def test_the_model_label_is_escaped_and_bounded(proxy, fake_openai):
     [label] = {re.search(r'model="([^"]*)"', line).group(1) for line in lines}
     # The escaped value; the text format doubles each backslash.
     assert label.startswith(r"m\\x0d\\x0a\\u2028x") and len(label) < 130 and "\r" not in label
+
+
+@pytest.mark.gen_test
+async def test_model_labels_stay_bounded_without_an_allow_list(proxy, fake_openai, monkeypatch):
+    """Issue 22: an upstream that accepts any model name would let callers add series at will."""
+    monkeypatch.setattr(observability, "MAX_MODEL_LABELS", 2)
+    for model in ("m-1", "m-2", "m-3", "m-4", "m-1"):
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+        assert (await proxy.request("/v1/chat/completions", json_body=body)).code == 200
+    lines = [line for line in (await metrics_text(proxy)).splitlines() if line.startswith("proxy_tokens_total{")]
+    assert {re.search(r'model="([^"]*)"', line).group(1) for line in lines} == {"m-1", "m-2", "(other)"}
+
+
+def test_the_default_cap_on_model_labels():
+    metrics = observability.Metrics()
+    labels = [metrics.model_label("model-%d" % i) for i in range(observability.MAX_MODEL_LABELS + 50)]
+    assert len(set(labels)) == observability.MAX_MODEL_LABELS + 1 and labels[-1] == "(other)"
+    assert metrics.model_label("model-0") == "model-0"
 
 
 @pytest.mark.gen_test

@@ -182,6 +182,16 @@ async def test_upstream_errors_are_relayed_unchanged(proxy, fake_openai):
 
 
 @pytest.mark.gen_test
+async def test_upstream_cookies_never_reach_the_client(proxy, fake_openai):
+    """Cookies the upstream sets are for its own domain, in either header (RFC 6265, and RFC 2965's
+    obsolete Set-Cookie2 that old clients still honour)."""
+    fake_openai.push(Behaviour(headers={"Set-Cookie": "a=b; Path=/", "Set-Cookie2": "c=d; Version=1"}))
+    response = await proxy.request("/v1/chat/completions", json_body={"model": "m", "messages": []})
+    assert response.code == 200
+    assert "Set-Cookie" not in response.headers and "Set-Cookie2" not in response.headers
+
+
+@pytest.mark.gen_test
 async def test_body_and_query_forwarded_unchanged(proxy, fake_openai):
     raw = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"x"}],  "odd_spacing": true}'
     response = await proxy.request(

@@ -42,12 +42,16 @@ async def call(proxy, surface: str, stream: bool = False, **kwargs):
 
 def assert_ids(response, caplog, upstream: bool) -> None:
     [record] = access_records(caplog)
-    assert response.headers["x-proxy-request-id"] == CALLER_ID == record["request_id"]
+    proxy_id = response.headers["x-proxy-request-id"]
+    # The caller's id is kept beside the proxy's, never as it (issue 22): it
+    # could pose as another request's id in the logs.
+    assert proxy_id == record["request_id"] and len(proxy_id) == 32 and proxy_id != CALLER_ID
+    assert record["client_request_id"] == CALLER_ID
     if upstream:
         assert response.headers["x-request-id"].startswith("req_fake_")
         assert response.headers["x-request-id"] == record["upstream_request_id"]
     else:
-        assert response.headers["x-request-id"] == CALLER_ID and record["upstream_request_id"] == "-"
+        assert response.headers["x-request-id"] == proxy_id and record["upstream_request_id"] == "-"
 
 
 SURFACES = ["chat_complete", "v1"]
@@ -103,7 +107,7 @@ async def test_unreachable_upstream_carries_proxy_id_in_both_headers(proxy, capl
 async def test_upstream_answer_without_an_id_carries_proxy_id_in_both_headers(proxy, fake_openai):
     response = await proxy.request("/v1/models", method="GET", headers={"x-request-id": CALLER_ID})
     assert response.code == 200 and fake_openai.received[0].path == "/v1/models"
-    assert response.headers["x-request-id"] == response.headers["x-proxy-request-id"] == CALLER_ID
+    assert response.headers["x-request-id"] == response.headers["x-proxy-request-id"] != CALLER_ID
 
 
 @pytest.mark.gen_test
@@ -114,14 +118,25 @@ async def test_proxy_id_is_new_when_the_callers_is_missing_or_malformed(proxy, f
         proxy_id = response.headers["x-proxy-request-id"]
         assert len(proxy_id) == 32 and response.headers["x-request-id"] == proxy_id
         ids.append(proxy_id)
-    assert [r["request_id"] for r in access_records(caplog)] == ids and ids[0] != ids[1]
+    records = access_records(caplog)
+    assert [r["request_id"] for r in records] == ids and ids[0] != ids[1]
+    assert [r["client_request_id"] for r in records] == ["-", "-"]
+
+
+@pytest.mark.gen_test
+async def test_two_callers_sending_one_id_get_two_proxy_ids(proxy, fake_openai, caplog):
+    first = await call(proxy, "v1")
+    second = await call(proxy, "v1")
+    assert first.headers["x-proxy-request-id"] != second.headers["x-proxy-request-id"]
+    assert [r["client_request_id"] for r in access_records(caplog)] == [CALLER_ID, CALLER_ID]
 
 
 @pytest.mark.gen_test
 async def test_upstream_cannot_set_the_proxy_id(proxy, fake_openai):
     fake_openai.push(Behaviour(headers={"x-proxy-request-id": "forged"}))
     response = await call(proxy, "v1")
-    assert response.headers.get_list("x-proxy-request-id") == [CALLER_ID]
+    [proxy_id] = response.headers.get_list("x-proxy-request-id")
+    assert proxy_id != "forged" and len(proxy_id) == 32
 
 
 @pytest.mark.gen_test
