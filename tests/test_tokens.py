@@ -419,6 +419,25 @@ async def test_allowed_models_per_token_override_allowed_models(proxy, fake_open
     assert len(fake_openai.received) == 4
 
 
+@pytest.mark.gen_test
+async def test_a_server_key_token_cannot_reach_a_model_choosing_endpoint_through_an_encoded_path(
+    proxy, fake_openai, base_url
+):
+    """Issue 22, the review's case: alice (server key, ALLOWED_MODELS) named no model on an encoded path."""
+    host, port = base_url.rsplit("//", 1)[1].split(":")
+    for path in ("/v1/images/%67enerations", "/v1/re%73ponses", "/v1/chat/%63ompletions"):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        body = b'{"prompt": "a cat", "input": "x"}'
+        writer.write(
+            b"POST %s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (path.encode(), ALICE.encode(), len(body), body)
+        )
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 400 ") and b'"model_undetermined"' in answer, (path, answer[:300])
+    assert fake_openai.received == []
+
+
 @pytest.mark.settings(rate_limit_per_token=3)
 @pytest.mark.gen_test
 async def test_rate_limit_per_minute_per_token(proxy, fake_openai):
