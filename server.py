@@ -24,10 +24,10 @@ import tornado.httpserver
 import tornado.netutil
 import tornado.web
 
-from chat_gpt_proxy.cors import CorsPolicy
+from chat_gpt_proxy.access.tokens import TokenRegistry, TokensFileError
 from chat_gpt_proxy.observability import JsonFormatter, Metrics, TextFormatter, log_request
-from chat_gpt_proxy.tokens import TokenRegistry, TokensFileError
-from chat_gpt_proxy.upstream import UpstreamPool
+from chat_gpt_proxy.request.cors import CorsPolicy
+from chat_gpt_proxy.upstream.pool import UpstreamPool
 from handlers import routes
 from handlers.base import ApiError, BaseHandler
 from handlers.metrics import routes as metrics_routes
@@ -63,7 +63,7 @@ def make_app(settings: Settings, tokens: TokenRegistry | None = None) -> tornado
     shared_limits = None
     if settings.redis_url:
         # Imported only here: without REDIS_URL the redis package is never loaded (issue 14).
-        from chat_gpt_proxy.shared_limits import SharedLimits
+        from chat_gpt_proxy.access.shared_limits import SharedLimits
 
         shared_limits = SharedLimits(settings, metrics.redis_errors if metrics is not None else None)
         log.info("%s", shared_limits.describe())
@@ -259,7 +259,7 @@ def raise_fd_limit() -> None:
 
 async def start_demo_upstream(settings: Settings) -> Settings:
     """DEMO_UPSTREAM=true: answers come from the built-in fake OpenAI (issue 7)."""
-    from chat_gpt_proxy.fake_openai import FakeOpenAI
+    from chat_gpt_proxy.fake_openai.app import FakeOpenAI
 
     fake = FakeOpenAI(default_delay=0.08)
     fake.start()

@@ -15,9 +15,10 @@ import urllib.parse
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from chat_gpt_proxy import egress, strict_json
-from chat_gpt_proxy.cors import parse_origins
-from chat_gpt_proxy.generate_params import ParamsError, normalize_generate_params
+from chat_gpt_proxy.request import strict_json
+from chat_gpt_proxy.request.cors import parse_origins
+from chat_gpt_proxy.request.generate_params import ParamsError, normalize_generate_params
+from chat_gpt_proxy.upstream import egress
 
 DEFAULT_ACCESS_TOKEN = "123456"  # noqa: S105 (the old service's documented default)
 # The server key goes into a header line, like a caller's key.

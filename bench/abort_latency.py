@@ -18,7 +18,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from chat_gpt_proxy.fake_openai import Behaviour  # noqa: E402
+from chat_gpt_proxy.fake_openai.behaviours import Behaviour
 from tests.threaded import BackgroundStack  # noqa: E402
 
 

@@ -10,7 +10,7 @@ load generators run on CPU 1.
 
 - Throughput upstream: Debian's nginx returning a fixed ~650-byte
   chat.completion JSON and a fixed 20-event SSE body.
-- Timed-stream upstream: the project's fake OpenAI (chat_gpt_proxy/fake_openai.py),
+- Timed-stream upstream: the project's fake OpenAI (chat_gpt_proxy/fake_openai/),
   dripping 20 chunks 50 ms apart.
 - Load: wrk with a Lua script (POST bodies and headers); an asyncio client for
   stream timing and for holding many open streams.

@@ -1,8 +1,12 @@
-"""The parts of chat_gpt_proxy that are not request handlers (those live in handlers/).
+"""chat_gpt_proxy: the parts of the proxy that are not request handlers (those are in handlers/),
+arranged by the two legs of a request.
 
-- ``upstream``: the one upstream call (libcurl through Tornado's CurlAsyncHTTPClient);
+- ``request``: what arrives from the caller (body decoding, the model it names, generate_params,
+  strict JSON, CORS);
+- ``access``: who may call and how much (named tokens, rate and concurrency limits, limits shared in Redis);
+- ``upstream``: the leg to OpenAI (the libcurl call, its error vocabulary, headers, egress proxies and
+  tunnels, the retry policy, the upstream URL);
+- ``realtime``: the Realtime WebSocket relay (the session, its upstream connection);
 - ``observability``: the access log line and the Prometheus metrics;
-- ``limits``: per-token request limits;
-- ``generate_params``: the rules for /chat_complete's generate_params (requests and DEFAULT_GENERATE_PARAMS);
 - ``fake_openai``: a fake OpenAI server for the demo mode, the tests and the benchmarks.
 """

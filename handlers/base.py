@@ -16,7 +16,8 @@ from tornado.ioloop import IOLoop
 from tornado.iostream import StreamClosedError
 from tornado.web import HTTPError, RequestHandler, stream_request_body
 
-from chat_gpt_proxy.request_body import (
+from chat_gpt_proxy.access.tokens import UNAVAILABLE
+from chat_gpt_proxy.request.body import (
     SUPPORTED_ENCODINGS,
     BodyNotDecodable,
     BodyTooLarge,
@@ -24,9 +25,8 @@ from chat_gpt_proxy.request_body import (
     UnsupportedEncoding,
     content_coding,
 )
-from chat_gpt_proxy.strict_json import dumps, loads
-from chat_gpt_proxy.tokens import UNAVAILABLE
-from chat_gpt_proxy.upstream import UpstreamError
+from chat_gpt_proxy.request.strict_json import dumps, loads
+from chat_gpt_proxy.upstream.errors import UpstreamError
 
 log = logging.getLogger("chat_gpt_proxy")
 
@@ -123,7 +123,7 @@ class ApiMixin:
     # The route label in metrics.
     route_name = "other"
 
-    # The access token's entry (chat_gpt_proxy/tokens.py), whether the request
+    # The access token's entry (chat_gpt_proxy/access/tokens.py), whether the request
     # counts against its max_concurrent, and the limit that refused it, if any.
     token = None
     token_admitted = ""
@@ -203,7 +203,7 @@ class ApiMixin:
         """Apply the token's limits; 429 with Retry-After when one is reached.
 
         With REDIS_URL, a token with limits is admitted by Redis (one round
-        trip, chat_gpt_proxy/shared_limits.py): the awaitable returned does
+        trip, chat_gpt_proxy/access/shared_limits.py): the awaitable returned does
         it. Everything else stays synchronous, as without Redis.
         """
         shared = self.settings.get("shared_limits")

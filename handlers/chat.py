@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from chat_gpt_proxy.generate_params import ParamsError, normalize_generate_params
+from chat_gpt_proxy.request.generate_params import ParamsError, normalize_generate_params
 
 from .base import ApiError, dumps
 from .info import UsagePageMixin

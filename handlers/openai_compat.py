@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
-import string
 
-from chat_gpt_proxy.requested_model import inspect_request
-from chat_gpt_proxy.upstream import HOP_BY_HOP_HEADERS, UpstreamError
+from chat_gpt_proxy.request.model import MODEL_FREE_PATH_RE, inspect_request
+from chat_gpt_proxy.upstream.errors import UpstreamError
+from chat_gpt_proxy.upstream.headers import HOP_BY_HOP_HEADERS
+from chat_gpt_proxy.upstream.urls import normalised_path, upstream_url
 
 from .base import ApiError, check_model_allowed, parse_content_length
 from .proxy import ProxyHandler, StreamWatch, without_content
@@ -28,6 +28,8 @@ FORWARDED_REQUEST_HEADERS = (
     "OpenAI-Beta",
     "Idempotency-Key",
 )
+
+
 # Response headers never relayed: hop-by-hop ones, and cookies the upstream
 # sets for its own domain.
 # x-proxy-request-id is ours alone (handlers/base.py).
@@ -40,99 +42,13 @@ DROPPED_RESPONSE_HEADERS = HOP_BY_HOP_HEADERS | {
     "x-proxy-request-id",
 }
 
-# With an allow-list in force, a request with a body must name its model,
-# except on these endpoints, which run no model (issue 22: the rule fails
-# closed, so an endpoint added upstream later, a case variant or a path with
-# ";" parameters is refused rather than forwarded unchecked). "{id}" is one
-# path segment. The README's "Allowed models" section lists the same paths.
-MODEL_FREE_PATHS = (
-    "files",
-    "uploads",
-    "uploads/{id}/parts",
-    "uploads/{id}/complete",
-    "uploads/{id}/cancel",
-    "batches/{id}/cancel",
-    "vector_stores",
-    "vector_stores/{id}",
-    "vector_stores/{id}/files",
-    "vector_stores/{id}/files/{id}",
-    "vector_stores/{id}/file_batches",
-    "vector_stores/{id}/file_batches/{id}/cancel",
-    "conversations",
-    "conversations/{id}",
-    "conversations/{id}/items",
-    "threads",
-    "threads/{id}",
-    "threads/{id}/messages",
-    "threads/{id}/messages/{id}",
-    "threads/{id}/runs/{id}/cancel",
-    "assistants/{id}",
-    "chat/completions/{id}",
-    "responses/{id}/cancel",
-    "fine_tuning/jobs/{id}/cancel",
-    "fine_tuning/jobs/{id}/pause",
-    "fine_tuning/jobs/{id}/resume",
-    "containers",
-    "containers/{id}/files",
-)
-# An id as OpenAI writes them, a prefix and "_" or "-" (thread_..., vs_...,
-# file-...): so that a word such as "runs" in POST /v1/threads/runs (which
-# runs the assistant's model) is never read as the id of "threads/{id}".
-_ID = "[A-Za-z0-9]+[_-][A-Za-z0-9_-]*"
-MODEL_FREE_PATH_RE = re.compile(
-    "^(?:%s)$" % "|".join(re.escape(path).replace(re.escape("{id}"), _ID) for path in MODEL_FREE_PATHS)
-)
 
 # Answers up to this size are relayed whole, with their Content-Length.
 SMALL_BODY = 1024 * 1024
+
 # JSON answers up to this size are parsed for their token usage (issue 10);
 # a chat completion is a few KiB, and parsing costs event-loop time.
 USAGE_PARSE_LIMIT = 256 * 1024
-
-# Characters allowed in a relayed path or query (RFC 3986 pchar, '/', '?').
-SAFE_PATH_RE = re.compile(r"^[A-Za-z0-9._~!$&'()*+,;=:@%/-]*$")
-SAFE_QUERY_RE = re.compile(r"^[A-Za-z0-9._~!$&'()*+,;=:@%/?-]*$")
-
-
-_ESCAPE_RE = re.compile(r"%([0-9A-Fa-f]{2})")
-_UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
-
-
-def _normalise_escape(match: re.Match) -> str:
-    char = chr(int(match.group(1), 16))
-    return char if char in _UNRESERVED else "%" + match.group(1).upper()
-
-
-def normalised_path(raw_path: str) -> str | None:
-    """The path after ``/v1/`` as both the allow-list check and the upstream see it, or None if refused.
-
-    Escapes of unreserved characters are decoded and the others written in
-    upper case (RFC 3986 section 6.2.2): the upstream decodes ``re%73ponses``
-    to ``responses`` before routing, so the check must read it so too, and
-    what is forwarded is the normalised path, never the raw one (issue 22).
-    Refused: characters outside RFC 3986 ``pchar``, a ``%`` that starts no
-    escape, encoded slashes, backslashes and NUL, dot segments (also encoded)
-    and empty segments; whatever the client sends, the request goes to
-    ``OPENAI_BASE_URL``'s host and under its path (no SSRF).
-    """
-    if not SAFE_PATH_RE.match(raw_path):
-        return None
-    path = _ESCAPE_RE.sub(_normalise_escape, raw_path)
-    if "%" in _ESCAPE_RE.sub("", path):
-        return None
-    if "%2F" in path or "%5C" in path or "%00" in path:
-        return None
-    if any(segment in ("", ".", "..") for segment in path.split("/")):
-        return None
-    return path
-
-
-def upstream_url(base_url: str, path: str, query: str) -> str | None:
-    """``base_url`` + the normalised ``path`` after ``/v1`` + the query, or None if either is refused."""
-    path = normalised_path(path)
-    if path is None or not SAFE_QUERY_RE.match(query):
-        return None
-    return base_url + "/" + path + ("?" + query if query else "")
 
 
 class OpenAIStyle:

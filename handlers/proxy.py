@@ -13,7 +13,10 @@ import time
 
 from tornado.ioloop import IOLoop
 
-from chat_gpt_proxy.upstream import UpstreamCall, UpstreamError, UpstreamPool, relayed_headers
+from chat_gpt_proxy.upstream.call import UpstreamCall
+from chat_gpt_proxy.upstream.errors import UpstreamError
+from chat_gpt_proxy.upstream.headers import relayed_headers
+from chat_gpt_proxy.upstream.pool import UpstreamPool
 
 from .base import ApiError, BaseHandler, dumps, loads
 

@@ -5,7 +5,7 @@ is accepted, so each refusal is an ordinary HTTP status with a JSON error
 (never accept-then-close): the access token, the key, ALLOWED_MODELS, the rate
 limit, the concurrency cap, and the upstream's own handshake, which is opened
 first so that its refusal (401, 403, 404, 429...) reaches the client with the
-same status and body. The relay itself is chat_gpt_proxy/realtime.py.
+same status and body. The relay itself is chat_gpt_proxy/realtime/session.py.
 
 Browsers cannot set headers on a WebSocket, so the tokens may also come as
 subprotocols: ``access-token.<token>`` and ``openai-insecure-api-key.<key>``
@@ -24,11 +24,13 @@ import tornado.web
 from tornado.websocket import WebSocketHandler, WebSocketProtocol13
 
 from chat_gpt_proxy.observability import log_session
-from chat_gpt_proxy.realtime import RealtimeSession, UpstreamRefused, connect_upstream
-from chat_gpt_proxy.upstream import UpstreamError
+from chat_gpt_proxy.realtime.connect import UpstreamRefused, connect_upstream
+from chat_gpt_proxy.realtime.session import RealtimeSession
+from chat_gpt_proxy.upstream.errors import UpstreamError
+from chat_gpt_proxy.upstream.urls import upstream_url
 
 from .base import ApiError, ApiMixin, check_model_allowed, loads
-from .openai_compat import OpenAIStyle, upstream_url
+from .openai_compat import OpenAIStyle
 from .proxy import mirrored_error, take_upstream_slot
 
 ACCESS_TOKEN_PROTOCOL = "access-token."  # noqa: S105 (a prefix, not a secret)

@@ -1,7 +1,7 @@
 """Shared fixtures. Servers run on the test's IOLoop, on ephemeral loopback ports.
 
 Fixtures:
-- ``fake_openai``: a started ``FakeOpenAI`` (chat_gpt_proxy/fake_openai.py); script it with ``push``.
+- ``fake_openai``: a started ``FakeOpenAI`` (chat_gpt_proxy/fake_openai/); script it with ``push``.
 - ``config``: the proxy's ``Settings`` pointing at the fake; adjust with
   ``@pytest.mark.settings(name=value, ...)``.
 - ``app`` / ``http_server`` / ``base_url``: the proxy built by ``server.make_app`` and
@@ -31,7 +31,7 @@ import pytest
 import tornado.httpclient
 from tornado.testing import bind_unused_port
 
-from chat_gpt_proxy.fake_openai import FakeOpenAI
+from chat_gpt_proxy.fake_openai.app import FakeOpenAI
 from server import make_app, make_server
 from settings import Settings
 from tests.procs import ROOT, RedisServer

@@ -18,7 +18,7 @@ import time
 
 from tornado.testing import bind_unused_port
 
-from chat_gpt_proxy.egress import EgressProxy
+from chat_gpt_proxy.upstream.egress import EgressProxy
 from server import make_app, make_server
 from tests.conftest import ProxyClient
 from tests.procs import free_port

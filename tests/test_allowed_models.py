@@ -15,8 +15,7 @@ import openai
 import pytest
 import tornado.httputil
 
-from chat_gpt_proxy.requested_model import inspect_request
-from handlers.openai_compat import MODEL_FREE_PATHS
+from chat_gpt_proxy.request.model import MODEL_FREE_PATHS, inspect_request
 from tests.conftest import ACCESS_TOKEN, OPENAI_KEY
 from tests.procs import ROOT
 

@@ -8,8 +8,9 @@ import zlib
 
 import pytest
 
-from chat_gpt_proxy.fake_openai import Behaviour, completion
-from chat_gpt_proxy.request_body import BodyNotDecodable, BodyTooLarge, RequestBody
+from chat_gpt_proxy.fake_openai.behaviours import Behaviour
+from chat_gpt_proxy.fake_openai.wire import completion
+from chat_gpt_proxy.request.body import BodyNotDecodable, BodyTooLarge, RequestBody
 from settings import Settings, SettingsError
 from tests.conftest import ACCESS_TOKEN, OPENAI_KEY
 

@@ -7,7 +7,7 @@ import time
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from chat_gpt_proxy.fake_openai import Behaviour
+from chat_gpt_proxy.fake_openai.behaviours import Behaviour
 from tests.threaded import BackgroundStack
 
 TOKEN = "browser-access-token"

@@ -8,7 +8,7 @@ import pytest
 import requests
 from tornado.simple_httpclient import HTTPTimeoutError
 
-from chat_gpt_proxy.fake_openai import Behaviour
+from chat_gpt_proxy.fake_openai.behaviours import Behaviour
 from tests.conftest import ACCESS_TOKEN, AUTH, OPENAI_KEY
 
 

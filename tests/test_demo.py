@@ -10,7 +10,8 @@ import time
 import openai
 import pytest
 
-from chat_gpt_proxy.fake_openai import KEPT_REQUESTS, MAX_KEPT_BODY, Behaviour, FakeOpenAI
+from chat_gpt_proxy.fake_openai.app import FakeOpenAI
+from chat_gpt_proxy.fake_openai.behaviours import KEPT_REQUESTS, MAX_KEPT_BODY, Behaviour
 from tests.conftest import ACCESS_TOKEN, OPENAI_KEY
 from tests.procs import ServerProcess
 

@@ -16,7 +16,7 @@ import time
 import pytest
 import tornado.httpclient
 
-from chat_gpt_proxy.fake_openai import Behaviour
+from chat_gpt_proxy.fake_openai.behaviours import Behaviour
 from tests.conftest import ACCESS_TOKEN, AUTH, OPENAI_KEY
 from tests.procs import ROOT, Nginx, ServerProcess, example_site, free_port
 

@@ -7,7 +7,8 @@ import time
 import pytest
 from tornado.httputil import HTTPHeaders
 
-from chat_gpt_proxy.egress import (
+from chat_gpt_proxy.upstream.call import connected_socket, readable
+from chat_gpt_proxy.upstream.egress import (
     EgressConfigError,
     EgressProxy,
     bypasses,
@@ -16,8 +17,8 @@ from chat_gpt_proxy.egress import (
     proxy_for,
     proxy_from_env,
 )
-from chat_gpt_proxy.retry import RetryPolicy, backoff, retry_after_seconds
-from chat_gpt_proxy.upstream import classify, connected_socket, readable
+from chat_gpt_proxy.upstream.errors import classify
+from chat_gpt_proxy.upstream.retry import RetryPolicy, backoff, retry_after_seconds
 from settings import Settings, SettingsError
 
 HTTPS_UPSTREAM = "https://api.openai.com/v1"

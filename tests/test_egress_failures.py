@@ -13,8 +13,8 @@ import ssl
 
 import pytest
 
-from chat_gpt_proxy.egress import EgressProxy
-from chat_gpt_proxy.fake_openai import FakeOpenAI
+from chat_gpt_proxy.fake_openai.app import FakeOpenAI
+from chat_gpt_proxy.upstream.egress import EgressProxy
 from settings import Settings
 from tests.conftest import ACCESS_TOKEN, OTHER_SECRETS, ProxyClient
 from tests.egress_servers import (

@@ -16,7 +16,8 @@ import uuid
 
 import pytest
 
-from chat_gpt_proxy.fake_openai import Behaviour, FakeOpenAI
+from chat_gpt_proxy.fake_openai.app import FakeOpenAI
+from chat_gpt_proxy.fake_openai.behaviours import Behaviour
 from tests.conftest import open_raw
 from tests.egress_servers import MicroSocks, TinyProxy, make_tls_files
 

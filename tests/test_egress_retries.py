@@ -16,7 +16,8 @@ import time
 
 import pytest
 
-from chat_gpt_proxy.fake_openai import Behaviour, FakeOpenAI
+from chat_gpt_proxy.fake_openai.app import FakeOpenAI
+from chat_gpt_proxy.fake_openai.behaviours import Behaviour
 from tests.conftest import OPENAI_KEY
 from tests.egress_servers import serving
 

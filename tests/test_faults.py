@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from chat_gpt_proxy.fake_openai import Behaviour
+from chat_gpt_proxy.fake_openai.behaviours import Behaviour
 from tests.conftest import AUTH, open_raw
 
 pytestmark = pytest.mark.faults

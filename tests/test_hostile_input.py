@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chat_gpt_proxy.fake_openai import Behaviour
+from chat_gpt_proxy.fake_openai.behaviours import Behaviour
 from tests.threaded import BackgroundStack
 
 TOKEN = "hostile-access-token-77"

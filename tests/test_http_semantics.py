@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from chat_gpt_proxy.cors import CorsPolicy
-from chat_gpt_proxy.fake_openai import Behaviour
+from chat_gpt_proxy.fake_openai.behaviours import Behaviour
+from chat_gpt_proxy.request.cors import CorsPolicy
 from settings import Settings, SettingsError
 
 GET_ROUTES = [

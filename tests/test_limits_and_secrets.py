@@ -10,7 +10,7 @@ import openai
 import pytest
 
 import handlers.proxy
-from chat_gpt_proxy.fake_openai import Behaviour
+from chat_gpt_proxy.fake_openai.behaviours import Behaviour
 from tests.conftest import ACCESS_TOKEN, AUTH, OPENAI_KEY
 from tests.procs import ServerProcess
 
@@ -44,10 +44,12 @@ async def test_rate_limit_per_access_token(proxy, fake_openai):
 
 def test_access_tokens_compared_in_constant_time(monkeypatch):
     """Every configured token is compared with hmac.compare_digest, whichever matches."""
-    import chat_gpt_proxy.tokens
+    import chat_gpt_proxy.access.tokens
     from settings import Settings
 
-    registry = chat_gpt_proxy.tokens.TokenRegistry(Settings(access_tokens=("first-token", "second-token", "third")))
+    registry = chat_gpt_proxy.access.tokens.TokenRegistry(
+        Settings(access_tokens=("first-token", "second-token", "third"))
+    )
     calls = []
     real = hmac.compare_digest
     monkeypatch.setattr(hmac, "compare_digest", lambda a, b: calls.append((a, b)) or real(a, b))

@@ -18,7 +18,7 @@ import tornado.web
 import tornado.websocket
 from tornado.testing import bind_unused_port
 
-from chat_gpt_proxy.fake_openai import Behaviour
+from chat_gpt_proxy.fake_openai.behaviours import Behaviour
 from tests.conftest import ACCESS_TOKEN, AUTH
 from tests.procs import Nginx, ServerProcess, example_site, free_port
 

@@ -13,9 +13,9 @@ import time
 import pytest
 
 from chat_gpt_proxy import observability
-from chat_gpt_proxy.fake_openai import Behaviour
+from chat_gpt_proxy.access.tokens import TokenRegistry
+from chat_gpt_proxy.fake_openai.behaviours import Behaviour
 from chat_gpt_proxy.observability import JsonFormatter, TextFormatter, token_counts
-from chat_gpt_proxy.tokens import TokenRegistry
 from server import drain
 from tests.conftest import ACCESS_TOKEN, OPENAI_KEY, open_raw
 

@@ -11,8 +11,8 @@ import httpx_sse
 import openai
 import pytest
 
-from chat_gpt_proxy.fake_openai import Behaviour
-from handlers.openai_compat import upstream_url
+from chat_gpt_proxy.fake_openai.behaviours import Behaviour
+from chat_gpt_proxy.upstream.urls import upstream_url
 from tests.conftest import ACCESS_TOKEN, OPENAI_KEY
 
 

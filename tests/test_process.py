@@ -13,7 +13,7 @@ import time
 import pytest
 import tornado.httpclient
 
-from chat_gpt_proxy.fake_openai import Behaviour
+from chat_gpt_proxy.fake_openai.behaviours import Behaviour
 from tests.conftest import OPENAI_KEY
 from tests.procs import ROOT, ServerProcess, free_port
 

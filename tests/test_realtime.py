@@ -19,7 +19,7 @@ import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from chat_gpt_proxy.fake_openai import RealtimeBehaviour
+from chat_gpt_proxy.fake_openai.behaviours import RealtimeBehaviour
 from server import drain
 from tests.conftest import ACCESS_TOKEN, OPENAI_KEY
 from tests.test_readme import localize, snippet

@@ -5,7 +5,7 @@ import time
 import pytest
 from playwright.sync_api import sync_playwright
 
-from chat_gpt_proxy.fake_openai import RealtimeBehaviour
+from chat_gpt_proxy.fake_openai.behaviours import RealtimeBehaviour
 from tests.test_browser import ARGS, CHROMIUM
 from tests.test_readme import snippet
 from tests.threaded import BackgroundStack

@@ -20,8 +20,9 @@ import pytest
 import websockets
 from websockets.exceptions import InvalidStatus
 
-from chat_gpt_proxy.egress import EgressProxy
-from chat_gpt_proxy.fake_openai import FakeOpenAI, RealtimeBehaviour
+from chat_gpt_proxy.fake_openai.app import FakeOpenAI
+from chat_gpt_proxy.fake_openai.behaviours import RealtimeBehaviour
+from chat_gpt_proxy.upstream.egress import EgressProxy
 from settings import Settings
 from tests.conftest import ACCESS_TOKEN, OPENAI_KEY, OTHER_SECRETS
 from tests.egress_servers import TINYPROXY_PASSWORD, MicroSocks, TinyProxy, TlsFront, make_tls_files, serving

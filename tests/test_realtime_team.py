@@ -16,7 +16,7 @@ import pytest
 import websockets
 from websockets.exceptions import InvalidStatus
 
-from chat_gpt_proxy.fake_openai import RealtimeBehaviour
+from chat_gpt_proxy.fake_openai.behaviours import RealtimeBehaviour
 from settings import Settings
 from tests.conftest import ACCESS_TOKEN, OPENAI_KEY
 from tests.test_tokens import ALICE, BOB, CAROL, DAVE, ERIN, NAMED, SERVER_KEY, TOKENS_TOML

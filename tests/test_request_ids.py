@@ -11,7 +11,7 @@ import ipaddress
 import openai
 import pytest
 
-from chat_gpt_proxy.fake_openai import Behaviour
+from chat_gpt_proxy.fake_openai.behaviours import Behaviour
 from tests.conftest import ACCESS_TOKEN, OPENAI_KEY
 
 CALLER_ID = "caller-trace.42"

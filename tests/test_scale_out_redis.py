@@ -13,7 +13,7 @@ import pytest
 import redis
 import tornado.httpclient
 
-from chat_gpt_proxy.fake_openai import Behaviour
+from chat_gpt_proxy.fake_openai.behaviours import Behaviour
 from tests.conftest import OPENAI_KEY
 from tests.procs import Nginx, ServerProcess, example_site, free_port
 

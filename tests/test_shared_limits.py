@@ -1,6 +1,6 @@
 """Per-token limits shared through Redis (issue 14, points 1 and 2), against Debian's redis-server.
 
-chat_gpt_proxy/shared_limits.py's script semantics with several ``SharedLimits``
+chat_gpt_proxy/access/shared_limits.py's script semantics with several ``SharedLimits``
 (as several instances would hold) on one real server, then the proxy itself
 with REDIS_URL: the failure modes, /healthz, the metrics, the startup line.
 """
@@ -16,9 +16,9 @@ import time
 import pytest
 import redis
 
+from chat_gpt_proxy.access.shared_limits import SharedLimits
+from chat_gpt_proxy.access.tokens import UNAVAILABLE, TokenEntry, TokenPolicy
 from chat_gpt_proxy.observability import Metrics
-from chat_gpt_proxy.shared_limits import SharedLimits
-from chat_gpt_proxy.tokens import UNAVAILABLE, TokenEntry, TokenPolicy
 from server import make_app
 from settings import Settings, SettingsError
 from tests.conftest import ACCESS_TOKEN, AUTH
@@ -359,7 +359,7 @@ async def test_closed_mode_answers_503_limits_unavailable_while_redis_is_down_th
 
 @pytest.mark.gen_test(timeout=30)
 async def test_a_streams_place_is_held_in_redis_until_it_ends(proxy, fake_openai, inspect):
-    from chat_gpt_proxy.fake_openai import Behaviour
+    from chat_gpt_proxy.fake_openai.behaviours import Behaviour
 
     alice = {"access-token": "alice-TOKEN-4b9e2f71c0", "openai-token": AUTH["openai-token"]}
     fake_openai.by_model["slow"] = Behaviour(chunks=["a ", "b ", "c "], delay=0.4)

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from chat_gpt_proxy.fake_openai import Behaviour
+from chat_gpt_proxy.fake_openai.behaviours import Behaviour
 from tests.conftest import open_raw
 
 STREAM = {"stream": True}

@@ -14,8 +14,8 @@ import time
 import pytest
 import tornado.httpclient
 
-from chat_gpt_proxy.fake_openai import Behaviour
-from chat_gpt_proxy.tokens import TokenRegistry, TokensFileError, parse_tokens_file
+from chat_gpt_proxy.access.tokens import TokenRegistry, TokensFileError, parse_tokens_file
+from chat_gpt_proxy.fake_openai.behaviours import Behaviour
 from settings import Settings, SettingsError
 from tests.conftest import ACCESS_TOKEN, OPENAI_KEY, OTHER_SECRETS, open_raw
 from tests.procs import ROOT, ServerProcess

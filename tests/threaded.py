@@ -12,7 +12,7 @@ import threading
 
 from tornado.testing import bind_unused_port
 
-from chat_gpt_proxy.fake_openai import FakeOpenAI
+from chat_gpt_proxy.fake_openai.app import FakeOpenAI
 from server import make_app, make_server
 from settings import Settings
 

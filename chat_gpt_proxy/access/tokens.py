@@ -28,7 +28,7 @@ import hmac
 import re
 import tomllib
 
-from chat_gpt_proxy.limits import InFlight, RateLimiter
+from chat_gpt_proxy.access.limits import InFlight, RateLimiter
 
 # Names end up in log lines and metric labels: keep them short and plain.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
@@ -81,7 +81,7 @@ class Refusal:
 
 
 class Unavailable:
-    """The shared limits (Redis, chat_gpt_proxy/shared_limits.py) could not be asked: REDIS_FAILURE_MODE decides."""
+    """The shared limits (Redis, chat_gpt_proxy/access/shared_limits.py) could not be asked: REDIS_FAILURE_MODE decides."""
 
 
 UNAVAILABLE = Unavailable()

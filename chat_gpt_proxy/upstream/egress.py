@@ -5,7 +5,7 @@ variables the way curl reads them (``https_proxy``/``HTTPS_PROXY`` for an
 https upstream, lower-case ``http_proxy`` only for an http one, then
 ``all_proxy``/``ALL_PROXY``), and ``no_proxy``/``NO_PROXY`` for hosts that
 are reached directly. libcurl would read those variables by itself whenever no
-proxy is set on the handle; ``chat_gpt_proxy/upstream.py`` always sets one (or
+proxy is set on the handle; ``chat_gpt_proxy/upstream/call.py`` always sets one (or
 the empty string, "direct"), so what is logged at startup is what is used.
 
 ``EgressProxy.url`` is the plain URL with its credentials, for any other

@@ -40,7 +40,14 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from chat_gpt_proxy.tokens import UNAVAILABLE, Refusal, TokenEntry, Unavailable, concurrency_refusal, rate_refusal
+from chat_gpt_proxy.access.tokens import (
+    UNAVAILABLE,
+    Refusal,
+    TokenEntry,
+    Unavailable,
+    concurrency_refusal,
+    rate_refusal,
+)
 
 log = logging.getLogger("chat_gpt_proxy")
 

@@ -1,7 +1,7 @@
 """A TCP tunnel to an upstream host through the egress proxy (issue 11), for upstream legs libcurl does not carry.
 
-libcurl carries every HTTP call (chat_gpt_proxy/upstream.py); the realtime
-relay's WebSocket (chat_gpt_proxy/realtime.py) is opened by the ``websockets``
+libcurl carries every HTTP call (chat_gpt_proxy/upstream/call.py); the realtime
+relay's WebSocket (chat_gpt_proxy/realtime/session.py) is opened by the ``websockets``
 library, which gets the byte pipe to the upstream's host and port from here,
 opened through ``settings.upstream_egress``:
 
@@ -30,8 +30,9 @@ import ssl
 from python_socks import ProxyConnectionError, ProxyError, ProxyTimeoutError, ProxyType
 from python_socks.async_.asyncio import Proxy as SocksProxy
 
-from .egress import EgressProxy
-from .upstream import PROXY_MESSAGES, USER_AGENT, UpstreamError
+from chat_gpt_proxy.upstream.egress import EgressProxy
+from chat_gpt_proxy.upstream.errors import PROXY_MESSAGES, UpstreamError
+from chat_gpt_proxy.upstream.headers import USER_AGENT
 
 # A proxy's answer to CONNECT: the status line and headers, never a body on success.
 MAX_CONNECT_ANSWER = 16384

@@ -14,7 +14,7 @@ import json
 import re
 from urllib.parse import parse_qsl
 
-from . import strict_json
+from chat_gpt_proxy.request import strict_json
 
 # RFC 9110 5.6.2 token, and a parameter: token "=" ( token / quoted-string ).
 # Quoted strings with backslash escapes are refused: parsers unescape them differently.
@@ -252,3 +252,50 @@ def _lenient(body: bytes) -> tuple[str | None, tuple, bool]:
     model = parsed.get("model")
     model = model if isinstance(model, str) else None
     return model, (), parsed.get("stream") is True
+
+
+# With an allow-list in force, a request with a body must name its model,
+# except on these endpoints, which run no model (issue 22: the rule fails
+# closed, so an endpoint added upstream later, a case variant or a path with
+# ";" parameters is refused rather than forwarded unchecked). "{id}" is one
+# path segment. The README's "Allowed models" section lists the same paths.
+MODEL_FREE_PATHS = (
+    "files",
+    "uploads",
+    "uploads/{id}/parts",
+    "uploads/{id}/complete",
+    "uploads/{id}/cancel",
+    "batches/{id}/cancel",
+    "vector_stores",
+    "vector_stores/{id}",
+    "vector_stores/{id}/files",
+    "vector_stores/{id}/files/{id}",
+    "vector_stores/{id}/file_batches",
+    "vector_stores/{id}/file_batches/{id}/cancel",
+    "conversations",
+    "conversations/{id}",
+    "conversations/{id}/items",
+    "threads",
+    "threads/{id}",
+    "threads/{id}/messages",
+    "threads/{id}/messages/{id}",
+    "threads/{id}/runs/{id}/cancel",
+    "assistants/{id}",
+    "chat/completions/{id}",
+    "responses/{id}/cancel",
+    "fine_tuning/jobs/{id}/cancel",
+    "fine_tuning/jobs/{id}/pause",
+    "fine_tuning/jobs/{id}/resume",
+    "containers",
+    "containers/{id}/files",
+)
+
+
+# An id as OpenAI writes them, a prefix and "_" or "-" (thread_..., vs_...,
+# file-...): so that a word such as "runs" in POST /v1/threads/runs (which
+# runs the assistant's model) is never read as the id of "threads/{id}".
+_ID = "[A-Za-z0-9]+[_-][A-Za-z0-9_-]*"
+
+MODEL_FREE_PATH_RE = re.compile(
+    "^(?:%s)$" % "|".join(re.escape(path).replace(re.escape("{id}"), _ID) for path in MODEL_FREE_PATHS)
+)

@@ -33,111 +33,36 @@ from tornado.httpclient import HTTPRequest
 from tornado.httputil import HTTPHeaders
 from tornado.ioloop import IOLoop
 
-from chat_gpt_proxy.retry import RetryPolicy
+from chat_gpt_proxy.upstream.errors import (
+    UpstreamError,
+    classify,
+)
+from chat_gpt_proxy.upstream.headers import USER_AGENT
 
 log = logging.getLogger("chat_gpt_proxy.upstream")
 
-# Hop-by-hop headers (RFC 9110 section 7.6.1) and those libcurl computes
-# itself: never copied between the two connections.
-HOP_BY_HOP_HEADERS = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "content-length",
-        "host",
-    }
-)
-
-# Upstream response headers a client of the proxy may rely on (issue 2):
-# OpenAI's request id for support tickets, and rate-limit information.
-RELAYED_RESPONSE_HEADERS = ("x-request-id", "retry-after", "openai-processing-ms")
-RELAYED_RESPONSE_PREFIXES = ("x-ratelimit-",)
-
-USER_AGENT = "chat_gpt_proxy/1.0"
-
 # RFC 9110 section 5.1 (token) and 5.5 (field-value: no control characters but HTAB).
 FIELD_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
 FORBIDDEN_VALUE_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
 STATUS_LINE_RE = re.compile(rb"HTTP/[0-9.]+ +([0-9]{3})(?:[ \t]|\r?\n|$)")
 
 # Pause the transfer when this much is queued for a slow client and resume
 # below the low mark: bounded memory per stream without stalling fast ones.
 HIGH_WATER = 256 * 1024
+
 LOW_WATER = 64 * 1024
 
-# libcurl error codes (curl/curl.h) that mean something to a client.
-CURLE_COULDNT_RESOLVE_PROXY = 5
-CURLE_COULDNT_RESOLVE_HOST = 6
-CURLE_COULDNT_CONNECT = 7
-CURLE_WRITE_ERROR = 23
-CURLE_OPERATION_TIMEDOUT = 28
-CURLE_SSL_CONNECT_ERROR = 35
-CURLE_ABORTED_BY_CALLBACK = 42
-CURLE_PEER_FAILED_VERIFICATION = 60
-CURLE_PROXY = 97  # any SOCKS failure (libcurl >= 7.73)
 # curl/curl.h CURLOPT_SUPPRESS_CONNECT_HEADERS (libcurl >= 7.54), which
 # pycurl 7.49 does not name; pycurl passes long options through.
 CURLOPT_SUPPRESS_CONNECT_HEADERS = 265
-
-# How libcurl 8 words the failures that tell a proxy's fault from the
-# upstream's (measured against tinyproxy and microsocks, see
-# tests/test_egress_proxies.py): the CONNECT answer's status, a SOCKS5
-# server refusing our credentials, and timeouts before a connection existed.
-CONNECT_FAILED_RE = re.compile(r"CONNECT tunnel failed, response (\d+)")
-SOCKS_AUTH_RE = re.compile(r"rejected by the SOCKS5 server|No authentication method was acceptable", re.I)
-CONNECT_PHASE_TIMEOUT_RE = re.compile(r"^(Resolving|Connection) timed out", re.I)
 
 # Requests that change nothing (RFC 9110 section 9.2.2) and so may be sent
 # again when their reused connection closed before answering, as Go's
 # net/http does (Transport.shouldRetryRequest); nginx never resends a POST.
 # (OPTIONS is answered by the proxy itself.)
 REPLAYABLE_METHODS = frozenset({"GET", "HEAD"})
-
-PROXY_MESSAGES = {
-    "proxy_unreachable": "could not connect to the egress proxy (%s): check that it is running and reachable",
-    "proxy_timeout": (
-        "the egress proxy (%s) did not open the connection in time: check that it is running and reachable"
-    ),
-    "proxy_tls": (
-        "the egress proxy's TLS certificate could not be verified: check the proxy's name in %s and UPSTREAM_CA_FILE"
-    ),
-    "proxy_auth": "the egress proxy (%s) refused its credentials: check the user and password in the setting",
-    "proxy_failed": "the egress proxy (%s) could not connect to the upstream: check the proxy's own access",
-}
-
-
-class UpstreamError(Exception):
-    """The upstream could not give a usable answer.
-
-    ``kind`` is one of: ``connect`` (refused or unresolvable), ``timeout``
-    (connect or total timeout), ``idle`` (stream went silent), ``broken``
-    (connection failed mid-response), ``aborted`` (we aborted it: client left
-    or shutdown), ``tls`` (the upstream's certificate was not trusted),
-    ``proxy_unreachable``, ``proxy_auth``, ``proxy_failed``, ``proxy_tls``
-    (the egress proxy, issue 11). The message never contains request data or secrets.
-
-    ``retry_reason`` is set when the request cannot have reached the upstream
-    (nothing was sent), so that trying again is safe; ``detail`` is for the
-    operator's log line (the masked proxy address and libcurl's words).
-    """
-
-    def __init__(self, kind: str, message: str, retry_reason: str | None = None, detail: str = ""):
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
-        self.retry_reason = retry_reason
-        self.detail = detail
-
-    def error_object(self) -> dict:
-        """What the client is told, as a JSON error or as a stream's final event."""
-        return {"message": self.message, "type": "upstream_error", "code": "upstream_" + self.kind}
 
 
 class UpstreamClient(CurlAsyncHTTPClient):
@@ -172,101 +97,6 @@ def past_proxy(curl: pycurl.Curl) -> bool:
     return curl.getinfo(pycurl.HTTP_CONNECTCODE) // 100 == 2 or curl.getinfo(pycurl.SSL_VERIFYRESULT) != 0
 
 
-def make_client(settings) -> CurlAsyncHTTPClient:
-    """One client per IOLoop; ``max_clients`` is our own concurrency cap, so
-    Tornado's hidden queue (which has no timeout in the curl client) is never used."""
-    client = UpstreamClient(
-        force_instance=True,
-        max_clients=settings.max_concurrent_upstream,
-        # Our WRITEFUNCTION replaces Tornado's, so this limit would not apply;
-        # set it to the largest value anyway for clarity.
-        max_body_size=1 << 62,
-    )
-    # libcurl sizes its idle-connection cache at 4x the transfers running at
-    # that moment; Tornado removes each finished transfer, so after a burst
-    # the cache shrinks and closes warm connections (each a new TLS handshake
-    # with the real API). Keep up to one idle connection per allowed request.
-    client._multi.setopt(pycurl.M_MAXCONNECTS, settings.max_concurrent_upstream)
-    return client
-
-
-class UpstreamPool:
-    """The upstream client of this process and the handlers with a call in flight."""
-
-    def __init__(self, config):
-        self.config = config
-        self.retry = RetryPolicy(config)
-        self.streams = 0
-        self.handlers: set = set()
-        self._client = None
-
-    def client(self):
-        # Created on first use so that it belongs to the running IOLoop.
-        if self._client is None:
-            self._client = make_client(self.config)
-        return self._client
-
-    def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
-
-
-def classify(errno: int, message: str, status: int, proxy, *, past_proxy: bool = False) -> UpstreamError:
-    """The ``UpstreamError`` for a libcurl failure.
-
-    ``proxy``: the egress proxy in use, or None; ``past_proxy``: whether the
-    connection had got through it to the upstream (see ``past_proxy()``).
-    """
-    if proxy is not None:
-        where = "%s from %s" % (proxy.masked(), proxy.source)
-        detail = "proxy=%s curl=%r" % (where, message[:200])
-        kind = None
-        connect_status = CONNECT_FAILED_RE.search(message)
-        if connect_status:
-            code = int(connect_status.group(1))
-            # tinyproxy answers a refused Proxy-Authorization with 401, not 407.
-            kind = "proxy_auth" if code in (401, 407) else "proxy_failed"
-            retry = "proxy_failed" if code >= 500 else None
-        elif errno == CURLE_PROXY:
-            kind = "proxy_auth" if SOCKS_AUTH_RE.search(message) else "proxy_failed"
-            retry = "proxy_failed" if kind == "proxy_failed" else None
-        elif errno in (CURLE_COULDNT_CONNECT, CURLE_COULDNT_RESOLVE_PROXY):
-            # With a proxy, libcurl opens TCP connections only to the proxy.
-            kind, retry = "proxy_unreachable", "proxy_unreachable"
-        elif past_proxy or status:
-            pass  # the upstream's own failure, classified below
-        elif errno == CURLE_OPERATION_TIMEDOUT and CONNECT_PHASE_TIMEOUT_RE.search(message):
-            # The proxy accepted TCP but did not finish its handshake (CONNECT
-            # answer, SOCKS5 reply, TLS): nothing reached the upstream.
-            return UpstreamError(
-                "proxy_unreachable", PROXY_MESSAGES["proxy_timeout"] % proxy.source, "proxy_unreachable", detail
-            )
-        elif errno in (CURLE_PEER_FAILED_VERIFICATION, CURLE_SSL_CONNECT_ERROR) and proxy.scheme == "https":
-            kind, retry = "proxy_tls", None  # a certificate does not fix itself
-        if kind is not None:
-            return UpstreamError(kind, PROXY_MESSAGES[kind] % proxy.source, retry, detail)
-    if errno == CURLE_COULDNT_CONNECT:
-        return UpstreamError("connect", "could not connect to the upstream", "connect_refused")
-    if errno == CURLE_COULDNT_RESOLVE_HOST:
-        return UpstreamError("connect", "could not resolve the upstream's host name", "dns")
-    if errno == CURLE_OPERATION_TIMEDOUT:
-        if status:
-            return UpstreamError("timeout", "the upstream did not finish its answer in time")
-        if CONNECT_PHASE_TIMEOUT_RE.search(message):
-            return UpstreamError("timeout", "could not connect to the upstream in time", "connect_timeout")
-        return UpstreamError("timeout", "the upstream did not answer in time")
-    if errno == CURLE_PEER_FAILED_VERIFICATION:
-        return UpstreamError(
-            "tls",
-            "the upstream's TLS certificate could not be verified: check OPENAI_BASE_URL and UPSTREAM_CA_FILE",
-            detail="curl=%r" % message[:200],
-        )
-    if errno == CURLE_SSL_CONNECT_ERROR:
-        return UpstreamError("tls", "the TLS handshake with the upstream failed", detail="curl=%r" % message[:200])
-    return UpstreamError("broken", "the upstream connection failed (curl error %d)" % errno)
-
-
 def connected_socket(fds: list[int], local_ip: str, local_port: int) -> int:
     """Which of the sockets libcurl opened for a transfer is its connection (-1: none)."""
     if len(fds) == 1:
@@ -294,14 +124,6 @@ def readable(fd: int) -> bool:
     poller = select.poll()
     poller.register(fd, select.POLLIN | select.POLLPRI)
     return bool(poller.poll(0))
-
-
-def relayed_headers(headers: HTTPHeaders) -> list[tuple[str, str]]:
-    return [
-        (name, value)
-        for name, value in headers.get_all()
-        if name.lower() in RELAYED_RESPONSE_HEADERS or name.lower().startswith(RELAYED_RESPONSE_PREFIXES)
-    ]
 
 
 class UpstreamCall:

@@ -1,0 +1,1 @@
+"""The caller's leg: what a request carries and how the proxy reads it."""

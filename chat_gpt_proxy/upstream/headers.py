@@ -1,0 +1,40 @@
+"""Which headers cross between the two legs of a request, and the proxy's User-Agent."""
+
+from __future__ import annotations
+
+from tornado.httputil import HTTPHeaders
+
+# Hop-by-hop headers (RFC 9110 section 7.6.1) and those libcurl computes
+# itself: never copied between the two connections.
+HOP_BY_HOP_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "host",
+    }
+)
+
+
+# Upstream response headers a client of the proxy may rely on (issue 2):
+# OpenAI's request id for support tickets, and rate-limit information.
+RELAYED_RESPONSE_HEADERS = ("x-request-id", "retry-after", "openai-processing-ms")
+
+RELAYED_RESPONSE_PREFIXES = ("x-ratelimit-",)
+
+USER_AGENT = "chat_gpt_proxy/1.0"
+
+
+def relayed_headers(headers: HTTPHeaders) -> list[tuple[str, str]]:
+    return [
+        (name, value)
+        for name, value in headers.get_all()
+        if name.lower() in RELAYED_RESPONSE_HEADERS or name.lower().startswith(RELAYED_RESPONSE_PREFIXES)
+    ]

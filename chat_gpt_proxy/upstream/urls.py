@@ -1,0 +1,52 @@
+"""The upstream URL of a /v1 path: one normalised path for every check and for the upstream."""
+
+from __future__ import annotations
+
+import re
+import string
+
+# Characters allowed in a relayed path or query (RFC 3986 pchar, '/', '?').
+SAFE_PATH_RE = re.compile(r"^[A-Za-z0-9._~!$&'()*+,;=:@%/-]*$")
+
+SAFE_QUERY_RE = re.compile(r"^[A-Za-z0-9._~!$&'()*+,;=:@%/?-]*$")
+
+_ESCAPE_RE = re.compile(r"%([0-9A-Fa-f]{2})")
+
+_UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
+
+
+def _normalise_escape(match: re.Match) -> str:
+    char = chr(int(match.group(1), 16))
+    return char if char in _UNRESERVED else "%" + match.group(1).upper()
+
+
+def normalised_path(raw_path: str) -> str | None:
+    """The path after ``/v1/`` as both the allow-list check and the upstream see it, or None if refused.
+
+    Escapes of unreserved characters are decoded and the others written in
+    upper case (RFC 3986 section 6.2.2): the upstream decodes ``re%73ponses``
+    to ``responses`` before routing, so the check must read it so too, and
+    what is forwarded is the normalised path, never the raw one (issue 22).
+    Refused: characters outside RFC 3986 ``pchar``, a ``%`` that starts no
+    escape, encoded slashes, backslashes and NUL, dot segments (also encoded)
+    and empty segments; whatever the client sends, the request goes to
+    ``OPENAI_BASE_URL``'s host and under its path (no SSRF).
+    """
+    if not SAFE_PATH_RE.match(raw_path):
+        return None
+    path = _ESCAPE_RE.sub(_normalise_escape, raw_path)
+    if "%" in _ESCAPE_RE.sub("", path):
+        return None
+    if "%2F" in path or "%5C" in path or "%00" in path:
+        return None
+    if any(segment in ("", ".", "..") for segment in path.split("/")):
+        return None
+    return path
+
+
+def upstream_url(base_url: str, path: str, query: str) -> str | None:
+    """``base_url`` + the normalised ``path`` after ``/v1`` + the query, or None if either is refused."""
+    path = normalised_path(path)
+    if path is None or not SAFE_QUERY_RE.match(query):
+        return None
+    return base_url + "/" + path + ("?" + query if query else "")
