@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 
-from chat_gpt_proxy.request.model import MODEL_FREE_PATH_RE, inspect_request
+from chat_gpt_proxy.request.model import MODEL_FREE_PATH_RE, SESSION_MODEL_PATH_RE, inspect_request
 from chat_gpt_proxy.upstream.errors import UpstreamError
 from chat_gpt_proxy.upstream.headers import HOP_BY_HOP_HEADERS
 from chat_gpt_proxy.upstream.urls import normalised_path, upstream_url
@@ -109,26 +109,33 @@ class OpenAIHandler(OpenAIStyle, ProxyHandler):
         self.model = found.model
         allowed = self.allowed_models()
         if allowed:
-            if found.problem is None and not found.models and not MODEL_FREE_PATH_RE.match(self.v1_path):
-                # Fail closed (issue 22): an endpoint that may run a model picks
-                # one itself when none is named (images, moderations, a stored
-                # prompt, a batch's file), and an unknown path may be one.
-                found.problem = (
-                    "the body names no model, and /v1/%s is not an endpoint that runs none" % (self.v1_path[:100])
-                )
             if found.problem is not None:
-                raise ApiError(
-                    400,
-                    "ALLOWED_MODELS (or the token's allowed_models) is in force and the model of this request "
-                    "cannot be determined: %s. "
-                    'Send a JSON object with one string "model" as application/json '
-                    "(or one model field in multipart/form-data)." % found.problem,
-                    "invalid_request_error",
-                    "model_undetermined",
-                )
+                raise self.model_undetermined(found.problem)
             for model in found.models:
                 check_model_allowed(allowed, model)
+            # Fail closed (issue 22): an endpoint that may run a model picks
+            # one itself when the body does not name it where the endpoint
+            # reads it (images, moderations, a stored prompt, a batch's file,
+            # an assistant's run); a nested or query "model" does not count.
+            named = found.named
+            if named is None and SESSION_MODEL_PATH_RE.match(self.v1_path):
+                named = found.session_model
+            if named is None and not MODEL_FREE_PATH_RE.match(self.v1_path):
+                raise self.model_undetermined(
+                    "the body names no model, and /v1/%s is not an endpoint that runs none" % self.v1_path[:100]
+                )
         return found.model, found.stream
+
+    def model_undetermined(self, problem: str) -> ApiError:
+        return ApiError(
+            400,
+            "ALLOWED_MODELS (or the token's allowed_models) is in force and the model of this request "
+            "cannot be determined: %s. "
+            'Send a JSON object with one string "model" as application/json '
+            "(or one model field in multipart/form-data)." % problem,
+            "invalid_request_error",
+            "model_undetermined",
+        )
 
     async def forward(self) -> None:
         # One normalised path for the allow-list check and the upstream (issue 22).

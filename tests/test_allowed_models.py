@@ -293,6 +293,73 @@ ENCODED_PATHS = {
     "a trailing %20": ("/v1/images/generations%20", b'{"prompt": "a cat"}', "application/json"),
 }
 
+# A model named where the endpoint does not read it (the review of issue 22):
+# OpenAI ignores a POST's query string and a nested metadata.model.
+NAMED_WHERE_IGNORED = {
+    "an image generation with ?model=": ("/v1/images/generations?model=gpt-4o-mini", b'{"prompt": "a cat"}', {}),
+    "a client secret with ?model=": ("/v1/realtime/client_secrets?model=gpt-4o-mini", b"{}", {}),
+    "a stored prompt with ?mod%65l=": ("/v1/responses?mod%65l=gpt-4o-mini", b'{"prompt": {"id": "pmpt_1"}}', {}),
+    "a batch with metadata.model": (
+        "/v1/batches",
+        b'{"input_file_id": "file-abc", "endpoint": "/v1/chat/completions", "metadata": {"model": "gpt-4o-mini"}}',
+        {},
+    ),
+    "a stored prompt with metadata.model": (
+        "/v1/responses",
+        b'{"prompt": {"id": "pmpt_1"}, "metadata": {"model": "gpt-4o-mini"}}',
+        {},
+    ),
+    "a run with metadata.model": (
+        "/v1/threads/thread_abc/runs",
+        b'{"assistant_id": "asst_1", "metadata": {"model": "gpt-4o-mini"}}',
+        {},
+    ),
+    "an image edit with a JSON field naming a model": (
+        "/v1/images/edits",
+        multipart(('name="prompt"', "a cat"), ('name="x"', '{"model": "gpt-4o-mini"}')),
+        {"Content-Type": MULTIPART},
+    ),
+    "a client secret whose session names none, with metadata.model": (
+        "/v1/realtime/client_secrets",
+        b'{"session": {"type": "realtime"}, "metadata": {"model": "gpt-4o-mini"}}',
+        {},
+    ),
+    "the model key in another letter case": ("/v1/chat/completions", b'{"Model": "gpt-4o-mini", "messages": []}', {}),
+    "model and Model in one object": (
+        "/v1/chat/completions",
+        b'{"model": "gpt-4o-mini", "MODEL": "gpt-4o-mini", "messages": []}',
+        {},
+    ),
+}
+
+
+@pytest.mark.settings(allowed_models=ALLOWED)
+@pytest.mark.parametrize("case", list(NAMED_WHERE_IGNORED))
+@pytest.mark.gen_test
+async def test_a_model_named_where_the_endpoint_does_not_read_it_does_not_count(proxy, fake_openai, case):
+    response = await send(proxy, *NAMED_WHERE_IGNORED[case])
+    assert response.code == 400, response.body
+    assert json.loads(response.body)["error"]["code"] == "model_undetermined"
+    assert fake_openai.received == []
+
+
+@pytest.mark.settings(allowed_models=("gpt-4o-mini", "gpt-realtime"))
+@pytest.mark.gen_test
+async def test_a_session_model_names_the_model_of_realtime_secrets_and_calls(proxy, fake_openai):
+    secret = await send(
+        proxy, "/v1/realtime/client_secrets", b'{"session": {"type": "realtime", "model": "gpt-realtime"}}', {}
+    )
+    assert secret.code == 200, secret.body
+    call = await send(
+        proxy,
+        "/v1/realtime/calls",
+        multipart(('name="sdp"', "v=0"), ('name="session"', '{"type": "realtime", "model": "gpt-realtime"}')),
+        {"Content-Type": MULTIPART},
+    )
+    assert call.code == 201, call.body
+    assert [r.path for r in fake_openai.received] == ["/v1/realtime/client_secrets", "/v1/realtime/calls"]
+
+
 # Endpoints that run a model the proxy cannot see named: the rule fails closed.
 UNLISTED_PATHS = {
     "videos": "/v1/videos",

@@ -653,7 +653,21 @@ async def test_realtime_http_routes_pass_through(proxy, fake_openai, base_url):
         ('{"type": "session.update", "session": {"mod\\u0065l": "gpt-4o-realtime-expensive"}}', None),
         ('{"type": "session.update", "session": {"model": "gpt-realtime", "model": "x"}}', "model_undetermined"),
         ('{"type": "session.update", "session": {"model": "gpt-realtime"}, "n": NaN}', "model_undetermined"),
-        (b'{"type": "session.update", "session": {"model": "gpt-4o-realtime-expensive"}}', None),
+        (b'{"type": "session.update", "session": {"model": "gpt-4o-realtime-expensive"}}', "model_undetermined"),
+        # What a lenient parser might still read (the review of issue 22): fail closed.
+        (
+            '{"type": "session.update", "session": {"model": "gpt-4o"}, "x": %s}' % ("[" * 1500 + "]" * 1500),
+            "model_undetermined",
+        ),
+        ('{"type": "session.update", "session": {"model": "gpt-4o", "n": 1%s}}' % ("0" * 5000), "model_undetermined"),
+        ('{"type": "session.update", "session": {"model": "gpt-4o"}} x', "model_undetermined"),
+        ('{"type": "session.update", "session": {"model": "gpt-4o",}}', "model_undetermined"),
+        ('{"type": "session.update", "session": {"MODEL": "gpt-4o"}}', None),
+        (b'\xff{"type": "session.update", "session": {"model": "gpt-4o"}}', "model_undetermined"),
+        (
+            '{"type": "conversation.item.create", "model": "gpt-realtime", "x": "%s"}' % ("a" * 1100000),
+            "model_undetermined",
+        ),
     ],
 )
 @pytest.mark.gen_test(timeout=20)

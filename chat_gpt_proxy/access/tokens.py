@@ -81,7 +81,7 @@ class Refusal:
 
 
 class Unavailable:
-    """The shared limits (Redis, chat_gpt_proxy/access/shared_limits.py) could not be asked: REDIS_FAILURE_MODE decides."""
+    """The shared limits (Redis, access/shared_limits.py) could not be asked: REDIS_FAILURE_MODE decides."""
 
 
 UNAVAILABLE = Unavailable()

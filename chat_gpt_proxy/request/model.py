@@ -30,8 +30,13 @@ _HEADER_LINE_RE = re.compile(rb"^(%s):[ \t]*([^\r\n\x00]*?)[ \t]*$" % _TCHARS.en
 class RequestedModel:
     """``model``: the model the request names (for logs and the allow-list), or None.
 
-    ``models``: every model name found, nested ones included, all of which
-    must be allowed. ``problem``: why the model cannot be determined with
+    ``models``: every model name found, nested ones and the query's included,
+    all of which must be allowed. ``named``: the model the body names where
+    the endpoint reads it (a top-level JSON ``model``, a multipart ``model``
+    field); ``session_model``: the ``model`` of its top-level ``session``
+    (realtime client secrets and calls). Only these two say which model will
+    run: a nested ``metadata.model`` or a query parameter on a POST is ignored
+    by OpenAI (issue 22). ``problem``: why the model cannot be determined with
     certainty (None if it can). ``stream``: whether the body asks for a stream.
     """
 
@@ -39,10 +44,17 @@ class RequestedModel:
     models: tuple[str, ...] = ()
     stream: bool = False
     problem: str | None = None
+    named: str | None = None
+    session_model: str | None = None
 
 
 class Undetermined(ValueError):
     pass
+
+
+# A realtime event that mentions a model is parsed only up to this size.
+MAX_INSPECTED_EVENT = 1024 * 1024
+_MODEL_WORD_RE = re.compile("model", re.IGNORECASE)
 
 
 def parse_content_type(value: str) -> tuple[str, dict[str, str]]:
@@ -103,9 +115,10 @@ def _from_json(body: bytes) -> RequestedModel:
     nested: list[str] = []
 
     def pairs_hook(pairs: list) -> dict:
-        values = [value for key, value in pairs if key == "model"]
+        # In any letter case: some parsers (Go's encoding/json) match keys so.
+        values = [value for key, value in pairs if key.lower() == "model"]
         if len(values) > 1:
-            raise Undetermined('the JSON body has the key "model" twice in one object')
+            raise Undetermined('the JSON body has the key "model" twice in one object (in some letter case)')
         # A "model" string anywhere (e.g. the image_generation tool's model)
         # is a model the request may use; other values (a JSON schema
         # property named "model") are not model names.
@@ -123,7 +136,17 @@ def _from_json(body: bytes) -> RequestedModel:
     model = parsed.get("model")
     if "model" in parsed and not isinstance(model, str):
         raise Undetermined('"model" is not a string')
-    return RequestedModel(model, tuple(nested), parsed.get("stream") is True)
+    if any(key.lower() == "model" and key != "model" for key in parsed):
+        raise Undetermined('the JSON body names its model with a key other than "model"')
+    session = parsed.get("session")
+    session_model = session.get("model") if isinstance(session, dict) else None
+    return RequestedModel(
+        model,
+        tuple(nested),
+        parsed.get("stream") is True,
+        named=model,
+        session_model=session_model if isinstance(session_model, str) else None,
+    )
 
 
 def _from_multipart(body: bytes, boundary: str | None) -> RequestedModel:
@@ -143,6 +166,7 @@ def _from_multipart(body: bytes, boundary: str | None) -> RequestedModel:
         raise Undetermined("the multipart body does not start with its boundary")
     model_values: list[bytes] = []
     nested_models: tuple[str, ...] = ()
+    session_model = None
     for index, start in enumerate(starts):
         after = start + len(delimiter)
         if start and body[start - 2 : start] != b"\r\n":
@@ -166,19 +190,22 @@ def _from_multipart(body: bytes, boundary: str | None) -> RequestedModel:
             if not plain:
                 raise Undetermined("the multipart session field is a file or encoded")
             try:
-                nested_models += _from_json(value).models
+                found = _from_json(value)
+                nested_models += found.models
+                if field == "session":
+                    session_model = found.named
             except Undetermined:
                 if field == "session":
                     raise Undetermined("the multipart session field is not a JSON object") from None
     if len(model_values) > 1:
         raise Undetermined("the multipart body has more than one model field")
     if not model_values:
-        return RequestedModel(nested_models[0] if nested_models else None, nested_models)
+        return RequestedModel(nested_models[0] if nested_models else None, nested_models, session_model=session_model)
     try:
         model = model_values[0].decode("utf-8")
     except UnicodeDecodeError:
         raise Undetermined("the multipart model field is not UTF-8") from None
-    return RequestedModel(model, (model, *nested_models))
+    return RequestedModel(model, (model, *nested_models), named=model, session_model=session_model)
 
 
 def _part(part: bytes) -> tuple[str, bytes, bool]:
@@ -218,26 +245,23 @@ def inspect_event(message: str | bytes) -> RequestedModel:
     """The models a realtime client event names, anywhere in it (issue 22): ``session.update``'s
     ``session.model``, ``session.audio.input.transcription.model``, a ``response.create``'s...
 
-    Read as strictly as a /v1 JSON body: a message a lenient parser would
-    still read (NaN, a byte-order mark) or with a "model" key twice is a
-    ``problem``. A message no JSON parser reads is no event and names nothing.
+    Read as strictly as a /v1 JSON body, and failing closed: an event that
+    mentions "model" (in any letter case, or may spell it with ``\\u``
+    escapes) and is not one strict JSON object is a ``problem``, as is a
+    binary message (the API's events are text; a lenient parser could read
+    bytes that are not UTF-8) and an event over MAX_INSPECTED_EVENT (reading
+    it would hold the event loop for seconds).
     """
     if isinstance(message, bytes):
-        try:
-            message = message.decode("utf-8")
-        except UnicodeDecodeError:
-            return RequestedModel()
-    # A key can spell "model" only literally or with \u escapes: audio
-    # appends (megabytes of base64) hold neither and are not parsed.
-    if "model" not in message and "\\u" not in message:
+        return RequestedModel(problem="a binary message cannot be checked; send events as text")
+    # Audio appends (megabytes of base64) hold neither and are not parsed.
+    if not _MODEL_WORD_RE.search(message) and "\\u" not in message:
         return RequestedModel()
+    if len(message) > MAX_INSPECTED_EVENT:
+        return RequestedModel(problem="the event mentions a model and is larger than %d bytes" % MAX_INSPECTED_EVENT)
     try:
-        return _from_json(message.encode("utf-8"))
+        return _from_json(message.encode("utf-8", "surrogatepass"))
     except Undetermined as exc:
-        try:
-            json.loads(message.lstrip("\ufeff"))
-        except (ValueError, RecursionError):
-            return RequestedModel()
         return RequestedModel(problem=str(exc).replace("body", "event"))
 
 
@@ -299,3 +323,6 @@ _ID = "[A-Za-z0-9]+[_-][A-Za-z0-9_-]*"
 MODEL_FREE_PATH_RE = re.compile(
     "^(?:%s)$" % "|".join(re.escape(path).replace(re.escape("{id}"), _ID) for path in MODEL_FREE_PATHS)
 )
+# Endpoints whose model is the session's: {"session": {"model": ...}} (JSON,
+# or the multipart "session" part of a WebRTC call).
+SESSION_MODEL_PATH_RE = re.compile(r"^realtime/(?:client_secrets|calls)$")
