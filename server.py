@@ -29,7 +29,8 @@ from chat_gpt_proxy.observability import JsonFormatter, Metrics, TextFormatter, 
 from chat_gpt_proxy.request.cors import CorsPolicy
 from chat_gpt_proxy.upstream.pool import UpstreamPool
 from handlers import routes
-from handlers.base import ApiError, BaseHandler
+from handlers.base import BaseHandler
+from handlers.errors import ApiError
 from handlers.metrics import routes as metrics_routes
 from handlers.playground import STATIC_DIR, StaticHandler
 from settings import Settings, SettingsError

@@ -1,5 +1,12 @@
-"""Request handlers, one module per concern; each module ends with its routes."""
+"""Request handlers, one module per concern; each module ends with its routes.
 
-from . import chat, info, openai_compat, playground, realtime
+Their shared bases: ``base`` (request ids, bodies, HEAD/OPTIONS, disconnects),
+``admission`` (access token, limits, key, allow-list, concurrency cap),
+``errors`` (JSON errors), ``relay`` (calling the upstream and relaying its
+answer), ``openai_style`` (how /v1/* takes the key and words its errors) and
+``usage_page``.
+"""
 
-routes = [*playground.routes, *info.routes, *chat.routes, *realtime.routes, *openai_compat.routes]
+from . import chat, passthrough, playground, public, realtime
+
+routes = [*playground.routes, *public.routes, *chat.routes, *realtime.routes, *passthrough.routes]

@@ -1,4 +1,5 @@
-"""The base handler: authentication, JSON bodies, JSON errors, request ids.
+"""The base of every HTTP handler: request ids, bodies (size-limited, decoded as they arrive), HEAD and
+OPTIONS, CORS headers, disconnects; admission and JSON errors come from admission.py and errors.py.
 
 Every route handler derives from ``BaseHandler`` so that no response, however
 malformed the request, is an HTML error page, a 500 or a traceback.
@@ -9,14 +10,12 @@ from __future__ import annotations
 import logging
 import re
 import time
-import traceback
 import uuid
 
 from tornado.ioloop import IOLoop
 from tornado.iostream import StreamClosedError
 from tornado.web import HTTPError, RequestHandler, stream_request_body
 
-from chat_gpt_proxy.access.tokens import UNAVAILABLE
 from chat_gpt_proxy.request.body import (
     SUPPORTED_ENCODINGS,
     BodyNotDecodable,
@@ -24,129 +23,38 @@ from chat_gpt_proxy.request.body import (
     RequestBody,
     UnsupportedEncoding,
     content_coding,
+    parse_content_length,
 )
-from chat_gpt_proxy.request.strict_json import dumps, loads
-from chat_gpt_proxy.upstream.errors import UpstreamError
+from chat_gpt_proxy.request.strict_json import loads
+
+from .admission import Admission
+from .errors import ApiError, JsonErrors
 
 log = logging.getLogger("chat_gpt_proxy")
 
-# An API key goes into a header line: anything but visible ASCII could
-# smuggle extra upstream headers (CR/LF) or break the request.
-API_KEY_RE = re.compile(r"^[\x21-\x7e]{1,512}$")
 
 # A caller-supplied request id is kept only if it cannot smuggle anything
 # into logs or headers.
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
-# Content-Length is 1*DIGIT, ASCII digits only (RFC 9110 section 8.6):
-# str.isdigit() also accepts "\xb2" or Arabic-Indic digits, which int() then
-# refuses (issue 10). Identical repeated values ("5, 5") are allowed, as Tornado does.
-CONTENT_LENGTH_RE = re.compile(r"[0-9]{1,19}")
-
-
-def parse_content_length(value: str | None) -> int | None:
-    """A Content-Length header's value; None if absent; ValueError if it is not one."""
-    if value is None:
-        return None
-    values = {item.strip() for item in value.split(",")}
-    if len(values) != 1:
-        raise ValueError("several Content-Length values")
-    (single,) = values
-    if not CONTENT_LENGTH_RE.fullmatch(single):
-        raise ValueError("not a Content-Length")
-    return int(single)
-
 
 # Bodies are limited by data_received (MAX_BODY_BYTES, counted after decoding).
 UNLIMITED_BODY = 1 << 62
 
-# What each upstream failure means to a client (issue 2: 502 for an
-# unreachable or broken upstream, 504 for a slow one; issue 11: 502 for the
-# egress proxy's faults and an untrusted upstream certificate).
-UPSTREAM_ERROR_STATUS = {
-    "connect": 502,
-    "broken": 502,
-    "timeout": 504,
-    "idle": 504,
-    "aborted": 503,
-    "tls": 502,
-    "proxy_unreachable": 502,
-    "proxy_auth": 502,
-    "proxy_failed": 502,
-    "proxy_tls": 502,
-}
 
-
-class ApiError(HTTPError):
-    """An error answered as JSON: ``status``, a human message, OpenAI-style type and code."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type_: str = "invalid_request_error",
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-        upstream_error: dict | None = None,
-    ):
-        super().__init__(status, reason=None)
-        self.message = message
-        self.type = type_
-        self.code = code
-        self.headers = headers or {}
-        self.upstream_error = upstream_error
-
-    @classmethod
-    def from_upstream(cls, exc: UpstreamError) -> ApiError:
-        error = exc.error_object()
-        return cls(UPSTREAM_ERROR_STATUS.get(exc.kind, 502), exc.message, error["type"], error["code"])
-
-
-def check_model_allowed(allowed_models: tuple[str, ...], model: str | None) -> None:
-    """ALLOWED_MODELS (issue 4), or a token's own list (issue 13): keep a shared proxy on cheap models."""
-    if allowed_models and model is not None and model not in allowed_models:
-        raise ApiError(
-            403, "Model %r is not allowed on this proxy." % model[:100], "permission_denied", "model_not_allowed"
-        )
-
-
-class ApiMixin:
+class ApiMixin(Admission, JsonErrors):
     """What every API surface shares, HTTP and WebSocket alike: request ids,
-    the access token (and its rate limit), the caller's OpenAI key, JSON errors.
+    admission (the access token, its limits, the key) and JSON errors.
 
     Mixed into ``BaseHandler`` (HTTP routes) and into the realtime WebSocket
     handler, which must refuse an upgrade exactly as /v1/* refuses a request.
     """
 
-    # Routes that are public (health, usage page, metrics) set this to False.
-    requires_access_token = True
     # The route label in metrics.
     route_name = "other"
 
-    # The access token's entry (chat_gpt_proxy/access/tokens.py), whether the request
-    # counts against its max_concurrent, and the limit that refused it, if any.
-    token = None
-    token_admitted = ""
-    limited: str | None = None
-    # Whether this request goes upstream with the server-held key (issue 13).
-    used_server_key = False
     # Set by the access log (chat_gpt_proxy/observability.py): one line per request.
     access_logged = False
-
-    def server_key_refused(self) -> ApiError:
-        """The upstream refused the server's own key: the operator's problem, not the caller's.
-
-        OpenAI's 401 shows the refused key's first and last characters; a
-        caller of a shared key never sees them (issue 13: the key appears in
-        no error body).
-        """
-        log.warning("server key refused by the upstream request_id=%s (check OPENAI_API_KEY)", self.request_id)
-        return ApiError(
-            502,
-            "The upstream refused this proxy's own OpenAI key; tell the proxy's operator.",
-            "upstream_error",
-            "server_key_refused",
-        )
 
     @property
     def request_id(self) -> str:
@@ -182,163 +90,10 @@ class ApiMixin:
             methods.remove("HEAD")
         return methods
 
-    # -- authentication
-
-    def presented_access_token(self) -> str:
-        return self.request.headers.get("access-token", "")
-
-    def check_access_token(self):
-        """Find and admit the presented token; an awaitable only when shared limits need a Redis round trip."""
-        tokens = self.settings["tokens"]
-        entry = tokens.lookup(self.presented_access_token())
-        if entry is None:
-            raise ApiError(403, "Missing or wrong access-token header.", "permission_denied", "invalid_access_token")
-        # Names the caller in the access log and metrics (issue 13); "-" for ACCESS_TOKEN's.
-        self.token = entry
-        if entry.policy.disabled:
-            raise ApiError(403, "This access token is disabled.", "permission_denied", "access_token_disabled")
-        return self.admit_token(tokens, entry)
-
-    def admit_token(self, tokens, entry):
-        """Apply the token's limits; 429 with Retry-After when one is reached.
-
-        With REDIS_URL, a token with limits is admitted by Redis (one round
-        trip, chat_gpt_proxy/access/shared_limits.py): the awaitable returned does
-        it. Everything else stays synchronous, as without Redis.
-        """
-        shared = self.settings.get("shared_limits")
-        policy = entry.policy
-        if shared is None or not (policy.rate_limit_per_minute or policy.max_concurrent):
-            self.admitted(tokens.admit(entry), "local")
-            return None
-        return self.admit_shared(shared, tokens, entry)
-
-    async def admit_shared(self, shared, tokens, entry) -> None:
-        verdict = await shared.admit(entry)
-        if verdict is not UNAVAILABLE:
-            self.admitted(verdict, "shared" if entry.policy.max_concurrent else "")
-        elif shared.closed_mode:
-            # REDIS_FAILURE_MODE=closed: no request of a limited token passes unchecked (issue 14).
-            raise ApiError(
-                503,
-                "The shared limits of this access token cannot be checked right now; retry shortly.",
-                "server_error",
-                "limits_unavailable",
-                headers={"Retry-After": "1"},
-            )
-        else:
-            self.admitted(tokens.admit(entry), "local")
-        if getattr(self, "client_gone", False):
-            # The client left while Redis answered: on_connection_close found nothing to release yet.
-            self.release_token()
-
-    def admitted(self, refusal, counted_by: str) -> None:
-        if refusal is not None:
-            self.limited = refusal.limit
-            code = "proxy_rate_limited" if refusal.limit == "rate_limit_per_minute" else "proxy_concurrency_limited"
-            raise ApiError(
-                429, refusal.message, "rate_limit_exceeded", code, headers={"Retry-After": str(refusal.retry_after)}
-            )
-        # Where the request is counted, to uncount it there: "local", "shared" or "" (nowhere).
-        self.token_admitted = counted_by
-
-    def release_token(self) -> None:
-        """The request no longer counts against its token's max_concurrent; safe to call twice."""
-        counted_by, self.token_admitted = self.token_admitted, ""
-        if counted_by == "local":
-            self.settings["tokens"].release(self.token)
-        elif counted_by == "shared":
-            self.settings["shared_limits"].release(self.token)
-
-    def on_finish(self) -> None:
-        self.release_token()
-
-    def allowed_models(self) -> tuple[str, ...]:
-        """ALLOWED_MODELS, or the caller's token's own allowed_models (issue 13)."""
-        return self.token.policy.allowed_models if self.token is not None else self.config.allowed_models
-
-    # How this surface names the key and its errors; /v1/* overrides them.
-    missing_key_message = "Missing openai-token header: send your OpenAI API key in it."
-    key_error_codes = ("missing_openai_token", "invalid_openai_token")
-
-    def presented_key(self) -> str:
-        return self.request.headers.get("openai-token", "").strip()
-
-    def openai_key(self) -> str:
-        """The caller's OpenAI key, for this one request; 401 if missing or malformed.
-
-        A caller who sends none may use the server's key if its token allows
-        it (use_server_key, issue 13); a key the caller sends always wins.
-        """
-        key = self.presented_key()
-        missing, malformed = self.key_error_codes
-        if not key and self.token is not None and self.token.policy.use_server_key:
-            self.used_server_key = True
-            return self.config.openai_api_key
-        if not key:
-            raise ApiError(401, self.missing_key_message, "authentication_error", missing)
-        if not API_KEY_RE.match(key):
-            raise ApiError(401, "The OpenAI key is malformed.", "authentication_error", malformed)
-        return key
-
     def note_fault(self, kind: str, detail: str = "") -> None:
         """An expected upstream fault: one warning line, never a traceback (issue 6)."""
         self.upstream_failure = kind
         log.warning("upstream fault request_id=%s kind=%s%s", self.request_id, kind, " " + detail if detail else "")
-
-    # -- errors
-
-    def error_body(self, status: int, message: str, error: dict) -> dict:
-        """The shape of an error on this route; /v1/* overrides it with OpenAI's shape."""
-        return {"status": "error", "text": message, "error": error}
-
-    def write_error(self, status_code: int, **kwargs) -> None:
-        exc = kwargs.get("exc_info", (None, None, None))[1]
-        if isinstance(exc, ApiError):
-            message, error = exc.message, exc.upstream_error
-            if error is None:
-                error = {"message": exc.message, "type": exc.type, "code": exc.code, "param": None}
-            for name, value in exc.headers.items():
-                self.set_header(name, value)
-        elif isinstance(exc, HTTPError) and status_code < 500:
-            message = exc.log_message or self._reason
-            error = {"message": message, "type": "invalid_request_error", "code": None, "param": None}
-        else:
-            # An unexpected exception: Tornado has already logged it; never show it.
-            message = "Internal error in the proxy."
-            error = {"message": message, "type": "server_error", "code": None, "param": None}
-        if status_code == 405:
-            message = "Method %s is not allowed here." % self.request.method
-            error.update(message=message, code="method_not_allowed")
-            # RFC 9110 section 15.5.6: a 405 names the methods that are allowed.
-            self.set_header("Allow", ", ".join(self.allowed_methods()))
-        # The upstream answered (e.g. with a body we could not use): its id
-        # is what OpenAI's support can look up.
-        call = getattr(self, "upstream_call", None)
-        upstream_headers = getattr(call, "headers", None)
-        upstream_id = upstream_headers.get("x-request-id") if upstream_headers is not None else None
-        if upstream_id:
-            self.set_header("x-request-id", upstream_id)
-        # Only a streamed-body (HTTP) request has a body future; a WebSocket upgrade has none.
-        body_future = getattr(self.request, "_body_future", None)
-        if body_future is not None and not body_future.done():
-            # Answered before the request was read to its end: Tornado closes
-            # the connection after this answer; say so (RFC 9112 section 9.6).
-            self.set_header("Connection", "close")
-        self.set_header("Content-Type", "application/json; charset=utf-8")
-        self.finish(dumps(self.error_body(status_code, message, error)))
-
-    def log_exception(self, typ, value, tb) -> None:
-        if isinstance(value, HTTPError):
-            return  # expected outcomes, recorded in the access log
-        # A bug. Log where it happened, but not the exception's message or the
-        # request: either could hold a key or a prompt.
-        log.error(
-            "unexpected error request_id=%s type=%s",
-            self.request_id,
-            typ.__name__,
-            extra={"traceback_text": "".join(traceback.format_tb(tb))},
-        )
 
 
 @stream_request_body

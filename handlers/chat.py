@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from chat_gpt_proxy.request.generate_params import ParamsError, normalize_generate_params
+from chat_gpt_proxy.request.strict_json import dumps
 
-from .base import ApiError, dumps
-from .info import UsagePageMixin
-from .proxy import ProxyHandler, without_content
+from .errors import ApiError
+from .relay import ProxyHandler, without_content
+from .usage_page import UsagePageMixin
 
 WHAT_TO_SEND = (
     'Send a JSON object with either "prompt" (a non-empty string) or "messages" '

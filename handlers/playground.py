@@ -7,8 +7,10 @@ import uuid
 
 from tornado.web import StaticFileHandler
 
-from .base import dumps
-from .info import UsageHandler
+from chat_gpt_proxy.request.strict_json import dumps
+
+from .base import BaseHandler
+from .usage_page import UsagePageMixin
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static")
 
@@ -25,7 +27,9 @@ PAGE_HEADERS = {
 }
 
 
-class PlaygroundHandler(UsageHandler):
+class PlaygroundHandler(UsagePageMixin, BaseHandler):
+    requires_access_token = False
+
     def get(self) -> None:
         """GET /: the playground for a browser (Accept: text/html), the usage text for anything else."""
         if "text/html" not in self.request.headers.get("Accept", ""):

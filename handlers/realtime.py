@@ -26,12 +26,14 @@ from tornado.websocket import WebSocketHandler, WebSocketProtocol13
 from chat_gpt_proxy.observability import log_session
 from chat_gpt_proxy.realtime.connect import UpstreamRefused, connect_upstream
 from chat_gpt_proxy.realtime.session import RealtimeSession
+from chat_gpt_proxy.request.strict_json import loads
 from chat_gpt_proxy.upstream.errors import UpstreamError
 from chat_gpt_proxy.upstream.urls import upstream_url
 
-from .base import ApiError, ApiMixin, check_model_allowed, loads
-from .openai_compat import OpenAIStyle
-from .proxy import mirrored_error, take_upstream_slot
+from .admission import check_model_allowed, take_upstream_slot
+from .base import ApiMixin
+from .errors import ApiError, mirrored_error
+from .openai_style import OpenAIStyle
 
 ACCESS_TOKEN_PROTOCOL = "access-token."  # noqa: S105 (a prefix, not a secret)
 API_KEY_PROTOCOL = "openai-insecure-api-key."

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from handlers.base import ApiError
 from handlers.chat import answer_text, build_chat_request
+from handlers.errors import ApiError
 from settings import Settings
 
 CONFIG = Settings()

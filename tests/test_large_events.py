@@ -16,7 +16,7 @@ import tornado.httpserver
 import tornado.web
 from tornado.testing import bind_unused_port
 
-from handlers.proxy import MAX_PENDING_EVENT
+from handlers.relay import MAX_PENDING_EVENT
 from settings import Settings
 from tests.conftest import ACCESS_TOKEN, AUTH, OPENAI_KEY
 

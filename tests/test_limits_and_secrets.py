@@ -9,7 +9,7 @@ import resource
 import openai
 import pytest
 
-import handlers.proxy
+import handlers.relay
 from chat_gpt_proxy.fake_openai.behaviours import Behaviour
 from tests.conftest import ACCESS_TOKEN, AUTH, OPENAI_KEY
 from tests.procs import ServerProcess
@@ -126,7 +126,7 @@ async def test_no_secret_anywhere(proxy, fake_openai, base_url, caplog, monkeypa
 
     await proxy.in_thread(sdk_calls)
 
-    monkeypatch.setattr(handlers.proxy, "UpstreamCall", Exploding)
+    monkeypatch.setattr(handlers.relay, "UpstreamCall", Exploding)
     response = await call(json_body={"prompt": "x"})
     assert response.code == 500 and json.loads(response.body)["error"]["type"] == "server_error"
     assert any("unexpected error" in r.getMessage() for r in caplog.records), "the bug was logged"

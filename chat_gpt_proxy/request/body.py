@@ -10,6 +10,7 @@ sees the decoded body only.
 
 from __future__ import annotations
 
+import re
 import zlib
 
 # Content codings we decode, and the zlib window bits for each: gzip framing
@@ -87,3 +88,22 @@ class RequestBody:
         if self._decoder is not None and self.received and not self._decoder.eof:
             raise BodyNotDecodable("the compressed data ends early")
         return b"".join(self._parts)
+
+
+# Content-Length is 1*DIGIT, ASCII digits only (RFC 9110 section 8.6):
+# str.isdigit() also accepts "\xb2" or Arabic-Indic digits, which int() then
+# refuses (issue 10). Identical repeated values ("5, 5") are allowed, as Tornado does.
+CONTENT_LENGTH_RE = re.compile(r"[0-9]{1,19}")
+
+
+def parse_content_length(value: str | None) -> int | None:
+    """A Content-Length header's value; None if absent; ValueError if it is not one."""
+    if value is None:
+        return None
+    values = {item.strip() for item in value.split(",")}
+    if len(values) != 1:
+        raise ValueError("several Content-Length values")
+    (single,) = values
+    if not CONTENT_LENGTH_RE.fullmatch(single):
+        raise ValueError("not a Content-Length")
+    return int(single)

@@ -13,12 +13,15 @@ import time
 
 from tornado.ioloop import IOLoop
 
+from chat_gpt_proxy.request.strict_json import dumps, loads
 from chat_gpt_proxy.upstream.call import UpstreamCall
 from chat_gpt_proxy.upstream.errors import UpstreamError
 from chat_gpt_proxy.upstream.headers import relayed_headers
 from chat_gpt_proxy.upstream.pool import UpstreamPool
 
-from .base import ApiError, BaseHandler, dumps, loads
+from .admission import take_upstream_slot
+from .base import BaseHandler
+from .errors import ApiError, mirrored_error
 
 log = logging.getLogger("chat_gpt_proxy")
 
@@ -62,37 +65,6 @@ def last_event_end(data: bytes) -> int:
 
 def error_event(exc: UpstreamError) -> bytes:
     return b"data: " + dumps({"error": exc.error_object()}) + b"\n\n" + SSE_DONE
-
-
-def mirrored_error(status: int, answer, headers) -> ApiError:
-    """An upstream error status with its error object, for the client (issue 2)."""
-    error = answer.get("error") if isinstance(answer, dict) else None
-    if not isinstance(error, dict):
-        error = {
-            "message": "The upstream answered with status %d." % status,
-            "type": "upstream_error",
-            "code": None,
-            "param": None,
-        }
-    message = error.get("message")
-    if not isinstance(message, str) or not message:
-        message = "The upstream answered with status %d." % status
-    return ApiError(status, message, headers=dict(relayed_headers(headers)), upstream_error=error)
-
-
-def take_upstream_slot(handler, pool: UpstreamPool) -> None:
-    """Count ``handler`` in MAX_CONCURRENT_UPSTREAM (HTTP calls and realtime sessions alike), or refuse with 503."""
-    if len(pool.handlers) >= handler.config.max_concurrent_upstream:
-        handler.limited = "max_concurrent_upstream"
-        # Never queue silently (issue 2): the caller can retry elsewhere or later.
-        raise ApiError(
-            503,
-            "The proxy is at its limit of concurrent upstream requests; retry shortly.",
-            "server_error",
-            "proxy_overloaded",
-            headers={"Retry-After": "1"},
-        )
-    pool.handlers.add(handler)
 
 
 class ProxyHandler(BaseHandler):

@@ -10,13 +10,16 @@ from __future__ import annotations
 import contextlib
 import json
 
+from chat_gpt_proxy.request.body import parse_content_length
 from chat_gpt_proxy.request.model import MODEL_FREE_PATH_RE, SESSION_MODEL_PATH_RE, inspect_request
 from chat_gpt_proxy.upstream.errors import UpstreamError
 from chat_gpt_proxy.upstream.headers import HOP_BY_HOP_HEADERS
 from chat_gpt_proxy.upstream.urls import normalised_path, upstream_url
 
-from .base import ApiError, check_model_allowed, parse_content_length
-from .proxy import ProxyHandler, StreamWatch, without_content
+from .admission import check_model_allowed
+from .errors import ApiError
+from .openai_style import OpenAIStyle
+from .relay import ProxyHandler, StreamWatch, without_content
 
 # Request headers an OpenAI client may need upstream (issue 4). Everything
 # else stays here, above all the proxy's own access-token.
@@ -49,38 +52,6 @@ SMALL_BODY = 1024 * 1024
 # JSON answers up to this size are parsed for their token usage (issue 10);
 # a chat completion is a few KiB, and parsing costs event-loop time.
 USAGE_PARSE_LIMIT = 256 * 1024
-
-
-class OpenAIStyle:
-    """How /v1/* (HTTP and the realtime WebSocket) takes the key and words its errors: as OpenAI does."""
-
-    missing_key_message = "Missing API key: send it as 'Authorization: Bearer <key>'."
-    key_error_codes = ("missing_api_key", "invalid_api_key")
-
-    def error_body(self, status: int, message: str, error: dict) -> dict:
-        return {"error": error}
-
-    # Set when the bearer credential is the proxy's access token, not an OpenAI key.
-    bearer_is_access_token = False
-
-    def bearer(self) -> str:
-        auth = self.request.headers.get("Authorization", "")
-        return auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-
-    def presented_access_token(self) -> str:
-        token = self.request.headers.get("access-token")
-        if token is None and self.bearer():
-            # An SDK given only base_url and api_key sends the proxy's token as
-            # its API key (issue 13): such a request carries no OpenAI key of
-            # its own, so its token's use_server_key decides.
-            self.bearer_is_access_token = True
-            return self.bearer()
-        return token or ""
-
-    def presented_key(self) -> str:
-        if not self.bearer_is_access_token and self.bearer():
-            return self.bearer()
-        return super().presented_key()
 
 
 class OpenAIHandler(OpenAIStyle, ProxyHandler):

@@ -1,0 +1,172 @@
+"""Admission: the access token, its limits (here or in Redis), the caller's or the server's OpenAI
+key, the allow-list and the upstream concurrency cap, decided before anything is read or sent."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from chat_gpt_proxy.access.tokens import UNAVAILABLE
+from chat_gpt_proxy.upstream.pool import UpstreamPool
+
+from .errors import ApiError
+
+log = logging.getLogger("chat_gpt_proxy")
+
+# An API key goes into a header line: anything but visible ASCII could
+# smuggle extra upstream headers (CR/LF) or break the request.
+API_KEY_RE = re.compile(r"^[\x21-\x7e]{1,512}$")
+
+
+def check_model_allowed(allowed_models: tuple[str, ...], model: str | None) -> None:
+    """ALLOWED_MODELS (issue 4), or a token's own list (issue 13): keep a shared proxy on cheap models."""
+    if allowed_models and model is not None and model not in allowed_models:
+        raise ApiError(
+            403, "Model %r is not allowed on this proxy." % model[:100], "permission_denied", "model_not_allowed"
+        )
+
+
+def take_upstream_slot(handler, pool: UpstreamPool) -> None:
+    """Count ``handler`` in MAX_CONCURRENT_UPSTREAM (HTTP calls and realtime sessions alike), or refuse with 503."""
+    if len(pool.handlers) >= handler.config.max_concurrent_upstream:
+        handler.limited = "max_concurrent_upstream"
+        # Never queue silently (issue 2): the caller can retry elsewhere or later.
+        raise ApiError(
+            503,
+            "The proxy is at its limit of concurrent upstream requests; retry shortly.",
+            "server_error",
+            "proxy_overloaded",
+            headers={"Retry-After": "1"},
+        )
+    pool.handlers.add(handler)
+
+
+class Admission:
+    """Who is calling, with which key, and whether they may: mixed into every API handler."""
+
+    # Routes that are public (health, usage page, metrics) set this to False.
+    requires_access_token = True
+
+    # The access token's entry (chat_gpt_proxy/access/tokens.py), whether the request
+    # counts against its max_concurrent, and the limit that refused it, if any.
+    token = None
+
+    token_admitted = ""
+
+    limited: str | None = None
+
+    # Whether this request goes upstream with the server-held key (issue 13).
+    used_server_key = False
+
+    def server_key_refused(self) -> ApiError:
+        """The upstream refused the server's own key: the operator's problem, not the caller's.
+
+        OpenAI's 401 shows the refused key's first and last characters; a
+        caller of a shared key never sees them (issue 13: the key appears in
+        no error body).
+        """
+        log.warning("server key refused by the upstream request_id=%s (check OPENAI_API_KEY)", self.request_id)
+        return ApiError(
+            502,
+            "The upstream refused this proxy's own OpenAI key; tell the proxy's operator.",
+            "upstream_error",
+            "server_key_refused",
+        )
+
+    def presented_access_token(self) -> str:
+        return self.request.headers.get("access-token", "")
+
+    def check_access_token(self):
+        """Find and admit the presented token; an awaitable only when shared limits need a Redis round trip."""
+        tokens = self.settings["tokens"]
+        entry = tokens.lookup(self.presented_access_token())
+        if entry is None:
+            raise ApiError(403, "Missing or wrong access-token header.", "permission_denied", "invalid_access_token")
+        # Names the caller in the access log and metrics (issue 13); "-" for ACCESS_TOKEN's.
+        self.token = entry
+        if entry.policy.disabled:
+            raise ApiError(403, "This access token is disabled.", "permission_denied", "access_token_disabled")
+        return self.admit_token(tokens, entry)
+
+    def admit_token(self, tokens, entry):
+        """Apply the token's limits; 429 with Retry-After when one is reached.
+
+        With REDIS_URL, a token with limits is admitted by Redis (one round
+        trip, chat_gpt_proxy/access/shared_limits.py): the awaitable returned does
+        it. Everything else stays synchronous, as without Redis.
+        """
+        shared = self.settings.get("shared_limits")
+        policy = entry.policy
+        if shared is None or not (policy.rate_limit_per_minute or policy.max_concurrent):
+            self.admitted(tokens.admit(entry), "local")
+            return None
+        return self.admit_shared(shared, tokens, entry)
+
+    async def admit_shared(self, shared, tokens, entry) -> None:
+        verdict = await shared.admit(entry)
+        if verdict is not UNAVAILABLE:
+            self.admitted(verdict, "shared" if entry.policy.max_concurrent else "")
+        elif shared.closed_mode:
+            # REDIS_FAILURE_MODE=closed: no request of a limited token passes unchecked (issue 14).
+            raise ApiError(
+                503,
+                "The shared limits of this access token cannot be checked right now; retry shortly.",
+                "server_error",
+                "limits_unavailable",
+                headers={"Retry-After": "1"},
+            )
+        else:
+            self.admitted(tokens.admit(entry), "local")
+        if getattr(self, "client_gone", False):
+            # The client left while Redis answered: on_connection_close found nothing to release yet.
+            self.release_token()
+
+    def admitted(self, refusal, counted_by: str) -> None:
+        if refusal is not None:
+            self.limited = refusal.limit
+            code = "proxy_rate_limited" if refusal.limit == "rate_limit_per_minute" else "proxy_concurrency_limited"
+            raise ApiError(
+                429, refusal.message, "rate_limit_exceeded", code, headers={"Retry-After": str(refusal.retry_after)}
+            )
+        # Where the request is counted, to uncount it there: "local", "shared" or "" (nowhere).
+        self.token_admitted = counted_by
+
+    def release_token(self) -> None:
+        """The request no longer counts against its token's max_concurrent; safe to call twice."""
+        counted_by, self.token_admitted = self.token_admitted, ""
+        if counted_by == "local":
+            self.settings["tokens"].release(self.token)
+        elif counted_by == "shared":
+            self.settings["shared_limits"].release(self.token)
+
+    def on_finish(self) -> None:
+        self.release_token()
+
+    def allowed_models(self) -> tuple[str, ...]:
+        """ALLOWED_MODELS, or the caller's token's own allowed_models (issue 13)."""
+        return self.token.policy.allowed_models if self.token is not None else self.config.allowed_models
+
+    # How this surface names the key and its errors; /v1/* overrides them.
+    missing_key_message = "Missing openai-token header: send your OpenAI API key in it."
+
+    key_error_codes = ("missing_openai_token", "invalid_openai_token")
+
+    def presented_key(self) -> str:
+        return self.request.headers.get("openai-token", "").strip()
+
+    def openai_key(self) -> str:
+        """The caller's OpenAI key, for this one request; 401 if missing or malformed.
+
+        A caller who sends none may use the server's key if its token allows
+        it (use_server_key, issue 13); a key the caller sends always wins.
+        """
+        key = self.presented_key()
+        missing, malformed = self.key_error_codes
+        if not key and self.token is not None and self.token.policy.use_server_key:
+            self.used_server_key = True
+            return self.config.openai_api_key
+        if not key:
+            raise ApiError(401, self.missing_key_message, "authentication_error", missing)
+        if not API_KEY_RE.match(key):
+            raise ApiError(401, "The OpenAI key is malformed.", "authentication_error", malformed)
+        return key

@@ -1,0 +1,70 @@
+"""Public pages: the usage page and the health check (no access token needed)."""
+
+from __future__ import annotations
+
+from chat_gpt_proxy.request.strict_json import dumps
+
+from .base import BaseHandler
+from .errors import ApiError
+from .usage_page import UsagePageMixin
+
+
+class UsageHandler(UsagePageMixin, BaseHandler):
+    """GET /usage: the usage page."""
+
+    requires_access_token = False
+
+
+class HealthHandler(BaseHandler):
+    requires_access_token = False
+
+    def get(self):
+        """GET /healthz: 200 while the process serves requests.
+
+        With REDIS_URL it also says whether Redis answers ("redis": "up" or
+        "down"), still with 200: an instance without Redis serves
+        (REDIS_FAILURE_MODE), and restarting it would not bring Redis back.
+        """
+        shared = self.settings.get("shared_limits")
+        if shared is None:
+            self.answer({"status": "ok"})
+            return None
+        return self.with_redis(shared)
+
+    async def with_redis(self, shared) -> None:
+        self.answer({"status": "ok", "redis": await shared.state()})
+
+    def answer(self, body: dict) -> None:
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.finish(dumps(body))
+
+
+class ReadyHandler(BaseHandler):
+    """GET /readyz: whether a load balancer should send this instance new requests (issue 14).
+
+    Liveness (/healthz) stays 200 until the process exits, so nothing restarts
+    an instance that is finishing its streams; readiness turns 503 as soon as
+    SIGTERM or SIGINT arrives (server.py sets ``draining``), while the process
+    still serves for SHUTDOWN_DELAY seconds, so that the balancer stops sending
+    requests before the instance stops accepting them.
+    """
+
+    requires_access_token = False
+
+    def get(self) -> None:
+        if self.settings.get("draining"):
+            raise ApiError(503, "Shutting down: this instance takes no new requests.", "server_error", code="draining")
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.finish(dumps({"status": "ready"}))
+
+    def error_body(self, status: int, message: str, error: dict) -> dict:
+        body = super().error_body(status, message, error)
+        # Only the 503 of a draining instance says so; a 405 (PUT /readyz) is no readiness answer.
+        return {**body, "status": "draining"} if status == 503 else body
+
+
+routes = [
+    (r"/usage", UsageHandler),
+    (r"/healthz", HealthHandler),
+    (r"/readyz", ReadyHandler),
+]
