@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 
+from chat_gpt_proxy import tornado_internals as internals
 from chat_gpt_proxy.request.body import parse_content_length
 from chat_gpt_proxy.request.model import MODEL_FREE_PATH_RE, SESSION_MODEL_PATH_RE, inspect_request
 from chat_gpt_proxy.upstream.errors import UpstreamError
@@ -88,9 +89,8 @@ class OpenAIHandler(OpenAIStyle, ProxyHandler):
             # one itself when the body does not name it where the endpoint
             # reads it (images, moderations, a stored prompt, a batch's file,
             # an assistant's run); a nested or query "model" does not count.
-            named = found.named
-            if named is None and SESSION_MODEL_PATH_RE.match(self.v1_path):
-                named = found.session_model
+            # Realtime secrets and calls run the session's model, whatever else the body says.
+            named = found.session_model if SESSION_MODEL_PATH_RE.match(self.v1_path) else found.named
             if named is None and not MODEL_FREE_PATH_RE.match(self.v1_path):
                 raise self.model_undetermined(
                     "the body names no model, and /v1/%s is not an endpoint that runs none" % self.v1_path[:100]
@@ -206,7 +206,7 @@ class OpenAIHandler(OpenAIStyle, ProxyHandler):
             try:
                 chunk = await call.read()
             except UpstreamError as exc:
-                if not self._headers_written:
+                if not internals.headers_written(self):
                     raise self.upstream_failed(exc) from None
                 self.upstream_failed(exc)
                 # The status is out: only closing the connection tells the

@@ -23,9 +23,11 @@ from urllib.parse import parse_qsl
 import tornado.web
 from tornado.websocket import WebSocketHandler, WebSocketProtocol13
 
+from chat_gpt_proxy import tornado_internals as internals
 from chat_gpt_proxy.observability import log_session
 from chat_gpt_proxy.realtime.connect import UpstreamRefused, connect_upstream
 from chat_gpt_proxy.realtime.session import RealtimeSession
+from chat_gpt_proxy.request.model import models_in_query
 from chat_gpt_proxy.request.strict_json import loads
 from chat_gpt_proxy.upstream.errors import UpstreamError
 from chat_gpt_proxy.upstream.urls import upstream_url
@@ -54,6 +56,7 @@ class ClientProtocol(WebSocketProtocol13):
     close_frame_received = False
     sent_close_code: int | None = None
 
+    # Overrides a private method of Tornado's: see chat_gpt_proxy/tornado_internals.py.
     def _handle_message(self, opcode: int, data: bytes):
         if opcode == 0x8:
             self.close_frame_received = True
@@ -170,7 +173,7 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
         # "model" in any letter case and spelling an upstream might accept
         # (";" separators too), as on /v1/* (issue 10).
         pairs = parse_qsl(self.request.query.replace(";", "&"), keep_blank_values=True)
-        models = [value for name, value in pairs if name.strip().lower() == "model"]
+        models = models_in_query(self.request.query)
         self.model = models[0] if models else None
         allowed = self.allowed_models()
         if allowed and (len(models) != 1 or ("model", models[0]) not in pairs):
@@ -238,7 +241,7 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
         # and says "Connection: close", which would replace the handshake's
         # "Connection: Upgrade" and void it (RFC 6455 section 4.2.2). A session
         # accepted now is ended with 1001 after SHUTDOWN_GRACE like the others.
-        self.request.connection._disconnect_on_finish = False
+        internals.close_after_response(self.request, False)
 
     def options(self, *args, **kwargs) -> None:
         """OPTIONS: 204 with Allow, as on every route (RFC 9110 section 9.3.7); a WebSocket needs no preflight."""

@@ -99,6 +99,50 @@ UNDETERMINED = {
         multipart(('name="model"', "gpt-4o")),
         {"Content-Type": "multipart/form-data"},
     ),
+    # Form parsers match field names exactly: the upstream would not read "Model" (a second review of issue 22).
+    "multipart model field name in other letter case": (
+        "/v1/audio/transcriptions",
+        multipart(('name="file"; filename="a.wav"', "RIFF"), ('NAME="Model"', "gpt-4o-mini")),
+        {"Content-Type": MULTIPART},
+    ),
+    "multipart model field name with a space": (
+        "/v1/images/edits",
+        multipart(('name="prompt"', "x"), ('name=" model"', "gpt-4o-mini")),
+        {"Content-Type": MULTIPART},
+    ),
+    "two multipart session fields": (
+        "/v1/realtime/calls",
+        multipart(
+            ('name="sdp"', "v=0"),
+            ('name="session"', '{"type": "realtime"}'),
+            ('name="session"', '{"type": "realtime", "model": "gpt-4o-mini"}'),
+        ),
+        {"Content-Type": MULTIPART},
+    ),
+    "a multipart session field in other letter case": (
+        "/v1/realtime/calls",
+        multipart(
+            ('name="sdp"', "v=0"),
+            ('name="session"', '{"type": "realtime"}'),
+            ('name="Session"', '{"type": "realtime", "model": "gpt-4o-mini"}'),
+        ),
+        {"Content-Type": MULTIPART},
+    ),
+    "two JSON session keys": (
+        "/v1/realtime/client_secrets",
+        b'{"session": {"type": "realtime"}, "session": {"type": "realtime", "model": "gpt-4o-mini"}}',
+        {},
+    ),
+    "JSON session keys in two letter cases": (
+        "/v1/realtime/client_secrets",
+        b'{"session": {"type": "realtime", "model": "gpt-4o-mini"}, "Session": null}',
+        {},
+    ),
+    "model[] beside model in the query": (
+        "/v1/chat/completions?model%5B%5D=gpt-4o",
+        chat_json(model="gpt-4o-mini"),
+        {},
+    ),
     "invalid UTF-8 JSON": ("/v1/chat/completions", b'{"model": "gpt-4o", "x": "\xff"}', {}),
     "JSON with a byte-order mark": ("/v1/chat/completions", b"\xef\xbb\xbf" + chat_json(model="gpt-4o-mini"), {}),
     "UTF-16 JSON": ("/v1/chat/completions", chat_json(model="gpt-4o").decode().encode("utf-16"), {}),
@@ -158,11 +202,6 @@ NOT_ALLOWED = {
         "/v1/audio/transcriptions",
         multipart(('name="model"', "gpt-4o")),
         {"Content-Type": ' multipart/form-data ;  boundary="%s" ' % BOUNDARY},
-    ),
-    "multipart field name in other letter case": (
-        "/v1/audio/transcriptions",
-        multipart(('name="file"; filename="a.wav"', "RIFF"), ('NAME="Model"', "gpt-4o")),
-        {"Content-Type": MULTIPART},
     ),
     "Application/JSON in other letter case": (
         "/v1/chat/completions",
@@ -324,6 +363,16 @@ NAMED_WHERE_IGNORED = {
         b'{"session": {"type": "realtime"}, "metadata": {"model": "gpt-4o-mini"}}',
         {},
     ),
+    "a client secret naming a top-level model but none in its session": (
+        "/v1/realtime/client_secrets",
+        b'{"model": "gpt-4o-mini", "session": {"type": "realtime", "instructions": "x"}}',
+        {},
+    ),
+    "a call naming a model field but none in its session": (
+        "/v1/realtime/calls",
+        multipart(('name="sdp"', "v=0"), ('name="model"', "gpt-4o-mini"), ('name="session"', '{"type": "realtime"}')),
+        {"Content-Type": MULTIPART},
+    ),
     "the model key in another letter case": ("/v1/chat/completions", b'{"Model": "gpt-4o-mini", "messages": []}', {}),
     "model and Model in one object": (
         "/v1/chat/completions",
@@ -358,6 +407,31 @@ async def test_a_session_model_names_the_model_of_realtime_secrets_and_calls(pro
     )
     assert call.code == 201, call.body
     assert [r.path for r in fake_openai.received] == ["/v1/realtime/client_secrets", "/v1/realtime/calls"]
+
+
+@pytest.mark.settings(allowed_models=("gpt-4o-mini", "whisper-1"))
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        # The caller's own labels: OpenAI never reads metadata as a model.
+        ("/v1/chat/completions", chat_json(model="gpt-4o-mini", metadata={"model": "tesla"})),
+        ("/v1/responses", json.dumps({"model": "gpt-4o-mini", "input": "x", "metadata": {"Model": "car"}})),
+        # A transcription session names its model in audio.input.transcription.
+        (
+            "/v1/realtime/client_secrets",
+            json.dumps(
+                {"session": {"type": "transcription", "audio": {"input": {"transcription": {"model": "whisper-1"}}}}}
+            ),
+        ),
+        # Call control runs no model.
+        ("/v1/realtime/calls/rtc_abc/hangup", b""),
+    ],
+)
+@pytest.mark.gen_test
+async def test_legitimate_requests_under_an_allow_list_pass(proxy, fake_openai, path, body):
+    """False refusals a second review found: each of these reaches the upstream."""
+    await send(proxy, path, body, {})
+    assert [r.path for r in fake_openai.received] == [path]
 
 
 # Endpoints that run a model the proxy cannot see named: the rule fails closed.

@@ -668,6 +668,7 @@ async def test_realtime_http_routes_pass_through(proxy, fake_openai, base_url):
             '{"type": "conversation.item.create", "model": "gpt-realtime", "x": "%s"}' % ("a" * 1100000),
             "model_undetermined",
         ),
+        ('{"type": "x", "\\u006dodel": "gpt-realtime", "x": "%s"}' % ("a" * 1100000), "model_undetermined"),
     ],
 )
 @pytest.mark.gen_test(timeout=20)
@@ -695,6 +696,34 @@ async def test_a_client_event_naming_a_model_outside_the_allow_list_ends_the_ses
     relayed = [message for _, message in seen.received]
     assert [json.loads(m)["type"] for m in relayed] == ["session.update", "input_audio_buffer.append"]
     assert json.loads(relayed[0]) == allowed
+
+
+@pytest.mark.settings(allowed_models=("gpt-realtime",))
+@pytest.mark.gen_test(timeout=20)
+async def test_events_that_only_mention_a_model_are_relayed_under_an_allow_list(proxy, fake_openai, base_url):
+    """Large audio whose base64 holds "MoDeL" by chance, long text about models, Russian text
+    escaped as \\u (as json.dumps writes it), metadata naming a model: none is refused."""
+    events = [
+        {"type": "input_audio_buffer.append", "audio": "QUFB" * 300000 + "MoDeL" + "QUFB" * 10},
+        {"type": "conversation.item.create", "item": {"content": [{"type": "input_text", "text": "model " * 300000}]}},
+        {"type": "conversation.item.create", "item": {"content": [{"type": "input_text", "text": "Привет, модель"}]}},
+        {"type": "response.create", "response": {"metadata": {"model": "tesla"}}},
+    ]
+    async with connect(base_url) as ws:
+        await ws.recv()
+        for event in events:
+            await ws.send(json.dumps(event))
+        seen = await fake_openai.wait_realtime_session()
+        assert await until(lambda: len(seen.received) == len(events), 10)
+    assert [json.loads(m)["type"] for _, m in seen.received] == [e["type"] for e in events]
+
+
+@pytest.mark.settings(allowed_models=("gpt-realtime",))
+@pytest.mark.gen_test(timeout=20)
+async def test_the_handshake_counts_model_brackets_as_a_model(proxy, fake_openai, base_url):
+    status, body, _ = await refusal(base_url, query="?model=gpt-realtime&model%5B%5D=gpt-4o-realtime-expensive")
+    assert status == 400 and body["error"]["code"] == "model_undetermined"
+    assert fake_openai.realtime_sessions == []
 
 
 @pytest.mark.gen_test(timeout=20)

@@ -55,6 +55,9 @@ class Undetermined(ValueError):
 # A realtime event that mentions a model is parsed only up to this size.
 MAX_INSPECTED_EVENT = 1024 * 1024
 _MODEL_WORD_RE = re.compile("model", re.IGNORECASE)
+# One JSON string, and the colon after it if it is a key; possessive, so that
+# scanning a message is linear whatever its strings hold.
+_STRING_RE = re.compile(r'"((?:[^"\\]|\\.)*+)"(\s*:)?')
 
 
 def parse_content_type(value: str) -> tuple[str, dict[str, str]]:
@@ -76,13 +79,20 @@ def parse_content_type(value: str) -> tuple[str, dict[str, str]]:
     return match.group(1).lower(), params
 
 
+def models_in_query(query: str) -> list[str]:
+    """Every value a server could read as the query's ``model``: any letter case, surrounding spaces,
+    ``model[]`` and ``model[x]`` (Rails, PHP and Node's qs make those an array or an override), and
+    ";" as a separator as well as "&"."""
+    pairs = parse_qsl(query.replace(";", "&"), keep_blank_values=True)
+    return [value for key, value in pairs if key.split("[", 1)[0].strip().lower() == "model"]
+
+
 def inspect_request(content_types: list[str], content_encoding: str | None, body: bytes, query: str) -> RequestedModel:
     """What a /v1 request with a body (POST, PUT, PATCH) asks for."""
     try:
         found = _inspect(content_types, content_encoding, body)
         # ";" too: some servers still split query strings on it.
-        pairs = parse_qsl(query.replace(";", "&"), keep_blank_values=True)
-        query_models = [v for k, v in pairs if k.strip().lower() == "model"]
+        query_models = models_in_query(query)
         if query_models:
             # Some OpenAI-compatible servers merge query and body parameters.
             if len(query_models) > 1 or found.model is not None:
@@ -111,6 +121,37 @@ def _inspect(content_types: list[str], content_encoding: str | None, body: bytes
     raise Undetermined("the Content-Type %s is neither application/json nor multipart/form-data" % media_type[:100])
 
 
+def _session_model(session) -> str | None:
+    """The model a realtime session object names: its ``model``, or for a transcription session
+    the model of ``audio.input.transcription``."""
+    if not isinstance(session, dict):
+        return None
+    model = session.get("model")
+    if model is None and session.get("type") == "transcription":
+        node = session
+        for key in ("audio", "input", "transcription"):
+            node = node.get(key) if isinstance(node, dict) else None
+        model = node.get("model") if isinstance(node, dict) else None
+    return model if isinstance(model, str) else None
+
+
+def _models_outside_metadata(value, found: list[str]) -> list[str]:
+    """Every "model" string (any key letter case) in ``value``, except under a ``metadata`` key:
+    metadata is the caller's own free-form labels, which OpenAI never reads as a model."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key == "metadata":
+                continue
+            if key.lower() == "model" and isinstance(item, str):
+                found.append(item)
+            else:
+                _models_outside_metadata(item, found)
+    elif isinstance(value, list):
+        for item in value:
+            _models_outside_metadata(item, found)
+    return found
+
+
 def _from_json(body: bytes) -> RequestedModel:
     nested: list[str] = []
 
@@ -119,6 +160,8 @@ def _from_json(body: bytes) -> RequestedModel:
         values = [value for key, value in pairs if key.lower() == "model"]
         if len(values) > 1:
             raise Undetermined('the JSON body has the key "model" twice in one object (in some letter case)')
+        if sum(1 for key, _ in pairs if key.lower() == "session") > 1:
+            raise Undetermined('the JSON body has the key "session" twice in one object (in some letter case)')
         # A "model" string anywhere (e.g. the image_generation tool's model)
         # is a model the request may use; other values (a JSON schema
         # property named "model") are not model names.
@@ -128,7 +171,10 @@ def _from_json(body: bytes) -> RequestedModel:
     try:
         # Strict UTF-8 without a BOM, no NaN/Infinity, no overflowing
         # numbers: only what every JSON parser reads the same way.
-        parsed = strict_json.loads(body.decode("utf-8"), object_pairs_hook=pairs_hook)
+        text = body.decode("utf-8")
+        parsed = strict_json.loads(text, object_pairs_hook=pairs_hook)
+    except Undetermined:
+        raise
     except (ValueError, RecursionError):
         raise Undetermined("the body is not valid UTF-8 JSON") from None
     if not isinstance(parsed, dict):
@@ -138,14 +184,14 @@ def _from_json(body: bytes) -> RequestedModel:
         raise Undetermined('"model" is not a string')
     if any(key.lower() == "model" and key != "model" for key in parsed):
         raise Undetermined('the JSON body names its model with a key other than "model"')
-    session = parsed.get("session")
-    session_model = session.get("model") if isinstance(session, dict) else None
+    if nested and '"metadata"' in text:
+        nested = _models_outside_metadata(parsed, [])
     return RequestedModel(
         model,
         tuple(nested),
         parsed.get("stream") is True,
         named=model,
-        session_model=session_model if isinstance(session_model, str) else None,
+        session_model=_session_model(parsed.get("session")),
     )
 
 
@@ -167,6 +213,7 @@ def _from_multipart(body: bytes, boundary: str | None) -> RequestedModel:
     model_values: list[bytes] = []
     nested_models: tuple[str, ...] = ()
     session_model = None
+    sessions = 0
     for index, start in enumerate(starts):
         after = start + len(delimiter)
         if start and body[start - 2 : start] != b"\r\n":
@@ -179,7 +226,15 @@ def _from_multipart(body: bytes, boundary: str | None) -> RequestedModel:
             raise Undetermined("the multipart body has a malformed boundary line")
         part = body[after + 2 : starts[index + 1] - 2]
         name, value, plain = _part(part)
-        field = name.strip().lower()
+        field = name
+        if name.strip().lower() in ("model", "session") and name != name.strip().lower():
+            # Form parsers match field names exactly: "Model" is not the model
+            # for the upstream, and which one a lenient parser takes is unknown.
+            raise Undetermined("the multipart body has a field named %r" % name[:40])
+        if field == "session":
+            sessions += 1
+            if sessions > 1:
+                raise Undetermined("the multipart body has more than one session field")
         if field == "model":
             if not plain:
                 raise Undetermined("the multipart model field is a file or encoded")
@@ -193,7 +248,7 @@ def _from_multipart(body: bytes, boundary: str | None) -> RequestedModel:
                 found = _from_json(value)
                 nested_models += found.models
                 if field == "session":
-                    session_model = found.named
+                    session_model = _session_model(strict_json.loads(value.decode("utf-8")))
             except Undetermined:
                 if field == "session":
                     raise Undetermined("the multipart session field is not a JSON object") from None
@@ -246,19 +301,26 @@ def inspect_event(message: str | bytes) -> RequestedModel:
     ``session.model``, ``session.audio.input.transcription.model``, a ``response.create``'s...
 
     Read as strictly as a /v1 JSON body, and failing closed: an event that
-    mentions "model" (in any letter case, or may spell it with ``\\u``
-    escapes) and is not one strict JSON object is a ``problem``, as is a
-    binary message (the API's events are text; a lenient parser could read
-    bytes that are not UTF-8) and an event over MAX_INSPECTED_EVENT (reading
-    it would hold the event loop for seconds).
+    mentions "model" (in any letter case) or holds a ``\\u`` escape, which
+    could spell it, must be one strict JSON object; a binary message is
+    refused (the API's events are text; a lenient parser could read bytes
+    that are not UTF-8). An event over MAX_INSPECTED_EVENT is not parsed
+    (that would hold the event loop for seconds): it is refused only if one
+    of its keys is, or may spell, "model".
     """
     if isinstance(message, bytes):
         return RequestedModel(problem="a binary message cannot be checked; send events as text")
     # Audio appends (megabytes of base64) hold neither and are not parsed.
-    if not _MODEL_WORD_RE.search(message) and "\\u" not in message:
+    if "\\u" not in message and not _MODEL_WORD_RE.search(message):
         return RequestedModel()
     if len(message) > MAX_INSPECTED_EVENT:
-        return RequestedModel(problem="the event mentions a model and is larger than %d bytes" % MAX_INSPECTED_EVENT)
+        for match in _STRING_RE.finditer(message):
+            key = match.group(1)
+            if match.group(2) is not None and ("\\u" in key or key.lower() == "model"):
+                return RequestedModel(
+                    problem="the event names a model and is larger than %d bytes" % MAX_INSPECTED_EVENT
+                )
+        return RequestedModel()
     try:
         return _from_json(message.encode("utf-8", "surrogatepass"))
     except Undetermined as exc:
@@ -312,6 +374,9 @@ MODEL_FREE_PATHS = (
     "fine_tuning/jobs/{id}/resume",
     "containers",
     "containers/{id}/files",
+    "realtime/calls/{id}/hangup",
+    "realtime/calls/{id}/refer",
+    "realtime/calls/{id}/reject",
 )
 
 
