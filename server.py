@@ -27,6 +27,7 @@ import tornado.web
 from chat_gpt_proxy.access.tokens import TokenRegistry, TokensFileError
 from chat_gpt_proxy.observability import JsonFormatter, Metrics, TextFormatter, log_request
 from chat_gpt_proxy.request.cors import CorsPolicy
+from chat_gpt_proxy.tornado_internals import stop_keep_alive
 from chat_gpt_proxy.upstream.pool import UpstreamPool
 from handlers import routes
 from handlers.base import BaseHandler
@@ -183,7 +184,7 @@ async def stop_being_ready(app: tornado.web.Application, server: tornado.httpser
     are refused once this instance stops listening, and it moves on.
     """
     app.settings["draining"] = True
-    server.conn_params.no_keep_alive = True
+    stop_keep_alive(server)
     if delay:
         log.info("shutdown: /readyz answers 503; still serving for SHUTDOWN_DELAY=%gs", delay)
         await asyncio.sleep(delay)

@@ -16,6 +16,7 @@ from tornado.ioloop import IOLoop
 from tornado.iostream import StreamClosedError
 from tornado.web import HTTPError, RequestHandler, stream_request_body
 
+from chat_gpt_proxy import tornado_internals as internals
 from chat_gpt_proxy.request.body import (
     SUPPORTED_ENCODINGS,
     BodyNotDecodable,
@@ -150,12 +151,14 @@ class BaseHandler(ApiMixin, RequestHandler):
             # Shutting down: this connection ends with this response (Tornado
             # then sends Connection: close), so a keep-alive client sends its
             # next request to another instance (issue 10).
-            self.request.connection._disconnect_on_finish = True
+            internals.close_after_response(self.request)
         # Every answer, errors and streams included, gets its CORS headers
         # here, with the headers it is about to send (issue 10).
-        if not self._headers_written and not self._is_preflight():
+        if not internals.headers_written(self) and not self._is_preflight():
             cors = self.settings["cors"]
-            for name, value in cors.response_headers(self.request.headers.get("Origin"), self._headers):
+            for name, value in cors.response_headers(
+                self.request.headers.get("Origin"), internals.response_headers(self)
+            ):
                 self.add_header(name, value)
         return super().flush(include_footers)
 
@@ -290,8 +293,7 @@ class BaseHandler(ApiMixin, RequestHandler):
     # -- disconnects
 
     def on_connection_close(self) -> None:
-        body_future = getattr(self.request, "_body_future", None)
-        if body_future is not None and not body_future.done() and not self._finished:
+        if internals.body_arriving(self.request) and not internals.finished(self):
             # The client left while sending its body: Tornado then ends the
             # request without a word; the access log still gets its line (499).
             IOLoop.current().add_callback(self._log_abandoned)
@@ -299,7 +301,7 @@ class BaseHandler(ApiMixin, RequestHandler):
         super().on_connection_close()
         if not self.client_gone:
             self.client_gone = True
-            self.left_before_headers = not self._headers_written
+            self.left_before_headers = not internals.headers_written(self)
         self.release_token()
         # The client left: stop paying for tokens nobody will read (issue 2).
         call = self.upstream_call
@@ -308,7 +310,7 @@ class BaseHandler(ApiMixin, RequestHandler):
             call.abort("client_closed")
 
     def _log_abandoned(self) -> None:
-        if not self._finished and not self.access_logged:
+        if not internals.finished(self) and not self.access_logged:
             self.application.log_request(self)
 
     async def flush_or_abort(self) -> bool:

@@ -8,6 +8,7 @@ import traceback
 
 from tornado.web import HTTPError
 
+from chat_gpt_proxy import tornado_internals as internals
 from chat_gpt_proxy.request.strict_json import dumps
 from chat_gpt_proxy.upstream.errors import UpstreamError
 from chat_gpt_proxy.upstream.headers import relayed_headers
@@ -88,7 +89,7 @@ class JsonErrors:
             for name, value in exc.headers.items():
                 self.set_header(name, value)
         elif isinstance(exc, HTTPError) and status_code < 500:
-            message = exc.log_message or self._reason
+            message = exc.log_message or internals.reason(self)
             error = {"message": message, "type": "invalid_request_error", "code": None, "param": None}
         else:
             # An unexpected exception: Tornado has already logged it; never show it.
@@ -107,8 +108,7 @@ class JsonErrors:
         if upstream_id:
             self.set_header("x-request-id", upstream_id)
         # Only a streamed-body (HTTP) request has a body future; a WebSocket upgrade has none.
-        body_future = getattr(self.request, "_body_future", None)
-        if body_future is not None and not body_future.done():
+        if internals.body_arriving(self.request):
             # Answered before the request was read to its end: Tornado closes
             # the connection after this answer; say so (RFC 9112 section 9.6).
             self.set_header("Connection", "close")

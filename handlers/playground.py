@@ -7,6 +7,7 @@ import uuid
 
 from tornado.web import StaticFileHandler
 
+from chat_gpt_proxy import tornado_internals as internals
 from chat_gpt_proxy.request.strict_json import dumps
 
 from .base import BaseHandler
@@ -63,7 +64,9 @@ class StaticHandler(StaticFileHandler):
         if status_code == 405:
             self.set_header("Allow", "GET, HEAD, OPTIONS")
         self.set_header("Content-Type", "application/json; charset=utf-8")
-        message = "Method %s is not allowed here." % self.request.method if status_code == 405 else self._reason
+        message = (
+            "Method %s is not allowed here." % self.request.method if status_code == 405 else internals.reason(self)
+        )
         code = "method_not_allowed" if status_code == 405 else None
         error = {"message": message, "type": "invalid_request_error", "code": code, "param": None}
         self.finish(dumps({"status": "error", "text": message, "error": error}))

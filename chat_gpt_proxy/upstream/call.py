@@ -76,6 +76,7 @@ class UpstreamClient(CurlAsyncHTTPClient):
         # again, so the map never outgrows the port range.
         self.sockets: dict[tuple[str, int], int] = {}
 
+    # Overrides a private method of Tornado's: see chat_gpt_proxy/tornado_internals.py.
     def _finish(self, curl, curl_error=None, curl_message=None) -> None:
         # The last moment this transfer's libcurl state can be read: Tornado
         # hands the handle to the next request right after.

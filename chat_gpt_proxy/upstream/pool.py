@@ -5,6 +5,7 @@ from __future__ import annotations
 import pycurl
 from tornado.curl_httpclient import CurlAsyncHTTPClient
 
+from chat_gpt_proxy.tornado_internals import curl_multi
 from chat_gpt_proxy.upstream.call import UpstreamClient
 from chat_gpt_proxy.upstream.retry import RetryPolicy
 
@@ -23,7 +24,7 @@ def make_client(settings) -> CurlAsyncHTTPClient:
     # that moment; Tornado removes each finished transfer, so after a burst
     # the cache shrinks and closes warm connections (each a new TLS handshake
     # with the real API). Keep up to one idle connection per allowed request.
-    client._multi.setopt(pycurl.M_MAXCONNECTS, settings.max_concurrent_upstream)
+    curl_multi(client).setopt(pycurl.M_MAXCONNECTS, settings.max_concurrent_upstream)
     return client
 
 

@@ -1,0 +1,54 @@
+"""The one seam to Tornado's private attributes, for the pinned Tornado (6.6.1, requirements.txt).
+
+Each is something Tornado's public API does not say and the proxy must know
+or change (docs/architecture.md lists why). tests/test_tornado_internals.py
+checks every one on the installed Tornado and fails loudly when an upgrade
+moves one; two subclasses override private methods as well, named here:
+``UpstreamClient._finish`` (chat_gpt_proxy/upstream/call.py) and
+``ClientProtocol._handle_message`` (handlers/realtime.py).
+"""
+
+from __future__ import annotations
+
+TORNADO_VERSION = "6.6.1"
+
+
+def close_after_response(request, close: bool = True) -> None:
+    """Whether the client's connection closes once this response is sent (HTTP1Connection)."""
+    request.connection._disconnect_on_finish = close
+
+
+def body_arriving(request) -> bool:
+    """Whether a streamed request body is still arriving (False for a WebSocket upgrade, which has none)."""
+    future = getattr(request, "_body_future", None)
+    return future is not None and not future.done()
+
+
+def headers_written(handler) -> bool:
+    """Whether the handler's status line and headers have gone out."""
+    return handler._headers_written
+
+
+def finished(handler) -> bool:
+    """Whether ``finish()`` has run."""
+    return handler._finished
+
+
+def response_headers(handler):
+    """The headers the handler is about to send (an ``HTTPHeaders``)."""
+    return handler._headers
+
+
+def reason(handler) -> str:
+    """The reason phrase of the handler's status."""
+    return handler._reason
+
+
+def stop_keep_alive(server) -> None:
+    """Every request read from now on is answered with ``Connection: close`` (HTTPServer)."""
+    server.conn_params.no_keep_alive = True
+
+
+def curl_multi(client):
+    """The ``pycurl.CurlMulti`` of a ``CurlAsyncHTTPClient``."""
+    return client._multi

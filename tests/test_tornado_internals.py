@@ -1,0 +1,101 @@
+"""Every Tornado private attribute the proxy relies on (chat_gpt_proxy/tornado_internals.py) is where it was.
+
+Run against the installed Tornado: an upgrade that moves one fails here, by
+name, rather than somewhere deep in a stream or a shutdown.
+"""
+
+import inspect
+import pathlib
+import re
+
+import pycurl
+import pytest
+import tornado
+import tornado.httpclient
+import tornado.httpserver
+import tornado.web
+from tornado.curl_httpclient import CurlAsyncHTTPClient
+from tornado.httputil import HTTPHeaders
+from tornado.testing import bind_unused_port
+from tornado.websocket import WebSocketProtocol13
+
+from chat_gpt_proxy import tornado_internals as internals
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_the_seam_is_tied_to_the_pinned_tornado():
+    pinned = re.search(r"^tornado==(\S+)$", (ROOT / "requirements.txt").read_text(), re.M).group(1)
+    assert internals.TORNADO_VERSION == pinned == tornado.version, (
+        "Tornado %s is installed and %s pinned: check every attribute in chat_gpt_proxy/tornado_internals.py "
+        "against the new release, then update TORNADO_VERSION" % (tornado.version, pinned)
+    )
+
+
+@pytest.mark.gen_test
+async def test_request_and_handler_internals_on_a_real_request():
+    seen = {}
+
+    @tornado.web.stream_request_body
+    class Probe(tornado.web.RequestHandler):
+        def prepare(self):
+            seen["arriving_in_prepare"] = internals.body_arriving(self.request)
+
+        def data_received(self, chunk):
+            pass
+
+        async def post(self):
+            seen["arriving_after_body"] = internals.body_arriving(self.request)
+            seen["written_before"] = internals.headers_written(self)
+            seen["headers"] = internals.response_headers(self)
+            seen["reason"] = internals.reason(self)
+            self.write("x")
+            await self.flush()
+            seen["written_after"] = internals.headers_written(self)
+            seen["finished_before"] = internals.finished(self)
+            seen["had_disconnect_flag"] = hasattr(self.request.connection, "_disconnect_on_finish")
+            internals.close_after_response(self.request)
+            self.finish()
+            seen["finished_after"] = internals.finished(self)
+
+    sock, port = bind_unused_port()
+    server = tornado.httpserver.HTTPServer(tornado.web.Application([(r"/", Probe)]))
+    server.add_sockets([sock])
+    client = tornado.httpclient.AsyncHTTPClient(force_instance=True)
+    try:
+        response = await client.fetch("http://127.0.0.1:%d/" % port, method="POST", body=b"abc")
+        assert hasattr(server, "conn_params") and hasattr(server.conn_params, "no_keep_alive")
+        internals.stop_keep_alive(server)
+        assert server.conn_params.no_keep_alive is True
+    finally:
+        client.close()
+        server.stop()
+        await server.close_all_connections()
+    assert response.code == 200 and response.headers.get("Connection") == "close"
+    assert seen["arriving_in_prepare"] is True and seen["arriving_after_body"] is False
+    assert seen["written_before"] is False and seen["written_after"] is True
+    assert isinstance(seen["headers"], HTTPHeaders) and seen["reason"] == "OK"
+    assert seen["finished_before"] is False and seen["finished_after"] is True
+    assert seen["had_disconnect_flag"]
+
+
+def test_the_curl_client_internals():
+    client = CurlAsyncHTTPClient(force_instance=True)
+    try:
+        assert isinstance(internals.curl_multi(client), pycurl.CurlMulti)
+    finally:
+        client.close()
+    # chat_gpt_proxy/upstream/call.py overrides it to read the transfer's state before the handle is reused.
+    assert list(inspect.signature(CurlAsyncHTTPClient._finish).parameters) == [
+        "self",
+        "curl",
+        "curl_error",
+        "curl_message",
+    ]
+
+
+def test_the_websocket_protocol_internals():
+    # handlers/realtime.py's ClientProtocol overrides it to note close frames.
+    assert list(inspect.signature(WebSocketProtocol13._handle_message).parameters) == ["self", "opcode", "data"]
+    source = inspect.getsource(tornado.websocket.WebSocketProtocol.__init__)
+    assert "self.server_terminated = False" in source and "self.client_terminated = False" in source
