@@ -54,7 +54,6 @@ class Undetermined(ValueError):
 
 # A realtime event that mentions a model is parsed only up to this size.
 MAX_INSPECTED_EVENT = 1024 * 1024
-_MODEL_WORD_RE = re.compile("model", re.IGNORECASE)
 # One JSON string, and the colon after it if it is a key; possessive, so that
 # scanning a message is linear whatever its strings hold.
 _STRING_RE = re.compile(r'"((?:[^"\\]|\\.)*+)"(\s*:)?')
@@ -311,7 +310,8 @@ def inspect_event(message: str | bytes) -> RequestedModel:
     if isinstance(message, bytes):
         return RequestedModel(problem="a binary message cannot be checked; send events as text")
     # Audio appends (megabytes of base64) hold neither and are not parsed.
-    if "\\u" not in message and not _MODEL_WORD_RE.search(message):
+    # (lower() then "in" is several times faster than a case-insensitive search.)
+    if "\\u" not in message and "model" not in message.lower():
         return RequestedModel()
     if len(message) > MAX_INSPECTED_EVENT:
         for match in _STRING_RE.finditer(message):
