@@ -64,7 +64,7 @@ def make_app(settings: Settings, tokens: TokenRegistry | None = None) -> tornado
         all_routes += metrics_routes
     shared_limits = None
     if settings.redis_url:
-        # Imported only here: without REDIS_URL the redis package is never loaded (issue 14).
+        # Imported only here: without REDIS_URL the redis package is never loaded.
         from chat_gpt_proxy.access.shared_limits import SharedLimits
 
         shared_limits = SharedLimits(settings, metrics.redis_errors if metrics is not None else None)
@@ -76,15 +76,15 @@ def make_app(settings: Settings, tokens: TokenRegistry | None = None) -> tornado
         pool=pool,
         metrics=metrics,
         cors=CorsPolicy(settings.cors_allow_origins),
-        # The access tokens and their limits; replaced in place on SIGHUP (issue 13).
+        # The access tokens and their limits; replaced in place on SIGHUP.
         tokens=tokens,
-        # With REDIS_URL: the per-token counters every instance shares (issue 14).
+        # With REDIS_URL: the per-token counters every instance shares.
         shared_limits=shared_limits,
-        # Set on SIGTERM/SIGINT: /readyz answers 503 from then on (issue 14).
+        # Set on SIGTERM/SIGINT: /readyz answers 503 from then on.
         draining=False,
         # Every request handler while it lives, for the drain (weak: nothing to clean up).
         requests=weakref.WeakSet(),
-        # Our access log replaces Tornado's: one line, no secrets (issue 3).
+        # Our access log replaces Tornado's: one line, no secrets.
         log_function=log_request,
         template_path=STATIC_DIR,
         static_path=STATIC_DIR,
@@ -105,7 +105,7 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
     """The server's TLS context (TLS_CERTFILE/TLS_KEYFILE), or None for plain HTTP.
 
     A file it cannot use is a ``SettingsError`` naming the variable and the
-    cause (issue 10), not an OpenSSL traceback.
+    cause, not an OpenSSL traceback.
     """
     if not settings.tls_certfile:
         return None
@@ -175,7 +175,7 @@ async def stop_being_ready(app: tornado.web.Application, server: tornado.httpser
 
     A load balancer that polls /readyz (Kubernetes, HAProxy, a cloud LB) or an
     endpoint list that updates late needs that time to stop sending new
-    requests here before this instance stops listening (issue 14). Every
+    requests here before this instance stops listening. Every
     request read from now on is answered with ``Connection: close``: a
     balancer that keeps connections alive (nginx's upstream keepalive) would
     otherwise go on sending requests over them, and the last ones would meet
@@ -197,17 +197,17 @@ def requests_in_progress(app: tornado.web.Application) -> int:
     waits for the others too (body still arriving, being checked): one that
     came on a kept-alive connection just before the end of the drain was
     otherwise cut by the closing of all connections (nginx: "upstream
-    prematurely closed connection", a 502 it must not retry; issue 14).
+    prematurely closed connection", a 502 it must not retry).
     """
     return sum(1 for handler in app.settings["requests"] if handler.in_progress())
 
 
 async def drain(app: tornado.web.Application, grace: float, now: asyncio.Event | None = None) -> None:
-    """Let in-flight requests finish for ``grace`` seconds, then end the rest (issue 3).
+    """Let in-flight requests finish for ``grace`` seconds, then end the rest.
 
     Responses from now on carry ``Connection: close`` (handlers/base.py), so
     keep-alive clients move to another instance. ``now`` set (a second
-    signal) ends everything at once (issue 10).
+    signal) ends everything at once.
     """
     app.settings["draining"] = True
     pool: UpstreamPool = app.settings["pool"]
@@ -260,7 +260,7 @@ def raise_fd_limit() -> None:
 
 
 async def start_demo_upstream(settings: Settings) -> Settings:
-    """DEMO_UPSTREAM=true: answers come from the built-in fake OpenAI (issue 7)."""
+    """DEMO_UPSTREAM=true: answers come from the built-in fake OpenAI."""
     from chat_gpt_proxy.fake_openai.app import FakeOpenAI
 
     fake = FakeOpenAI(default_delay=0.08)
@@ -268,12 +268,12 @@ async def start_demo_upstream(settings: Settings) -> Settings:
     log.warning(
         "DEMO MODE: requests go to the built-in fake OpenAI at %s, not to %s", fake.url, settings.openai_base_url
     )
-    # The fake runs on loopback: an egress proxy from the environment (issue 11) must not apply.
+    # The fake runs on loopback: an egress proxy from the environment must not apply.
     return dataclasses.replace(settings, openai_base_url=fake.url, upstream_proxy=None)
 
 
 def reload_tokens(app: tornado.web.Application) -> None:
-    """SIGHUP: read ACCESS_TOKENS_FILE again; a broken file leaves the tokens in force (issue 13)."""
+    """SIGHUP: read ACCESS_TOKENS_FILE again; a broken file leaves the tokens in force."""
     tokens: TokenRegistry = app.settings["tokens"]
     if not tokens.settings.access_tokens_file:
         log.warning("SIGHUP: ACCESS_TOKENS_FILE is not set; nothing to reload")
@@ -328,7 +328,7 @@ def main() -> None:
     try:
         settings = Settings.from_env()
         # Operator mistakes found before anything runs: one line naming the
-        # variable, exit 2, never a traceback (issue 10).
+        # variable, exit 2, never a traceback.
         ssl_context = tls_context(settings)
         sockets = listen_sockets(settings)
     except SettingsError as exc:

@@ -41,7 +41,7 @@ class Settings:
     default_generate_params: Mapping = dataclasses.field(default_factory=lambda: MappingProxyType({}))
     max_body_bytes: int = 32 * 1024 * 1024
     # Answers /chat_complete must hold whole (to add "text"); a separate,
-    # generous bound: a request limit must not fail paid answers (issue 10).
+    # generous bound: a request limit must not fail paid answers.
     max_answer_bytes: int = 256 * 1024 * 1024
     connect_timeout: float = 10.0
     request_timeout: float = 600.0
@@ -63,10 +63,10 @@ class Settings:
     tls_keyfile: str = ""
     demo_upstream: bool = False
     cors_allow_origins: tuple[str, ...] = ()
-    # Realtime WebSocket relay (issue 12).
+    # Realtime WebSocket relay.
     ws_max_message_bytes: int = 16 * 1024 * 1024
     ws_ping_interval: float = 20.0
-    # Egress (issue 11): the proxy as configured (UPSTREAM_PROXY or the
+    # Egress: the proxy as configured (UPSTREAM_PROXY or the
     # environment), hosts reached directly, a private CA, retries.
     upstream_proxy: egress.EgressProxy | None = None
     no_proxy: tuple[str, ...] = ()
@@ -81,14 +81,14 @@ class Settings:
         return egress.proxy_for(self.openai_base_url, self.upstream_proxy, self.no_proxy)
 
     access_tokens_file: str = ""
-    # Shared limits (issue 14): the per-token counters in Redis when REDIS_URL
+    # Shared limits: the per-token counters in Redis when REDIS_URL
     # is set. The URL may hold a password: out of repr(), masked in masked().
     redis_url: str = dataclasses.field(default="", repr=False)
     redis_prefix: str = "chat_gpt_proxy"
     redis_failure_mode: str = "open"
     redis_timeout: float = 0.25
     redis_inflight_ttl: float = 30.0
-    # The server-held OpenAI key (issue 13): kept out of repr() and masked()
+    # The server-held OpenAI key: kept out of repr() and masked()
     # so that no log line can show it.
     openai_api_key: str = dataclasses.field(default="", repr=False)
 
@@ -106,7 +106,7 @@ class Settings:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if field.name == "access_tokens":
-                # Not one character of a token: a prefix narrows a guess (issue 22).
+                # Not one character of a token: a prefix narrows a guess.
                 value = ["***" for _ in value]
             elif field.name == "upstream_proxy":
                 value = egress.describe(self.openai_base_url, value, self.no_proxy)
@@ -134,7 +134,7 @@ class Settings:
         if allowed_models and default_model not in allowed_models:
             raise SettingsError(f"DEFAULT_MODEL: {default_model!r} is not in ALLOWED_MODELS")
         try:
-            # The rules a request's generate_params must follow (issue 10): else every request would fail.
+            # The rules a request's generate_params must follow: else every request would fail.
             default_params = normalize_generate_params(
                 dict(env.json_object("DEFAULT_GENERATE_PARAMS")), allowed_models, where="DEFAULT_GENERATE_PARAMS"
             )
@@ -171,7 +171,7 @@ class Settings:
         return cls(
             port=env.int("PORT", cls.port, 1, 65535),
             # A demo (default access token, fake answers) is for this machine:
-            # it listens on all interfaces only when HOST says so (issue 10).
+            # it listens on all interfaces only when HOST says so.
             host=env.str("HOST", "127.0.0.1" if demo else cls.host),
             access_tokens=tokens,
             openai_base_url=base_url,
@@ -248,18 +248,18 @@ def _base_url(url: str) -> str:
 
 
 def _access_tokens(env: _Env, tokens_file: str) -> tuple[str, ...]:
-    # The old service called it ACCESS_KEY (issue 2: stay compatible).
+    # The old service called it ACCESS_KEY (stay compatible).
     for name in ("ACCESS_TOKEN", "ACCESS_KEY"):
         value = env.environ.get(name)
         if value is None:
             continue
         # Set but empty (e.g. "ACCESS_TOKEN=${ACCESS_TOKEN}" with nothing to
-        # expand) must not quietly mean the public default token (issue 10).
+        # expand) must not quietly mean the public default token.
         tokens = tuple(t.strip() for t in value.split(",") if t.strip())
         if not tokens:
             raise SettingsError(f"{name}: is set but holds no token; set at least one (comma-separated)")
         return tokens
-    # With a tokens file, only the tokens it names (issue 13): no default token.
+    # With a tokens file, only the tokens it names: no default token.
     return () if tokens_file else (DEFAULT_ACCESS_TOKEN,)
 
 

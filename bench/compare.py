@@ -3,7 +3,7 @@
     python bench/compare.py --before HEAD~2 --tokens 100 --rounds 5 --seconds 5
     python bench/compare.py --redis --rounds 5 --seconds 5
 
-``--redis`` compares instead the cost of shared limits (issue 14): the same
+``--redis`` compares instead the cost of shared limits: the same
 token with a rate limit and a max_concurrent, counted in the process, then in
 Debian's redis-server (REDIS_URL, on CPU 1 with wrk and the upstream): one
 EVALSHA per request to admit it and one to release it.

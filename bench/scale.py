@@ -1,4 +1,4 @@
-"""Scale out: throughput of two proxy instances behind nginx against one, in the same run (issue 14).
+"""Scale out: throughput of two proxy instances behind nginx against one, in the same run.
 
     python bench/scale.py            # 10 s per measurement
     python bench/scale.py --short    # 1 s per measurement: proves it runs (CI)

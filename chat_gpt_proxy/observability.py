@@ -1,10 +1,10 @@
-"""Logging and Prometheus metrics (issue 3); /metrics is served by handlers/metrics.py.
+"""Logging and Prometheus metrics; /metrics is served by handlers/metrics.py.
 
 One access line per request, never with a prompt, an answer, a token or a key.
 Every log line is one line whatever a caller sends: text that comes from a
-request or from the upstream is escaped (issue 10). Metrics live in a
+request or from the upstream is escaped. Metrics live in a
 registry per application, so tests see only their own.
-Usage per token (issue 13): the ``token`` field and label carry the token's
+Usage per token: the ``token`` field and label carry the token's
 name from ACCESS_TOKENS_FILE, or ``-``, so label values stay bounded.
 """
 
@@ -67,7 +67,7 @@ class Metrics:
         self._model_labels: set[str] = set()
         self.limited = Counter("proxy_limited", "Requests refused by a limit", ["limit", "token"], registry=r)
         self.upstream_errors = Counter("proxy_upstream_errors", "Upstream failures", ["kind"], registry=r)
-        # Realtime WebSocket sessions (issue 12); direction is client_to_upstream or upstream_to_client.
+        # Realtime WebSocket sessions; direction is client_to_upstream or upstream_to_client.
         self.realtime_sessions = Gauge("proxy_realtime_open_sessions", "Realtime sessions being relayed", registry=r)
         self.realtime_messages = Counter(
             "proxy_realtime_messages", "Realtime messages relayed", ["direction"], registry=r
@@ -81,21 +81,19 @@ class Metrics:
             ["by", "code"],
             registry=r,
         )
-        # Shared limits (issue 14): failed or skipped Redis calls, by operation.
+        # Shared limits: failed or skipped Redis calls, by operation.
         self.redis_errors = Counter(
             "proxy_redis_errors",
             "Redis calls of the shared limits that failed or were skipped (fallback to REDIS_FAILURE_MODE)",
             ["op"],
             registry=r,
         )
-        self.upstream_retries = Counter(
-            "proxy_upstream_retries", "Upstream attempts retried (issue 11)", ["reason"], registry=r
-        )
+        self.upstream_retries = Counter("proxy_upstream_retries", "Upstream attempts retried", ["reason"], registry=r)
 
     def model_label(self, model: str) -> str:
         """The ``model`` label of proxy_tokens_total. The caller names the model, so it is
         escaped as in the access log and cut to 100 characters, and without an allow-list
-        an upstream that accepts any name would let callers add series at will (issue 22):
+        an upstream that accepts any name would let callers add series at will:
         after MAX_MODEL_LABELS distinct models, the others are counted as ``(other)``."""
         label = escape_field(model[:100])
         if label in self._model_labels:
@@ -338,7 +336,7 @@ def log_request(handler) -> None:
 
 
 def log_session(handler, session) -> None:
-    """The access line of a realtime WebSocket session when it ends, and its metrics (issue 12).
+    """The access line of a realtime WebSocket session when it ends, and its metrics.
 
     ``ms`` is the session's whole duration, ``upstream_ms`` the upstream
     handshake, tokens the sums of the ``response.done`` events' usage.

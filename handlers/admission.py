@@ -19,7 +19,7 @@ API_KEY_RE = re.compile(r"^[\x21-\x7e]{1,512}$")
 
 
 def check_model_allowed(allowed_models: tuple[str, ...], model: str | None) -> None:
-    """ALLOWED_MODELS (issue 4), or a token's own list (issue 13): keep a shared proxy on cheap models."""
+    """ALLOWED_MODELS, or a token's own list: keep a shared proxy on cheap models."""
     if allowed_models and model is not None and model not in allowed_models:
         raise ApiError(
             403, "Model %r is not allowed on this proxy." % model[:100], "permission_denied", "model_not_allowed"
@@ -30,7 +30,7 @@ def take_upstream_slot(handler, pool: UpstreamPool) -> None:
     """Count ``handler`` in MAX_CONCURRENT_UPSTREAM (HTTP calls and realtime sessions alike), or refuse with 503."""
     if len(pool.handlers) >= handler.config.max_concurrent_upstream:
         handler.limited = "max_concurrent_upstream"
-        # Never queue silently (issue 2): the caller can retry elsewhere or later.
+        # Never queue silently: the caller can retry elsewhere or later.
         raise ApiError(
             503,
             "The proxy is at its limit of concurrent upstream requests; retry shortly.",
@@ -55,14 +55,14 @@ class Admission:
 
     limited: str | None = None
 
-    # Whether this request goes upstream with the server-held key (issue 13).
+    # Whether this request goes upstream with the server-held key.
     used_server_key = False
 
     def server_key_refused(self) -> ApiError:
         """The upstream refused the server's own key: the operator's problem, not the caller's.
 
         OpenAI's 401 shows the refused key's first and last characters; a
-        caller of a shared key never sees them (issue 13: the key appears in
+        caller of a shared key never sees them (the key appears in
         no error body).
         """
         log.warning("server key refused by the upstream request_id=%s (check OPENAI_API_KEY)", self.request_id)
@@ -82,7 +82,7 @@ class Admission:
         entry = tokens.lookup(self.presented_access_token())
         if entry is None:
             raise ApiError(403, "Missing or wrong access-token header.", "permission_denied", "invalid_access_token")
-        # Names the caller in the access log and metrics (issue 13); "-" for ACCESS_TOKEN's.
+        # Names the caller in the access log and metrics; "-" for ACCESS_TOKEN's.
         self.token = entry
         if entry.policy.disabled:
             raise ApiError(403, "This access token is disabled.", "permission_denied", "access_token_disabled")
@@ -107,7 +107,7 @@ class Admission:
         if verdict is not UNAVAILABLE:
             self.admitted(verdict, "shared" if entry.policy.max_concurrent else "")
         elif shared.closed_mode:
-            # REDIS_FAILURE_MODE=closed: no request of a limited token passes unchecked (issue 14).
+            # REDIS_FAILURE_MODE=closed: no request of a limited token passes unchecked.
             raise ApiError(
                 503,
                 "The shared limits of this access token cannot be checked right now; retry shortly.",
@@ -143,7 +143,7 @@ class Admission:
         self.release_token()
 
     def allowed_models(self) -> tuple[str, ...]:
-        """ALLOWED_MODELS, or the caller's token's own allowed_models (issue 13)."""
+        """ALLOWED_MODELS, or the caller's token's own allowed_models."""
         return self.token.policy.allowed_models if self.token is not None else self.config.allowed_models
 
     # How this surface names the key and its errors; /v1/* overrides them.
@@ -158,7 +158,7 @@ class Admission:
         """The caller's OpenAI key, for this one request; 401 if missing or malformed.
 
         A caller who sends none may use the server's key if its token allows
-        it (use_server_key, issue 13); a key the caller sends always wins.
+        it (use_server_key); a key the caller sends always wins.
         """
         key = self.presented_key()
         missing, malformed = self.key_error_codes

@@ -60,7 +60,7 @@ class ApiMixin(Admission, JsonErrors):
     @property
     def request_id(self) -> str:
         """The proxy's own id, always new: a caller's id could collide with, or pose as,
-        another request's in the logs (issue 22); it is kept as ``client_request_id``."""
+        another request's in the logs; it is kept as ``client_request_id``."""
         if not hasattr(self, "_request_id"):
             self._request_id = uuid.uuid4().hex
         return self._request_id
@@ -74,8 +74,7 @@ class ApiMixin(Admission, JsonErrors):
     def set_default_headers(self) -> None:
         # x-proxy-request-id: always this proxy's id (the access log's
         # request_id). x-request-id: the same, until an upstream answer
-        # replaces it with OpenAI's id, which the SDKs read from that header
-        # (issue 10, point 12).
+        # replaces it with OpenAI's id, which the SDKs read from that header.
         self.set_header("x-request-id", self.request_id)
         self.set_header("x-proxy-request-id", self.request_id)
         self.set_header("X-Content-Type-Options", "nosniff")
@@ -92,7 +91,7 @@ class ApiMixin(Admission, JsonErrors):
         return methods
 
     def note_fault(self, kind: str, detail: str = "") -> None:
-        """An expected upstream fault: one warning line, never a traceback (issue 6)."""
+        """An expected upstream fault: one warning line, never a traceback."""
         self.upstream_failure = kind
         log.warning("upstream fault request_id=%s kind=%s%s", self.request_id, kind, " " + detail if detail else "")
 
@@ -122,8 +121,8 @@ class BaseHandler(ApiMixin, RequestHandler):
         self.flush_started: float | None = None
         self.pending_flush = None
         # The client closed its connection before the response was complete,
-        # and whether our status line had been written by then (issue 10:
-        # if not, the access log and metrics say 499, not the unsent status).
+        # and whether our status line had been written by then
+        # (if not, the access log and metrics say 499, not the unsent status).
         self.client_gone = False
         self.left_before_headers = False
         # For the drain on shutdown (server.py): answered yet?
@@ -150,10 +149,10 @@ class BaseHandler(ApiMixin, RequestHandler):
         if self.settings.get("draining"):
             # Shutting down: this connection ends with this response (Tornado
             # then sends Connection: close), so a keep-alive client sends its
-            # next request to another instance (issue 10).
+            # next request to another instance.
             internals.close_after_response(self.request)
         # Every answer, errors and streams included, gets its CORS headers
-        # here, with the headers it is about to send (issue 10).
+        # here, with the headers it is about to send.
         if not internals.headers_written(self) and not self._is_preflight():
             cors = self.settings["cors"]
             for name, value in cors.response_headers(
@@ -225,7 +224,7 @@ class BaseHandler(ApiMixin, RequestHandler):
             ) from None
         self._body = RequestBody(self.config.max_body_bytes, coding)
         # data_received enforces MAX_BODY_BYTES itself and answers the JSON 413;
-        # Tornado's own limit would answer a chunked body with a bare 400 first (issue 10).
+        # Tornado's own limit would answer a chunked body with a bare 400 first.
         self.request.connection.set_max_body_size(UNLIMITED_BODY)
 
     # -- the request body, read as it arrives so that an oversized one is refused early
@@ -303,7 +302,7 @@ class BaseHandler(ApiMixin, RequestHandler):
             self.client_gone = True
             self.left_before_headers = not internals.headers_written(self)
         self.release_token()
-        # The client left: stop paying for tokens nobody will read (issue 2).
+        # The client left: stop paying for tokens nobody will read.
         call = self.upstream_call
         if call is not None and call.abort_reason is None and call.finished_at is None:
             log.warning("client left request_id=%s kind=client_closed", self.request_id)
@@ -331,7 +330,7 @@ class BaseHandler(ApiMixin, RequestHandler):
         self.request.connection.close()
         # HTTP1Connection.close() forgets the future of a pending write, which
         # then never resolves: fail it, or the relay loop waits forever and
-        # its handler stays in flight (seen with a stalled client, issue 10).
+        # its handler stays in flight (seen with a stalled client).
         flush = self.pending_flush
         if flush is not None and not flush.done():
             flush.set_exception(StreamClosedError())

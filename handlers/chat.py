@@ -1,4 +1,4 @@
-"""POST /chat_complete: the API the existing users already call (issue 2)."""
+"""POST /chat_complete: the API the existing users already call."""
 
 from __future__ import annotations
 

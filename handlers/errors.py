@@ -15,8 +15,8 @@ from chat_gpt_proxy.upstream.headers import relayed_headers
 
 log = logging.getLogger("chat_gpt_proxy")
 
-# What each upstream failure means to a client (issue 2: 502 for an
-# unreachable or broken upstream, 504 for a slow one; issue 11: 502 for the
+# What each upstream failure means to a client (502 for an
+# unreachable or broken upstream, 504 for a slow one; 502 for the
 # egress proxy's faults and an untrusted upstream certificate).
 UPSTREAM_ERROR_STATUS = {
     "connect": 502,
@@ -58,7 +58,7 @@ class ApiError(HTTPError):
 
 
 def mirrored_error(status: int, answer, headers) -> ApiError:
-    """An upstream error status with its error object, for the client (issue 2)."""
+    """An upstream error status with its error object, for the client."""
     error = answer.get("error") if isinstance(answer, dict) else None
     if not isinstance(error, dict):
         error = {

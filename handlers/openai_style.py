@@ -24,7 +24,7 @@ class OpenAIStyle:
         token = self.request.headers.get("access-token")
         if token is None and self.bearer():
             # An SDK given only base_url and api_key sends the proxy's token as
-            # its API key (issue 13): such a request carries no OpenAI key of
+            # its API key: such a request carries no OpenAI key of
             # its own, so its token's use_server_key decides.
             self.bearer_is_access_token = True
             return self.bearer()

@@ -1,4 +1,4 @@
-"""/v1/*: the OpenAI API itself, passed through, so any OpenAI client only changes base_url (issue 4).
+"""/v1/*: the OpenAI API itself, passed through, so any OpenAI client only changes base_url.
 
 Bodies go upstream byte for byte and answers come back with their status,
 headers (less hop-by-hop ones) and body unchanged. Errors of the proxy itself
@@ -22,7 +22,7 @@ from .errors import ApiError
 from .openai_style import OpenAIStyle
 from .relay import ProxyHandler, StreamWatch, without_content
 
-# Request headers an OpenAI client may need upstream (issue 4). Everything
+# Request headers an OpenAI client may need upstream. Everything
 # else stays here, above all the proxy's own access-token.
 FORWARDED_REQUEST_HEADERS = (
     "Content-Type",
@@ -50,7 +50,7 @@ DROPPED_RESPONSE_HEADERS = HOP_BY_HOP_HEADERS | {
 # Answers up to this size are relayed whole, with their Content-Length.
 SMALL_BODY = 1024 * 1024
 
-# JSON answers up to this size are parsed for their token usage (issue 10);
+# JSON answers up to this size are parsed for their token usage;
 # a chat completion is a few KiB, and parsing costs event-loop time.
 USAGE_PARSE_LIMIT = 256 * 1024
 
@@ -65,7 +65,7 @@ class OpenAIHandler(OpenAIStyle, ProxyHandler):
         """The ``model`` and ``stream`` of the body (which is forwarded as it is), checked against ALLOWED_MODELS.
 
         With an allow-list, a request whose model cannot be determined with
-        certainty is refused (issue 10): forwarding it would let the upstream
+        certainty is refused: forwarding it would let the upstream
         read a model we did not check.
         """
         if self.request.method not in ("POST", "PUT", "PATCH"):
@@ -85,7 +85,7 @@ class OpenAIHandler(OpenAIStyle, ProxyHandler):
                 raise self.model_undetermined(found.problem)
             for model in found.models:
                 check_model_allowed(allowed, model)
-            # Fail closed (issue 22): an endpoint that may run a model picks
+            # Fail closed: an endpoint that may run a model picks
             # one itself when the body does not name it where the endpoint
             # reads it (images, moderations, a stored prompt, a batch's file,
             # an assistant's run); a nested or query "model" does not count.
@@ -109,7 +109,7 @@ class OpenAIHandler(OpenAIStyle, ProxyHandler):
         )
 
     async def forward(self) -> None:
-        # One normalised path for the allow-list check and the upstream (issue 22).
+        # One normalised path for the allow-list check and the upstream.
         url = upstream_url(self.config.openai_base_url, self.request.path[len("/v1/") :], self.request.query)
         if url is None:
             raise ApiError(400, "Invalid path.", "invalid_request_error", "invalid_path")
@@ -152,7 +152,7 @@ class OpenAIHandler(OpenAIStyle, ProxyHandler):
             return None
 
     async def relay_no_body(self, call) -> None:
-        """An answer that has no body (HEAD, 204, 205, 304, ...): Tornado refuses to send one (issue 10)."""
+        """An answer that has no body (HEAD, 204, 205, 304, ...): Tornado refuses to send one."""
         # Whatever an upstream sent anyway is read and dropped, bounded.
         with contextlib.suppress(UpstreamError):
             await call.read_all(SMALL_BODY)

@@ -1,4 +1,4 @@
-"""GET /: the playground page for browsers (issue 7); other clients get the usage text."""
+"""GET /: the playground page for browsers; other clients get the usage text."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from .usage_page import UsagePageMixin
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static")
 
-# No inline script or style, nothing from other hosts, no framing (issue 7).
+# No inline script or style, nothing from other hosts, no framing.
 CONTENT_SECURITY_POLICY = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
     "base-uri 'none'; form-action 'self'; frame-ancestors 'none'; object-src 'none'"
@@ -54,7 +54,7 @@ class StaticHandler(StaticFileHandler):
         self.set_header("x-proxy-request-id", request_id)
 
     def options(self, *args, **kwargs) -> None:
-        """204 with Allow, as on every route (issue 10)."""
+        """204 with Allow, as on every route."""
         self.set_status(204)
         self.set_header("Allow", "GET, HEAD, OPTIONS")
         self.finish()

@@ -40,7 +40,7 @@ class HealthHandler(BaseHandler):
 
 
 class ReadyHandler(BaseHandler):
-    """GET /readyz: whether a load balancer should send this instance new requests (issue 14).
+    """GET /readyz: whether a load balancer should send this instance new requests.
 
     Liveness (/healthz) stays 200 until the process exits, so nothing restarts
     an instance that is finishing its streams; readiness turns 503 as soon as

@@ -1,4 +1,4 @@
-"""/v1/realtime: OpenAI's Realtime API WebSocket, relayed (issue 12).
+"""/v1/realtime: OpenAI's Realtime API WebSocket, relayed.
 
 Everything that can refuse the session is decided before the client's upgrade
 is accepted, so each refusal is an ordinary HTTP status with a JSON error
@@ -145,7 +145,7 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
 
     async def prepare(self) -> None:
         if self.request.method == "OPTIONS":
-            return  # options() answers it, as on every route (issue 10)
+            return  # options() answers it, as on every route
         headers = self.request.headers
         connection = {item.strip().lower() for item in headers.get("Connection", "").split(",")}
         # Tornado checks "Connection: Upgrade" only after prepare(), with a text answer.
@@ -168,10 +168,10 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
             raise ApiError(400, "Malformed Sec-WebSocket-Protocol header.", code="invalid_subprotocol")
         pending = self.check_access_token()
         if pending is not None:
-            await pending  # shared limits in Redis (issue 14)
+            await pending  # shared limits in Redis
         key = self.openai_key()
         # "model" in any letter case and spelling an upstream might accept
-        # (";" separators too), as on /v1/* (issue 10).
+        # (";" separators too), as on /v1/*.
         pairs = parse_qsl(self.request.query.replace(";", "&"), keep_blank_values=True)
         models = models_in_query(self.request.query)
         self.model = models[0] if models else None
@@ -209,7 +209,7 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
                 open_timeout=self.config.connect_timeout,
                 max_size=self.config.ws_max_message_bytes,
                 ping_interval=self.config.ws_ping_interval,
-                # The egress proxy and CA of the HTTP routes apply to this leg too (issue 11).
+                # The egress proxy and CA of the HTTP routes apply to this leg too.
                 proxy=self.config.upstream_egress,
                 ca_file=self.config.upstream_ca_file,
             )
@@ -301,7 +301,7 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
 
     def _session_ended(self, session: RealtimeSession) -> None:
         self.pool.handlers.discard(self)
-        # A session counts against its token's max_concurrent until it ends (issue 13).
+        # A session counts against its token's max_concurrent until it ends.
         self.release_token()
         metrics = self.settings.get("metrics")
         if metrics is not None:

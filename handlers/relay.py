@@ -36,7 +36,7 @@ SSE_KEEPALIVE = b": keep-alive\n\n"
 # Events are relayed whole, so that keep-alive comments and a final error
 # event never land inside one. An upstream that never ends an event cannot
 # make us hold more than this: beyond it the event is relayed in parts, and
-# nothing of ours is written until it ends (issue 10, point 8).
+# nothing of ours is written until it ends.
 MAX_PENDING_EVENT = 1024 * 1024
 # Ends an event cut off by an upstream failure, whatever its last bytes
 # ("\n" ends a partial line or follows a lone "\r"; the next blank line
@@ -102,7 +102,7 @@ class ProxyHandler(BaseHandler):
                     return call
                 reason = "status_%d" % call.status
                 await call.discard()
-            # Nothing has been sent to the client yet (issue 11).
+            # Nothing has been sent to the client yet.
             self.note_retry(reason, attempt, wait)
             await asyncio.sleep(wait)
             stream_ = self.request.connection.stream
@@ -233,13 +233,13 @@ class StreamWatch:
     """Timers of a long response: keep-alive comments and the stalled-client check.
 
     - After ``keepalive`` seconds without output, write an SSE comment so that
-      intermediaries do not cut a silent stream (issue 2). Only between whole
+      intermediaries do not cut a silent stream. Only between whole
       events: never while ``mid_event`` (part of an event larger than
       MAX_PENDING_EVENT is out), where the comment's blank line would end the
-      event early and leave the rest unparseable (issue 10, point 8).
+      event early and leave the rest unparseable.
     - A client that stops reading but never closes would hold its upstream
       transfer (paused by backpressure) forever: after ``stall`` seconds with
-      a flush pending, drop the client, which aborts the upstream (issue 6).
+      a flush pending, drop the client, which aborts the upstream.
     """
 
     def __init__(self, handler: BaseHandler, keepalive: float | None, stall: float):

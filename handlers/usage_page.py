@@ -8,7 +8,7 @@ import re
 from chat_gpt_proxy.observability import peer_is_trusted
 
 # What a Host header may be for the page to show it: a DNS name or an IP
-# literal, and a port. Anything else is not reflected (issue 10, point 12).
+# literal, and a port. Anything else is not reflected.
 HOST_RE = re.compile(r"^(?:[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63})*\.?|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?$")
 
 

@@ -98,7 +98,7 @@ def pytest_configure(config):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """Issue 3: the captured log output of a full run, errors included, holds no token value."""
+    """The captured log output of a full run, errors included, holds no token value."""
     text = "\n".join(RUN_LOG.lines)
     leaked = [secret for secret in (*SECRETS, *OTHER_SECRETS) if secret in text]
     if leaked:

@@ -1,4 +1,4 @@
-"""Real egress proxies for the tests (issue 11): Debian's tinyproxy and microsocks.
+"""Real egress proxies for the tests: Debian's tinyproxy and microsocks.
 
 Each runs in the foreground on an unused loopback port with a config written
 here, logs every client connection (so the tests count connections at the

@@ -1,7 +1,7 @@
 """ALLOWED_MODELS on /v1/*: a request whose model cannot be determined with certainty never reaches the upstream.
 
 The body goes upstream byte for byte, so every way our reading of it could
-differ from the upstream's is a way around the allow-list (issue 10, point 3).
+differ from the upstream's is a way around the allow-list.
 """
 
 import asyncio
@@ -99,7 +99,7 @@ UNDETERMINED = {
         multipart(('name="model"', "gpt-4o")),
         {"Content-Type": "multipart/form-data"},
     ),
-    # Form parsers match field names exactly: the upstream would not read "Model" (a second review of issue 22).
+    # Form parsers match field names exactly: the upstream would not read "Model".
     "multipart model field name in other letter case": (
         "/v1/audio/transcriptions",
         multipart(('name="file"; filename="a.wav"', "RIFF"), ('NAME="Model"', "gpt-4o-mini")),
@@ -314,7 +314,7 @@ async def test_a_compressed_body_is_checked_on_what_it_decodes_to(proxy, fake_op
     assert seen.body == allowed and "Content-Encoding" not in seen.headers
 
 
-# Issue 22: the allow-list check and the upstream must see one path. The fake,
+# The allow-list check and the upstream must see one path. The fake,
 # like OpenAI, routes on the percent-decoded path, so each of these would have
 # reached a model-choosing endpoint without naming a model.
 ENCODED_PATHS = {
@@ -332,7 +332,7 @@ ENCODED_PATHS = {
     "a trailing %20": ("/v1/images/generations%20", b'{"prompt": "a cat"}', "application/json"),
 }
 
-# A model named where the endpoint does not read it (the review of issue 22):
+# A model named where the endpoint does not read it:
 # OpenAI ignores a POST's query string and a nested metadata.model.
 NAMED_WHERE_IGNORED = {
     "an image generation with ?model=": ("/v1/images/generations?model=gpt-4o-mini", b'{"prompt": "a cat"}', {}),

@@ -1,4 +1,4 @@
-"""Request and answer bodies: their separate limits, chunked uploads, compressed uploads (issue 10)."""
+"""Request and answer bodies: their separate limits, chunked uploads, compressed uploads."""
 
 import asyncio
 import gzip

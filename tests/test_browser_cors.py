@@ -1,5 +1,5 @@
 """CORS in a real browser: Debian's Chromium (through Playwright) calls the proxy from pages on two other
-loopback origins, one listed in CORS_ALLOW_ORIGINS and one not (issue 10, point 7)."""
+loopback origins, one listed in CORS_ALLOW_ORIGINS and one not."""
 
 import json
 

@@ -1,4 +1,4 @@
-"""Demo mode and the built-in fake OpenAI (issue 10, point 13).
+"""Demo mode and the built-in fake OpenAI.
 
 The Responses API through /v1/* with the official SDK, the demo process
 listening on loopback unless HOST is set, and the fake's bounded memory.

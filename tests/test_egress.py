@@ -1,4 +1,4 @@
-"""Unit tests of the egress pieces (issue 11): proxy URLs, the environment, NO_PROXY, failure kinds, retry waits."""
+"""Unit tests of the egress pieces: proxy URLs, the environment, NO_PROXY, failure kinds, retry waits."""
 
 import email.utils
 import socket
@@ -172,7 +172,7 @@ PROXY = EgressProxy("http", "127.0.0.1", 3128, "user", "pw-unit-secret")
 
 
 # The messages libcurl 8.23 gave against tinyproxy and microsocks (see
-# shared/notes/proxies-websockets-redis.md and tests/test_egress_failures.py).
+# docs/architecture.md and tests/test_egress_failures.py).
 @pytest.mark.parametrize(
     "errno,message,proxy,kind,retry",
     [

@@ -1,4 +1,4 @@
-"""Egress proxy failures, the environment fallback, socks5h and the private CA (issue 11).
+"""Egress proxy failures, the environment fallback, socks5h and the private CA.
 
 With real proxy servers (tinyproxy, microsocks) on loopback. Failures are a
 502 with a code naming the fault, a message that tells the operator what to

@@ -1,4 +1,4 @@
-"""Everything that works direct works through a real egress proxy (issue 11).
+"""Everything that works direct works through a real egress proxy.
 
 Every test here runs against each real proxy server (tinyproxy without and
 with BasicAuth, microsocks as socks5 without and as socks5h with

@@ -1,4 +1,4 @@
-"""Retries of upstream attempts no client saw (issue 11).
+"""Retries of upstream attempts no client saw.
 
 Retried: the connection was never made (refused, connect timeout, the egress
 proxy unreachable: see tests/test_egress_failures.py), and, opted in with

@@ -242,7 +242,7 @@ def test_absolute_uri_request_target_goes_nowhere_else(stack):
         assert seen.path == "/v1/models"
 
 
-# -- header values as arbitrary bytes on a raw socket (issue 10)
+# -- header values as arbitrary bytes on a raw socket
 
 ROUTES = ["/", "/usage", "/healthz", "/metrics", "/chat_complete", "/v1/chat/completions", "/v1/models", "/nope"]
 METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
@@ -352,7 +352,7 @@ def test_content_length_with_non_ascii_digits_is_a_400(stack, no_errors_logged, 
     assert json.loads(body)["error"]["code"] == "invalid_content_length"
 
 
-# -- upstream answers of every status class, raw (issue 10)
+# -- upstream answers of every status class, raw
 
 CONTENT_TYPES = ["application/json", "text/event-stream", "text/plain", "text/event-stream; charset=utf-8", None]
 upstream_bodies = st.one_of(

@@ -1,4 +1,4 @@
-"""HTTP semantics: HEAD, OPTIONS and Allow on every route, and the CORS policy (issue 10, point 7)."""
+"""HTTP semantics: HEAD, OPTIONS and Allow on every route, and the CORS policy."""
 
 import json
 

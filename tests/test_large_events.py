@@ -2,7 +2,7 @@
 
 An upstream on loopback writes raw SSE bytes as scripted (one event in two
 parts with a pause longer than STREAM_KEEPALIVE); the client's stream is
-parsed with httpx-sse, a real SSE parser (issue 10, point 8).
+parsed with httpx-sse, a real SSE parser.
 """
 
 import asyncio

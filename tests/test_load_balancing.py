@@ -1,4 +1,4 @@
-"""Several instances behind nginx: the example config's upstream settings, with Debian's nginx (issue 14).
+"""Several instances behind nginx: the example config's upstream settings, with Debian's nginx.
 
 deploy/nginx/chat_gpt_proxy.conf is run as it is, on loopback with a throwaway
 certificate and one upstream ``server`` line per instance (tests/procs.py
@@ -235,7 +235,7 @@ async def one_request(client, url, certificate, n):
 async def test_rolling_restart_of_three_instances_behind_nginx_loses_nothing(
     start_nginx, fake_openai, certificate, tmp_path
 ):
-    """Issue 14, 5(b): under continuous JSON and streaming load through nginx, each of three
+    """Under continuous JSON and streaming load through nginx, each of three
     instances gets SIGTERM in turn and is replaced on its port; every request must succeed."""
     fake_openai.by_model["slow-stream"] = Behaviour(chunks=STREAM_WORDS, delay=0.1)
     env = {"ACCESS_TOKEN": ACCESS_TOKEN, "OPENAI_BASE_URL": fake_openai.url, "SHUTDOWN_GRACE": "15"}

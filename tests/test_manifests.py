@@ -1,4 +1,4 @@
-"""Deployment files under deploy/ (issue 14): checked by real validators and against each other.
+"""Deployment files under deploy/: checked by real validators and against each other.
 
 - Compose: the Compose specification's JSON schema, as vendored by
   check-jsonschema (pinned in requirements-dev.txt), through its CLI.
@@ -199,7 +199,7 @@ def test_compose_services_addresses_and_grace_fit_together():
         assert service["read_only"] is True and service["cap_drop"] == ["ALL"]
     redis = services["redis"]["command"]
     assert redis[redis.index("--save") + 1] == "" and redis[redis.index("--appendonly") + 1] == "no"
-    # The instances share their limits through that Redis (issue 14).
+    # The instances share their limits through that Redis.
     for service in proxies.values():
         url = service["environment"]["REDIS_URL"]
         assert url == "redis://redis:6379/0" and Settings.from_env({"REDIS_URL": url}).redis_url == url

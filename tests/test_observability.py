@@ -77,7 +77,7 @@ async def test_forwarded_for_honoured_from_trusted_proxies(proxy, fake_openai, c
 
 @pytest.mark.gen_test
 async def test_request_ids(proxy, fake_openai, caplog):
-    """The proxy's id is its own; a caller's well-formed x-request-id is logged beside it (issue 22)."""
+    """The proxy's id is its own; a caller's well-formed x-request-id is logged beside it."""
     response = await proxy.request("/healthz", method="GET", headers={"x-request-id": "my-trace.42"})
     own = response.headers["x-request-id"]
     assert own == response.headers["x-proxy-request-id"] != "my-trace.42" and len(own) == 32
@@ -118,7 +118,7 @@ async def test_metrics_can_be_disabled(proxy):
     assert response.code == 404
 
 
-# -- log injection (issue 10): caller text never forges a line or a field
+# -- log injection: caller text never forges a line or a field
 
 # Every character Python's str.splitlines() treats as a line end, and more
 # that terminals or log viewers act on: C0, DEL, C1 (NEL), U+2028/U+2029, a
@@ -307,7 +307,7 @@ def test_formatters_keep_every_record_on_one_line():
     assert json.loads(JsonFormatter().format(bug))["traceback"] == bug.traceback_text
 
 
-# -- how a request ended (issue 10): 499 when nobody got the status, end=... on every line
+# -- how a request ended: 499 when nobody got the status, end=... on every line
 
 
 async def metrics_text(proxy) -> str:
@@ -476,7 +476,7 @@ async def test_the_model_label_is_escaped_and_bounded(proxy, fake_openai):
 
 @pytest.mark.gen_test
 async def test_model_labels_stay_bounded_without_an_allow_list(proxy, fake_openai, monkeypatch):
-    """Issue 22: an upstream that accepts any model name would let callers add series at will."""
+    """An upstream that accepts any model name would let callers add series at will."""
     monkeypatch.setattr(observability, "MAX_MODEL_LABELS", 2)
     for model in ("m-1", "m-2", "m-3", "m-4", "m-1"):
         body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}

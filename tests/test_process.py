@@ -113,7 +113,7 @@ async def test_sigterm_ends_streams_past_the_grace_with_error_event(start_server
     await fake_openai.wait_abort(timeout=3)
 
 
-# -- operator mistakes (issue 10): one line naming the variable and the cause, exit 2, no traceback
+# -- operator mistakes: one line naming the variable and the cause, exit 2, no traceback
 
 
 def refused_start(env: dict, wrapper: tuple = ()) -> str:
@@ -204,7 +204,7 @@ def test_unreadable_tls_key(two_certificates, tmp_path):
     assert "invalid setting TLS_KEYFILE: cannot read" in line and "Permission denied" in line, line
 
 
-# -- shutdown (issue 10): a second signal ends the drain at once; Connection: close while draining
+# -- shutdown: a second signal ends the drain at once; Connection: close while draining
 
 
 @pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT])

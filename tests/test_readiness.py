@@ -1,4 +1,4 @@
-"""Readiness apart from liveness, for restarts behind a load balancer (issue 14).
+"""Readiness apart from liveness, for restarts behind a load balancer.
 
 /readyz turns 503 as soon as SIGTERM arrives; /healthz stays 200; the process
 keeps accepting and serving for SHUTDOWN_DELAY seconds before it stops listening.

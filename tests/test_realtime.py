@@ -1,4 +1,4 @@
-"""/v1/realtime: the Realtime API WebSocket relayed to the fake upstream (issue 12).
+"""/v1/realtime: the Realtime API WebSocket relayed to the fake upstream.
 
 Clients: the official openai SDK's realtime client (sync and async), and a raw
 ``websockets`` client for binary frames, close codes and oversized messages;
@@ -591,7 +591,7 @@ async def test_graceful_shutdown_closes_sessions_with_1001(proxy, fake_openai, b
 
 @pytest.mark.gen_test(timeout=20)
 async def test_a_second_signal_still_ends_sessions_with_their_line(proxy, fake_openai, base_url, app, caplog):
-    """Issue 10: the second signal ends the drain at once, yet each session ends properly (1001, its line, its slot)."""
+    """The second signal ends the drain at once, yet each session ends properly (1001, its line, its slot)."""
     now = asyncio.Event()
     now.set()
     async with connect(base_url) as ws:
@@ -609,7 +609,7 @@ async def test_a_second_signal_still_ends_sessions_with_their_line(proxy, fake_o
 
 @pytest.mark.gen_test(timeout=20)
 async def test_a_session_opened_while_draining_gets_a_valid_handshake(proxy, fake_openai, base_url, app, http_server):
-    """During SHUTDOWN_DELAY the instance still serves: an upgrade then must not get "Connection: close" (issue 14)."""
+    """During SHUTDOWN_DELAY the instance still serves: an upgrade then must not get "Connection: close"."""
     app.settings["draining"] = True
     http_server.conn_params.no_keep_alive = True  # what the shutdown sets (server.py)
     async with connect(base_url) as ws:
@@ -654,7 +654,7 @@ async def test_realtime_http_routes_pass_through(proxy, fake_openai, base_url):
         ('{"type": "session.update", "session": {"model": "gpt-realtime", "model": "x"}}', "model_undetermined"),
         ('{"type": "session.update", "session": {"model": "gpt-realtime"}, "n": NaN}', "model_undetermined"),
         (b'{"type": "session.update", "session": {"model": "gpt-4o-realtime-expensive"}}', "model_undetermined"),
-        # What a lenient parser might still read (the review of issue 22): fail closed.
+        # What a lenient parser might still read: fail closed.
         (
             '{"type": "session.update", "session": {"model": "gpt-4o"}, "x": %s}' % ("[" * 1500 + "]" * 1500),
             "model_undetermined",
@@ -675,7 +675,7 @@ async def test_realtime_http_routes_pass_through(proxy, fake_openai, base_url):
 async def test_a_client_event_naming_a_model_outside_the_allow_list_ends_the_session(
     proxy, fake_openai, base_url, event, code
 ):
-    """Issue 22: the ?model= check alone let session.update switch models (or name a transcription model)."""
+    """The ?model= check alone let session.update switch models (or name a transcription model)."""
     allowed = {"type": "session.update", "session": {"type": "realtime", "model": "gpt-realtime"}}
     async with connect(base_url) as ws:
         assert json.loads(await ws.recv())["type"] == "session.created"
@@ -740,7 +740,7 @@ async def test_without_an_allow_list_client_events_are_relayed_unread(proxy, fak
 @pytest.mark.parametrize("status", [200, 201, 302])
 @pytest.mark.gen_test(timeout=20)
 async def test_an_upstream_answering_the_upgrade_without_101_is_a_502_of_ours(proxy, fake_openai, base_url, status):
-    """Issue 22: a 200 with JSON reached the client as HTTP 200, as if the upgrade had worked."""
+    """A 200 with JSON reached the client as HTTP 200, as if the upgrade had worked."""
     fake_openai.push_realtime(RealtimeBehaviour(kind="refuse", status=status, message="not a websocket"))
     status_seen, body, _ = await refusal(base_url)
     assert status_seen == 502 and body["error"]["code"] == "upstream_broken"

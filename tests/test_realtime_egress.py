@@ -1,4 +1,4 @@
-"""The realtime relay's upstream leg goes through the egress proxy (issues 11 and 12).
+"""The realtime relay's upstream leg goes through the egress proxy.
 
 UPSTREAM_PROXY (or the proxy of the environment) and UPSTREAM_CA_FILE apply to
 the WebSocket relay as to the HTTP routes: against the real proxy servers

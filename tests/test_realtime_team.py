@@ -1,4 +1,4 @@
-"""Named tokens on /v1/realtime (issues 12 and 13): the server-held key, each token's limits, usage per name.
+"""Named tokens on /v1/realtime: the server-held key, each token's limits, usage per name.
 
 The tokens file is tests/test_tokens.py's: alice may use the server's key,
 bob is limited to gpt-4o, carol has max_concurrent = 1, dave is disabled,

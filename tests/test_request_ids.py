@@ -1,4 +1,4 @@
-"""Request ids (issue 10, point 12) and the usage page's address.
+"""Request ids and the usage page's address.
 
 On both surfaces: ``x-request-id`` is OpenAI's id whenever the upstream
 answered (what the SDKs report as ``request_id`` and OpenAI's support looks
@@ -43,7 +43,7 @@ async def call(proxy, surface: str, stream: bool = False, **kwargs):
 def assert_ids(response, caplog, upstream: bool) -> None:
     [record] = access_records(caplog)
     proxy_id = response.headers["x-proxy-request-id"]
-    # The caller's id is kept beside the proxy's, never as it (issue 22): it
+    # The caller's id is kept beside the proxy's, never as it: it
     # could pose as another request's id in the logs.
     assert proxy_id == record["request_id"] and len(proxy_id) == 32 and proxy_id != CALLER_ID
     assert record["client_request_id"] == CALLER_ID

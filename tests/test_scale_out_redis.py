@@ -1,4 +1,4 @@
-"""Three instances behind Debian's nginx sharing one Debian redis-server (issue 14, points 5(a), 5(c), 5(d)).
+"""Three instances behind Debian's nginx sharing one Debian redis-server.
 
 Real processes only: ``python server.py`` three times with REDIS_URL and a
 tokens file, nginx with deploy/nginx/chat_gpt_proxy.conf in front, the fake

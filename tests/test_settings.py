@@ -62,7 +62,7 @@ def test_base_url_trailing_slash_and_default_params():
         ("TRUSTED_PROXIES", "10.0.0.0/8,not-an-ip"),
         ("ACCESS_TOKEN", ",,"),
         ("TLS_CERTFILE", "/nonexistent/cert.pem"),
-        # Set but empty: not the public default token 123456 (issue 10).
+        # Set but empty: not the public default token 123456.
         ("ACCESS_TOKEN", ""),
         ("ACCESS_TOKEN", "  "),
         ("ACCESS_KEY", ""),
@@ -170,7 +170,7 @@ def test_consistent_settings_are_accepted():
 def test_masked_hides_every_token():
     s = Settings.from_env({"ACCESS_TOKEN": "supersecret-token-1,tok2"})
     assert s.masked()["access_tokens"] == ["***", "***"]
-    # Not even its first characters (issue 22: "su***" of the default 123456 is a third of it).
+    # Not even its first characters ("su***" of the default 123456 is a third of it).
     assert "su" not in repr(s.masked()["access_tokens"])
 
 

@@ -1,4 +1,4 @@
-"""Per-token limits shared through Redis (issue 14, points 1 and 2), against Debian's redis-server.
+"""Per-token limits shared through Redis, against Debian's redis-server.
 
 chat_gpt_proxy/access/shared_limits.py's script semantics with several ``SharedLimits``
 (as several instances would hold) on one real server, then the proxy itself

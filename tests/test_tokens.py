@@ -1,4 +1,4 @@
-"""Named access tokens (ACCESS_TOKENS_FILE), their limits, the server-held OpenAI key, usage per token (issue 13)."""
+"""Named access tokens (ACCESS_TOKENS_FILE), their limits, the server-held OpenAI key, usage per token."""
 
 import asyncio
 import dataclasses
@@ -423,7 +423,7 @@ async def test_allowed_models_per_token_override_allowed_models(proxy, fake_open
 async def test_a_server_key_token_cannot_reach_a_model_choosing_endpoint_through_an_encoded_path(
     proxy, fake_openai, base_url
 ):
-    """Issue 22, the review's case: alice (server key, ALLOWED_MODELS) named no model on an encoded path."""
+    """Alice (server key, ALLOWED_MODELS) named no model on an encoded path."""
     host, port = base_url.rsplit("//", 1)[1].split(":")
     for path in ("/v1/images/%67enerations", "/v1/re%73ponses", "/v1/chat/%63ompletions"):
         reader, writer = await asyncio.open_connection(host, int(port))

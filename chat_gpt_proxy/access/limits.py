@@ -10,7 +10,7 @@ class RateLimiter:
     """Requests per minute per key (a token bucket each), in process.
 
     The rate is given with each request, so that a reloaded tokens file
-    (issue 13) changes a token's rate without resetting what it has used.
+    changes a token's rate without resetting what it has used.
     """
 
     def __init__(self) -> None:
@@ -31,7 +31,7 @@ class RateLimiter:
 
 
 class InFlight:
-    """Requests (and streams) in flight per key, for ``max_concurrent`` (issue 13)."""
+    """Requests (and streams) in flight per key, for ``max_concurrent``."""
 
     def __init__(self) -> None:
         self.counts: dict[str, int] = {}

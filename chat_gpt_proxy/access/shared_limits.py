@@ -1,4 +1,4 @@
-"""Per-token limits shared by every instance through Redis (issue 14).
+"""Per-token limits shared by every instance through Redis.
 
 Imported only when REDIS_URL is set (server.py), so that without it the
 ``redis`` package is never loaded and nothing is contacted.

@@ -1,4 +1,4 @@
-"""Access tokens: the unnamed ones of ACCESS_TOKEN and the named ones of ACCESS_TOKENS_FILE (issue 13).
+"""Access tokens: the unnamed ones of ACCESS_TOKEN and the named ones of ACCESS_TOKENS_FILE.
 
 The file is TOML, one table per token name::
 
@@ -111,7 +111,7 @@ def token_digest(token: str) -> bytes:
 
 
 def unnamed_entries(settings) -> list[TokenEntry]:
-    """ACCESS_TOKEN / ACCESS_KEY: unnamed, with the global settings, exactly as before issue 13."""
+    """ACCESS_TOKEN / ACCESS_KEY: unnamed, with the global settings, as before named tokens."""
     policy = TokenPolicy(rate_limit_per_minute=settings.rate_limit_per_token, allowed_models=settings.allowed_models)
     return [TokenEntry(UNNAMED, "-%d" % i, token_digest(t), policy) for i, t in enumerate(settings.access_tokens)]
 

@@ -61,7 +61,7 @@ class FakeOpenAI:
     ):
         self.default_delay = default_delay
         # With an ``ssl.SSLContext`` it serves HTTPS (an upstream with a
-        # private CA, issue 11); ``host_name`` is the host its ``url`` names.
+        # private CA); ``host_name`` is the host its ``url`` names.
         self.ssl_context = ssl_context
         self.host_name = host_name
         self.script: collections.deque[Behaviour] = collections.deque()
@@ -76,7 +76,7 @@ class FakeOpenAI:
         self.port = 0
         self._abort_waiters: list[asyncio.Future] = []
         self._server = None
-        # The realtime WebSocket (issue 12): scripted sessions and what each saw.
+        # The realtime WebSocket: scripted sessions and what each saw.
         self.realtime_script: collections.deque[RealtimeBehaviour] = collections.deque()
         self.realtime_sessions: list[RealtimeRecord] = []
 

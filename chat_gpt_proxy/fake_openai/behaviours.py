@@ -59,7 +59,7 @@ class Received:
 
 
 class RecentRequests:
-    """What the fake received, bounded (issue 10, point 13: the demo ran for days on it).
+    """What the fake received, bounded (the demo ran for days on it).
 
     Only the last ``keep`` requests are kept, each body cut at ``max_body``
     bytes. It reads like the list of every request received so far: ``len``

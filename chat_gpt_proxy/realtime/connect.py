@@ -130,7 +130,7 @@ async def connect_upstream(
         if response.status_code < 400:
             # A 2xx (or a 3xx, which is never followed) is no refusal the client
             # could act on, and relaying it would tell the client the upgrade
-            # succeeded: the upstream broke the handshake (issue 22).
+            # succeeded: the upstream broke the handshake.
             raise UpstreamError(
                 "broken",
                 "the upstream answered the WebSocket handshake with HTTP %d instead of 101" % response.status_code,
@@ -141,7 +141,7 @@ async def connect_upstream(
         raise UpstreamRefused(response.status_code, relayed, response.body or b"") from None
     except TimeoutError:
         if proxy is not None and not connect.tunnel_open:
-            # As on the HTTP routes: a proxy that never completes its handshake is unreachable (issue 11).
+            # As on the HTTP routes: a proxy that never completes its handshake is unreachable.
             raise UpstreamError(
                 "proxy_unreachable",
                 PROXY_MESSAGES["proxy_timeout"] % proxy.source,

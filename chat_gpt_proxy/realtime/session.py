@@ -1,10 +1,10 @@
-"""The Realtime API relay (issue 12): a client WebSocket and an upstream WebSocket, messages both ways.
+"""The Realtime API relay: a client WebSocket and an upstream WebSocket, messages both ways.
 
 The client side is Tornado's ``WebSocketHandler`` (handlers/realtime.py). The
 upstream side is the ``websockets`` library's asyncio client (the one the
 official ``openai`` SDK uses), because Tornado's ``websocket_connect`` cannot go
 through an egress proxy. ``connect_upstream`` takes the egress proxy
-(UPSTREAM_PROXY or the environment's, issue 11) and UPSTREAM_CA_FILE; the
+(UPSTREAM_PROXY or the environment's) and UPSTREAM_CA_FILE; the
 tunnel through the proxy (http, https, socks5, socks5h) is opened by
 chat_gpt_proxy/upstream/tunnel.py and handed to websockets.
 
@@ -84,7 +84,7 @@ class RealtimeSession:
     def __init__(self, client, upstream: ClientConnection, config, metrics, on_end, allowed_models=()):
         self.client = client
         # ALLOWED_MODELS or the token's allowed_models: every model a client
-        # event names is checked against it (issue 22); empty: nothing is read.
+        # event names is checked against it; empty: nothing is read.
         self.allowed_models = allowed_models
         self.upstream = upstream
         self.config = config

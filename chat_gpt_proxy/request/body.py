@@ -1,4 +1,4 @@
-"""A request body as it arrives: size-limited, and decoded when it is gzip or deflate (issue 10).
+"""A request body as it arrives: size-limited, and decoded when it is gzip or deflate.
 
 Clients may compress what they send (``Content-Encoding: gzip``, RFC 9110
 section 8.4). The body is decoded as it arrives and the *decoded* size counts
@@ -92,7 +92,7 @@ class RequestBody:
 
 # Content-Length is 1*DIGIT, ASCII digits only (RFC 9110 section 8.6):
 # str.isdigit() also accepts "\xb2" or Arabic-Indic digits, which int() then
-# refuses (issue 10). Identical repeated values ("5, 5") are allowed, as Tornado does.
+# refuses. Identical repeated values ("5, 5") are allowed, as Tornado does.
 CONTENT_LENGTH_RE = re.compile(r"[0-9]{1,19}")
 
 

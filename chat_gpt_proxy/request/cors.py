@@ -1,4 +1,4 @@
-"""CORS: which browser origins may call the proxy directly, and the headers that tell the browser so (issue 10).
+"""CORS: which browser origins may call the proxy directly, and the headers that tell the browser so.
 
 The policy follows the Fetch standard's CORS protocol
 (https://fetch.spec.whatwg.org/#http-cors-protocol):

@@ -3,7 +3,7 @@
 One place for them, because two parts apply them: the request validation
 (handlers/chat.py) and the startup check of ``DEFAULT_GENERATE_PARAMS``
 (settings.py), so that the operator's defaults can never make every request
-fail (issue 10).
+fail.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def check_model(model, allowed_models: tuple[str, ...], where: str = "generate_p
     if not isinstance(model, str) or not model:
         raise ParamsError('"%s.model_name" must be a non-empty string.' % where)
     if allowed_models and model not in allowed_models:
-        # ALLOWED_MODELS (issue 4): an operator can keep a shared proxy on cheap models.
+        # ALLOWED_MODELS: an operator can keep a shared proxy on cheap models.
         raise ParamsError("Model %r is not allowed on this proxy." % model[:100], 403, "model_not_allowed")
 
 

@@ -1,4 +1,4 @@
-"""Which model a /v1/* request asks for, for ALLOWED_MODELS (issue 10, point 3).
+"""Which model a /v1/* request asks for, for ALLOWED_MODELS.
 
 The body goes upstream byte for byte, so the allow-list is only as good as
 our reading of it agrees with the upstream's. Every place where two parsers
@@ -36,7 +36,7 @@ class RequestedModel:
     field); ``session_model``: the ``model`` of its top-level ``session``
     (realtime client secrets and calls). Only these two say which model will
     run: a nested ``metadata.model`` or a query parameter on a POST is ignored
-    by OpenAI (issue 22). ``problem``: why the model cannot be determined with
+    by OpenAI. ``problem``: why the model cannot be determined with
     certainty (None if it can). ``stream``: whether the body asks for a stream.
     """
 
@@ -296,7 +296,7 @@ def _part(part: bytes) -> tuple[str, bytes, bool]:
 
 
 def inspect_event(message: str | bytes) -> RequestedModel:
-    """The models a realtime client event names, anywhere in it (issue 22): ``session.update``'s
+    """The models a realtime client event names, anywhere in it: ``session.update``'s
     ``session.model``, ``session.audio.input.transcription.model``, a ``response.create``'s...
 
     Read as strictly as a /v1 JSON body, and failing closed: an event that
@@ -341,7 +341,7 @@ def _lenient(body: bytes) -> tuple[str | None, tuple, bool]:
 
 
 # With an allow-list in force, a request with a body must name its model,
-# except on these endpoints, which run no model (issue 22: the rule fails
+# except on these endpoints, which run no model (the rule fails
 # closed, so an endpoint added upstream later, a case variant or a path with
 # ";" parameters is refused rather than forwarded unchecked). "{id}" is one
 # path segment. The README's "Allowed models" section lists the same paths.

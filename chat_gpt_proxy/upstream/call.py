@@ -12,8 +12,8 @@ that it can:
 - abort the transfer at once when the client leaves, by toggling the pause
   state so libcurl calls the progress callback, which returns non-zero.
 
-These techniques and their pitfalls were measured on this machine: see
-``shared/notes/tornado-upstream.md``.
+These techniques, their pitfalls and the measurements behind them are in
+docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ class UpstreamCall:
             body=body,
             # ``timeout``: what is left of the request's time after retries.
             connect_timeout=min(settings.connect_timeout, timeout or settings.connect_timeout),
-            # Streams have no total cap (issue 2): the idle timer bounds them.
+            # Streams have no total cap: the idle timer bounds them.
             request_timeout=0 if stream else (timeout or settings.request_timeout),
             # Verification is always on; this only replaces the trusted roots.
             ca_certs=settings.upstream_ca_file or None,
@@ -309,7 +309,7 @@ class UpstreamCall:
                 name, sep, value = line.decode("latin-1").partition(":")
                 # A field that is not one (no colon, a name that is not a
                 # token, control characters in the value) is dropped: relayed,
-                # it could split our response; HTTPHeaders raises on it (issue 10).
+                # it could split our response; HTTPHeaders raises on it.
                 if sep and FIELD_NAME_RE.fullmatch(name) and not FORBIDDEN_VALUE_RE.search(value.strip()):
                     headers.add(name, value.strip())
             if not self._headers_done:

@@ -1,4 +1,4 @@
-"""The egress proxy: how upstream connections leave this machine (issue 11).
+"""The egress proxy: how upstream connections leave this machine.
 
 Chosen once at startup: ``UPSTREAM_PROXY`` if set, otherwise the conventional
 variables the way curl reads them (``https_proxy``/``HTTPS_PROXY`` for an

@@ -55,7 +55,7 @@ class UpstreamError(Exception):
     (connection failed mid-response), ``aborted`` (we aborted it: client left
     or shutdown), ``tls`` (the upstream's certificate was not trusted),
     ``proxy_unreachable``, ``proxy_auth``, ``proxy_failed``, ``proxy_tls``
-    (the egress proxy, issue 11). The message never contains request data or secrets.
+    (the egress proxy). The message never contains request data or secrets.
 
     ``retry_reason`` is set when the request cannot have reached the upstream
     (nothing was sent), so that trying again is safe; ``detail`` is for the

@@ -23,7 +23,7 @@ HOP_BY_HOP_HEADERS = frozenset(
 )
 
 
-# Upstream response headers a client of the proxy may rely on (issue 2):
+# Upstream response headers a client of the proxy may rely on:
 # OpenAI's request id for support tickets, and rate-limit information.
 RELAYED_RESPONSE_HEADERS = ("x-request-id", "retry-after", "openai-processing-ms")
 

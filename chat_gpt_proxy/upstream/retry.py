@@ -1,4 +1,4 @@
-"""When to try an upstream request again (issue 11).
+"""When to try an upstream request again.
 
 Only requests the upstream cannot have started to process: the connection
 was never made (refused, DNS failure, connect timeout, the egress proxy

@@ -1,4 +1,4 @@
-"""A TCP tunnel to an upstream host through the egress proxy (issue 11), for upstream legs libcurl does not carry.
+"""A TCP tunnel to an upstream host through the egress proxy, for upstream legs libcurl does not carry.
 
 libcurl carries every HTTP call (chat_gpt_proxy/upstream/call.py); the realtime
 relay's WebSocket (chat_gpt_proxy/realtime/session.py) is opened by the ``websockets``

@@ -26,7 +26,7 @@ def normalised_path(raw_path: str) -> str | None:
     Escapes of unreserved characters are decoded and the others written in
     upper case (RFC 3986 section 6.2.2): the upstream decodes ``re%73ponses``
     to ``responses`` before routing, so the check must read it so too, and
-    what is forwarded is the normalised path, never the raw one (issue 22).
+    what is forwarded is the normalised path, never the raw one.
     Refused: characters outside RFC 3986 ``pchar``, a ``%`` that starts no
     escape, encoded slashes, backslashes and NUL, dot segments (also encoded)
     and empty segments; whatever the client sends, the request goes to
