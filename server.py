@@ -18,13 +18,13 @@ import socket
 import ssl
 import sys
 import time
-import weakref
 
 import tornado.httpserver
 import tornado.netutil
 import tornado.web
 
 from chat_gpt_proxy.access.tokens import TokenRegistry, TokensFileError
+from chat_gpt_proxy.application import ProxyApplication
 from chat_gpt_proxy.observability import JsonFormatter, Metrics, TextFormatter, log_request
 from chat_gpt_proxy.request.cors import CorsPolicy
 from chat_gpt_proxy.tornado_internals import stop_keep_alive
@@ -50,7 +50,7 @@ class NotFoundHandler(BaseHandler):
         raise ApiError(404, "No such route: %s. See GET / for usage." % self.request.path[:200], code="not_found")
 
 
-def make_app(settings: Settings, tokens: TokenRegistry | None = None) -> tornado.web.Application:
+def make_app(settings: Settings, tokens: TokenRegistry | None = None) -> ProxyApplication:
     """The application; ``tokens`` defaults to a registry read from ``settings`` (TokensFileError if broken)."""
     if tokens is None:
         tokens = TokenRegistry(settings)
@@ -69,21 +69,15 @@ def make_app(settings: Settings, tokens: TokenRegistry | None = None) -> tornado
 
         shared_limits = SharedLimits(settings, metrics.redis_errors if metrics is not None else None)
         log.info("%s", shared_limits.describe())
-    return tornado.web.Application(
+    return ProxyApplication(
         all_routes,
-        default_handler_class=NotFoundHandler,
         config=settings,
         pool=pool,
-        metrics=metrics,
-        cors=CorsPolicy(settings.cors_allow_origins),
-        # The access tokens and their limits; replaced in place on SIGHUP.
         tokens=tokens,
-        # With REDIS_URL: the per-token counters every instance shares.
+        cors=CorsPolicy(settings.cors_allow_origins),
+        metrics=metrics,
         shared_limits=shared_limits,
-        # Set on SIGTERM/SIGINT: /readyz answers 503 from then on.
-        draining=False,
-        # Every request handler while it lives, for the drain (weak: nothing to clean up).
-        requests=weakref.WeakSet(),
+        default_handler_class=NotFoundHandler,
         # Our access log replaces Tornado's: one line, no secrets.
         log_function=log_request,
         template_path=STATIC_DIR,
@@ -153,7 +147,7 @@ def listen_sockets(settings: Settings) -> list[socket.socket]:
 
 
 def make_server(
-    app: tornado.web.Application, settings: Settings, ssl_context: ssl.SSLContext | None = None
+    app: ProxyApplication, settings: Settings, ssl_context: ssl.SSLContext | None = None
 ) -> tornado.httpserver.HTTPServer:
     return tornado.httpserver.HTTPServer(
         app,
@@ -170,7 +164,7 @@ def make_server(
     )
 
 
-async def stop_being_ready(app: tornado.web.Application, server: tornado.httpserver.HTTPServer, delay: float) -> None:
+async def stop_being_ready(app: ProxyApplication, server: tornado.httpserver.HTTPServer, delay: float) -> None:
     """/readyz turns 503 at once; requests are still accepted and served for ``delay`` seconds.
 
     A load balancer that polls /readyz (Kubernetes, HAProxy, a cloud LB) or an
@@ -183,14 +177,14 @@ async def stop_being_ready(app: tornado.web.Application, server: tornado.httpser
     tests/test_load_balancing.py); instead it opens new connections, which
     are refused once this instance stops listening, and it moves on.
     """
-    app.settings["draining"] = True
+    app.draining = True
     stop_keep_alive(server)
     if delay:
         log.info("shutdown: /readyz answers 503; still serving for SHUTDOWN_DELAY=%gs", delay)
         await asyncio.sleep(delay)
 
 
-def requests_in_progress(app: tornado.web.Application) -> int:
+def requests_in_progress(app: ProxyApplication) -> int:
     """Requests begun and not answered yet, with or without an upstream call.
 
     ``pool.handlers`` holds only those whose upstream call began; the drain
@@ -199,18 +193,18 @@ def requests_in_progress(app: tornado.web.Application) -> int:
     otherwise cut by the closing of all connections (nginx: "upstream
     prematurely closed connection", a 502 it must not retry).
     """
-    return sum(1 for handler in app.settings["requests"] if handler.in_progress())
+    return sum(1 for handler in app.requests if handler.in_progress())
 
 
-async def drain(app: tornado.web.Application, grace: float, now: asyncio.Event | None = None) -> None:
+async def drain(app: ProxyApplication, grace: float, now: asyncio.Event | None = None) -> None:
     """Let in-flight requests finish for ``grace`` seconds, then end the rest.
 
     Responses from now on carry ``Connection: close`` (handlers/base.py), so
     keep-alive clients move to another instance. ``now`` set (a second
     signal) ends everything at once.
     """
-    app.settings["draining"] = True
-    pool: UpstreamPool = app.settings["pool"]
+    app.draining = True
+    pool: UpstreamPool = app.pool
     deadline = time.monotonic() + grace
     while (pool.handlers or requests_in_progress(app)) and time.monotonic() < deadline and not (now and now.is_set()):
         await asyncio.sleep(0.05)
@@ -272,9 +266,9 @@ async def start_demo_upstream(settings: Settings) -> Settings:
     return dataclasses.replace(settings, openai_base_url=fake.url, upstream_proxy=None)
 
 
-def reload_tokens(app: tornado.web.Application) -> None:
+def reload_tokens(app: ProxyApplication) -> None:
     """SIGHUP: read ACCESS_TOKENS_FILE again; a broken file leaves the tokens in force."""
-    tokens: TokenRegistry = app.settings["tokens"]
+    tokens: TokenRegistry = app.tokens
     if not tokens.settings.access_tokens_file:
         log.warning("SIGHUP: ACCESS_TOKENS_FILE is not set; nothing to reload")
         return
@@ -307,7 +301,7 @@ async def serve(
     loop.add_signal_handler(signal.SIGHUP, reload_tokens, app)
     await stop.wait()
     await stop_being_ready(app, server, settings.shutdown_delay)
-    pool: UpstreamPool = app.settings["pool"]
+    pool: UpstreamPool = app.pool
     log.info(
         "shutdown: no new connections; %d requests in flight (a second SIGTERM or SIGINT ends them now)",
         len(pool.handlers),
@@ -319,8 +313,8 @@ async def serve(
     except TimeoutError:
         log.warning("shutdown: connections still open after 5 s; exiting anyway")
     pool.close()
-    if app.settings["shared_limits"] is not None:
-        await app.settings["shared_limits"].close()
+    if app.shared_limits is not None:
+        await app.shared_limits.close()
     log.info("shutdown complete")
 
 

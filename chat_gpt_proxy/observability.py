@@ -275,7 +275,7 @@ def log_request(handler) -> None:
     status = handler.get_status()
     if status == 101:
         return  # a WebSocket session: logged when it ends (log_session)
-    config = handler.settings["config"]
+    config = handler.application.config
     now = time.monotonic()
     started = getattr(handler, "started", now)
     call = getattr(handler, "upstream_call", None)
@@ -313,7 +313,7 @@ def log_request(handler) -> None:
     }
     _access_line(config, record)
 
-    metrics: Metrics | None = handler.settings.get("metrics")
+    metrics: Metrics | None = handler.application.metrics
     if metrics is None:
         return
     metrics.requests.labels(route, str(status), token).inc()
@@ -341,7 +341,7 @@ def log_session(handler, session) -> None:
     ``ms`` is the session's whole duration, ``upstream_ms`` the upstream
     handshake, tokens the sums of the ``response.done`` events' usage.
     """
-    config = handler.settings["config"]
+    config = handler.application.config
     upstream = handler.upstream
     response = getattr(upstream, "response", None)
     usage = session.usage if session.usage_seen else None
@@ -371,7 +371,7 @@ def log_session(handler, session) -> None:
         "proxy_reason": session.end_reason,
     }
     _access_line(config, record)
-    metrics: Metrics | None = handler.settings.get("metrics")
+    metrics: Metrics | None = handler.application.metrics
     if metrics is None:
         return
     metrics.requests.labels(handler.route_name, "101", token).inc()

@@ -78,7 +78,7 @@ class Admission:
 
     def check_access_token(self):
         """Find and admit the presented token; an awaitable only when shared limits need a Redis round trip."""
-        tokens = self.settings["tokens"]
+        tokens = self.application.tokens
         entry = tokens.lookup(self.presented_access_token())
         if entry is None:
             raise ApiError(403, "Missing or wrong access-token header.", "permission_denied", "invalid_access_token")
@@ -95,7 +95,7 @@ class Admission:
         trip, chat_gpt_proxy/access/shared_limits.py): the awaitable returned does
         it. Everything else stays synchronous, as without Redis.
         """
-        shared = self.settings.get("shared_limits")
+        shared = self.application.shared_limits
         policy = entry.policy
         if shared is None or not (policy.rate_limit_per_minute or policy.max_concurrent):
             self.admitted(tokens.admit(entry), "local")
@@ -135,9 +135,9 @@ class Admission:
         """The request no longer counts against its token's max_concurrent; safe to call twice."""
         counted_by, self.token_admitted = self.token_admitted, ""
         if counted_by == "local":
-            self.settings["tokens"].release(self.token)
+            self.application.tokens.release(self.token)
         elif counted_by == "shared":
-            self.settings["shared_limits"].release(self.token)
+            self.application.shared_limits.release(self.token)
 
     def on_finish(self) -> None:
         self.release_token()

@@ -105,7 +105,7 @@ class BaseHandler(ApiMixin, RequestHandler):
     public_methods: tuple[str, ...] = ("GET", "HEAD", "OPTIONS")
 
     def initialize(self) -> None:
-        self.config = self.settings["config"]
+        self.config = self.application.config
         self._body = RequestBody(self.config.max_body_bytes)
         self._body_refused = False
         self._decoded_body: bytes | None = None
@@ -127,7 +127,7 @@ class BaseHandler(ApiMixin, RequestHandler):
         self.left_before_headers = False
         # For the drain on shutdown (server.py): answered yet?
         self.answered = False
-        requests = self.settings.get("requests")
+        requests = self.application.requests
         if requests is not None:
             requests.add(self)
 
@@ -146,7 +146,7 @@ class BaseHandler(ApiMixin, RequestHandler):
         super().write(chunk)
 
     def flush(self, include_footers: bool = False):
-        if self.settings.get("draining"):
+        if self.application.draining:
             # Shutting down: this connection ends with this response (Tornado
             # then sends Connection: close), so a keep-alive client sends its
             # next request to another instance.
@@ -154,7 +154,7 @@ class BaseHandler(ApiMixin, RequestHandler):
         # Every answer, errors and streams included, gets its CORS headers
         # here, with the headers it is about to send.
         if not internals.headers_written(self) and not self._is_preflight():
-            cors = self.settings["cors"]
+            cors = self.application.cors
             for name, value in cors.response_headers(
                 self.request.headers.get("Origin"), internals.response_headers(self)
             ):
@@ -180,7 +180,7 @@ class BaseHandler(ApiMixin, RequestHandler):
         self.set_status(204)
         self.set_header("Allow", ", ".join(methods))
         if self._is_preflight():
-            cors = self.settings["cors"]
+            cors = self.application.cors
             for name, value in cors.preflight_headers(
                 self.request.headers.get("Origin"),
                 self.request.headers.get("Access-Control-Request-Headers", ""),

@@ -13,7 +13,7 @@ class MetricsHandler(BaseHandler):
     def get(self) -> None:
         """GET /metrics: Prometheus text format."""
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
-        self.finish(self.settings["metrics"].render())
+        self.finish(self.application.metrics.render())
 
 
 routes = [(r"/metrics", MetricsHandler)]

@@ -25,7 +25,7 @@ class HealthHandler(BaseHandler):
         "down"), still with 200: an instance without Redis serves
         (REDIS_FAILURE_MODE), and restarting it would not bring Redis back.
         """
-        shared = self.settings.get("shared_limits")
+        shared = self.application.shared_limits
         if shared is None:
             self.answer({"status": "ok"})
             return None
@@ -52,7 +52,7 @@ class ReadyHandler(BaseHandler):
     requires_access_token = False
 
     def get(self) -> None:
-        if self.settings.get("draining"):
+        if self.application.draining:
             raise ApiError(503, "Shutting down: this instance takes no new requests.", "server_error", code="draining")
         self.set_header("Content-Type", "application/json; charset=utf-8")
         self.finish(dumps({"status": "ready"}))

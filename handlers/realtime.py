@@ -74,7 +74,7 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
     route_name = "realtime"
 
     def initialize(self) -> None:
-        self.config = self.settings["config"]
+        self.config = self.application.config
         self.started = time.monotonic()
         self.model: str | None = None
         self.subprotocols: list[str] = []
@@ -141,7 +141,7 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
 
     @property
     def pool(self):
-        return self.settings["pool"]
+        return self.application.pool
 
     async def prepare(self) -> None:
         if self.request.method == "OPTIONS":
@@ -152,7 +152,7 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
         if headers.get("Upgrade", "").lower() != "websocket" or "upgrade" not in connection:
             raise ApiError(
                 400,
-                "/v1/realtime is a WebSocket: open it with a WebSocket client (see the README, Realtime).",
+                "/v1/realtime is a WebSocket: open it with a WebSocket client (see docs/api.md, Realtime).",
                 code="websocket_required",
             )
         if headers.get("Sec-WebSocket-Version") != "13" or not headers.get("Sec-WebSocket-Key"):
@@ -259,7 +259,7 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
 
     def open(self) -> None:
         self.set_nodelay(True)
-        metrics = self.settings.get("metrics")
+        metrics = self.application.metrics
         if metrics is not None:
             metrics.realtime_sessions.inc()
         self.session = RealtimeSession(
@@ -303,7 +303,7 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
         self.pool.handlers.discard(self)
         # A session counts against its token's max_concurrent until it ends.
         self.release_token()
-        metrics = self.settings.get("metrics")
+        metrics = self.application.metrics
         if metrics is not None:
             metrics.realtime_sessions.dec()
         log_session(self, session)

@@ -72,7 +72,7 @@ class ProxyHandler(BaseHandler):
 
     @property
     def pool(self) -> UpstreamPool:
-        return self.settings["pool"]
+        return self.application.pool
 
     async def open_upstream(self, method: str, url: str, headers: dict, body: bytes | None, *, stream: bool):
         """Start the upstream call; returns it once the upstream's headers arrived."""
@@ -119,7 +119,7 @@ class ProxyHandler(BaseHandler):
             self.pool.retry.retries,
             wait * 1000,
         )
-        metrics = self.settings.get("metrics")
+        metrics = self.application.metrics
         if metrics is not None:
             metrics.upstream_retries.labels(reason).inc()
 

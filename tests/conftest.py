@@ -158,7 +158,7 @@ def config(request, fake_openai):
 def app(config, io_loop):
     application = make_app(config)
     yield application
-    application.settings["pool"].close()
+    application.pool.close()
 
 
 @pytest.fixture

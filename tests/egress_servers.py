@@ -235,7 +235,7 @@ async def serving(settings):
         client.close()
         server.stop()
         await server.close_all_connections()
-        app.settings["pool"].close()
+        app.pool.close()
 
 
 class TlsFront:

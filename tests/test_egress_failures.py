@@ -63,7 +63,7 @@ def assert_no_password(*texts):
 
 
 def retries_metric(app, reason) -> float:
-    metrics = app.settings["metrics"]
+    metrics = app.metrics
     return metrics.registry.get_sample_value("proxy_upstream_retries_total", {"reason": reason}) or 0
 
 

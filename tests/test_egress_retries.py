@@ -29,7 +29,7 @@ def retry_lines(caplog):
 
 
 def retries_metric(app, reason) -> float:
-    return app.settings["metrics"].registry.get_sample_value("proxy_upstream_retries_total", {"reason": reason}) or 0
+    return app.metrics.registry.get_sample_value("proxy_upstream_retries_total", {"reason": reason}) or 0
 
 
 class OnRetry(logging.Handler):

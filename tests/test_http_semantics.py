@@ -195,7 +195,7 @@ UPSTREAM_CORS_ANSWER = (
 @pytest.mark.gen_test
 async def test_the_upstreams_cors_headers_never_reach_the_browser(proxy, fake_openai, app, origins):
     """CORS is the proxy's own policy: OpenAI's Access-Control-* headers are not relayed on /v1/*."""
-    app.settings["cors"] = CorsPolicy(origins)
+    app.cors = CorsPolicy(origins)
     fake_openai.push(Behaviour(kind="raw", raw=UPSTREAM_CORS_ANSWER))
     response = await proxy.request(
         "/v1/raw/x", method="GET", headers={"Origin": ORIGIN, "Authorization": "Bearer sk-x"}

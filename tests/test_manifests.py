@@ -164,7 +164,7 @@ async def test_probe_paths_answer_as_the_manifests_expect(proxy, app):
     assert "http://127.0.0.1:%d%s" % (Settings().port, ready) in compose_check
     for path in (ready, live):
         assert (await proxy.request(path, method="GET", auth=False)).code == 200
-    app.settings["draining"] = True
+    app.draining = True
     assert (await proxy.request(ready, method="GET", auth=False)).code == 503
     assert (await proxy.request(live, method="GET", auth=False)).code == 200
 

@@ -189,7 +189,7 @@ async def canned_upstream(app, response: bytes):
 
     server = await asyncio.start_server(answer, "127.0.0.1", 0)
     url = "http://127.0.0.1:%d/v1" % server.sockets[0].getsockname()[1]
-    app.settings["config"] = dataclasses.replace(app.settings["config"], openai_base_url=url)
+    app.config = dataclasses.replace(app.config, openai_base_url=url)
     try:
         yield
     finally:
@@ -215,9 +215,9 @@ async def send_hostile_requests(proxy, app, base_url, fake_openai):
     )
     assert answer.startswith(b"HTTP/1.1 403 ")
     # 3. Refused with 403 by ALLOWED_MODELS on /v1, after the model was read.
-    app.settings["config"] = dataclasses.replace(app.settings["config"], allowed_models=("gpt-4o-mini",))
+    app.config = dataclasses.replace(app.config, allowed_models=("gpt-4o-mini",))
     # The access tokens' policies are taken from the settings when the registry is built.
-    app.settings["tokens"] = TokenRegistry(app.settings["config"])
+    app.tokens = TokenRegistry(app.config)
     body = json.dumps({"model": HOSTILE, "messages": []}).encode()
     response = await proxy.request(
         "/v1/chat/completions", body=body, headers={"Authorization": "Bearer sk-x", "Content-Type": "application/json"}

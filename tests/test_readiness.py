@@ -29,7 +29,7 @@ async def test_readyz_is_200_while_serving_and_503_draining_once_shutdown_began(
     response = await proxy.request("/readyz", method="PUT", body=b"", auth=False)
     assert response.code == 405 and json.loads(response.body)["status"] == "error"
 
-    app.settings["draining"] = True
+    app.draining = True
     response = await proxy.request("/readyz", method="GET", auth=False)
     assert response.code == 503
     body = json.loads(response.body)

@@ -46,7 +46,7 @@ async def until(condition, timeout: float) -> bool:
 def _sessions_end(proxy, app, io_loop):
     """Every session a test opened has ended on both sides before the servers stop."""
     yield
-    pool = app.settings["pool"]
+    pool = app.pool
 
     async def ended():
         return await until(lambda: not pool.handlers, 5)
@@ -311,7 +311,7 @@ async def test_client_that_stops_reading_holds_the_upstream_back_and_is_dropped(
         assert seen.close_code == 1011 and seen.close_reason == "client stalled"
     finally:
         writer.close()
-    assert await until(lambda: not app.settings["pool"].handlers, 2)
+    assert await until(lambda: not app.pool.handlers, 2)
     print("flood: the fake sent %d bytes in 1 s, %d in 1.8 s" % (sent_at_1s, sent_at_2s))
 
 
@@ -408,7 +408,7 @@ async def test_client_leaving_during_the_upstream_handshake_closes_the_upstream(
     await asyncio.sleep(0.1)
     writer.close()  # before the upstream answered
     left = time.monotonic()
-    assert await until(lambda: not app.settings["pool"].handlers, 1)
+    assert await until(lambda: not app.pool.handlers, 1)
     assert time.monotonic() - left < 1  # not when the upstream's handshake would have ended
     line = next(r.getMessage() for r in caplog.records if r.name == "chat_gpt_proxy.access")
     assert "status=499" in line and "end=client_closed" in line, line
@@ -422,7 +422,7 @@ async def test_unreachable_upstream_is_502(proxy, fake_openai, base_url, app):
     await fake_openai.stop()
     status, body, _ = await refusal(base_url)
     assert status == 502 and body["error"]["code"] == "upstream_connect"
-    assert app.settings["pool"].handlers == set()
+    assert app.pool.handlers == set()
 
 
 @pytest.mark.settings(ws_ping_interval=0.3)
@@ -584,7 +584,7 @@ async def test_graceful_shutdown_closes_sessions_with_1001(proxy, fake_openai, b
     seen = await fake_openai.wait_realtime_session()
     await seen.wait_closed(timeout=1)
     assert seen.close_code == 1001
-    assert await until(lambda: not app.settings["pool"].handlers, 2)
+    assert await until(lambda: not app.pool.handlers, 2)
     line = next(r.getMessage() for r in caplog.records if "status=101" in r.getMessage())
     assert "closed_by=proxy close_code=1001 proxy_reason=shutdown" in line
 
@@ -602,7 +602,7 @@ async def test_a_second_signal_still_ends_sessions_with_their_line(proxy, fake_o
         with pytest.raises(ConnectionClosed) as info:
             await asyncio.wait_for(ws.recv(), 2)
     assert info.value.rcvd.code == 1001
-    assert not app.settings["pool"].handlers
+    assert not app.pool.handlers
     line = next(r.getMessage() for r in caplog.records if "status=101" in r.getMessage())
     assert "proxy_reason=shutdown" in line
 
@@ -610,7 +610,7 @@ async def test_a_second_signal_still_ends_sessions_with_their_line(proxy, fake_o
 @pytest.mark.gen_test(timeout=20)
 async def test_a_session_opened_while_draining_gets_a_valid_handshake(proxy, fake_openai, base_url, app, http_server):
     """During SHUTDOWN_DELAY the instance still serves: an upgrade then must not get "Connection: close"."""
-    app.settings["draining"] = True
+    app.draining = True
     http_server.conn_params.no_keep_alive = True  # what the shutdown sets (server.py)
     async with connect(base_url) as ws:
         assert json.loads(await ws.recv())["type"] == "session.created"

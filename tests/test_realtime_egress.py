@@ -102,7 +102,7 @@ async def refusal(client):
 
 
 async def sessions_end(app) -> None:
-    pool = app.settings["pool"]
+    pool = app.pool
     for _ in range(250):
         if not pool.handlers:
             return

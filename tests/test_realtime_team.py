@@ -47,7 +47,7 @@ def config(request, fake_openai, tmp_path):
 def _sessions_end(proxy, app, io_loop):
     """Every session a test opened has ended on both sides before the servers stop."""
     yield
-    pool = app.settings["pool"]
+    pool = app.pool
 
     async def ended():
         for _ in range(250):

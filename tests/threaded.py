@@ -57,7 +57,7 @@ class BackgroundStack:
         self.server.stop()
         await self.server.close_all_connections()
         await self.fake.stop()
-        self.app.settings["pool"].close()
+        self.app.pool.close()
 
     def stop(self) -> None:
         self.call(self._teardown)

@@ -1,0 +1,51 @@
+"""The proxy's Tornado application, with its runtime state as typed attributes.
+
+Tornado's ``settings`` dict holds Tornado's own options; what the proxy's
+handlers share at run time lives here instead, each with its type: the
+settings, the upstream pool, the access tokens, the limits shared in Redis,
+the metrics, the CORS policy, and the drain state.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING
+
+import tornado.web
+
+if TYPE_CHECKING:
+    from settings import Settings
+
+    from .access.shared_limits import SharedLimits
+    from .access.tokens import TokenRegistry
+    from .observability import Metrics
+    from .request.cors import CorsPolicy
+    from .upstream.pool import UpstreamPool
+
+
+class ProxyApplication(tornado.web.Application):
+    def __init__(
+        self,
+        handlers,
+        *,
+        config: Settings,
+        pool: UpstreamPool,
+        tokens: TokenRegistry,
+        cors: CorsPolicy,
+        metrics: Metrics | None = None,
+        shared_limits: SharedLimits | None = None,
+        **settings,
+    ):
+        super().__init__(handlers, **settings)
+        self.config = config
+        self.pool = pool
+        # Replaced in place on SIGHUP.
+        self.tokens = tokens
+        self.cors = cors
+        self.metrics = metrics
+        # With REDIS_URL: the per-token counters every instance shares.
+        self.shared_limits = shared_limits
+        # Set on SIGTERM/SIGINT: /readyz answers 503, answers say Connection: close.
+        self.draining = False
+        # Every request handler while it lives, for the drain (weak: nothing to clean up).
+        self.requests: weakref.WeakSet = weakref.WeakSet()
