@@ -21,7 +21,7 @@ run: $(VENV)/.runtime ## install and start the proxy on port 9081
 demo: $(VENV)/.runtime ## the proxy with the built-in fake OpenAI: no key, no internet needed
 	DEMO_UPSTREAM=true $(PY) server.py
 
-# The README's JavaScript snippet is run by the tests with the official openai package.
+# The JavaScript snippet of docs/api.md is run by the tests with the official openai package.
 tests/js/node_modules/.installed: tests/js/package.json tests/js/package-lock.json
 	cd tests/js && npm ci --silent --no-audit --no-fund
 	touch $@

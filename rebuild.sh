@@ -20,7 +20,7 @@ run_args=(--detach --name "$CONTAINER_NAME" --restart unless-stopped
 if [ -f .env ]; then
   run_args+=(--env-file .env)
 fi
-# Named tokens (README "Run it for a team"): CHAT_GPT_PROXY_TOKENS is the
+# Named tokens (docs/team.md): CHAT_GPT_PROXY_TOKENS is the
 # tokens file on this host. Its directory is mounted, not the file, so that a
 # file replaced by an editor is what SIGHUP (docker kill -s HUP) reloads.
 tokens_file="${CHAT_GPT_PROXY_TOKENS:-}"

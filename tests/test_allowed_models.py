@@ -530,8 +530,8 @@ async def test_paths_that_could_leave_the_api_are_refused(proxy, fake_openai, pa
     assert fake_openai.received == []
 
 
-def test_the_readme_lists_exactly_the_paths_that_may_name_no_model():
-    readme = (pathlib.Path(ROOT) / "README.md").read_text()
+def test_the_docs_list_exactly_the_paths_that_may_name_no_model():
+    readme = (pathlib.Path(ROOT) / "docs" / "api.md").read_text()
     start = readme.index("A body that names no model is forwarded only on these paths")
     listed = re.findall(r"`([^`]+)`", readme[readme.index(":", start) : readme.index("Every other path", start)])
     assert tuple(listed) == MODEL_FREE_PATHS

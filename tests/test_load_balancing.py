@@ -298,7 +298,7 @@ async def test_rolling_restart_of_three_instances_behind_nginx_loses_nothing(
             old.signal(signal.SIGTERM)
             assert await old.wait_exit(30) == 0, old.output()
             instances[i] = new = await start(old.port, generation=1)
-            # As the README says: the next restart waits until nginx has put the
+            # As docs/deploy.md says: the next restart waits until nginx has put the
             # replacement back into rotation: fail_timeout after its last failure,
             # counted by nginx in whole seconds (so up to a second more).
             await asyncio.sleep(fail_timeout + 2)

@@ -1,4 +1,4 @@
-"""The README's examples work as written against a running proxy and the fake upstream."""
+"""The examples of the README and docs/ work as written against a running proxy and the fake upstream."""
 
 import contextlib
 import io
@@ -10,16 +10,34 @@ import pytest
 
 from tests.conftest import ACCESS_TOKEN, OPENAI_KEY
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(ROOT, "README.md")
 JS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "js")
 
 
+def documents() -> list[str]:
+    """The README, its Russian version and every page of docs/: where the examples live."""
+    docs = os.path.join(ROOT, "docs")
+    return [README, os.path.join(ROOT, "README.ru.md")] + sorted(
+        os.path.join(docs, name) for name in os.listdir(docs) if name.endswith(".md")
+    )
+
+
+def all_documents_text() -> str:
+    parts = []
+    for path in documents():
+        with open(path, encoding="utf-8") as f:
+            parts.append(f.read())
+    return "\n".join(parts)
+
+
 def snippet(name: str) -> tuple[str, str]:
-    with open(README, encoding="utf-8") as f:
-        text = f.read()
-    match = re.search(r"<!-- readme-snippet: %s -->\n```(\w+)\n(.*?)```" % re.escape(name), text, re.S)
-    assert match, "README has no snippet %s" % name
-    return match.group(1), match.group(2)
+    """The snippet tagged ``<!-- readme-snippet: name -->``; where several pages show it, every copy
+    must be the same, so that the one the tests run is the one each reader sees."""
+    found = re.findall(r"<!-- readme-snippet: %s -->\n```(\w+)\n(.*?)```" % re.escape(name), all_documents_text(), re.S)
+    assert found, "no page holds the snippet %s" % name
+    assert all(copy == found[0] for copy in found), "the copies of the snippet %s differ" % name
+    return found[0]
 
 
 def localize(code: str, base_url: str) -> str:
@@ -58,13 +76,11 @@ async def test_python_snippets(proxy, fake_openai, base_url, name, expected):
 @pytest.mark.gen_test(timeout=30)
 async def test_javascript_sdk_snippet(proxy, fake_openai, base_url):
     """The JavaScript snippet, run by Node with the openai package (tests/js, installed by make test)."""
-    with open(README, encoding="utf-8") as f:
-        text = f.read()
-    match = re.search(r"```javascript\n(.*?)```", text, re.S)
-    assert match, "README has no JavaScript snippet"
+    language, code = snippet("js-sdk")
+    assert language == "javascript"
     script = os.path.join(JS_DIR, ".snippet-%d.mjs" % os.getpid())
     with open(script, "w", encoding="utf-8") as f:
-        f.write(localize(match.group(1), base_url))
+        f.write(localize(code, base_url))
     try:
         env = dict(os.environ, OPENAI_API_KEY=OPENAI_KEY)
         result = await proxy.in_thread(
@@ -88,3 +104,30 @@ async def test_curl_snippets(proxy, fake_openai, base_url, name):
     assert result.returncode == 0, result.stderr
     assert result.stdout.rstrip().endswith("data: [DONE]")
     assert '"content":"Echo:' in result.stdout
+
+
+def heading_anchor(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_links_between_the_pages_resolve():
+    """Every relative link of the README and docs/ names a file that exists, and a heading that exists."""
+    broken = []
+    for path in documents():
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"^[a-z]+://", target) or target.startswith("mailto:"):
+                continue
+            file_part, _, anchor = target.partition("#")
+            linked = os.path.normpath(os.path.join(os.path.dirname(path), file_part)) if file_part else path
+            if not os.path.exists(linked):
+                broken.append("%s: %s (no such file)" % (os.path.relpath(path, ROOT), target))
+                continue
+            if anchor:
+                with open(linked, encoding="utf-8") as f:
+                    anchors = {heading_anchor(line.lstrip("#")) for line in f if line.startswith("#")}
+                if anchor not in anchors:
+                    broken.append("%s: %s (no such heading)" % (os.path.relpath(path, ROOT), target))
+    assert broken == []

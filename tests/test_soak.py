@@ -1,4 +1,4 @@
-"""The soak script's short mode: proves the soak works (its long runs are in the README)."""
+"""The soak script's short mode: proves the soak works (its long runs are in docs/operations.md)."""
 
 import os
 import subprocess

@@ -19,7 +19,7 @@ from chat_gpt_proxy.fake_openai.behaviours import Behaviour
 from settings import Settings, SettingsError
 from tests.conftest import ACCESS_TOKEN, OPENAI_KEY, OTHER_SECRETS, open_raw
 from tests.procs import ROOT, ServerProcess
-from tests.test_readme import README, snippet
+from tests.test_readme import all_documents_text, snippet
 
 ALICE = "alice-TOKEN-4b9e2f71c0"  # use_server_key
 BOB = "bob-TOKEN-8d1c3a55e7f0"  # given only as its SHA-256; allowed_models = ["gpt-4o"]
@@ -542,7 +542,7 @@ async def test_a_disabled_token_is_refused(proxy, fake_openai, caplog):
 
 @pytest.mark.gen_test
 async def test_reload_swaps_the_tokens_and_a_broken_file_keeps_them(proxy, fake_openai, app, tokens_file):
-    tokens = app.settings["tokens"]
+    tokens = app.tokens
     for _ in range(2):
         response, _ = await proxy.chat({"prompt": "x"}, headers=as_(ERIN, OPENAI_KEY))
         assert response.code == 200
@@ -599,8 +599,8 @@ def test_readme_tokens_file_and_hash_command(tmp_path):
     assert alice.policy.rate_limit_per_minute == 60 and alice.policy.allowed_models == ("gpt-4o-mini", "gpt-4o")
     assert registry.lookup("a-long-random-token-of-16-or-more-characters").name == "ci-bot"
     assert [e.policy.disabled for e in registry.entries] == [False, False, True]
-    with open(README, encoding="utf-8") as f:
-        command = next(line for line in f if "| sha256sum | cut" in line).split("#")[0]
+    lines = all_documents_text().splitlines()
+    command = next(line for line in lines if "| sha256sum | cut" in line).split("#")[0]
     command = command.replace("the-token-you-gave-alice", README_ALICE)
     digest = subprocess.run(["bash", "-c", command], capture_output=True, text=True, check=True).stdout.strip()
     assert bytes.fromhex(digest) == alice.digest

@@ -344,7 +344,7 @@ def _lenient(body: bytes) -> tuple[str | None, tuple, bool]:
 # except on these endpoints, which run no model (the rule fails
 # closed, so an endpoint added upstream later, a case variant or a path with
 # ";" parameters is refused rather than forwarded unchecked). "{id}" is one
-# path segment. The README's "Allowed models" section lists the same paths.
+# path segment. docs/api.md (ALLOWED_MODELS on /v1/*) lists the same paths.
 MODEL_FREE_PATHS = (
     "files",
     "uploads",

@@ -87,7 +87,7 @@ class EgressProxy:
 
     @property
     def tunnels(self) -> bool:
-        """HTTP(S) proxies are always asked for a CONNECT tunnel (see README)."""
+        """HTTP(S) proxies are always asked for a CONNECT tunnel (see docs/deploy.md)."""
         return self.scheme in ("http", "https")
 
     def masked(self) -> str:
