@@ -370,7 +370,7 @@ class _Env:
             name = "OPENAI_API_KEY_FILE"
             try:
                 with open(path, encoding="utf-8") as f:
-                    # The first line, as the README says: a trailing comment or newline is fine.
+                    # The first line, as docs/team.md says: a trailing comment or newline is fine.
                     key = f.readline().strip()
             except OSError as exc:
                 raise SettingsError(f"{name}: cannot read {path!r}: {exc.strerror or exc}") from None

@@ -8,5 +8,7 @@ arranged by the two legs of a request.
   tunnels, the retry policy, the upstream URL);
 - ``realtime``: the Realtime WebSocket relay (the session, its upstream connection);
 - ``observability``: the access log line and the Prometheus metrics;
+- ``application``: ``ProxyApplication``, the runtime state every handler shares;
+- ``tornado_internals``: the one seam to Tornado's private attributes;
 - ``fake_openai``: a fake OpenAI server for the demo mode, the tests and the benchmarks.
 """

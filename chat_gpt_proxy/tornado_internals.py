@@ -52,3 +52,13 @@ def stop_keep_alive(server) -> None:
 def curl_multi(client):
     """The ``pycurl.CurlMulti`` of a ``CurlAsyncHTTPClient``."""
     return client._multi
+
+
+def closing_by_server(protocol) -> bool:
+    """Whether a WebSocket's server side sent its close frame (Tornado's ping timeout does)."""
+    return protocol.server_terminated
+
+
+def closed_by_client(protocol) -> bool:
+    """Whether the client's close frame has arrived."""
+    return protocol.client_terminated

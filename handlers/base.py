@@ -111,7 +111,7 @@ class BaseHandler(ApiMixin, RequestHandler):
         self._decoded_body: bytes | None = None
         self.started = time.monotonic()
         self.upstream_call = None
-        # What the access log reports (handlers/observability.py).
+        # What the access log reports (chat_gpt_proxy/observability.py).
         self.model: str | None = None
         self.usage: dict | None = None
         self.bytes_out = 0

@@ -63,7 +63,7 @@ class ClientProtocol(WebSocketProtocol13):
         return super()._handle_message(opcode, data)
 
     def close(self, code: int | None = None, reason: str | None = None) -> None:
-        if not self.server_terminated and self.sent_close_code is None:
+        if not internals.closing_by_server(self) and self.sent_close_code is None:
             self.sent_close_code = code if code is not None else (1000 if reason is not None else 1005)
         super().close(code, reason)
 
@@ -292,7 +292,9 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
 
     def client_closing(self) -> bool:
         protocol = self.client_protocol
-        return protocol is not None and protocol.server_terminated and not protocol.client_terminated
+        return (
+            protocol is not None and internals.closing_by_server(protocol) and not internals.closed_by_client(protocol)
+        )
 
     def drop(self) -> None:
         protocol = self.client_protocol

@@ -250,7 +250,7 @@ def test_tokens_file_replaces_the_default_token(tokens_file):
 
 def test_server_key_from_env_or_file_never_shown(tmp_path):
     key_file = tmp_path / "openai.key"
-    # The first line is the key (README): a note after it is fine.
+    # The first line is the key (docs/team.md): a note after it is fine.
     key_file.write_text(SERVER_KEY + "\n# rotated 2026-11, ask ops\n")
     for env in ({"OPENAI_API_KEY": SERVER_KEY}, {"OPENAI_API_KEY_FILE": str(key_file)}):
         s = Settings.from_env(env)
@@ -585,7 +585,7 @@ async def test_max_concurrent_upstream_refusals_are_counted_per_token(proxy, fak
     assert 'proxy_limited_total{limit="max_concurrent_upstream",token="alice"} 1.0' in text
 
 
-# -- the README's "Run it for a team"
+# -- docs/team.md's examples
 
 
 def test_readme_tokens_file_and_hash_command(tmp_path):

@@ -1,7 +1,8 @@
 """A fake OpenAI API: a real HTTP and WebSocket server on loopback that speaks OpenAI's wire format.
 
 Used by the tests (in-process, on the test's IOLoop), by the benchmarks and by
-the demo mode (``python -m chat_gpt_proxy.fake_openai --port 8081``).
+the demo mode (inside the proxy's process), and on its own as
+``python -m chat_gpt_proxy.fake_openai --port 8081``.
 
 By default it echoes: the answer to a chat request is ``Echo: <last user
 message>``, streamed word by word when ``stream`` is true. Tests script other

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from chat_gpt_proxy import tornado_internals as internals
 from chat_gpt_proxy.fake_openai.behaviours import Behaviour
 from chat_gpt_proxy.fake_openai.wire import (
     chunk,
@@ -53,7 +54,7 @@ class FakeHandler(tornado.web.RequestHandler):
 
     def write_error(self, status_code: int, **kwargs) -> None:
         """Errors as OpenAI writes them: JSON, never Tornado's HTML page."""
-        self.write_json(error_object(Behaviour(message=self._reason)), status_code)
+        self.write_json(error_object(Behaviour(message=internals.reason(self))), status_code)
 
     def on_connection_close(self) -> None:
         self.closed.set()

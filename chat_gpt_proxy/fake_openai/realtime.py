@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from chat_gpt_proxy import tornado_internals as internals
 from chat_gpt_proxy.fake_openai.behaviours import Behaviour, RealtimeBehaviour, RealtimeRecord
 from chat_gpt_proxy.fake_openai.wire import error_object, realtime_event, to_json
 
@@ -31,7 +32,7 @@ class RealtimeSocket(tornado.websocket.WebSocketHandler):
 
     def write_error(self, status_code: int, **kwargs) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
-        behaviour = getattr(exc, "behaviour", None) or Behaviour(message=self._reason)
+        behaviour = getattr(exc, "behaviour", None) or Behaviour(message=internals.reason(self))
         self.set_status(status_code)
         self.set_header("Content-Type", "application/json")
         self.set_header("x-request-id", "req_fake_" + uuid.uuid4().hex[:12])

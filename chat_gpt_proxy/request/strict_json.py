@@ -1,7 +1,7 @@
 """The one JSON reader and writer of the proxy: strict in, UTF-8 out.
 
 Request bodies (handlers/base.py), the /v1 allow-list check
-(requested_model.py) and DEFAULT_GENERATE_PARAMS (settings.py) are read the
+(request/model.py) and DEFAULT_GENERATE_PARAMS (settings.py) are read the
 same way, so what one accepts the others accept too.
 """
 
