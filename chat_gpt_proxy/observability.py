@@ -10,6 +10,7 @@ name from ACCESS_TOKENS_FILE, or ``-``, so label values stay bounded.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -17,6 +18,8 @@ import re
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from .access.tokens import UNNAMED
 
 access_log = logging.getLogger("chat_gpt_proxy.access")
 
@@ -33,6 +36,38 @@ OTHER_MODELS = "(other)"
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+
+
+# A caller's x-request-id is logged (as client_request_id) only if it cannot
+# smuggle anything into a log line.
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+@dataclasses.dataclass
+class AccessRecord:
+    """One request as its access line and metrics report it: owned by its handler, filled as the
+    request goes, written once when it ends (``log_request``, ``log_session``)."""
+
+    route: str = "other"
+    request_id: str = "-"
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    # The access token's name (UNNAMED: a token of ACCESS_TOKEN, or none).
+    token: str = UNNAMED
+    model: str | None = None
+    usage: dict | None = None
+    bytes_out: int = 0
+    first_byte_at: float | None = None
+    # The realtime handshake's duration (an HTTP call's comes from ``call``).
+    upstream_ms: float | None = None
+    upstream_failure: str | None = None
+    # The limit that refused the request, if any.
+    limited: str | None = None
+    client_gone: bool = False
+    # The client left before our status line went out: logged and counted as 499.
+    left_before_headers: bool = False
+    # The upstream HTTP call, for its timings, its request id and why it was aborted.
+    call: object | None = None
+    logged: bool = False
 
 
 class Metrics:
@@ -234,17 +269,22 @@ def _field(value) -> str:
 CLIENT_CLOSED_STATUS = 499
 
 
-def how_it_ended(handler) -> str:
+def how_it_ended(access: AccessRecord) -> str:
     """Why the response ended: ok, client_closed, client_stall, upstream_error or shutdown."""
-    call = getattr(handler, "upstream_call", None)
-    reason = call.abort_reason if call is not None else None
+    reason = access.call.abort_reason if access.call is not None else None
     if reason in ("client_stall", "shutdown"):
         return reason
-    if getattr(handler, "client_gone", False) or reason == "client_closed":
+    if access.client_gone or reason == "client_closed":
         return "client_closed"
-    if getattr(handler, "upstream_failure", None):
+    if access.upstream_failure:
         return "upstream_error"
     return "ok"
+
+
+def client_request_id(request) -> str | None:
+    """The caller's own ``x-request-id``, if well formed."""
+    given = request.headers.get("x-request-id", "")
+    return given if REQUEST_ID_RE.fullmatch(given) else None
 
 
 def token_counts(usage) -> tuple[int | None, int | None]:
@@ -269,70 +309,65 @@ def _access_line(config, record: dict) -> None:
 
 def log_request(handler) -> None:
     """Tornado's ``log_function``: the access log line and the request metrics."""
-    if getattr(handler, "access_logged", False):
+    # Handlers of Tornado's own (static files) carry no record: an empty one.
+    access: AccessRecord = getattr(handler, "access", None) or AccessRecord()
+    if access.logged:
         return
-    handler.access_logged = True
+    access.logged = True
     status = handler.get_status()
     if status == 101:
         return  # a WebSocket session: logged when it ends (log_session)
     config = handler.application.config
     now = time.monotonic()
-    started = getattr(handler, "started", now)
-    call = getattr(handler, "upstream_call", None)
-    if getattr(handler, "left_before_headers", False):
+    call = access.call
+    if access.left_before_headers:
         status = CLIENT_CLOSED_STATUS
-    route = getattr(handler, "route_name", "other")
     upstream_s = call.headers_at - call.started_at if call is not None and call.headers_at else None
-    first_byte = getattr(handler, "first_byte_at", None)
-    ttfb_s = first_byte - started if first_byte else None
-    prompt_tokens, completion_tokens = token_counts(getattr(handler, "usage", None))
-    model = getattr(handler, "model", None)
-    if isinstance(model, str):
-        model = model[:MAX_FIELD_CHARS]
+    ttfb_s = access.first_byte_at - access.started if access.first_byte_at else None
+    prompt_tokens, completion_tokens = token_counts(access.usage)
+    model = access.model[:MAX_FIELD_CHARS] if isinstance(access.model, str) else None
     upstream_id = call.headers.get("x-request-id") if call is not None else None
-    entry = getattr(handler, "token", None)
-    token = entry.name if entry is not None else "-"
+    token = access.token
     record = {
-        "request_id": getattr(handler, "request_id", "-"),
+        "request_id": access.request_id,
         # OpenAI's id for the same request (what its support asks for).
         "upstream_request_id": upstream_id[:MAX_FIELD_CHARS] if upstream_id is not None else None,
-        "client_request_id": getattr(handler, "client_request_id", None),
+        "client_request_id": client_request_id(handler.request),
         "client": client_address(handler, config.trusted_proxies),
         "token": token,
         "method": handler.request.method,
         "path": handler.request.path[:MAX_FIELD_CHARS],
         "status": status,
-        "ms": _ms(now - started),
+        "ms": _ms(now - access.started),
         "upstream_ms": _ms(upstream_s),
         "ttfb_ms": _ms(ttfb_s),
         "model": model,
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
-        "bytes": getattr(handler, "bytes_out", 0),
-        "end": how_it_ended(handler),
+        "bytes": access.bytes_out,
+        "end": how_it_ended(access),
     }
     _access_line(config, record)
 
     metrics: Metrics | None = handler.application.metrics
     if metrics is None:
         return
+    route = access.route
     metrics.requests.labels(route, str(status), token).inc()
     if upstream_s is not None:
         metrics.upstream_latency.labels(route).observe(upstream_s)
     if ttfb_s is not None:
         metrics.ttft.labels(route).observe(ttfb_s)
     elif call is not None and call.finished_at is not None and not call.stream:
-        metrics.overhead.labels(route).observe(max(0.0, (now - started) - (call.finished_at - call.started_at)))
-    if isinstance(model, str):
+        metrics.overhead.labels(route).observe(max(0.0, (now - access.started) - (call.finished_at - call.started_at)))
+    if model is not None:
         for kind, count in (("prompt", prompt_tokens), ("completion", completion_tokens)):
             if count is not None:
                 metrics.tokens.labels(metrics.model_label(model), kind, token).inc(count)
-    limited = getattr(handler, "limited", None)
-    if limited:
-        metrics.limited.labels(limited, token).inc()
-    kind = getattr(handler, "upstream_failure", None)
-    if kind:
-        metrics.upstream_errors.labels(kind).inc()
+    if access.limited:
+        metrics.limited.labels(access.limited, token).inc()
+    if access.upstream_failure:
+        metrics.upstream_errors.labels(access.upstream_failure).inc()
 
 
 def log_session(handler, session) -> None:
@@ -341,25 +376,26 @@ def log_session(handler, session) -> None:
     ``ms`` is the session's whole duration, ``upstream_ms`` the upstream
     handshake, tokens the sums of the ``response.done`` events' usage.
     """
+    access: AccessRecord = handler.access
     config = handler.application.config
-    upstream = handler.upstream
-    response = getattr(upstream, "response", None)
+    response = getattr(handler.upstream, "response", None)
+    upstream_id = response.headers.get("x-request-id") if response is not None else None
     usage = session.usage if session.usage_seen else None
-    entry = getattr(handler, "token", None)
-    token = entry.name if entry is not None else "-"
+    token = access.token
+    model = access.model[:MAX_FIELD_CHARS] if isinstance(access.model, str) else None
     record = {
-        "request_id": handler.request_id,
-        "upstream_request_id": response.headers.get("x-request-id") if response is not None else None,
-        "client_request_id": handler.client_request_id,
+        "request_id": access.request_id,
+        "upstream_request_id": upstream_id[:MAX_FIELD_CHARS] if upstream_id is not None else None,
+        "client_request_id": client_request_id(handler.request),
         "client": client_address(handler, config.trusted_proxies),
         "token": token,
         "method": handler.request.method,
         "path": handler.request.path[:MAX_FIELD_CHARS],
         "status": 101,
-        "ms": _ms(time.monotonic() - handler.started),
-        "upstream_ms": handler.upstream_ms,
+        "ms": _ms(time.monotonic() - access.started),
+        "upstream_ms": access.upstream_ms,
         "ttfb_ms": None,
-        "model": handler.model[:MAX_FIELD_CHARS] if isinstance(handler.model, str) else None,
+        "model": model,
         "prompt_tokens": usage["input_tokens"] if usage else None,
         "completion_tokens": usage["output_tokens"] if usage else None,
         "bytes": session.bytes["upstream_to_client"],
@@ -374,8 +410,8 @@ def log_session(handler, session) -> None:
     metrics: Metrics | None = handler.application.metrics
     if metrics is None:
         return
-    metrics.requests.labels(handler.route_name, "101", token).inc()
-    if usage and isinstance(handler.model, str):
-        model = metrics.model_label(handler.model)
-        metrics.tokens.labels(model, "prompt", token).inc(usage["input_tokens"])
-        metrics.tokens.labels(model, "completion", token).inc(usage["output_tokens"])
+    metrics.requests.labels(access.route, "101", token).inc()
+    if usage and model is not None:
+        label = metrics.model_label(model)
+        metrics.tokens.labels(label, "prompt", token).inc(usage["input_tokens"])
+        metrics.tokens.labels(label, "completion", token).inc(usage["output_tokens"])

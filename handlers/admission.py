@@ -29,7 +29,7 @@ def check_model_allowed(allowed_models: tuple[str, ...], model: str | None) -> N
 def take_upstream_slot(handler, pool: UpstreamPool) -> None:
     """Count ``handler`` in MAX_CONCURRENT_UPSTREAM (HTTP calls and realtime sessions alike), or refuse with 503."""
     if len(pool.handlers) >= handler.config.max_concurrent_upstream:
-        handler.limited = "max_concurrent_upstream"
+        handler.access.limited = "max_concurrent_upstream"
         # Never queue silently: the caller can retry elsewhere or later.
         raise ApiError(
             503,
@@ -47,13 +47,10 @@ class Admission:
     # Routes that are public (health, usage page, metrics) set this to False.
     requires_access_token = True
 
-    # The access token's entry (chat_gpt_proxy/access/tokens.py), whether the request
-    # counts against its max_concurrent, and the limit that refused it, if any.
+    # The access token's entry (chat_gpt_proxy/access/tokens.py), and whether the
+    # request counts against its max_concurrent.
     token = None
-
     token_admitted = ""
-
-    limited: str | None = None
 
     # Whether this request goes upstream with the server-held key.
     used_server_key = False
@@ -82,8 +79,9 @@ class Admission:
         entry = tokens.lookup(self.presented_access_token())
         if entry is None:
             raise ApiError(403, "Missing or wrong access-token header.", "permission_denied", "invalid_access_token")
-        # Names the caller in the access log and metrics; "-" for ACCESS_TOKEN's.
         self.token = entry
+        # Names the caller in the access log and metrics; "-" for ACCESS_TOKEN's.
+        self.access.token = entry.name
         if entry.policy.disabled:
             raise ApiError(403, "This access token is disabled.", "permission_denied", "access_token_disabled")
         return self.admit_token(tokens, entry)
@@ -117,13 +115,13 @@ class Admission:
             )
         else:
             self.admitted(tokens.admit(entry), "local")
-        if getattr(self, "client_gone", False):
+        if self.access.client_gone:
             # The client left while Redis answered: on_connection_close found nothing to release yet.
             self.release_token()
 
     def admitted(self, refusal, counted_by: str) -> None:
         if refusal is not None:
-            self.limited = refusal.limit
+            self.access.limited = refusal.limit
             code = "proxy_rate_limited" if refusal.limit == "rate_limit_per_minute" else "proxy_concurrency_limited"
             raise ApiError(
                 429, refusal.message, "rate_limit_exceeded", code, headers={"Retry-After": str(refusal.retry_after)}

@@ -8,7 +8,6 @@ malformed the request, is an HTML error page, a 500 or a traceback.
 from __future__ import annotations
 
 import logging
-import re
 import time
 import uuid
 
@@ -17,6 +16,7 @@ from tornado.iostream import StreamClosedError
 from tornado.web import HTTPError, RequestHandler, stream_request_body
 
 from chat_gpt_proxy import tornado_internals as internals
+from chat_gpt_proxy.observability import AccessRecord
 from chat_gpt_proxy.request.body import (
     SUPPORTED_ENCODINGS,
     BodyNotDecodable,
@@ -34,11 +34,6 @@ from .errors import ApiError, JsonErrors
 log = logging.getLogger("chat_gpt_proxy")
 
 
-# A caller-supplied request id is kept only if it cannot smuggle anything
-# into logs or headers.
-REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-
-
 # Bodies are limited by data_received (MAX_BODY_BYTES, counted after decoding).
 UNLIMITED_BODY = 1 << 62
 
@@ -54,22 +49,16 @@ class ApiMixin(Admission, JsonErrors):
     # The route label in metrics.
     route_name = "other"
 
-    # Set by the access log (chat_gpt_proxy/observability.py): one line per request.
-    access_logged = False
+    def __init__(self, *args, **kwargs):
+        # Before Tornado's __init__, which already writes the default headers (the request id).
+        # The proxy's id is always its own: a caller's could collide with, or pose as, another
+        # request's in the logs; it is logged beside it as client_request_id.
+        self.access = AccessRecord(route=self.route_name, request_id=uuid.uuid4().hex)
+        super().__init__(*args, **kwargs)
 
     @property
     def request_id(self) -> str:
-        """The proxy's own id, always new: a caller's id could collide with, or pose as,
-        another request's in the logs; it is kept as ``client_request_id``."""
-        if not hasattr(self, "_request_id"):
-            self._request_id = uuid.uuid4().hex
-        return self._request_id
-
-    @property
-    def client_request_id(self) -> str | None:
-        """The caller's own ``x-request-id``, if well formed, for the access line."""
-        given = self.request.headers.get("x-request-id", "")
-        return given if REQUEST_ID_RE.fullmatch(given) else None
+        return self.access.request_id
 
     def set_default_headers(self) -> None:
         # x-proxy-request-id: always this proxy's id (the access log's
@@ -92,7 +81,7 @@ class ApiMixin(Admission, JsonErrors):
 
     def note_fault(self, kind: str, detail: str = "") -> None:
         """An expected upstream fault: one warning line, never a traceback."""
-        self.upstream_failure = kind
+        self.access.upstream_failure = kind
         log.warning("upstream fault request_id=%s kind=%s%s", self.request_id, kind, " " + detail if detail else "")
 
 
@@ -109,22 +98,10 @@ class BaseHandler(ApiMixin, RequestHandler):
         self._body = RequestBody(self.config.max_body_bytes)
         self._body_refused = False
         self._decoded_body: bytes | None = None
-        self.started = time.monotonic()
         self.upstream_call = None
-        # What the access log reports (chat_gpt_proxy/observability.py).
-        self.model: str | None = None
-        self.usage: dict | None = None
-        self.bytes_out = 0
-        self.first_byte_at: float | None = None
-        self.upstream_failure: str | None = None
         # When the pending flush to the client began (None: none pending).
         self.flush_started: float | None = None
         self.pending_flush = None
-        # The client closed its connection before the response was complete,
-        # and whether our status line had been written by then
-        # (if not, the access log and metrics say 499, not the unsent status).
-        self.client_gone = False
-        self.left_before_headers = False
         # For the drain on shutdown (server.py): answered yet?
         self.answered = False
         requests = self.application.requests
@@ -142,7 +119,7 @@ class BaseHandler(ApiMixin, RequestHandler):
 
     def write(self, chunk) -> None:
         if isinstance(chunk, bytes):
-            self.bytes_out += len(chunk)
+            self.access.bytes_out += len(chunk)
         super().write(chunk)
 
     def flush(self, include_footers: bool = False):
@@ -298,9 +275,9 @@ class BaseHandler(ApiMixin, RequestHandler):
             IOLoop.current().add_callback(self._log_abandoned)
         # Fails a pending request body, so that the handler does not wait for it forever.
         super().on_connection_close()
-        if not self.client_gone:
-            self.client_gone = True
-            self.left_before_headers = not internals.headers_written(self)
+        if not self.access.client_gone:
+            self.access.client_gone = True
+            self.access.left_before_headers = not internals.headers_written(self)
         self.release_token()
         # The client left: stop paying for tokens nobody will read.
         call = self.upstream_call
@@ -309,7 +286,7 @@ class BaseHandler(ApiMixin, RequestHandler):
             call.abort("client_closed")
 
     def _log_abandoned(self) -> None:
-        if not internals.finished(self) and not self.access_logged:
+        if not internals.finished(self) and not self.access.logged:
             self.application.log_request(self)
 
     async def flush_or_abort(self) -> bool:

@@ -71,7 +71,7 @@ class ChatCompleteHandler(UsagePageMixin, ProxyHandler):
         key = self.openai_key()
         payload = build_chat_request(self.json_body(), self.config, self.allowed_models())
         stream = payload.get("stream") is True
-        self.model = payload["model"]
+        self.access.model = payload["model"]
         headers = {
             "Authorization": "Bearer " + key,
             "Content-Type": "application/json",
@@ -96,7 +96,7 @@ class ChatCompleteHandler(UsagePageMixin, ProxyHandler):
             raise ApiError(
                 502, "The upstream answered with JSON that is not an object.", "upstream_error", "upstream_invalid_json"
             )
-        self.usage = answer.get("usage")
+        self.access.usage = answer.get("usage")
         answer["text"] = answer_text(answer)
         answer["status"] = "ok"
         self.relay_headers(call)

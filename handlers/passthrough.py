@@ -78,7 +78,7 @@ class OpenAIHandler(OpenAIStyle, ProxyHandler):
             self.body,
             self.request.query,
         )
-        self.model = found.model
+        self.access.model = found.model
         allowed = self.allowed_models()
         if allowed:
             if found.problem is not None:
@@ -195,7 +195,7 @@ class OpenAIHandler(OpenAIStyle, ProxyHandler):
             except (ValueError, RecursionError):
                 return
             if isinstance(answer, dict):
-                self.usage = answer.get("usage")
+                self.access.usage = answer.get("usage")
 
     async def _relay_chunks(self, call) -> None:
         # OpenAI sends its JSON answers chunked (no Content-Length): a copy of

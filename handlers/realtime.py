@@ -75,19 +75,14 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
 
     def initialize(self) -> None:
         self.config = self.application.config
-        self.started = time.monotonic()
-        self.model: str | None = None
         self.subprotocols: list[str] = []
         self.upstream = None
         self.connecting: asyncio.Future | None = None
-        self.upstream_ms: float | None = None
         self.client_protocol: ClientProtocol | None = None
-        self.client_gone = False
         self.session: RealtimeSession | None = None
         # server.py's drain ends whatever a handler in the pool has in flight
         # through ``upstream_call.abort(reason)``: here, the session.
         self.upstream_call = None
-        self.upstream_failure: str | None = None
 
     # Limits of the client's side, from the settings.
     @property
@@ -174,7 +169,7 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
         # (";" separators too), as on /v1/*.
         pairs = parse_qsl(self.request.query.replace(";", "&"), keep_blank_values=True)
         models = models_in_query(self.request.query)
-        self.model = models[0] if models else None
+        self.access.model = models[0] if models else None
         allowed = self.allowed_models()
         if allowed and (len(models) != 1 or ("model", models[0]) not in pairs):
             # Without exactly one plain model=, the upstream would pick a model we did not check.
@@ -184,7 +179,7 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
                 "invalid_request_error",
                 "model_undetermined",
             )
-        check_model_allowed(allowed, self.model)
+        check_model_allowed(allowed, self.access.model)
         url = upstream_url(self.config.openai_base_url, "realtime", self.request.query)
         if url is None:
             raise ApiError(400, "Invalid query string.", "invalid_request_error", "invalid_path")
@@ -231,8 +226,8 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
         except UpstreamError as exc:
             self.note_fault(exc.kind, exc.detail)
             raise ApiError.from_upstream(exc) from None
-        self.upstream_ms = round((time.monotonic() - opened) * 1000, 2)
-        if self.client_gone:
+        self.access.upstream_ms = round((time.monotonic() - opened) * 1000, 2)
+        if self.access.client_gone:
             # The client left while the upstream was answering.
             await self.upstream.close(1001, "client left")
             self.set_status(499, "Client Closed Request")
@@ -275,7 +270,7 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
         if self.session is None:
             # Before the upgrade: the client left while the upstream was connecting;
             # stop connecting (it holds a concurrency slot and a token's place).
-            self.client_gone = True
+            self.access.client_gone = True
             if self.connecting is not None and not self.connecting.done():
                 self.connecting.cancel()
             return

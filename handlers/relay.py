@@ -82,7 +82,7 @@ class ProxyHandler(BaseHandler):
         attempt = 0
         timeout = None
         while True:
-            call = self.upstream_call = UpstreamCall(
+            call = self.upstream_call = self.access.call = UpstreamCall(
                 pool.client(), self.config, method, url, headers, body, stream=stream, timeout=timeout
             )
             try:
@@ -201,8 +201,8 @@ class ProxyHandler(BaseHandler):
                 if end:
                     events = pending[:end] if end < len(pending) else pending
                     pending = pending[end:]
-                    if self.first_byte_at is None:
-                        self.first_byte_at = time.monotonic()
+                    if self.access.first_byte_at is None:
+                        self.access.first_byte_at = time.monotonic()
                     if b'"usage":{' in events:
                         self.note_stream_usage(events)
                     self.write(events)
@@ -226,7 +226,7 @@ class ProxyHandler(BaseHandler):
                 except (ValueError, AttributeError, RecursionError):
                     continue
                 if isinstance(usage, dict):
-                    self.usage = usage
+                    self.access.usage = usage
 
 
 class StreamWatch:
