@@ -12,12 +12,16 @@ import ipaddress
 import os
 import re
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
+from typing import Any
 
 from chat_gpt_proxy.request import strict_json
 from chat_gpt_proxy.request.cors import parse_origins
-from chat_gpt_proxy.request.generate_params import ParamsError, normalize_generate_params
+from chat_gpt_proxy.request.generate_params import (
+    ParamsError,
+    normalize_generate_params,
+)
 from chat_gpt_proxy.upstream import egress
 
 DEFAULT_ACCESS_TOKEN = "123456"  # noqa: S105 (the old service's documented default)
@@ -136,7 +140,9 @@ class Settings:
         try:
             # The rules a request's generate_params must follow: else every request would fail.
             default_params = normalize_generate_params(
-                dict(env.json_object("DEFAULT_GENERATE_PARAMS")), allowed_models, where="DEFAULT_GENERATE_PARAMS"
+                dict(env.json_object("DEFAULT_GENERATE_PARAMS")),
+                allowed_models,
+                where="DEFAULT_GENERATE_PARAMS",
             )
         except ParamsError as exc:
             raise SettingsError("DEFAULT_GENERATE_PARAMS: " + exc.message) from None
@@ -169,7 +175,8 @@ class Settings:
                 f"REDIS_PREFIX: 1-64 letters, digits, '.', '_', ':' or '-' (no braces), got {redis_prefix[:80]!r}"
             )
         return cls(
-            port=env.int("PORT", cls.port, 1, 65535),
+            # The variables read straight into one field each, as VARIABLES declares them.
+            **{v.field: v.read(env, v.name, getattr(cls, v.field)) for v in VARIABLES},
             # A demo (default access token, fake answers) is for this machine:
             # it listens on all interfaces only when HOST says so.
             host=env.str("HOST", "127.0.0.1" if demo else cls.host),
@@ -177,43 +184,19 @@ class Settings:
             openai_base_url=base_url,
             default_model=default_model,
             default_generate_params=MappingProxyType(default_params),
-            max_body_bytes=env.int("MAX_BODY_BYTES", cls.max_body_bytes, 1024, 1 << 31),
-            max_answer_bytes=env.int("MAX_ANSWER_BYTES", cls.max_answer_bytes, 1024, 1 << 34),
-            connect_timeout=env.float("CONNECT_TIMEOUT", cls.connect_timeout),
-            request_timeout=env.float("REQUEST_TIMEOUT", cls.request_timeout),
-            stream_idle_timeout=env.float("STREAM_IDLE_TIMEOUT", cls.stream_idle_timeout),
-            stream_keepalive=env.float("STREAM_KEEPALIVE", cls.stream_keepalive),
-            client_stall_timeout=env.float("CLIENT_STALL_TIMEOUT", cls.client_stall_timeout),
-            body_timeout=env.float("BODY_TIMEOUT", cls.body_timeout),
-            client_idle_timeout=env.float("CLIENT_IDLE_TIMEOUT", cls.client_idle_timeout),
-            rate_limit_per_token=env.int("RATE_LIMIT_PER_TOKEN", 0, 0, 1_000_000),
-            max_concurrent_upstream=env.int("MAX_CONCURRENT_UPSTREAM", cls.max_concurrent_upstream, 1, 100_000),
-            shutdown_grace=env.float("SHUTDOWN_GRACE", cls.shutdown_grace, minimum=0),
-            shutdown_delay=env.float("SHUTDOWN_DELAY", cls.shutdown_delay, minimum=0),
             log_format=log_format,
             log_level=log_level,
-            metrics_enabled=env.bool("METRICS_ENABLED", cls.metrics_enabled),
-            trusted_proxies=env.networks("TRUSTED_PROXIES"),
             allowed_models=allowed_models,
             tls_certfile=certfile,
             tls_keyfile=keyfile,
             demo_upstream=demo,
-            cors_allow_origins=env.origins("CORS_ALLOW_ORIGINS"),
-            ws_max_message_bytes=env.int("WS_MAX_MESSAGE_BYTES", cls.ws_max_message_bytes, 1024, 1 << 30),
-            ws_ping_interval=env.float("WS_PING_INTERVAL", cls.ws_ping_interval, minimum=0),
             upstream_proxy=proxy,
             no_proxy=egress.no_proxy_from_env(env.environ),
             upstream_ca_file=ca_file or "",
-            upstream_retries=env.int("UPSTREAM_RETRIES", cls.upstream_retries, 0, 10),
-            retry_on_status=env.statuses("RETRY_ON_STATUS"),
-            retry_max_wait=env.float("RETRY_MAX_WAIT", cls.retry_max_wait, minimum=0),
             access_tokens_file=tokens_file,
             openai_api_key=env.server_key(),
-            redis_url=env.redis_url("REDIS_URL"),
             redis_prefix=redis_prefix,
             redis_failure_mode=redis_mode,
-            redis_timeout=env.float("REDIS_TIMEOUT", cls.redis_timeout),
-            redis_inflight_ttl=env.float("REDIS_INFLIGHT_TTL", cls.redis_inflight_ttl, minimum=0.5),
         )
 
 
@@ -410,3 +393,74 @@ class _Env:
             except ValueError:
                 raise SettingsError(f"{name}: {item!r} is not an IP address or network") from None
         return tuple(nets)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variable:
+    """An environment variable read straight into one ``Settings`` field: its name, the field
+    (whose default is the variable's), and how its value is read and checked. docs/settings.md
+    describes each; tests/test_settings.py checks that its table names exactly the variables read."""
+
+    name: str
+    field: str
+    read: Callable[[_Env, str, Any], Any]
+
+
+def _int(low: int, high: int):
+    return lambda env, name, default: env.int(name, default, low, high)
+
+
+def _seconds(minimum: float = 0.001):
+    return lambda env, name, default: env.float(name, default, minimum)
+
+
+def _flag(env: _Env, name: str, default: bool) -> bool:
+    return env.bool(name, default)
+
+
+def _networks(env: _Env, name: str, _default) -> tuple:
+    return env.networks(name)
+
+
+def _origins(env: _Env, name: str, _default) -> tuple[str, ...]:
+    return env.origins(name)
+
+
+def _statuses(env: _Env, name: str, _default) -> tuple[int, ...]:
+    return env.statuses(name)
+
+
+def _redis_url(env: _Env, name: str, _default) -> str:
+    return env.redis_url(name)
+
+
+# The rest (access tokens, the upstream and its proxy, models, logging, TLS,
+# the server key, Redis's prefix and mode) depend on each other and are read
+# in Settings.from_env.
+VARIABLES = (
+    Variable("PORT", "port", _int(1, 65535)),
+    Variable("MAX_BODY_BYTES", "max_body_bytes", _int(1024, 1 << 31)),
+    Variable("MAX_ANSWER_BYTES", "max_answer_bytes", _int(1024, 1 << 34)),
+    Variable("CONNECT_TIMEOUT", "connect_timeout", _seconds()),
+    Variable("REQUEST_TIMEOUT", "request_timeout", _seconds()),
+    Variable("STREAM_IDLE_TIMEOUT", "stream_idle_timeout", _seconds()),
+    Variable("STREAM_KEEPALIVE", "stream_keepalive", _seconds()),
+    Variable("CLIENT_STALL_TIMEOUT", "client_stall_timeout", _seconds()),
+    Variable("BODY_TIMEOUT", "body_timeout", _seconds()),
+    Variable("CLIENT_IDLE_TIMEOUT", "client_idle_timeout", _seconds()),
+    Variable("RATE_LIMIT_PER_TOKEN", "rate_limit_per_token", _int(0, 1_000_000)),
+    Variable("MAX_CONCURRENT_UPSTREAM", "max_concurrent_upstream", _int(1, 100_000)),
+    Variable("SHUTDOWN_GRACE", "shutdown_grace", _seconds(0)),
+    Variable("SHUTDOWN_DELAY", "shutdown_delay", _seconds(0)),
+    Variable("METRICS_ENABLED", "metrics_enabled", _flag),
+    Variable("TRUSTED_PROXIES", "trusted_proxies", _networks),
+    Variable("CORS_ALLOW_ORIGINS", "cors_allow_origins", _origins),
+    Variable("WS_MAX_MESSAGE_BYTES", "ws_max_message_bytes", _int(1024, 1 << 30)),
+    Variable("WS_PING_INTERVAL", "ws_ping_interval", _seconds(0)),
+    Variable("UPSTREAM_RETRIES", "upstream_retries", _int(0, 10)),
+    Variable("RETRY_ON_STATUS", "retry_on_status", _statuses),
+    Variable("RETRY_MAX_WAIT", "retry_max_wait", _seconds(0)),
+    Variable("REDIS_URL", "redis_url", _redis_url),
+    Variable("REDIS_TIMEOUT", "redis_timeout", _seconds()),
+    Variable("REDIS_INFLIGHT_TTL", "redis_inflight_ttl", _seconds(0.5)),
+)

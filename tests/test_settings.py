@@ -1,12 +1,14 @@
 """Settings: read once from the environment, each bad variable named in a one-line error."""
 
 import os
+import pathlib
+import re
 import subprocess
 import sys
 
 import pytest
 
-from settings import DEFAULT_ACCESS_TOKEN, Settings, SettingsError
+from settings import DEFAULT_ACCESS_TOKEN, VARIABLES, Settings, SettingsError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -185,3 +187,59 @@ def test_server_refuses_to_start_with_one_line_error(name, value):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and name + ":" in lines[0], proc.stderr
+
+
+class RecordingEnviron(dict):
+    """An environment that notes every variable the settings look up."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.read: set[str] = set()
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key):
+        self.read.add(key)
+        return super().__contains__(key)
+
+
+def settings_table() -> dict[str, str]:
+    """docs/settings.md's table: each variable it names, with the default column of its row."""
+    text = (pathlib.Path(ROOT) / "docs" / "settings.md").read_text()
+    rows = {}
+    for line in text.splitlines():
+        if not line.startswith("| `"):
+            continue
+        names_cell, default_cell = line.split(" | ")[0:2]
+        for name in re.findall(r"`([A-Za-z_]+)`", names_cell):
+            rows[name] = default_cell
+    return rows
+
+
+def test_the_settings_table_names_exactly_the_variables_the_proxy_reads():
+    read = set()
+    # An http:// upstream also reads http_proxy; an https:// one reads HTTPS_PROXY.
+    for environ in ({}, {"OPENAI_BASE_URL": "http://127.0.0.1:1/v1"}):
+        recording = RecordingEnviron(environ)
+        Settings.from_env(recording)
+        read |= recording.read
+    assert set(settings_table()) == read
+
+
+def test_the_settings_table_gives_each_declared_default():
+    table = settings_table()
+    for variable in VARIABLES:
+        default = getattr(Settings, variable.field)
+        if isinstance(default, bool):
+            shown = "true" if default else "false"
+        elif isinstance(default, (int, float)):
+            shown = "%g" % default if isinstance(default, float) else str(default)
+        else:
+            continue
+        assert table[variable.name].startswith("`%s`" % shown), (variable.name, table[variable.name])
