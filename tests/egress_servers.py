@@ -18,6 +18,7 @@ import time
 
 from tornado.testing import bind_unused_port
 
+from chat_gpt_proxy.fake_openai import FakeOpenAI
 from chat_gpt_proxy.upstream.egress import EgressProxy
 from server import make_app, make_server
 from tests.conftest import ProxyClient
@@ -221,6 +222,20 @@ def make_tls_files(workdir: str) -> dict[str, str]:
     return paths
 
 
+def server_tls_context(certfile: str, keyfile: str) -> ssl.SSLContext:
+    """A server's TLS context with this certificate chain and key (make_tls_files's)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certfile, keyfile)
+    return context
+
+
+def tls_fake(tls: dict[str, str], host_name: str = "127.0.0.1") -> FakeOpenAI:
+    """A started fake OpenAI serving HTTPS with ``tls``'s server certificate; the caller stops it."""
+    fake = FakeOpenAI(ssl_context=server_tls_context(tls["server.pem"], tls["server.key"]), host_name=host_name)
+    fake.start()
+    return fake
+
+
 @contextlib.asynccontextmanager
 async def serving(settings):
     """The proxy app with ``settings`` on an unused loopback port; yields (ProxyClient, app)."""
@@ -247,8 +262,7 @@ class TlsFront:
 
     def __init__(self, target_port: int, certfile: str, keyfile: str):
         self.target_port = target_port
-        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self.context.load_cert_chain(certfile, keyfile)
+        self.context = server_tls_context(certfile, keyfile)
         self.server = None
         self.port = 0
 

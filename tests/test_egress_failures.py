@@ -9,11 +9,9 @@ import dataclasses
 import logging
 import os
 import socket
-import ssl
 
 import pytest
 
-from chat_gpt_proxy.fake_openai.app import FakeOpenAI
 from chat_gpt_proxy.upstream.egress import EgressProxy
 from settings import Settings
 from tests.conftest import ACCESS_TOKEN, OTHER_SECRETS, ProxyClient
@@ -25,6 +23,7 @@ from tests.egress_servers import (
     TlsFront,
     make_tls_files,
     serving,
+    tls_fake,
 )
 from tests.procs import ServerProcess, free_port
 
@@ -181,10 +180,7 @@ async def test_proxy_variables_are_not_read_behind_the_settings_back(proxy, fake
 @pytest.mark.gen_test(timeout=60)
 async def test_private_ca_is_trusted_and_verification_stays_on(config, workdir, io_loop):
     tls = make_tls_files(workdir)
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(tls["server.pem"], tls["server.key"])
-    fake = FakeOpenAI(ssl_context=context, host_name="localhost")
-    fake.start()
+    fake = tls_fake(tls, host_name="localhost")
     try:
         settings = dataclasses.replace(config, openai_base_url=fake.url, upstream_ca_file=tls["ca.pem"])
         async with serving(settings) as (client, _):
@@ -259,10 +255,7 @@ async def test_https_proxy_with_a_private_ca(config, servers, workdir):
     tls = make_tls_files(workdir)
     tiny = servers(TinyProxy, auth=True)
     front = await TlsFront(tiny.port, tls["server.pem"], tls["server.key"]).start()
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(tls["server.pem"], tls["server.key"])
-    fake = FakeOpenAI(ssl_context=context)
-    fake.start()
+    fake = tls_fake(tls)
     try:
         proxy = dataclasses.replace(tiny.proxy("https"), host="localhost", port=front.port)
         settings = dataclasses.replace(
@@ -355,10 +348,7 @@ async def test_an_untrusted_https_proxy_certificate_is_the_proxys_fault(config, 
     proxy_tls, upstream_tls = (other_tls, trusted_tls) if untrusted == "proxy" else (trusted_tls, other_tls)
     tiny = servers(TinyProxy, auth=True)
     front = await TlsFront(tiny.port, proxy_tls["server.pem"], proxy_tls["server.key"]).start()
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(upstream_tls["server.pem"], upstream_tls["server.key"])
-    fake = FakeOpenAI(ssl_context=context)
-    fake.start()
+    fake = tls_fake(upstream_tls)
     try:
         proxy = dataclasses.replace(tiny.proxy("https"), host="localhost", port=front.port)
         settings = dataclasses.replace(

@@ -10,7 +10,6 @@ also checks that the traffic really went through the proxy server.
 import asyncio
 import dataclasses
 import json
-import ssl
 import time
 import uuid
 
@@ -19,7 +18,7 @@ import pytest
 from chat_gpt_proxy.fake_openai.app import FakeOpenAI
 from chat_gpt_proxy.fake_openai.behaviours import Behaviour
 from tests.conftest import open_raw
-from tests.egress_servers import MicroSocks, TinyProxy, make_tls_files
+from tests.egress_servers import MicroSocks, TinyProxy, make_tls_files, tls_fake
 
 STREAM = {"stream": True}
 PROXIES = ["http", "http-auth", "socks5", "socks5h-auth"]
@@ -44,12 +43,11 @@ def egress_server(request, tmp_path):
 
 @pytest.fixture(params=["http", "https"])
 def fake_openai(request, io_loop, tls_files):
-    context = None
     if request.param == "https":
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(tls_files["server.pem"], tls_files["server.key"])
-    fake = FakeOpenAI(ssl_context=context)
-    fake.start()
+        fake = tls_fake(tls_files)
+    else:
+        fake = FakeOpenAI()
+        fake.start()
     yield fake
     io_loop.run_sync(fake.stop)
 

@@ -13,7 +13,6 @@ import dataclasses
 import json
 import logging
 import socket
-import ssl
 import time
 
 import pytest
@@ -25,7 +24,15 @@ from chat_gpt_proxy.fake_openai.behaviours import RealtimeBehaviour
 from chat_gpt_proxy.upstream.egress import EgressProxy
 from settings import Settings
 from tests.conftest import ACCESS_TOKEN, OPENAI_KEY, OTHER_SECRETS
-from tests.egress_servers import TINYPROXY_PASSWORD, MicroSocks, TinyProxy, TlsFront, make_tls_files, serving
+from tests.egress_servers import (
+    TINYPROXY_PASSWORD,
+    MicroSocks,
+    TinyProxy,
+    TlsFront,
+    make_tls_files,
+    serving,
+    tls_fake,
+)
 
 # The test client's own handshake trace holds its access-token header.
 logging.getLogger("websockets.client").setLevel(logging.WARNING)
@@ -43,12 +50,11 @@ def tls_files(tmp_path_factory):
 @pytest.fixture
 def fake_openai(request, io_loop, tls_files):
     """The fake upstream over plain HTTP/ws (default) or, parametrized with "https", over TLS/wss."""
-    context = None
     if getattr(request, "param", "http") == "https":
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(tls_files["server.pem"], tls_files["server.key"])
-    fake = FakeOpenAI(ssl_context=context)
-    fake.start()
+        fake = tls_fake(tls_files)
+    else:
+        fake = FakeOpenAI()
+        fake.start()
     yield fake
     io_loop.run_sync(fake.stop)
 
@@ -173,10 +179,7 @@ async def test_https_proxy_verified_with_the_private_ca(config, servers, tls_fil
     """TLS to the proxy, then TLS to the upstream inside the tunnel (wss://), both trusted via UPSTREAM_CA_FILE."""
     tiny = servers("http-auth")
     front = await TlsFront(tiny.port, tls_files["server.pem"], tls_files["server.key"]).start()
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(tls_files["server.pem"], tls_files["server.key"])
-    fake = FakeOpenAI(ssl_context=context)
-    fake.start()
+    fake = tls_fake(tls_files)
     try:
         proxy = dataclasses.replace(tiny.proxy("https"), host="localhost", port=front.port)
         settings = dataclasses.replace(
