@@ -45,6 +45,7 @@ class FakeHandler(tornado.web.RequestHandler):
     def initialize(self) -> None:
         self.closed = asyncio.Event()
         self.done = False
+        self.aborted = False
 
     def prepare(self) -> None:
         if not self.request.path.startswith("/_fake/"):
@@ -59,11 +60,18 @@ class FakeHandler(tornado.web.RequestHandler):
     def on_connection_close(self) -> None:
         self.closed.set()
         if not self.done:
+            self.note_abort()
+
+    def note_abort(self) -> None:
+        """The client went away before the answer was complete: noted once, whichever way it is seen."""
+        if not self.aborted:
+            self.aborted = True
             self.fake.note_abort()
 
     def on_finish(self) -> None:
         self.done = True
-        self.fake.completed += 1
+        if not self.aborted:
+            self.fake.completed += 1
 
     async def pause(self, seconds: float) -> bool:
         """Sleep; False if the client went away meanwhile."""
@@ -78,6 +86,9 @@ class FakeHandler(tornado.web.RequestHandler):
         try:
             await self.flush()
         except StreamClosedError:
+            # A failed write can come before on_connection_close, and the
+            # handler then ends (Tornado finishes it), which would hide the abort.
+            self.note_abort()
             return False
         return True
 
