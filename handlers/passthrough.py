@@ -15,7 +15,7 @@ from chat_gpt_proxy.request.body import parse_content_length
 from chat_gpt_proxy.request.model import MODEL_FREE_PATH_RE, SESSION_MODEL_PATH_RE, inspect_request
 from chat_gpt_proxy.upstream.errors import UpstreamError
 from chat_gpt_proxy.upstream.headers import HOP_BY_HOP_HEADERS
-from chat_gpt_proxy.upstream.urls import normalised_path, upstream_url
+from chat_gpt_proxy.upstream.urls import join_url, normalised_path
 
 from .admission import check_model_allowed
 from .errors import ApiError
@@ -110,10 +110,10 @@ class OpenAIHandler(OpenAIStyle, ProxyHandler):
 
     async def forward(self) -> None:
         # One normalised path for the allow-list check and the upstream.
-        url = upstream_url(self.config.openai_base_url, self.request.path[len("/v1/") :], self.request.query)
+        self.v1_path = normalised_path(self.request.path[len("/v1/") :])
+        url = None if self.v1_path is None else join_url(self.config.openai_base_url, self.v1_path, self.request.query)
         if url is None:
             raise ApiError(400, "Invalid path.", "invalid_request_error", "invalid_path")
-        self.v1_path = normalised_path(self.request.path[len("/v1/") :])
         headers = {"Authorization": "Bearer " + self.openai_key()}
         for name in FORWARDED_REQUEST_HEADERS:
             value = self.request.headers.get(name)

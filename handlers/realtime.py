@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from urllib.parse import parse_qsl
 
 import tornado.web
 from tornado.websocket import WebSocketHandler, WebSocketProtocol13
@@ -27,7 +26,7 @@ from chat_gpt_proxy import tornado_internals as internals
 from chat_gpt_proxy.observability import log_session
 from chat_gpt_proxy.realtime.connect import UpstreamRefused, connect_upstream
 from chat_gpt_proxy.realtime.session import RealtimeSession
-from chat_gpt_proxy.request.model import models_in_query
+from chat_gpt_proxy.request.model import models_in_query, query_pairs
 from chat_gpt_proxy.request.strict_json import loads
 from chat_gpt_proxy.upstream.errors import UpstreamError
 from chat_gpt_proxy.upstream.urls import upstream_url
@@ -167,8 +166,8 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
         key = self.openai_key()
         # "model" in any letter case and spelling an upstream might accept
         # (";" separators too), as on /v1/*.
-        pairs = parse_qsl(self.request.query.replace(";", "&"), keep_blank_values=True)
-        models = models_in_query(self.request.query)
+        pairs = query_pairs(self.request.query)
+        models = models_in_query(pairs)
         self.access.model = models[0] if models else None
         allowed = self.allowed_models()
         if allowed and (len(models) != 1 or ("model", models[0]) not in pairs):

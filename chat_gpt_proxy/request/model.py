@@ -78,11 +78,14 @@ def parse_content_type(value: str) -> tuple[str, dict[str, str]]:
     return match.group(1).lower(), params
 
 
-def models_in_query(query: str) -> list[str]:
+def query_pairs(query: str) -> list[tuple[str, str]]:
+    """The query's ``(name, value)`` pairs, split on ";" as well as "&" (some servers still do)."""
+    return parse_qsl(query.replace(";", "&"), keep_blank_values=True)
+
+
+def models_in_query(pairs: list[tuple[str, str]]) -> list[str]:
     """Every value a server could read as the query's ``model``: any letter case, surrounding spaces,
-    ``model[]`` and ``model[x]`` (Rails, PHP and Node's qs make those an array or an override), and
-    ";" as a separator as well as "&"."""
-    pairs = parse_qsl(query.replace(";", "&"), keep_blank_values=True)
+    ``model[]`` and ``model[x]`` (Rails, PHP and Node's qs make those an array or an override)."""
     return [value for key, value in pairs if key.split("[", 1)[0].strip().lower() == "model"]
 
 
@@ -90,8 +93,7 @@ def inspect_request(content_types: list[str], content_encoding: str | None, body
     """What a /v1 request with a body (POST, PUT, PATCH) asks for."""
     try:
         found = _inspect(content_types, content_encoding, body)
-        # ";" too: some servers still split query strings on it.
-        query_models = models_in_query(query)
+        query_models = models_in_query(query_pairs(query))
         if query_models:
             # Some OpenAI-compatible servers merge query and body parameters.
             if len(query_models) > 1 or found.model is not None:
@@ -151,7 +153,9 @@ def _models_outside_metadata(value, found: list[str]) -> list[str]:
     return found
 
 
-def _from_json(body: bytes) -> RequestedModel:
+def _from_json(body: bytes | str, *, is_session: bool = False) -> RequestedModel:
+    """What a JSON body names; ``is_session``: the body is itself a realtime session object
+    (the ``session`` part of a multipart call), whose model is its ``session_model``."""
     nested: list[str] = []
 
     def pairs_hook(pairs: list) -> dict:
@@ -170,7 +174,7 @@ def _from_json(body: bytes) -> RequestedModel:
     try:
         # Strict UTF-8 without a BOM, no NaN/Infinity, no overflowing
         # numbers: only what every JSON parser reads the same way.
-        text = body.decode("utf-8")
+        text = body if isinstance(body, str) else body.decode("utf-8")
         parsed = strict_json.loads(text, object_pairs_hook=pairs_hook)
     except Undetermined:
         raise
@@ -190,7 +194,7 @@ def _from_json(body: bytes) -> RequestedModel:
         tuple(nested),
         parsed.get("stream") is True,
         named=model,
-        session_model=_session_model(parsed.get("session")),
+        session_model=_session_model(parsed if is_session else parsed.get("session")),
     )
 
 
@@ -224,12 +228,11 @@ def _from_multipart(body: bytes, boundary: str | None) -> RequestedModel:
         if body[after : after + 2] != b"\r\n":
             raise Undetermined("the multipart body has a malformed boundary line")
         part = body[after + 2 : starts[index + 1] - 2]
-        name, value, plain = _part(part)
-        field = name
-        if name.strip().lower() in ("model", "session") and name != name.strip().lower():
+        field, value, plain = _part(part)
+        if field.strip().lower() in ("model", "session") and field != field.strip().lower():
             # Form parsers match field names exactly: "Model" is not the model
             # for the upstream, and which one a lenient parser takes is unknown.
-            raise Undetermined("the multipart body has a field named %r" % name[:40])
+            raise Undetermined("the multipart body has a field named %r" % field[:40])
         if field == "session":
             sessions += 1
             if sessions > 1:
@@ -244,10 +247,10 @@ def _from_multipart(body: bytes, boundary: str | None) -> RequestedModel:
             if not plain:
                 raise Undetermined("the multipart session field is a file or encoded")
             try:
-                found = _from_json(value)
+                found = _from_json(value, is_session=field == "session")
                 nested_models += found.models
                 if field == "session":
-                    session_model = _session_model(strict_json.loads(value.decode("utf-8")))
+                    session_model = found.session_model
             except Undetermined:
                 if field == "session":
                     raise Undetermined("the multipart session field is not a JSON object") from None
@@ -322,7 +325,8 @@ def inspect_event(message: str | bytes) -> RequestedModel:
                 )
         return RequestedModel()
     try:
-        return _from_json(message.encode("utf-8", "surrogatepass"))
+        # Tornado has already refused a text frame that is not valid UTF-8 (close 1007).
+        return _from_json(message)
     except Undetermined as exc:
         return RequestedModel(problem=str(exc).replace("body", "event"))
 

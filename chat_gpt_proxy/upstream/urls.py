@@ -47,6 +47,11 @@ def normalised_path(raw_path: str) -> str | None:
 def upstream_url(base_url: str, path: str, query: str) -> str | None:
     """``base_url`` + the normalised ``path`` after ``/v1`` + the query, or None if either is refused."""
     path = normalised_path(path)
-    if path is None or not SAFE_QUERY_RE.match(query):
+    return None if path is None else join_url(base_url, path, query)
+
+
+def join_url(base_url: str, normalised: str, query: str) -> str | None:
+    """``base_url`` + a path ``normalised_path`` returned + the query, or None if the query is refused."""
+    if not SAFE_QUERY_RE.match(query):
         return None
-    return base_url + "/" + path + ("?" + query if query else "")
+    return base_url + "/" + normalised + ("?" + query if query else "")
