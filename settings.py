@@ -18,10 +18,7 @@ from typing import Any
 
 from chat_gpt_proxy.request import strict_json
 from chat_gpt_proxy.request.cors import parse_origins
-from chat_gpt_proxy.request.generate_params import (
-    ParamsError,
-    normalize_generate_params,
-)
+from chat_gpt_proxy.request.generate_params import ParamsError, normalize_generate_params
 from chat_gpt_proxy.upstream import egress
 
 DEFAULT_ACCESS_TOKEN = "123456"  # noqa: S105 (the old service's documented default)
@@ -140,9 +137,7 @@ class Settings:
         try:
             # The rules a request's generate_params must follow: else every request would fail.
             default_params = normalize_generate_params(
-                dict(env.json_object("DEFAULT_GENERATE_PARAMS")),
-                allowed_models,
-                where="DEFAULT_GENERATE_PARAMS",
+                dict(env.json_object("DEFAULT_GENERATE_PARAMS")), allowed_models, where="DEFAULT_GENERATE_PARAMS"
             )
         except ParamsError as exc:
             raise SettingsError("DEFAULT_GENERATE_PARAMS: " + exc.message) from None
@@ -414,24 +409,9 @@ def _seconds(minimum: float = 0.001):
     return lambda env, name, default: env.float(name, default, minimum)
 
 
-def _flag(env: _Env, name: str, default: bool) -> bool:
-    return env.bool(name, default)
-
-
-def _networks(env: _Env, name: str, _default) -> tuple:
-    return env.networks(name)
-
-
-def _origins(env: _Env, name: str, _default) -> tuple[str, ...]:
-    return env.origins(name)
-
-
-def _statuses(env: _Env, name: str, _default) -> tuple[int, ...]:
-    return env.statuses(name)
-
-
-def _redis_url(env: _Env, name: str, _default) -> str:
-    return env.redis_url(name)
+def _without_default(read: Callable[[_Env, str], Any]):
+    """For a reader whose "unset" is its own empty value (an empty tuple or string)."""
+    return lambda env, name, _default: read(env, name)
 
 
 # The rest (access tokens, the upstream and its proxy, models, logging, TLS,
@@ -452,15 +432,15 @@ VARIABLES = (
     Variable("MAX_CONCURRENT_UPSTREAM", "max_concurrent_upstream", _int(1, 100_000)),
     Variable("SHUTDOWN_GRACE", "shutdown_grace", _seconds(0)),
     Variable("SHUTDOWN_DELAY", "shutdown_delay", _seconds(0)),
-    Variable("METRICS_ENABLED", "metrics_enabled", _flag),
-    Variable("TRUSTED_PROXIES", "trusted_proxies", _networks),
-    Variable("CORS_ALLOW_ORIGINS", "cors_allow_origins", _origins),
+    Variable("METRICS_ENABLED", "metrics_enabled", _Env.bool),
+    Variable("TRUSTED_PROXIES", "trusted_proxies", _without_default(_Env.networks)),
+    Variable("CORS_ALLOW_ORIGINS", "cors_allow_origins", _without_default(_Env.origins)),
     Variable("WS_MAX_MESSAGE_BYTES", "ws_max_message_bytes", _int(1024, 1 << 30)),
     Variable("WS_PING_INTERVAL", "ws_ping_interval", _seconds(0)),
     Variable("UPSTREAM_RETRIES", "upstream_retries", _int(0, 10)),
-    Variable("RETRY_ON_STATUS", "retry_on_status", _statuses),
+    Variable("RETRY_ON_STATUS", "retry_on_status", _without_default(_Env.statuses)),
     Variable("RETRY_MAX_WAIT", "retry_max_wait", _seconds(0)),
-    Variable("REDIS_URL", "redis_url", _redis_url),
+    Variable("REDIS_URL", "redis_url", _without_default(_Env.redis_url)),
     Variable("REDIS_TIMEOUT", "redis_timeout", _seconds()),
     Variable("REDIS_INFLIGHT_TTL", "redis_inflight_ttl", _seconds(0.5)),
 )
