@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import socket
+import struct
+import time
+import uuid
 from typing import TYPE_CHECKING
+
+import tornado.httpserver
+import tornado.web
+import tornado.websocket
+from tornado.iostream import StreamClosedError
 
 from chat_gpt_proxy import tornado_internals as internals
 from chat_gpt_proxy.fake_openai.behaviours import Behaviour
@@ -22,19 +34,6 @@ from chat_gpt_proxy.fake_openai.wire import (
 
 if TYPE_CHECKING:
     from chat_gpt_proxy.fake_openai.app import FakeOpenAI
-
-import asyncio
-import contextlib
-import json
-import socket
-import struct
-import time
-import uuid
-
-import tornado.httpserver
-import tornado.web
-import tornado.websocket
-from tornado.iostream import StreamClosedError
 
 
 class FakeHandler(tornado.web.RequestHandler):

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import contextlib
+import json
+import time
+import uuid
 from typing import TYPE_CHECKING
+
+import tornado.httpserver
+import tornado.web
+import tornado.websocket
 
 from chat_gpt_proxy import tornado_internals as internals
 from chat_gpt_proxy.fake_openai.behaviours import Behaviour, RealtimeBehaviour, RealtimeRecord
@@ -10,17 +20,6 @@ from chat_gpt_proxy.fake_openai.wire import error_object, realtime_event, to_jso
 
 if TYPE_CHECKING:
     from chat_gpt_proxy.fake_openai.app import FakeOpenAI
-
-import asyncio
-import base64
-import contextlib
-import json
-import time
-import uuid
-
-import tornado.httpserver
-import tornado.web
-import tornado.websocket
 
 
 class RealtimeSocket(tornado.websocket.WebSocketHandler):
