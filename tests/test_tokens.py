@@ -19,6 +19,7 @@ from chat_gpt_proxy.fake_openai.behaviours import Behaviour
 from settings import Settings, SettingsError
 from tests.conftest import ACCESS_TOKEN, OPENAI_KEY, OTHER_SECRETS, open_raw
 from tests.procs import ROOT, ServerProcess
+from tests.test_allowed_models import raw_request
 from tests.test_readme import all_documents_text, snippet
 
 ALICE = "alice-TOKEN-4b9e2f71c0"  # use_server_key
@@ -424,17 +425,13 @@ async def test_a_server_key_token_cannot_reach_a_model_choosing_endpoint_through
     proxy, fake_openai, base_url
 ):
     """Alice (server key, ALLOWED_MODELS) named no model on an encoded path."""
-    host, port = base_url.rsplit("//", 1)[1].split(":")
     for path in ("/v1/images/%67enerations", "/v1/re%73ponses", "/v1/chat/%63ompletions"):
-        reader, writer = await asyncio.open_connection(host, int(port))
-        body = b'{"prompt": "a cat", "input": "x"}'
-        writer.write(
-            b"POST %s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (path.encode(), ALICE.encode(), len(body), body)
+        head = "POST %s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\n" % (
+            path,
+            ALICE,
         )
-        answer = await asyncio.wait_for(reader.read(), 10)
-        writer.close()
-        assert answer.startswith(b"HTTP/1.1 400 ") and b'"model_undetermined"' in answer, (path, answer[:300])
+        status, answer = await raw_request(base_url, head, b'{"prompt": "a cat", "input": "x"}')
+        assert status == 400 and answer["error"]["code"] == "model_undetermined", (path, answer)
     assert fake_openai.received == []
 
 
