@@ -325,7 +325,7 @@ def inspect_event(message: str | bytes) -> RequestedModel:
                 )
         return RequestedModel()
     try:
-        # Tornado has already refused a text frame that is not valid UTF-8 (close 1007).
+        # A text frame that is not valid UTF-8 never gets here: Tornado drops its connection.
         return _from_json(message)
     except Undetermined as exc:
         return RequestedModel(problem=str(exc).replace("body", "event"))
