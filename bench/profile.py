@@ -1,0 +1,79 @@
+"""What one request costs, counted rather than timed: Python function calls per request, two commits.
+
+    python bench/profile.py --before HEAD~3            # calls per /chat_complete request, before and after
+    python bench/profile.py --before HEAD~3 --top 25   # and where the profiled time goes
+
+Wall-clock and even CPU-second figures on this shared machine move by ±10 %
+between rounds (bench/results/compare-*.md), which hides a change of a few per
+cent. The number of Python function calls a request makes does not move with
+the neighbours: each commit's proxy runs under cProfile behind Debian's nginx
+as the fixed upstream (bench/run.py's layout), wrk sends ``/chat_complete`` at
+c=16 for a short and a longer run, and the difference between the two runs
+divides out start-up and shutdown, leaving the calls per request. cProfile
+slows everything several-fold, so the profiled microseconds are only for
+comparing the two commits with each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pstats
+import signal
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench.run import MODEL, TOKEN, Processes, free_port, start_fixed_upstream, wait_port, wrk  # noqa: E402
+
+
+def profiled_run(procs: Processes, tree: str, upstream: str, seconds: float, out: str) -> tuple[int, pstats.Stats]:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("ACCESS_TOKENS_FILE", "OPENAI_API_KEY", "REDIS_URL")}
+    env.update(PORT=str(port), HOST="127.0.0.1", ACCESS_TOKEN=TOKEN, OPENAI_BASE_URL=upstream, LOG_LEVEL="WARNING")
+    proxy = procs.start([sys.executable, "-m", "cProfile", "-o", out, os.path.join(tree, "server.py")], 0, env)
+    wait_port(port)
+    body = {"prompt": "Hello!", "generate_params": {"model_name": MODEL}}
+    result = wrk("http://127.0.0.1:%d/chat_complete" % port, body, 16, seconds, procs.workdir)
+    proxy.send_signal(signal.SIGTERM)  # drains and exits; cProfile writes its file on the way out
+    proxy.wait(30)
+    return result["requests"], pstats.Stats(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--before", default="HEAD~1", help="git ref to compare the working tree with")
+    parser.add_argument("--top", type=int, default=0, help="also print the N functions with the most own time")
+    args = parser.parse_args()
+
+    workdir = tempfile.mkdtemp(prefix="chat_gpt_proxy-profile-")
+    before_tree = os.path.join(workdir, "before")
+    os.makedirs(before_tree)
+    archive = subprocess.run(["git", "archive", args.before], cwd=ROOT, check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", before_tree], input=archive, check=True)
+    procs = Processes(workdir)
+    try:
+        upstream = "http://127.0.0.1:%d/json/v1" % start_fixed_upstream(procs)
+        rows = []
+        for label, tree in (("before (%s)" % args.before, before_tree), ("after (working tree)", ROOT)):
+            short_n, short = profiled_run(procs, tree, upstream, 2, os.path.join(workdir, "short.prof"))
+            long_n, long = profiled_run(procs, tree, upstream, 6, os.path.join(workdir, "long.prof"))
+            requests = long_n - short_n
+            calls = (long.total_calls - short.total_calls) / requests
+            micros = (long.total_tt - short.total_tt) / requests * 1e6
+            rows.append((label, calls, micros))
+            if args.top:
+                print("\n== %s: the longer run, by own time" % label)
+                long.sort_stats("tottime").print_stats(args.top)
+        print("\n| subject | Python calls per request | profiled µs per request |\n|---|---:|---:|")
+        for label, calls, micros in rows:
+            print("| %s | %.0f (%.1f %%) | %.0f |" % (label, calls, 100 * calls / rows[0][1], micros))
+    finally:
+        procs.stop_all()
+
+
+if __name__ == "__main__":
+    main()
