@@ -1,7 +1,7 @@
 """What one request costs, counted rather than timed: Python function calls per request, two commits.
 
-    python bench/profile.py --before HEAD~3            # calls per /chat_complete request, before and after
-    python bench/profile.py --before HEAD~3 --top 25   # and where the profiled time goes
+    python bench/calls.py --before HEAD~3            # calls per /chat_complete request, before and after
+    python bench/calls.py --before HEAD~3 --top 25   # and where the profiled time goes
 
 Wall-clock and even CPU-second figures on this shared machine move by ±10 %
 between rounds (bench/results/compare-*.md), which hides a change of a few per
