@@ -5,6 +5,7 @@ with BasicAuth, microsocks as socks5 without and as socks5h with
 user/password) in front of the fake upstream over plain HTTP and over HTTPS
 with a certificate from a throwaway CA given in UPSTREAM_CA_FILE. Each test
 also checks that the traffic really went through the proxy server.
+The direct-route versions of these tests are in test_streaming.py.
 """
 
 import asyncio

@@ -1,4 +1,11 @@
-"""POST /chat_complete with stream=true: a live SSE relay."""
+"""POST /chat_complete with stream=true: a live SSE relay.
+
+The same live-stream, abort and backpressure properties through each real
+egress proxy are in test_egress_proxies.py, kept apart on purpose: their
+bounds differ (two more socket buffers sit at the proxy), and the abort and
+backpressure tests here are the reference the performance work must leave
+unchanged.
+"""
 
 import asyncio
 import json
