@@ -1,0 +1,218 @@
+"""The usage ledger in PostgreSQL (USAGE_DATABASE=postgresql://…), for several instances sharing one ledger.
+
+Why asyncpg: it speaks the protocol on the event loop itself (no thread, no
+blocking call), a batch of rows goes as one pipelined ``executemany`` in one
+transaction, and its pool replaces a dead connection on the next acquire, so
+the ledger recovers by itself when the server comes back.
+
+What the store does: the same five operations as ``SqliteStore`` (insert a
+batch, what a token spent since a time, the report by UTC day, token and
+model, delete old rows), with the same results: ``report`` rows are built by
+``report_row`` and sorted bytewise (``COLLATE "C"``, NULL model first) as
+SQLite sorts, whatever the database's collation. ``open`` creates the table
+and its indexes when they are missing (under an advisory lock, so that
+instances starting together do not race) and needs no CREATE privilege when
+they exist. The URL's password never appears in a message of this module:
+errors name the server as ``postgresql://user@host:port/db``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import urllib.parse
+
+from .ledger import COLUMNS, report_row, row_of
+from .meter import Charge
+
+log = logging.getLogger("chat_gpt_proxy")
+
+CONNECT_TIMEOUT = 5.0
+# A batch or a budget look-up that takes longer is abandoned (the ledger keeps the rows and retries).
+QUERY_TIMEOUT = 10.0
+CLOSE_TIMEOUT = 5.0
+POOL_MIN, POOL_MAX = 1, 4
+# pg_advisory_xact_lock key: one instance at a time creates the schema.
+SCHEMA_LOCK = 0x63677075  # "cgpu"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS usage (
+    id BIGSERIAL PRIMARY KEY,
+    at DOUBLE PRECISION NOT NULL,
+    token TEXT NOT NULL,
+    route TEXT NOT NULL,
+    model TEXT,
+    input_tokens BIGINT NOT NULL,
+    cached_tokens BIGINT NOT NULL,
+    output_tokens BIGINT NOT NULL,
+    usd DOUBLE PRECISION NOT NULL,
+    estimated BOOLEAN NOT NULL,
+    status INTEGER NOT NULL,
+    request_id TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS usage_token_at ON usage (token, at);
+CREATE INDEX IF NOT EXISTS usage_at ON usage (at);
+"""
+SCHEMA_PRESENT = (
+    "SELECT to_regclass('usage') IS NOT NULL AND to_regclass('usage_token_at') IS NOT NULL "
+    "AND to_regclass('usage_at') IS NOT NULL"
+)
+# Built from constants only: no value ever goes into the SQL text.
+INSERT = "INSERT INTO usage (%s) VALUES (%s)" % (  # noqa: S608
+    ", ".join(COLUMNS),
+    ", ".join("$%d" % (i + 1) for i in range(len(COLUMNS))),
+)
+SPENT = (
+    "SELECT COALESCE(SUM(usd), 0)::float8, COALESCE(SUM(input_tokens + output_tokens), 0)::bigint "
+    "FROM usage WHERE token = $1 AND at >= $2"
+)
+# Day as SQLite's date(at, 'unixepoch'); order as SQLite's (bytewise, NULL first).
+REPORT = (
+    "SELECT to_char(to_timestamp(at) AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day, token, model, COUNT(*), "
+    "SUM(input_tokens), SUM(cached_tokens), SUM(output_tokens), SUM(usd), COUNT(*) FILTER (WHERE estimated) "
+    "FROM usage WHERE at >= $1 AND at < $2 GROUP BY day, token, model "
+    'ORDER BY day, token COLLATE "C", model COLLATE "C" NULLS FIRST'
+)
+
+
+class PostgresStoreError(Exception):
+    """The store cannot open or is not open; the message names the server without its password."""
+
+
+def _secrets_of(url: str) -> list[str]:
+    """The password of ``url`` (its user-info part or a ``password=`` query parameter), as written and decoded."""
+    found = []
+    _, _, rest = url.partition("://")
+    netloc = rest.split("/", 1)[0].split("?", 1)[0]
+    userinfo, at, _ = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        found.append(userinfo.split(":", 1)[1])
+    _, _, query = rest.partition("?")
+    for name, value in urllib.parse.parse_qsl(query.split("#", 1)[0], keep_blank_values=True):
+        if name == "password":
+            found.append(value)
+    for raw in list(found):
+        found.append(urllib.parse.unquote(raw))
+    # Longest first, so that a password that holds another is replaced whole.
+    return sorted({s for s in found if s}, key=len, reverse=True)
+
+
+def _where(url: str) -> str:
+    """``postgresql://user@host:port/db``: the URL without its password and query."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        user = ("%s@" % urllib.parse.unquote(parts.username)) if parts.username else ""
+        return "%s://%s%s%s" % (parts.scheme, user, parts.netloc.rpartition("@")[2], parts.path)
+    except ValueError:
+        return "postgresql://(a URL that does not parse)"
+
+
+class PostgresStore:
+    """The ledger in PostgreSQL through an asyncpg pool (POOL_MIN to POOL_MAX connections)."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.where = _where(url)
+        self._secrets = _secrets_of(url)
+        self.pool = None
+        self.schema_ready = False
+
+    def __repr__(self) -> str:
+        return "PostgresStore(%r)" % self.where
+
+    def _scrub(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def _describe(self, exc: BaseException) -> str:
+        return self._scrub("%s: %s" % (type(exc).__name__, exc)) if str(exc) else type(exc).__name__
+
+    async def open(self) -> None:
+        """Connect and create the table and its indexes if missing; PostgresStoreError if either fails."""
+        try:
+            self.pool = await self._create_pool()
+            await self._ensure_schema()
+        except Exception as exc:
+            pool, self.pool = self.pool, None
+            if pool is not None:
+                pool.terminate()
+            # ``from None``: the driver's exception is not shown with this one.
+            raise PostgresStoreError("usage database %s: %s" % (self.where, self._describe(exc))) from None
+
+    async def _create_pool(self):
+        import asyncpg
+
+        return await asyncpg.create_pool(
+            self.url,
+            min_size=POOL_MIN,
+            max_size=POOL_MAX,
+            timeout=CONNECT_TIMEOUT,
+            server_settings={"application_name": "chat_gpt_proxy"},
+        )
+
+    async def _ensure_schema(self) -> None:
+        async with self.pool.acquire() as conn:
+            if not await conn.fetchval(SCHEMA_PRESENT):
+                async with conn.transaction():
+                    await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
+                    await conn.execute(SCHEMA)
+        self.schema_ready = True
+
+    def _pool(self):
+        if self.pool is None or not self.schema_ready:
+            raise PostgresStoreError("usage database %s: not connected" % self.where)
+        return self.pool
+
+    async def close(self) -> None:
+        pool, self.pool = self.pool, None
+        if pool is None:
+            return
+        try:
+            # Waits for connections in use to come back; a hung query does not hold shutdown longer.
+            await asyncio.wait_for(pool.close(), CLOSE_TIMEOUT)
+        except asyncio.CancelledError:
+            pool.terminate()
+            raise
+        except Exception as exc:
+            pool.terminate()
+            log.warning("usage database %s: connections closed abruptly (%s)", self.where, self._describe(exc))
+
+    async def reconnect(self) -> None:
+        """After a failure: a new pool if there is none (or it closed), else fresh connections. Never raises."""
+        try:
+            if self.pool is None or self.pool.is_closing():
+                old, self.pool = self.pool, None
+                if old is not None:
+                    old.terminate()
+                self.pool = await self._create_pool()
+            else:
+                # Idle connections from before the failure are replaced on their next acquire.
+                await self.pool.expire_connections()
+            if not self.schema_ready:
+                await self._ensure_schema()
+        except Exception as exc:
+            log.debug("usage database %s: reconnect failed (%s)", self.where, self._describe(exc))
+
+    async def insert(self, rows: list[Charge]) -> None:
+        """One transaction per batch: all the rows are written or none."""
+        if not rows:
+            return
+        async with self._pool().acquire(timeout=QUERY_TIMEOUT) as conn, conn.transaction():
+            await conn.executemany(INSERT, [row_of(r) for r in rows], timeout=QUERY_TIMEOUT)
+
+    async def spent_since(self, token: str, since: float) -> tuple[float, int]:
+        async with self._pool().acquire(timeout=QUERY_TIMEOUT) as conn:
+            usd, tokens = await conn.fetchrow(SPENT, token, since, timeout=QUERY_TIMEOUT)
+        return float(usd), int(tokens)
+
+    async def report(self, since: float, until: float) -> list[dict]:
+        """Spend grouped by UTC day, token and model, for ``since <= at < until``."""
+        async with self._pool().acquire() as conn:
+            rows = await conn.fetch(REPORT, since, until)
+        return [report_row(*row) for row in rows]
+
+    async def delete_before(self, at: float) -> int:
+        async with self._pool().acquire() as conn:
+            status = await conn.execute("DELETE FROM usage WHERE at < $1", at)
+        return int(status.rsplit(" ", 1)[1])
