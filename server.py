@@ -29,12 +29,13 @@ from chat_gpt_proxy.observability import JsonFormatter, Metrics, TextFormatter, 
 from chat_gpt_proxy.request.cors import CorsPolicy
 from chat_gpt_proxy.tornado_internals import stop_keep_alive
 from chat_gpt_proxy.upstream.pool import UpstreamPool
+from chat_gpt_proxy.usage.spend import Spend
 from handlers import routes
 from handlers.base import BaseHandler
 from handlers.errors import ApiError
 from handlers.metrics import routes as metrics_routes
 from handlers.playground import STATIC_DIR, StaticHandler
-from settings import Settings, SettingsError
+from settings import Settings, SettingsError, mask_url
 
 log = logging.getLogger("chat_gpt_proxy")
 
@@ -75,6 +76,7 @@ def make_app(settings: Settings, tokens: TokenRegistry | None = None) -> ProxyAp
         pool=pool,
         tokens=tokens,
         cors=CorsPolicy(settings.cors_allow_origins),
+        spend=Spend(settings, metrics),
         metrics=metrics,
         shared_limits=shared_limits,
         default_handler_class=NotFoundHandler,
@@ -278,6 +280,8 @@ def reload_tokens(app: ProxyApplication) -> None:
         log.error("SIGHUP: tokens file refused, the previous tokens stay in force: %s", exc)
         return
     log.info("SIGHUP: reloaded %s: %d named tokens", tokens.settings.access_tokens_file, tokens.named)
+    # A token new to this process starts from what the ledger says it spent.
+    asyncio.ensure_future(app.spend.rebuild(tokens.entries))
 
 
 async def serve(
@@ -286,6 +290,16 @@ async def serve(
     if settings.demo_upstream:
         settings = await start_demo_upstream(settings)
     app = make_app(settings, tokens)
+    try:
+        # Before the first request: budgets must start from what the ledger says was spent.
+        await app.spend.start(tokens.entries)
+    except Exception as exc:  # any driver's error: one line, exit 2, as for a setting
+        print(
+            "chat_gpt_proxy: invalid setting USAGE_DATABASE: cannot open the usage ledger %s: %s"
+            % (mask_url(settings.usage_database), (str(exc) or type(exc).__name__).replace("\n", " ")[:300]),
+            file=sys.stderr,
+        )
+        sys.exit(2)
     server = make_server(app, settings, ssl_context)
     server.add_sockets(sockets)
     scheme = "https" if settings.tls_certfile else "http"
@@ -313,6 +327,7 @@ async def serve(
     except TimeoutError:
         log.warning("shutdown: connections still open after 5 s; exiting anyway")
     pool.close()
+    await app.spend.close()
     if app.shared_limits is not None:
         await app.shared_limits.close()
     log.info("shutdown complete")

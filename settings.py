@@ -20,6 +20,7 @@ from chat_gpt_proxy.request import strict_json
 from chat_gpt_proxy.request.cors import parse_origins
 from chat_gpt_proxy.request.generate_params import ParamsError, normalize_generate_params
 from chat_gpt_proxy.upstream import egress
+from chat_gpt_proxy.usage.prices import PricesFileError, parse_prices
 
 DEFAULT_ACCESS_TOKEN = "123456"  # noqa: S105 (the old service's documented default)
 # The server key goes into a header line, like a caller's key.
@@ -92,6 +93,15 @@ class Settings:
     # The server-held OpenAI key: kept out of repr() and masked()
     # so that no log line can show it.
     openai_api_key: str = dataclasses.field(default="", repr=False)
+    # Spend (chat_gpt_proxy/usage/): prices over the shipped table, the
+    # ledger (a SQLite path or a postgresql:// URL, which may hold a
+    # password: masked like REDIS_URL), its write queue and retention, and
+    # the token of the admin routes (unset: /admin is a 404).
+    prices_file: str = ""
+    usage_database: str = dataclasses.field(default="", repr=False)
+    usage_queue_rows: int = 100_000
+    usage_retention_days: int = 0
+    admin_token: str = dataclasses.field(default="", repr=False)
 
     @property
     def default_token_in_use(self) -> bool:
@@ -111,9 +121,9 @@ class Settings:
                 value = ["***" for _ in value]
             elif field.name == "upstream_proxy":
                 value = egress.describe(self.openai_base_url, value, self.no_proxy)
-            elif field.name == "openai_api_key":
+            elif field.name in ("openai_api_key", "admin_token"):
                 value = "***" if value else ""
-            elif field.name == "redis_url":
+            elif field.name in ("redis_url", "usage_database"):
                 value = mask_url(value)
             elif isinstance(value, Mapping):
                 value = dict(value)
@@ -169,6 +179,12 @@ class Settings:
             raise SettingsError(
                 f"REDIS_PREFIX: 1-64 letters, digits, '.', '_', ':' or '-' (no braces), got {redis_prefix[:80]!r}"
             )
+        prices_file = env.str("PRICES_FILE", "")
+        if prices_file:
+            try:
+                parse_prices(prices_file)
+            except PricesFileError as exc:
+                raise SettingsError("PRICES_FILE: %s" % exc) from None
         return cls(
             # The variables read straight into one field each, as VARIABLES declares them.
             **{v.field: v.read(env, v.name, getattr(cls, v.field)) for v in VARIABLES},
@@ -192,6 +208,8 @@ class Settings:
             openai_api_key=env.server_key(),
             redis_prefix=redis_prefix,
             redis_failure_mode=redis_mode,
+            prices_file=prices_file,
+            admin_token=env.secret("ADMIN_TOKEN"),
         )
 
 
@@ -360,6 +378,40 @@ class _Env:
             raise SettingsError(f"{name}: must be one line of visible ASCII characters (the value is not shown)")
         return key or ""
 
+    def secret(self, name: str) -> str:
+        """A token that guards something: set but empty is a mistake, not "no token"."""
+        value = self.environ.get(name)
+        if value is None:
+            return ""
+        value = value.strip()
+        if not value:
+            raise SettingsError(f"{name}: is set but empty; set a long random value, or unset it")
+        if len(value) < 16 or not SERVER_KEY_RE.match(value):
+            raise SettingsError(f"{name}: must be 16 or more visible ASCII characters (the value is not shown)")
+        return value
+
+    def database_url(self, name: str) -> str:
+        """USAGE_DATABASE: a SQLite file path (whose folder must exist) or a postgresql:// URL."""
+        url = self.raw(name)
+        if url is None:
+            return ""
+        if url.startswith(("postgresql://", "postgres://")):
+            try:
+                parts = urllib.parse.urlsplit(url)
+                parts.port  # noqa: B018 (raises ValueError for a port out of range)
+            except ValueError:
+                raise SettingsError(f"{name}: not a valid URL: {mask_url(url)!r}") from None
+            if not parts.hostname and "host=" not in parts.query:
+                raise SettingsError(f"{name}: no host in {mask_url(url)!r}")
+            return url
+        if "://" in url and not url.startswith("sqlite:///"):
+            raise SettingsError(f"{name}: a SQLite file path or a postgresql:// URL, got {mask_url(url)!r}")
+        path = url.removeprefix("sqlite://")
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise SettingsError(f"{name}: the folder {folder!r} does not exist")
+        return url
+
     def redis_url(self, name: str) -> str:
         """REDIS_URL: redis:// or rediss://, a host, optional port and database; never quoted with its password."""
         url = self.raw(name)
@@ -443,4 +495,7 @@ VARIABLES = (
     Variable("REDIS_URL", "redis_url", _without_default(_Env.redis_url)),
     Variable("REDIS_TIMEOUT", "redis_timeout", _seconds()),
     Variable("REDIS_INFLIGHT_TTL", "redis_inflight_ttl", _seconds(0.5)),
+    Variable("USAGE_DATABASE", "usage_database", _without_default(_Env.database_url)),
+    Variable("USAGE_QUEUE_ROWS", "usage_queue_rows", _int(100, 100_000_000)),
+    Variable("USAGE_RETENTION_DAYS", "usage_retention_days", _int(0, 100_000)),
 )

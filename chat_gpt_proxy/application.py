@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from .observability import Metrics
     from .request.cors import CorsPolicy
     from .upstream.pool import UpstreamPool
+    from .usage.spend import Spend
 
 
 class ProxyApplication(tornado.web.Application):
@@ -32,6 +33,7 @@ class ProxyApplication(tornado.web.Application):
         pool: UpstreamPool,
         tokens: TokenRegistry,
         cors: CorsPolicy,
+        spend: Spend,
         metrics: Metrics | None = None,
         shared_limits: SharedLimits | None = None,
         **settings,
@@ -42,6 +44,8 @@ class ProxyApplication(tornado.web.Application):
         # Replaced in place on SIGHUP.
         self.tokens = tokens
         self.cors = cors
+        # Prices, budgets and the usage ledger; its ledger is opened by ``spend.start``.
+        self.spend = spend
         self.metrics = metrics
         # With REDIS_URL: the per-token counters every instance shares.
         self.shared_limits = shared_limits

@@ -67,6 +67,8 @@ class AccessRecord:
     left_before_headers: bool = False
     # The upstream HTTP call, for its timings, its request id and why it was aborted.
     call: object | None = None
+    # SSE data events relayed (the output estimate of chat_gpt_proxy/usage/meter.py).
+    events: int = 0
     logged: bool = False
 
 
@@ -124,6 +126,12 @@ class Metrics:
             registry=r,
         )
         self.upstream_retries = Counter("proxy_upstream_retries", "Upstream attempts retried", ["reason"], registry=r)
+        # Spend (chat_gpt_proxy/usage/): money charged per token, and the ledger's write queue.
+        self.spend = Counter("proxy_spend_usd", "US dollars charged, by token", ["token"], registry=r)
+        self.ledger_queue = Gauge("proxy_usage_queue_rows", "Usage rows waiting for the database", registry=r)
+        self.ledger_dropped = Counter(
+            "proxy_usage_rows_dropped", "Usage rows dropped because the ledger's queue was full", registry=r
+        )
 
     def model_label(self, model: str) -> str:
         """The ``model`` label of proxy_tokens_total. The caller names the model, so it is

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 
 from chat_gpt_proxy.access.tokens import UNAVAILABLE
 from chat_gpt_proxy.upstream.pool import UpstreamPool
+from chat_gpt_proxy.usage.budgets import Over
 
 from .errors import ApiError
 
@@ -54,6 +56,66 @@ class Admission:
 
     # Whether this request goes upstream with the server-held key.
     used_server_key = False
+
+    # Spend (chat_gpt_proxy/usage/spend.py): whether this request is charged,
+    # whether the proxy asked a stream for usage the caller did not ask for,
+    # and what is left of the token's budget (on every answer, errors too).
+    metered = False
+    usage_injected = False
+    charged = False
+    budget_headers: dict = {}  # noqa: RUF012 (replaced per request, never mutated)
+
+    def check_budget(self, model: str | None) -> None:
+        """Refuse a token at or over its budget (429) or a money budget on a model without a price (403)."""
+        spend = self.application.spend
+        entry = self.token
+        self.metered = spend.metering(entry)
+        if not self.metered or entry is None or not entry.policy.budget:
+            return
+        now = time.time()
+        self.budget_headers = spend.headers(entry, now)
+        for name, value in self.budget_headers.items():
+            self.set_header(name, value)
+        refusal = spend.refusal(entry, model, now)
+        if refusal is None:
+            return
+        self.metered = False  # refused: nothing to charge
+        if isinstance(refusal, Over):
+            self.access.limited = refusal.which
+            raise ApiError(
+                429,
+                refusal.message,
+                "rate_limit_exceeded",
+                "budget_exceeded",
+                headers={"Retry-After": str(refusal.retry_after)},
+            )
+        self.access.limited = "model_not_priced"
+        raise ApiError(403, refusal.message, "permission_denied", "model_not_priced")
+
+    def charge_spend(self, model_call: bool = True) -> None:
+        """Charge the finished request once: its usage, or an estimate if a model ran and none came back."""
+        if not self.metered or self.charged:
+            return
+        self.charged = True
+        access = self.access
+        call = access.call
+        status = getattr(call, "status", 0)
+        if not status:
+            return  # the upstream never answered: nothing ran
+        ok = 200 <= status < 300
+        if access.model is None and access.usage is None:
+            return  # no model call (files, models, a GET): nothing to charge
+        self.application.spend.charge(
+            token=access.token,
+            route=access.route,
+            model=access.model,
+            usage=access.usage if ok else None,
+            status=status,
+            request_id=access.request_id,
+            request_bytes=len(self.request.body or b""),
+            events=access.events,
+            model_call=ok and model_call,
+        )
 
     def server_key_refused(self) -> ApiError:
         """The upstream refused the server's own key: the operator's problem, not the caller's.
@@ -139,6 +201,7 @@ class Admission:
 
     def on_finish(self) -> None:
         self.release_token()
+        self.charge_spend()
 
     def allowed_models(self) -> tuple[str, ...]:
         """ALLOWED_MODELS, or the caller's token's own allowed_models."""

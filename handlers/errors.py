@@ -112,6 +112,9 @@ class JsonErrors:
             # Answered before the request was read to its end: Tornado closes
             # the connection after this answer; say so (RFC 9112 section 9.6).
             self.set_header("Connection", "close")
+        # What is left of a budgeted token's budget goes with every answer, errors too.
+        for name, value in getattr(self, "budget_headers", {}).items():
+            self.set_header(name, value)
         self.set_header("Content-Type", "application/json; charset=utf-8")
         self.finish(dumps(self.error_body(status_code, message, error)))
 

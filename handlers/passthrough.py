@@ -13,6 +13,7 @@ import json
 from chat_gpt_proxy import tornado_internals as internals
 from chat_gpt_proxy.request.body import parse_content_length
 from chat_gpt_proxy.request.model import MODEL_FREE_PATH_RE, SESSION_MODEL_PATH_RE, inspect_request
+from chat_gpt_proxy.request.strict_json import dumps, loads
 from chat_gpt_proxy.upstream.errors import UpstreamError
 from chat_gpt_proxy.upstream.headers import HOP_BY_HOP_HEADERS
 from chat_gpt_proxy.upstream.urls import join_url, normalised_path
@@ -119,9 +120,12 @@ class OpenAIHandler(OpenAIStyle, ProxyHandler):
             value = self.request.headers.get(name)
             if value is not None:
                 headers[name] = value
-        _, stream = self.requested_model_and_stream()
+        model, stream = self.requested_model_and_stream()
+        self.check_budget(model)
         method = self.request.method
         body = self.body if method in ("POST", "PUT", "PATCH") else None
+        if stream and self.metered and self.v1_path == "chat/completions":
+            body = self.with_stream_usage(body)
         call = await self.open_upstream(method, url, headers, body, stream=stream)
         if call.status == 401 and self.used_server_key:
             await call.discard()
@@ -143,6 +147,22 @@ class OpenAIHandler(OpenAIStyle, ProxyHandler):
             await self.relay_stream(call)
         else:
             await self.relay_body(call)
+
+    def with_stream_usage(self, body: bytes) -> bytes:
+        """The body with ``stream_options.include_usage`` added if the caller left it out.
+
+        The one case where /v1 does not forward the body byte for byte: a
+        metered stream is always counted, and the caller still receives the
+        stream it asked for (handlers/relay.py removes the usage chunk).
+        """
+        try:
+            payload = loads(body)
+        except (ValueError, RecursionError):
+            return body  # the upstream answers it with its own error
+        if not isinstance(payload, dict):
+            return body
+        self.ask_stream_usage(payload)
+        return dumps(payload) if self.usage_injected else body
 
     def upstream_length(self, call) -> int | None:
         """The upstream's Content-Length, parsed strictly (None when absent or invalid)."""

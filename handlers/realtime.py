@@ -25,7 +25,7 @@ from tornado.websocket import WebSocketHandler, WebSocketProtocol13
 from chat_gpt_proxy import tornado_internals as internals
 from chat_gpt_proxy.observability import log_session
 from chat_gpt_proxy.realtime.connect import UpstreamRefused, connect_upstream
-from chat_gpt_proxy.realtime.session import RealtimeSession
+from chat_gpt_proxy.realtime.session import CLIENT_TO_UPSTREAM, UPSTREAM_TO_CLIENT, RealtimeSession
 from chat_gpt_proxy.request.model import models_in_query, query_pairs
 from chat_gpt_proxy.request.strict_json import loads
 from chat_gpt_proxy.upstream.errors import UpstreamError
@@ -179,6 +179,7 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
                 "model_undetermined",
             )
         check_model_allowed(allowed, self.access.model)
+        self.check_budget(self.access.model)
         url = upstream_url(self.config.openai_base_url, "realtime", self.request.query)
         if url is None:
             raise ApiError(400, "Invalid query string.", "invalid_request_error", "invalid_path")
@@ -302,7 +303,26 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
         metrics = self.application.metrics
         if metrics is not None:
             metrics.realtime_sessions.dec()
+        self.charge_session(session)
         log_session(self, session)
+
+    def charge_session(self, session: RealtimeSession) -> None:
+        """Charge the session's ``response.done`` usage; an estimate if the client sent
+        something and no usage came back (it left mid-response, or the upstream failed)."""
+        if not self.metered or self.charged:
+            return
+        self.charged = True
+        self.application.spend.charge(
+            token=self.access.token,
+            route=self.access.route,
+            model=self.access.model,
+            usage=session.usage_object(),
+            status=101,
+            request_id=self.access.request_id,
+            request_bytes=session.bytes[CLIENT_TO_UPSTREAM],
+            events=session.messages[UPSTREAM_TO_CLIENT],
+            model_call=session.messages[CLIENT_TO_UPSTREAM] > 0,
+        )
 
 
 routes = [(r"/v1/realtime", RealtimeHandler)]

@@ -63,6 +63,33 @@ def last_event_end(data: bytes) -> int:
     return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0, cr + 2 if cr >= 0 else 0)
 
 
+# What ``stream_options.include_usage`` adds to a chat stream: ``"usage":null``
+# closing every chunk, and one last chunk with no choices and the usage.
+USAGE_NULL_END = b',"usage":null}'
+
+
+def without_injected_usage(events: bytes) -> bytes:
+    """``events`` as the upstream would have sent them had the proxy not asked for usage.
+
+    Only when the proxy added ``include_usage`` itself (chat_gpt_proxy/usage/):
+    the caller gets exactly the stream it asked for.
+    """
+    out = []
+    for event in events.split(b"\n\n"):
+        if event.startswith(b"data: {") and b'"usage":' in event:
+            if event.endswith(USAGE_NULL_END):
+                event = event[: -len(USAGE_NULL_END)] + b"}"
+            elif b'"choices":[]' in event:
+                try:
+                    parsed = json.loads(event[6:])
+                except (ValueError, RecursionError):
+                    parsed = None
+                if isinstance(parsed, dict) and parsed.get("choices") == [] and isinstance(parsed.get("usage"), dict):
+                    continue
+        out.append(event)
+    return b"\n\n".join(out)
+
+
 def error_event(exc: UpstreamError) -> bytes:
     return b"data: " + dumps({"error": exc.error_object()}) + b"\n\n" + SSE_DONE
 
@@ -109,6 +136,14 @@ class ProxyHandler(BaseHandler):
             if stream_ is None or stream_.closed():
                 raise ApiError.from_upstream(UpstreamError("aborted", "the request was aborted (client_closed)"))
             timeout = pool.retry.budget - (time.monotonic() - first)
+
+    def ask_stream_usage(self, payload: dict) -> None:
+        """A metered chat stream is always counted: ask for its usage if the caller did
+        not, and remember to remove what that adds (``without_injected_usage``)."""
+        options = payload.get("stream_options")
+        if options is None or (isinstance(options, dict) and options.get("include_usage") is not True):
+            payload["stream_options"] = {**(options or {}), "include_usage": True}
+            self.usage_injected = True
 
     def note_retry(self, reason: str, attempt: int, wait: float) -> None:
         log.warning(
@@ -205,6 +240,10 @@ class ProxyHandler(BaseHandler):
                         self.access.first_byte_at = time.monotonic()
                     if b'"usage":{' in events:
                         self.note_stream_usage(events)
+                    if self.metered:
+                        self.access.events += events.count(b"data:")
+                        if self.usage_injected:
+                            events = without_injected_usage(events)
                     self.write(events)
                     tail = (tail + events)[-4:]
                     keepalive.mid_event = last_event_end(tail) != len(tail)

@@ -157,8 +157,10 @@ def config(request, fake_openai):
 @pytest.fixture
 def app(config, io_loop):
     application = make_app(config)
+    io_loop.run_sync(lambda: application.spend.start(application.tokens.entries))
     yield application
     application.pool.close()
+    io_loop.run_sync(application.spend.close)
 
 
 @pytest.fixture

@@ -8,6 +8,9 @@ The file is TOML, one table per token name::
     max_concurrent = 4                # requests and streams in flight; unset or 0: no limit
     allowed_models = ["gpt-4o-mini"]  # unset: ALLOWED_MODELS
     use_server_key = true             # may use OPENAI_API_KEY when sending no key of its own
+    budget_usd = 20.0                 # spend per budget_period (chat_gpt_proxy/usage/); unset: none
+    budget_tokens = 2000000           # input + output tokens per budget_period; unset: none
+    budget_period = "month"           # "day", "week" or "month" (UTC calendar periods)
     disabled = false
 
     [bob]
@@ -25,10 +28,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
+import math
 import re
 import tomllib
 
 from chat_gpt_proxy.access.limits import InFlight, RateLimiter
+from chat_gpt_proxy.usage.budgets import NO_BUDGET, PERIODS, Budget
 
 # Names end up in log lines and metric labels: keep them short and plain.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
@@ -43,6 +48,9 @@ FIELDS = (
     "max_concurrent",
     "allowed_models",
     "use_server_key",
+    "budget_usd",
+    "budget_tokens",
+    "budget_period",
     "disabled",
 )
 UNNAMED = "-"
@@ -60,6 +68,7 @@ class TokenPolicy:
     max_concurrent: int = 0  # 0: no limit
     allowed_models: tuple[str, ...] = ()  # (): any model
     use_server_key: bool = False
+    budget: Budget = NO_BUDGET
     disabled: bool = False
 
 
@@ -177,9 +186,28 @@ def _parse_entry(table: dict, settings, where: str, name: str) -> TokenEntry:
         max_concurrent=_int(table, "max_concurrent", where, 0, 100_000),
         allowed_models=tuple(models) if models is not None else settings.allowed_models,
         use_server_key=use_server_key,
+        budget=_budget(table, where),
         disabled=_bool(table, "disabled", where),
     )
     return TokenEntry(name, name, digest, policy)
+
+
+def _budget(table: dict, where: str) -> Budget:
+    usd, tokens = table.get("budget_usd"), table.get("budget_tokens")
+    period = table.get("budget_period", "month")
+    if usd is not None and (
+        isinstance(usd, bool) or not isinstance(usd, int | float) or not math.isfinite(usd) or not 0 <= usd <= 1e9
+    ):
+        raise TokensFileError(where + "budget_usd must be a number of US dollars, 0 or more")
+    if tokens is not None:
+        tokens = _int(table, "budget_tokens", where, 0, 10**15)
+    if period not in PERIODS:
+        raise TokensFileError(where + "budget_period must be one of %s" % ", ".join('"%s"' % p for p in PERIODS))
+    if usd is None and tokens is None:
+        if "budget_period" in table:
+            raise TokensFileError(where + "budget_period is set but neither budget_usd nor budget_tokens")
+        return NO_BUDGET
+    return Budget(None if usd is None else float(usd), tokens, period)
 
 
 def _int(table: dict, field: str, where: str, default: int, high: int) -> int:

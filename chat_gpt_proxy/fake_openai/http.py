@@ -183,7 +183,8 @@ class ChatCompletions(FakeHandler):
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
         self.set_header("Cache-Control", "no-cache")
         cid = "chatcmpl-" + uuid.uuid4().hex[:24]
-        if not await self.send(chunk(cid, model, {"role": "assistant", "content": ""})):
+        usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        if not await self.send(chunk(cid, model, {"role": "assistant", "content": ""}, with_usage=usage)):
             return
         for index, piece in enumerate(pieces):
             if behaviour.kind in ("drop", "stall") and index == behaviour.after:
@@ -194,10 +195,10 @@ class ChatCompletions(FakeHandler):
                 return
             if index and not await self.pause(behaviour.delay):
                 return
-            if not await self.send(chunk(cid, model, {"content": piece})):
+            if not await self.send(chunk(cid, model, {"content": piece}, with_usage=usage)):
                 return
-        await self.send(chunk(cid, model, {}, finish_reason="stop"))
-        if (body.get("stream_options") or {}).get("include_usage"):
+        await self.send(chunk(cid, model, {}, finish_reason="stop", with_usage=usage))
+        if usage:
             await self.send(chunk(cid, model, {}, usage=usage_for("".join(pieces)), choices=False))
         self.finish(b"data: [DONE]\n\n")
 

@@ -42,7 +42,9 @@ def usage_for(content: str) -> dict:
     return {"prompt_tokens": 9, "completion_tokens": completion_tokens, "total_tokens": 9 + completion_tokens}
 
 
-def chunk(cid: str, model: str, delta: dict, finish_reason=None, usage=None, choices=True) -> bytes:
+def chunk(cid: str, model: str, delta: dict, finish_reason=None, usage=None, choices=True, with_usage=False) -> bytes:
+    """One chat.completion.chunk event. As OpenAI does, a stream asked for its usage
+    (``stream_options.include_usage``) carries ``"usage": null`` in every chunk but the last."""
     obj = {
         "id": cid,
         "object": "chat.completion.chunk",
@@ -51,8 +53,9 @@ def chunk(cid: str, model: str, delta: dict, finish_reason=None, usage=None, cho
         "system_fingerprint": "fp_fake",
         "service_tier": "default",
         "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}] if choices else [],
-        "usage": usage,
     }
+    if with_usage or usage is not None:
+        obj["usage"] = usage
     return b"data: " + to_json(obj) + b"\n\n"
 
 

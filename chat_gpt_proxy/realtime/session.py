@@ -96,6 +96,7 @@ class RealtimeSession:
         self.bytes = {CLIENT_TO_UPSTREAM: 0, UPSTREAM_TO_CLIENT: 0}
         self.usage = {"input_tokens": 0, "output_tokens": 0}
         self.usage_seen = False
+        self.cached_tokens = 0
         # When the pending write to each side began (None: none pending).
         self.writing_since: float | None = None
         self.sending_since: float | None = None
@@ -220,6 +221,15 @@ class RealtimeSession:
             if isinstance(usage.get(kind), int):
                 self.usage[kind] += usage[kind]
                 self.usage_seen = True
+        details = usage.get("input_token_details")
+        if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
+            self.cached_tokens += details["cached_tokens"]
+
+    def usage_object(self) -> dict | None:
+        """The session's summed usage in the shape of one ``response.done`` usage (None: none seen)."""
+        if not self.usage_seen:
+            return None
+        return {**self.usage, "input_token_details": {"cached_tokens": self.cached_tokens}}
 
     def _upstream_closed(self, exc: ConnectionClosed) -> None:
         if self.closed_by is not None:

@@ -152,7 +152,7 @@ def make_store(url: str):
         from .postgres import PostgresStore
 
         return PostgresStore(url)
-    return SqliteStore(url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else url)
+    return SqliteStore(url.removeprefix("sqlite://"))
 
 
 class Ledger:

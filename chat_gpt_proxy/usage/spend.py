@@ -1,0 +1,140 @@
+"""Spend control for the application: prices, what each token spent, budgets, and the ledger.
+
+One ``Spend`` per application (``application.spend``). Handlers ask it three
+things: whether a token may start a request (``refusal``), what to tell the
+caller is left (``headers``), and, when the request has ended, to charge it
+(``charge``). Charging only records state: an in-memory counter per token and
+period, and a row queued for the ledger; the database is written by the
+ledger's own task.
+
+Metering (``metering``) is on when there is a ledger (USAGE_DATABASE) or the
+token has a budget: only then does the proxy ask a stream for its usage.
+With neither, nothing here runs per request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+from .budgets import NO_BUDGET, PERIODS, Budget, BudgetBook, Over, period_bounds
+from .ledger import Ledger, make_store
+from .meter import Charge, cost, estimate, usage_counts
+from .prices import PriceTable
+
+log = logging.getLogger("chat_gpt_proxy")
+
+
+@dataclasses.dataclass(frozen=True)
+class NotPriced:
+    """A token with a money budget asked for a model without a price: 403 ``model_not_priced``."""
+
+    model: str
+
+    @property
+    def message(self) -> str:
+        return (
+            "Model %r has no price on this proxy, and this access token has a budget in US dollars; "
+            "the operator can add its price in PRICES_FILE." % self.model[:100]
+        )
+
+
+class Spend:
+    def __init__(self, config, metrics=None):
+        self.config = config
+        self.prices = PriceTable(config.prices_file)
+        self.book = BudgetBook()
+        self.metrics = metrics
+        self.ledger: Ledger | None = None
+        # Token names whose spend was read from the ledger (at startup, or when a reload added them).
+        self.rebuilt: set[str] = set()
+        if config.usage_database:
+            self.ledger = Ledger(make_store(config.usage_database), config.usage_queue_rows, metrics)
+
+    async def start(self, entries) -> None:
+        """Open the ledger and rebuild every named token's spend in its current periods from it."""
+        if self.ledger is None:
+            return
+        await self.ledger.start()
+        await self.rebuild(entries)
+        if self.config.usage_retention_days:
+            cutoff = time.time() - self.config.usage_retention_days * 86400
+            deleted = await self.ledger.delete_before(cutoff)
+            if deleted:
+                log.info("usage ledger: %d rows older than %d days deleted", deleted, self.config.usage_retention_days)
+
+    async def rebuild(self, entries) -> None:
+        """Read from the ledger what tokens not yet read spent in their current periods."""
+        if self.ledger is None:
+            return
+        now = time.time()
+        for name in {e.name for e in entries} - self.rebuilt:
+            self.rebuilt.add(name)
+            for period in PERIODS:
+                start, _ = period_bounds(period, now)
+                usd, tokens = await self.ledger.spent_since(name, start)
+                self.book.set(name, period, start, usd, tokens)
+
+    async def close(self) -> None:
+        if self.ledger is not None:
+            await self.ledger.close()
+
+    def metering(self, entry) -> bool:
+        return self.ledger is not None or (entry is not None and bool(entry.policy.budget))
+
+    def refusal(self, entry, model: str | None, now: float) -> Over | NotPriced | None:
+        """Why ``entry`` may not start a request for ``model`` now, if it may not."""
+        budget: Budget = entry.policy.budget if entry is not None else NO_BUDGET
+        if not budget:
+            return None
+        over = self.book.check(entry.name, budget, now)
+        if over is not None:
+            return over
+        if budget.usd is not None and model is not None and self.prices.price(model) is None:
+            return NotPriced(model)
+        return None
+
+    def headers(self, entry, now: float) -> dict[str, str]:
+        """What is left of ``entry``'s budget, for every answer to a budgeted token."""
+        budget = entry.policy.budget if entry is not None else NO_BUDGET
+        if not budget:
+            return {}
+        left = self.book.remaining(entry.name, budget, now)
+        out = {"x-proxy-budget-period": budget.period, "x-proxy-budget-resets": left["resets_at"]}
+        if budget.usd is not None:
+            out["x-proxy-budget-remaining-usd"] = "%.6f" % left["remaining_usd"]
+        if budget.tokens is not None:
+            out["x-proxy-budget-remaining-tokens"] = str(left["remaining_tokens"])
+        return out
+
+    def charge(
+        self,
+        *,
+        token: str,
+        route: str,
+        model: str | None,
+        usage,
+        status: int,
+        request_id: str,
+        request_bytes: int,
+        events: int,
+        model_call: bool,
+    ) -> Charge:
+        """Charge one finished request: its usage, or an estimate when a model ran and none came back."""
+        counts = usage_counts(usage)
+        estimated = False
+        if counts is None:
+            if model_call:
+                counts, estimated = estimate(request_bytes, events), True
+            else:
+                counts = (0, 0, 0)
+        at = time.time()
+        usd = cost(self.prices.price(model), counts)
+        row = Charge(at, token, route, model, *counts, usd, estimated, status, request_id)
+        self.book.charge(token, at, usd, row.tokens)
+        if self.ledger is not None:
+            self.ledger.record(row)
+        if self.metrics is not None and usd:
+            self.metrics.spend.labels(token).inc(usd)
+        return row
