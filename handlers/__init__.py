@@ -4,9 +4,16 @@ Their shared bases: ``base`` (request ids, bodies, HEAD/OPTIONS, disconnects),
 ``admission`` (access token, limits, key, allow-list, concurrency cap),
 ``errors`` (JSON errors), ``relay`` (calling the upstream and relaying its
 answer), ``openai_style`` (how /v1/* takes the key and words its errors) and
-``usage_page``.
+``usage_page`` and ``pages`` (what HTML pages are served with).
 """
 
-from . import chat, passthrough, playground, public, realtime
+from . import admin, chat, passthrough, playground, public, realtime
 
-routes = [*playground.routes, *public.routes, *chat.routes, *realtime.routes, *passthrough.routes]
+routes = [
+    *playground.routes,
+    *public.routes,
+    *admin.routes,
+    *chat.routes,
+    *realtime.routes,
+    *passthrough.routes,
+]

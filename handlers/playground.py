@@ -11,21 +11,10 @@ from chat_gpt_proxy import tornado_internals as internals
 from chat_gpt_proxy.request.strict_json import dumps
 
 from .base import BaseHandler
+from .pages import PAGE_HEADERS
 from .usage_page import UsagePageMixin
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static")
-
-# No inline script or style, nothing from other hosts, no framing.
-CONTENT_SECURITY_POLICY = (
-    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
-    "base-uri 'none'; form-action 'self'; frame-ancestors 'none'; object-src 'none'"
-)
-PAGE_HEADERS = {
-    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "X-Frame-Options": "DENY",
-}
 
 
 class PlaygroundHandler(UsagePageMixin, BaseHandler):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import time
+
 from chat_gpt_proxy.request.strict_json import dumps
+from chat_gpt_proxy.usage.budgets import PERIODS, iso
 
 from .base import BaseHandler
 from .errors import ApiError
@@ -10,9 +13,36 @@ from .usage_page import UsagePageMixin
 
 
 class UsageHandler(UsagePageMixin, BaseHandler):
-    """GET /usage: the usage page."""
+    """GET /usage: the usage page; with an ``access-token`` header, that token's spend as JSON.
+
+    The old service's page is what a caller without the header still gets.
+    """
 
     requires_access_token = False
+
+    def get(self) -> None:
+        if "access-token" not in self.request.headers:
+            super().get()
+            return
+        entry = self.application.tokens.lookup(self.presented_access_token())
+        if entry is None:
+            raise ApiError(403, "Missing or wrong access-token header.", "permission_denied", "invalid_access_token")
+        now = time.time()
+        book = self.application.spend.book
+        spent = {}
+        for period in PERIODS:
+            counted, end = book.spent_now(entry.name, period, now)
+            spent[period] = {"usd": counted.usd, "tokens": counted.tokens, "resets_at": iso(end)}
+        budget = entry.policy.budget
+        body = {
+            "token": entry.name,
+            "spent": spent,
+            "budget": book.remaining(entry.name, budget, now) if budget else None,
+            # Without a ledger the spend is what this process has seen since it started.
+            "since_restart_only": self.application.spend.ledger is None,
+        }
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.finish(dumps(body))
 
 
 class HealthHandler(BaseHandler):

@@ -86,12 +86,13 @@ class BudgetBook:
         start, end = period_bounds(period, now)
         return (name, period, start), end
 
-    def spent_now(self, name: str, budget: Budget, now: float) -> tuple[Spent, float]:
-        key, end = self._slot(name, budget.period, now)
+    def spent_now(self, name: str, period: str, now: float) -> tuple[Spent, float]:
+        """What ``name`` spent in the ``period`` holding ``now``, and when that period ends."""
+        key, end = self._slot(name, period, now)
         return self.spent.get(key) or Spent(), end
 
     def check(self, name: str, budget: Budget, now: float) -> Over | None:
-        spent, end = self.spent_now(name, budget, now)
+        spent, end = self.spent_now(name, budget.period, now)
         retry = max(1, math.ceil(end - now))
         if budget.usd is not None and spent.usd >= budget.usd:
             return Over("budget_usd", spent.usd, budget.usd, end, retry)
@@ -100,7 +101,7 @@ class BudgetBook:
         return None
 
     def remaining(self, name: str, budget: Budget, now: float) -> dict:
-        spent, end = self.spent_now(name, budget, now)
+        spent, end = self.spent_now(name, budget.period, now)
         out = {"period": budget.period, "resets_at": iso(end), "spent_usd": spent.usd, "spent_tokens": spent.tokens}
         if budget.usd is not None:
             out["budget_usd"] = budget.usd

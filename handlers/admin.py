@@ -1,0 +1,134 @@
+"""/admin: the spend of every token, for whoever holds ADMIN_TOKEN (unset: these routes do not exist).
+
+- ``GET /admin/usage``: the ledger grouped by UTC day, token and model, between
+  ``from`` and ``to`` (``YYYY-MM-DD``, both included; default: this month so
+  far), with every budgeted token's spend and what is left; ``?format=csv``
+  gives the rows as CSV.
+- ``GET /admin``: a page with charts of the same (static/admin.*, no CDN).
+
+The admin token travels in the ``admin-token`` header and is compared in
+constant time (digests of equal length), like the access tokens.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import hashlib
+import hmac
+import io
+import time
+
+from chat_gpt_proxy.access.tokens import UNNAMED
+from chat_gpt_proxy.request.strict_json import dumps
+
+from .base import BaseHandler
+from .errors import ApiError
+from .pages import PAGE_HEADERS
+
+DATE_FORMAT = "%Y-%m-%d"
+CSV_COLUMNS = (
+    "day",
+    "token",
+    "model",
+    "requests",
+    "input_tokens",
+    "cached_tokens",
+    "output_tokens",
+    "usd",
+    "estimated",
+)
+# A spreadsheet runs a cell that starts with one of these as a formula (CSV injection);
+# model names come from callers.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value) -> str:
+    text = "" if value is None else str(value)
+    return "'" + text if text.startswith(FORMULA_START) and not isinstance(value, int | float) else text
+
+
+class AdminHandler(BaseHandler):
+    requires_access_token = False
+
+    def prepare(self):
+        if not self.config.admin_token:
+            raise ApiError(404, "No such route: %s." % self.request.path[:200], code="not_found")
+        return super().prepare()
+
+    def check_admin_token(self) -> None:
+        presented = hashlib.sha256(self.request.headers.get("admin-token", "").encode("utf-8", "surrogateescape"))
+        expected = hashlib.sha256(self.config.admin_token.encode())
+        if not hmac.compare_digest(presented.digest(), expected.digest()):
+            raise ApiError(403, "Missing or wrong admin-token header.", "permission_denied", "invalid_admin_token")
+
+
+def day_arg(handler, name: str, default: datetime.date) -> datetime.date:
+    value = handler.get_query_argument(name, "")
+    if not value:
+        return default
+    try:
+        return datetime.datetime.strptime(value, DATE_FORMAT).replace(tzinfo=datetime.UTC).date()
+    except ValueError:
+        raise ApiError(400, "%s must be a date as YYYY-MM-DD." % name, code="invalid_date") from None
+
+
+def budgets_report(application, now: float) -> list[dict]:
+    spend = application.spend
+    out = []
+    for entry in application.tokens.entries:
+        if entry.name != UNNAMED and entry.policy.budget:
+            out.append({"token": entry.name, **spend.book.remaining(entry.name, entry.policy.budget, now)})
+    return out
+
+
+class AdminUsageHandler(AdminHandler):
+    async def get(self) -> None:
+        """GET /admin/usage[?from=YYYY-MM-DD&to=YYYY-MM-DD&format=json|csv]."""
+        self.check_admin_token()
+        ledger = self.application.spend.ledger
+        if ledger is None:
+            raise ApiError(
+                404, "The usage ledger is off: set USAGE_DATABASE.", "invalid_request_error", "usage_database_unset"
+            )
+        today = datetime.datetime.now(datetime.UTC).date()
+        first = day_arg(self, "from", today.replace(day=1))
+        last = day_arg(self, "to", today)
+        if last < first:
+            raise ApiError(400, "to is before from.", code="invalid_date")
+        since = datetime.datetime.combine(first, datetime.time(), datetime.UTC).timestamp()
+        until = datetime.datetime.combine(last + datetime.timedelta(days=1), datetime.time(), datetime.UTC).timestamp()
+        rows = await ledger.report(since, until)
+        kind = self.get_query_argument("format", "json")
+        if kind == "csv":
+            out = io.StringIO()
+            writer = csv.writer(out, lineterminator="\r\n")
+            writer.writerow(CSV_COLUMNS)
+            for row in rows:
+                writer.writerow([csv_cell(row[c]) for c in CSV_COLUMNS])
+            self.set_header("Content-Type", "text/csv; charset=utf-8")
+            self.set_header("Content-Disposition", 'attachment; filename="usage-%s-%s.csv"' % (first, last))
+            self.finish(out.getvalue().encode())
+            return
+        if kind != "json":
+            raise ApiError(400, "format must be json or csv.", code="invalid_format")
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        body = {
+            "from": first.strftime(DATE_FORMAT),
+            "to": last.strftime(DATE_FORMAT),
+            "rows": rows,
+            "budgets": budgets_report(self.application, time.time()),
+        }
+        self.finish(dumps(body))
+
+
+class AdminPageHandler(AdminHandler):
+    def get(self) -> None:
+        """GET /admin: the charts page; it asks for the admin token and reads /admin/usage with it."""
+        for name, value in PAGE_HEADERS.items():
+            self.set_header(name, value)
+        self.set_header("Cache-Control", "no-cache")
+        self.render("admin.html")
+
+
+routes = [(r"/admin", AdminPageHandler), (r"/admin/usage", AdminUsageHandler)]
