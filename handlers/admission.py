@@ -112,7 +112,8 @@ class Admission:
             usage=access.usage if ok else None,
             status=status,
             request_id=access.request_id,
-            request_bytes=len(self.request.body or b""),
+            # A model ran, so the body was read and decoded.
+            request_bytes=len(self._decoded_body or b""),
             events=access.events,
             model_call=ok and model_call,
         )

@@ -25,6 +25,9 @@ import logging
 from .meter import Charge
 
 log = logging.getLogger("chat_gpt_proxy")
+# aiosqlite logs every statement with its values at DEBUG: one line per
+# batch and per query, which LOG_LEVEL=DEBUG would turn into a flood.
+logging.getLogger("aiosqlite").setLevel(logging.INFO)
 
 COLUMNS = (
     "at",
