@@ -12,40 +12,20 @@ constant time (digests of equal length), like the access tokens.
 
 from __future__ import annotations
 
-import csv
 import datetime
 import hashlib
 import hmac
-import io
 import time
 
 from chat_gpt_proxy.access.tokens import UNNAMED
 from chat_gpt_proxy.request.strict_json import dumps
+from chat_gpt_proxy.usage.report import to_csv
 
 from .base import BaseHandler
 from .errors import ApiError
 from .pages import PAGE_HEADERS
 
 DATE_FORMAT = "%Y-%m-%d"
-CSV_COLUMNS = (
-    "day",
-    "token",
-    "model",
-    "requests",
-    "input_tokens",
-    "cached_tokens",
-    "output_tokens",
-    "usd",
-    "estimated",
-)
-# A spreadsheet runs a cell that starts with one of these as a formula (CSV injection);
-# model names come from callers.
-FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-
-
-def csv_cell(value) -> str:
-    text = "" if value is None else str(value)
-    return "'" + text if text.startswith(FORMULA_START) and not isinstance(value, int | float) else text
 
 
 class AdminHandler(BaseHandler):
@@ -101,14 +81,9 @@ class AdminUsageHandler(AdminHandler):
         rows = await ledger.report(since, until)
         kind = self.get_query_argument("format", "json")
         if kind == "csv":
-            out = io.StringIO()
-            writer = csv.writer(out, lineterminator="\r\n")
-            writer.writerow(CSV_COLUMNS)
-            for row in rows:
-                writer.writerow([csv_cell(row[c]) for c in CSV_COLUMNS])
             self.set_header("Content-Type", "text/csv; charset=utf-8")
             self.set_header("Content-Disposition", 'attachment; filename="usage-%s-%s.csv"' % (first, last))
-            self.finish(out.getvalue().encode())
+            self.finish(to_csv(rows).encode())
             return
         if kind != "json":
             raise ApiError(400, "format must be json or csv.", code="invalid_format")

@@ -1,0 +1,57 @@
+"""The spend report: the ledger grouped by UTC day, token and model, as CSV or a text table.
+
+Shared by ``GET /admin/usage?format=csv`` and ``python -m chat_gpt_proxy.usage``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+
+COLUMNS = ("day", "token", "model", "requests", "input_tokens", "cached_tokens", "output_tokens", "usd", "estimated")
+# A spreadsheet runs a cell that starts with one of these as a formula (CSV
+# injection, OWASP); model names come from callers.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, int | float):
+        return repr(value) if isinstance(value, float) else str(value)
+    return "'" + value if value.startswith(FORMULA_START) else value
+
+
+def to_csv(rows: list[dict]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(COLUMNS)
+    for row in rows:
+        writer.writerow([csv_cell(row[c]) for c in COLUMNS])
+    return out.getvalue()
+
+
+def to_table(rows: list[dict]) -> str:
+    """A plain-text table with totals per token, for a terminal."""
+    lines = [
+        "%-10s  %-20s  %-28s  %8s  %12s  %12s  %12s" % ("day", "token", "model", "requests", "input", "output", "usd")
+    ]
+    totals: dict[str, float] = {}
+    for row in rows:
+        lines.append(
+            "%-10s  %-20s  %-28s  %8d  %12d  %12d  %12.6f%s"
+            % (
+                row["day"],
+                row["token"][:20],
+                (row["model"] or "-")[:28],
+                row["requests"],
+                row["input_tokens"],
+                row["output_tokens"],
+                row["usd"],
+                "  (%d estimated)" % row["estimated"] if row["estimated"] else "",
+            )
+        )
+        totals[row["token"]] = totals.get(row["token"], 0.0) + row["usd"]
+    lines.append("")
+    lines.extend("total %-20s  %12.6f USD" % (token[:20], usd) for token, usd in sorted(totals.items()))
+    return "\n".join(lines) + "\n"
