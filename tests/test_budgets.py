@@ -21,6 +21,7 @@ from chat_gpt_proxy.usage.prices import PricesFileError, PriceTable, parse_price
 from server import reload_tokens
 from settings import Settings, SettingsError
 from tests.conftest import ACCESS_TOKEN, open_raw
+from tests.test_readme import snippet
 
 TOKENS = "tokens-TOKEN-0a1b2c3d4e"  # budget_tokens = 22: two requests of 11 tokens
 DOLLARS = "dollars-TOKEN-5f6a7b8c9d"  # budget_usd
@@ -325,3 +326,14 @@ def test_a_broken_prices_file_stops_startup_with_one_line(tmp_path, text, messag
     with pytest.raises(SettingsError) as error:
         Settings.from_env({"PRICES_FILE": str(path)})
     assert str(error.value).startswith("PRICES_FILE: " + str(path))
+
+
+def test_the_readme_budgets_file_gives_three_people_20_dollars_a_month(tmp_path):
+    language, code = snippet("budgets-file")
+    assert language == "toml"
+    path = tmp_path / "tokens.toml"
+    path.write_text(code)
+    entries = parse_tokens_file(str(path), Settings())
+    assert [(e.name, e.policy.budget) for e in entries] == [
+        (name, Budget(usd=20.0, period="month")) for name in ("anna", "boris", "vera")
+    ]
