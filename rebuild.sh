@@ -16,7 +16,10 @@ cd "$(dirname "$0")"
 run_args=(--detach --name "$CONTAINER_NAME" --restart unless-stopped
           --stop-timeout "$STOP_TIMEOUT" --publish "$HOST_PORT:9081"
           # Two descriptors per open stream: room for tens of thousands.
-          --ulimit nofile=65536:65536)
+          --ulimit nofile=65536:65536
+          # The usage ledger (USAGE_DATABASE=/data/usage.sqlite3 in the image):
+          # a named volume, so that spend and budgets survive a rebuild.
+          --volume "${CONTAINER_NAME}-data:/data")
 if [ -f .env ]; then
   run_args+=(--env-file .env)
 fi

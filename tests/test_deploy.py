@@ -151,6 +151,8 @@ def test_rebuild_is_idempotent_and_replaces_the_container(fake_docker):
         "--stop-timeout 30",
         "--env ACCESS_TOKEN",
         "--ulimit nofile=65536:65536",
+        # The ledger's volume: spend survives a rebuild.
+        "--volume chat_gpt_proxy-data:/data",
     ):
         assert part in run_call
     assert "tok-from-env" not in run_call and "ACCESS_TOKEN=tok-from-env" in calls
