@@ -2,6 +2,7 @@
 
     python bench/calls.py --before HEAD~3            # calls per /chat_complete request, before and after
     python bench/calls.py --before HEAD~3 --top 25   # and where the profiled time goes
+    python bench/calls.py --before HEAD~3 --budgets  # after: a budgeted token and the SQLite ledger
 
 Wall-clock and even CPU-second figures on this shared machine move by ±10 %
 between rounds (bench/results/compare-*.md), which hides a change of a few per
@@ -30,14 +31,25 @@ sys.path.insert(0, ROOT)
 from bench.run import MODEL, TOKEN, Processes, free_port, start_fixed_upstream, wait_port, wrk  # noqa: E402
 
 
-def profiled_run(procs: Processes, tree: str, upstream: str, seconds: float, out: str) -> tuple[int, pstats.Stats]:
+def profiled_run(
+    procs: Processes, tree: str, upstream: str, seconds: float, out: str, budgets: bool = False
+) -> tuple[int, pstats.Stats]:
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("ACCESS_TOKENS_FILE", "OPENAI_API_KEY", "REDIS_URL")}
+    skip = ("ACCESS_TOKENS_FILE", "OPENAI_API_KEY", "REDIS_URL", "USAGE_DATABASE")
+    env = {k: v for k, v in os.environ.items() if k not in skip}
     env.update(PORT=str(port), HOST="127.0.0.1", ACCESS_TOKEN=TOKEN, OPENAI_BASE_URL=upstream, LOG_LEVEL="WARNING")
+    token = TOKEN
+    if budgets:
+        # A budget it never reaches, so that every request is checked and charged, and the ledger on.
+        path = os.path.join(procs.workdir, "budgets.toml")
+        with open(path, "w") as f:
+            f.write('[bench]\ntoken = "%s-named"\nbudget_usd = 1000000.0\nbudget_tokens = 1000000000000\n' % TOKEN)
+        env.update(ACCESS_TOKENS_FILE=path, USAGE_DATABASE=os.path.join(procs.workdir, "usage-%s.sqlite3" % seconds))
+        token = TOKEN + "-named"
     proxy = procs.start([sys.executable, "-m", "cProfile", "-o", out, os.path.join(tree, "server.py")], 0, env)
     wait_port(port)
     body = {"prompt": "Hello!", "generate_params": {"model_name": MODEL}}
-    result = wrk("http://127.0.0.1:%d/chat_complete" % port, body, 16, seconds, procs.workdir)
+    result = wrk("http://127.0.0.1:%d/chat_complete" % port, body, 16, seconds, procs.workdir, token=token)
     proxy.send_signal(signal.SIGTERM)  # drains and exits; cProfile writes its file on the way out
     proxy.wait(30)
     return result["requests"], pstats.Stats(out)
@@ -47,6 +59,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--before", default="HEAD~1", help="git ref to compare the working tree with")
     parser.add_argument("--top", type=int, default=0, help="also print the N functions with the most own time")
+    parser.add_argument("--budgets", action="store_true", help="after: a budgeted token and the SQLite ledger")
     args = parser.parse_args()
 
     workdir = tempfile.mkdtemp(prefix="chat_gpt_proxy-profile-")
@@ -58,9 +71,10 @@ def main() -> None:
     try:
         upstream = "http://127.0.0.1:%d/json/v1" % start_fixed_upstream(procs)
         rows = []
-        for label, tree in (("before (%s)" % args.before, before_tree), ("after (working tree)", ROOT)):
-            short_n, short = profiled_run(procs, tree, upstream, 2, os.path.join(workdir, "short.prof"))
-            long_n, long = profiled_run(procs, tree, upstream, 6, os.path.join(workdir, "long.prof"))
+        after = "after (working tree)" + (", a budgeted token and the ledger" if args.budgets else "")
+        for label, tree, budgets in (("before (%s)" % args.before, before_tree, False), (after, ROOT, args.budgets)):
+            short_n, short = profiled_run(procs, tree, upstream, 2, os.path.join(workdir, "short.prof"), budgets)
+            long_n, long = profiled_run(procs, tree, upstream, 6, os.path.join(workdir, "long.prof"), budgets)
             requests = long_n - short_n
             calls = (long.total_calls - short.total_calls) / requests
             micros = (long.total_tt - short.total_tt) / requests * 1e6

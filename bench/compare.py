@@ -2,6 +2,7 @@
 
     python bench/compare.py --before HEAD~2 --tokens 100 --rounds 5 --seconds 5
     python bench/compare.py --redis --rounds 5 --seconds 5
+    python bench/compare.py --before HEAD~2 --tokens 0 --budgets   # also: a budgeted token and the SQLite ledger
 
 ``--redis`` compares instead the cost of shared limits: the same
 token with a rate limit and a max_concurrent, counted in the process, then in
@@ -68,14 +69,25 @@ def start_redis(procs: Processes) -> str:
     return "redis://127.0.0.1:%d/0" % port
 
 
-def start(procs: Processes, tree: str, upstream: str, name: str, tokens: str | None, redis_url: str = ""):
+def budget_tokens_file(path: str) -> None:
+    """The benchmark's token with budgets it never reaches: every request is checked, charged and written."""
+    with open(path, "w") as f:
+        f.write('[bench]\ntoken = "%s-named"\nbudget_usd = 1000000.0\nbudget_tokens = 1000000000000\n' % TOKEN)
+
+
+def start(
+    procs: Processes, tree: str, upstream: str, name: str, tokens: str | None, redis_url: str = "", ledger: str = ""
+):
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("ACCESS_TOKENS_FILE", "OPENAI_API_KEY", "REDIS_URL")}
+    skip = ("ACCESS_TOKENS_FILE", "OPENAI_API_KEY", "REDIS_URL", "USAGE_DATABASE")
+    env = {k: v for k, v in os.environ.items() if k not in skip}
     env.update(PORT=str(port), HOST="127.0.0.1", ACCESS_TOKEN=TOKEN, OPENAI_BASE_URL=upstream, LOG_LEVEL="WARNING")
     if tokens:
         env["ACCESS_TOKENS_FILE"] = tokens
     if redis_url:
         env["REDIS_URL"] = redis_url
+    if ledger:
+        env["USAGE_DATABASE"] = ledger
     proc = procs.start([sys.executable, os.path.join(tree, "server.py")], 0, env, name=name)
     wait_port(port)
     return proc, port
@@ -95,6 +107,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--redis", action="store_true", help="limits in the process against limits in Redis")
+    parser.add_argument("--budgets", action="store_true", help="also: a budgeted token and the SQLite ledger")
     args = parser.parse_args()
 
     workdir = tempfile.mkdtemp(prefix="chat_gpt_proxy-compare-")
@@ -121,11 +134,16 @@ def main() -> None:
             path = os.path.join(workdir, "tokens.toml")
             tokens_file(path, args.tokens)
             subjects.append(("after, %d named tokens" % args.tokens, ROOT, path))
+        if args.budgets:
+            path = os.path.join(workdir, "budgets.toml")
+            budget_tokens_file(path)
+            subjects.append(("after, a budgeted token and the SQLite ledger (USAGE_DATABASE)", ROOT, path))
         body = {"prompt": "Hello!", "generate_params": {"model_name": MODEL}}
         for _ in range(args.rounds):
             for label, tree, tokens in subjects:
                 in_redis = "REDIS_URL" in label
-                proxy, port = start(procs, tree, upstream, "proxy", tokens, redis_url if in_redis else "")
+                ledger = os.path.join(workdir, "usage.sqlite3") if "USAGE_DATABASE" in label else ""
+                proxy, port = start(procs, tree, upstream, "proxy", tokens, redis_url if in_redis else "", ledger)
                 url = "http://127.0.0.1:%d/chat_complete" % port
                 token = TOKEN + "-named" if tokens else TOKEN
                 row = results.setdefault(label, {"per_cpu_s": [], "rps": [], "p50_c1": [], "errors": []})
@@ -146,7 +164,8 @@ def main() -> None:
     command = (
         "--redis --rounds %d --seconds %g" % (args.rounds, args.seconds)
         if args.redis
-        else "--before %s --tokens %d --rounds %d --seconds %g" % (args.before, args.tokens, args.rounds, args.seconds)
+        else "--before %s --tokens %d%s --rounds %d --seconds %g"
+        % (args.before, args.tokens, " --budgets" if args.budgets else "", args.rounds, args.seconds)
     )
     lines = [
         "Command: `python bench/compare.py %s` (rounds interleaved)" % command,
