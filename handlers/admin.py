@@ -48,9 +48,13 @@ def day_arg(handler, name: str, default: datetime.date) -> datetime.date:
     if not value:
         return default
     try:
-        return datetime.datetime.strptime(value, DATE_FORMAT).replace(tzinfo=datetime.UTC).date()
+        day = datetime.datetime.strptime(value, DATE_FORMAT).replace(tzinfo=datetime.UTC).date()
     except ValueError:
-        raise ApiError(400, "%s must be a date as YYYY-MM-DD." % name, code="invalid_date") from None
+        day = None
+    # The day after the last one must exist too (9999-12-31 has none).
+    if day is None or day >= datetime.date.max:
+        raise ApiError(400, "%s must be a date as YYYY-MM-DD." % name, code="invalid_date")
+    return day
 
 
 def budgets_report(application, now: float) -> list[dict]:

@@ -18,6 +18,7 @@ from chat_gpt_proxy.access.tokens import TokensFileError, parse_tokens_file
 from chat_gpt_proxy.fake_openai.behaviours import Behaviour
 from chat_gpt_proxy.usage.budgets import Budget, BudgetBook, period_bounds
 from chat_gpt_proxy.usage.prices import PricesFileError, PriceTable, parse_prices
+from chat_gpt_proxy.usage.report import csv_cell
 from server import reload_tokens
 from settings import Settings, SettingsError
 from tests.conftest import ACCESS_TOKEN, open_raw
@@ -336,4 +337,19 @@ def test_the_readme_budgets_file_gives_three_people_20_dollars_a_month(tmp_path)
     entries = parse_tokens_file(str(path), Settings())
     assert [(e.name, e.policy.budget) for e in entries] == [
         (name, Budget(usd=20.0, period="month")) for name in ("anna", "boris", "vera")
+    ]
+
+
+def test_csv_cells_that_a_spreadsheet_would_run_are_neutralised():
+    assert [csv_cell(v) for v in ("=1+1", "+1", "-2+3", "@SUM(A1)", "-", "+", "gpt-4o", 5, 0.5, None)] == [
+        "'=1+1",
+        "'+1",
+        "'-2+3",
+        "'@SUM(A1)",
+        "-",
+        "+",
+        "gpt-4o",
+        "5",
+        "0.5",
+        "",
     ]

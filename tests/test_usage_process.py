@@ -101,8 +101,9 @@ async def test_admin_routes_need_the_admin_token_and_csv_is_safe_for_spreadsheet
         assert response.headers["Content-Type"].startswith("text/csv")
         lines = response.body.decode().splitlines()
         assert lines[0].startswith("day,token,model,") and ",alice,'=HYPERLINK(1),1,9,0,2," in lines[1]
-        response = await fetch(server.url + "/admin/usage?from=2026-13-01", headers={"admin-token": ADMIN})
-        assert response.code == 400
+        for query in ("from=2026-13-01", "to=9999-12-31", "from=2026-12-02&to=2026-12-01", "format=xml"):
+            response = await fetch(server.url + "/admin/usage?" + query, headers={"admin-token": ADMIN})
+            assert response.code == 400, query
         page = await fetch(server.url + "/admin")
         assert page.code == 200 and "Content-Security-Policy" in page.headers
         server.signal()

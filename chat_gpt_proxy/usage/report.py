@@ -19,7 +19,8 @@ def csv_cell(value) -> str:
         return ""
     if isinstance(value, int | float):
         return repr(value) if isinstance(value, float) else str(value)
-    return "'" + value if value.startswith(FORMULA_START) else value
+    # A lone "-" (the unnamed tokens' name) or "+" is no formula.
+    return "'" + value if len(value) > 1 and value.startswith(FORMULA_START) else value
 
 
 def to_csv(rows: list[dict]) -> str:
