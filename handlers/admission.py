@@ -8,6 +8,7 @@ import re
 import time
 
 from chat_gpt_proxy.access.tokens import UNAVAILABLE
+from chat_gpt_proxy.observability import CLIENT_CLOSED_STATUS
 from chat_gpt_proxy.upstream.pool import UpstreamPool
 from chat_gpt_proxy.usage.budgets import Over
 
@@ -65,8 +66,12 @@ class Admission:
     charged = False
     budget_headers: dict = {}  # noqa: RUF012 (replaced per request, never mutated)
 
-    def check_budget(self, model: str | None) -> None:
-        """Refuse a token at or over its budget (429) or a money budget on a model without a price (403)."""
+    def check_budget(self, model: str | None, runs_model: bool = True) -> None:
+        """Refuse a token at or over its budget (429) or a money budget on a model without a price (403).
+
+        ``runs_model``: whether the request may run a model (and cost money)
+        even when it names none, as /v1 endpoints that pick one themselves do.
+        """
         spend = self.application.spend
         entry = self.token
         self.metered = spend.metering(entry)
@@ -76,7 +81,7 @@ class Admission:
         self.budget_headers = spend.headers(entry, now)
         for name, value in self.budget_headers.items():
             self.set_header(name, value)
-        refusal = spend.refusal(entry, model, now)
+        refusal = spend.refusal(entry, model, now, runs_model)
         if refusal is None:
             return
         self.metered = False  # refused: nothing to charge
@@ -99,12 +104,20 @@ class Admission:
         self.charged = True
         access = self.access
         call = access.call
+        if self.request.method not in ("POST", "PUT", "PATCH"):
+            # Reading a stored object (GET /v1/responses/{id}) runs no model:
+            # the usage it shows was charged when the model ran.
+            return
         status = getattr(call, "status", 0)
         if not status:
-            return  # the upstream never answered: nothing ran
-        ok = 200 <= status < 300
+            if call is None or not access.client_gone or access.model is None:
+                return  # refused, or the upstream never answered: nothing ran
+            # The client left after the request went upstream, before the
+            # answer began: the model may run all the same.
+            status = CLIENT_CLOSED_STATUS
+        ok = 200 <= status < 300 or status == CLIENT_CLOSED_STATUS
         if access.model is None and access.usage is None:
-            return  # no model call (files, models, a GET): nothing to charge
+            return  # no model call (files, uploads): nothing to charge
         self.application.spend.charge(
             token=access.token,
             route=access.route,

@@ -121,8 +121,8 @@ class OpenAIHandler(OpenAIStyle, ProxyHandler):
             if value is not None:
                 headers[name] = value
         model, stream = self.requested_model_and_stream()
-        self.check_budget(model)
         method = self.request.method
+        self.check_budget(model, method in ("POST", "PUT", "PATCH") and not MODEL_FREE_PATH_RE.match(self.v1_path))
         body = self.body if method in ("POST", "PUT", "PATCH") else None
         if stream and self.metered and self.v1_path == "chat/completions":
             body = self.with_stream_usage(body)

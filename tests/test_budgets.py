@@ -353,3 +353,38 @@ def test_csv_cells_that_a_spreadsheet_would_run_are_neutralised():
         "0.5",
         "",
     ]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_money_budget_needs_a_named_model_where_the_upstream_would_pick_one(proxy):
+    headers = as_(DOLLARS, Authorization="Bearer " + KEY)
+    response = await proxy.request("/v1/embeddings", json_body={"input": "x"}, headers=headers)
+    assert response.code == 403 and json.loads(response.body)["error"]["code"] == "model_not_priced"
+    assert "names no model" in json.loads(response.body)["error"]["message"]
+    # Reading what runs no model stays open.
+    response = await proxy.request("/v1/models", method="GET", headers=headers)
+    assert response.code == 200
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_client_that_leaves_before_the_answer_begins_is_charged_an_estimate(proxy, app, config, fake_openai):
+    fake_openai.push(Behaviour(kind="hang"))
+    port = int(proxy.base_url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    payload = json.dumps({"prompt": "y" * 80}).encode()
+    head = "POST /chat_complete HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head += "".join("%s: %s\r\n" % item for item in as_(TOKENS).items())
+    writer.write(head.encode() + b"Content-Length: %d\r\n\r\n" % len(payload) + payload)
+    deadline = time.monotonic() + 5
+    while not fake_openai.received and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert fake_openai.received, "the request never reached the upstream"
+    writer.close()
+    await fake_openai.wait_abort(timeout=5)
+    deadline = time.monotonic() + 5
+    while not app.spend.ledger.queue and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    await flushed(app)
+    (row,) = ledger_rows(config)
+    assert (row["status"], row["estimated"], row["output_tokens"]) == (499, 1, 1)
+    assert row["input_tokens"] >= 20

@@ -183,7 +183,8 @@ class ChatCompletions(FakeHandler):
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
         self.set_header("Cache-Control", "no-cache")
         cid = "chatcmpl-" + uuid.uuid4().hex[:24]
-        usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        options = body.get("stream_options")
+        usage = isinstance(options, dict) and options.get("include_usage") is True
         if not await self.send(chunk(cid, model, {"role": "assistant", "content": ""}, with_usage=usage)):
             return
         for index, piece in enumerate(pieces):

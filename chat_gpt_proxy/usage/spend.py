@@ -30,10 +30,15 @@ log = logging.getLogger("chat_gpt_proxy")
 class NotPriced:
     """A token with a money budget asked for a model without a price: 403 ``model_not_priced``."""
 
-    model: str
+    model: str | None
 
     @property
     def message(self) -> str:
+        if self.model is None:
+            return (
+                "This request names no model, and this access token has a budget in US dollars: "
+                "name the model, so that it can be priced."
+            )
         return (
             "Model %r has no price on this proxy, and this access token has a budget in US dollars; "
             "the operator can add its price in PRICES_FILE." % self.model[:100]
@@ -83,15 +88,20 @@ class Spend:
     def metering(self, entry) -> bool:
         return self.ledger is not None or (entry is not None and bool(entry.policy.budget))
 
-    def refusal(self, entry, model: str | None, now: float) -> Over | NotPriced | None:
-        """Why ``entry`` may not start a request for ``model`` now, if it may not."""
+    def refusal(self, entry, model: str | None, now: float, runs_model: bool = True) -> Over | NotPriced | None:
+        """Why ``entry`` may not start a request for ``model`` now, if it may not.
+
+        A money budget needs a price: for the model named, or, when a request
+        that may run a model names none (the upstream would pick it), the
+        operator's ``[default]`` price. Nothing is free by accident.
+        """
         budget: Budget = entry.policy.budget if entry is not None else NO_BUDGET
         if not budget:
             return None
         over = self.book.check(entry.name, budget, now)
         if over is not None:
             return over
-        if budget.usd is not None and model is not None and self.prices.price(model) is None:
+        if budget.usd is not None and (model is not None or runs_model) and self.prices.price(model) is None:
             return NotPriced(model)
         return None
 
