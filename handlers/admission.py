@@ -66,17 +66,37 @@ class Admission:
     charged = False
     budget_headers: dict = {}  # noqa: RUF012 (replaced per request, never mutated)
 
-    def check_budget(self, model: str | None, runs_model: bool = True) -> None:
+    def check_budget(self, model: str | None, runs_model: bool = True):
         """Refuse a token at or over its budget (429) or a money budget on a model without a price (403).
 
         ``runs_model``: whether the request may run a model (and cost money)
         even when it names none, as /v1 endpoints that pick one themselves do.
+        An awaitable only when the budget counters are shared in Redis (one HMGET).
         """
         spend = self.application.spend
         entry = self.token
         self.metered = spend.metering(entry)
         if not self.metered or entry is None or not entry.policy.budget:
-            return
+            return None
+        if spend.shared is not None:
+            return self.check_shared_budget(spend, entry, model, runs_model)
+        self.budget_verdict(spend, entry, model, runs_model)
+        return None
+
+    async def check_shared_budget(self, spend, entry, model: str | None, runs_model: bool) -> None:
+        if not await spend.refresh(entry, time.time()) and self.application.shared_limits.closed_mode:
+            # REDIS_FAILURE_MODE=closed: no request of a budgeted token passes unchecked.
+            self.metered = False
+            raise ApiError(
+                503,
+                "The shared budget of this access token cannot be checked right now; retry shortly.",
+                "server_error",
+                "limits_unavailable",
+                headers={"Retry-After": "1"},
+            )
+        self.budget_verdict(spend, entry, model, runs_model)
+
+    def budget_verdict(self, spend, entry, model: str | None, runs_model: bool) -> None:
         now = time.time()
         self.budget_headers = spend.headers(entry, now)
         for name, value in self.budget_headers.items():

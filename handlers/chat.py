@@ -72,7 +72,9 @@ class ChatCompleteHandler(UsagePageMixin, ProxyHandler):
         payload = build_chat_request(self.json_body(), self.config, self.allowed_models())
         stream = payload.get("stream") is True
         self.access.model = payload["model"]
-        self.check_budget(payload["model"])
+        pending = self.check_budget(payload["model"])
+        if pending is not None:
+            await pending  # budget counters in Redis
         if stream and self.metered:
             self.ask_stream_usage(payload)
         headers = {

@@ -122,7 +122,11 @@ class OpenAIHandler(OpenAIStyle, ProxyHandler):
                 headers[name] = value
         model, stream = self.requested_model_and_stream()
         method = self.request.method
-        self.check_budget(model, method in ("POST", "PUT", "PATCH") and not MODEL_FREE_PATH_RE.match(self.v1_path))
+        pending = self.check_budget(
+            model, method in ("POST", "PUT", "PATCH") and not MODEL_FREE_PATH_RE.match(self.v1_path)
+        )
+        if pending is not None:
+            await pending  # budget counters in Redis
         body = self.body if method in ("POST", "PUT", "PATCH") else None
         if stream and self.metered and self.v1_path == "chat/completions":
             body = self.with_stream_usage(body)

@@ -179,7 +179,9 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
                 "model_undetermined",
             )
         check_model_allowed(allowed, self.access.model)
-        self.check_budget(self.access.model)
+        pending = self.check_budget(self.access.model)
+        if pending is not None:
+            await pending  # budget counters in Redis
         url = upstream_url(self.config.openai_base_url, "realtime", self.request.query)
         if url is None:
             raise ApiError(400, "Invalid query string.", "invalid_request_error", "invalid_path")

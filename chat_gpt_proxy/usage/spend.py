@@ -18,6 +18,8 @@ import dataclasses
 import logging
 import time
 
+from chat_gpt_proxy.access.tokens import UNNAMED
+
 from .budgets import NO_BUDGET, PERIODS, Budget, BudgetBook, Over, period_bounds
 from .ledger import Ledger, make_store
 from .meter import Charge, cost, estimate, usage_counts
@@ -46,7 +48,8 @@ class NotPriced:
 
 
 class Spend:
-    def __init__(self, config, metrics=None):
+    def __init__(self, config, metrics=None, shared_limits=None):
+        """``shared_limits``: with REDIS_URL, the budget counters are shared through its Redis client."""
         self.config = config
         self.prices = PriceTable(config.prices_file)
         self.book = BudgetBook()
@@ -54,6 +57,11 @@ class Spend:
         self.ledger: Ledger | None = None
         # Token names whose spend was read from the ledger (at startup, or when a reload added them).
         self.rebuilt: set[str] = set()
+        self.shared = None
+        if shared_limits is not None:
+            from .shared import SharedSpend  # imports redis: only with REDIS_URL
+
+            self.shared = SharedSpend(shared_limits)
         if config.usage_database:
             self.ledger = Ledger(make_store(config.usage_database), config.usage_queue_rows, metrics)
 
@@ -80,10 +88,25 @@ class Spend:
                 start, _ = period_bounds(period, now)
                 usd, tokens = await self.ledger.spent_since(name, start)
                 self.book.set(name, period, start, usd, tokens)
+                if self.shared is not None:
+                    # Only where Redis has nothing yet: once it holds a period, it is the authority.
+                    await self.shared.seed(name, period, start, usd, tokens)
 
     async def close(self) -> None:
+        if self.shared is not None:
+            await self.shared.close()
         if self.ledger is not None:
             await self.ledger.close()
+
+    async def refresh(self, entry, now: float) -> bool:
+        """Make this instance's counter of ``entry``'s period the total in Redis; False if Redis did not answer."""
+        period = entry.policy.budget.period
+        found = await self.shared.spent(entry.name, period, now)
+        if not isinstance(found, tuple):
+            return False
+        start, _ = period_bounds(period, now)
+        self.book.set(entry.name, period, start, *found)
+        return True
 
     def metering(self, entry) -> bool:
         return self.ledger is not None or (entry is not None and bool(entry.policy.budget))
@@ -143,6 +166,8 @@ class Spend:
         usd = cost(self.prices.price(model), counts)
         row = Charge(at, token, route, model, *counts, usd, estimated, status, request_id)
         self.book.charge(token, at, usd, row.tokens)
+        if self.shared is not None and token != UNNAMED:
+            self.shared.charge(token, at, usd, row.tokens)
         if self.ledger is not None:
             self.ledger.record(row)
         if self.metrics is not None and usd:

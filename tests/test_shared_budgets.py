@@ -1,0 +1,156 @@
+"""Budgets across instances: the counters in Debian's redis-server, shared by two proxies.
+
+Each "instance" is a full application on its own port (make_app, as
+server.py builds it) with REDIS_URL on the test's own redis-server; both use
+one SQLite ledger file, as two instances on one PostgreSQL would use one
+ledger.
+"""
+
+import asyncio
+import dataclasses
+import json
+import time
+
+import pytest
+import tornado.httpclient
+from tornado.testing import bind_unused_port
+
+from server import make_app, make_server
+from settings import Settings
+from tests.conftest import ACCESS_TOKEN
+
+ANNA = "anna-TOKEN-2b4d6f8a0c"
+KEY = "sk-test-shared-budgets-0123"
+# The fake's usage for {"prompt": "hi"}: 9 prompt + 2 completion tokens.
+PER_REQUEST = 11
+
+
+@pytest.fixture
+def settings(fake_openai, redis_server, tmp_path):
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text('[anna]\ntoken = "%s"\nbudget_tokens = %d\nbudget_period = "week"\n' % (ANNA, 5 * PER_REQUEST))
+    return dataclasses.replace(
+        Settings(),
+        access_tokens=(ACCESS_TOKEN,),
+        access_tokens_file=str(tokens),
+        openai_base_url=fake_openai.url,
+        usage_database=str(tmp_path / "usage.sqlite3"),
+        redis_url=redis_server.url,
+        port=0,
+        host="127.0.0.1",
+    )
+
+
+@pytest.fixture
+def instances(settings, io_loop):
+    """An async factory of running instances (app, base URL); each stopped at the end."""
+    started = []
+
+    async def start(**overrides):
+        config = dataclasses.replace(settings, **overrides)
+        app = make_app(config)
+        await app.spend.start(app.tokens.entries)
+        sock, port = bind_unused_port()
+        server = make_server(app, config)
+        server.add_socket(sock)
+        started.append((app, server))
+        return app, "http://127.0.0.1:%d" % port
+
+    yield start
+    for app, server in started:
+        server.stop()
+        io_loop.run_sync(server.close_all_connections, timeout=10)
+        app.pool.close()
+        io_loop.run_sync(app.spend.close)
+        io_loop.run_sync(app.shared_limits.close)
+
+
+async def chat(base_url: str):
+    client = tornado.httpclient.AsyncHTTPClient(force_instance=True)
+    try:
+        response = await client.fetch(
+            base_url + "/chat_complete",
+            method="POST",
+            body=json.dumps({"prompt": "hi"}),
+            headers={"access-token": ANNA, "openai-token": KEY},
+            raise_error=False,
+        )
+    finally:
+        client.close()
+    return response
+
+
+async def settled(*apps):
+    """Until every charge sent to Redis has landed."""
+    for app in apps:
+        if app.spend.shared.pending:
+            await asyncio.wait(list(app.spend.shared.pending), timeout=5)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_two_instances_share_one_budget_exactly(instances):
+    (a, url_a), (b, url_b) = await instances(), await instances()
+    codes = []
+    for url in (url_a, url_b, url_a, url_b, url_a, url_b, url_a):
+        codes.append((await chat(url)).code)
+        await settled(a, b)
+    assert codes == [200, 200, 200, 200, 200, 429, 429]
+    response = await chat(url_b)
+    assert json.loads(response.body)["error"]["code"] == "budget_exceeded"
+    assert response.headers["x-proxy-budget-remaining-tokens"] == "0"
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_concurrent_requests_overshoot_by_at_most_what_was_in_flight(instances):
+    """Ten requests at once, five on each instance, against a budget of five: all were admitted
+    at 0 spent, so all ten run; the overshoot is exactly the requests in flight, and the next is refused."""
+    (a, url_a), (b, url_b) = await instances(), await instances()
+    responses = await asyncio.gather(*(chat(url) for url in [url_a, url_b] * 5))
+    admitted = sum(r.code == 200 for r in responses)
+    await settled(a, b)
+    spent = await a.spend.shared.spent("anna", "week", time.time())
+    assert spent[1] == admitted * PER_REQUEST
+    assert spent[1] - 5 * PER_REQUEST <= len(responses) * PER_REQUEST
+    assert (await chat(url_a)).code == 429 and (await chat(url_b)).code == 429
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_new_redis_is_seeded_from_the_ledger(instances, redis_server):
+    (a, url_a) = await instances()
+    for _ in range(3):
+        assert (await chat(url_a)).code == 200
+    await settled(a)
+    await a.spend.ledger.flush()
+    redis_server.command("FLUSHALL")  # Redis restarted empty
+    (b, url_b) = await instances()  # a new instance reads the ledger and seeds Redis
+    assert (await chat(url_b)).code == 200  # 33 of 55: admitted
+    assert (await chat(url_b)).code == 200  # 44 of 55: admitted
+    await settled(a, b)
+    assert (await chat(url_a)).code == 429  # 55: instance a sees b's spend
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_redis_down_open_mode_goes_on_from_the_shared_total(instances, redis_server):
+    (a, url_a), (b, url_b) = await instances(), await instances()
+    for url in (url_a, url_b, url_b):
+        assert (await chat(url)).code == 200
+        await settled(a, b)
+    assert (await chat(url_a)).code == 200  # a mirrors the total: 33 before, 44 after
+    redis_server.stop()
+    try:
+        assert (await chat(url_a)).code == 200  # 44 of 55 in a's own counter: admitted
+        assert (await chat(url_a)).code == 429  # 55
+    finally:
+        redis_server.start()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_redis_down_closed_mode_refuses_budgeted_tokens(instances, redis_server):
+    (a, url_a) = await instances(redis_failure_mode="closed")
+    assert (await chat(url_a)).code == 200
+    redis_server.stop()
+    try:
+        response = await chat(url_a)
+        assert response.code == 503 and json.loads(response.body)["error"]["code"] == "limits_unavailable"
+    finally:
+        redis_server.start()
