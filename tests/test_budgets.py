@@ -388,3 +388,15 @@ async def test_a_client_that_leaves_before_the_answer_begins_is_charged_an_estim
     (row,) = ledger_rows(config)
     assert (row["status"], row["estimated"], row["output_tokens"]) == (499, 1, 1)
     assert row["input_tokens"] >= 20
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_metrics_show_money_spent_and_budget_refusals(proxy):
+    for _ in range(3):
+        await proxy.chat({"prompt": "hi"}, headers=as_(TOKENS))
+    response = await proxy.request("/metrics", method="GET", auth=False)
+    text = response.body.decode()
+    spent = [line for line in text.splitlines() if line.startswith('proxy_spend_usd_total{token="tokens"}')]
+    assert spent and float(spent[0].split()[-1]) == pytest.approx(2 * (9 * 0.15 + 2 * 0.60) / 1e6)
+    assert 'proxy_limited_total{limit="budget_tokens",token="tokens"} 1.0' in text
+    assert "proxy_usage_queue_rows" in text and "proxy_usage_rows_dropped_total 0.0" in text
