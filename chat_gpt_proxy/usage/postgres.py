@@ -12,8 +12,11 @@ model, delete old rows), with the same results: ``report`` rows are built by
 SQLite sorts, whatever the database's collation. ``open`` creates the table
 and its indexes when they are missing (under an advisory lock, so that
 instances starting together do not race) and needs no CREATE privilege when
-they exist. The URL's password never appears in a message of this module:
-errors name the server as ``postgresql://user@host:port/db``.
+they exist. A batch is written once even when the connection breaks
+during its COMMIT: the next attempt asks the server (``pg_xact_status``)
+whether that transaction committed. The URL's password never appears in a
+message of this module: errors name the server as
+``postgresql://user@host:port/db``.
 """
 
 from __future__ import annotations
@@ -83,10 +86,12 @@ def _secrets_of(url: str) -> list[str]:
     """The password of ``url`` (its user-info part or a ``password=`` query parameter), as written and decoded."""
     found = []
     _, _, rest = url.partition("://")
-    netloc = rest.split("/", 1)[0].split("?", 1)[0]
-    userinfo, at, _ = netloc.rpartition("@")
-    if at and ":" in userinfo:
-        found.append(userinfo.split(":", 1)[1])
+    before_query = rest.split("?", 1)[0]
+    # The user info ends at the host's "@"; a password written with a raw "/" or "@" is found too.
+    for where in (before_query.split("/", 1)[0], before_query):
+        userinfo, at, _ = where.rpartition("@")
+        if at and ":" in userinfo:
+            found.append(userinfo.split(":", 1)[1])
     _, _, query = rest.partition("?")
     for name, value in urllib.parse.parse_qsl(query.split("#", 1)[0], keep_blank_values=True):
         if name == "password":
@@ -112,10 +117,12 @@ class PostgresStore:
 
     def __init__(self, url: str):
         self.url = url
-        self.where = _where(url)
         self._secrets = _secrets_of(url)
+        self.where = self._scrub(_where(url))
         self.pool = None
         self.schema_ready = False
+        # (transaction id, server pid, rows) of a batch that failed after BEGIN: written or not, unknown.
+        self.in_doubt: tuple[str, int, list[Charge]] | None = None
 
     def __repr__(self) -> str:
         return "PostgresStore(%r)" % self.where
@@ -195,11 +202,58 @@ class PostgresStore:
             log.debug("usage database %s: reconnect failed (%s)", self.where, self._describe(exc))
 
     async def insert(self, rows: list[Charge]) -> None:
-        """One transaction per batch: all the rows are written or none."""
+        """One transaction per batch: all the rows are written or none, and none twice.
+
+        A batch whose connection broke after BEGIN may still have committed
+        (the server committed, its answer was lost): its transaction id is
+        kept, and the next call asks the server what became of it before
+        writing those rows again (the ledger retries with the same rows).
+        """
+        rows = await self._not_yet_written(rows)
         if not rows:
             return
-        async with self._pool().acquire(timeout=QUERY_TIMEOUT) as conn, conn.transaction():
-            await conn.executemany(INSERT, [row_of(r) for r in rows], timeout=QUERY_TIMEOUT)
+        xid = pid = None
+        committed = False
+        try:
+            async with self._pool().acquire(timeout=QUERY_TIMEOUT) as conn:
+                async with conn.transaction():
+                    xid = await conn.fetchval("SELECT pg_current_xact_id()::text")
+                    pid = conn.get_server_pid()
+                    await conn.executemany(INSERT, [row_of(r) for r in rows], timeout=QUERY_TIMEOUT)
+                committed = True
+            # Leaving ``acquire`` resets the connection for the pool: that can fail
+            # after the COMMIT went through (the server shutting down meanwhile).
+        except (Exception, asyncio.CancelledError) as exc:
+            if committed and not isinstance(exc, asyncio.CancelledError):
+                log.debug("usage database %s: batch written; connection dropped (%s)", self.where, type(exc).__name__)
+                return
+            if xid is not None:
+                self.in_doubt = (xid, pid, rows)
+            raise
+
+    async def _not_yet_written(self, rows: list[Charge]) -> list[Charge]:
+        """``rows`` without those of the batch in doubt (the same objects) if its transaction committed."""
+        if self.in_doubt is None or not rows:
+            return rows
+        import asyncpg
+
+        xid, pid, batch = self.in_doubt
+        async with self._pool().acquire(timeout=QUERY_TIMEOUT) as conn:
+            try:
+                status = await conn.fetchval("SELECT pg_xact_status($1::text::xid8)", xid, timeout=QUERY_TIMEOUT)
+            except asyncpg.InvalidParameterValueError:
+                status = None  # "in the future": another server than the one that had it
+            if status == "in progress":
+                # Its client is gone (that was us): end the session, so that the transaction rolls back.
+                if pid != conn.get_server_pid():
+                    await conn.execute("SELECT pg_terminate_backend($1)", pid, timeout=QUERY_TIMEOUT)
+                raise PostgresStoreError("usage database %s: the interrupted batch is still open" % self.where)
+        self.in_doubt = None
+        if status != "committed":
+            return rows
+        done = {id(r) for r in batch}
+        log.info("usage database %s: a batch whose answer was lost had been written; not written again", self.where)
+        return [r for r in rows if id(r) not in done]
 
     async def spent_since(self, token: str, since: float) -> tuple[float, int]:
         async with self._pool().acquire(timeout=QUERY_TIMEOUT) as conn:
