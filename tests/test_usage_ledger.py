@@ -1,0 +1,486 @@
+"""The usage ledger: SqliteStore and PostgresStore held to one contract, and the Ledger in front of either.
+
+Every contract test runs twice: on a SQLite file in tmp_path and on a new
+PostgreSQL database of the session's throwaway server (tests/postgres_server.py).
+The PostgreSQL databases collate with ICU ``en-US``, where ``_z``, ``alice``,
+``Bob`` sort unlike SQLite's bytewise order, so that both stores giving the
+same report rows in the same order means something. Then PostgreSQL alone: the
+server stopped and started again while rows are recorded, a connection broken
+at a batch's COMMIT (through a relay, CommitCutter) writing the batch once, no
+message holding the URL's password, instances starting together, a role
+without CREATE.
+"""
+
+import asyncio
+import itertools
+import logging
+import time
+import traceback
+import urllib.parse
+
+import aiosqlite
+import asyncpg
+import pytest
+
+from chat_gpt_proxy.usage import ledger as ledger_module
+from chat_gpt_proxy.usage.ledger import BATCH_ROWS, Ledger, SqliteStore, make_store
+from chat_gpt_proxy.usage.meter import Charge
+from chat_gpt_proxy.usage.postgres import PostgresStore, PostgresStoreError
+from tests.postgres_server import postgres_server  # noqa: F401
+from tests.procs import free_port
+
+# 2023-11-15 00:00:00 UTC.
+DAY = 1_700_006_400.0
+FOREVER = (0.0, 4_000_000_000.0)
+_databases = itertools.count()
+
+
+def charge(at, token="alice", model="gpt-4o", tokens=(10, 0, 5), usd=0.25, estimated=False, request_id="req"):
+    """Prices that are exact binary fractions: sums compare with == on both stores."""
+    input_tokens, cached_tokens, output_tokens = tokens
+    return Charge(
+        at, token, "/v1/chat/completions", model, input_tokens, cached_tokens, output_tokens, usd, estimated, 200,
+        request_id,
+    )  # fmt: skip
+
+
+def new_database(server) -> tuple[str, str]:
+    name = "ledger_%d" % next(_databases)
+    return name, server.create_database(name, icu_locale="en-US")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path):
+    """USAGE_DATABASE for a new, empty ledger of each backend."""
+    if request.param == "sqlite":
+        yield str(tmp_path / "usage.db")
+        return
+    server = request.getfixturevalue("postgres_server")
+    name, url = new_database(server)
+    yield url
+    server.drop_database(name)
+
+
+@pytest.fixture
+def pg_url(postgres_server):  # noqa: F811
+    name, url = new_database(postgres_server)
+    yield url
+    postgres_server.drop_database(name)
+
+
+@pytest.fixture
+def store(store_url, io_loop):
+    opened = make_store(store_url)
+    io_loop.run_sync(opened.open, timeout=30)
+    yield opened
+    io_loop.run_sync(opened.close, timeout=30)
+
+
+@pytest.fixture
+def ledgers(io_loop):
+    """Ledgers made by the test, closed at the end whatever happened (closing twice is harmless)."""
+    made = []
+
+    def make(store, max_queue=100_000, metrics=None):
+        made.append(Ledger(store, max_queue, metrics))
+        return made[-1]
+
+    yield make
+    for ledger in made:
+        io_loop.run_sync(ledger.close, timeout=30)
+
+
+class Counter:
+    def __init__(self):
+        self.value = 0
+
+    def inc(self, amount=1):
+        self.value += amount
+
+    def set(self, value):
+        self.value = value
+
+
+class FakeMetrics:
+    """The two instruments the Ledger uses (chat_gpt_proxy/observability.py Metrics has them)."""
+
+    def __init__(self):
+        self.ledger_dropped = Counter()
+        self.ledger_queue = Counter()
+
+
+async def request_ids(url) -> list[str]:
+    """Every row's request_id, through a connection of its own (not the store under test)."""
+    if url.startswith("postgresql://"):
+        conn = await asyncpg.connect(url, timeout=5)
+        try:
+            return [r[0] for r in await conn.fetch("SELECT request_id FROM usage ORDER BY id")]
+        finally:
+            await conn.close()
+    async with aiosqlite.connect(url) as db, db.execute("SELECT request_id FROM usage ORDER BY id") as cursor:
+        return [r[0] for r in await cursor.fetchall()]
+
+
+async def until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "not within %s s: %s" % (timeout, what)
+        await asyncio.sleep(0.02)
+
+
+def test_make_store_picks_the_backend_from_the_url():
+    for url in ("postgresql://app@127.0.0.1:5432/usage", "postgres://app:pw@db.internal/usage"):
+        store = make_store(url)
+        assert isinstance(store, PostgresStore) and store.url == url
+    store = make_store("/var/lib/chat_gpt_proxy/usage.db")
+    assert isinstance(store, SqliteStore) and store.path == "/var/lib/chat_gpt_proxy/usage.db"
+
+
+@pytest.mark.parametrize(
+    "url, password",
+    [
+        ("postgresql://app:pg-PASS-1@db.internal:5433/usage", "pg-PASS-1"),
+        ("postgresql://app:pg%2FPASS%402@db.internal:5433/usage", "pg/PASS@2"),
+        ("postgresql://app:pg@PASS@3@db.internal:5433/usage", "pg@PASS@3"),
+        ("postgresql://app:pg/PASS@4@db.internal:5433/usage", "pg/PASS@4"),  # not even a valid URL
+        ("postgresql://app@db.internal:5433/usage?sslmode=require&password=pg-PASS-5", "pg-PASS-5"),
+    ],
+)
+def test_a_postgres_store_names_its_server_without_the_password(url, password):
+    store = PostgresStore(url)
+    assert store.where.startswith("postgresql://app") and "5433/usage" in store.where
+    for shown in (store.where, repr(store), str(PostgresStoreError(store.where))):
+        assert password not in shown and urllib.parse.quote(password, safe="") not in shown
+
+
+# -- the stores' contract, on both backends
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_spent_since_sums_one_token_from_a_time_on(store):
+    await store.insert(
+        [
+            charge(DAY - 10, usd=0.5, tokens=(10, 0, 5)),
+            charge(DAY, usd=0.25, tokens=(100, 50, 20)),  # cached tokens are part of the input, not added
+            charge(DAY + 5, usd=0.125, tokens=(1, 0, 1)),
+            charge(DAY + 1, token="bob", usd=8.0, tokens=(1000, 0, 1000)),
+            charge(DAY + 2, token="Alice", usd=1.0, tokens=(3, 0, 3)),  # another token: case matters
+        ]
+    )
+    assert await store.spent_since("alice", DAY) == (0.375, 122)  # at == since counts
+    assert await store.spent_since("alice", DAY - 100) == (0.875, 137)
+    assert await store.spent_since("bob", DAY) == (8.0, 2000)
+    nothing = await store.spent_since("alice", DAY + 6)
+    assert nothing == (0.0, 0) and type(nothing[0]) is float and type(nothing[1]) is int
+    assert await store.spent_since("carol", 0.0) == (0.0, 0)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_report_groups_by_utc_day_token_and_model_in_byte_order(store):
+    last_second = DAY - 0.5  # 2023-11-14 23:59:59.5 UTC
+    await store.insert(
+        [
+            charge(DAY - 86400, token="alice", request_id="since"),  # at == since: in
+            charge(last_second, token="alice", model="gpt-4o", usd=0.5, tokens=(7, 3, 2)),
+            charge(last_second, token="alice", model="gpt-4o", usd=0.25, tokens=(1, 0, 1), estimated=True),
+            charge(DAY, token="alice", model="gpt-4o", usd=0.125, tokens=(5, 0, 5)),
+            charge(DAY + 60, token="alice", model=None, usd=0.0, tokens=(4, 0, 4), estimated=True),
+            charge(DAY + 60, token="alice", model="gpt-4o-mini", usd=0.0625, tokens=(2, 1, 2)),
+            charge(DAY + 120, token="_z", model="gpt-4o", usd=2.0, tokens=(9, 0, 9)),
+            charge(DAY + 180, token="Bob", model="o3", usd=1.5, tokens=(6, 0, 6), estimated=True),
+            charge(DAY + 240, token="Bob", model="gpt-4o", usd=1.5, tokens=(6, 6, 6)),
+            charge(DAY + 86400, token="alice", request_id="until"),  # at == until: out
+        ]
+    )
+
+    def row(day, token, model, requests, i, c, o, usd, estimated):
+        return dict(
+            day=day, token=token, model=model, requests=requests, input_tokens=i, cached_tokens=c, output_tokens=o,
+            usd=usd, estimated=estimated,
+        )  # fmt: skip
+
+    assert await store.report(DAY - 86400, DAY + 86400) == [
+        row("2023-11-14", "alice", "gpt-4o", 3, 18, 3, 8, 1.0, 1),
+        # Bytewise, as SQLite sorts: upper case, then "_", then lower case; no model first.
+        row("2023-11-15", "Bob", "gpt-4o", 1, 6, 6, 6, 1.5, 0),
+        row("2023-11-15", "Bob", "o3", 1, 6, 0, 6, 1.5, 1),
+        row("2023-11-15", "_z", "gpt-4o", 1, 9, 0, 9, 2.0, 0),
+        row("2023-11-15", "alice", None, 1, 4, 0, 4, 0.0, 1),
+        row("2023-11-15", "alice", "gpt-4o", 1, 5, 0, 5, 0.125, 0),
+        row("2023-11-15", "alice", "gpt-4o-mini", 1, 2, 1, 2, 0.0625, 0),
+    ]
+    assert await store.report(DAY + 86400 * 2, DAY + 86400 * 3) == []
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_delete_before_removes_only_older_rows_and_says_how_many(store):
+    await store.insert([charge(DAY + offset, request_id=str(offset)) for offset in (-2, -1, 0, 1)])
+    assert await store.delete_before(DAY) == 2
+    assert await store.delete_before(DAY) == 0
+    assert await store.spent_since("alice", 0.0) == (0.5, 30)
+    assert [r["requests"] for r in await store.report(*FOREVER)] == [2]
+
+
+# -- the Ledger in front of either store
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_the_writer_task_writes_recorded_rows_in_batches_after_start(store_url, ledgers):
+    store = make_store(store_url)
+    batches = []
+    insert = store.insert
+
+    async def counted_insert(rows):
+        await insert(rows)
+        batches.append(len(rows))
+
+    store.insert = counted_insert
+    ledger = ledgers(store)
+    total = 2 * BATCH_ROWS + 200
+    for i in range(total):
+        ledger.record(charge(DAY + i, request_id="r%d" % i))
+    await asyncio.sleep(0.1)
+    assert batches == [] and len(ledger.queue) == total  # nothing is written before start()
+    await ledger.start()
+    await until(lambda: not ledger.queue, 10, "the writer drains the queue")
+    assert batches == [BATCH_ROWS, BATCH_ROWS, 200]
+    # A few rows more: written within FLUSH_SECONDS, without a flush() or close() from here.
+    for i in range(3):
+        ledger.record(charge(DAY + total + i, request_id="late%d" % i))
+    await until(lambda: not ledger.queue, 5, "the writer writes a small batch on its timer")
+    assert batches == [BATCH_ROWS, BATCH_ROWS, 200, 3]
+    assert await request_ids(store_url) == ["r%d" % i for i in range(total)] + ["late0", "late1", "late2"]
+    assert await ledger.spent_since("alice", 0.0) == ((total + 3) * 0.25, (total + 3) * 15)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_close_writes_what_is_left(store_url, ledgers):
+    ledger = ledgers(make_store(store_url))
+    await ledger.start()
+    for i in range(7):
+        ledger.record(charge(DAY + i, request_id="r%d" % i))
+    # Straight away: the writer's timer has not fired; close() must write them.
+    await ledger.close()
+    assert not ledger.queue
+    assert await request_ids(store_url) == ["r%d" % i for i in range(7)]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_full_queue_drops_counts_exactly_and_never_raises(store_url, ledgers, caplog):
+    metrics = FakeMetrics()
+    ledger = ledgers(make_store(store_url), max_queue=10, metrics=metrics)
+    for i in range(25):
+        ledger.record(charge(DAY + i, request_id="r%d" % i))
+    assert len(ledger.queue) == 10
+    assert ledger.dropped == 15 and metrics.ledger_dropped.value == 15
+    full = [r for r in caplog.records if "queue full" in r.getMessage()]
+    assert len(full) == 1 and full[0].levelno == logging.WARNING  # said once, not 15 times
+    await ledger.start()
+    await ledger.close()
+    # The first ten were kept; the others were never queued.
+    assert await request_ids(store_url) == ["r%d" % i for i in range(10)]
+    assert metrics.ledger_queue.value == 0
+
+
+# -- PostgreSQL only
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_postgres_stopped_mid_load_loses_no_row(postgres_server, pg_url, ledgers, monkeypatch):  # noqa: F811
+    # The writer's pause after failures is capped at 1 s here (30 s in production): the test waits less.
+    monkeypatch.setattr(ledger_module, "MAX_BACKOFF", 1.0)
+    loop = asyncio.get_running_loop()
+    ledger = ledgers(make_store(pg_url))
+    await ledger.start()
+    recorded: list[str] = []
+    raised: list[BaseException] = []
+    loading = True
+
+    async def load():
+        """About 2000 rows a second, as a busy proxy would charge them."""
+        while loading:
+            for _ in range(20):
+                request_id = "r%d" % len(recorded)
+                try:
+                    ledger.record(charge(time.time(), request_id=request_id))
+                except BaseException as exc:  # record() must never raise: collected, asserted below
+                    raised.append(exc)
+                recorded.append(request_id)
+            await asyncio.sleep(0.01)
+
+    loader = asyncio.ensure_future(load())
+    try:
+        await asyncio.sleep(0.8)
+        written_before = len(await request_ids(pg_url))
+        assert written_before > 0, "the writer writes while the server is up"
+        await loop.run_in_executor(None, postgres_server.stop)
+        await asyncio.sleep(1.5)
+        assert ledger.failing, "the writer noticed the server is gone"
+        queued_while_down = len(ledger.queue)
+        assert queued_while_down > BATCH_ROWS
+        await loop.run_in_executor(None, postgres_server.start)
+        await asyncio.sleep(0.5)
+    finally:
+        loading = False
+        await loader
+        if not postgres_server.running:
+            await loop.run_in_executor(None, postgres_server.start)
+    # No flush() or close() from here: the writer catches up by itself.
+    await until(lambda: not ledger.queue and not ledger.failing, 20, "the writer empties the queue once it is back")
+    assert raised == []
+    assert ledger.dropped == 0
+    ids = await request_ids(pg_url)
+    assert len(ids) == len(recorded), "rows recorded %d, in the table %d" % (len(recorded), len(ids))
+    assert sorted(ids) == sorted(recorded)  # none lost, none written twice
+
+
+READY = b"Z\x00\x00\x00\x05"
+# What a backend sends when the server shuts down under it (pg_ctl stop -m fast).
+_FIELDS = b"SFATAL\x00VFATAL\x00C57P01\x00Mterminating connection due to administrator command\x00\x00"
+FATAL = b"E" + (4 + len(_FIELDS)).to_bytes(4, "big") + _FIELDS
+
+
+class CommitCutter:
+    """A TCP relay to PostgreSQL that breaks one connection at its next COMMIT, once armed.
+
+    ``lose_reply``: the COMMIT reaches the server, its answer never reaches the
+    client (the connection drops). ``fatal_after_reply``: the answer arrives,
+    then the FATAL of a server shutting down, as it happens at a fast stop.
+    Either way the rows are in the table while the client saw an error.
+    ``hold_open``: the client's side drops before the COMMIT is relayed, the
+    server's stays open: the transaction is neither committed nor aborted.
+    """
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self.armed: str | None = None
+        self.cuts = 0
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _relay(self, client_reader, client_writer):
+        server_reader, server_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self.writers += [client_writer, server_writer]
+        cut = None
+
+        async def up():
+            nonlocal cut
+            while data := await client_reader.read(65536):
+                if self.armed and cut is None and b"COMMIT;\x00" in data:
+                    cut, self.armed = self.armed, None
+                    if cut == "hold_open":
+                        self.cuts += 1
+                        client_writer.close()
+                        return
+                server_writer.write(data)
+                await server_writer.drain()
+
+        async def down():
+            while data := await server_reader.read(65536):
+                if cut == "lose_reply":
+                    break
+                if cut == "fatal_after_reply" and READY in data:
+                    client_writer.write(data + FATAL)
+                    await client_writer.drain()
+                    break
+                client_writer.write(data)
+                await client_writer.drain()
+            if cut in ("lose_reply", "fatal_after_reply"):
+                self.cuts += 1
+            client_writer.close()
+            server_writer.close()
+
+        await asyncio.gather(up(), down(), return_exceptions=True)
+
+    async def close(self) -> None:
+        self.server.close()
+        for writer in self.writers:
+            writer.close()
+        await self.server.wait_closed()
+
+
+@pytest.mark.parametrize("cut", ["lose_reply", "fatal_after_reply", "hold_open"])
+@pytest.mark.gen_test(timeout=30)
+async def test_postgres_a_batch_whose_commit_answer_is_lost_is_written_once(
+    postgres_server,  # noqa: F811
+    pg_url,
+    ledgers,
+    cut,
+):
+    cutter = CommitCutter(postgres_server.port)
+    await cutter.start()
+    try:
+        ledger = ledgers(PostgresStore(pg_url.replace(":%d/" % postgres_server.port, ":%d/" % cutter.port)))
+        await ledger.start()
+        cutter.armed = cut
+        for i in range(10):
+            ledger.record(charge(DAY + i, request_id="r%d" % i))
+        await until(lambda: cutter.cuts == 1, 5, "the relay breaks the batch's connection at its COMMIT")
+        await until(lambda: not ledger.queue and not ledger.failing, 15, "the ledger is done with the batch")
+        await ledger.close()
+    finally:
+        await cutter.close()
+    assert sorted(await request_ids(pg_url)) == sorted("r%d" % i for i in range(10))
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_postgres_messages_never_hold_the_url_password(ledgers, caplog):
+    port = free_port()  # nothing listens there
+    urls = {
+        "pg-PASS-9d2f7c": "postgresql://app:pg-PASS-9d2f7c@127.0.0.1:%d/usage" % port,
+        "pg/PASS@7e1a": "postgresql://app:pg%%2FPASS%%407e1a@127.0.0.1:%d/usage" % port,
+        "pg-QUERY-PASS-41b": "postgresql://app@127.0.0.1:%d/usage?password=pg-QUERY-PASS-41b" % port,
+    }
+    for password, url in urls.items():
+        store = PostgresStore(url)
+        with pytest.raises(PostgresStoreError) as raised:
+            await store.open()
+        message = str(raised.value)
+        assert "127.0.0.1:%d/usage" % port in message and "ConnectionRefusedError" in message
+        shown = "".join(traceback.format_exception(raised.value)) + repr(raised.value) + repr(store)
+        await store.reconnect()  # never raises, the server still being down
+        # A Ledger in front of it keeps the row and says why without the password.
+        ledger = ledgers(store)
+        ledger.record(charge(DAY))
+        assert await ledger.flush() is False and len(ledger.queue) == 1
+        logged = "\n".join(r.getMessage() for r in caplog.records)
+        encoded = url.split(":", 2)[2].split("@")[0]
+        for secret in {password, encoded}:
+            assert secret not in shown + message
+            assert secret not in logged
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_postgres_instances_starting_together_create_the_schema_once(pg_url):
+    stores = [PostgresStore(pg_url) for _ in range(4)]
+    try:
+        await asyncio.gather(*(s.open() for s in stores))
+        await stores[0].insert([charge(DAY)])
+        assert await stores[3].spent_since("alice", 0.0) == (0.25, 15)
+    finally:
+        await asyncio.gather(*(s.close() for s in stores))
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_postgres_opens_without_create_privilege_once_the_table_exists(postgres_server, pg_url):  # noqa: F811
+    owner = PostgresStore(pg_url)
+    await owner.open()
+    await owner.close()
+    database = pg_url.rsplit("/", 1)[1]
+    role = "writer_%s" % database
+    postgres_server.psql(
+        "CREATE ROLE %s LOGIN; REVOKE CREATE ON SCHEMA public FROM PUBLIC; "
+        "GRANT SELECT, INSERT, DELETE ON usage TO %s; GRANT USAGE ON SEQUENCE usage_id_seq TO %s" % (role, role, role),
+        database,
+    )
+    writer = PostgresStore(pg_url.replace("://app@", "://%s@" % role))
+    try:
+        await writer.open()
+        await writer.insert([charge(DAY)])
+        assert await writer.spent_since("alice", 0.0) == (0.25, 15)
+    finally:
+        await writer.close()
+        postgres_server.psql("DROP OWNED BY %s; DROP ROLE %s" % (role, role), database)
