@@ -484,3 +484,47 @@ async def test_postgres_opens_without_create_privilege_once_the_table_exists(pos
     finally:
         await writer.close()
         postgres_server.psql("DROP OWNED BY %s; DROP ROLE %s" % (role, role), database)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_flushes_at_the_same_time_write_each_row_once(store_url, ledgers):
+    """A report flushes while the writer task may be flushing: one flush at a time."""
+    ledger = ledgers(make_store(store_url))
+    await ledger.start()
+    count = 3 * BATCH_ROWS + 7
+    for i in range(count):
+        ledger.record(charge(DAY + i, request_id="r%d" % i))
+    await asyncio.gather(ledger.flush(), ledger.flush(), ledger.flush())
+    assert not ledger.queue
+    assert await request_ids(store_url) == ["r%d" % i for i in range(count)]
+
+
+class RefusingStore(SqliteStore):
+    """A real SQLite store whose disk is full: every insert fails, and each try is counted."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.tries = 0
+
+    async def insert(self, rows):
+        self.tries += 1
+        raise aiosqlite.OperationalError("database or disk is full")
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_failing_database_is_retried_with_a_growing_pause_even_under_load(tmp_path, ledgers, caplog):
+    store = RefusingStore(str(tmp_path / "full.sqlite3"))
+    ledger = ledgers(store)
+    await ledger.start()
+    started = time.monotonic()
+    while time.monotonic() - started < 3:
+        for i in range(BATCH_ROWS):  # every record() past BATCH_ROWS used to wake the writer at once
+            ledger.record(charge(DAY + i))
+        await asyncio.sleep(0.05)
+    # Pauses of 0.5, 1, 2 s...: a handful of tries in 3 s, not one per wake-up.
+    assert 1 <= store.tries <= 5, store.tries
+    assert ledger.failing and len(ledger.queue) > 0
+    ledger.store = SqliteStore(str(tmp_path / "full.sqlite3"))  # the disk has room again
+    await ledger.store.open()
+    await store.close()
+    assert await ledger.flush()

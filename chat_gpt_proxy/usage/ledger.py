@@ -171,6 +171,9 @@ class Ledger:
         self.wake = asyncio.Event()
         self.task: asyncio.Task | None = None
         self.closing = False
+        # One flush at a time: the writer task and a report both flush, and
+        # two would take (and write) the same first rows.
+        self.lock = asyncio.Lock()
 
     async def start(self) -> None:
         await self.store.open()
@@ -191,7 +194,8 @@ class Ledger:
                 )
             return
         self.queue.append(charge)
-        if len(self.queue) >= BATCH_ROWS:
+        # While the database fails, the writer keeps to its growing pause.
+        if len(self.queue) >= BATCH_ROWS and not self.failing:
             self.wake.set()
 
     async def _writer(self) -> None:
@@ -200,13 +204,21 @@ class Ledger:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), FLUSH_SECONDS if not self.failing else backoff)
             self.wake.clear()
-            ok = await self.flush()
+            try:
+                ok = await self.flush()
+            except Exception:  # a bug must not stop every later write silently
+                log.exception("usage ledger: the writer failed; retrying")
+                ok = False
             if self.closing:
                 return
             backoff = FLUSH_SECONDS if ok else min(MAX_BACKOFF, backoff * 2)
 
     async def flush(self) -> bool:
         """Write what is queued, a batch at a time; False if the database refused (the rows stay queued)."""
+        async with self.lock:
+            return await self._flush()
+
+    async def _flush(self) -> bool:
         while self.queue:
             batch = [self.queue[i] for i in range(min(BATCH_ROWS, len(self.queue)))]
             try:
@@ -237,8 +249,10 @@ class Ledger:
 
     async def spent_since(self, token: str, since: float) -> tuple[float, int]:
         """What the database and the rows not yet written say ``token`` spent since ``since``."""
-        usd, tokens = await self.store.spent_since(token, since)
-        for charge in self.queue:
+        async with self.lock:  # no batch moves from the queue to the database meanwhile
+            usd, tokens = await self.store.spent_since(token, since)
+            queued = list(self.queue)
+        for charge in queued:
             if charge.token == token and charge.at >= since:
                 usd += charge.usd
                 tokens += charge.tokens
