@@ -34,6 +34,7 @@ from tornado.testing import bind_unused_port
 from chat_gpt_proxy.fake_openai.app import FakeOpenAI
 from server import make_app, make_server
 from settings import Settings
+from tests.postgres_server import postgres_server  # noqa: F401 (a fixture: one server per test session)
 from tests.procs import ROOT, RedisServer
 
 ACCESS_TOKEN = "acc-TESTACCESS-7f3a9c"

@@ -7,11 +7,8 @@ data folder and the port, so that a test can take the database away mid-load
 and bring it back. ``initdb`` and ``postgres`` refuse to run as root: as root
 (CI) they run as the ``postgres`` user through ``runuser``, otherwise directly.
 
-    from tests.postgres_server import postgres_server  # noqa: F401
-
-The fixture is session-scoped in the module that imports it: a second module
-that needs the server should move it into tests/conftest.py rather than start
-another one.
+tests/conftest.py imports the session fixture ``postgres_server``, so every
+test module shares the one server; it starts only when a test asks for it.
 """
 
 from __future__ import annotations

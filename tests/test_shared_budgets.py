@@ -2,14 +2,14 @@
 
 Each "instance" is a full application on its own port (make_app, as
 server.py builds it) with REDIS_URL on the test's own redis-server; both use
-one SQLite ledger file, as two instances on one PostgreSQL would use one
-ledger.
+one ledger: a SQLite file, or a database on the test session's PostgreSQL.
 """
 
 import asyncio
 import dataclasses
 import json
 import time
+import uuid
 
 import pytest
 import tornado.httpclient
@@ -25,8 +25,16 @@ KEY = "sk-test-shared-budgets-0123"
 PER_REQUEST = 11
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_url(request, tmp_path):
+    if request.param == "sqlite":
+        return str(tmp_path / "usage.sqlite3")
+    server = request.getfixturevalue("postgres_server")
+    return server.create_database("budgets_%s" % uuid.uuid4().hex[:12])
+
+
 @pytest.fixture
-def settings(fake_openai, redis_server, tmp_path):
+def settings(fake_openai, redis_server, tmp_path, ledger_url):
     tokens = tmp_path / "tokens.toml"
     tokens.write_text('[anna]\ntoken = "%s"\nbudget_tokens = %d\nbudget_period = "week"\n' % (ANNA, 5 * PER_REQUEST))
     return dataclasses.replace(
@@ -34,7 +42,7 @@ def settings(fake_openai, redis_server, tmp_path):
         access_tokens=(ACCESS_TOKEN,),
         access_tokens_file=str(tokens),
         openai_base_url=fake_openai.url,
-        usage_database=str(tmp_path / "usage.sqlite3"),
+        usage_database=ledger_url,
         redis_url=redis_server.url,
         port=0,
         host="127.0.0.1",

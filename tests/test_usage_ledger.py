@@ -26,7 +26,6 @@ from chat_gpt_proxy.usage import ledger as ledger_module
 from chat_gpt_proxy.usage.ledger import BATCH_ROWS, Ledger, SqliteStore, make_store
 from chat_gpt_proxy.usage.meter import Charge
 from chat_gpt_proxy.usage.postgres import PostgresStore, PostgresStoreError
-from tests.postgres_server import postgres_server  # noqa: F401
 from tests.procs import free_port
 
 # 2023-11-15 00:00:00 UTC.
