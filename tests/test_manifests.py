@@ -204,6 +204,19 @@ def test_compose_services_addresses_and_grace_fit_together():
         url = service["environment"]["REDIS_URL"]
         assert url == "redis://redis:6379/0" and Settings.from_env({"REDIS_URL": url}).redis_url == url
         assert "redis" in service["depends_on"]
+    # ...and one usage ledger in that PostgreSQL, kept on a volume.
+    postgres = services["postgres"]
+    for service in proxies.values():
+        url = service["environment"]["USAGE_DATABASE"]
+        assert Settings.from_env({"USAGE_DATABASE": url}).usage_database == url
+        assert url == "postgresql://%s@postgres:5432/%s" % (
+            postgres["environment"]["POSTGRES_USER"],
+            postgres["environment"]["POSTGRES_DB"],
+        )
+        assert service["depends_on"]["postgres"] == {"condition": "service_healthy"}
+    assert "ports" not in postgres  # trust authentication: reachable only on the compose network
+    volume = postgres["volumes"][0].split(":")
+    assert volume[1] == "/var/lib/postgresql/data" and volume[0] in compose["volumes"]
     # The example env file holds every variable a proxy needs, and is the only place of the token.
     with open(os.path.join(ROOT, "deploy/compose/proxy.env.example")) as f:
         example = dict(line.split("=", 1) for line in f.read().splitlines() if line and not line.startswith("#"))
