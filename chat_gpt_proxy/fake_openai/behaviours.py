@@ -7,6 +7,7 @@ import asyncio
 import collections
 import dataclasses
 import json
+from urllib.parse import parse_qs
 
 
 @dataclasses.dataclass
@@ -52,10 +53,17 @@ class Received:
     # The first MAX_KEPT_BODY bytes of the body; ``size`` is its real length.
     body: bytes
     size: int = 0
+    # The query string as it arrived (without the ``?``): Azure's ``api-version`` is there.
+    query: str = ""
 
     @property
     def json(self):
         return json.loads(self.body)
+
+    @property
+    def query_arguments(self) -> dict[str, list[str]]:
+        """The query's arguments, decoded: ``{"api-version": ["2024-10-21"]}``."""
+        return parse_qs(self.query, keep_blank_values=True)
 
 
 class RecentRequests:
@@ -74,8 +82,8 @@ class RecentRequests:
         self._kept: collections.deque[Received] = collections.deque(maxlen=keep)
         self._total = 0
 
-    def add(self, method: str, path: str, headers: dict[str, str], body: bytes) -> None:
-        self._kept.append(Received(method, path, headers, body[: self.max_body], len(body)))
+    def add(self, method: str, path: str, headers: dict[str, str], body: bytes, query: str = "") -> None:
+        self._kept.append(Received(method, path, headers, body[: self.max_body], len(body), query))
         self._total += 1
 
     @property

@@ -48,9 +48,8 @@ class FakeHandler(tornado.web.RequestHandler):
 
     def prepare(self) -> None:
         if not self.request.path.startswith("/_fake/"):
-            self.fake.received.add(
-                self.request.method, self.request.path, dict(self.request.headers), self.request.body
-            )
+            request = self.request
+            self.fake.received.add(request.method, request.path, dict(request.headers), request.body, request.query)
 
     def write_error(self, status_code: int, **kwargs) -> None:
         """Errors as OpenAI writes them: JSON, never Tornado's HTML page."""
