@@ -1,4 +1,5 @@
-"""``FakeOpenAI``: the fake's server, its routes, its script and its counters."""
+"""``FakeOpenAI``: the fake's server, its routes (OpenAI's under ``/v1``, Azure OpenAI's under ``/openai``),
+its script and its counters."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import tornado.web
 import tornado.websocket
 from tornado.testing import bind_unused_port
 
+from chat_gpt_proxy.fake_openai.azure import AzureChatCompletions, AzureEmbeddings, AzureNotFound, AzureResponses
 from chat_gpt_proxy.fake_openai.behaviours import (
     KEPT_REQUESTS,
     MAX_KEPT_BODY,
@@ -58,6 +60,8 @@ class FakeOpenAI:
         host_name: str = "127.0.0.1",
         keep: int = KEPT_REQUESTS,
         max_body: int = MAX_KEPT_BODY,
+        azure_deployments: set[str] | None = None,
+        azure_key: str | None = None,
     ):
         self.default_delay = default_delay
         # With an ``ssl.SSLContext`` it serves HTTPS (an upstream with a
@@ -79,11 +83,22 @@ class FakeOpenAI:
         # The realtime WebSocket: scripted sessions and what each saw.
         self.realtime_script: collections.deque[RealtimeBehaviour] = collections.deque()
         self.realtime_sessions: list[RealtimeRecord] = []
+        # The Azure OpenAI routes (azure.py): the deployments it has (None: any name is one)
+        # and the ``api-key`` it takes (None: any non-empty one). Both may change at any time.
+        self.azure_deployments = azure_deployments
+        self.azure_key = azure_key
 
     @property
     def url(self) -> str:
         scheme = "https" if self.ssl_context is not None else "http"
         return "%s://%s:%d/v1" % (scheme, self.host_name, self.port)
+
+    @property
+    def azure_endpoint(self) -> str:
+        """The Azure OpenAI resource's endpoint (``https://<resource>.openai.azure.com`` on Azure):
+        the routes are ``{azure_endpoint}/openai/deployments/{deployment}/chat/completions?api-version=...``."""
+        scheme = "https" if self.ssl_context is not None else "http"
+        return "%s://%s:%d" % (scheme, self.host_name, self.port)
 
     def push(self, *behaviours: Behaviour) -> None:
         self.script.extend(behaviours)
@@ -155,6 +170,10 @@ class FakeOpenAI:
                 (r"/v1/realtime", RealtimeSocket),
                 (r"/v1/realtime/client_secrets", RealtimeClientSecrets),
                 (r"/v1/realtime/calls", RealtimeCalls),
+                (r"/openai/deployments/([^/]+)/chat/completions", AzureChatCompletions),
+                (r"/openai/deployments/([^/]+)/embeddings", AzureEmbeddings),
+                (r"/openai/responses", AzureResponses),
+                (r"/openai/.*", AzureNotFound),
                 (r"/_fake/script", Script),
                 (r"/_fake/stats", Stats),
             ],

@@ -1,4 +1,6 @@
-"""The fake's HTTP routes: chat completions, Responses, models, embeddings, files, raw answers, scripting."""
+"""The fake's HTTP routes: chat completions, Responses, models, embeddings, files, raw answers, scripting.
+
+Azure OpenAI's routes (azure.py) reuse the chat completions, Responses and embeddings handlers here."""
 
 from __future__ import annotations
 
@@ -90,11 +92,21 @@ class FakeHandler(tornado.web.RequestHandler):
             return False
         return True
 
-    async def begin(self, body: dict) -> tuple[str, Behaviour | None]:
-        """The model asked for and the behaviour scripted for it, with its headers and a request id
-        set, after its ``first_delay``; the behaviour is None if the client left meanwhile."""
-        model = body.get("model", "gpt-4o-mini")
-        model = model if isinstance(model, str) else json.dumps(model)
+    def json_body(self) -> dict | None:
+        """The request's body if it is a JSON object, else None."""
+        try:
+            body = json.loads(self.request.body)
+        except (ValueError, RecursionError):
+            return None
+        return body if isinstance(body, dict) else None
+
+    async def begin(self, body: dict, model: str | None = None) -> tuple[str, Behaviour | None]:
+        """The model asked for (the body's, unless ``model`` names it: an Azure deployment) and the
+        behaviour scripted for it, with its headers and a request id set, after its ``first_delay``;
+        the behaviour is None if the client left meanwhile."""
+        if model is None:
+            model = body.get("model", "gpt-4o-mini")
+            model = model if isinstance(model, str) else json.dumps(model)
         behaviour = self.fake.next_behaviour(model)
         for name, value in behaviour.headers.items():
             self.set_header(name, value)
@@ -129,18 +141,19 @@ class FakeHandler(tornado.web.RequestHandler):
 
 class ChatCompletions(FakeHandler):
     async def post(self) -> None:
-        try:
-            body = json.loads(self.request.body)
-        except (ValueError, RecursionError):
-            body = None
-        if not isinstance(body, dict):
+        await self.complete()
+
+    async def complete(self, deployment: str | None = None) -> None:
+        """A chat completion, as JSON or SSE; ``deployment`` (Azure's, from the path) is the model."""
+        body = self.json_body()
+        if body is None:
             self.write_json(error_object(Behaviour(message="We could not parse the JSON body of your request.")), 400)
             return
         messages = body.get("messages")
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             self.write_json(error_object(Behaviour(message="Invalid type for 'messages': expected an array.")), 400)
             return
-        model, behaviour = await self.begin(body)
+        model, behaviour = await self.begin(body, deployment)
         if behaviour is None:
             return
         if behaviour.kind == "hang":
@@ -206,11 +219,10 @@ class ChatCompletions(FakeHandler):
 class Responses(FakeHandler):
     async def post(self) -> None:
         """POST /v1/responses: the Responses API, as JSON or as its typed SSE events (``event:`` + ``data:``)."""
-        try:
-            body = json.loads(self.request.body)
-        except (ValueError, RecursionError):
-            body = None
-        if not isinstance(body, dict) or "input" not in body:
+        await self.respond(self.json_body())
+
+    async def respond(self, body: dict | None) -> None:
+        if body is None or "input" not in body:
             self.write_json(error_object(Behaviour(message="Missing required parameter: 'input'.")), 400)
             return
         model, behaviour = await self.begin(body)
@@ -277,6 +289,10 @@ class Models(FakeHandler):
 class Embeddings(FakeHandler):
     def post(self) -> None:
         body = json.loads(self.request.body)
+        self.embed(body, body.get("model"))
+
+    def embed(self, body: dict, model) -> None:
+        """One small vector per input; ``model`` is the answer's (the body's, or Azure's deployment)."""
         inputs = body.get("input")
         inputs = inputs if isinstance(inputs, list) else [inputs]
         data = [{"object": "embedding", "index": i, "embedding": [0.1 * (i + 1), 0.2, 0.3]} for i in range(len(inputs))]
@@ -284,7 +300,7 @@ class Embeddings(FakeHandler):
             {
                 "object": "list",
                 "data": data,
-                "model": body.get("model"),
+                "model": model,
                 "usage": {"prompt_tokens": 3, "total_tokens": 3},
             }
         )
