@@ -76,6 +76,9 @@ async def test_chat_completion_names_the_deployment_and_is_recorded(azure):
     assert record.query_arguments == {"api-version": [API_VERSION]}
     assert record.headers["Api-Key"] == KEY
     assert "Authorization" not in record.headers
+    # Looked up whatever the case, so that a check for an absent header cannot pass by a misspelling.
+    assert record.headers["api-key"] == record.headers.get("API-KEY") == KEY and "api-key" in record.headers
+    assert "authorization" not in record.headers and record.headers.get("authorization") is None
     assert record.json == {"messages": MESSAGES}
 
 

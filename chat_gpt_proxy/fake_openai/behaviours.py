@@ -45,11 +45,32 @@ class Behaviour:
     raw: str = ""
 
 
+class Headers(dict):
+    """A request's headers, named as Tornado spells them (``Api-Key``), looked up whatever the case:
+    ``"authorization" in headers`` is true when an ``Authorization`` header arrived."""
+
+    @staticmethod
+    def spelled(name: str) -> str:
+        return "-".join(word.capitalize() for word in name.split("-"))
+
+    def __init__(self, headers=()):
+        super().__init__((self.spelled(name), value) for name, value in dict(headers).items())
+
+    def __getitem__(self, name: str) -> str:
+        return super().__getitem__(self.spelled(name))
+
+    def __contains__(self, name) -> bool:
+        return isinstance(name, str) and super().__contains__(self.spelled(name))
+
+    def get(self, name: str, default=None):
+        return super().get(self.spelled(name), default)
+
+
 @dataclasses.dataclass
 class Received:
     method: str
     path: str
-    headers: dict[str, str]
+    headers: Headers
     # The first MAX_KEPT_BODY bytes of the body; ``size`` is its real length.
     body: bytes
     size: int = 0
@@ -83,7 +104,7 @@ class RecentRequests:
         self._total = 0
 
     def add(self, method: str, path: str, headers: dict[str, str], body: bytes, query: str = "") -> None:
-        self._kept.append(Received(method, path, headers, body[: self.max_body], len(body), query))
+        self._kept.append(Received(method, path, Headers(headers), body[: self.max_body], len(body), query))
         self._total += 1
 
     @property
@@ -161,7 +182,7 @@ class RealtimeRecord:
 
     path: str
     query: str
-    headers: dict[str, str]
+    headers: Headers
     subprotocols: list[str]
     received: list[tuple[float, str | bytes]] = dataclasses.field(default_factory=list)
     sent_messages: int = 0

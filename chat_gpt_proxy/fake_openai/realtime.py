@@ -15,7 +15,7 @@ import tornado.web
 import tornado.websocket
 
 from chat_gpt_proxy import tornado_internals as internals
-from chat_gpt_proxy.fake_openai.behaviours import Behaviour, RealtimeBehaviour, RealtimeRecord
+from chat_gpt_proxy.fake_openai.behaviours import Behaviour, Headers, RealtimeBehaviour, RealtimeRecord
 from chat_gpt_proxy.fake_openai.wire import error_object, realtime_event, to_json
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ class RealtimeSocket(tornado.websocket.WebSocketHandler):
         self.record = RealtimeRecord(
             self.request.path,
             self.request.query,
-            dict(self.request.headers),
+            Headers(self.request.headers),
             [p.strip() for p in protocols.split(",") if p.strip()],
         )
         self.fake.realtime_sessions.append(self.record)
