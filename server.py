@@ -29,6 +29,7 @@ from chat_gpt_proxy.observability import JsonFormatter, Metrics, TextFormatter, 
 from chat_gpt_proxy.request.cors import CorsPolicy
 from chat_gpt_proxy.tornado_internals import stop_keep_alive
 from chat_gpt_proxy.upstream.pool import UpstreamPool
+from chat_gpt_proxy.upstream.routing import Router, UpstreamsFileError
 from chat_gpt_proxy.usage.spend import Spend
 from handlers import routes
 from handlers.base import BaseHandler
@@ -51,8 +52,9 @@ class NotFoundHandler(BaseHandler):
         raise ApiError(404, "No such route: %s. See GET / for usage." % self.request.path[:200], code="not_found")
 
 
-def make_app(settings: Settings, tokens: TokenRegistry | None = None) -> ProxyApplication:
-    """The application; ``tokens`` defaults to a registry read from ``settings`` (TokensFileError if broken)."""
+def make_app(settings: Settings, tokens: TokenRegistry | None = None, router: Router | None = None) -> ProxyApplication:
+    """The application; ``tokens`` and ``router`` default to what ``settings`` names
+    (TokensFileError, UpstreamsFileError if a file is broken)."""
     if tokens is None:
         tokens = TokenRegistry(settings)
     pool = UpstreamPool(settings)
@@ -74,6 +76,7 @@ def make_app(settings: Settings, tokens: TokenRegistry | None = None) -> ProxyAp
         all_routes,
         config=settings,
         pool=pool,
+        router=router or Router(settings, metrics=metrics),
         tokens=tokens,
         cors=CorsPolicy(settings.cors_allow_origins),
         spend=Spend(settings, metrics, shared_limits),
@@ -265,7 +268,8 @@ async def start_demo_upstream(settings: Settings) -> Settings:
         "DEMO MODE: requests go to the built-in fake OpenAI at %s, not to %s", fake.url, settings.openai_base_url
     )
     # The fake runs on loopback: an egress proxy from the environment must not apply.
-    return dataclasses.replace(settings, openai_base_url=fake.url, upstream_proxy=None)
+    # UPSTREAMS_FILE's upstreams are real ones: the demo talks to the fake alone.
+    return dataclasses.replace(settings, openai_base_url=fake.url, upstream_proxy=None, upstreams_file="")
 
 
 def reload_tokens(app: ProxyApplication) -> None:
@@ -284,12 +288,34 @@ def reload_tokens(app: ProxyApplication) -> None:
     asyncio.ensure_future(app.spend.rebuild(tokens.entries))
 
 
+def reload_upstreams(app: ProxyApplication) -> None:
+    """SIGHUP: read UPSTREAMS_FILE again; a broken file leaves the upstreams in force (and their health)."""
+    router: Router = app.router
+    try:
+        router.reload()
+    except UpstreamsFileError as exc:
+        log.error("SIGHUP: upstreams file refused, the previous upstreams stay in force: %s", exc)
+        return
+    log.info("SIGHUP: reloaded %s: %s", app.config.upstreams_file, ", ".join(u.describe() for u in router.upstreams))
+
+
+def on_sighup(app: ProxyApplication) -> None:
+    if app.config.upstreams_file:
+        reload_upstreams(app)
+    if app.config.access_tokens_file or not app.config.upstreams_file:
+        reload_tokens(app)
+
+
 async def serve(
-    settings: Settings, tokens: TokenRegistry, sockets: list[socket.socket], ssl_context: ssl.SSLContext | None
+    settings: Settings,
+    tokens: TokenRegistry,
+    sockets: list[socket.socket],
+    ssl_context: ssl.SSLContext | None,
+    router: Router | None = None,
 ) -> None:
     if settings.demo_upstream:
         settings = await start_demo_upstream(settings)
-    app = make_app(settings, tokens)
+    app = make_app(settings, tokens, router)
     try:
         # Before the first request: budgets must start from what the ledger says was spent.
         await app.spend.start(tokens.entries)
@@ -312,7 +338,7 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
-    loop.add_signal_handler(signal.SIGHUP, reload_tokens, app)
+    loop.add_signal_handler(signal.SIGHUP, on_sighup, app)
     await stop.wait()
     await stop_being_ready(app, server, settings.shutdown_delay)
     pool: UpstreamPool = app.pool
@@ -348,6 +374,13 @@ def main() -> None:
     except TokensFileError as exc:
         print("chat_gpt_proxy: invalid setting ACCESS_TOKENS_FILE: %s" % exc, file=sys.stderr)
         sys.exit(2)
+    router = None
+    if settings.upstreams_file and not settings.demo_upstream:
+        try:
+            router = Router(settings)
+        except UpstreamsFileError as exc:
+            print("chat_gpt_proxy: invalid setting UPSTREAMS_FILE: %s" % exc, file=sys.stderr)
+            sys.exit(2)
     setup_logging(settings)
     if settings.default_token_in_use:
         log.warning("ACCESS_TOKEN is not set: the default access token 123456 is in use; set ACCESS_TOKEN!")
@@ -355,7 +388,9 @@ def main() -> None:
     if settings.access_tokens_file:
         log.info("access tokens: %d named from %s", tokens.named, settings.access_tokens_file)
     raise_fd_limit()
-    asyncio.run(serve(settings, tokens, sockets, ssl_context))
+    if router is not None:
+        log.info("upstreams: %s", ", ".join(u.describe() for u in router.upstreams))
+    asyncio.run(serve(settings, tokens, sockets, ssl_context, router))
 
 
 if __name__ == "__main__":

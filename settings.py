@@ -20,6 +20,7 @@ from chat_gpt_proxy.request import strict_json
 from chat_gpt_proxy.request.cors import parse_origins
 from chat_gpt_proxy.request.generate_params import ParamsError, normalize_generate_params
 from chat_gpt_proxy.upstream import egress
+from chat_gpt_proxy.upstream.urls import check_base_url
 from chat_gpt_proxy.usage.prices import PricesFileError, parse_prices
 
 DEFAULT_ACCESS_TOKEN = "123456"  # noqa: S105 (the old service's documented default)
@@ -83,6 +84,8 @@ class Settings:
         return egress.proxy_for(self.openai_base_url, self.upstream_proxy, self.no_proxy)
 
     access_tokens_file: str = ""
+    # Several upstreams (chat_gpt_proxy/upstream/routing.py); unset: OPENAI_BASE_URL alone.
+    upstreams_file: str = ""
     # Shared limits: the per-token counters in Redis when REDIS_URL
     # is set. The URL may hold a password: out of repr(), masked in masked().
     redis_url: str = dataclasses.field(default="", repr=False)
@@ -205,6 +208,7 @@ class Settings:
             no_proxy=egress.no_proxy_from_env(env.environ),
             upstream_ca_file=ca_file or "",
             access_tokens_file=tokens_file,
+            upstreams_file=env.str("UPSTREAMS_FILE", ""),
             openai_api_key=env.server_key(),
             redis_prefix=redis_prefix,
             redis_failure_mode=redis_mode,
@@ -215,32 +219,10 @@ class Settings:
 
 def _base_url(url: str) -> str:
     """OPENAI_BASE_URL: ``http(s)://host[:port][/path]``, to which the API's paths are appended."""
-    # What errors may quote: credentials in the URL are not echoed.
-    shown = mask_url(url)
-    if not url.startswith(("http://", "https://")):
-        raise SettingsError(f"OPENAI_BASE_URL: must start with http:// or https://, got {shown!r}")
-    if re.search(r"[\x00-\x20\x7f]", url):
-        raise SettingsError(f"OPENAI_BASE_URL: holds a space or a control character: {shown!r}")
     try:
-        parts = urllib.parse.urlsplit(url)
-        port = parts.port
-    except ValueError:
-        # Python's message may quote a piece of a password: not shown.
-        raise SettingsError(f"OPENAI_BASE_URL: not a valid URL (its port?): {shown!r}") from None
-    if "@" in parts.netloc:
-        # Keys go in each request's header; credentials here would be sent
-        # with every request and printed in the startup line.
-        raise SettingsError("OPENAI_BASE_URL: must not hold a user or password (the value is not shown)")
-    if "?" in url or "#" in url:
-        # The API's paths are appended: ".../v1?a=b" would become ".../v1?a=b/chat/completions".
-        raise SettingsError(f"OPENAI_BASE_URL: must not hold a query or fragment ('?' or '#'), got {shown!r}")
-    if not parts.hostname:
-        raise SettingsError(f"OPENAI_BASE_URL: no host in {shown!r}")
-    if not egress.valid_host(parts.hostname):
-        raise SettingsError(f"OPENAI_BASE_URL: {parts.hostname!r} is not a valid host name or IP address")
-    if port is not None and not 1 <= port <= 65535:
-        raise SettingsError(f"OPENAI_BASE_URL: the port must be between 1 and 65535, got {port}")
-    return url
+        return check_base_url(url, mask_url(url))
+    except ValueError as exc:
+        raise SettingsError("OPENAI_BASE_URL: %s" % exc) from None
 
 
 def _access_tokens(env: _Env, tokens_file: str) -> tuple[str, ...]:

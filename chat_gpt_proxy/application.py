@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from .observability import Metrics
     from .request.cors import CorsPolicy
     from .upstream.pool import UpstreamPool
+    from .upstream.routing import Router
     from .usage.spend import Spend
 
 
@@ -31,6 +32,7 @@ class ProxyApplication(tornado.web.Application):
         *,
         config: Settings,
         pool: UpstreamPool,
+        router: Router,
         tokens: TokenRegistry,
         cors: CorsPolicy,
         spend: Spend,
@@ -41,6 +43,8 @@ class ProxyApplication(tornado.web.Application):
         super().__init__(handlers, **settings)
         self.config = config
         self.pool = pool
+        # The upstreams (UPSTREAMS_FILE, or OPENAI_BASE_URL alone) and their health; replaced in place on SIGHUP.
+        self.router = router
         # Replaced in place on SIGHUP.
         self.tokens = tokens
         self.cors = cors

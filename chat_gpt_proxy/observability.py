@@ -69,6 +69,8 @@ class AccessRecord:
     call: object | None = None
     # SSE data events relayed (the output estimate of chat_gpt_proxy/usage/meter.py).
     events: int = 0
+    # The name of the upstream that answered (routing.py; "default" without UPSTREAMS_FILE).
+    upstream: str | None = None
     logged: bool = False
 
 
@@ -126,6 +128,19 @@ class Metrics:
             registry=r,
         )
         self.upstream_retries = Counter("proxy_upstream_retries", "Upstream attempts retried", ["reason"], registry=r)
+        # Several upstreams (chat_gpt_proxy/upstream/routing.py), by upstream name.
+        self.upstream_requests = Counter(
+            "proxy_upstream_requests", "Requests answered, by the upstream that answered", ["upstream"], registry=r
+        )
+        self.upstream_failures = Counter(
+            "proxy_upstream_failures", "Upstream failures counted by its health", ["upstream", "kind"], registry=r
+        )
+        self.upstream_failovers = Counter(
+            "proxy_upstream_failovers", "Requests moved on to the next upstream", ["upstream", "reason"], registry=r
+        )
+        self.upstream_up = Gauge(
+            "proxy_upstream_up", "1 while an upstream is in use, 0 while it cools down", ["upstream"], registry=r
+        )
         # Spend (chat_gpt_proxy/usage/): money charged per token, and the ledger's write queue.
         self.spend = Counter("proxy_spend_usd", "US dollars charged, by token", ["token"], registry=r)
         self.ledger_queue = Gauge("proxy_usage_queue_rows", "Usage rows waiting for the database", registry=r)
@@ -350,6 +365,7 @@ def log_request(handler) -> None:
         "upstream_ms": _ms(upstream_s),
         "ttfb_ms": _ms(ttfb_s),
         "model": model,
+        "upstream": access.upstream,
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "bytes": access.bytes_out,
@@ -376,6 +392,8 @@ def log_request(handler) -> None:
         metrics.limited.labels(access.limited, token).inc()
     if access.upstream_failure:
         metrics.upstream_errors.labels(access.upstream_failure).inc()
+    if access.upstream is not None:
+        metrics.upstream_requests.labels(access.upstream).inc()
 
 
 def log_session(handler, session) -> None:
@@ -404,6 +422,7 @@ def log_session(handler, session) -> None:
         "upstream_ms": access.upstream_ms,
         "ttfb_ms": None,
         "model": model,
+        "upstream": handler.access.upstream,
         "prompt_tokens": usage["input_tokens"] if usage else None,
         "completion_tokens": usage["output_tokens"] if usage else None,
         "bytes": session.bytes["upstream_to_client"],

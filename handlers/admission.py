@@ -10,6 +10,7 @@ import time
 from chat_gpt_proxy.access.tokens import UNAVAILABLE
 from chat_gpt_proxy.observability import CLIENT_CLOSED_STATUS
 from chat_gpt_proxy.upstream.pool import UpstreamPool
+from chat_gpt_proxy.upstream.routing import Upstream
 from chat_gpt_proxy.usage.budgets import Over
 
 from .errors import ApiError
@@ -240,6 +241,43 @@ class Admission:
     def allowed_models(self) -> tuple[str, ...]:
         """ALLOWED_MODELS, or the caller's token's own allowed_models."""
         return self.token.policy.allowed_models if self.token is not None else self.config.allowed_models
+
+    def upstream_candidates(self, model: str | None, *, realtime: bool = False) -> list[Upstream]:
+        """The upstreams to try for ``model``, best first; 404 if none serves it, 403 if none is this token's."""
+        router = self.application.router
+        allowed = self.token.policy.upstreams if self.token is not None else ()
+        found = router.candidates(model, allowed, self.used_server_key)
+        if realtime:
+            # Azure's realtime API is shaped otherwise, and an alias would have to rewrite the query.
+            found = [u for u in found if u.kind == "openai" and u.upstream_model(model) == model]
+        if found:
+            return found
+        if not any(u.serves(model) for u in router.upstreams):
+            raise ApiError(
+                404,
+                "No upstream of this proxy serves the model %r." % (model or "")[:100],
+                "invalid_request_error",
+                "model_not_found",
+            )
+        raise ApiError(
+            403,
+            "No upstream this access token may use serves the model %r%s."
+            % ((model or "")[:100], "" if self.used_server_key else " with the caller's own key"),
+            "permission_denied",
+            "upstream_not_allowed",
+        )
+
+    def upstream_key(self, upstream: Upstream, caller_key: str) -> str:
+        """The caller's key, or, for a server-key request, the upstream's own key or OPENAI_API_KEY."""
+        if not self.used_server_key:
+            return caller_key
+        return upstream.api_key or self.config.openai_api_key
+
+    def note_failover(self, upstream: Upstream, reason: str) -> None:
+        log.warning("upstream failover request_id=%s from=%s reason=%s", self.request_id, upstream.name, reason)
+        metrics = self.application.metrics
+        if metrics is not None:
+            metrics.upstream_failovers.labels(upstream.name, reason).inc()
 
     # How this surface names the key and its errors; /v1/* overrides them.
     missing_key_message = "Missing openai-token header: send your OpenAI API key in it."

@@ -77,13 +77,16 @@ class ChatCompleteHandler(UsagePageMixin, ProxyHandler):
             await pending  # budget counters in Redis
         if stream and self.metered:
             self.ask_stream_usage(payload)
-        headers = {
-            "Authorization": "Bearer " + key,
-            "Content-Type": "application/json",
-            "Accept": "text/event-stream" if stream else "application/json",
-        }
+        headers = {"Content-Type": "application/json", "Accept": "text/event-stream" if stream else "application/json"}
+        model = payload["model"]
+
+        def body_for(upstream) -> bytes:
+            # An upstream may call the model by another name (an alias, Azure's deployment).
+            alias = upstream.upstream_model(model)
+            return dumps(payload if alias == model else {**payload, "model": alias})
+
         call = await self.open_upstream(
-            "POST", self.config.chat_completions_url, headers, dumps(payload), stream=stream
+            "POST", "chat/completions", "", headers, body_for, stream=stream, model=model, key=key
         )
         # Some OpenAI-compatible servers ignore "stream": relay SSE only when
         # the upstream sends SSE, and answer JSON as JSON.

@@ -115,7 +115,8 @@ class OpenAIHandler(OpenAIStyle, ProxyHandler):
         url = None if self.v1_path is None else join_url(self.config.openai_base_url, self.v1_path, self.request.query)
         if url is None:
             raise ApiError(400, "Invalid path.", "invalid_request_error", "invalid_path")
-        headers = {"Authorization": "Bearer " + self.openai_key()}
+        key = self.openai_key()
+        headers = {}
         for name in FORWARDED_REQUEST_HEADERS:
             value = self.request.headers.get(name)
             if value is not None:
@@ -130,7 +131,28 @@ class OpenAIHandler(OpenAIStyle, ProxyHandler):
         body = self.body if method in ("POST", "PUT", "PATCH") else None
         if stream and self.metered and self.v1_path == "chat/completions":
             body = self.with_stream_usage(body)
-        call = await self.open_upstream(method, url, headers, body, stream=stream)
+
+        def body_for(upstream) -> bytes | None:
+            # An upstream may call the model by another name (an alias, Azure's deployment name).
+            alias = upstream.upstream_model(model)
+            if alias == model:
+                return body
+            try:
+                payload = loads(body)
+            except (ValueError, RecursionError):
+                return None
+            return dumps({**payload, "model": alias}) if isinstance(payload, dict) else None
+
+        call = await self.open_upstream(
+            method,
+            self.v1_path,
+            self.request.query,
+            headers,
+            body_for if body is not None else None,
+            stream=stream,
+            model=model,
+            key=key,
+        )
         if call.status == 401 and self.used_server_key:
             await call.discard()
             raise self.server_key_refused()

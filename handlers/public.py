@@ -54,15 +54,22 @@ class HealthHandler(BaseHandler):
         With REDIS_URL it also says whether Redis answers ("redis": "up" or
         "down"), still with 200: an instance without Redis serves
         (REDIS_FAILURE_MODE), and restarting it would not bring Redis back.
+        With UPSTREAMS_FILE it lists each upstream's state, still with 200:
+        the others may serve, and a restart would not mend a route.
         """
+        body = {"status": "ok"}
+        router = self.application.router
+        if router.from_file:
+            # Each upstream's state (up, down, half_open), never its key or address.
+            body["upstreams"] = router.states()
         shared = self.application.shared_limits
         if shared is None:
-            self.answer({"status": "ok"})
+            self.answer(body)
             return None
-        return self.with_redis(shared)
+        return self.with_redis(shared, body)
 
-    async def with_redis(self, shared) -> None:
-        self.answer({"status": "ok", "redis": await shared.state()})
+    async def with_redis(self, shared, body: dict) -> None:
+        self.answer({**body, "redis": await shared.state()})
 
     def answer(self, body: dict) -> None:
         self.set_header("Content-Type", "application/json; charset=utf-8")

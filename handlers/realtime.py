@@ -29,7 +29,8 @@ from chat_gpt_proxy.realtime.session import CLIENT_TO_UPSTREAM, UPSTREAM_TO_CLIE
 from chat_gpt_proxy.request.model import models_in_query, query_pairs
 from chat_gpt_proxy.request.strict_json import loads
 from chat_gpt_proxy.upstream.errors import UpstreamError
-from chat_gpt_proxy.upstream.urls import upstream_url
+from chat_gpt_proxy.upstream.routing import FAILOVER_STATUSES, KEY_REFUSED_STATUSES, failover_error
+from chat_gpt_proxy.upstream.urls import SAFE_QUERY_RE
 
 from .admission import check_model_allowed, take_upstream_slot
 from .base import ApiMixin
@@ -182,52 +183,69 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
         pending = self.check_budget(self.access.model)
         if pending is not None:
             await pending  # budget counters in Redis
-        url = upstream_url(self.config.openai_base_url, "realtime", self.request.query)
-        if url is None:
+        if not SAFE_QUERY_RE.match(self.request.query):
             raise ApiError(400, "Invalid query string.", "invalid_request_error", "invalid_path")
-        upstream_headers = {"Authorization": "Bearer " + key}
-        for name in FORWARDED_HEADERS:
-            value = headers.get(name)
-            if value is not None:
-                upstream_headers[name] = value
         # The token subprotocols stay here; the others (realtime, openai-beta.*,
         # openai-organization.*, openai-project.*) mean something to OpenAI.
         upstream_protocols = [
             p for p in self.subprotocols if not p.startswith((ACCESS_TOKEN_PROTOCOL, API_KEY_PROTOCOL))
         ]
+        candidates = self.upstream_candidates(self.access.model, realtime=True)
         take_upstream_slot(self, self.pool)
         opened = time.monotonic()
-        # A task, so that a client leaving meanwhile can cancel it (on_close).
-        self.connecting = asyncio.ensure_future(
-            connect_upstream(
-                "ws" + url[len("http") :],
-                upstream_headers,
-                upstream_protocols,
-                open_timeout=self.config.connect_timeout,
-                max_size=self.config.ws_max_message_bytes,
-                ping_interval=self.config.ws_ping_interval,
-                # The egress proxy and CA of the HTTP routes apply to this leg too.
-                proxy=self.config.upstream_egress,
-                ca_file=self.config.upstream_ca_file,
+        router = self.application.router
+        for index, upstream in enumerate(candidates):
+            last = index == len(candidates) - 1
+            self.access.upstream = upstream.name
+            router.started(upstream)
+            upstream_headers = upstream.auth_headers(self.upstream_key(upstream, key))
+            for name in FORWARDED_HEADERS:
+                value = headers.get(name)
+                if value is not None:
+                    upstream_headers[name] = value
+            url = upstream.url("realtime", self.request.query, self.access.model)
+            # A task, so that a client leaving meanwhile can cancel it (on_close).
+            self.connecting = asyncio.ensure_future(
+                connect_upstream(
+                    "ws" + url[len("http") :],
+                    upstream_headers,
+                    upstream_protocols,
+                    open_timeout=self.config.connect_timeout,
+                    max_size=self.config.ws_max_message_bytes,
+                    ping_interval=self.config.ws_ping_interval,
+                    # The upstream's egress proxy and CA, as for its HTTP calls.
+                    proxy=upstream.egress,
+                    ca_file=upstream.ca_file,
+                )
             )
-        )
-        try:
-            self.upstream = await self.connecting
-        except asyncio.CancelledError:
-            # The client left during the handshake: nothing to answer, nothing the upstream did wrong.
-            self.set_status(499, "Client Closed Request")
-            raise tornado.web.Finish() from None
-        except UpstreamRefused as exc:
-            if exc.status == 401 and self.used_server_key:
-                raise self.server_key_refused() from None
             try:
-                answer = loads(exc.body)
-            except (ValueError, RecursionError):
-                answer = None
-            raise mirrored_error(exc.status, answer, exc.headers) from None
-        except UpstreamError as exc:
-            self.note_fault(exc.kind, exc.detail)
-            raise ApiError.from_upstream(exc) from None
+                self.upstream = await self.connecting
+            except asyncio.CancelledError:
+                # The client left during the handshake: nothing to answer, nothing the upstream did wrong.
+                self.set_status(499, "Client Closed Request")
+                raise tornado.web.Finish() from None
+            except UpstreamRefused as exc:
+                if exc.status in FAILOVER_STATUSES or (exc.status in KEY_REFUSED_STATUSES and self.used_server_key):
+                    router.failed(upstream, "status_%d" % exc.status)
+                    if not last:
+                        self.note_failover(upstream, "status_%d" % exc.status)
+                        continue
+                if exc.status == 401 and self.used_server_key:
+                    raise self.server_key_refused() from None
+                try:
+                    answer = loads(exc.body)
+                except (ValueError, RecursionError):
+                    answer = None
+                raise mirrored_error(exc.status, answer, exc.headers) from None
+            except UpstreamError as exc:
+                router.failed(upstream, exc.kind)
+                if failover_error(exc) and not last:
+                    self.note_failover(upstream, exc.kind)
+                    continue
+                self.note_fault(exc.kind, exc.detail)
+                raise ApiError.from_upstream(exc) from None
+            router.succeeded(upstream)
+            break
         self.access.upstream_ms = round((time.monotonic() - opened) * 1000, 2)
         if self.access.client_gone:
             # The client left while the upstream was answering.

@@ -18,6 +18,8 @@ from chat_gpt_proxy.upstream.call import UpstreamCall
 from chat_gpt_proxy.upstream.errors import UpstreamError
 from chat_gpt_proxy.upstream.headers import relayed_headers
 from chat_gpt_proxy.upstream.pool import UpstreamPool
+from chat_gpt_proxy.upstream.retry import retry_after_seconds
+from chat_gpt_proxy.upstream.routing import FAILOVER_STATUSES, KEY_REFUSED_STATUSES, failover_error
 
 from .admission import take_upstream_slot
 from .base import BaseHandler
@@ -101,16 +103,85 @@ class ProxyHandler(BaseHandler):
     def pool(self) -> UpstreamPool:
         return self.application.pool
 
-    async def open_upstream(self, method: str, url: str, headers: dict, body: bytes | None, *, stream: bool):
-        """Start the upstream call; returns it once the upstream's headers arrived."""
+    async def open_upstream(
+        self,
+        method: str,
+        path: str,
+        query: str,
+        headers: dict,
+        body,
+        *,
+        stream: bool,
+        model: str | None,
+        key: str,
+    ):
+        """Start the upstream call on the first upstream that takes it; returns it once its headers arrived.
+
+        ``path`` is the API path after ``/v1/``; ``body`` is bytes, or a
+        function of the upstream giving them (None: this upstream cannot take
+        the request, e.g. an alias on a body that is not JSON). The next
+        upstream is tried only when the request provably did not reach a
+        model or was refused without being processed, and nothing has been
+        relayed yet (routing.py); the client gets the last one's answer.
+        """
+        take_upstream_slot(self, self.pool)
+        router = self.application.router
+        candidates = []
+        for upstream in self.upstream_candidates(model):
+            upstream_body = body(upstream) if callable(body) else body
+            if callable(body) and upstream_body is None:
+                continue  # it names the model otherwise, and this body cannot be rewritten
+            candidates.append((upstream, upstream_body))
+        if not candidates:
+            raise ApiError(
+                400,
+                "The upstreams that serve %r call it by another name, and this request's body is not "
+                "a JSON object whose model could be renamed." % (model or "")[:100],
+                "invalid_request_error",
+                "model_alias_needs_json",
+            )
+        for index, (upstream, upstream_body) in enumerate(candidates):
+            last = index == len(candidates) - 1
+            url = upstream.url(path, query, model)
+            if url is None:
+                raise ApiError(400, "Invalid query string.", "invalid_request_error", "invalid_path")
+            call_headers = {**headers, **upstream.auth_headers(self.upstream_key(upstream, key))}
+            self.access.upstream = upstream.name
+            router.started(upstream)
+            try:
+                call = await self.call_one(method, url, call_headers, upstream_body, stream, upstream)
+            except UpstreamError as exc:
+                if self.client_left(exc) or not failover_error(exc):
+                    if not self.client_left(exc) and exc.kind != "aborted":
+                        router.failed(upstream, exc.kind)
+                    raise self.upstream_failed(exc) from None
+                router.failed(upstream, exc.kind)
+                if last:
+                    raise self.upstream_failed(exc) from None
+                self.note_failover(upstream, exc.kind)
+                continue
+            status = call.status
+            if status in FAILOVER_STATUSES or (status in KEY_REFUSED_STATUSES and self.used_server_key):
+                wait = retry_after_seconds(call.headers) if status in (429, 503) else None
+                router.failed(upstream, "status_%d" % status, wait)
+                if not last:
+                    await call.discard()
+                    self.note_failover(upstream, "status_%d" % status)
+                    continue
+            else:
+                router.succeeded(upstream)
+            return call
+        raise AssertionError("unreachable: the last candidate always returns or raises")  # pragma: no cover
+
+    async def call_one(self, method: str, url: str, headers: dict, body: bytes | None, stream: bool, upstream):
+        """One upstream, with the retry policy of UPSTREAM_RETRIES / RETRY_ON_STATUS; raises ``UpstreamError``."""
         pool = self.pool
-        take_upstream_slot(self, pool)
         first = time.monotonic()
         attempt = 0
         timeout = None
         while True:
             call = self.upstream_call = self.access.call = UpstreamCall(
-                pool.client(), self.config, method, url, headers, body, stream=stream, timeout=timeout
+                pool.client(), self.config, method, url, headers, body, stream=stream, timeout=timeout, route=upstream
             )
             try:
                 await call.start()
@@ -118,7 +189,7 @@ class ProxyHandler(BaseHandler):
                 attempt += 1
                 wait = pool.retry.after_error(exc, attempt, time.monotonic() - first)
                 if wait is None:
-                    raise self.upstream_failed(exc) from None
+                    raise
                 reason = exc.retry_reason
             else:
                 if call.status < 400 or not pool.retry.statuses:

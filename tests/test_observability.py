@@ -16,6 +16,7 @@ from chat_gpt_proxy import observability
 from chat_gpt_proxy.access.tokens import TokenRegistry
 from chat_gpt_proxy.fake_openai.behaviours import Behaviour
 from chat_gpt_proxy.observability import JsonFormatter, TextFormatter, token_counts
+from chat_gpt_proxy.upstream.routing import Router
 from server import drain
 from tests.conftest import ACCESS_TOKEN, OPENAI_KEY, open_raw
 
@@ -141,6 +142,7 @@ EXPECTED_KEYS = [
     "upstream_ms",
     "ttfb_ms",
     "model",
+    "upstream",
     "prompt_tokens",
     "completion_tokens",
     "bytes",
@@ -190,6 +192,7 @@ async def canned_upstream(app, response: bytes):
     server = await asyncio.start_server(answer, "127.0.0.1", 0)
     url = "http://127.0.0.1:%d/v1" % server.sockets[0].getsockname()[1]
     app.config = dataclasses.replace(app.config, openai_base_url=url)
+    app.router = Router(app.config)  # the upstreams are read from the settings when the app is made
     try:
         yield
     finally:

@@ -11,6 +11,7 @@ The file is TOML, one table per token name::
     budget_usd = 20.0                 # spend per budget_period (chat_gpt_proxy/usage/); unset: none
     budget_tokens = 2000000           # input + output tokens per budget_period; unset: none
     budget_period = "month"           # "day", "week" or "month" (UTC calendar periods)
+    upstreams = ["openai-a"]          # only these upstreams of UPSTREAMS_FILE; unset: any
     disabled = false
 
     [bob]
@@ -51,6 +52,7 @@ FIELDS = (
     "budget_usd",
     "budget_tokens",
     "budget_period",
+    "upstreams",
     "disabled",
 )
 UNNAMED = "-"
@@ -69,6 +71,7 @@ class TokenPolicy:
     allowed_models: tuple[str, ...] = ()  # (): any model
     use_server_key: bool = False
     budget: Budget = NO_BUDGET
+    upstreams: tuple[str, ...] = ()  # (): any upstream
     disabled: bool = False
 
 
@@ -177,16 +180,23 @@ def _parse_entry(table: dict, settings, where: str, name: str) -> TokenEntry:
     ):
         raise TokensFileError(where + "allowed_models must be a non-empty list of model names")
     use_server_key = _bool(table, "use_server_key", where)
-    if use_server_key and not settings.openai_api_key:
+    if use_server_key and not settings.openai_api_key and not settings.upstreams_file:
         raise TokensFileError(
             where + "use_server_key = true, but neither OPENAI_API_KEY nor OPENAI_API_KEY_FILE is set"
+            " (nor UPSTREAMS_FILE, whose upstreams may hold keys)"
         )
+    upstreams = table.get("upstreams")
+    if upstreams is not None and (
+        not isinstance(upstreams, list) or not upstreams or not all(isinstance(u, str) and u for u in upstreams)
+    ):
+        raise TokensFileError(where + "upstreams must be a non-empty list of upstream names")
     policy = TokenPolicy(
         rate_limit_per_minute=_int(table, "rate_limit_per_minute", where, settings.rate_limit_per_token, 1_000_000),
         max_concurrent=_int(table, "max_concurrent", where, 0, 100_000),
         allowed_models=tuple(models) if models is not None else settings.allowed_models,
         use_server_key=use_server_key,
         budget=_budget(table, where),
+        upstreams=tuple(upstreams or ()),
         disabled=_bool(table, "disabled", where),
     )
     return TokenEntry(name, name, digest, policy)

@@ -150,8 +150,13 @@ class UpstreamCall:
         *,
         stream: bool,
         timeout: float | None = None,
+        route=None,
     ):
+        """``route``: the chosen upstream (routing.py), whose egress proxy and CA file apply;
+        None: the settings' (OPENAI_BASE_URL's)."""
         self.settings = settings
+        self.egress = settings.upstream_egress if route is None else route.egress
+        self.ca_file = settings.upstream_ca_file if route is None else route.ca_file
         self.stream = stream
         self.status = 0
         self._header_lines: list[bytes] = []
@@ -190,7 +195,7 @@ class UpstreamCall:
             # Streams have no total cap: the idle timer bounds them.
             request_timeout=0 if stream else (timeout or settings.request_timeout),
             # Verification is always on; this only replaces the trusted roots.
-            ca_certs=settings.upstream_ca_file or None,
+            ca_certs=self.ca_file or None,
             follow_redirects=False,
             decompress_response=False,
             allow_nonstandard_methods=True,
@@ -227,7 +232,7 @@ class UpstreamCall:
         # Tornado unsets PROXY when HTTPRequest has no proxy_host, and libcurl
         # then reads http(s)_proxy/ALL_PROXY/NO_PROXY by itself: always set it
         # so that the route chosen (and logged) at startup is the one used.
-        proxy = self.settings.upstream_egress
+        proxy = self.egress
         if proxy is None:
             curl.setopt(pycurl.PROXY, "")  # "" = direct, whatever the environment says
             return
@@ -244,8 +249,8 @@ class UpstreamCall:
         # The proxy's "200 Connection established" block would otherwise reach
         # _on_header_line as if it were the upstream's status and headers.
         curl.setopt(CURLOPT_SUPPRESS_CONNECT_HEADERS, 1)
-        if proxy.scheme == "https" and self.settings.upstream_ca_file:
-            curl.setopt(pycurl.PROXY_CAINFO, self.settings.upstream_ca_file)
+        if proxy.scheme == "https" and self.ca_file:
+            curl.setopt(pycurl.PROXY_CAINFO, self.ca_file)
 
     def _on_new_socket(self, fd: int, _purpose: int) -> int:
         self._new_sockets.append(fd)
@@ -376,9 +381,7 @@ class UpstreamCall:
         error = self._fetch.exception() or self._fetch.result().error
         if not isinstance(error, CurlError):
             return None
-        return classify(
-            error.errno, error.message or "", self.status, self.settings.upstream_egress, past_proxy=self.past_proxy
-        )
+        return classify(error.errno, error.message or "", self.status, self.egress, past_proxy=self.past_proxy)
 
     # -- the reader's side
 

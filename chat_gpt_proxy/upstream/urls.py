@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import re
 import string
+import urllib.parse
+
+from .egress import valid_host
 
 # Characters allowed in a relayed path or query (RFC 3986 pchar, '/', '?').
 SAFE_PATH_RE = re.compile(r"^[A-Za-z0-9._~!$&'()*+,;=:@%/-]*$")
@@ -55,3 +58,32 @@ def join_url(base_url: str, normalised: str, query: str) -> str | None:
     if not SAFE_QUERY_RE.match(query):
         return None
     return base_url + "/" + normalised + ("?" + query if query else "")
+
+
+def check_base_url(url: str, shown: str) -> str:
+    """An upstream's base URL, ``http(s)://host[:port][/path]``, to which the API's paths are appended;
+    ``ValueError`` with a message that quotes only ``shown`` (the URL with any password masked)."""
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"must start with http:// or https://, got {shown!r}")
+    if re.search(r"[\x00-\x20\x7f]", url):
+        raise ValueError(f"holds a space or a control character: {shown!r}")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError:
+        # Python's message may quote a piece of a password: not shown.
+        raise ValueError(f"not a valid URL (its port?): {shown!r}") from None
+    if "@" in parts.netloc:
+        # Keys go in each request's header; credentials here would be sent
+        # with every request and printed in the startup line.
+        raise ValueError("must not hold a user or password (the value is not shown)")
+    if "?" in url or "#" in url:
+        # The API's paths are appended: ".../v1?a=b" would become ".../v1?a=b/chat/completions".
+        raise ValueError(f"must not hold a query or fragment ('?' or '#'), got {shown!r}")
+    if not parts.hostname:
+        raise ValueError(f"no host in {shown!r}")
+    if not valid_host(parts.hostname):
+        raise ValueError(f"{parts.hostname!r} is not a valid host name or IP address")
+    if port is not None and not 1 <= port <= 65535:
+        raise ValueError(f"the port must be between 1 and 65535, got {port}")
+    return url

@@ -1,0 +1,406 @@
+"""Several upstreams: which one serves a request, in which order to try them, and their health.
+
+``UPSTREAMS_FILE`` (TOML, reloaded on SIGHUP) names the upstreams, one table each::
+
+    [openai-a]
+    base_url = "https://api.openai.com/v1"
+    api_key_file = "/run/secrets/openai-a"   # or api_key; neither: the caller's key
+    proxy = "socks5h://127.0.0.1:1080"        # its own egress proxy (default: UPSTREAM_PROXY)
+    models = ["gpt-4o*", "o3"]                # names or * patterns; default: every model
+    weight = 2                                # share within its tier
+    priority = 0                              # 0 first; 1 only when every upstream of 0 is down
+
+    [azure]
+    kind = "azure"
+    base_url = "https://my-resource.openai.azure.com"
+    api_key = "..."
+    api_version = "2024-10-21"
+    aliases = { "gpt-4o" = "my-gpt4o-deployment" }
+    priority = 1
+
+Without the file there is one upstream, ``default``: OPENAI_BASE_URL with the
+egress settings, exactly as before.
+
+Credentials decide who may use an upstream: one with its own key serves the
+requests that would use the server's key (a named token with
+``use_server_key`` that sends no key); one without serves the requests that
+bring the caller's key (and, if OPENAI_API_KEY is set, the server-key
+requests too, as before).
+
+Health is a circuit breaker per upstream name (kept across reloads): after
+``FAILURES_TO_OPEN`` failures in a row it is out for a cool-down that doubles
+while it keeps failing (``COOL_DOWN`` up to ``MAX_COOL_DOWN``, or the
+upstream's own ``Retry-After`` if longer); then one request may try it
+(half-open), and its result closes the circuit or opens it again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import logging
+import os
+import random
+import re
+import time
+import tomllib
+from collections.abc import Mapping
+from types import MappingProxyType
+
+from .egress import EgressConfigError, EgressProxy, check_ca_file, parse_proxy_url, proxy_for
+from .urls import check_base_url, join_url
+
+log = logging.getLogger("chat_gpt_proxy")
+
+KINDS = ("openai", "azure")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+FIELDS = (
+    "base_url",
+    "kind",
+    "api_key",
+    "api_key_file",
+    "api_version",
+    "proxy",
+    "ca_file",
+    "models",
+    "aliases",
+    "weight",
+    "priority",
+)
+KEY_RE = re.compile(r"^[\x21-\x7e]{1,512}$")
+DEFAULT_AZURE_API_VERSION = "2024-10-21"
+# Azure names the model in the path (its "deployment") for these endpoints.
+AZURE_DEPLOYMENT_PATHS = ("chat/completions", "completions", "embeddings", "audio/transcriptions", "audio/speech")
+
+FAILURES_TO_OPEN = 3
+COOL_DOWN = 5.0
+MAX_COOL_DOWN = 300.0
+
+# The answers that say a request was refused without being processed:
+# another upstream may serve it (docs/deploy.md, Several upstreams).
+FAILOVER_STATUSES = frozenset((429, 500, 502, 503, 504))
+KEY_REFUSED_STATUSES = frozenset((401, 403))
+
+
+def failover_error(exc) -> bool:
+    """Whether an ``UpstreamError`` proves the request reached no model: nothing was sent
+    (the retry policy's own test), or the route refused the connection before it (TLS, the proxy's login)."""
+    return exc.retry_reason is not None or exc.kind in ("tls", "proxy_auth", "proxy_tls")
+
+
+class UpstreamsFileError(ValueError):
+    """An upstreams file that cannot be used; one line naming the file and the entry."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Upstream:
+    name: str
+    base_url: str
+    kind: str = "openai"
+    api_key: str = dataclasses.field(default="", repr=False)
+    api_version: str = ""
+    egress: EgressProxy | None = None
+    ca_file: str = ""
+    models: tuple[str, ...] = ("*",)
+    aliases: Mapping[str, str] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
+    weight: int = 1
+    priority: int = 0
+
+    def serves(self, model: str | None) -> bool:
+        if self.models == ("*",):
+            return True
+        if model is None:
+            # A request that names no model (files, batches, a stored
+            # prompt) may go to any upstream; a token's upstreams pin it.
+            return True
+        return model in self.aliases or any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
+
+    def upstream_model(self, model: str | None) -> str | None:
+        """What this upstream calls ``model`` (its alias, or Azure's deployment name)."""
+        return self.aliases.get(model, model) if model is not None else None
+
+    def url(self, path: str, query: str, model: str | None) -> str | None:
+        """The URL of the API ``path`` (after ``/v1/``) on this upstream, or None if the query is refused."""
+        if self.kind == "openai":
+            return join_url(self.base_url, path, query)
+        version = "api-version=" + self.api_version
+        query = version + ("&" + query if query else "")
+        if path in AZURE_DEPLOYMENT_PATHS and model is not None:
+            deployment = self.upstream_model(model)
+            return join_url(self.base_url, "openai/deployments/%s/%s" % (deployment, path), query)
+        return join_url(self.base_url, "openai/" + path, query)
+
+    def auth_headers(self, key: str) -> dict[str, str]:
+        if self.kind == "azure":
+            return {"api-key": key}
+        return {"Authorization": "Bearer " + key}
+
+    def describe(self) -> str:
+        via = self.egress.masked() if self.egress is not None else "direct"
+        return "%s (%s, %s, via %s)" % (self.name, self.kind, self.base_url, via)
+
+
+def default_upstream(settings) -> Upstream:
+    """Today's single upstream: OPENAI_BASE_URL and the egress settings."""
+    return Upstream(
+        "default",
+        settings.openai_base_url,
+        egress=settings.upstream_egress,
+        ca_file=settings.upstream_ca_file,
+    )
+
+
+def parse_upstreams(path: str, settings) -> tuple[Upstream, ...]:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise UpstreamsFileError("%s: cannot read it: %s" % (path, exc.strerror or exc)) from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UpstreamsFileError("%s: not valid TOML: %s" % (path, str(exc).replace("\n", " "))) from None
+    if not data:
+        raise UpstreamsFileError("%s: names no upstream" % path)
+    upstreams = []
+    for name, table in data.items():
+        where = "%s: upstream %r: " % (path, name[:64])
+        if not isinstance(table, dict):
+            raise UpstreamsFileError(where + "write each upstream as [name] followed by its fields")
+        if not NAME_RE.match(name):
+            raise UpstreamsFileError(where + "a name is 1-64 letters, digits, '.', '_' or '-'")
+        upstreams.append(_parse_upstream(name, table, settings, where))
+    return tuple(upstreams)
+
+
+def _parse_upstream(name: str, table: dict, settings, where: str) -> Upstream:
+    unknown = sorted(set(table) - set(FIELDS))
+    if unknown:
+        raise UpstreamsFileError(where + "unknown field %r (known: %s)" % (unknown[0][:64], ", ".join(FIELDS)))
+    base_url = table.get("base_url")
+    if not isinstance(base_url, str) or not base_url:
+        raise UpstreamsFileError(where + "base_url is missing")
+    try:
+        base_url = check_base_url(base_url.rstrip("/"), _masked(base_url))
+    except ValueError as exc:
+        raise UpstreamsFileError(where + "base_url: %s" % exc) from None
+    kind = table.get("kind", "openai")
+    if kind not in KINDS:
+        raise UpstreamsFileError(where + "kind must be one of %s" % ", ".join('"%s"' % k for k in KINDS))
+    key = _key(table, where)
+    if kind == "azure" and not key:
+        raise UpstreamsFileError(where + "an azure upstream needs its api_key or api_key_file")
+    version = table.get("api_version", DEFAULT_AZURE_API_VERSION if kind == "azure" else "")
+    if kind == "azure" and (not isinstance(version, str) or not re.match(r"^[0-9A-Za-z.-]{1,40}$", version)):
+        raise UpstreamsFileError(where + "api_version must be a version such as %s" % DEFAULT_AZURE_API_VERSION)
+    if kind == "openai" and "api_version" in table:
+        raise UpstreamsFileError(where + 'api_version is for kind = "azure"')
+    try:
+        proxy = table.get("proxy")
+        if proxy is not None and not isinstance(proxy, str):
+            raise EgressConfigError('proxy must be a proxy URL string, or "" for direct')
+        if proxy is None:
+            egress = proxy_for(base_url, settings.upstream_proxy, settings.no_proxy)
+        else:
+            egress = parse_proxy_url(proxy, where + "proxy") if proxy else None
+        ca_file = table.get("ca_file", settings.upstream_ca_file)
+        if not isinstance(ca_file, str):
+            raise EgressConfigError("ca_file must be a path")
+        if ca_file:
+            check_ca_file(ca_file, where + "ca_file")
+    except EgressConfigError as exc:
+        message = str(exc)
+        raise UpstreamsFileError(message if message.startswith(where) else where + message) from None
+    models = table.get("models", ["*"])
+    if not isinstance(models, list) or not models or not all(isinstance(m, str) and m for m in models):
+        raise UpstreamsFileError(where + "models must be a non-empty list of model names or * patterns")
+    aliases = table.get("aliases", {})
+    if not isinstance(aliases, dict) or not all(
+        isinstance(k, str) and k and isinstance(v, str) and re.match(r"^[A-Za-z0-9._:-]{1,200}$", v)
+        for k, v in aliases.items()
+    ):
+        raise UpstreamsFileError(where + "aliases must map model names to the upstream's names (letters, digits, ._:-)")
+    weight, priority = table.get("weight", 1), table.get("priority", 0)
+    for field, value, low in (("weight", weight, 1), ("priority", priority, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= 1000:
+            raise UpstreamsFileError(where + "%s must be an integer from %d to 1000" % (field, low))
+    return Upstream(
+        name,
+        base_url,
+        kind,
+        key,
+        version if kind == "azure" else "",
+        egress,
+        ca_file,
+        tuple(models),
+        MappingProxyType(dict(aliases)),
+        weight,
+        priority,
+    )
+
+
+def _masked(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, after = rest.rpartition("@")
+    return scheme + sep + ("***@" + after if at else rest)
+
+
+def _key(table: dict, where: str) -> str:
+    key, key_file = table.get("api_key"), table.get("api_key_file")
+    if key is not None and key_file is not None:
+        raise UpstreamsFileError(where + "give api_key or api_key_file, not both")
+    if key_file is not None:
+        if not isinstance(key_file, str) or not os.path.isfile(key_file):
+            raise UpstreamsFileError(where + "api_key_file: no such file")
+        try:
+            with open(key_file, encoding="utf-8") as f:
+                key = f.read().strip()
+        except (OSError, UnicodeDecodeError):
+            raise UpstreamsFileError(where + "api_key_file: cannot read it as text") from None
+        if not key:
+            raise UpstreamsFileError(where + "api_key_file: the file is empty")
+    if key is None:
+        return ""
+    if not isinstance(key, str) or not KEY_RE.match(key):
+        # Never quote the key: errors go to logs.
+        raise UpstreamsFileError(where + "the key must be one line of visible ASCII characters (not shown)")
+    return key
+
+
+@dataclasses.dataclass
+class Health:
+    """One upstream's circuit breaker."""
+
+    failures: int = 0  # in a row
+    open_until: float = 0.0  # monotonic; 0: closed
+    cool_down: float = COOL_DOWN
+    probing: bool = False  # half-open: one request is trying it
+    down_since: float | None = None
+
+    @property
+    def state(self) -> str:
+        if not self.open_until:
+            return "up"
+        return "half_open" if time.monotonic() >= self.open_until else "down"
+
+
+class Router:
+    """The upstreams in force (replaced whole on reload) and their health (kept by name)."""
+
+    def __init__(self, settings, upstreams: tuple[Upstream, ...] | None = None, metrics=None):
+        self.settings = settings
+        self.metrics = metrics
+        self.from_file = bool(settings.upstreams_file)
+        if upstreams is None:
+            upstreams = parse_upstreams(settings.upstreams_file, settings) if self.from_file else None
+        self.upstreams: tuple[Upstream, ...] = upstreams or (default_upstream(settings),)
+        self.health: dict[str, Health] = {}
+        self.random = random.Random()  # noqa: S311 (spreading load, not a secret)
+
+    def reload(self) -> None:
+        """Read UPSTREAMS_FILE again; ``UpstreamsFileError`` keeps the upstreams in force."""
+        self.upstreams = parse_upstreams(self.settings.upstreams_file, self.settings)
+
+    def health_of(self, upstream: Upstream) -> Health:
+        found = self.health.get(upstream.name)
+        if found is None:
+            found = self.health[upstream.name] = Health()
+        return found
+
+    def candidates(self, model: str | None, allowed: tuple[str, ...] = (), server_key: bool = False) -> list[Upstream]:
+        """The upstreams to try for ``model``, in order: the best tier's healthy ones, weighted at
+        random, then the next tier's; if every one is down, the one whose cool-down ends first.
+
+        ``allowed``: a token's ``upstreams`` (empty: any); ``server_key``: the
+        request has no caller key and would use the server's.
+        """
+        usable = [
+            u
+            for u in self.upstreams
+            if u.serves(model)
+            and (not allowed or u.name in allowed)
+            and (bool(u.api_key) == server_key or (server_key and not u.api_key and self.settings.openai_api_key))
+        ]
+        if len(usable) == 1 and not self.from_file:
+            return usable  # the single upstream of old: no health to consult
+        now = time.monotonic()
+        order: list[Upstream] = []
+        waiting: list[tuple[float, Upstream]] = []
+        for priority in sorted({u.priority for u in usable}):
+            tier = []
+            for u in usable:
+                if u.priority != priority:
+                    continue
+                health = self.health_of(u)
+                if not health.open_until or (now >= health.open_until and not health.probing):
+                    tier.append(u)
+                else:
+                    waiting.append((health.open_until, u))
+            order.extend(self._weighted_order(tier))
+        if not order and waiting:
+            order.append(min(waiting, key=lambda w: w[0])[1])
+        return order
+
+    def _weighted_order(self, tier: list[Upstream]) -> list[Upstream]:
+        """``tier`` in a random order where each one comes first in proportion to its weight."""
+        # Efraimidis-Spirakis: sort by u ** (1 / weight) descending.
+        return sorted(tier, key=lambda u: self.random.random() ** (1.0 / u.weight), reverse=True)
+
+    def started(self, upstream: Upstream) -> None:
+        """A request is about to try ``upstream``: the half-open probe, if its cool-down is over."""
+        health = self.health_of(upstream)
+        if health.open_until and time.monotonic() >= health.open_until:
+            health.probing = True
+
+    def succeeded(self, upstream: Upstream) -> None:
+        if not self.from_file:
+            return  # OPENAI_BASE_URL alone: no other route to prefer, so no health to keep
+        health = self.health_of(upstream)
+        if health.open_until:
+            down_for = time.monotonic() - (health.down_since or time.monotonic())
+            log.warning("upstream back up upstream=%s after_s=%.1f", upstream.name, down_for)
+        if health.failures or health.open_until:
+            self.health[upstream.name] = Health()
+            self._gauge(upstream, 1)
+
+    def failed(self, upstream: Upstream, kind: str, retry_after: float | None = None) -> None:
+        """A failure that says the route is broken (a connection failure, a refusal without processing)."""
+        if self.metrics is not None:
+            self.metrics.upstream_failures.labels(upstream.name, kind).inc()
+        if not self.from_file:
+            return
+        health = self.health_of(upstream)
+        health.failures += 1
+        was_open = bool(health.open_until)
+        if health.failures < FAILURES_TO_OPEN and not health.probing and not retry_after:
+            return
+        if was_open:
+            health.cool_down = min(MAX_COOL_DOWN, health.cool_down * 2)
+        wait = max(health.cool_down, retry_after or 0.0)
+        health.open_until = time.monotonic() + min(wait, MAX_COOL_DOWN)
+        health.probing = False
+        if not was_open:
+            health.down_since = time.monotonic()
+            log.warning(
+                "upstream down upstream=%s kind=%s failures=%d cool_down_s=%.0f",
+                upstream.name,
+                kind,
+                health.failures,
+                min(wait, MAX_COOL_DOWN),
+            )
+            self._gauge(upstream, 0)
+
+    def _gauge(self, upstream: Upstream, up: int) -> None:
+        if self.metrics is not None:
+            self.metrics.upstream_up.labels(upstream.name).set(up)
+
+    def states(self) -> list[dict]:
+        """For /healthz: each upstream's name, kind and state, never its key or URL credentials."""
+        return [
+            {
+                "name": u.name,
+                "kind": u.kind,
+                "state": self.health_of(u).state,
+                "priority": u.priority,
+                "weight": u.weight,
+            }
+            for u in self.upstreams
+        ]
