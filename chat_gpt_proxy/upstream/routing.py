@@ -271,7 +271,7 @@ class Health:
 
     failures: int = 0  # in a row
     open_until: float = 0.0  # monotonic; 0: closed
-    cool_down: float = COOL_DOWN
+    cool_down: float = dataclasses.field(default_factory=lambda: COOL_DOWN)
     probing: bool = False  # half-open: one request is trying it
     down_since: float | None = None
 

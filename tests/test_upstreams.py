@@ -1,0 +1,428 @@
+"""Several upstreams (UPSTREAMS_FILE): weighted choice, failover only where it is safe, health, tiers,
+aliases, Azure OpenAI, per-token upstreams, SIGHUP. Each upstream is a real fake OpenAI on its own port."""
+
+import asyncio
+import collections
+import dataclasses
+import json
+import signal
+import time
+
+import openai
+import pytest
+import tornado.httpclient
+
+from chat_gpt_proxy.fake_openai.app import FakeOpenAI
+from chat_gpt_proxy.fake_openai.behaviours import Behaviour
+from chat_gpt_proxy.upstream import routing
+from chat_gpt_proxy.upstream.routing import Router, UpstreamsFileError, parse_upstreams
+from settings import Settings
+from tests.conftest import ACCESS_TOKEN, OPENAI_KEY
+from tests.egress_servers import TinyProxy
+from tests.procs import ServerProcess
+
+SERVER_TOKEN = "team-TOKEN-5a7c9e1b3d"  # use_server_key: the upstreams' own keys
+ONLY_B = "only-b-TOKEN-2c4e6a8b0d"  # upstreams = ["b"]
+KEY_A, KEY_B = "sk-upstream-a-key-0123", "sk-upstream-b-key-4567"
+TOKENS_TOML = f"""
+[team]
+token = "{SERVER_TOKEN}"
+use_server_key = true
+
+[only-b]
+token = "{ONLY_B}"
+upstreams = ["b"]
+"""
+
+
+@pytest.fixture
+def fakes(io_loop):
+    """Three more fake upstreams (a, b, c) besides conftest's ``fake_openai``; all stopped at the end."""
+    made = {}
+    for name in ("a", "b", "c"):
+        made[name] = FakeOpenAI()
+        made[name].start()
+    yield made
+    for fake in made.values():
+        io_loop.run_sync(fake.stop)
+
+
+@pytest.fixture
+def upstreams_toml(fakes):
+    """The default file: a and b, caller keys, weights 1 and 3."""
+    return f"""
+[a]
+base_url = "{fakes["a"].url}"
+weight = 1
+
+[b]
+base_url = "{fakes["b"].url}"
+weight = 3
+"""
+
+
+@pytest.fixture
+def config(request, fake_openai, tmp_path, upstreams_toml):
+    path = tmp_path / "upstreams.toml"
+    path.write_text(upstreams_toml)
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(TOKENS_TOML)
+    marker = request.node.get_closest_marker("settings")
+    return dataclasses.replace(
+        Settings(),
+        access_tokens=(ACCESS_TOKEN,),
+        access_tokens_file=str(tokens),
+        upstreams_file=str(path),
+        openai_base_url=fake_openai.url,
+        port=0,
+        host="127.0.0.1",
+        **(dict(marker.kwargs) if marker else {}),
+    )
+
+
+@pytest.fixture(autouse=True)
+def quick_cool_down(monkeypatch):
+    """Health's cool-down in tenths of a second, so that a test sees an upstream come back."""
+    monkeypatch.setattr(routing, "COOL_DOWN", 0.5)
+
+
+def counts(fakes) -> dict[str, int]:
+    return {name: len(fake.received) for name, fake in fakes.items()}
+
+
+async def chat(proxy, token=ACCESS_TOKEN, key=OPENAI_KEY, **body):
+    headers = {"access-token": token}
+    if key:
+        headers["openai-token"] = key
+    return await proxy.chat({"prompt": "hi", **body}, headers=headers, auth=False)
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_requests_spread_by_weight(proxy, fakes):
+    total = 600
+    for _ in range(total):
+        response, _ = await chat(proxy)
+        assert response.code == 200
+    share_b = len(fakes["b"].received) / total
+    # weight 3 of 4: 75 %, within ±10 % of it (binomial sd over 600 requests: 1.8 points).
+    assert 0.675 <= share_b <= 0.825, counts(fakes)
+    assert len(fakes["a"].received) + len(fakes["b"].received) == total
+
+
+@pytest.fixture
+def upstreams_first_b(fakes):
+    """b in the first tier, a as the fallback: the order of tries is known."""
+    return f"""
+[b]
+base_url = "{fakes["b"].url}"
+api_key = "{KEY_B}"
+
+[a]
+base_url = "{fakes["a"].url}"
+api_key = "{KEY_A}"
+priority = 1
+"""
+
+
+@pytest.mark.parametrize("status", [429, 500, 502, 503, 504])
+@pytest.mark.gen_test(timeout=30)
+async def test_an_error_status_moves_the_request_once(proxy, fakes, upstreams_first_b, app, status):
+    app.router = Router(app.config, parse_upstreams_text(app.config, upstreams_first_b))
+    fakes["b"].push(Behaviour(kind="error", status=status, message="busy"))
+    response, body = await chat(proxy, token=SERVER_TOKEN, key=None)
+    assert response.code == 200 and body["text"] == "Echo: hi"
+    assert counts(fakes) == {"a": 1, "b": 1, "c": 0}  # each upstream received it once
+    assert fakes["b"].received[0].headers["Authorization"] == "Bearer " + KEY_B
+    assert fakes["a"].received[0].headers["Authorization"] == "Bearer " + KEY_A
+
+
+def parse_upstreams_text(config, text: str):
+    path = config.upstreams_file
+    with open(path, "w") as f:
+        f.write(text)
+    return parse_upstreams(path, config)
+
+
+@pytest.mark.parametrize("status", [401, 403])
+@pytest.mark.gen_test(timeout=30)
+async def test_a_refused_server_key_moves_the_request(proxy, fakes, upstreams_first_b, app, status):
+    app.router = Router(app.config, parse_upstreams_text(app.config, upstreams_first_b))
+    fakes["b"].push(Behaviour(kind="error", status=status, message="Incorrect API key provided"))
+    response, _ = await chat(proxy, token=SERVER_TOKEN, key=None)
+    assert response.code == 200 and counts(fakes) == {"a": 1, "b": 1, "c": 0}
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_dead_upstream_moves_the_request(proxy, fakes, upstreams_first_b, app, io_loop):
+    await fakes["b"].stop()  # connection refused: nothing was sent
+    app.router = Router(app.config, parse_upstreams_text(app.config, upstreams_first_b))
+    response, _ = await chat(proxy, token=SERVER_TOKEN, key=None)
+    assert response.code == 200 and len(fakes["a"].received) == 1
+
+
+@pytest.mark.parametrize(
+    "behaviour, key, expected",
+    [
+        (Behaviour(kind="error", status=400, message="bad"), None, 400),  # the request's own fault
+        (Behaviour(kind="error", status=401, message="Incorrect API key provided"), OPENAI_KEY, 401),  # caller's key
+        (Behaviour(kind="error", status=404, message="no such model"), None, 404),
+    ],
+)
+@pytest.mark.gen_test(timeout=30)
+async def test_errors_of_the_request_itself_are_not_moved(proxy, fakes, app, behaviour, key, expected):
+    toml = f"""
+[b]
+base_url = "{fakes["b"].url}"
+{"" if key else 'api_key = "%s"' % KEY_B}
+
+[a]
+base_url = "{fakes["a"].url}"
+{"" if key else 'api_key = "%s"' % KEY_A}
+priority = 1
+"""
+    app.router = Router(app.config, parse_upstreams_text(app.config, toml))
+    fakes["b"].push(behaviour)
+    response, _ = await chat(proxy, token=SERVER_TOKEN if key is None else ACCESS_TOKEN, key=key)
+    assert response.code == expected and counts(fakes) == {"a": 0, "b": 1, "c": 0}
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_stream_that_started_is_never_moved(proxy, fakes, upstreams_first_b, app):
+    app.router = Router(app.config, parse_upstreams_text(app.config, upstreams_first_b))
+    fakes["b"].push(Behaviour(chunks=["one ", "two ", "three"], after=1, kind="drop"))
+    streamed = await proxy.stream(
+        {"prompt": "x", "generate_params": {"stream": True}}, headers={"access-token": SERVER_TOKEN}, auth=False
+    )
+    events = streamed.events()
+    assert json.loads(events[-2])["error"]["code"] == "upstream_broken" and events[-1] == "[DONE]"
+    assert counts(fakes) == {"a": 0, "b": 1, "c": 0}
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_failing_upstream_is_taken_out_then_tried_again_after_its_cool_down(
+    proxy, fakes, upstreams_first_b, app, caplog
+):
+    app.router = Router(app.config, parse_upstreams_text(app.config, upstreams_first_b))
+    for _ in range(routing.FAILURES_TO_OPEN):
+        fakes["b"].push(Behaviour(kind="error", status=503, message="down"))
+        assert (await chat(proxy, token=SERVER_TOKEN, key=None))[0].code == 200
+    assert counts(fakes) == {"a": 3, "b": 3, "c": 0}
+    health = await proxy.request("/healthz", method="GET", auth=False)
+    states = {u["name"]: u["state"] for u in json.loads(health.body)["upstreams"]}
+    assert states == {"b": "down", "a": "up"}
+    assert KEY_A not in health.body.decode() and KEY_B not in health.body.decode()
+    # Out: the next requests go straight to a.
+    assert (await chat(proxy, token=SERVER_TOKEN, key=None))[0].code == 200
+    assert counts(fakes) == {"a": 4, "b": 3, "c": 0}
+    # After its cool-down one request tries b again; it answers, and b is back.
+    await asyncio.sleep(routing.COOL_DOWN + 0.1)
+    assert (await chat(proxy, token=SERVER_TOKEN, key=None))[0].code == 200
+    assert counts(fakes) == {"a": 4, "b": 4, "c": 0}
+    downs = [r for r in caplog.records if "upstream down upstream=b" in r.getMessage()]
+    ups = [r for r in caplog.records if "upstream back up upstream=b" in r.getMessage()]
+    assert len(downs) == 1 and len(ups) == 1
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_tiers_the_fallback_serves_only_while_the_first_tier_is_down(proxy, fakes, app):
+    toml = f"""
+[a]
+base_url = "{fakes["a"].url}"
+[b]
+base_url = "{fakes["b"].url}"
+[c]
+base_url = "{fakes["c"].url}"
+priority = 1
+"""
+    app.router = Router(app.config, parse_upstreams_text(app.config, toml))
+    for _ in range(20):
+        assert (await chat(proxy))[0].code == 200
+    assert counts(fakes)["c"] == 0
+    await fakes["a"].stop()
+    await fakes["b"].stop()
+    for _ in range(5):
+        assert (await chat(proxy))[0].code == 200
+    assert counts(fakes)["c"] == 5
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_aliases_models_and_the_allow_list_reads_the_callers_name(proxy, fakes, app):
+    toml = f"""
+[a]
+base_url = "{fakes["a"].url}"
+models = ["gpt-4o-mini"]
+aliases = {{ "gpt-4o" = "provider-gpt-4o" }}
+[b]
+base_url = "{fakes["b"].url}"
+models = ["o*"]
+"""
+    app.router = Router(app.config, parse_upstreams_text(app.config, toml))
+    response, _ = await chat(proxy, generate_params={"model_name": "gpt-4o"})
+    assert response.code == 200 and fakes["a"].received[-1].json["model"] == "provider-gpt-4o"
+    response, _ = await chat(proxy, generate_params={"model_name": "o3"})
+    assert response.code == 200 and fakes["b"].received[-1].json["model"] == "o3"
+    response, body = await chat(proxy, generate_params={"model_name": "gpt-5"})
+    assert response.code == 404 and body["error"]["code"] == "model_not_found" and "gpt-5" in body["text"]
+    # /v1 too: the JSON body is renamed for the upstream.
+    response = await proxy.request(
+        "/v1/chat/completions",
+        json_body={"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]},
+        headers={"Authorization": "Bearer " + OPENAI_KEY},
+    )
+    assert response.code == 200 and fakes["a"].received[-1].json["model"] == "provider-gpt-4o"
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_azure_openai_json_stream_and_responses(proxy, fakes, app):
+    azure = fakes["c"]
+    azure.azure_key, azure.azure_deployments = KEY_B, {"my-gpt4o"}
+    toml = f"""
+[azure]
+kind = "azure"
+base_url = "{azure.azure_endpoint}"
+api_key = "{KEY_B}"
+api_version = "2024-10-21"
+aliases = {{ "gpt-4o" = "my-gpt4o" }}
+"""
+    app.router = Router(app.config, parse_upstreams_text(app.config, toml))
+    response, body = await chat(proxy, token=SERVER_TOKEN, key=None, generate_params={"model_name": "gpt-4o"})
+    assert response.code == 200 and body["text"] == "Echo: hi"
+    seen = azure.received[-1]
+    assert seen.path == "/openai/deployments/my-gpt4o/chat/completions"
+    assert seen.query_arguments["api-version"] == ["2024-10-21"]
+    assert seen.headers["api-key"] == KEY_B and "authorization" not in seen.headers
+    streamed = await proxy.stream(
+        {"prompt": "a b", "generate_params": {"model_name": "gpt-4o", "stream": True}},
+        headers={"access-token": SERVER_TOKEN},
+        auth=False,
+    )
+    assert streamed.events()[-1] == "[DONE]" and "Echo" in streamed.body.decode()
+    response = await proxy.request(
+        "/v1/responses",
+        json_body={"model": "gpt-4o", "input": "hello"},
+        headers={"access-token": SERVER_TOKEN},
+        auth=False,
+    )
+    assert response.code == 200 and azure.received[-1].path == "/openai/responses"
+    assert azure.received[-1].json["model"] == "my-gpt4o"
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_token_limited_to_some_upstreams(proxy, fakes):
+    for _ in range(10):
+        response, _ = await chat(proxy, token=ONLY_B)
+        assert response.code == 200
+    assert counts(fakes) == {"a": 0, "b": 10, "c": 0}
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_each_upstream_has_its_own_egress_proxy(proxy, fakes, app, tmp_path):
+    tiny = TinyProxy(str(tmp_path))
+    try:
+        toml = f"""
+[a]
+base_url = "{fakes["a"].url}"
+proxy = "{tiny.proxy().address}"
+"""
+        app.router = Router(app.config, parse_upstreams_text(app.config, toml))
+        assert (await chat(proxy))[0].code == 200
+        assert tiny.connections() == 1 and len(fakes["a"].received) == 1
+    finally:
+        tiny.stop()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_the_official_sdk_through_two_upstreams(proxy, fakes, base_url):
+    def run():
+        client = openai.OpenAI(
+            base_url=base_url + "/v1", api_key=OPENAI_KEY, default_headers={"access-token": ACCESS_TOKEN}
+        )
+        answers = [
+            client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "n%d" % i}])
+            for i in range(8)
+        ]
+        streamed = list(
+            client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "s"}], stream=True
+            )
+        )
+        return answers, streamed
+
+    answers, streamed = await proxy.in_thread(run)
+    assert [a.choices[0].message.content for a in answers] == ["Echo: n%d" % i for i in range(8)]
+    assert streamed and len(fakes["a"].received) + len(fakes["b"].received) == 9
+
+
+@pytest.mark.parametrize(
+    "toml, message",
+    [
+        ('[a]\nkind = "openai"\n', "upstream 'a': base_url is missing"),
+        ('[a]\nbase_url = "http://127.0.0.1:1/v1"\nkind = "bedrock"\n', 'kind must be one of "openai", "azure"'),
+        ('[a]\nbase_url = "http://user:sk-secret@127.0.0.1:1/v1"\n', "must not hold a user or password"),
+        ('[a]\nbase_url = "http://127.0.0.1:1/v1"\n[a]\nbase_url = "http://127.0.0.1:2/v1"\n', "not valid TOML"),
+        ('[a]\nbase_url = "http://127.0.0.1:1/v1"\nweight = 0\n', "weight must be an integer from 1 to 1000"),
+        ('[a]\nbase_url = "https://x.example"\nkind = "azure"\n', "an azure upstream needs its api_key"),
+        ('[a]\nbase_url = "http://127.0.0.1:1/v1"\nproxy = "ftp://p:1"\n', "upstream 'a': proxy: the scheme"),
+        ("", "names no upstream"),
+    ],
+)
+def test_a_bad_upstreams_file_is_one_line_naming_the_entry(tmp_path, toml, message):
+    path = tmp_path / "upstreams.toml"
+    path.write_text(toml)
+    with pytest.raises(UpstreamsFileError) as error:
+        parse_upstreams(str(path), Settings())
+    text = str(error.value)
+    assert message in text and "\n" not in text and "sk-secret" not in text, text
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_startup_refuses_a_broken_file_and_sighup_under_load_loses_no_request(fakes, tmp_path):
+    path = tmp_path / "upstreams.toml"
+    path.write_text('[a]\nkind = "nope"\n')
+    server = ServerProcess({"ACCESS_TOKEN": ACCESS_TOKEN, "UPSTREAMS_FILE": str(path)}, str(tmp_path / "broken.log"))
+    try:
+        assert await server.wait_exit(30) == 2
+        lines = server.output().splitlines()
+        assert lines == [line for line in lines if "UPSTREAMS_FILE" in line] and len(lines) == 1
+    finally:
+        server.stop()
+    path.write_text(f'[a]\nbase_url = "{fakes["a"].url}"\n')
+    server = ServerProcess({"ACCESS_TOKEN": ACCESS_TOKEN, "UPSTREAMS_FILE": str(path)}, str(tmp_path / "s.log"))
+    client = tornado.httpclient.AsyncHTTPClient(force_instance=True)
+    codes = collections.Counter()
+    try:
+        await server.wait_ready()
+
+        async def load(deadline):
+            while time.monotonic() < deadline:
+                response = await client.fetch(
+                    server.url + "/chat_complete",
+                    method="POST",
+                    body=json.dumps({"prompt": "hi"}),
+                    headers={"access-token": ACCESS_TOKEN, "openai-token": OPENAI_KEY},
+                    raise_error=False,
+                )
+                codes[response.code] += 1
+
+        deadline = time.monotonic() + 3
+        loaders = [asyncio.ensure_future(load(deadline)) for _ in range(4)]
+        await asyncio.sleep(0.5)
+        path.write_text(f'[b]\nbase_url = "{fakes["b"].url}"\n')
+        server.signal(signal.SIGHUP)
+        await asyncio.sleep(1)
+        path.write_text("[broken\n")  # kept out: b stays in force
+        server.signal(signal.SIGHUP)
+        await asyncio.gather(*loaders)
+        assert set(codes) == {200}, codes
+        b_before = len(fakes["b"].received)
+        response = await client.fetch(
+            server.url + "/chat_complete",
+            method="POST",
+            body=json.dumps({"prompt": "hi"}),
+            headers={"access-token": ACCESS_TOKEN, "openai-token": OPENAI_KEY},
+        )
+        assert response.code == 200 and len(fakes["b"].received) == b_before + 1
+        assert "upstreams file refused" in server.output()
+    finally:
+        client.close()
+        server.stop()
