@@ -29,7 +29,7 @@ from chat_gpt_proxy.realtime.session import CLIENT_TO_UPSTREAM, UPSTREAM_TO_CLIE
 from chat_gpt_proxy.request.model import models_in_query, query_pairs
 from chat_gpt_proxy.request.strict_json import loads
 from chat_gpt_proxy.upstream.errors import UpstreamError
-from chat_gpt_proxy.upstream.routing import FAILOVER_STATUSES, KEY_REFUSED_STATUSES, failover_error
+from chat_gpt_proxy.upstream.routing import FAILOVER_STATUSES, KEY_REFUSED_STATUSES
 from chat_gpt_proxy.upstream.urls import SAFE_QUERY_RE
 
 from .admission import check_model_allowed, take_upstream_slot
@@ -239,7 +239,8 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
                 raise mirrored_error(exc.status, answer, exc.headers) from None
             except UpstreamError as exc:
                 router.failed(upstream, exc.kind)
-                if failover_error(exc) and not last:
+                # Whatever failed before the 101, no session ran: the next upstream may serve it.
+                if not last:
                     self.note_failover(upstream, exc.kind)
                     continue
                 self.note_fault(exc.kind, exc.detail)

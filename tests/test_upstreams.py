@@ -11,6 +11,7 @@ import time
 import openai
 import pytest
 import tornado.httpclient
+import websockets
 
 from chat_gpt_proxy.fake_openai.app import FakeOpenAI
 from chat_gpt_proxy.fake_openai.behaviours import Behaviour
@@ -19,7 +20,7 @@ from chat_gpt_proxy.upstream.routing import Router, UpstreamsFileError, parse_up
 from settings import Settings
 from tests.conftest import ACCESS_TOKEN, OPENAI_KEY
 from tests.egress_servers import TinyProxy
-from tests.procs import ServerProcess
+from tests.procs import ServerProcess, free_port
 
 SERVER_TOKEN = "team-TOKEN-5a7c9e1b3d"  # use_server_key: the upstreams' own keys
 ONLY_B = "only-b-TOKEN-2c4e6a8b0d"  # upstreams = ["b"]
@@ -426,3 +427,39 @@ async def test_startup_refuses_a_broken_file_and_sighup_under_load_loses_no_requ
     finally:
         client.close()
         server.stop()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_an_unreachable_egress_proxy_moves_the_request(proxy, fakes, app):
+    toml = f"""
+[a]
+base_url = "{fakes["a"].url}"
+proxy = "http://127.0.0.1:{free_port()}"
+[b]
+base_url = "{fakes["b"].url}"
+priority = 1
+"""
+    app.router = Router(app.config, parse_upstreams_text(app.config, toml))
+    response, _ = await chat(proxy)
+    assert response.code == 200 and counts(fakes) == {"a": 0, "b": 1, "c": 0}
+    metrics = (await proxy.request("/metrics", method="GET", auth=False)).body.decode()
+    assert 'proxy_upstream_failovers_total{reason="proxy_unreachable",upstream="a"} 1.0' in metrics
+    assert 'proxy_upstream_requests_total{upstream="b"} 1.0' in metrics
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_the_realtime_relay_fails_over_at_its_handshake(proxy, fakes, app, base_url):
+    await fakes["a"].stop()
+    toml = f"""
+[a]
+base_url = "{fakes["a"].url}"
+[b]
+base_url = "{fakes["b"].url}"
+priority = 1
+"""
+    app.router = Router(app.config, parse_upstreams_text(app.config, toml))
+    url = "ws" + base_url[len("http") :] + "/v1/realtime?model=gpt-realtime"
+    headers = {"access-token": ACCESS_TOKEN, "Authorization": "Bearer " + OPENAI_KEY}
+    async with websockets.connect(url, additional_headers=headers) as ws:
+        assert json.loads(await ws.recv())["type"] == "session.created"
+    assert len(fakes["b"].realtime_sessions) == 1
