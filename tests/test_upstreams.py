@@ -21,6 +21,7 @@ from settings import Settings
 from tests.conftest import ACCESS_TOKEN, OPENAI_KEY
 from tests.egress_servers import TinyProxy
 from tests.procs import ServerProcess, free_port
+from tests.test_readme import snippet
 
 SERVER_TOKEN = "team-TOKEN-5a7c9e1b3d"  # use_server_key: the upstreams' own keys
 ONLY_B = "only-b-TOKEN-2c4e6a8b0d"  # upstreams = ["b"]
@@ -463,3 +464,35 @@ priority = 1
     async with websockets.connect(url, additional_headers=headers) as ws:
         assert json.loads(await ws.recv())["type"] == "session.created"
     assert len(fakes["b"].realtime_sessions) == 1
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("upstreams-two-keys", [("key-1", "openai", 0), ("key-2", "openai", 0)]),
+        ("upstreams-azure-fallback", [("openai", "openai", 0), ("azure", "azure", 1)]),
+        ("upstreams-local-models", [("openai", "openai", 0), ("local", "openai", 0)]),
+    ],
+)
+def test_the_documented_upstreams_files_parse_as_described(tmp_path, name, expected):
+    language, code = snippet(name)
+    assert language == "toml"
+    for secret in ("openai-key-1", "openai-key-2", "openai-key", "azure-key"):
+        (tmp_path / secret).write_text("sk-from-%s\n" % secret)
+        code = code.replace('/run/secrets/%s"' % secret, '%s"' % (tmp_path / secret))
+    path = tmp_path / "upstreams.toml"
+    path.write_text(code)
+    upstreams = parse_upstreams(str(path), Settings())
+    assert [(u.name, u.kind, u.priority) for u in upstreams] == expected
+    by_name = {u.name: u for u in upstreams}
+    if name == "upstreams-azure-fallback":
+        azure = by_name["azure"]
+        assert azure.api_key == "sk-from-azure-key" and azure.serves("gpt-4o") and not azure.serves("o3")
+        assert azure.url("chat/completions", "", "gpt-4o") == (
+            "https://my-resource.openai.azure.com/openai/deployments/my-gpt4o-deployment/chat/completions"
+            "?api-version=2024-10-21"
+        )
+        assert by_name["openai"].egress.scheme == "socks5h"
+    if name == "upstreams-local-models":
+        assert by_name["local"].serves("llama-3-70b") and not by_name["local"].serves("gpt-4o")
+        assert not by_name["local"].api_key
