@@ -3,6 +3,7 @@
     python bench/compare.py --before HEAD~2 --tokens 100 --rounds 5 --seconds 5
     python bench/compare.py --redis --rounds 5 --seconds 5
     python bench/compare.py --before HEAD~2 --tokens 0 --budgets   # also: a budgeted token and the SQLite ledger
+    python bench/compare.py --before HEAD~2 --tokens 0 --upstreams 4   # also: UPSTREAMS_FILE with 4 upstreams
 
 ``--redis`` compares instead the cost of shared limits: the same
 token with a rate limit and a max_concurrent, counted in the process, then in
@@ -75,11 +76,25 @@ def budget_tokens_file(path: str) -> None:
         f.write('[bench]\ntoken = "%s-named"\nbudget_usd = 1000000.0\nbudget_tokens = 1000000000000\n' % TOKEN)
 
 
+def upstreams_file(path: str, count: int, upstream: str) -> None:
+    """``count`` upstreams of equal weight, all the benchmark's nginx: every request runs the choice."""
+    with open(path, "w") as f:
+        for i in range(count):
+            f.write('[up%d]\nbase_url = "%s"\n\n' % (i, upstream))
+
+
 def start(
-    procs: Processes, tree: str, upstream: str, name: str, tokens: str | None, redis_url: str = "", ledger: str = ""
+    procs: Processes,
+    tree: str,
+    upstream: str,
+    name: str,
+    tokens: str | None,
+    redis_url: str = "",
+    ledger: str = "",
+    upstreams: str = "",
 ):
     port = free_port()
-    skip = ("ACCESS_TOKENS_FILE", "OPENAI_API_KEY", "REDIS_URL", "USAGE_DATABASE")
+    skip = ("ACCESS_TOKENS_FILE", "OPENAI_API_KEY", "REDIS_URL", "USAGE_DATABASE", "UPSTREAMS_FILE")
     env = {k: v for k, v in os.environ.items() if k not in skip}
     env.update(PORT=str(port), HOST="127.0.0.1", ACCESS_TOKEN=TOKEN, OPENAI_BASE_URL=upstream, LOG_LEVEL="WARNING")
     if tokens:
@@ -88,6 +103,8 @@ def start(
         env["REDIS_URL"] = redis_url
     if ledger:
         env["USAGE_DATABASE"] = ledger
+    if upstreams:
+        env["UPSTREAMS_FILE"] = upstreams
     proc = procs.start([sys.executable, os.path.join(tree, "server.py")], 0, env, name=name)
     wait_port(port)
     return proc, port
@@ -108,6 +125,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--redis", action="store_true", help="limits in the process against limits in Redis")
     parser.add_argument("--budgets", action="store_true", help="also: a budgeted token and the SQLite ledger")
+    parser.add_argument("--upstreams", type=int, default=0, help="also: UPSTREAMS_FILE with this many upstreams")
     args = parser.parse_args()
 
     workdir = tempfile.mkdtemp(prefix="chat_gpt_proxy-compare-")
@@ -138,12 +156,20 @@ def main() -> None:
             path = os.path.join(workdir, "budgets.toml")
             budget_tokens_file(path)
             subjects.append(("after, a budgeted token and the SQLite ledger (USAGE_DATABASE)", ROOT, path))
+        upstreams_path = ""
+        if args.upstreams:
+            upstreams_path = os.path.join(workdir, "upstreams.toml")
+            upstreams_file(upstreams_path, args.upstreams, upstream)
+            subjects.append(("after, UPSTREAMS_FILE with %d upstreams" % args.upstreams, ROOT, None))
         body = {"prompt": "Hello!", "generate_params": {"model_name": MODEL}}
         for _ in range(args.rounds):
             for label, tree, tokens in subjects:
                 in_redis = "REDIS_URL" in label
                 ledger = os.path.join(workdir, "usage.sqlite3") if "USAGE_DATABASE" in label else ""
-                proxy, port = start(procs, tree, upstream, "proxy", tokens, redis_url if in_redis else "", ledger)
+                several = upstreams_path if "UPSTREAMS_FILE" in label else ""
+                proxy, port = start(
+                    procs, tree, upstream, "proxy", tokens, redis_url if in_redis else "", ledger, several
+                )
                 url = "http://127.0.0.1:%d/chat_complete" % port
                 token = TOKEN + "-named" if tokens else TOKEN
                 row = results.setdefault(label, {"per_cpu_s": [], "rps": [], "p50_c1": [], "errors": []})
@@ -164,8 +190,15 @@ def main() -> None:
     command = (
         "--redis --rounds %d --seconds %g" % (args.rounds, args.seconds)
         if args.redis
-        else "--before %s --tokens %d%s --rounds %d --seconds %g"
-        % (args.before, args.tokens, " --budgets" if args.budgets else "", args.rounds, args.seconds)
+        else "--before %s --tokens %d%s%s --rounds %d --seconds %g"
+        % (
+            args.before,
+            args.tokens,
+            " --budgets" if args.budgets else "",
+            " --upstreams %d" % args.upstreams if args.upstreams else "",
+            args.rounds,
+            args.seconds,
+        )
     )
     lines = [
         "Command: `python bench/compare.py %s` (rounds interleaved)" % command,

@@ -135,6 +135,7 @@ class Metrics:
         self.upstream_failures = Counter(
             "proxy_upstream_failures", "Upstream failures counted by its health", ["upstream", "kind"], registry=r
         )
+        self._upstream_children: dict = {}
         self.upstream_failovers = Counter(
             "proxy_upstream_failovers", "Requests moved on to the next upstream", ["upstream", "reason"], registry=r
         )
@@ -147,6 +148,13 @@ class Metrics:
         self.ledger_dropped = Counter(
             "proxy_usage_rows_dropped", "Usage rows dropped because the ledger's queue was full", registry=r
         )
+
+    def upstream_request(self, name: str):
+        """proxy_upstream_requests_total's child for ``name``, looked up once (labels() costs a lock and ~10 calls)."""
+        child = self._upstream_children.get(name)
+        if child is None:
+            child = self._upstream_children[name] = self.upstream_requests.labels(name)
+        return child
 
     def model_label(self, model: str) -> str:
         """The ``model`` label of proxy_tokens_total. The caller names the model, so it is
@@ -393,7 +401,7 @@ def log_request(handler) -> None:
     if access.upstream_failure:
         metrics.upstream_errors.labels(access.upstream_failure).inc()
     if access.upstream is not None:
-        metrics.upstream_requests.labels(access.upstream).inc()
+        metrics.upstream_request(access.upstream).inc()
 
 
 def log_session(handler, session) -> None:

@@ -312,6 +312,9 @@ class Router:
         ``allowed``: a token's ``upstreams`` (empty: any); ``server_key``: the
         request has no caller key and would use the server's.
         """
+        if not self.from_file:
+            # OPENAI_BASE_URL alone serves every model, with the caller's key or the server's.
+            return [self.upstreams[0]]
         usable = [
             u
             for u in self.upstreams
@@ -319,8 +322,6 @@ class Router:
             and (not allowed or u.name in allowed)
             and (bool(u.api_key) == server_key or (server_key and not u.api_key and self.settings.openai_api_key))
         ]
-        if len(usable) == 1 and not self.from_file:
-            return usable  # the single upstream of old: no health to consult
         now = time.monotonic()
         order: list[Upstream] = []
         waiting: list[tuple[float, Upstream]] = []
@@ -346,6 +347,8 @@ class Router:
 
     def started(self, upstream: Upstream) -> None:
         """A request is about to try ``upstream``: the half-open probe, if its cool-down is over."""
+        if not self.from_file:
+            return
         health = self.health_of(upstream)
         if health.open_until and time.monotonic() >= health.open_until:
             health.probing = True
