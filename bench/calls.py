@@ -3,6 +3,7 @@
     python bench/calls.py --before HEAD~3            # calls per /chat_complete request, before and after
     python bench/calls.py --before HEAD~3 --top 25   # and where the profiled time goes
     python bench/calls.py --before HEAD~3 --budgets  # after: a budgeted token and the SQLite ledger
+    python bench/calls.py --before HEAD~3 --upstreams 4  # after: UPSTREAMS_FILE with 4 upstreams
 
 Wall-clock and even CPU-second figures on this shared machine move by ±10 %
 between rounds (bench/results/compare-*.md), which hides a change of a few per
@@ -28,14 +29,15 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench.compare import upstreams_file  # noqa: E402
 from bench.run import MODEL, TOKEN, Processes, free_port, start_fixed_upstream, wait_port, wrk  # noqa: E402
 
 
 def profiled_run(
-    procs: Processes, tree: str, upstream: str, seconds: float, out: str, budgets: bool = False
+    procs: Processes, tree: str, upstream: str, seconds: float, out: str, budgets: bool = False, upstreams: int = 0
 ) -> tuple[int, pstats.Stats]:
     port = free_port()
-    skip = ("ACCESS_TOKENS_FILE", "OPENAI_API_KEY", "REDIS_URL", "USAGE_DATABASE")
+    skip = ("ACCESS_TOKENS_FILE", "OPENAI_API_KEY", "REDIS_URL", "USAGE_DATABASE", "UPSTREAMS_FILE")
     env = {k: v for k, v in os.environ.items() if k not in skip}
     env.update(PORT=str(port), HOST="127.0.0.1", ACCESS_TOKEN=TOKEN, OPENAI_BASE_URL=upstream, LOG_LEVEL="WARNING")
     token = TOKEN
@@ -46,6 +48,10 @@ def profiled_run(
             f.write('[bench]\ntoken = "%s-named"\nbudget_usd = 1000000.0\nbudget_tokens = 1000000000000\n' % TOKEN)
         env.update(ACCESS_TOKENS_FILE=path, USAGE_DATABASE=os.path.join(procs.workdir, "usage-%s.sqlite3" % seconds))
         token = TOKEN + "-named"
+    if upstreams:
+        path = os.path.join(procs.workdir, "upstreams.toml")
+        upstreams_file(path, upstreams, upstream)
+        env["UPSTREAMS_FILE"] = path
     proxy = procs.start([sys.executable, "-m", "cProfile", "-o", out, os.path.join(tree, "server.py")], 0, env)
     wait_port(port)
     body = {"prompt": "Hello!", "generate_params": {"model_name": MODEL}}
@@ -60,6 +66,7 @@ def main() -> None:
     parser.add_argument("--before", default="HEAD~1", help="git ref to compare the working tree with")
     parser.add_argument("--top", type=int, default=0, help="also print the N functions with the most own time")
     parser.add_argument("--budgets", action="store_true", help="after: a budgeted token and the SQLite ledger")
+    parser.add_argument("--upstreams", type=int, default=0, help="after: UPSTREAMS_FILE with this many upstreams")
     args = parser.parse_args()
 
     workdir = tempfile.mkdtemp(prefix="chat_gpt_proxy-profile-")
@@ -72,9 +79,13 @@ def main() -> None:
         upstream = "http://127.0.0.1:%d/json/v1" % start_fixed_upstream(procs)
         rows = []
         after = "after (working tree)" + (", a budgeted token and the ledger" if args.budgets else "")
-        for label, tree, budgets in (("before (%s)" % args.before, before_tree, False), (after, ROOT, args.budgets)):
-            short_n, short = profiled_run(procs, tree, upstream, 2, os.path.join(workdir, "short.prof"), budgets)
-            long_n, long = profiled_run(procs, tree, upstream, 6, os.path.join(workdir, "long.prof"), budgets)
+        after += ", UPSTREAMS_FILE with %d upstreams" % args.upstreams if args.upstreams else ""
+        subjects = (("before (%s)" % args.before, before_tree, False, 0), (after, ROOT, args.budgets, args.upstreams))
+        for label, tree, budgets, several in subjects:
+            short_n, short = profiled_run(
+                procs, tree, upstream, 2, os.path.join(workdir, "short.prof"), budgets, several
+            )
+            long_n, long = profiled_run(procs, tree, upstream, 6, os.path.join(workdir, "long.prof"), budgets, several)
             requests = long_n - short_n
             calls = (long.total_calls - short.total_calls) / requests
             micros = (long.total_tt - short.total_tt) / requests * 1e6
