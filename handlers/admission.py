@@ -270,7 +270,7 @@ class Admission:
     def upstream_key(self, upstream: Upstream, caller_key: str) -> str:
         """The caller's key, or, for a server-key request, the upstream's own key or OPENAI_API_KEY."""
         if not self.used_server_key:
-            return caller_key
+            return caller_key if upstream.forward_caller_key else ""
         return upstream.api_key or self.config.openai_api_key
 
     def note_failover(self, upstream: Upstream, reason: str) -> None:

@@ -218,35 +218,48 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
                     ca_file=upstream.ca_file,
                 )
             )
+            judged = False  # whether this try told the router anything about the route
             try:
-                self.upstream = await self.connecting
-            except asyncio.CancelledError:
-                # The client left during the handshake: nothing to answer, nothing the upstream did wrong.
-                self.set_status(499, "Client Closed Request")
-                raise tornado.web.Finish() from None
-            except UpstreamRefused as exc:
-                if exc.status in FAILOVER_STATUSES or (exc.status in KEY_REFUSED_STATUSES and self.used_server_key):
-                    router.failed(upstream, "status_%d" % exc.status)
-                    if not last:
+                try:
+                    self.upstream = await self.connecting
+                except asyncio.CancelledError:
+                    # The client left during the handshake: nothing to answer, nothing the upstream did wrong.
+                    self.set_status(499, "Client Closed Request")
+                    raise tornado.web.Finish() from None
+                except UpstreamRefused as exc:
+                    failover = exc.status in FAILOVER_STATUSES or (
+                        exc.status in KEY_REFUSED_STATUSES and self.used_server_key
+                    )
+                    if failover and (self.used_server_key or exc.status != 429):
+                        router.failed(upstream, "status_%d" % exc.status)
+                    elif not failover:
+                        router.succeeded(upstream)  # it answered: the request's own refusal
+                    judged = True
+                    if failover and not last:
                         self.note_failover(upstream, "status_%d" % exc.status)
                         continue
-                if exc.status == 401 and self.used_server_key:
-                    raise self.server_key_refused() from None
-                try:
-                    answer = loads(exc.body)
-                except (ValueError, RecursionError):
-                    answer = None
-                raise mirrored_error(exc.status, answer, exc.headers) from None
-            except UpstreamError as exc:
-                router.failed(upstream, exc.kind)
-                # Whatever failed before the 101, no session ran: the next upstream may serve it.
-                if not last:
-                    self.note_failover(upstream, exc.kind)
-                    continue
-                self.note_fault(exc.kind, exc.detail)
-                raise ApiError.from_upstream(exc) from None
-            router.succeeded(upstream)
-            break
+                    if exc.status == 401 and self.used_server_key:
+                        raise self.server_key_refused() from None
+                    try:
+                        answer = loads(exc.body)
+                    except (ValueError, RecursionError):
+                        answer = None
+                    raise mirrored_error(exc.status, answer, exc.headers) from None
+                except UpstreamError as exc:
+                    router.failed(upstream, exc.kind)
+                    judged = True
+                    # Whatever failed before the 101, no session ran: the next upstream may serve it.
+                    if not last:
+                        self.note_failover(upstream, exc.kind)
+                        continue
+                    self.note_fault(exc.kind, exc.detail)
+                    raise ApiError.from_upstream(exc) from None
+                router.succeeded(upstream)
+                judged = True
+                break
+            finally:
+                if not judged:
+                    router.released(upstream)
         self.access.upstream_ms = round((time.monotonic() - opened) * 1000, 2)
         if self.access.client_gone:
             # The client left while the upstream was answering.

@@ -142,35 +142,46 @@ class ProxyHandler(BaseHandler):
             )
         for index, (upstream, upstream_body) in enumerate(candidates):
             last = index == len(candidates) - 1
-            url = upstream.url(path, query, model)
+            try:
+                url = upstream.url(path, query, model)
+            except ValueError as exc:
+                raise ApiError(400, "The model %r is %s." % ((model or "")[:100], exc), code="invalid_model") from None
             if url is None:
                 raise ApiError(400, "Invalid query string.", "invalid_request_error", "invalid_path")
             call_headers = {**headers, **upstream.auth_headers(self.upstream_key(upstream, key))}
             self.access.upstream = upstream.name
             router.started(upstream)
+            judged = False  # whether this try told the router anything about the route
             try:
-                call = await self.call_one(method, url, call_headers, upstream_body, stream, upstream)
-            except UpstreamError as exc:
-                if self.client_left(exc) or not failover_error(exc):
-                    if not self.client_left(exc) and exc.kind != "aborted":
-                        router.failed(upstream, exc.kind)
-                    raise self.upstream_failed(exc) from None
-                router.failed(upstream, exc.kind)
-                if last:
-                    raise self.upstream_failed(exc) from None
-                self.note_failover(upstream, exc.kind)
-                continue
-            status = call.status
-            if status in FAILOVER_STATUSES or (status in KEY_REFUSED_STATUSES and self.used_server_key):
-                wait = retry_after_seconds(call.headers) if status in (429, 503) else None
-                router.failed(upstream, "status_%d" % status, wait)
-                if not last:
-                    await call.discard()
-                    self.note_failover(upstream, "status_%d" % status)
+                try:
+                    call = await self.call_one(method, url, call_headers, upstream_body, stream, upstream)
+                except UpstreamError as exc:
+                    if self.client_left(exc) or exc.kind == "aborted":
+                        raise self.upstream_failed(exc) from None
+                    router.failed(upstream, exc.kind)
+                    judged = True
+                    if last or not failover_error(exc):
+                        raise self.upstream_failed(exc) from None
+                    self.note_failover(upstream, exc.kind)
                     continue
-            else:
-                router.succeeded(upstream)
-            return call
+                status = call.status
+                if status in FAILOVER_STATUSES or (status in KEY_REFUSED_STATUSES and self.used_server_key):
+                    # A caller's own key out of quota (429) says nothing about the route.
+                    if self.used_server_key or status != 429:
+                        wait = retry_after_seconds(call.headers) if status in (429, 503) else None
+                        router.failed(upstream, "status_%d" % status, wait)
+                        judged = True
+                    if not last:
+                        await call.discard()
+                        self.note_failover(upstream, "status_%d" % status)
+                        continue
+                else:
+                    router.succeeded(upstream)
+                    judged = True
+                return call
+            finally:
+                if not judged:
+                    router.released(upstream)
         raise AssertionError("unreachable: the last candidate always returns or raises")  # pragma: no cover
 
     async def call_one(self, method: str, url: str, headers: dict, body: bytes | None, stream: bool, upstream):

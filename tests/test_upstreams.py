@@ -493,6 +493,104 @@ def test_the_documented_upstreams_files_parse_as_described(tmp_path, name, expec
             "?api-version=2024-10-21"
         )
         assert by_name["openai"].egress.scheme == "socks5h"
+        router = Router(Settings(upstreams_file=str(path)), upstreams)
+        assert [u.name for u in router.candidates("gpt-4o", server_key=True)] == ["openai", "azure"]
+        assert [u.name for u in router.candidates("o3", server_key=True)] == ["openai"]
     if name == "upstreams-local-models":
         assert by_name["local"].serves("llama-3-70b") and not by_name["local"].serves("gpt-4o")
-        assert not by_name["local"].api_key
+        assert not by_name["local"].api_key and not by_name["local"].forward_caller_key
+        router = Router(Settings(upstreams_file=str(path)), upstreams)
+        assert [u.name for u in router.candidates("llama-3-8b")] == ["local"]
+        assert [u.name for u in router.candidates("gpt-4o")] == ["openai"]
+        assert [u.name for u in router.candidates(None)] == ["openai"]
+
+
+@pytest.mark.parametrize("model", ["gpt-4o/../../evil?x=", "..", "gpt 4o", "a#b", "x/y"])
+@pytest.mark.gen_test(timeout=30)
+async def test_an_azure_deployment_is_never_a_path_the_caller_writes(proxy, fakes, app, model):
+    azure = fakes["c"]
+    toml = f"""
+[azure]
+kind = "azure"
+base_url = "{azure.azure_endpoint}"
+api_key = "{KEY_B}"
+"""
+    app.router = Router(app.config, parse_upstreams_text(app.config, toml))
+    response = await proxy.request(
+        "/v1/chat/completions",
+        json_body={"model": model, "messages": [{"role": "user", "content": "x"}]},
+        headers={"access-token": SERVER_TOKEN},
+        auth=False,
+    )
+    assert response.code == 400 and json.loads(response.body)["error"]["code"] == "invalid_model"
+    assert len(azure.received) == 0
+
+
+def test_an_alias_that_is_no_path_name_is_refused(tmp_path):
+    path = tmp_path / "upstreams.toml"
+    path.write_text('[a]\nbase_url = "http://127.0.0.1:1/v1"\naliases = { "gpt-4o" = ".." }\n')
+    with pytest.raises(UpstreamsFileError, match="aliases must map"):
+        parse_upstreams(str(path), Settings())
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_probe_whose_client_left_gives_its_turn_to_the_next_request(proxy, fakes, upstreams_first_b, app):
+    app.router = Router(app.config, parse_upstreams_text(app.config, upstreams_first_b))
+    for _ in range(routing.FAILURES_TO_OPEN):
+        fakes["b"].push(Behaviour(kind="error", status=503, message="down"))
+        assert (await chat(proxy, token=SERVER_TOKEN, key=None))[0].code == 200
+    await asyncio.sleep(routing.COOL_DOWN + 0.1)
+    # The probe hangs, and its client gives up.
+    fakes["b"].push(Behaviour(kind="hang"))
+    with pytest.raises(tornado.httpclient.HTTPClientError):
+        await proxy.request(
+            json_body={"prompt": "hi"}, headers={"access-token": SERVER_TOKEN}, auth=False, request_timeout=0.5
+        )
+    deadline = time.monotonic() + 5
+    while app.router.health["b"].probing and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    before = len(fakes["b"].received)
+    assert (await chat(proxy, token=SERVER_TOKEN, key=None))[0].code == 200
+    assert len(fakes["b"].received) == before + 1  # the next request probed b, which answered
+    assert json.loads((await proxy.request("/healthz", method="GET", auth=False)).body)["upstreams"][0]["state"] == "up"
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_callers_own_key_out_of_quota_does_not_take_the_route_out(proxy, fakes, app):
+    toml = f"""
+[a]
+base_url = "{fakes["a"].url}"
+[b]
+base_url = "{fakes["b"].url}"
+priority = 1
+"""
+    app.router = Router(app.config, parse_upstreams_text(app.config, toml))
+    for _ in range(5):
+        fakes["a"].push(Behaviour(kind="error", status=429, message="You exceeded your current quota"))
+        assert (await chat(proxy))[0].code == 200  # moved to b
+    assert app.router.health_of(app.router.upstreams[0]).state == "up"
+    assert (await chat(proxy))[0].code == 200
+    assert counts(fakes) == {"a": 6, "b": 5, "c": 0}
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_local_server_never_sees_a_callers_key_and_model_free_requests_go_to_openai(proxy, fakes, app):
+    toml = f"""
+[openai]
+base_url = "{fakes["a"].url}"
+[local]
+base_url = "{fakes["b"].url}"
+models = ["llama-3*"]
+forward_caller_key = false
+"""
+    app.router = Router(app.config, parse_upstreams_text(app.config, toml))
+    response, _ = await chat(proxy, generate_params={"model_name": "llama-3-8b"})
+    assert response.code == 200 and "authorization" not in fakes["b"].received[-1].headers
+    for _ in range(6):
+        response = await proxy.request("/v1/models", method="GET", headers={"Authorization": "Bearer " + OPENAI_KEY})
+        assert response.code == 200
+    assert counts(fakes) == {"a": 6, "b": 1, "c": 0}
+    assert fakes["a"].received[-1].headers["Authorization"] == "Bearer " + OPENAI_KEY
+    # The team's server-key requests go only to upstreams with keys of their own: none here.
+    response, body = await chat(proxy, token=SERVER_TOKEN, key=None)
+    assert response.code == 403 and body["error"]["code"] == "upstream_not_allowed"

@@ -66,8 +66,13 @@ FIELDS = (
     "aliases",
     "weight",
     "priority",
+    "forward_caller_key",
 )
 KEY_RE = re.compile(r"^[\x21-\x7e]{1,512}$")
+# What may stand in a URL path as a model (Azure's deployment) or an alias: a
+# caller's model goes there verbatim, so "/", "..", "?" or "#" would change the
+# path or the query that the upstream's own key is sent to.
+PATH_NAME_RE = re.compile(r"^(?!\.{1,2}$)[A-Za-z0-9._:-]{1,200}$")
 DEFAULT_AZURE_API_VERSION = "2024-10-21"
 # Azure names the model in the path (its "deployment") for these endpoints.
 AZURE_DEPLOYMENT_PATHS = ("chat/completions", "completions", "embeddings", "audio/transcriptions", "audio/speech")
@@ -105,6 +110,9 @@ class Upstream:
     aliases: Mapping[str, str] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
     weight: int = 1
     priority: int = 0
+    # A keyless upstream that takes callers' requests: whether their OpenAI key
+    # goes with them (false: a local server that needs none never sees it).
+    forward_caller_key: bool = True
 
     def serves(self, model: str | None) -> bool:
         if self.models == ("*",):
@@ -127,10 +135,14 @@ class Upstream:
         query = version + ("&" + query if query else "")
         if path in AZURE_DEPLOYMENT_PATHS and model is not None:
             deployment = self.upstream_model(model)
+            if not PATH_NAME_RE.match(deployment):
+                raise ValueError("a model name that cannot be an Azure deployment: letters, digits, '.', '_', ':', '-'")
             return join_url(self.base_url, "openai/deployments/%s/%s" % (deployment, path), query)
         return join_url(self.base_url, "openai/" + path, query)
 
     def auth_headers(self, key: str) -> dict[str, str]:
+        if not key:
+            return {}
         if self.kind == "azure":
             return {"api-key": key}
         return {"Authorization": "Bearer " + key}
@@ -214,10 +226,14 @@ def _parse_upstream(name: str, table: dict, settings, where: str) -> Upstream:
         raise UpstreamsFileError(where + "models must be a non-empty list of model names or * patterns")
     aliases = table.get("aliases", {})
     if not isinstance(aliases, dict) or not all(
-        isinstance(k, str) and k and isinstance(v, str) and re.match(r"^[A-Za-z0-9._:-]{1,200}$", v)
-        for k, v in aliases.items()
+        isinstance(k, str) and k and isinstance(v, str) and PATH_NAME_RE.match(v) for k, v in aliases.items()
     ):
         raise UpstreamsFileError(where + "aliases must map model names to the upstream's names (letters, digits, ._:-)")
+    forward = table.get("forward_caller_key", True)
+    if not isinstance(forward, bool):
+        raise UpstreamsFileError(where + "forward_caller_key must be true or false")
+    if forward is False and key:
+        raise UpstreamsFileError(where + "forward_caller_key is for upstreams without a key of their own")
     weight, priority = table.get("weight", 1), table.get("priority", 0)
     for field, value, low in (("weight", weight, 1), ("priority", priority, 0)):
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= 1000:
@@ -234,6 +250,7 @@ def _parse_upstream(name: str, table: dict, settings, where: str) -> Upstream:
         MappingProxyType(dict(aliases)),
         weight,
         priority,
+        forward,
     )
 
 
@@ -318,18 +335,22 @@ class Router:
         usable = [
             u
             for u in self.upstreams
-            if u.serves(model)
-            and (not allowed or u.name in allowed)
-            and (bool(u.api_key) == server_key or (server_key and not u.api_key and self.settings.openai_api_key))
+            if u.serves(model) and (not allowed or u.name in allowed) and bool(u.api_key) == server_key
         ]
+        if model is None:
+            # Files, batches, the model list: to the upstreams that serve every
+            # model if there are any, not to a server kept for a few models.
+            usable = [u for u in usable if u.models == ("*",)] or usable
         now = time.monotonic()
         order: list[Upstream] = []
         waiting: list[tuple[float, Upstream]] = []
         for priority in sorted({u.priority for u in usable}):
+            members = [u for u in usable if u.priority == priority]
+            if model is not None and any(u.models != ("*",) for u in members):
+                # Within a tier, a model some upstreams name goes to those, not to the catch-alls beside them.
+                members = [u for u in members if u.models != ("*",)]
             tier = []
-            for u in usable:
-                if u.priority != priority:
-                    continue
+            for u in members:
                 health = self.health_of(u)
                 if not health.open_until or (now >= health.open_until and not health.probing):
                     tier.append(u)
@@ -353,6 +374,12 @@ class Router:
         if health.open_until and time.monotonic() >= health.open_until:
             health.probing = True
 
+    def released(self, upstream: Upstream) -> None:
+        """The try ended with no verdict on the route (the client left, the request's own error):
+        a half-open probe gives its turn back, so that the next request probes instead."""
+        if self.from_file:
+            self.health_of(upstream).probing = False
+
     def succeeded(self, upstream: Upstream) -> None:
         if not self.from_file:
             return  # OPENAI_BASE_URL alone: no other route to prefer, so no health to keep
@@ -365,7 +392,10 @@ class Router:
             self._gauge(upstream, 1)
 
     def failed(self, upstream: Upstream, kind: str, retry_after: float | None = None) -> None:
-        """A failure that says the route is broken (a connection failure, a refusal without processing)."""
+        """A failure that says the route is broken (a connection failure, a refusal without processing).
+
+        ``retry_after`` (the upstream's own key refused for now) opens the circuit at once.
+        """
         if self.metrics is not None:
             self.metrics.upstream_failures.labels(upstream.name, kind).inc()
         if not self.from_file:

@@ -79,7 +79,8 @@ def check_base_url(url: str, shown: str) -> str:
         raise ValueError("must not hold a user or password (the value is not shown)")
     if "?" in url or "#" in url:
         # The API's paths are appended: ".../v1?a=b" would become ".../v1?a=b/chat/completions".
-        raise ValueError(f"must not hold a query or fragment ('?' or '#'), got {shown!r}")
+        # Not quoted: a query is where a key would sit (?api-key=...).
+        raise ValueError("must not hold a query or fragment ('?' or '#'; the value is not shown)")
     if not parts.hostname:
         raise ValueError(f"no host in {shown!r}")
     if not valid_host(parts.hostname):
