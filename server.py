@@ -25,6 +25,7 @@ import tornado.web
 
 from chat_gpt_proxy.access.tokens import TokenRegistry, TokensFileError
 from chat_gpt_proxy.application import ProxyApplication
+from chat_gpt_proxy.cache import ResponseCache
 from chat_gpt_proxy.observability import JsonFormatter, Metrics, TextFormatter, log_request
 from chat_gpt_proxy.request.cors import CorsPolicy
 from chat_gpt_proxy.tornado_internals import stop_keep_alive
@@ -80,6 +81,7 @@ def make_app(settings: Settings, tokens: TokenRegistry | None = None, router: Ro
         tokens=tokens,
         cors=CorsPolicy(settings.cors_allow_origins),
         spend=Spend(settings, metrics, shared_limits),
+        cache=ResponseCache(settings, shared_limits, metrics),
         metrics=metrics,
         shared_limits=shared_limits,
         default_handler_class=NotFoundHandler,

@@ -105,6 +105,11 @@ class Settings:
     usage_queue_rows: int = 100_000
     usage_retention_days: int = 0
     admin_token: str = dataclasses.field(default="", repr=False)
+    # The opt-in response cache (chat_gpt_proxy/cache.py): 0 = off unless a
+    # token or a request asks for it.
+    cache_ttl: int = 0
+    cache_max_bytes: int = 256 * 1024 * 1024
+    cache_max_entry_bytes: int = 4 * 1024 * 1024
 
     @property
     def default_token_in_use(self) -> bool:
@@ -480,4 +485,7 @@ VARIABLES = (
     Variable("USAGE_DATABASE", "usage_database", _without_default(_Env.database_url)),
     Variable("USAGE_QUEUE_ROWS", "usage_queue_rows", _int(100, 100_000_000)),
     Variable("USAGE_RETENTION_DAYS", "usage_retention_days", _int(0, 100_000)),
+    Variable("CACHE_TTL", "cache_ttl", _int(0, 365 * 86400)),
+    Variable("CACHE_MAX_BYTES", "cache_max_bytes", _int(0, 1 << 40)),
+    Variable("CACHE_MAX_ENTRY_BYTES", "cache_max_entry_bytes", _int(1024, 512 * 1024 * 1024)),
 )

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
     from .access.shared_limits import SharedLimits
     from .access.tokens import TokenRegistry
+    from .cache import ResponseCache
     from .observability import Metrics
     from .request.cors import CorsPolicy
     from .upstream.pool import UpstreamPool
@@ -38,6 +39,7 @@ class ProxyApplication(tornado.web.Application):
         spend: Spend,
         metrics: Metrics | None = None,
         shared_limits: SharedLimits | None = None,
+        cache: ResponseCache | None = None,
         **settings,
     ):
         super().__init__(handlers, **settings)
@@ -53,6 +55,8 @@ class ProxyApplication(tornado.web.Application):
         self.metrics = metrics
         # With REDIS_URL: the per-token counters every instance shares.
         self.shared_limits = shared_limits
+        # The opt-in response cache (chat_gpt_proxy/cache.py); None in apps built without one.
+        self.cache = cache
         # Set on SIGTERM/SIGINT: /readyz answers 503, answers say Connection: close.
         self.draining = False
         # Every request handler while it lives, for the drain (weak: nothing to clean up).

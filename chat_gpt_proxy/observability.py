@@ -71,6 +71,8 @@ class AccessRecord:
     events: int = 0
     # The name of the upstream that answered (routing.py; "default" without UPSTREAMS_FILE).
     upstream: str | None = None
+    # The response cache: "hit", "miss", or None (not used).
+    cache: str | None = None
     logged: bool = False
 
 
@@ -141,6 +143,14 @@ class Metrics:
         )
         self.upstream_up = Gauge(
             "proxy_upstream_up", "1 while an upstream is in use, 0 while it cools down", ["upstream"], registry=r
+        )
+        # The response cache (chat_gpt_proxy/cache.py): hits and misses, and what the hits saved.
+        self.cache = Counter("proxy_cache", "Requests that used the response cache", ["result", "token"], registry=r)
+        self.cache_saved_tokens = Counter(
+            "proxy_cache_saved_tokens", "Tokens answered from the cache instead of the upstream", ["token"], registry=r
+        )
+        self.cache_saved_usd = Counter(
+            "proxy_cache_saved_usd", "US dollars the cache's answers would have cost", ["token"], registry=r
         )
         # Spend (chat_gpt_proxy/usage/): money charged per token, and the ledger's write queue.
         self.spend = Counter("proxy_spend_usd", "US dollars charged, by token", ["token"], registry=r)
@@ -374,6 +384,7 @@ def log_request(handler) -> None:
         "ttfb_ms": _ms(ttfb_s),
         "model": model,
         "upstream": access.upstream,
+        "cache": access.cache,
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "bytes": access.bytes_out,

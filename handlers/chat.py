@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from chat_gpt_proxy.cache import Entry
 from chat_gpt_proxy.request.generate_params import ParamsError, normalize_generate_params
 from chat_gpt_proxy.request.strict_json import dumps
 
@@ -72,6 +73,8 @@ class ChatCompleteHandler(UsagePageMixin, ProxyHandler):
         payload = build_chat_request(self.json_body(), self.config, self.allowed_models())
         stream = payload.get("stream") is True
         self.access.model = payload["model"]
+        # The cache's key: the request as the caller made it, before the proxy asks for usage.
+        cache_payload = dict(payload)
         pending = self.check_budget(payload["model"])
         if pending is not None:
             await pending  # budget counters in Redis
@@ -79,6 +82,8 @@ class ChatCompleteHandler(UsagePageMixin, ProxyHandler):
             self.ask_stream_usage(payload)
         headers = {"Content-Type": "application/json", "Accept": "text/event-stream" if stream else "application/json"}
         model = payload["model"]
+        if await self.use_cache("chat_complete", cache_payload, key, stream):
+            return
 
         def body_for(upstream) -> bytes:
             # An upstream may call the model by another name (an alias, Azure's deployment).
@@ -109,7 +114,10 @@ class ChatCompleteHandler(UsagePageMixin, ProxyHandler):
         answer["status"] = "ok"
         self.relay_headers(call)
         self.set_header("Content-Type", "application/json; charset=utf-8")
-        self.finish(dumps(answer))
+        body = dumps(answer)
+        if call.status == 200:
+            self.keep_in_cache(Entry("json", "application/json; charset=utf-8", body=body))
+        self.finish(body)
 
 
 routes = [(r"/chat_complete", ChatCompleteHandler)]

@@ -11,6 +11,7 @@ import contextlib
 import json
 
 from chat_gpt_proxy import tornado_internals as internals
+from chat_gpt_proxy.cache import Entry
 from chat_gpt_proxy.request.body import parse_content_length
 from chat_gpt_proxy.request.model import MODEL_FREE_PATH_RE, SESSION_MODEL_PATH_RE, inspect_request
 from chat_gpt_proxy.request.strict_json import dumps, loads
@@ -50,6 +51,10 @@ DROPPED_RESPONSE_HEADERS = HOP_BY_HOP_HEADERS | {
 
 # Answers up to this size are relayed whole, with their Content-Length.
 SMALL_BODY = 1024 * 1024
+
+# The answers the response cache may keep (chat_gpt_proxy/cache.py): one
+# request, one deterministic-enough answer.
+CACHED_PATHS = frozenset(("chat/completions", "responses", "embeddings"))
 
 # JSON answers up to this size are parsed for their token usage;
 # a chat completion is a few KiB, and parsing costs event-loop time.
@@ -129,6 +134,13 @@ class OpenAIHandler(OpenAIStyle, ProxyHandler):
         if pending is not None:
             await pending  # budget counters in Redis
         body = self.body if method in ("POST", "PUT", "PATCH") else None
+        if method == "POST" and self.v1_path in CACHED_PATHS and self.application.cache is not None:
+            try:
+                payload = loads(body)
+            except (ValueError, RecursionError):
+                payload = None
+            if await self.use_cache("v1/" + self.v1_path, payload, key, stream):
+                return
         if stream and self.metered and self.v1_path == "chat/completions":
             body = self.with_stream_usage(body)
 
@@ -220,6 +232,7 @@ class OpenAIHandler(OpenAIStyle, ProxyHandler):
             except UpstreamError as exc:
                 raise self.upstream_failed(exc) from None
             self.note_usage(call, body)
+            self.keep_json_answer(call, body)
             self.finish(body)
             return
         watch = StreamWatch(self, None, self.config.client_stall_timeout)
@@ -227,6 +240,12 @@ class OpenAIHandler(OpenAIStyle, ProxyHandler):
             await self._relay_chunks(call)
         finally:
             watch.stop()
+
+    def keep_json_answer(self, call, body: bytes) -> None:
+        """A whole successful JSON answer, for the response cache (if this request uses it)."""
+        content_type = call.headers.get("Content-Type", "")
+        if self.cache_slot is not None and call.status == 200 and "json" in content_type:
+            self.keep_in_cache(Entry("json", content_type, body=body))
 
     def note_usage(self, call, body: bytes) -> None:
         """Keep the token usage of a small JSON answer for the access log and metrics, as /chat_complete does."""
@@ -261,7 +280,9 @@ class OpenAIHandler(OpenAIStyle, ProxyHandler):
                 return
             if chunk is None:
                 if copy is not None:
-                    self.note_usage(call, b"".join(copy))
+                    whole = b"".join(copy)
+                    self.note_usage(call, whole)
+                    self.keep_json_answer(call, whole)
                 return
             if copy is not None:
                 copied += len(chunk)

@@ -7,12 +7,14 @@ relays its answer, either whole (JSON) or as a live Server-Sent-Events stream.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
 
 from tornado.ioloop import IOLoop
 
+from chat_gpt_proxy.cache import Entry, cache_key, cacheable, key_partition
 from chat_gpt_proxy.request.strict_json import dumps, loads
 from chat_gpt_proxy.upstream.call import UpstreamCall
 from chat_gpt_proxy.upstream.errors import UpstreamError
@@ -20,6 +22,7 @@ from chat_gpt_proxy.upstream.headers import relayed_headers
 from chat_gpt_proxy.upstream.pool import UpstreamPool
 from chat_gpt_proxy.upstream.retry import retry_after_seconds
 from chat_gpt_proxy.upstream.routing import FAILOVER_STATUSES, KEY_REFUSED_STATUSES, failover_error
+from chat_gpt_proxy.usage.meter import usage_counts
 
 from .admission import take_upstream_slot
 from .base import BaseHandler
@@ -90,6 +93,15 @@ def without_injected_usage(events: bytes) -> bytes:
                     continue
         out.append(event)
     return b"\n\n".join(out)
+
+
+def split_events(data: bytes) -> list[bytes]:
+    """``data`` cut after each blank line (LF LF, as OpenAI ends events); joined, the pieces are ``data``."""
+    parts = data.split(b"\n\n")
+    pieces = [part + b"\n\n" for part in parts[:-1]]
+    if parts[-1]:
+        pieces.append(parts[-1])
+    return pieces
 
 
 def error_event(exc: UpstreamError) -> bytes:
@@ -219,6 +231,94 @@ class ProxyHandler(BaseHandler):
                 raise ApiError.from_upstream(UpstreamError("aborted", "the request was aborted (client_closed)"))
             timeout = pool.retry.budget - (time.monotonic() - first)
 
+    # The response cache (chat_gpt_proxy/cache.py): where this request's answer is kept, if it is.
+    cache_slot: tuple[str, int] | None = None
+    cache_events: list[bytes] | None = None
+    cache_waiters: asyncio.Future | None = None
+    cache_waiters_key = ""
+
+    async def use_cache(self, route: str, payload, caller_key: str, stream: bool) -> bool:
+        """Answer from the cache if this request may use it and its answer is there (True);
+        else remember where to keep the answer this request is about to fetch."""
+        cache = self.application.cache
+        if cache is None or not cacheable(payload):
+            return False
+        ttl = cache.ttl_for(self.token, self.request.headers)
+        if not ttl:
+            return False
+        key = cache_key(route, key_partition(self.access.token, caller_key), payload)
+        entry = await cache.get(key)
+        if entry is None and key in cache.inflight:
+            # The same request is being fetched: wait for its answer (coalescing).
+            try:
+                entry = await asyncio.wait_for(asyncio.shield(cache.inflight[key]), self.config.request_timeout)
+            except (TimeoutError, asyncio.CancelledError):
+                entry = None
+        if entry is not None:
+            await self.replay(entry, cache)
+            return True
+        self.set_header("x-proxy-cache", "miss")
+        self.access.cache = "miss"
+        cache.count("miss", self.access.token)
+        self.cache_slot = (key, ttl)
+        if stream:
+            self.cache_events = []
+        if key not in cache.inflight:
+            self.cache_waiters = cache.inflight[key] = asyncio.get_running_loop().create_future()
+            self.cache_waiters_key = key
+        return False
+
+    async def replay(self, entry: Entry, cache) -> None:
+        """A cached answer, as the upstream's was relayed: JSON whole, a stream event by event as the client reads."""
+        self.access.cache = "hit"
+        self.access.model = entry.model or self.access.model
+        self.access.usage = entry.usage
+        self.metered = False  # a hit costs nothing and is charged nothing
+        price = self.application.spend.prices.price(entry.model)
+        counts = usage_counts(entry.usage)
+        saved_usd = price.cost(*counts) if price is not None and counts is not None else 0.0
+        cache.count("hit", self.access.token, saved_usd, counts[0] + counts[2] if counts is not None else 0)
+        self.set_header("x-proxy-cache", "hit")
+        self.set_header("Content-Type", entry.content_type)
+        if entry.kind == "json":
+            self.finish(entry.body)
+            return
+        for name, value in SSE_HEADERS.items():
+            self.set_header(name, value)
+        self.request.connection.stream.set_nodelay(True)
+        if self.access.first_byte_at is None:
+            self.access.first_byte_at = time.monotonic()
+        for written in entry.events:
+            # One event per write and flush, however the upstream had grouped them.
+            for event in split_events(written):
+                self.write(event)
+                if not await self.flush_or_abort():
+                    return
+        self.finish()
+
+    def keep_in_cache(self, entry: Entry) -> None:
+        """Keep this request's complete, successful answer for the requests that repeat it."""
+        if self.cache_slot is None:
+            return
+        key, ttl = self.cache_slot
+        self.cache_slot = None
+        entry = dataclasses.replace(entry, model=self.access.model, usage=self.access.usage, expires=time.time() + ttl)
+        cache = self.application.cache
+        task = asyncio.ensure_future(cache.put(key, entry))
+        task.add_done_callback(lambda t: t.exception())
+        self.release_cache_waiters(entry)
+
+    def release_cache_waiters(self, entry: Entry | None) -> None:
+        """Those waiting for this request's answer get it (or None: they fetch their own)."""
+        waiters, self.cache_waiters = self.cache_waiters, None
+        if waiters is None:
+            return
+        cache = self.application.cache
+        if cache.inflight.get(self.cache_waiters_key) is waiters:
+            del cache.inflight[self.cache_waiters_key]
+        if not waiters.done():
+            waiters.set_result(entry)
+
     def ask_stream_usage(self, payload: dict) -> None:
         """A metered chat stream is always counted: ask for its usage if the caller did
         not, and remember to remove what that adds (``without_injected_usage``)."""
@@ -252,6 +352,8 @@ class ProxyHandler(BaseHandler):
     def on_finish(self) -> None:
         super().on_finish()
         self.pool.handlers.discard(self)
+        # An answer that was not kept (an error, an aborted stream): the waiters fetch their own.
+        self.release_cache_waiters(None)
 
     def relay_headers(self, call: UpstreamCall) -> None:
         for name, value in relayed_headers(call.headers):
@@ -309,6 +411,10 @@ class ProxyHandler(BaseHandler):
                 if chunk is None:
                     if pending:
                         self.write(pending)
+                        if self.cache_events is not None:
+                            self.cache_events.append(pending)
+                    if self.cache_events is not None and call.status == 200:
+                        self.keep_in_cache(Entry("sse", SSE_HEADERS["Content-Type"], events=tuple(self.cache_events)))
                     return
                 pending += chunk
                 if len(pending) > MAX_PENDING_EVENT:
@@ -327,6 +433,8 @@ class ProxyHandler(BaseHandler):
                         if self.usage_injected:
                             events = without_injected_usage(events)
                     self.write(events)
+                    if self.cache_events is not None:
+                        self.cache_events.append(events)
                     tail = (tail + events)[-4:]
                     keepalive.mid_event = last_event_end(tail) != len(tail)
                     keepalive.touch()

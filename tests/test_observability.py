@@ -143,6 +143,7 @@ EXPECTED_KEYS = [
     "ttfb_ms",
     "model",
     "upstream",
+    "cache",
     "prompt_tokens",
     "completion_tokens",
     "bytes",

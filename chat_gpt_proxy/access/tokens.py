@@ -12,6 +12,8 @@ The file is TOML, one table per token name::
     budget_tokens = 2000000           # input + output tokens per budget_period; unset: none
     budget_period = "month"           # "day", "week" or "month" (UTC calendar periods)
     upstreams = ["openai-a"]          # only these upstreams of UPSTREAMS_FILE; unset: any
+    cache = true                      # the response cache (chat_gpt_proxy/cache.py); unset: CACHE_TTL decides
+    cache_ttl = 86400                 # seconds an answer is kept; unset: CACHE_TTL, else an hour
     disabled = false
 
     [bob]
@@ -53,6 +55,8 @@ FIELDS = (
     "budget_tokens",
     "budget_period",
     "upstreams",
+    "cache",
+    "cache_ttl",
     "disabled",
 )
 UNNAMED = "-"
@@ -72,6 +76,8 @@ class TokenPolicy:
     use_server_key: bool = False
     budget: Budget = NO_BUDGET
     upstreams: tuple[str, ...] = ()  # (): any upstream
+    cache: bool | None = None  # None: CACHE_TTL decides
+    cache_ttl: int = 0  # 0: CACHE_TTL, else an hour
     disabled: bool = False
 
 
@@ -197,6 +203,8 @@ def _parse_entry(table: dict, settings, where: str, name: str) -> TokenEntry:
         use_server_key=use_server_key,
         budget=_budget(table, where),
         upstreams=tuple(upstreams or ()),
+        cache=_bool(table, "cache", where) if "cache" in table else None,
+        cache_ttl=_int(table, "cache_ttl", where, 0, 365 * 86400),
         disabled=_bool(table, "disabled", where),
     )
     return TokenEntry(name, name, digest, policy)
