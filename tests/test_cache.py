@@ -19,6 +19,7 @@ from chat_gpt_proxy.fake_openai.behaviours import Behaviour
 from server import make_app, make_server
 from settings import Settings
 from tests.conftest import ACCESS_TOKEN, OPENAI_KEY, open_raw
+from tests.test_readme import snippet
 
 CACHED = "cached-TOKEN-1a3c5e7b9d"  # cache = true
 OTHER = "other-TOKEN-2b4d6f8a0c"  # cache = true, another partition
@@ -301,3 +302,14 @@ async def test_redis_is_shared_by_two_instances_and_its_failure_is_only_a_miss(s
         assert len(fake_openai.received) == 4
     finally:
         redis_server.start()
+
+
+def test_the_documented_cache_token_turns_the_cache_on_for_a_day(tmp_path):
+    from chat_gpt_proxy.access.tokens import parse_tokens_file
+
+    language, code = snippet("cache-token")
+    assert language == "toml"
+    path = tmp_path / "tokens.toml"
+    path.write_text(code)
+    (entry,) = parse_tokens_file(str(path), Settings())
+    assert entry.name == "eval-suite" and entry.policy.cache is True and entry.policy.cache_ttl == 86400
