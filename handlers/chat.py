@@ -73,17 +73,17 @@ class ChatCompleteHandler(UsagePageMixin, ProxyHandler):
         payload = build_chat_request(self.json_body(), self.config, self.allowed_models())
         stream = payload.get("stream") is True
         self.access.model = payload["model"]
-        # The cache's key: the request as the caller made it, before the proxy asks for usage.
-        cache_payload = dict(payload)
         pending = self.check_budget(payload["model"])
         if pending is not None:
             await pending  # budget counters in Redis
+        # The cache's key is the request as the caller made it, before the proxy asks for usage.
+        ttl = self.cache_ttl(payload)
+        if ttl and await self.use_cache("chat_complete", payload, key, stream, ttl):
+            return
         if stream and self.metered:
             self.ask_stream_usage(payload)
         headers = {"Content-Type": "application/json", "Accept": "text/event-stream" if stream else "application/json"}
         model = payload["model"]
-        if await self.use_cache("chat_complete", cache_payload, key, stream):
-            return
 
         def body_for(upstream) -> bytes:
             # An upstream may call the model by another name (an alias, Azure's deployment).

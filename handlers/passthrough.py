@@ -134,12 +134,14 @@ class OpenAIHandler(OpenAIStyle, ProxyHandler):
         if pending is not None:
             await pending  # budget counters in Redis
         body = self.body if method in ("POST", "PUT", "PATCH") else None
-        if method == "POST" and self.v1_path in CACHED_PATHS and self.application.cache is not None:
+        # cache_ttl({}): whether this request may use the cache at all, before its body is parsed.
+        if method == "POST" and self.v1_path in CACHED_PATHS and self.cache_ttl({}):
             try:
                 payload = loads(body)
             except (ValueError, RecursionError):
                 payload = None
-            if await self.use_cache("v1/" + self.v1_path, payload, key, stream):
+            ttl = self.cache_ttl(payload)
+            if ttl and await self.use_cache("v1/" + self.v1_path, payload, key, stream, ttl):
                 return
         if stream and self.metered and self.v1_path == "chat/completions":
             body = self.with_stream_usage(body)

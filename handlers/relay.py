@@ -237,15 +237,18 @@ class ProxyHandler(BaseHandler):
     cache_waiters: asyncio.Future | None = None
     cache_waiters_key = ""
 
-    async def use_cache(self, route: str, payload, caller_key: str, stream: bool) -> bool:
-        """Answer from the cache if this request may use it and its answer is there (True);
-        else remember where to keep the answer this request is about to fetch."""
+    def cache_ttl(self, payload) -> int:
+        """Seconds this request's answer may be kept in the response cache (0: the cache is not used)."""
         cache = self.application.cache
-        if cache is None or not cacheable(payload):
-            return False
+        if cache is None:
+            return 0
         ttl = cache.ttl_for(self.token, self.request.headers)
-        if not ttl:
-            return False
+        return ttl if ttl and cacheable(payload) else 0
+
+    async def use_cache(self, route: str, payload, caller_key: str, stream: bool, ttl: int) -> bool:
+        """Answer from the cache if the answer is there (True); else remember where to keep
+        the answer this request is about to fetch. Only for a request with a ``cache_ttl``."""
+        cache = self.application.cache
         key = cache_key(route, key_partition(self.access.token, caller_key), payload)
         entry = await cache.get(key)
         if entry is None and key in cache.inflight:
