@@ -33,8 +33,11 @@ from .access.tokens import UNNAMED
 
 log = logging.getLogger("chat_gpt_proxy")
 
-# What an entry costs in memory besides its bytes (the dict slot, the key, the object).
+# What an entry costs in memory besides its bytes (the dict slot, the key, the
+# object), and each event besides its bytes (a bytes object, a tuple slot): measured
+# with tracemalloc, ~2x the raw bytes for short events without it.
 ENTRY_OVERHEAD = 200
+EVENT_OVERHEAD = 80
 REDIS_PREFIX = "cache"
 # When a request or a token asks for the cache and no TTL is set anywhere.
 DEFAULT_TTL = 3600
@@ -52,19 +55,38 @@ def cache_key(route: str, partition: str, payload) -> str:
     return digest.hexdigest()
 
 
-def key_partition(token_name: str, caller_key: str) -> str:
-    """A named token's name; for the unnamed tokens, a hash of the caller's own key (never the key)."""
-    if token_name != UNNAMED:
+def key_partition(token_name: str, caller_key: str, server_key: bool) -> str:
+    """Whose answers these are: a named token's name, and, unless the request uses the server's key,
+    a hash of the caller's own key (never the key): a made-up key must not read answers a real one paid for."""
+    if server_key:
         return "token:" + token_name
-    return "key:" + hashlib.sha256(caller_key.encode("utf-8", "surrogateescape")).hexdigest()
+    digest = hashlib.sha256(caller_key.encode("utf-8", "surrogateescape")).hexdigest()
+    return ("token:%s:" % token_name if token_name != UNNAMED else "") + "key:" + digest
 
 
-def cacheable(payload) -> bool:
-    """One answer asked for: ``n`` absent or 1 (a request for several choices is rarely meant to repeat)."""
+def cacheable(payload, route: str = "") -> bool:
+    """One answer asked for (``n`` absent or 1), and, on the Responses API, nothing kept upstream:
+    ``store`` false and no ``conversation`` or ``background`` (a hit would skip what the call does there)."""
     if not isinstance(payload, dict):
         return False
     n = payload.get("n")
-    return n is None or n == 1
+    if n is not None and n != 1:
+        return False
+    if route == "v1/responses":
+        return payload.get("store") is False and "conversation" not in payload and not payload.get("background")
+    return True
+
+
+def stream_complete(events: list[bytes]) -> bool:
+    """Whether a stream ended as a finished answer: ``data: [DONE]`` (Chat Completions) or
+    ``response.completed`` (Responses), with no error event anywhere."""
+    if not events:
+        return False
+    whole = b"".join(events)
+    if b'data: {"error"' in whole or b'data: {"error"' in whole:
+        return False
+    tail = whole[-4096:]
+    return tail.endswith(b"data: [DONE]\n\n") or b'"type":"response.completed"' in tail
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +103,7 @@ class Entry:
 
     @property
     def size(self) -> int:
-        return len(self.body) + sum(len(e) for e in self.events) + ENTRY_OVERHEAD
+        return len(self.body) + sum(len(e) + EVENT_OVERHEAD for e in self.events) + ENTRY_OVERHEAD
 
     def dumps(self) -> bytes:
         return json.dumps(
@@ -112,10 +134,12 @@ class Entry:
 
 
 class MemoryStore:
-    """Entries in this process, least recently used first out, within ``max_bytes``."""
+    """Entries in this process, least recently used first out, within ``max_bytes``;
+    none larger than ``max_entry_bytes``."""
 
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int, max_entry_bytes: int | None = None):
         self.max_bytes = max_bytes
+        self.max_entry_bytes = max_bytes if max_entry_bytes is None else max_entry_bytes
         self.bytes = 0
         self.entries: collections.OrderedDict[str, Entry] = collections.OrderedDict()
 
@@ -130,7 +154,7 @@ class MemoryStore:
         return entry
 
     async def put(self, key: str, entry: Entry) -> None:
-        if entry.size > self.max_bytes:
+        if entry.size > min(self.max_bytes, self.max_entry_bytes):
             return
         if key in self.entries:
             self._drop(key)
@@ -202,7 +226,9 @@ class ResponseCache:
         if shared_limits is not None:
             self.store = RedisStore(shared_limits, settings.cache_max_entry_bytes)
         else:
-            self.store = MemoryStore(settings.cache_max_bytes)
+            self.store = MemoryStore(settings.cache_max_bytes, settings.cache_max_entry_bytes)
+        # The most a request collects of a stream to keep it: beyond it, the stream is not kept.
+        self.max_entry = min(settings.cache_max_bytes, settings.cache_max_entry_bytes)
         # Coalescing: the request fetching a key, and those waiting for it.
         self.inflight: dict[str, asyncio.Future] = {}
 

@@ -140,8 +140,12 @@ class OpenAIHandler(OpenAIStyle, ProxyHandler):
                 payload = loads(body)
             except (ValueError, RecursionError):
                 payload = None
-            ttl = self.cache_ttl(payload)
-            if ttl and await self.use_cache("v1/" + self.v1_path, payload, key, stream, ttl):
+            ttl = self.cache_ttl(payload, "v1/" + self.v1_path)
+            # The query and the headers that reach the upstream are part of the request too.
+            route = "\n".join(
+                ["v1/" + self.v1_path, self.request.query, *("%s: %s" % item for item in sorted(headers.items()))]
+            )
+            if ttl and await self.use_cache(route, payload, key, stream, ttl):
                 return
         if stream and self.metered and self.v1_path == "chat/completions":
             body = self.with_stream_usage(body)

@@ -14,7 +14,7 @@ import time
 
 from tornado.ioloop import IOLoop
 
-from chat_gpt_proxy.cache import Entry, cache_key, cacheable, key_partition
+from chat_gpt_proxy.cache import Entry, cache_key, cacheable, key_partition, stream_complete
 from chat_gpt_proxy.request.strict_json import dumps, loads
 from chat_gpt_proxy.upstream.call import UpstreamCall
 from chat_gpt_proxy.upstream.errors import UpstreamError
@@ -236,20 +236,21 @@ class ProxyHandler(BaseHandler):
     cache_events: list[bytes] | None = None
     cache_waiters: asyncio.Future | None = None
     cache_waiters_key = ""
+    cache_bytes = 0
 
-    def cache_ttl(self, payload) -> int:
+    def cache_ttl(self, payload, route: str = "") -> int:
         """Seconds this request's answer may be kept in the response cache (0: the cache is not used)."""
         cache = self.application.cache
         if cache is None:
             return 0
         ttl = cache.ttl_for(self.token, self.request.headers)
-        return ttl if ttl and cacheable(payload) else 0
+        return ttl if ttl and cacheable(payload, route) else 0
 
     async def use_cache(self, route: str, payload, caller_key: str, stream: bool, ttl: int) -> bool:
         """Answer from the cache if the answer is there (True); else remember where to keep
         the answer this request is about to fetch. Only for a request with a ``cache_ttl``."""
         cache = self.application.cache
-        key = cache_key(route, key_partition(self.access.token, caller_key), payload)
+        key = cache_key(route, key_partition(self.access.token, caller_key, self.used_server_key), payload)
         entry = await cache.get(key)
         if entry is None and key in cache.inflight:
             # The same request is being fetched: wait for its answer (coalescing).
@@ -298,6 +299,15 @@ class ProxyHandler(BaseHandler):
                 if not await self.flush_or_abort():
                     return
         self.finish()
+
+    def collect_for_cache(self, events: bytes) -> None:
+        """Keep a copy of what was relayed, up to the largest entry the cache takes; beyond it, none."""
+        self.cache_bytes += len(events)
+        if self.cache_bytes > self.application.cache.max_entry:
+            self.cache_events = None
+            self.cache_slot = None
+        else:
+            self.cache_events.append(events)
 
     def keep_in_cache(self, entry: Entry) -> None:
         """Keep this request's complete, successful answer for the requests that repeat it."""
@@ -415,8 +425,8 @@ class ProxyHandler(BaseHandler):
                     if pending:
                         self.write(pending)
                         if self.cache_events is not None:
-                            self.cache_events.append(pending)
-                    if self.cache_events is not None and call.status == 200:
+                            self.collect_for_cache(pending)
+                    if self.cache_events is not None and call.status == 200 and stream_complete(self.cache_events):
                         self.keep_in_cache(Entry("sse", SSE_HEADERS["Content-Type"], events=tuple(self.cache_events)))
                     return
                 pending += chunk
@@ -437,7 +447,7 @@ class ProxyHandler(BaseHandler):
                             events = without_injected_usage(events)
                     self.write(events)
                     if self.cache_events is not None:
-                        self.cache_events.append(events)
+                        self.collect_for_cache(events)
                     tail = (tail + events)[-4:]
                     keepalive.mid_event = last_event_end(tail) != len(tail)
                     keepalive.touch()

@@ -210,7 +210,7 @@ async def test_an_aborted_stream_or_an_error_is_never_stored(proxy, fake_openai)
 async def test_v1_json_routes_and_a_hit_costs_nothing(proxy, fake_openai, app):
     for path, body in (
         ("/v1/chat/completions", {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "j"}]}),
-        ("/v1/responses", {"model": "gpt-4o", "input": "r"}),
+        ("/v1/responses", {"model": "gpt-4o", "input": "r", "store": False}),
         ("/v1/embeddings", {"model": "text-embedding-3-small", "input": "e"}),
     ):
         first = await proxy.request(path, json_body=body, headers=as_(CACHED), auth=False)
@@ -313,3 +313,64 @@ def test_the_documented_cache_token_turns_the_cache_on_for_a_day(tmp_path):
     path.write_text(code)
     (entry,) = parse_tokens_file(str(path), Settings())
     assert entry.name == "eval-suite" and entry.policy.cache is True and entry.policy.cache_ttl == 86400
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_named_token_with_another_callers_key_is_another_partition(proxy, fake_openai):
+    await ask(proxy)
+    response, _ = await proxy.chat(
+        {"prompt": "hi"}, headers={"access-token": CACHED, "openai-token": "sk-NOTAREALKEY-000000"}, auth=False
+    )
+    assert response.headers["x-proxy-cache"] == "miss" and len(fake_openai.received) == 2
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_stream_that_did_not_finish_is_not_kept(proxy, fake_openai):
+    body = {"prompt": "cut", "generate_params": {"stream": True}}
+    chunk = b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"a"}}]}\n\n'
+    error = b'data: {"error":{"message":"overloaded","type":"server_error"}}\n\n'
+    for ending in (b"", error):  # closed cleanly without [DONE]; an error event (OpenAI's mid-stream failure)
+        before = len(fake_openai.received)
+        for _ in range(2):
+            fake_openai.push(Behaviour(kind="garbage", content_type="text/event-stream", body=chunk + ending))
+            streamed = await proxy.stream(body, headers=as_(CACHED), auth=False)
+            assert streamed.response.headers["x-proxy-cache"] == "miss"
+        assert len(fake_openai.received) == before + 2
+
+
+@pytest.mark.settings(cache_max_entry_bytes=2048)
+@pytest.mark.gen_test(timeout=30)
+async def test_a_stream_larger_than_an_entry_is_relayed_and_not_kept(proxy, fake_openai):
+    body = {"prompt": "big", "generate_params": {"stream": True}}
+    fake_openai.push(Behaviour(chunks=["x" * 500] * 10))
+    first = await proxy.stream(body, headers=as_(CACHED), auth=False)
+    assert first.events()[-1] == "[DONE]" and len(first.body) > 5000
+    second = await proxy.stream(body, headers=as_(CACHED), auth=False)
+    assert second.response.headers["x-proxy-cache"] == "miss" and len(fake_openai.received) == 2
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_v1_query_and_forwarded_headers_are_part_of_the_key(proxy, fake_openai):
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "q"}]}
+    for path, headers in (
+        ("/v1/chat/completions", {"OpenAI-Project": "proj_A"}),
+        ("/v1/chat/completions", {"OpenAI-Project": "proj_B"}),
+        ("/v1/chat/completions?api-version=2", {"OpenAI-Project": "proj_A"}),
+        ("/v1/chat/completions", {"OpenAI-Project": "proj_A"}),
+    ):
+        response = await proxy.request(path, json_body=body, headers=as_(CACHED, **headers), auth=False)
+        assert response.code == 200
+    assert len(fake_openai.received) == 3 and response.headers["x-proxy-cache"] == "hit"
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_responses_that_keep_state_upstream_are_not_cached(proxy, fake_openai):
+    for body in (
+        {"model": "gpt-4o", "input": "s"},  # store defaults to true
+        {"model": "gpt-4o", "input": "s", "store": False, "background": True},
+        {"model": "gpt-4o", "input": "s", "store": False, "conversation": "conv_1"},
+    ):
+        for _ in range(2):
+            response = await proxy.request("/v1/responses", json_body=body, headers=as_(CACHED), auth=False)
+            assert "x-proxy-cache" not in response.headers
+    assert len(fake_openai.received) == 6
