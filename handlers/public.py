@@ -38,7 +38,9 @@ class UsageHandler(UsagePageMixin, BaseHandler):
             "token": entry.name,
             "spent": spent,
             "budget": book.remaining(entry.name, budget, now) if budget else None,
-            # Without a ledger the spend is what this process has seen since it started.
+            # Whether this token's requests are counted at all (a budget or a ledger), and, without
+            # a ledger, only what this process has seen since it started.
+            "metered": self.application.spend.metering(entry),
             "since_restart_only": self.application.spend.ledger is None,
         }
         self.set_header("Content-Type", "application/json; charset=utf-8")

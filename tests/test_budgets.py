@@ -240,6 +240,7 @@ async def test_usage_shows_a_tokens_own_spend_and_the_old_page_without_the_heade
     body = json.loads(response.body)
     assert body["token"] == "tokens" and body["spent"]["day"]["tokens"] == 11
     assert body["budget"]["remaining_tokens"] == 11 and body["budget"]["period"] == "day"
+    assert body["metered"] is True
     response = await proxy.request("/usage", method="GET", auth=False, headers={"access-token": "wrong-token-xxxxx"})
     assert response.code == 403
     response = await proxy.request("/usage", method="GET", auth=False)
