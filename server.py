@@ -8,10 +8,12 @@ until SIGTERM or SIGINT, then shuts down gracefully.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import json
 import logging
+import os
 import resource
 import signal
 import socket
@@ -23,7 +25,7 @@ import tornado.httpserver
 import tornado.netutil
 import tornado.web
 
-from chat_gpt_proxy.access.tokens import TokenRegistry, TokensFileError
+from chat_gpt_proxy.access.tokens import UNNAMED, TokenRegistry, TokensFileError
 from chat_gpt_proxy.application import ProxyApplication
 from chat_gpt_proxy.cache import ResponseCache
 from chat_gpt_proxy.observability import JsonFormatter, Metrics, TextFormatter, log_request
@@ -35,6 +37,7 @@ from chat_gpt_proxy.usage.spend import Spend
 from handlers import routes
 from handlers.base import BaseHandler
 from handlers.errors import ApiError
+from handlers.metrics import WorkerMetricsHandler
 from handlers.metrics import routes as metrics_routes
 from handlers.playground import STATIC_DIR, StaticHandler
 from settings import Settings, SettingsError, mask_url
@@ -314,7 +317,9 @@ async def serve(
     sockets: list[socket.socket],
     ssl_context: ssl.SSLContext | None,
     router: Router | None = None,
+    worker: int | None = None,
 ) -> None:
+    """Serve until SIGTERM or SIGINT, then drain. ``worker``: this process's index among WORKERS."""
     if settings.demo_upstream:
         settings = await start_demo_upstream(settings)
     app = make_app(settings, tokens, router)
@@ -332,6 +337,14 @@ async def serve(
     server.add_sockets(sockets)
     scheme = "https" if settings.tls_certfile else "http"
     log.info("listening on %s://%s:%d", scheme, settings.host, settings.port)
+    metrics_server = None
+    if worker is not None and app.metrics is not None:
+        metrics_app = tornado.web.Application(
+            [(r"/metrics", WorkerMetricsHandler, {"metrics": app.metrics, "worker": worker})],
+            log_function=lambda handler: None,
+        )
+        metrics_server = tornado.httpserver.HTTPServer(metrics_app)
+        metrics_server.listen(settings.worker_metrics_port + worker, settings.host)
     stop, now = asyncio.Event(), asyncio.Event()
 
     def on_signal() -> None:
@@ -349,6 +362,8 @@ async def serve(
         len(pool.handlers),
     )
     server.stop()
+    if metrics_server is not None:
+        metrics_server.stop()
     await drain(app, settings.shutdown_grace, now)
     try:
         await asyncio.wait_for(server.close_all_connections(), 5)
@@ -376,6 +391,10 @@ def main() -> None:
     except TokensFileError as exc:
         print("chat_gpt_proxy: invalid setting ACCESS_TOKENS_FILE: %s" % exc, file=sys.stderr)
         sys.exit(2)
+    problem = multiplied_by_workers(settings, tokens) if settings.workers > 1 else ""
+    if problem:
+        print("chat_gpt_proxy: invalid setting WORKERS: %s" % problem, file=sys.stderr)
+        sys.exit(2)
     router = None
     if settings.upstreams_file and not settings.demo_upstream:
         try:
@@ -392,7 +411,91 @@ def main() -> None:
     raise_fd_limit()
     if router is not None:
         log.info("upstreams: %s", ", ".join(u.describe() for u in router.upstreams))
+    if settings.workers > 1:
+        sys.exit(supervise(settings, tokens, sockets, ssl_context, router))
     asyncio.run(serve(settings, tokens, sockets, ssl_context, router))
+
+
+def multiplied_by_workers(settings: Settings, tokens: TokenRegistry) -> str:
+    """Why WORKERS > 1 would silently multiply a limit or a budget (each worker counting on its own), if it would."""
+    if settings.redis_url:
+        return ""  # every worker counts in the same Redis, as instances do
+    counted = []
+    if settings.rate_limit_per_token:
+        counted.append("RATE_LIMIT_PER_TOKEN")
+    for entry in tokens.entries:
+        policy = entry.policy
+        if entry.name == UNNAMED:
+            continue  # ACCESS_TOKEN's carry RATE_LIMIT_PER_TOKEN, named above
+        if policy.rate_limit_per_minute or policy.max_concurrent or policy.budget:
+            counted.append("the limits or budget of token %r" % entry.name)
+            break
+    if not counted:
+        return ""
+    return "%d workers would each count %s on their own (%dx the limit); set REDIS_URL to share them, or WORKERS=1" % (
+        settings.workers,
+        " and ".join(counted),
+        settings.workers,
+    )
+
+
+def supervise(settings, tokens, sockets, ssl_context, router) -> int:
+    """WORKERS > 1: fork that many workers on the listening sockets, replace one that dies,
+    pass SIGTERM, SIGINT and SIGHUP on to all of them; exits once they have all drained."""
+    children: dict[int, int] = {}  # pid -> worker index
+    stopping = False
+
+    def spawn(index: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_DFL)
+            code = 0
+            try:
+                asyncio.run(serve(settings, tokens, sockets, ssl_context, router, worker=index))
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+            except BaseException:  # a bug: logged by the worker's last words, replaced by the supervisor
+                log.exception("worker %d failed", index)
+                code = 1
+            logging.shutdown()
+            os._exit(code)
+        children[pid] = index
+        log.info("worker %d started pid=%d", index, pid)
+
+    def forward(sig, _frame) -> None:
+        nonlocal stopping
+        if sig in (signal.SIGTERM, signal.SIGINT):
+            stopping = True
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    for index in range(settings.workers):
+        spawn(index)
+    log.info("supervising %d workers on port %d", settings.workers, settings.port)
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        index = children.pop(pid, None)
+        if index is None:
+            continue
+        if stopping:
+            log.info("worker %d stopped pid=%d", index, pid)
+            continue
+        log.warning(
+            "worker %d died pid=%d %s; starting a new one",
+            index,
+            pid,
+            "signal=%d" % os.WTERMSIG(status) if os.WIFSIGNALED(status) else "exit=%d" % os.WEXITSTATUS(status),
+        )
+        time.sleep(0.1)  # a worker that dies at once must not spin the supervisor
+        spawn(index)
+    return 0
 
 
 if __name__ == "__main__":

@@ -108,6 +108,10 @@ class Settings:
     # The opt-in response cache (chat_gpt_proxy/cache.py): 0 = off unless a
     # token or a request asks for it.
     cache_ttl: int = 0
+    # Processes serving the one port (server.py supervises them); each serves
+    # its own /metrics on worker_metrics_port + its index when there are several.
+    workers: int = 1
+    worker_metrics_port: int = 9190
     cache_max_bytes: int = 256 * 1024 * 1024
     cache_max_entry_bytes: int = 4 * 1024 * 1024
 
@@ -219,6 +223,7 @@ class Settings:
             redis_failure_mode=redis_mode,
             prices_file=prices_file,
             admin_token=env.secret("ADMIN_TOKEN"),
+            workers=env.workers("WORKERS"),
         )
 
 
@@ -244,6 +249,19 @@ def _access_tokens(env: _Env, tokens_file: str) -> tuple[str, ...]:
         return tokens
     # With a tokens file, only the tokens it names: no default token.
     return () if tokens_file else (DEFAULT_ACCESS_TOKEN,)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity, and a cgroup v2 CPU quota (a container's --cpus) if lower."""
+    count = len(os.sched_getaffinity(0))
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            count = min(count, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, count)
 
 
 def mask_url(url: str) -> str:
@@ -364,6 +382,15 @@ class _Env:
         if key is not None and not SERVER_KEY_RE.match(key):
             raise SettingsError(f"{name}: must be one line of visible ASCII characters (the value is not shown)")
         return key or ""
+
+    def workers(self, name: str) -> int:
+        """WORKERS: a number of processes, or ``auto``: the CPUs this process may use (affinity and cgroup quota)."""
+        value = self.raw(name)
+        if value is None:
+            return 1
+        if value.lower() == "auto":
+            return usable_cpus()
+        return self.int(name, 1, 1, 256)
 
     def secret(self, name: str) -> str:
         """A token that guards something: set but empty is a mistake, not "no token"."""
@@ -486,6 +513,7 @@ VARIABLES = (
     Variable("USAGE_QUEUE_ROWS", "usage_queue_rows", _int(100, 100_000_000)),
     Variable("USAGE_RETENTION_DAYS", "usage_retention_days", _int(0, 100_000)),
     Variable("CACHE_TTL", "cache_ttl", _int(0, 365 * 86400)),
+    Variable("WORKER_METRICS_PORT", "worker_metrics_port", _int(1, 65535)),
     Variable("CACHE_MAX_BYTES", "cache_max_bytes", _int(0, 1 << 40)),
     Variable("CACHE_MAX_ENTRY_BYTES", "cache_max_entry_bytes", _int(1024, 512 * 1024 * 1024)),
 )

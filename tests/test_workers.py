@@ -1,0 +1,175 @@
+"""WORKERS: several processes on one port, supervised; limits shared in Redis; per-worker metrics."""
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+import tornado.httpclient
+
+from tests.conftest import ACCESS_TOKEN, OPENAI_KEY
+from tests.procs import ServerProcess, free_port
+
+NEW_TOKEN = "reloaded-TOKEN-8e6c4a2b0d"
+
+
+def metrics_ports(workers: int) -> int:
+    """A base port with ``workers`` free ports after it (checked one by one)."""
+    for _ in range(50):
+        base = free_port()
+        if all(_free(base + i) for i in range(workers)):
+            return base
+    raise AssertionError("no run of free ports")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return sorted(int(p) for p in out)
+
+
+async def chat(client, server, token=ACCESS_TOKEN):
+    return await client.fetch(
+        server.url + "/chat_complete",
+        method="POST",
+        body=json.dumps({"prompt": "hi"}),
+        headers={"access-token": token, "openai-token": OPENAI_KEY, "Connection": "close"},
+        raise_error=False,
+    )
+
+
+async def worker_counts(client, base: int, workers: int) -> list[float]:
+    counts = []
+    for i in range(workers):
+        response = await client.fetch("http://127.0.0.1:%d/metrics" % (base + i))
+        assert response.headers["x-proxy-worker"] == str(i)
+        total = 0.0
+        for line in response.body.decode().splitlines():
+            if line.startswith('proxy_requests_total{route="chat_complete",status="200"'):
+                total += float(line.rsplit(" ", 1)[1])
+        counts.append(total)
+    return counts
+
+
+@pytest.fixture
+def start(tmp_path, fake_openai):
+    started = []
+
+    def run(**env):
+        server = ServerProcess(
+            {"ACCESS_TOKEN": ACCESS_TOKEN, "OPENAI_BASE_URL": fake_openai.url, **env},
+            str(tmp_path / ("server%d.log" % len(started))),
+        )
+        started.append(server)
+        return server
+
+    yield run
+    for server in started:
+        # The workers first: killing the supervisor alone would leave them serving.
+        for pid in children(server.proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        server.stop()
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_two_workers_share_the_port_and_a_dead_one_is_replaced(start, tmp_path):
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text('[old]\ntoken = "old-TOKEN-1a2b3c4d5e6f"\n')
+    base = metrics_ports(2)
+    server = start(WORKERS="2", WORKER_METRICS_PORT=str(base), ACCESS_TOKENS_FILE=str(tokens))
+    client = tornado.httpclient.AsyncHTTPClient(force_instance=True)
+    try:
+        await server.wait_ready()
+        deadline = time.monotonic() + 15
+        while len(children(server.proc.pid)) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        first = children(server.proc.pid)
+        assert len(first) == 2
+        results = await asyncio.gather(*(chat(client, server) for _ in range(60)))
+        assert {r.code for r in results} == {200}
+        counts = await worker_counts(client, base, 2)
+        assert sum(counts) == 60 and all(c > 0 for c in counts), counts
+        # The main port's /metrics never shows one random worker's counters.
+        response = await client.fetch(server.url + "/metrics", raise_error=False)
+        assert response.code == 404 and json.loads(response.body)["error"]["code"] == "metrics_per_worker"
+        # A worker killed: the supervisor says so and starts another; every later request is answered.
+        os.kill(first[0], signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while (len(children(server.proc.pid)) < 2 or first[0] in children(server.proc.pid)) and (
+            time.monotonic() < deadline
+        ):
+            await asyncio.sleep(0.1)
+        assert len(children(server.proc.pid)) == 2 and first[0] not in children(server.proc.pid)
+        await asyncio.sleep(1)  # the new worker opens its ledger and listens
+        results = await asyncio.gather(*(chat(client, server) for _ in range(40)))
+        assert {r.code for r in results} == {200}
+        assert "died pid=%d signal=9; starting a new one" % first[0] in server.output()
+        # SIGHUP reaches every worker: the new token works whichever worker answers.
+        tokens.write_text('[new]\ntoken = "%s"\n' % NEW_TOKEN)
+        server.signal(signal.SIGHUP)
+        await asyncio.sleep(1)
+        results = await asyncio.gather(*(chat(client, server, NEW_TOKEN) for _ in range(30)))
+        assert {r.code for r in results} == {200}
+        # SIGTERM: every worker drains and the supervisor exits 0.
+        server.signal(signal.SIGTERM)
+        assert await server.wait_exit(40) == 0
+        assert server.output().count("shutdown complete") == 2
+    finally:
+        client.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_limits_that_workers_would_multiply_are_refused_without_redis(start, tmp_path):
+    server = start(WORKERS="2", RATE_LIMIT_PER_TOKEN="5")
+    assert await server.wait_exit(20) == 2
+    lines = [line for line in server.output().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("chat_gpt_proxy: invalid setting WORKERS:")
+    assert "RATE_LIMIT_PER_TOKEN" in lines[0] and "REDIS_URL" in lines[0]
+    tokens = tmp_path / "budget.toml"
+    tokens.write_text('[ann]\ntoken = "ann-TOKEN-0a1b2c3d4e"\nbudget_usd = 5.0\n')
+    server = start(WORKERS="2", ACCESS_TOKENS_FILE=str(tokens))
+    assert await server.wait_exit(20) == 2
+    assert "the limits or budget of token 'ann'" in server.output()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_rate_limit_holds_exactly_across_workers_with_redis(start, redis_server):
+    base = metrics_ports(2)
+    server = start(WORKERS="2", WORKER_METRICS_PORT=str(base), RATE_LIMIT_PER_TOKEN="5", REDIS_URL=redis_server.url)
+    client = tornado.httpclient.AsyncHTTPClient(force_instance=True)
+    try:
+        await server.wait_ready()
+        deadline = time.monotonic() + 15
+        while len(children(server.proc.pid)) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)
+        results = await asyncio.gather(*(chat(client, server) for _ in range(12)))
+        codes = sorted(r.code for r in results)
+        assert codes == [200] * 5 + [429] * 7, codes
+        counts = await worker_counts(client, base, 2)
+        assert sum(counts) == 5
+    finally:
+        client.close()
+        server.signal(signal.SIGTERM)
+        await server.wait_exit(40)
+
+
+def test_auto_is_the_cpus_this_process_may_use():
+    from settings import Settings, usable_cpus
+
+    assert Settings.from_env({"WORKERS": "auto"}).workers == usable_cpus() >= 1
+    assert usable_cpus() <= len(os.sched_getaffinity(0))
