@@ -364,6 +364,12 @@ async def serve(
     server.stop()
     if metrics_server is not None:
         metrics_server.stop()
+    if worker is not None:
+        # A worker shares the port with its siblings, which take the new
+        # connections from now on; one it accepted a moment ago may not have
+        # sent its request yet: give it the time to, so that the drain waits
+        # for that request instead of closing its connection unanswered.
+        await asyncio.sleep(WORKER_ACCEPT_GRACE)
     await drain(app, settings.shutdown_grace, now)
     try:
         await asyncio.wait_for(server.close_all_connections(), 5)
@@ -439,6 +445,10 @@ def multiplied_by_workers(settings: Settings, tokens: TokenRegistry) -> str:
     )
 
 
+# Seconds a stopping worker keeps its just-accepted connections before the drain.
+WORKER_ACCEPT_GRACE = 0.5
+
+
 def supervise(settings, tokens, sockets, ssl_context, router) -> int:
     """WORKERS > 1: fork that many workers on the listening sockets, replace one that dies,
     pass SIGTERM, SIGINT and SIGHUP on to all of them; exits once they have all drained."""
@@ -487,9 +497,12 @@ def supervise(settings, tokens, sockets, ssl_context, router) -> int:
         if stopping:
             log.info("worker %d stopped pid=%d", index, pid)
             continue
-        log.warning(
-            "worker %d died pid=%d %s; starting a new one",
+        # Killed or failed: a warning; stopped on its own (its own SIGTERM, a rolling restart): news.
+        clean = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        (log.info if clean else log.warning)(
+            "worker %d %s pid=%d %s; starting a new one",
             index,
+            "stopped" if clean else "died",
             pid,
             "signal=%d" % os.WTERMSIG(status) if os.WIFSIGNALED(status) else "exit=%d" % os.WEXITSTATUS(status),
         )
