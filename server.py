@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import dataclasses
 import errno
 import json
@@ -344,7 +345,16 @@ async def serve(
             log_function=lambda handler: None,
         )
         metrics_server = tornado.httpserver.HTTPServer(metrics_app)
-        metrics_server.listen(settings.worker_metrics_port + worker, settings.host)
+        port = settings.worker_metrics_port + worker
+        try:
+            metrics_server.listen(port, settings.host)
+        except OSError as exc:
+            print(
+                "chat_gpt_proxy: invalid setting WORKER_METRICS_PORT: worker %d cannot listen on %s:%d (%s)"
+                % (worker, settings.host, port, exc.strerror),
+                file=sys.stderr,
+            )
+            sys.exit(2)
     stop, now = asyncio.Event(), asyncio.Event()
 
     def on_signal() -> None:
@@ -447,19 +457,38 @@ def multiplied_by_workers(settings: Settings, tokens: TokenRegistry) -> str:
 
 # Seconds a stopping worker keeps its just-accepted connections before the drain.
 WORKER_ACCEPT_GRACE = 0.5
+# A worker that dies this soon after its start this many times in a row cannot start: give up.
+QUICK_DEATH = 5.0
+QUICK_DEATHS_TO_GIVE_UP = 3
+# linux/prctl.h
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Linux: this process gets SIGTERM when its parent (the supervisor) dies."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def supervise(settings, tokens, sockets, ssl_context, router) -> int:
     """WORKERS > 1: fork that many workers on the listening sockets, replace one that dies,
     pass SIGTERM, SIGINT and SIGHUP on to all of them; exits once they have all drained."""
     children: dict[int, int] = {}  # pid -> worker index
+    started: dict[int, float] = {}  # worker index -> when its process started (monotonic)
+    quick_deaths: dict[int, int] = {}  # worker index -> deaths in a row within QUICK_DEATH seconds
     stopping = False
+    supervisor = os.getpid()
 
     def spawn(index: int) -> None:
         pid = os.fork()
         if pid == 0:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_DFL)
+            # A supervisor killed outright (SIGKILL, OOM) must not leave its
+            # workers serving with nobody to stop them: they get SIGTERM and drain.
+            die_with_parent()
+            if os.getppid() != supervisor:
+                os._exit(0)
             code = 0
             try:
                 asyncio.run(serve(settings, tokens, sockets, ssl_context, router, worker=index))
@@ -471,6 +500,7 @@ def supervise(settings, tokens, sockets, ssl_context, router) -> int:
             logging.shutdown()
             os._exit(code)
         children[pid] = index
+        started[index] = time.monotonic()
         log.info("worker %d started pid=%d", index, pid)
 
     def forward(sig, _frame) -> None:
@@ -483,6 +513,7 @@ def supervise(settings, tokens, sockets, ssl_context, router) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
+    exit_code = 0
     for index in range(settings.workers):
         spawn(index)
     log.info("supervising %d workers on port %d", settings.workers, settings.port)
@@ -506,9 +537,26 @@ def supervise(settings, tokens, sockets, ssl_context, router) -> int:
             pid,
             "signal=%d" % os.WTERMSIG(status) if os.WIFSIGNALED(status) else "exit=%d" % os.WEXITSTATUS(status),
         )
-        time.sleep(0.1)  # a worker that dies at once must not spin the supervisor
+        if not clean and time.monotonic() - started[index] < QUICK_DEATH:
+            quick_deaths[index] = quick_deaths.get(index, 0) + 1
+        else:
+            quick_deaths[index] = 0
+        if quick_deaths[index] >= QUICK_DEATHS_TO_GIVE_UP:
+            # It cannot start (its metrics port taken, the ledger unreachable...):
+            # restarting it for ever would only fill the log. Stop all, say so.
+            log.error(
+                "worker %d died %d times within %g s of its start; stopping all workers (see the lines above)",
+                index,
+                quick_deaths[index],
+                QUICK_DEATH,
+            )
+            stopping = True
+            forward(signal.SIGTERM, None)
+            exit_code = 1
+            continue
+        time.sleep(min(5.0, 0.1 * 2 ** quick_deaths[index]))  # one that dies at once must not spin the supervisor
         spawn(index)
-    return 0
+    return exit_code
 
 
 if __name__ == "__main__":

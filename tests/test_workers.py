@@ -197,3 +197,30 @@ def test_auto_is_the_cpus_this_process_may_use():
 
     assert Settings.from_env({"WORKERS": "auto"}).workers == usable_cpus() >= 1
     assert usable_cpus() <= len(os.sched_getaffinity(0))
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_worker_that_cannot_start_stops_the_supervisor_and_a_killed_supervisor_takes_its_workers(start):
+    base = metrics_ports(2)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", base + 1))  # worker 1's metrics port is someone else's
+        taken.listen()
+        server = start(WORKERS="2", WORKER_METRICS_PORT=str(base))
+        assert await server.wait_exit(40) == 1
+    output = server.output()
+    assert "invalid setting WORKER_METRICS_PORT: worker 1 cannot listen" in output
+    assert "worker 1 died 3 times within 5 s of its start; stopping all workers" in output
+    assert "Traceback" not in output
+    server = start(WORKERS="2", WORKER_METRICS_PORT=str(metrics_ports(2)))
+    await server.wait_ready()
+    deadline = time.monotonic() + 15
+    while len(children(server.proc.pid)) < 2 and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    workers = children(server.proc.pid)
+    assert len(workers) == 2
+    server.proc.kill()  # the supervisor, outright
+    server.proc.wait(10)
+    deadline = time.monotonic() + 30
+    while any(os.path.exists("/proc/%d" % pid) for pid in workers) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert not any(os.path.exists("/proc/%d" % pid) for pid in workers)  # they drained and left
