@@ -284,8 +284,10 @@ def reload_tokens(app: ProxyApplication) -> None:
     if not tokens.settings.access_tokens_file:
         log.warning("SIGHUP: ACCESS_TOKENS_FILE is not set; nothing to reload")
         return
+    config = app.config
+    check = (lambda entries: multiplied_by_workers(config, entries)) if config.workers > 1 else None
     try:
-        tokens.reload()
+        tokens.reload(check)
     except TokensFileError as exc:
         log.error("SIGHUP: tokens file refused, the previous tokens stay in force: %s", exc)
         return
@@ -357,8 +359,17 @@ async def serve(
             sys.exit(2)
     stop, now = asyncio.Event(), asyncio.Event()
 
+    first_signal_at = 0.0
+
     def on_signal() -> None:
-        (now if stop.is_set() else stop).set()
+        nonlocal first_signal_at
+        if not stop.is_set():
+            first_signal_at = time.monotonic()
+            stop.set()
+        elif worker is None or time.monotonic() - first_signal_at > DUPLICATE_SIGNAL:
+            # A worker hears a Ctrl-C or a group-wide SIGTERM twice: from the
+            # terminal or systemd, and from its supervisor. That is one signal.
+            now.set()
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -407,7 +418,7 @@ def main() -> None:
     except TokensFileError as exc:
         print("chat_gpt_proxy: invalid setting ACCESS_TOKENS_FILE: %s" % exc, file=sys.stderr)
         sys.exit(2)
-    problem = multiplied_by_workers(settings, tokens) if settings.workers > 1 else ""
+    problem = multiplied_by_workers(settings, tokens.entries) if settings.workers > 1 else ""
     if problem:
         print("chat_gpt_proxy: invalid setting WORKERS: %s" % problem, file=sys.stderr)
         sys.exit(2)
@@ -432,14 +443,14 @@ def main() -> None:
     asyncio.run(serve(settings, tokens, sockets, ssl_context, router))
 
 
-def multiplied_by_workers(settings: Settings, tokens: TokenRegistry) -> str:
+def multiplied_by_workers(settings: Settings, entries) -> str:
     """Why WORKERS > 1 would silently multiply a limit or a budget (each worker counting on its own), if it would."""
     if settings.redis_url:
         return ""  # every worker counts in the same Redis, as instances do
     counted = []
     if settings.rate_limit_per_token:
         counted.append("RATE_LIMIT_PER_TOKEN")
-    for entry in tokens.entries:
+    for entry in entries:
         policy = entry.policy
         if entry.name == UNNAMED:
             continue  # ACCESS_TOKEN's carry RATE_LIMIT_PER_TOKEN, named above
@@ -457,6 +468,8 @@ def multiplied_by_workers(settings: Settings, tokens: TokenRegistry) -> str:
 
 # Seconds a stopping worker keeps its just-accepted connections before the drain.
 WORKER_ACCEPT_GRACE = 0.5
+# Seconds within which a worker takes a second SIGTERM or SIGINT for the same one (see serve).
+DUPLICATE_SIGNAL = 1.0
 # A worker that dies this soon after its start this many times in a row cannot start: give up.
 QUICK_DEATH = 5.0
 QUICK_DEATHS_TO_GIVE_UP = 3
@@ -470,6 +483,17 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def reload_for_new_workers(settings: Settings, tokens: TokenRegistry, router: Router | None) -> None:
+    """SIGHUP in the supervisor: the tokens and upstreams its next workers start with (each worker reloads its own)."""
+    if settings.access_tokens_file:
+        # A refused file: the workers log why; the tokens in force stay.
+        with contextlib.suppress(TokensFileError):
+            tokens.reload(lambda entries: multiplied_by_workers(settings, entries))
+    if router is not None and settings.upstreams_file:
+        with contextlib.suppress(UpstreamsFileError):
+            router.reload()
+
+
 def supervise(settings, tokens, sockets, ssl_context, router) -> int:
     """WORKERS > 1: fork that many workers on the listening sockets, replace one that dies,
     pass SIGTERM, SIGINT and SIGHUP on to all of them; exits once they have all drained."""
@@ -480,10 +504,14 @@ def supervise(settings, tokens, sockets, ssl_context, router) -> int:
     supervisor = os.getpid()
 
     def spawn(index: int) -> None:
+        if stopping:
+            return
         pid = os.fork()
         if pid == 0:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, signal.SIG_DFL)
+            # Until serve() takes SIGHUP, its default (terminate) would kill a starting worker.
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
             # A supervisor killed outright (SIGKILL, OOM) must not leave its
             # workers serving with nobody to stop them: they get SIGTERM and drain.
             die_with_parent()
@@ -507,6 +535,10 @@ def supervise(settings, tokens, sockets, ssl_context, router) -> int:
         nonlocal stopping
         if sig in (signal.SIGTERM, signal.SIGINT):
             stopping = True
+        elif sig == signal.SIGHUP:
+            # The supervisor reads the files too: a worker it starts later must
+            # not bring back a token the reload revoked.
+            reload_for_new_workers(settings, tokens, router)
         for pid in list(children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
@@ -555,7 +587,7 @@ def supervise(settings, tokens, sockets, ssl_context, router) -> int:
             exit_code = 1
             continue
         time.sleep(min(5.0, 0.1 * 2 ** quick_deaths[index]))  # one that dies at once must not spin the supervisor
-        spawn(index)
+        spawn(index)  # not if a SIGTERM came meanwhile
     return exit_code
 
 

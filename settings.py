@@ -191,6 +191,15 @@ class Settings:
             raise SettingsError(
                 f"REDIS_PREFIX: 1-64 letters, digits, '.', '_', ':' or '-' (no braces), got {redis_prefix[:80]!r}"
             )
+        workers = env.workers("WORKERS")
+        metrics_port = env.int("WORKER_METRICS_PORT", cls.worker_metrics_port, 1, 65535)
+        if workers > 1:
+            last = metrics_port + workers - 1
+            port = env.int("PORT", cls.port, 1, 65535)
+            if last > 65535:
+                raise SettingsError(f"WORKER_METRICS_PORT: {metrics_port} + {workers} workers goes past port 65535")
+            if metrics_port <= port <= last:
+                raise SettingsError(f"WORKER_METRICS_PORT: the workers' ports {metrics_port}-{last} hold PORT {port}")
         prices_file = env.str("PRICES_FILE", "")
         if prices_file:
             try:
@@ -223,7 +232,7 @@ class Settings:
             redis_failure_mode=redis_mode,
             prices_file=prices_file,
             admin_token=env.secret("ADMIN_TOKEN"),
-            workers=env.workers("WORKERS"),
+            workers=workers,
         )
 
 

@@ -13,6 +13,7 @@ import time
 import pytest
 import tornado.httpclient
 
+from chat_gpt_proxy.fake_openai.behaviours import Behaviour
 from tests.conftest import ACCESS_TOKEN, OPENAI_KEY
 from tests.procs import ServerProcess, free_port
 
@@ -147,6 +148,25 @@ async def test_two_workers_share_the_port_and_a_dead_one_is_replaced(start, tmp_
         await asyncio.sleep(1)
         results = await asyncio.gather(*(chat(client, server, NEW_TOKEN) for _ in range(30)))
         assert {r.code for r in results} == {200}
+        # A worker started after the reload starts with the reloaded tokens: the revoked one stays revoked.
+        victim = children(server.proc.pid)[0]
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while (len(children(server.proc.pid)) < 2 or victim in children(server.proc.pid)) and (
+            time.monotonic() < deadline
+        ):
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1)
+        results = await asyncio.gather(*(chat(client, server, "old-TOKEN-1a2b3c4d5e6f") for _ in range(30)))
+        assert {r.code for r in results} == {403}
+        # A reload that each worker would count on its own (a budget, no REDIS_URL) is refused, as at startup.
+        rich = '[rich]\ntoken = "rich-TOKEN-9f8e7d6c5b"\nbudget_usd = 1.0\n'
+        tokens.write_text('[new]\ntoken = "%s"\n' % NEW_TOKEN + rich)
+        server.signal(signal.SIGHUP)
+        await asyncio.sleep(1)
+        results = await asyncio.gather(*(chat(client, server, "rich-TOKEN-9f8e7d6c5b") for _ in range(10)))
+        assert {r.code for r in results} == {403}
+        assert "tokens file refused" in server.output() and "would each count" in server.output()
         # SIGTERM: every worker drains and the supervisor exits 0.
         server.signal(signal.SIGTERM)
         assert await server.wait_exit(40) == 0
@@ -224,3 +244,54 @@ async def test_a_worker_that_cannot_start_stops_the_supervisor_and_a_killed_supe
     while any(os.path.exists("/proc/%d" % pid) for pid in workers) and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
     assert not any(os.path.exists("/proc/%d" % pid) for pid in workers)  # they drained and left
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_signal_to_the_whole_group_drains_and_one_during_a_respawn_still_stops(start, fake_openai):
+    server = start(WORKERS="2", WORKER_METRICS_PORT=str(metrics_ports(2)), SHUTDOWN_GRACE="20")
+    await server.wait_ready()
+    deadline = time.monotonic() + 15
+    while len(children(server.proc.pid)) < 2 and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    # A stream of about 2 s, then SIGTERM to the supervisor and to each worker, as systemd or
+    # a terminal's Ctrl-C deliver it: one signal each, so the stream finishes.
+    fake_openai.push(Behaviour(chunks=["tok "] * 10, delay=0.2))
+    host, port = server.url.rsplit("//", 1)[1].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    payload = json.dumps({"prompt": "x", "generate_params": {"stream": True}}).encode()
+    writer.write(
+        b"POST /chat_complete HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"access-token: %s\r\nopenai-token: %s\r\nContent-Length: %d\r\n\r\n%s"
+        % (ACCESS_TOKEN.encode(), OPENAI_KEY.encode(), len(payload), payload)
+    )
+    await reader.readuntil(b'"content":"tok "')
+    for pid in [server.proc.pid, *children(server.proc.pid)]:
+        os.kill(pid, signal.SIGTERM)
+    rest = await asyncio.wait_for(reader.read(), 20)
+    writer.close()
+    assert b"data: [DONE]" in rest and b"upstream_aborted" not in rest
+    assert await server.wait_exit(30) == 0
+    # SIGTERM right after a worker died, while the supervisor waits to replace it: it still stops.
+    server = start(WORKERS="2", WORKER_METRICS_PORT=str(metrics_ports(2)))
+    await server.wait_ready()
+    deadline = time.monotonic() + 15
+    while len(children(server.proc.pid)) < 2 and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    os.kill(children(server.proc.pid)[0], signal.SIGKILL)
+    await asyncio.sleep(0.03)
+    server.signal(signal.SIGTERM)
+    assert await server.wait_exit(30) == 0
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"WORKERS": "2", "WORKER_METRICS_PORT": "65535"}, "goes past port 65535"),
+        ({"WORKERS": "3", "WORKER_METRICS_PORT": "9080", "PORT": "9081"}, "hold PORT 9081"),
+    ],
+)
+def test_the_workers_metrics_ports_are_checked_at_startup(env, message):
+    from settings import Settings, SettingsError
+
+    with pytest.raises(SettingsError, match=message):
+        Settings.from_env(env)

@@ -273,9 +273,15 @@ class TokenRegistry:
     def named(self) -> int:
         return sum(1 for e in self.entries if e.name != UNNAMED)
 
-    def reload(self) -> None:
-        """Read ACCESS_TOKENS_FILE again; on ``TokensFileError`` the tokens in force stay."""
+    def reload(self, check=None) -> None:
+        """Read ACCESS_TOKENS_FILE again; on ``TokensFileError`` the tokens in force stay.
+
+        ``check(entries)``: a reason to refuse the new set (one line), or "".
+        """
         entries = load_entries(self.settings)
+        problem = check(entries) if check is not None else ""
+        if problem:
+            raise TokensFileError(problem)
         self.entries = entries  # one assignment: requests see the old set or the new one, never a mix
 
     def lookup(self, presented: str) -> TokenEntry | None:
