@@ -22,6 +22,7 @@ made so far.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 from chat_gpt_proxy.access.shared_limits import FAILURES, SharedLimits
@@ -29,8 +30,12 @@ from chat_gpt_proxy.access.tokens import UNAVAILABLE
 
 from .budgets import PERIODS, period_bounds
 
+log = logging.getLogger("chat_gpt_proxy")
+
 # Seconds a period's hash outlives the period (a late charge, a clock apart).
 KEEP_AFTER_END = 86400
+# Seconds the startup seeding may wait for Redis.
+SEED_TIMEOUT = 5.0
 
 # KEYS: the day, week and month hashes. ARGV: usd, tokens, then each key's expiry (Unix seconds).
 CHARGE_LUA = """
@@ -104,16 +109,23 @@ class SharedSpend:
         limits.succeeded()
 
     async def seed(self, name: str, period: str, start: float, usd: float, tokens: int) -> None:
+        """At startup, before any request: a first connection may take longer than REDIS_TIMEOUT,
+        which bounds what a request waits for, and a slow one must not count as Redis down."""
         end = period_bounds(period, start)[1]
         try:
             await asyncio.wait_for(
                 self.seed_script(
                     keys=[self.key(name, period, start)], args=[repr(usd), tokens, int(end) + KEEP_AFTER_END]
                 ),
-                self.limits.timeout,
+                max(self.limits.timeout, SEED_TIMEOUT),
             )
         except FAILURES as exc:
-            self.limits.failed("seed", exc)
+            log.warning(
+                "shared budgets: could not seed %s's %s spend in Redis (%s); Redis keeps what it has",
+                name,
+                period,
+                type(exc).__name__,
+            )
 
     async def close(self) -> None:
         if self.pending:
