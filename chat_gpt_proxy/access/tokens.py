@@ -33,9 +33,9 @@ import hashlib
 import hmac
 import math
 import re
-import tomllib
 
 from chat_gpt_proxy.access.limits import InFlight, RateLimiter
+from chat_gpt_proxy.toml_file import read_toml
 from chat_gpt_proxy.usage.budgets import NO_BUDGET, PERIODS, Budget
 
 # Names end up in log lines and metric labels: keep them short and plain.
@@ -136,13 +136,7 @@ def unnamed_entries(settings) -> list[TokenEntry]:
 
 def parse_tokens_file(path: str, settings) -> list[TokenEntry]:
     """The named tokens of ``path``; ``TokensFileError`` (one line) for anything wrong with it."""
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as exc:
-        raise TokensFileError("%s: cannot read it: %s" % (path, exc.strerror or exc)) from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise TokensFileError("%s: not valid TOML: %s" % (path, str(exc).replace("\n", " "))) from None
+    data = read_toml(path, TokensFileError)
     entries = []
     for name, table in data.items():
         if not isinstance(table, dict):

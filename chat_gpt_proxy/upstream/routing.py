@@ -43,9 +43,10 @@ import os
 import random
 import re
 import time
-import tomllib
 from collections.abc import Mapping
 from types import MappingProxyType
+
+from chat_gpt_proxy.toml_file import read_toml
 
 from .egress import EgressConfigError, EgressProxy, check_ca_file, parse_proxy_url, proxy_for
 from .urls import check_base_url, join_url
@@ -163,13 +164,7 @@ def default_upstream(settings) -> Upstream:
 
 
 def parse_upstreams(path: str, settings) -> tuple[Upstream, ...]:
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as exc:
-        raise UpstreamsFileError("%s: cannot read it: %s" % (path, exc.strerror or exc)) from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise UpstreamsFileError("%s: not valid TOML: %s" % (path, str(exc).replace("\n", " "))) from None
+    data = read_toml(path, UpstreamsFileError)
     if not data:
         raise UpstreamsFileError("%s: names no upstream" % path)
     upstreams = []

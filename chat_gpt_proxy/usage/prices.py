@@ -11,7 +11,8 @@ import dataclasses
 import math
 import os
 import re
-import tomllib
+
+from chat_gpt_proxy.toml_file import read_toml
 
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prices.toml")
 FIELDS = ("input", "cached_input", "output")
@@ -40,13 +41,7 @@ class Price:
 
 
 def parse_prices(path: str) -> dict[str, Price]:
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as exc:
-        raise PricesFileError("%s: cannot read it: %s" % (path, exc.strerror or exc)) from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise PricesFileError("%s: not valid TOML: %s" % (path, str(exc).replace("\n", " "))) from None
+    data = read_toml(path, PricesFileError)
     prices = {}
     for model, table in data.items():
         where = "%s: model %r: " % (path, model[:100])
