@@ -29,7 +29,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.compare import upstreams_file  # noqa: E402
+from bench.compare import budget_tokens_file, proxy_env, upstreams_file  # noqa: E402
 from bench.run import MODEL, TOKEN, Processes, free_port, start_fixed_upstream, wait_port, wrk  # noqa: E402
 
 
@@ -37,21 +37,18 @@ def profiled_run(
     procs: Processes, tree: str, upstream: str, seconds: float, out: str, budgets: bool = False, upstreams: int = 0
 ) -> tuple[int, pstats.Stats]:
     port = free_port()
-    skip = ("ACCESS_TOKENS_FILE", "OPENAI_API_KEY", "REDIS_URL", "USAGE_DATABASE", "UPSTREAMS_FILE")
-    env = {k: v for k, v in os.environ.items() if k not in skip}
-    env.update(PORT=str(port), HOST="127.0.0.1", ACCESS_TOKEN=TOKEN, OPENAI_BASE_URL=upstream, LOG_LEVEL="WARNING")
+    files = {}
     token = TOKEN
     if budgets:
         # A budget it never reaches, so that every request is checked and charged, and the ledger on.
-        path = os.path.join(procs.workdir, "budgets.toml")
-        with open(path, "w") as f:
-            f.write('[bench]\ntoken = "%s-named"\nbudget_usd = 1000000.0\nbudget_tokens = 1000000000000\n' % TOKEN)
-        env.update(ACCESS_TOKENS_FILE=path, USAGE_DATABASE=os.path.join(procs.workdir, "usage-%s.sqlite3" % seconds))
+        files["tokens"] = os.path.join(procs.workdir, "budgets.toml")
+        budget_tokens_file(files["tokens"])
+        files["ledger"] = os.path.join(procs.workdir, "usage-%s.sqlite3" % seconds)
         token = TOKEN + "-named"
     if upstreams:
-        path = os.path.join(procs.workdir, "upstreams.toml")
-        upstreams_file(path, upstreams, upstream)
-        env["UPSTREAMS_FILE"] = path
+        files["upstreams"] = os.path.join(procs.workdir, "upstreams.toml")
+        upstreams_file(files["upstreams"], upstreams, upstream)
+    env = proxy_env(port, upstream, **files)
     proxy = procs.start([sys.executable, "-m", "cProfile", "-o", out, os.path.join(tree, "server.py")], 0, env)
     wait_port(port)
     body = {"prompt": "Hello!", "generate_params": {"model_name": MODEL}}

@@ -83,6 +83,25 @@ def upstreams_file(path: str, count: int, upstream: str) -> None:
             f.write('[up%d]\nbase_url = "%s"\n\n' % (i, upstream))
 
 
+def proxy_env(
+    port: int, upstream: str, tokens: str = "", redis_url: str = "", ledger: str = "", upstreams: str = "", **extra
+):
+    """The environment of a benchmarked proxy: the caller's, without its own files, keys and Redis."""
+    skip = ("ACCESS_TOKENS_FILE", "OPENAI_API_KEY", "REDIS_URL", "USAGE_DATABASE", "UPSTREAMS_FILE")
+    env = {k: v for k, v in os.environ.items() if k not in skip}
+    env.update(PORT=str(port), HOST="127.0.0.1", ACCESS_TOKEN=TOKEN, OPENAI_BASE_URL=upstream, LOG_LEVEL="WARNING")
+    for name, value in (
+        ("ACCESS_TOKENS_FILE", tokens),
+        ("REDIS_URL", redis_url),
+        ("USAGE_DATABASE", ledger),
+        ("UPSTREAMS_FILE", upstreams),
+    ):
+        if value:
+            env[name] = value
+    env.update(extra)
+    return env
+
+
 def start(
     procs: Processes,
     tree: str,
@@ -94,17 +113,7 @@ def start(
     upstreams: str = "",
 ):
     port = free_port()
-    skip = ("ACCESS_TOKENS_FILE", "OPENAI_API_KEY", "REDIS_URL", "USAGE_DATABASE", "UPSTREAMS_FILE")
-    env = {k: v for k, v in os.environ.items() if k not in skip}
-    env.update(PORT=str(port), HOST="127.0.0.1", ACCESS_TOKEN=TOKEN, OPENAI_BASE_URL=upstream, LOG_LEVEL="WARNING")
-    if tokens:
-        env["ACCESS_TOKENS_FILE"] = tokens
-    if redis_url:
-        env["REDIS_URL"] = redis_url
-    if ledger:
-        env["USAGE_DATABASE"] = ledger
-    if upstreams:
-        env["UPSTREAMS_FILE"] = upstreams
+    env = proxy_env(port, upstream, tokens or "", redis_url, ledger, upstreams)
     proc = procs.start([sys.executable, os.path.join(tree, "server.py")], 0, env, name=name)
     wait_port(port)
     return proc, port

@@ -19,8 +19,8 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.compare import cpu_seconds  # noqa: E402
-from bench.run import MODEL, TOKEN, Processes, free_port, start_fixed_upstream, wait_port, wrk  # noqa: E402
+from bench.compare import cpu_seconds, proxy_env  # noqa: E402
+from bench.run import MODEL, Processes, free_port, start_fixed_upstream, wait_port, wrk  # noqa: E402
 
 UVLOOP_SERVER = """
 import asyncio, runpy, sys
@@ -48,9 +48,7 @@ def main() -> None:
         for _ in range(args.rounds):
             for name, script in (("asyncio", os.path.join(ROOT, "server.py")), ("uvloop", wrapper)):
                 port = free_port()
-                env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCESS_", "UPSTREAMS", "REDIS"))}
-                env.update(PORT=str(port), HOST="127.0.0.1", ACCESS_TOKEN=TOKEN, OPENAI_BASE_URL=upstream)
-                env["LOG_LEVEL"] = "WARNING"
+                env = proxy_env(port, upstream)
                 proxy = procs.start([sys.executable, script], 0, env, name=name)
                 wait_port(port)
                 url = "http://127.0.0.1:%d/chat_complete" % port

@@ -23,8 +23,8 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.compare import cpu_seconds  # noqa: E402
-from bench.run import MODEL, TOKEN, Processes, free_port, start_fixed_upstream, wait_port, wrk  # noqa: E402
+from bench.compare import cpu_seconds, proxy_env  # noqa: E402
+from bench.run import MODEL, Processes, free_port, start_fixed_upstream, wait_port, wrk  # noqa: E402
 
 
 def tree_cpu(pid: int) -> float:
@@ -49,13 +49,9 @@ def main() -> None:
             for workers in (1, args.workers):
                 for mode in ("json", "sse"):
                     port = free_port()
-                    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCESS_", "UPSTREAMS", "REDIS"))}
-                    env.update(
-                        PORT=str(port),
-                        HOST="127.0.0.1",
-                        ACCESS_TOKEN=TOKEN,
-                        OPENAI_BASE_URL="http://127.0.0.1:%d/%s/v1" % (up_port, mode),
-                        LOG_LEVEL="WARNING",
+                    env = proxy_env(
+                        port,
+                        "http://127.0.0.1:%d/%s/v1" % (up_port, mode),
                         WORKERS=str(workers),
                         WORKER_METRICS_PORT=str(free_port()),
                     )
