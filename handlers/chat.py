@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from chat_gpt_proxy.cache import Entry
+from chat_gpt_proxy.cache import Entry, cacheable
 from chat_gpt_proxy.request.generate_params import ParamsError, normalize_generate_params
 from chat_gpt_proxy.request.strict_json import dumps
 
@@ -77,7 +77,7 @@ class ChatCompleteHandler(UsagePageMixin, ProxyHandler):
         if pending is not None:
             await pending  # budget counters in Redis
         # The cache's key is the request as the caller made it, before the proxy asks for usage.
-        ttl = self.cache_ttl(payload)
+        ttl = self.cache_ttl() if cacheable(payload) else 0
         if ttl and await self.use_cache("chat_complete", payload, key, stream, ttl):
             return
         if stream and self.metered:

@@ -11,7 +11,7 @@ import contextlib
 import json
 
 from chat_gpt_proxy import tornado_internals as internals
-from chat_gpt_proxy.cache import Entry
+from chat_gpt_proxy.cache import Entry, cacheable
 from chat_gpt_proxy.request.body import parse_content_length
 from chat_gpt_proxy.request.model import MODEL_FREE_PATH_RE, SESSION_MODEL_PATH_RE, inspect_request
 from chat_gpt_proxy.request.strict_json import dumps, loads
@@ -134,18 +134,17 @@ class OpenAIHandler(OpenAIStyle, ProxyHandler):
         if pending is not None:
             await pending  # budget counters in Redis
         body = self.body if method in ("POST", "PUT", "PATCH") else None
-        # cache_ttl({}): whether this request may use the cache at all, before its body is parsed.
-        if method == "POST" and self.v1_path in CACHED_PATHS and self.cache_ttl({}):
+        ttl = self.cache_ttl() if method == "POST" and self.v1_path in CACHED_PATHS else 0
+        if ttl:  # the body is parsed only for a request that asks for the cache
             try:
                 payload = loads(body)
             except (ValueError, RecursionError):
                 payload = None
-            ttl = self.cache_ttl(payload, "v1/" + self.v1_path)
             # The query and the headers that reach the upstream are part of the request too.
             route = "\n".join(
                 ["v1/" + self.v1_path, self.request.query, *("%s: %s" % item for item in sorted(headers.items()))]
             )
-            if ttl and await self.use_cache(route, payload, key, stream, ttl):
+            if cacheable(payload, "v1/" + self.v1_path) and await self.use_cache(route, payload, key, stream, ttl):
                 return
         if stream and self.metered and self.v1_path == "chat/completions":
             body = self.with_stream_usage(body)

@@ -14,7 +14,7 @@ import time
 
 from tornado.ioloop import IOLoop
 
-from chat_gpt_proxy.cache import Entry, cache_key, cacheable, key_partition, stream_complete
+from chat_gpt_proxy.cache import Entry, cache_key, key_partition, stream_complete
 from chat_gpt_proxy.request.strict_json import dumps, loads
 from chat_gpt_proxy.upstream.call import UpstreamCall
 from chat_gpt_proxy.upstream.errors import UpstreamError
@@ -238,13 +238,11 @@ class ProxyHandler(BaseHandler):
     cache_waiters_key = ""
     cache_bytes = 0
 
-    def cache_ttl(self, payload, route: str = "") -> int:
-        """Seconds this request's answer may be kept in the response cache (0: the cache is not used)."""
+    def cache_ttl(self) -> int:
+        """Seconds the token, CACHE_TTL or the request ask to keep the answer for (0: no cache);
+        whether the request itself can be cached is ``cacheable``'s to say."""
         cache = self.application.cache
-        if cache is None:
-            return 0
-        ttl = cache.ttl_for(self.token, self.request.headers)
-        return ttl if ttl and cacheable(payload, route) else 0
+        return cache.ttl_for(self.token, self.request.headers) if cache is not None else 0
 
     async def use_cache(self, route: str, payload, caller_key: str, stream: bool, ttl: int) -> bool:
         """Answer from the cache if the answer is there (True); else remember where to keep
