@@ -284,10 +284,8 @@ def reload_tokens(app: ProxyApplication) -> None:
     if not tokens.settings.access_tokens_file:
         log.warning("SIGHUP: ACCESS_TOKENS_FILE is not set; nothing to reload")
         return
-    config = app.config
-    check = (lambda entries: multiplied_by_workers(config, entries)) if config.workers > 1 else None
     try:
-        tokens.reload(check)
+        tokens.reload(reload_check(app.config))
     except TokensFileError as exc:
         log.error("SIGHUP: tokens file refused, the previous tokens stay in force: %s", exc)
         return
@@ -443,6 +441,11 @@ def main() -> None:
     asyncio.run(serve(settings, tokens, sockets, ssl_context, router))
 
 
+def reload_check(settings: Settings):
+    """What a reloaded tokens file must pass besides its own rules: with several workers, the startup check."""
+    return (lambda entries: multiplied_by_workers(settings, entries)) if settings.workers > 1 else None
+
+
 def multiplied_by_workers(settings: Settings, entries) -> str:
     """Why WORKERS > 1 would silently multiply a limit or a budget (each worker counting on its own), if it would."""
     if settings.redis_url:
@@ -488,7 +491,7 @@ def reload_for_new_workers(settings: Settings, tokens: TokenRegistry, router: Ro
     if settings.access_tokens_file:
         # A refused file: the workers log why; the tokens in force stay.
         with contextlib.suppress(TokensFileError):
-            tokens.reload(lambda entries: multiplied_by_workers(settings, entries))
+            tokens.reload(reload_check(settings))
     if router is not None and settings.upstreams_file:
         with contextlib.suppress(UpstreamsFileError):
             router.reload()
