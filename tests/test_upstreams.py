@@ -129,13 +129,29 @@ priority = 1
 @pytest.mark.parametrize("status", [429, 500, 502, 503, 504])
 @pytest.mark.gen_test(timeout=30)
 async def test_an_error_status_moves_the_request_once(proxy, fakes, upstreams_first_b, app, status):
-    app.router = Router(app.config, parse_upstreams_text(app.config, upstreams_first_b))
+    use_upstreams(app, upstreams_first_b)
     fakes["b"].push(Behaviour(kind="error", status=status, message="busy"))
     response, body = await chat(proxy, token=SERVER_TOKEN, key=None)
     assert response.code == 200 and body["text"] == "Echo: hi"
     assert counts(fakes) == {"a": 1, "b": 1, "c": 0}  # each upstream received it once
     assert fakes["b"].received[0].headers["Authorization"] == "Bearer " + KEY_B
     assert fakes["a"].received[0].headers["Authorization"] == "Bearer " + KEY_A
+
+
+def a_then_b(fakes) -> str:
+    """a, with b as the fallback tier."""
+    return f"""
+[a]
+base_url = "{fakes["a"].url}"
+[b]
+base_url = "{fakes["b"].url}"
+priority = 1
+"""
+
+
+def use_upstreams(app, text: str) -> None:
+    """The app now routes by the upstreams file ``text`` (written where its UPSTREAMS_FILE points)."""
+    app.router = Router(app.config, parse_upstreams_text(app.config, text))
 
 
 def parse_upstreams_text(config, text: str):
@@ -148,7 +164,7 @@ def parse_upstreams_text(config, text: str):
 @pytest.mark.parametrize("status", [401, 403])
 @pytest.mark.gen_test(timeout=30)
 async def test_a_refused_server_key_moves_the_request(proxy, fakes, upstreams_first_b, app, status):
-    app.router = Router(app.config, parse_upstreams_text(app.config, upstreams_first_b))
+    use_upstreams(app, upstreams_first_b)
     fakes["b"].push(Behaviour(kind="error", status=status, message="Incorrect API key provided"))
     response, _ = await chat(proxy, token=SERVER_TOKEN, key=None)
     assert response.code == 200 and counts(fakes) == {"a": 1, "b": 1, "c": 0}
@@ -157,7 +173,7 @@ async def test_a_refused_server_key_moves_the_request(proxy, fakes, upstreams_fi
 @pytest.mark.gen_test(timeout=30)
 async def test_a_dead_upstream_moves_the_request(proxy, fakes, upstreams_first_b, app, io_loop):
     await fakes["b"].stop()  # connection refused: nothing was sent
-    app.router = Router(app.config, parse_upstreams_text(app.config, upstreams_first_b))
+    use_upstreams(app, upstreams_first_b)
     response, _ = await chat(proxy, token=SERVER_TOKEN, key=None)
     assert response.code == 200 and len(fakes["a"].received) == 1
 
@@ -182,7 +198,7 @@ base_url = "{fakes["a"].url}"
 {"" if key else 'api_key = "%s"' % KEY_A}
 priority = 1
 """
-    app.router = Router(app.config, parse_upstreams_text(app.config, toml))
+    use_upstreams(app, toml)
     fakes["b"].push(behaviour)
     response, _ = await chat(proxy, token=SERVER_TOKEN if key is None else ACCESS_TOKEN, key=key)
     assert response.code == expected and counts(fakes) == {"a": 0, "b": 1, "c": 0}
@@ -190,7 +206,7 @@ priority = 1
 
 @pytest.mark.gen_test(timeout=30)
 async def test_a_stream_that_started_is_never_moved(proxy, fakes, upstreams_first_b, app):
-    app.router = Router(app.config, parse_upstreams_text(app.config, upstreams_first_b))
+    use_upstreams(app, upstreams_first_b)
     fakes["b"].push(Behaviour(chunks=["one ", "two ", "three"], after=1, kind="drop"))
     streamed = await proxy.stream(
         {"prompt": "x", "generate_params": {"stream": True}}, headers={"access-token": SERVER_TOKEN}, auth=False
@@ -204,7 +220,7 @@ async def test_a_stream_that_started_is_never_moved(proxy, fakes, upstreams_firs
 async def test_a_failing_upstream_is_taken_out_then_tried_again_after_its_cool_down(
     proxy, fakes, upstreams_first_b, app, caplog
 ):
-    app.router = Router(app.config, parse_upstreams_text(app.config, upstreams_first_b))
+    use_upstreams(app, upstreams_first_b)
     for _ in range(routing.FAILURES_TO_OPEN):
         fakes["b"].push(Behaviour(kind="error", status=503, message="down"))
         assert (await chat(proxy, token=SERVER_TOKEN, key=None))[0].code == 200
@@ -236,7 +252,7 @@ base_url = "{fakes["b"].url}"
 base_url = "{fakes["c"].url}"
 priority = 1
 """
-    app.router = Router(app.config, parse_upstreams_text(app.config, toml))
+    use_upstreams(app, toml)
     for _ in range(20):
         assert (await chat(proxy))[0].code == 200
     assert counts(fakes)["c"] == 0
@@ -258,7 +274,7 @@ aliases = {{ "gpt-4o" = "provider-gpt-4o" }}
 base_url = "{fakes["b"].url}"
 models = ["o*"]
 """
-    app.router = Router(app.config, parse_upstreams_text(app.config, toml))
+    use_upstreams(app, toml)
     response, _ = await chat(proxy, generate_params={"model_name": "gpt-4o"})
     assert response.code == 200 and fakes["a"].received[-1].json["model"] == "provider-gpt-4o"
     response, _ = await chat(proxy, generate_params={"model_name": "o3"})
@@ -286,7 +302,7 @@ api_key = "{KEY_B}"
 api_version = "2024-10-21"
 aliases = {{ "gpt-4o" = "my-gpt4o" }}
 """
-    app.router = Router(app.config, parse_upstreams_text(app.config, toml))
+    use_upstreams(app, toml)
     response, body = await chat(proxy, token=SERVER_TOKEN, key=None, generate_params={"model_name": "gpt-4o"})
     assert response.code == 200 and body["text"] == "Echo: hi"
     seen = azure.received[-1]
@@ -326,7 +342,7 @@ async def test_each_upstream_has_its_own_egress_proxy(proxy, fakes, app, tmp_pat
 base_url = "{fakes["a"].url}"
 proxy = "{tiny.proxy().address}"
 """
-        app.router = Router(app.config, parse_upstreams_text(app.config, toml))
+        use_upstreams(app, toml)
         assert (await chat(proxy))[0].code == 200
         assert tiny.connections() == 1 and len(fakes["a"].received) == 1
     finally:
@@ -440,7 +456,7 @@ proxy = "http://127.0.0.1:{free_port()}"
 base_url = "{fakes["b"].url}"
 priority = 1
 """
-    app.router = Router(app.config, parse_upstreams_text(app.config, toml))
+    use_upstreams(app, toml)
     response, _ = await chat(proxy)
     assert response.code == 200 and counts(fakes) == {"a": 0, "b": 1, "c": 0}
     metrics = (await proxy.request("/metrics", method="GET", auth=False)).body.decode()
@@ -451,14 +467,7 @@ priority = 1
 @pytest.mark.gen_test(timeout=30)
 async def test_the_realtime_relay_fails_over_at_its_handshake(proxy, fakes, app, base_url):
     await fakes["a"].stop()
-    toml = f"""
-[a]
-base_url = "{fakes["a"].url}"
-[b]
-base_url = "{fakes["b"].url}"
-priority = 1
-"""
-    app.router = Router(app.config, parse_upstreams_text(app.config, toml))
+    use_upstreams(app, a_then_b(fakes))
     url = "ws" + base_url[len("http") :] + "/v1/realtime?model=gpt-realtime"
     headers = {"access-token": ACCESS_TOKEN, "Authorization": "Bearer " + OPENAI_KEY}
     async with websockets.connect(url, additional_headers=headers) as ws:
@@ -515,7 +524,7 @@ kind = "azure"
 base_url = "{azure.azure_endpoint}"
 api_key = "{KEY_B}"
 """
-    app.router = Router(app.config, parse_upstreams_text(app.config, toml))
+    use_upstreams(app, toml)
     response = await proxy.request(
         "/v1/chat/completions",
         json_body={"model": model, "messages": [{"role": "user", "content": "x"}]},
@@ -535,7 +544,7 @@ def test_an_alias_that_is_no_path_name_is_refused(tmp_path):
 
 @pytest.mark.gen_test(timeout=30)
 async def test_a_probe_whose_client_left_gives_its_turn_to_the_next_request(proxy, fakes, upstreams_first_b, app):
-    app.router = Router(app.config, parse_upstreams_text(app.config, upstreams_first_b))
+    use_upstreams(app, upstreams_first_b)
     for _ in range(routing.FAILURES_TO_OPEN):
         fakes["b"].push(Behaviour(kind="error", status=503, message="down"))
         assert (await chat(proxy, token=SERVER_TOKEN, key=None))[0].code == 200
@@ -557,14 +566,7 @@ async def test_a_probe_whose_client_left_gives_its_turn_to_the_next_request(prox
 
 @pytest.mark.gen_test(timeout=30)
 async def test_a_callers_own_key_out_of_quota_does_not_take_the_route_out(proxy, fakes, app):
-    toml = f"""
-[a]
-base_url = "{fakes["a"].url}"
-[b]
-base_url = "{fakes["b"].url}"
-priority = 1
-"""
-    app.router = Router(app.config, parse_upstreams_text(app.config, toml))
+    use_upstreams(app, a_then_b(fakes))
     for _ in range(5):
         fakes["a"].push(Behaviour(kind="error", status=429, message="You exceeded your current quota"))
         assert (await chat(proxy))[0].code == 200  # moved to b
@@ -583,7 +585,7 @@ base_url = "{fakes["b"].url}"
 models = ["llama-3*"]
 forward_caller_key = false
 """
-    app.router = Router(app.config, parse_upstreams_text(app.config, toml))
+    use_upstreams(app, toml)
     response, _ = await chat(proxy, generate_params={"model_name": "llama-3-8b"})
     assert response.code == 200 and "authorization" not in fakes["b"].received[-1].headers
     for _ in range(6):

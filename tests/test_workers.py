@@ -43,6 +43,13 @@ def children(pid: int) -> list[int]:
     return sorted(int(p) for p in out)
 
 
+async def both_workers(server) -> None:
+    """Until the supervisor has its two workers (bounded)."""
+    deadline = time.monotonic() + 15
+    while len(children(server.proc.pid)) < 2 and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+
+
 async def chat(client, server, token=ACCESS_TOKEN):
     return await client.fetch(
         server.url + "/chat_complete",
@@ -96,9 +103,7 @@ async def test_two_workers_share_the_port_and_a_dead_one_is_replaced(start, tmp_
     client = tornado.httpclient.AsyncHTTPClient(force_instance=True)
     try:
         await server.wait_ready()
-        deadline = time.monotonic() + 15
-        while len(children(server.proc.pid)) < 2 and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+        await both_workers(server)
         first = children(server.proc.pid)
         assert len(first) == 2
         results = await asyncio.gather(*(chat(client, server) for _ in range(60)))
@@ -197,9 +202,7 @@ async def test_a_rate_limit_holds_exactly_across_workers_with_redis(start, redis
     client = tornado.httpclient.AsyncHTTPClient(force_instance=True)
     try:
         await server.wait_ready()
-        deadline = time.monotonic() + 15
-        while len(children(server.proc.pid)) < 2 and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+        await both_workers(server)
         await asyncio.sleep(0.5)
         results = await asyncio.gather(*(chat(client, server) for _ in range(12)))
         codes = sorted(r.code for r in results)
@@ -233,9 +236,7 @@ async def test_a_worker_that_cannot_start_stops_the_supervisor_and_a_killed_supe
     assert "Traceback" not in output
     server = start(WORKERS="2", WORKER_METRICS_PORT=str(metrics_ports(2)))
     await server.wait_ready()
-    deadline = time.monotonic() + 15
-    while len(children(server.proc.pid)) < 2 and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
+    await both_workers(server)
     workers = children(server.proc.pid)
     assert len(workers) == 2
     server.proc.kill()  # the supervisor, outright
@@ -250,9 +251,7 @@ async def test_a_worker_that_cannot_start_stops_the_supervisor_and_a_killed_supe
 async def test_a_signal_to_the_whole_group_drains_and_one_during_a_respawn_still_stops(start, fake_openai):
     server = start(WORKERS="2", WORKER_METRICS_PORT=str(metrics_ports(2)), SHUTDOWN_GRACE="20")
     await server.wait_ready()
-    deadline = time.monotonic() + 15
-    while len(children(server.proc.pid)) < 2 and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
+    await both_workers(server)
     # A stream of about 2 s, then SIGTERM to the supervisor and to each worker, as systemd or
     # a terminal's Ctrl-C deliver it: one signal each, so the stream finishes.
     fake_openai.push(Behaviour(chunks=["tok "] * 10, delay=0.2))
@@ -274,9 +273,7 @@ async def test_a_signal_to_the_whole_group_drains_and_one_during_a_respawn_still
     # SIGTERM right after a worker died, while the supervisor waits to replace it: it still stops.
     server = start(WORKERS="2", WORKER_METRICS_PORT=str(metrics_ports(2)))
     await server.wait_ready()
-    deadline = time.monotonic() + 15
-    while len(children(server.proc.pid)) < 2 and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
+    await both_workers(server)
     os.kill(children(server.proc.pid)[0], signal.SIGKILL)
     await asyncio.sleep(0.03)
     server.signal(signal.SIGTERM)
