@@ -29,6 +29,7 @@ from playwright.sync_api import expect, sync_playwright
 from chat_gpt_proxy.usage.ledger import SqliteStore
 from chat_gpt_proxy.usage.meter import Charge
 from tests.procs import ROOT, ServerProcess
+from tests.test_browser import ARGS, CHROMIUM, CSP_RECORDER
 
 ADMIN_TOKEN = "admin-BROWSER-token-4f8e2d1c"
 OPENAI_KEY = "sk-test-admin-browser-3c9a"
@@ -75,21 +76,6 @@ EARLIER = [
     (3, "carol", "gpt-4o-mini", 2000, 1000, 0.0009),
 ]
 DAYS_SHOWN = 7  # the test asks for today and the six days before
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-]
-# Records CSP violations in the page (the event does not reach the console in every case).
-CSP_RECORDER = (
-    "window.__csp = []; document.addEventListener('securitypolicyviolation', e => window.__csp.push("
-    "e.violatedDirective + ' ' + e.blockedURI));"
-)
 TIMEOUT_MS = 10_000
 
 
