@@ -4,7 +4,9 @@ Each is something Tornado's public API does not say and the proxy must know
 or change (docs/architecture.md lists why). tests/test_tornado_internals.py
 checks every one on the installed Tornado and fails loudly when an upgrade
 moves one; two subclasses override private methods as well, named here:
-``UpstreamClient._finish`` (chat_gpt_proxy/upstream/call.py) and
+``UpstreamClient._curl_setup_request``, ``_finish`` and ``_set_timeout``
+(chat_gpt_proxy/upstream/call.py: they read ``_multi``, ``_free_list``,
+``_timeout`` and the ``curl.info`` Tornado fills in ``_process_queue``), and
 ``ClientProtocol._handle_message`` (handlers/realtime.py).
 """
 

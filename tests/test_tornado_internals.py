@@ -85,13 +85,30 @@ def test_the_curl_client_internals():
         assert isinstance(internals.curl_multi(client), pycurl.CurlMulti)
     finally:
         client.close()
-    # chat_gpt_proxy/upstream/call.py overrides it to read the transfer's state before the handle is reused.
+    # chat_gpt_proxy/upstream/call.py overrides these: the transfer's state is
+    # read before the handle is reused, and the hot path is set up lean.
     assert list(inspect.signature(CurlAsyncHTTPClient._finish).parameters) == [
         "self",
         "curl",
         "curl_error",
         "curl_message",
     ]
+    assert list(inspect.signature(CurlAsyncHTTPClient._curl_setup_request).parameters) == [
+        "self",
+        "curl",
+        "request",
+        "buffer",
+        "headers",
+    ]
+    assert list(inspect.signature(CurlAsyncHTTPClient._set_timeout).parameters) == ["self", "msecs"]
+    # What the overrides read: the handle's info (filled by _process_queue),
+    # the free list and the multi handle, and the one pending timer.
+    queue = inspect.getsource(CurlAsyncHTTPClient._process_queue)
+    assert '"request": request' in queue and '"callback": callback' in queue
+    assert "self._curl_setup_request(" in queue and "self._multi.add_handle(curl)" in queue
+    finish = inspect.getsource(CurlAsyncHTTPClient._finish)
+    assert "self._free_list.append(curl)" in finish and "curl.reset()" in finish
+    assert "self._timeout = None" in inspect.getsource(CurlAsyncHTTPClient._handle_timeout)
 
 
 def test_the_websocket_protocol_internals():

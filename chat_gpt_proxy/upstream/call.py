@@ -29,7 +29,7 @@ import time
 
 import pycurl
 from tornado.curl_httpclient import CurlAsyncHTTPClient, CurlError
-from tornado.httpclient import HTTPRequest
+from tornado.httpclient import HTTPRequest, HTTPResponse
 from tornado.httputil import HTTPHeaders
 from tornado.ioloop import IOLoop
 
@@ -66,7 +66,26 @@ REPLAYABLE_METHODS = frozenset({"GET", "HEAD"})
 
 
 class UpstreamClient(CurlAsyncHTTPClient):
-    """Tornado's libcurl client, plus what ``UpstreamCall`` needs to know about its connections."""
+    """Tornado's libcurl client, lean on the hot path, plus what ``UpstreamCall`` needs to know.
+
+    Three private methods of Tornado's are overridden (the seam is listed in
+    chat_gpt_proxy/tornado_internals.py and checked by
+    tests/test_tornado_internals.py). Profiled under load (bench/profile.py,
+    issue 20), Tornado's general versions cost over a tenth of the proxy's
+    CPU per request, for features this client never uses:
+
+    - ``_curl_setup_request`` sets some 35 options per transfer: redirects,
+      authentication, decompression, a BytesIO body read back through a
+      Python callback, Tornado's header parser and body buffer (which
+      ``UpstreamCall._prepare`` replaces anyway). The lean version sets what
+      a proxied request needs and hands libcurl the body as POSTFIELDS, sent
+      from memory; PUT, PATCH and DELETE keep Tornado's version.
+    - ``_finish`` reads eight timings and builds a response body nobody
+      reads here: ``UpstreamCall`` has the status, headers and body already.
+    - ``_set_timeout`` treats libcurl's -1 ("delete the timer",
+      CURLMOPT_TIMERFUNCTION) as "fire now", which ran an extra
+      ``socket_action`` pass for nothing, several times per request.
+    """
 
     def initialize(self, *args, **kwargs) -> None:
         super().initialize(*args, **kwargs)
@@ -76,15 +95,97 @@ class UpstreamClient(CurlAsyncHTTPClient):
         # again, so the map never outgrows the port range.
         self.sockets: dict[tuple[str, int], int] = {}
 
-    # Overrides a private method of Tornado's: see chat_gpt_proxy/tornado_internals.py.
+    def _set_timeout(self, msecs: int) -> None:
+        if self._timeout is not None:
+            self.io_loop.remove_timeout(self._timeout)
+            self._timeout = None
+        if msecs >= 0:
+            self._timeout = self.io_loop.add_timeout(self.io_loop.time() + msecs / 1000.0, self._handle_timeout)
+
+    def _curl_setup_request(self, curl, request, buffer, headers) -> None:
+        # ``request`` is Tornado's _RequestProxy; this client has no
+        # defaults, so the HTTPRequest behind it is read directly.
+        plain = request.request
+        method = plain.method
+        if method not in LEAN_METHODS or (method != "POST" and plain.body is not None):
+            super()._curl_setup_request(curl, request, buffer, headers)
+            return
+        curl.setopt(pycurl.PROTOCOLS, HTTP_PROTOCOLS)
+        curl.setopt(pycurl.REDIR_PROTOCOLS, HTTP_PROTOCOLS)
+        curl.setopt(pycurl.URL, plain.url)
+        curl.setopt(pycurl.HTTPHEADER, header_lines(plain.headers))
+        curl.setopt(pycurl.CONNECTTIMEOUT_MS, int(1000 * plain.connect_timeout))
+        curl.setopt(pycurl.TIMEOUT_MS, int(1000 * plain.request_timeout))
+        curl.setopt(pycurl.USERAGENT, plain.user_agent)
+        # libcurl's defaults (curl.reset() restores them), set anyway:
+        # certificate checks must not hang on a default.
+        curl.setopt(pycurl.SSL_VERIFYPEER, 1)
+        curl.setopt(pycurl.SSL_VERIFYHOST, 2)
+        if plain.ca_certs is not None:
+            curl.setopt(pycurl.CAINFO, plain.ca_certs)
+        # No signals from libcurl: the loop shares the process with threads.
+        curl.setopt(pycurl.NOSIGNAL, 1)
+        if method == "POST":
+            curl.setopt(pycurl.POST, 1)
+            # Sent from memory: pycurl keeps the bytes alive and passes their
+            # length (NUL bytes included); libcurl rewinds it by itself.
+            curl.setopt(pycurl.POSTFIELDS, plain.body or b"")
+        elif method == "HEAD":
+            curl.setopt(pycurl.NOBODY, 1)
+        else:
+            curl.setopt(pycurl.HTTPGET, 1)
+        plain.prepare_curl_callback(curl)
+
     def _finish(self, curl, curl_error=None, curl_message=None) -> None:
-        # The last moment this transfer's libcurl state can be read: Tornado
-        # hands the handle to the next request right after.
+        # The last moment this transfer's libcurl state can be read: the
+        # handle serves the next request right after.
         call = getattr(curl, "upstream_call", None)
         curl.upstream_call = None
         if curl_error and call is not None:
             call.past_proxy = past_proxy(curl)
-        super()._finish(curl, curl_error, curl_message)
+        info = curl.info
+        curl.info = None
+        self._multi.remove_handle(curl)
+        if curl_error:
+            error = CurlError(curl_error, curl_message)
+            code = error.code
+        else:
+            error = None
+            code = curl.getinfo(pycurl.HTTP_CODE)
+        try:
+            # The outcome only: UpstreamCall's own callbacks (set in
+            # _prepare for every transfer) have the status, headers and body.
+            info["callback"](HTTPResponse(request=info["request"], code=code, headers=NO_HEADERS, error=error))
+        except Exception:
+            self.handle_callback_exception(info["callback"])
+        curl.reset()
+        self._free_list.append(curl)
+
+
+# The methods the lean _curl_setup_request sets up (POST with its body, GET
+# and HEAD without one); the others take Tornado's path.
+LEAN_METHODS = frozenset({"GET", "HEAD", "POST"})
+
+HTTP_PROTOCOLS = pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS
+
+# The headers of the HTTPResponse the lean _finish builds: never filled.
+NO_HEADERS = HTTPHeaders()
+
+
+def header_lines(headers: HTTPHeaders) -> list[bytes]:
+    """The request's header lines for CURLOPT_HTTPHEADER, as Tornado builds them."""
+    lines = [b"%s: %s" % (name.encode("ascii"), value.encode("latin-1")) for name, value in headers.get_all()]
+    # A line break inside a value would start a header of the sender's choosing.
+    for line in lines:
+        if b"\r" in line or b"\n" in line:
+            raise ValueError("Illegal characters in header (CR or LF): %r" % line)
+    # A name with no value stops libcurl from adding its own: 100-continue
+    # would delay the body, and no-cache means nothing to the API.
+    if "Expect" not in headers:
+        lines.append(b"Expect: ")
+    if "Pragma" not in headers:
+        lines.append(b"Pragma: ")
+    return lines
 
 
 def past_proxy(curl: pycurl.Curl) -> bool:
