@@ -213,6 +213,27 @@ async def test_body_and_query_forwarded_unchanged(proxy, fake_openai):
 
 
 @pytest.mark.gen_test
+async def test_a_binary_body_goes_upstream_byte_for_byte(proxy, fake_openai):
+    """Every byte value, NUL included, in a body over libcurl's 1 MB 100-continue threshold:
+    the body is handed to libcurl from memory (POSTFIELDS) with its length, never as a C string."""
+    payload = bytes(range(256)) * (5 * 1024) + b"\x00end"
+    boundary = "b0undary"
+    raw = (
+        b"--%s\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n"
+        b"--%s\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.bin\"\r\n"
+        b"Content-Type: application/octet-stream\r\n\r\n%s\r\n--%s--\r\n"
+    ) % (boundary.encode(), boundary.encode(), payload, boundary.encode())
+    response = await proxy.request(
+        "/v1/files", body=raw, headers={"Content-Type": "multipart/form-data; boundary=" + boundary}
+    )
+    assert response.code == 200, response.body
+    seen = fake_openai.received[0]
+    # The fake keeps the first 64 KiB of a body and its real length.
+    assert seen.size == len(raw) > 1024 * 1024 and seen.body == raw[: len(seen.body)] and len(seen.body) >= 60_000
+    assert "Expect" not in seen.headers and "Pragma" not in seen.headers
+
+
+@pytest.mark.gen_test
 async def test_multipart_upload_and_large_download(proxy, fake_openai, base_url):
     def run():
         with sdk(base_url) as client:
