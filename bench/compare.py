@@ -213,18 +213,24 @@ def main() -> None:
         "Command: `python bench/compare.py %s` (rounds interleaved)" % command,
         "",
         "| subject | requests per CPU-second of the proxy, c=64: median (each round) | vs first "
+        "| vs first, median of each round's ratio "
         "| req/s c=64 (wall clock), median | p50 ms c=1, median | errors |",
-        "|---|---|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
+    first = next(iter(results.values()))["per_cpu_s"]
     for label, row in results.items():
         per_cpu = statistics.median(row["per_cpu_s"])
+        # The subjects of one round run back to back, so they share that
+        # moment's machine; the ratio within a round cancels most of the drift.
+        paired = statistics.median(r / f for r, f in zip(row["per_cpu_s"], first, strict=True))
         lines.append(
-            "| %s | %.0f (%s) | %.1f %% | %.0f (%s) | %.3f | %d |"
+            "| %s | %.0f (%s) | %.1f %% | %.1f %% | %.0f (%s) | %.3f | %d |"
             % (
                 label,
                 per_cpu,
                 ", ".join("%.0f" % r for r in row["per_cpu_s"]),
                 100 * per_cpu / base,
+                100 * paired,
                 statistics.median(row["rps"]),
                 ", ".join("%.0f" % r for r in row["rps"]),
                 statistics.median(row["p50_c1"]),

@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench.compare import proxy_env  # noqa: E402
-from bench.run import MODEL, TOKEN, Processes, free_port, start_fixed_upstream, wait_port, wrk  # noqa: E402
+from bench.run import MODEL, Processes, free_port, start_fixed_upstream, wait_port, wrk  # noqa: E402
 
 
 def frame_name(frame: str) -> str:
@@ -110,8 +110,7 @@ def main() -> None:
     ]
     for (own_name, own_n), (total_name, total_n) in zip(own, total, strict=False):
         lines.append(
-            "| %.1f | `%s` | | %.1f | `%s` |"
-            % (100 * own_n / samples, own_name, 100 * total_n / samples, total_name)
+            "| %.1f | `%s` | | %.1f | `%s` |" % (100 * own_n / samples, own_name, 100 * total_n / samples, total_name)
         )
     text = "\n".join(lines) + "\n"
     print(text)

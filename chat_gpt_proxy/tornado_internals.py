@@ -26,6 +26,19 @@ def body_arriving(request) -> bool:
     return future is not None and not future.done()
 
 
+def body_buffered(request) -> bool:
+    """Whether a request's whole body (by Content-Length) was read with its headers (IOStream's buffer)."""
+    length = request.headers.get("Content-Length", "")
+    if not length.isdigit() or "Transfer-Encoding" in request.headers:
+        return False  # none, chunked, or invalid: Tornado decides
+    return request.connection.stream._read_buffer_size >= int(length)
+
+
+def no_body_timeout(request) -> None:
+    """No BODY_TIMEOUT for this request: its body is read from memory (HTTP1Connection, one per request)."""
+    request.connection.set_body_timeout(None)
+
+
 def headers_written(handler) -> bool:
     """Whether the handler's status line and headers have gone out."""
     return handler._headers_written

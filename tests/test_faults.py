@@ -9,6 +9,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import time
 
 import pytest
@@ -169,6 +170,30 @@ async def test_slow_body_is_cut_off(proxy, fake_openai):
     assert fake_openai.received == []
     response, _ = await proxy.chat({"prompt": "next"})
     assert response.code == 200
+
+
+@pytest.mark.settings(body_timeout=0.5)
+@pytest.mark.gen_test
+async def test_a_whole_body_once_does_not_lift_the_body_timeout_for_the_next_request(proxy, fake_openai):
+    """A body that arrives with its headers is read without a timer (issue 20); the next request
+    on the same kept-alive connection is timed again."""
+    host, port = proxy.base_url.rsplit("//", 1)[1].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    head = "POST /chat_complete HTTP/1.1\r\nHost: x\r\naccess-token: %s\r\nopenai-token: %s\r\n"
+    head += "Content-Length: %d\r\n\r\n"
+    body = b'{"prompt": "whole"}'
+    writer.write((head % (AUTH["access-token"], AUTH["openai-token"], len(body))).encode() + body)
+    status = await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)
+    assert b" 200 " in status
+    length = int(re.search(rb"(?i)content-length: (\d+)", await reader.readuntil(b"\r\n\r\n")).group(1))
+    await reader.readexactly(length)
+    writer.write((head % (AUTH["access-token"], AUTH["openai-token"], 100)).encode() + b'{"prompt": ')
+    started = time.monotonic()
+    data = await asyncio.wait_for(reader.read(), 5)
+    assert time.monotonic() - started < 4
+    assert data == b"" or b" 400 " in data.split(b"\r\n")[0]
+    writer.close()
+    assert len(fake_openai.received) == 1
 
 
 @pytest.mark.settings(client_idle_timeout=0.5)

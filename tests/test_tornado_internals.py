@@ -4,6 +4,7 @@ Run against the installed Tornado: an upgrade that moves one fails here, by
 name, rather than somewhere deep in a stream or a shutdown.
 """
 
+import asyncio
 import inspect
 import pathlib
 import re
@@ -77,6 +78,45 @@ async def test_request_and_handler_internals_on_a_real_request():
     assert isinstance(seen["headers"], HTTPHeaders) and seen["reason"] == "OK"
     assert seen["finished_before"] is False and seen["finished_after"] is True
     assert seen["had_disconnect_flag"]
+
+
+@pytest.mark.gen_test
+async def test_whether_the_body_came_with_the_headers_on_a_real_connection():
+    seen = []
+
+    class Recording(tornado.web.Application):
+        def find_handler(self, request, **kwargs):
+            seen.append(internals.body_buffered(request))
+            if seen[-1]:
+                internals.no_body_timeout(request)
+                seen.append(request.connection._body_timeout)
+            return super().find_handler(request, **kwargs)
+
+    class Echo(tornado.web.RequestHandler):
+        def post(self):
+            self.write(self.request.body)
+
+    sock, port = bind_unused_port()
+    server = tornado.httpserver.HTTPServer(Recording([(r"/", Echo)]), body_timeout=5)
+    server.add_sockets([sock])
+    head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\n"
+    try:
+        for parts, answer in (
+            ([head + b"abcdef"], b"abcdef"),  # all at once
+            ([head + b"abc", b"def"], b"abcdef"),  # half, then the rest
+            ([b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"], b"abc"),
+        ):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            for part in parts:
+                writer.write(part)
+                await writer.drain()
+                await asyncio.sleep(0.2)
+            assert (await asyncio.wait_for(reader.read(4096), 5)).endswith(answer)
+            writer.close()
+    finally:
+        server.stop()
+        await server.close_all_connections()
+    assert seen == [True, None, False, False]
 
 
 def test_the_curl_client_internals():
