@@ -92,6 +92,11 @@ class _RunLog(logging.Handler):
 
 RUN_LOG = _RunLog()
 
+# The test clients' own WebSocket handshake trace (their access-token and
+# Authorization headers) is not the proxy's output; the proxy's upstream leg
+# logs through chat_gpt_proxy.realtime.wire, which stays quiet at DEBUG by itself.
+logging.getLogger("websockets.client").setLevel(logging.WARNING)
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "settings(**kw): override proxy Settings fields for this test")
@@ -105,6 +110,9 @@ def pytest_sessionfinish(session, exitstatus):
     if leaked:
         session.exitstatus = 1
         print("\nSECRET LEAK: token values found in the log output of this run: %s" % leaked)
+        for line in RUN_LOG.lines:
+            if any(secret in line for secret in leaked):
+                print("LEAKED IN:", line[:3000])
     elif RUN_LOG.lines:
         print("\nlog scan: %d log records of this run hold no token value" % len(RUN_LOG.lines))
 

@@ -10,7 +10,6 @@ import base64
 import contextlib
 import io
 import json
-import logging
 import os
 import time
 
@@ -23,11 +22,6 @@ from chat_gpt_proxy.fake_openai.behaviours import RealtimeBehaviour
 from server import drain
 from tests.conftest import ACCESS_TOKEN, OPENAI_KEY
 from tests.test_readme import localize, snippet
-
-# The test clients' own handshake trace (their access-token and Authorization
-# headers) is not the proxy's output; the proxy's upstream leg logs through
-# chat_gpt_proxy.realtime.wire, which stays quiet at DEBUG by itself.
-logging.getLogger("websockets.client").setLevel(logging.WARNING)
 
 HEADERS = {"access-token": ACCESS_TOKEN, "Authorization": "Bearer " + OPENAI_KEY}
 

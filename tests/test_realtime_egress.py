@@ -34,9 +34,6 @@ from tests.egress_servers import (
     tls_fake,
 )
 
-# The test client's own handshake trace holds its access-token header.
-logging.getLogger("websockets.client").setLevel(logging.WARNING)
-
 HEADERS = {"access-token": ACCESS_TOKEN, "Authorization": "Bearer " + OPENAI_KEY}
 PASSWORDS = [s for s in OTHER_SECRETS if "PASS" in s or "P@ss" in s or "P%40ss" in s]
 PROXIES = ["http", "http-auth", "socks5", "socks5h-auth"]

@@ -8,7 +8,6 @@ erin may open 2 per minute. Sessions run against the fake realtime upstream.
 import asyncio
 import dataclasses
 import json
-import logging
 import time
 
 import openai
@@ -20,9 +19,6 @@ from chat_gpt_proxy.fake_openai.behaviours import RealtimeBehaviour
 from settings import Settings
 from tests.conftest import ACCESS_TOKEN, OPENAI_KEY
 from tests.test_tokens import ALICE, BOB, CAROL, DAVE, ERIN, NAMED, SERVER_KEY, TOKENS_TOML
-
-# The test clients' own handshake trace holds their tokens.
-logging.getLogger("websockets.client").setLevel(logging.WARNING)
 
 
 @pytest.fixture
