@@ -219,8 +219,8 @@ async def test_a_binary_body_goes_upstream_byte_for_byte(proxy, fake_openai):
     payload = bytes(range(256)) * (5 * 1024) + b"\x00end"
     boundary = "b0undary"
     raw = (
-        b"--%s\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n"
-        b"--%s\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.bin\"\r\n"
+        b'--%s\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+        b'--%s\r\nContent-Disposition: form-data; name="file"; filename="x.bin"\r\n'
         b"Content-Type: application/octet-stream\r\n\r\n%s\r\n--%s--\r\n"
     ) % (boundary.encode(), boundary.encode(), payload, boundary.encode())
     response = await proxy.request(

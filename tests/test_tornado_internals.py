@@ -17,6 +17,7 @@ import tornado.httpserver
 import tornado.web
 from tornado.curl_httpclient import CurlAsyncHTTPClient
 from tornado.httputil import HTTPHeaders
+from tornado.platform.asyncio import BaseAsyncIOLoop
 from tornado.testing import bind_unused_port
 from tornado.websocket import WebSocketProtocol13
 
@@ -149,6 +150,8 @@ def test_the_curl_client_internals():
     finish = inspect.getsource(CurlAsyncHTTPClient._finish)
     assert "self._free_list.append(curl)" in finish and "curl.reset()" in finish
     assert "self._timeout = None" in inspect.getsource(CurlAsyncHTTPClient._handle_timeout)
+    # The lean _set_timeout keeps an asyncio TimerHandle there, which close() removes as any timeout.
+    assert "timeout.cancel()" in inspect.getsource(BaseAsyncIOLoop.remove_timeout)
 
 
 def test_the_websocket_protocol_internals():

@@ -84,7 +84,8 @@ class UpstreamClient(CurlAsyncHTTPClient):
       reads here: ``UpstreamCall`` has the status, headers and body already.
     - ``_set_timeout`` treats libcurl's -1 ("delete the timer",
       CURLMOPT_TIMERFUNCTION) as "fire now", which ran an extra
-      ``socket_action`` pass for nothing, several times per request.
+      ``socket_action`` pass for nothing, and replaces a timer that is
+      already due with a new one, several times per request.
     """
 
     def initialize(self, *args, **kwargs) -> None:
@@ -96,11 +97,17 @@ class UpstreamClient(CurlAsyncHTTPClient):
         self.sockets: dict[tuple[str, int], int] = {}
 
     def _set_timeout(self, msecs: int) -> None:
-        if self._timeout is not None:
-            self.io_loop.remove_timeout(self._timeout)
+        loop = self.io_loop.asyncio_loop
+        pending = self._timeout
+        if msecs == 0 and pending is not None and pending.when() <= loop.time():
+            return  # already due: libcurl asks for "now" several times per new transfer
+        if pending is not None:
+            pending.cancel()  # what IOLoop.remove_timeout does on asyncio
             self._timeout = None
         if msecs >= 0:
-            self._timeout = self.io_loop.add_timeout(self.io_loop.time() + msecs / 1000.0, self._handle_timeout)
+            # asyncio's timer itself: Tornado's add_timeout wraps it in a
+            # partial and its own callback runner, for nothing here.
+            self._timeout = loop.call_later(msecs / 1000.0, self._handle_timeout)
 
     def _curl_setup_request(self, curl, request, buffer, headers) -> None:
         # ``request`` is Tornado's _RequestProxy; this client has no
