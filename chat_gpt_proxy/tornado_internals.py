@@ -4,10 +4,10 @@ Each is something Tornado's public API does not say and the proxy must know
 or change (docs/architecture.md lists why). tests/test_tornado_internals.py
 checks every one on the installed Tornado and fails loudly when an upgrade
 moves one; two subclasses override private methods as well, named here:
-``UpstreamClient._curl_setup_request``, ``_finish`` and ``_set_timeout``
-(chat_gpt_proxy/upstream/call.py: they read ``_multi``, ``_free_list``,
-``_timeout`` and the ``curl.info`` Tornado fills in ``_process_queue``), and
-``ClientProtocol._handle_message`` (handlers/realtime.py).
+``UpstreamClient._process_queue``, ``_finish`` and ``_set_timeout``
+(chat_gpt_proxy/upstream/call.py: they use ``_requests``, ``_free_list``,
+``_multi``, ``_timeout`` and ``_curl_setup_request`` as Tornado's client
+does), and ``ClientProtocol._handle_message`` (handlers/realtime.py).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ def body_arriving(request) -> bool:
 def body_buffered(request) -> bool:
     """Whether a request's whole body (by Content-Length) was read with its headers (IOStream's buffer)."""
     length = request.headers.get("Content-Length", "")
-    if not length.isdigit() or "Transfer-Encoding" in request.headers:
+    # isdigit() alone takes "²" and other Unicode digits, which int() refuses.
+    if not (length.isascii() and length.isdigit()) or "Transfer-Encoding" in request.headers:
         return False  # none, chunked, or invalid: Tornado decides
     return request.connection.stream._read_buffer_size >= int(length)
 
@@ -62,6 +63,11 @@ def reason(handler) -> str:
 def stop_keep_alive(server) -> None:
     """Every request read from now on is answered with ``Connection: close`` (HTTPServer)."""
     server.conn_params.no_keep_alive = True
+
+
+def error_is_status(response) -> bool:
+    """Whether an HTTPResponse's error only says its status was not 2xx (fetch's raise_error=False)."""
+    return response._error_is_response_code
 
 
 def curl_multi(client):
