@@ -142,13 +142,24 @@ def test_the_curl_client_internals():
         "headers",
     ]
     assert list(inspect.signature(CurlAsyncHTTPClient._set_timeout).parameters) == ["self", "msecs"]
-    # What the overrides read: the handle's info (filled by _process_queue),
-    # the free list and the multi handle, and the one pending timer.
+    assert list(inspect.signature(CurlAsyncHTTPClient._process_queue).parameters) == ["self"]
+    # What the overrides share with the rest of Tornado's client: the queue
+    # fetch_impl fills, the free handles, the multi handle, the pending timer.
+    impl = inspect.getsource(CurlAsyncHTTPClient.fetch_impl)
+    assert "self._requests.append((request, callback, self.io_loop.time()))" in impl
+    assert "self._process_queue()" in impl
     queue = inspect.getsource(CurlAsyncHTTPClient._process_queue)
-    assert '"request": request' in queue and '"callback": callback' in queue
-    assert "self._curl_setup_request(" in queue and "self._multi.add_handle(curl)" in queue
+    assert "self._free_list.pop()" in queue and "self._requests.popleft()" in queue
+    assert "self._multi.add_handle(curl)" in queue
     finish = inspect.getsource(CurlAsyncHTTPClient._finish)
     assert "self._free_list.append(curl)" in finish and "curl.reset()" in finish
+    assert "_process_queue" in inspect.getsource(CurlAsyncHTTPClient._finish_pending_requests)
+    # fetch(raise_error=False): a status is an answer, which the lean fetch tells apart the same way.
+    fetch = inspect.getsource(tornado.httpclient.AsyncHTTPClient.fetch)
+    assert "if raise_error or not response._error_is_response_code:" in fetch
+    request = tornado.httpclient.HTTPRequest("http://127.0.0.1/")
+    assert internals.error_is_status(tornado.httpclient.HTTPResponse(request, 404))
+    assert not internals.error_is_status(tornado.httpclient.HTTPResponse(request, 599, error=OSError()))
     assert "self._timeout = None" in inspect.getsource(CurlAsyncHTTPClient._handle_timeout)
     # The lean _set_timeout keeps an asyncio TimerHandle there, which close() removes as any timeout.
     assert "timeout.cancel()" in inspect.getsource(BaseAsyncIOLoop.remove_timeout)

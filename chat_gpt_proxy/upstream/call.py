@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import io
 import logging
 import re
 import select
@@ -33,6 +34,7 @@ from tornado.httpclient import HTTPRequest, HTTPResponse
 from tornado.httputil import HTTPHeaders
 from tornado.ioloop import IOLoop
 
+from chat_gpt_proxy.tornado_internals import error_is_status
 from chat_gpt_proxy.upstream.errors import (
     UpstreamError,
     classify,
@@ -68,18 +70,21 @@ REPLAYABLE_METHODS = frozenset({"GET", "HEAD"})
 class UpstreamClient(CurlAsyncHTTPClient):
     """Tornado's libcurl client, lean on the hot path, plus what ``UpstreamCall`` needs to know.
 
-    Three private methods of Tornado's are overridden (the seam is listed in
+    Tornado's ``fetch`` and three of its private methods are overridden (the seam is listed in
     chat_gpt_proxy/tornado_internals.py and checked by
     tests/test_tornado_internals.py). Profiled under load (bench/profile.py,
     issue 20), Tornado's general versions cost over a tenth of the proxy's
     CPU per request, for features this client never uses:
 
-    - ``_curl_setup_request`` sets some 35 options per transfer: redirects,
-      authentication, decompression, a BytesIO body read back through a
-      Python callback, Tornado's header parser and body buffer (which
-      ``UpstreamCall._prepare`` replaces anyway). The lean version sets what
-      a proxied request needs and hands libcurl the body as POSTFIELDS, sent
-      from memory; PUT, PATCH and DELETE keep Tornado's version.
+    - ``fetch`` copies the headers into a new HTTPHeaders and wraps the
+      request with defaults; ``_process_queue`` gives every transfer an
+      HTTPHeaders, a BytesIO and clock readings for Tornado's own body and
+      timings, and its ``_curl_setup_request`` sets some 35 options:
+      redirects, authentication, decompression, a body read back through a
+      Python callback, a header parser (``UpstreamCall._prepare`` replaces
+      it anyway). The lean path (``_lean_setup``) sets what a proxied
+      request needs and hands libcurl the body as POSTFIELDS, sent from
+      memory; PUT, PATCH, DELETE and anything unusual take Tornado's path.
     - ``_finish`` reads eight timings and builds a response body nobody
       reads here: ``UpstreamCall`` has the status, headers and body already.
     - ``_set_timeout`` treats libcurl's -1 ("delete the timer",
@@ -109,39 +114,75 @@ class UpstreamClient(CurlAsyncHTTPClient):
             # partial and its own callback runner, for nothing here.
             self._timeout = loop.call_later(msecs / 1000.0, self._handle_timeout)
 
-    def _curl_setup_request(self, curl, request, buffer, headers) -> None:
-        # ``request`` is Tornado's _RequestProxy; this client has no
-        # defaults, so the HTTPRequest behind it is read directly.
-        plain = request.request
-        method = plain.method
-        if method not in LEAN_METHODS or (method != "POST" and plain.body is not None):
-            super()._curl_setup_request(curl, request, buffer, headers)
-            return
+    def fetch(self, request, raise_error=True, **kwargs):
+        # Tornado's fetch first copies the headers into a new HTTPHeaders
+        # and wraps the request with the client's defaults (3 % of the CPU
+        # per request under load). A lean request (UpstreamCall's: a dict of
+        # headers made for this request alone, every option set) needs neither.
+        if not (isinstance(request, HTTPRequest) and lean(request)) or raise_error or kwargs or self._closed:
+            return super().fetch(request, raise_error=raise_error, **kwargs)
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        def settle(response: HTTPResponse) -> None:
+            # As Tornado's fetch with raise_error=False: a status is an answer, anything else fails.
+            if future.cancelled():
+                return
+            if response.error is not None and not error_is_status(response):
+                future.set_exception(response.error)
+            else:
+                future.set_result(response)
+
+        self.fetch_impl(request, settle)
+        return future
+
+    def _process_queue(self) -> None:
+        # Tornado's, without the HTTPHeaders, BytesIO and clock readings it
+        # gives every transfer for its own body and timing (see _finish).
+        while self._free_list and self._requests:
+            curl = self._free_list.pop()
+            request, callback, _queued_at = self._requests.popleft()
+            curl.info = {"request": request, "callback": callback}
+            try:
+                if isinstance(request, HTTPRequest):
+                    self._lean_setup(curl, request)
+                else:  # Tornado's _RequestProxy: PUT, PATCH, DELETE, a GET with a body
+                    self._curl_setup_request(curl, request, io.BytesIO(), HTTPHeaders())
+            except Exception as exc:
+                # As Tornado does: a request that cannot be set up fails alone.
+                curl.reset()
+                curl.info = None
+                self._free_list.append(curl)
+                callback(HTTPResponse(request=request, code=599, error=exc))
+            else:
+                self._multi.add_handle(curl)
+
+    def _lean_setup(self, curl: pycurl.Curl, request: HTTPRequest) -> None:
+        method = request.method
         curl.setopt(pycurl.PROTOCOLS, HTTP_PROTOCOLS)
         curl.setopt(pycurl.REDIR_PROTOCOLS, HTTP_PROTOCOLS)
-        curl.setopt(pycurl.URL, plain.url)
-        curl.setopt(pycurl.HTTPHEADER, header_lines(plain.headers))
-        curl.setopt(pycurl.CONNECTTIMEOUT_MS, int(1000 * plain.connect_timeout))
-        curl.setopt(pycurl.TIMEOUT_MS, int(1000 * plain.request_timeout))
-        curl.setopt(pycurl.USERAGENT, plain.user_agent)
+        curl.setopt(pycurl.URL, request.url)
+        curl.setopt(pycurl.HTTPHEADER, header_lines(request.headers))
+        curl.setopt(pycurl.CONNECTTIMEOUT_MS, int(1000 * request.connect_timeout))
+        curl.setopt(pycurl.TIMEOUT_MS, int(1000 * request.request_timeout))
+        curl.setopt(pycurl.USERAGENT, request.user_agent)
         # libcurl's defaults (curl.reset() restores them), set anyway:
         # certificate checks must not hang on a default.
         curl.setopt(pycurl.SSL_VERIFYPEER, 1)
         curl.setopt(pycurl.SSL_VERIFYHOST, 2)
-        if plain.ca_certs is not None:
-            curl.setopt(pycurl.CAINFO, plain.ca_certs)
+        if request.ca_certs is not None:
+            curl.setopt(pycurl.CAINFO, request.ca_certs)
         # No signals from libcurl: the loop shares the process with threads.
         curl.setopt(pycurl.NOSIGNAL, 1)
         if method == "POST":
             curl.setopt(pycurl.POST, 1)
             # Sent from memory: pycurl keeps the bytes alive and passes their
             # length (NUL bytes included); libcurl rewinds it by itself.
-            curl.setopt(pycurl.POSTFIELDS, plain.body or b"")
+            curl.setopt(pycurl.POSTFIELDS, request.body or b"")
         elif method == "HEAD":
             curl.setopt(pycurl.NOBODY, 1)
         else:
             curl.setopt(pycurl.HTTPGET, 1)
-        plain.prepare_curl_callback(curl)
+        request.prepare_curl_callback(curl)
 
     def _finish(self, curl, curl_error=None, curl_message=None) -> None:
         # The last moment this transfer's libcurl state can be read: the
@@ -169,9 +210,16 @@ class UpstreamClient(CurlAsyncHTTPClient):
         self._free_list.append(curl)
 
 
-# The methods the lean _curl_setup_request sets up (POST with its body, GET
-# and HEAD without one); the others take Tornado's path.
-LEAN_METHODS = frozenset({"GET", "HEAD", "POST"})
+def lean(request: HTTPRequest) -> bool:
+    """Whether the lean set-up handles this request: POST with its body, GET and HEAD without,
+    headers as a plain dict; anything else takes Tornado's own path."""
+    method = request.method
+    return (
+        type(request.headers) is dict
+        and (method == "POST" or (method in ("GET", "HEAD") and request.body is None))
+        and request.prepare_curl_callback is not None
+    )
+
 
 HTTP_PROTOCOLS = pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS
 
@@ -179,18 +227,22 @@ HTTP_PROTOCOLS = pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS
 NO_HEADERS = HTTPHeaders()
 
 
-def header_lines(headers: HTTPHeaders) -> list[bytes]:
-    """The request's header lines for CURLOPT_HTTPHEADER, as Tornado builds them."""
-    lines = [b"%s: %s" % (name.encode("ascii"), value.encode("latin-1")) for name, value in headers.get_all()]
-    # A line break inside a value would start a header of the sender's choosing.
-    for line in lines:
+def header_lines(headers: dict[str, str]) -> list[bytes]:
+    """The request's header lines for CURLOPT_HTTPHEADER, as Tornado's set-up builds them."""
+    lines = []
+    present = set()
+    for name, value in headers.items():
+        line = b"%s: %s" % (name.encode("ascii"), value.encode("latin-1"))
+        # A line break inside a value would start a header of the sender's choosing.
         if b"\r" in line or b"\n" in line:
             raise ValueError("Illegal characters in header (CR or LF): %r" % line)
+        lines.append(line)
+        present.add(name.lower())
     # A name with no value stops libcurl from adding its own: 100-continue
     # would delay the body, and no-cache means nothing to the API.
-    if "Expect" not in headers:
+    if "expect" not in present:
         lines.append(b"Expect: ")
-    if "Pragma" not in headers:
+    if "pragma" not in present:
         lines.append(b"Pragma: ")
     return lines
 
