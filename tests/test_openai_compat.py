@@ -212,6 +212,32 @@ async def test_body_and_query_forwarded_unchanged(proxy, fake_openai):
     assert "Cookie" not in seen.headers
 
 
+@pytest.mark.parametrize(
+    "method, body",
+    [
+        ("POST", b'{"a": 1}'),
+        ("PUT", b'{"b": 2}'),
+        ("PATCH", b'{"c": 3}'),
+        ("DELETE", None),
+        ("GET", None),
+        ("HEAD", None),
+    ],
+)
+@pytest.mark.gen_test
+async def test_every_method_reaches_the_upstream_as_sent(proxy, fake_openai, method, body):
+    """POST, GET and HEAD take the lean libcurl set-up, the others Tornado's own (issue 20): both send
+    the method, the body and the headers as they came."""
+    headers = {"Content-Type": "application/json", "OpenAI-Beta": "assistants=v2"} if body else {}
+    response = await proxy.request("/v1/raw/x?q=1", method=method, body=body, headers=headers)
+    assert response.code == 200
+    seen = fake_openai.received[0]
+    assert (seen.method, seen.path, seen.body) == (method, "/v1/raw/x", body or b"")
+    assert seen.headers["Authorization"] == "Bearer " + OPENAI_KEY
+    assert "Expect" not in seen.headers and "Pragma" not in seen.headers
+    if body:
+        assert seen.headers["Content-Type"] == "application/json" and seen.headers["OpenAI-Beta"] == "assistants=v2"
+
+
 @pytest.mark.gen_test
 async def test_a_binary_body_goes_upstream_byte_for_byte(proxy, fake_openai):
     """Every byte value, NUL included, in a body over libcurl's 1 MB 100-continue threshold:
