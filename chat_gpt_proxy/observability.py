@@ -137,7 +137,7 @@ class Metrics:
         self.upstream_failures = Counter(
             "proxy_upstream_failures", "Upstream failures counted by its health", ["upstream", "kind"], registry=r
         )
-        self._upstream_children: dict = {}
+        self._children: dict = {}
         self.upstream_failovers = Counter(
             "proxy_upstream_failovers", "Requests moved on to the next upstream", ["upstream", "reason"], registry=r
         )
@@ -160,10 +160,17 @@ class Metrics:
         )
 
     def upstream_request(self, name: str):
-        """proxy_upstream_requests_total's child for ``name``, looked up once (labels() costs a lock and ~10 calls)."""
-        child = self._upstream_children.get(name)
+        """proxy_upstream_requests_total's child for ``name``."""
+        return self.child(self.upstream_requests, name)
+
+    def child(self, metric, *labels: str):
+        """``metric.labels(*labels)``, looked up once: labels() costs a lock and ~10 calls, and the
+        access path asks for four or five children per request (issue 20). Label values are
+        bounded as prometheus_client's own children are (routes, statuses, named tokens, model_label)."""
+        key = (metric, labels)
+        child = self._children.get(key)
         if child is None:
-            child = self._upstream_children[name] = self.upstream_requests.labels(name)
+            child = self._children[key] = metric.labels(*labels)
         return child
 
     def model_label(self, model: str) -> str:
@@ -396,17 +403,18 @@ def log_request(handler) -> None:
     if metrics is None:
         return
     route = access.route
-    metrics.requests.labels(route, str(status), token).inc()
+    metrics.child(metrics.requests, route, str(status), token).inc()
     if upstream_s is not None:
-        metrics.upstream_latency.labels(route).observe(upstream_s)
+        metrics.child(metrics.upstream_latency, route).observe(upstream_s)
     if ttfb_s is not None:
-        metrics.ttft.labels(route).observe(ttfb_s)
+        metrics.child(metrics.ttft, route).observe(ttfb_s)
     elif call is not None and call.finished_at is not None and not call.stream:
-        metrics.overhead.labels(route).observe(max(0.0, (now - access.started) - (call.finished_at - call.started_at)))
+        overhead = max(0.0, (now - access.started) - (call.finished_at - call.started_at))
+        metrics.child(metrics.overhead, route).observe(overhead)
     if model is not None:
         for kind, count in (("prompt", prompt_tokens), ("completion", completion_tokens)):
             if count is not None:
-                metrics.tokens.labels(metrics.model_label(model), kind, token).inc(count)
+                metrics.child(metrics.tokens, metrics.model_label(model), kind, token).inc(count)
     if access.limited:
         metrics.limited.labels(access.limited, token).inc()
     if access.upstream_failure:

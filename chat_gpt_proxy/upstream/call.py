@@ -282,9 +282,16 @@ def connected_socket(fds: list[int], local_ip: str, local_port: int) -> int:
 
 def readable(fd: int) -> bool:
     """Whether a socket has something to read now (data, end of file or an error), without reading it."""
-    poller = select.poll()
-    poller.register(fd, select.POLLIN | select.POLLPRI)
-    return bool(poller.poll(0))
+    # One poll set for the process (poll(2) keeps no kernel state, unlike
+    # epoll): asked once per reused connection, only from the event loop.
+    _POLL.register(fd, select.POLLIN | select.POLLPRI)
+    try:
+        return bool(_POLL.poll(0))
+    finally:
+        _POLL.unregister(fd)
+
+
+_POLL = select.poll()
 
 
 class UpstreamCall:
