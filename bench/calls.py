@@ -4,6 +4,7 @@
     python bench/calls.py --before HEAD~3 --top 25   # and where the profiled time goes
     python bench/calls.py --before HEAD~3 --budgets  # after: a budgeted token and the SQLite ledger
     python bench/calls.py --before HEAD~3 --upstreams 4  # after: UPSTREAMS_FILE with 4 upstreams
+    python bench/calls.py --before HEAD~3 --env LOG_LEVEL=INFO  # both with the access log on (the default)
 
 Wall-clock and even CPU-second figures on this shared machine move by ±10 %
 between rounds (bench/results/compare-*.md), which hides a change of a few per
@@ -34,7 +35,14 @@ from bench.run import MODEL, TOKEN, Processes, free_port, start_fixed_upstream, 
 
 
 def profiled_run(
-    procs: Processes, tree: str, upstream: str, seconds: float, out: str, budgets: bool = False, upstreams: int = 0
+    procs: Processes,
+    tree: str,
+    upstream: str,
+    seconds: float,
+    out: str,
+    budgets: bool = False,
+    upstreams: int = 0,
+    extra_env: dict | None = None,
 ) -> tuple[int, pstats.Stats]:
     port = free_port()
     files = {}
@@ -48,7 +56,7 @@ def profiled_run(
     if upstreams:
         files["upstreams"] = os.path.join(procs.workdir, "upstreams.toml")
         upstreams_file(files["upstreams"], upstreams, upstream)
-    env = proxy_env(port, upstream, **files)
+    env = proxy_env(port, upstream, **files, **(extra_env or {}))
     proxy = procs.start([sys.executable, "-m", "cProfile", "-o", out, os.path.join(tree, "server.py")], 0, env)
     wait_port(port)
     body = {"prompt": "Hello!", "generate_params": {"model_name": MODEL}}
@@ -64,6 +72,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=0, help="also print the N functions with the most own time")
     parser.add_argument("--budgets", action="store_true", help="after: a budgeted token and the SQLite ledger")
     parser.add_argument("--upstreams", type=int, default=0, help="after: UPSTREAMS_FILE with this many upstreams")
+    parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for both proxies, e.g. LOG_LEVEL=INFO")
     args = parser.parse_args()
 
     workdir = tempfile.mkdtemp(prefix="chat_gpt_proxy-profile-")
@@ -78,11 +87,14 @@ def main() -> None:
         after = "after (working tree)" + (", a budgeted token and the ledger" if args.budgets else "")
         after += ", UPSTREAMS_FILE with %d upstreams" % args.upstreams if args.upstreams else ""
         subjects = (("before (%s)" % args.before, before_tree, False, 0), (after, ROOT, args.budgets, args.upstreams))
+        extra = dict(e.split("=", 1) for e in args.env)
         for label, tree, budgets, several in subjects:
             short_n, short = profiled_run(
-                procs, tree, upstream, 2, os.path.join(workdir, "short.prof"), budgets, several
+                procs, tree, upstream, 2, os.path.join(workdir, "short.prof"), budgets, several, extra
             )
-            long_n, long = profiled_run(procs, tree, upstream, 6, os.path.join(workdir, "long.prof"), budgets, several)
+            long_n, long = profiled_run(
+                procs, tree, upstream, 6, os.path.join(workdir, "long.prof"), budgets, several, extra
+            )
             requests = long_n - short_n
             calls = (long.total_calls - short.total_calls) / requests
             micros = (long.total_tt - short.total_tt) / requests * 1e6

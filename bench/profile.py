@@ -3,6 +3,7 @@
     python bench/profile.py                          # JSON /chat_complete at c=64, 10 s
     python bench/profile.py --mode sse --path /v1/chat/completions --connections 1
     python bench/profile.py --top 40 --tree ../before  # profile another checkout
+    python bench/profile.py --env LOG_LEVEL=INFO       # with the access log on (the default level)
 
 bench/run.py's layout: Debian's nginx as the fixed upstream and wrk on CPU 1,
 the proxy alone on CPU 0. py-spy samples the proxy from outside (no tracing
@@ -68,6 +69,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--tree", default=ROOT, help="the checkout whose server.py is profiled")
+    parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the proxy, e.g. LOG_LEVEL=INFO")
     args = parser.parse_args()
     spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
 
@@ -78,7 +80,8 @@ def main() -> None:
         up_port = start_fixed_upstream(procs)
         upstream = "http://127.0.0.1:%d/%s/v1" % (up_port, args.mode)
         port = free_port()
-        proxy = procs.start([sys.executable, os.path.join(args.tree, "server.py")], 0, proxy_env(port, upstream))
+        env = proxy_env(port, upstream, **dict(e.split("=", 1) for e in args.env))
+        proxy = procs.start([sys.executable, os.path.join(args.tree, "server.py")], 0, env)
         wait_port(port)
         stream = args.mode == "sse"
         if args.path == "/chat_complete":
@@ -99,11 +102,25 @@ def main() -> None:
     with open(stacks) as f:
         collapsed = f.read()
     samples, own, total = summarise(collapsed, args.top)
-    name = "profile-%s-c%d%s" % (args.mode, args.connections, "-v1" if args.path != "/chat_complete" else "")
+    name = "profile-%s-c%d%s%s" % (
+        args.mode,
+        args.connections,
+        "-v1" if args.path != "/chat_complete" else "",
+        "".join("-" + e.split("=", 1)[1].lower() for e in args.env),
+    )
     lines = [
-        "Command: `python bench/profile.py --mode %s --path %s --connections %d --seconds %d` "
+        "Command: `python bench/profile.py --mode %s --path %s --connections %d --seconds %d%s` "
         "(py-spy at 500 Hz; %d samples; wrk: %.0f req/s, %d errors)"
-        % (args.mode, args.path, args.connections, args.seconds, samples, load["rps"], load["errors"]),
+        % (
+            args.mode,
+            args.path,
+            args.connections,
+            args.seconds,
+            "".join(" --env " + e for e in args.env),
+            samples,
+            load["rps"],
+            load["errors"],
+        ),
         "",
         "| self % | function | | total % | function |",
         "|---:|---|---|---:|---|",

@@ -17,7 +17,8 @@ from chat_gpt_proxy.access.tokens import TokenRegistry
 from chat_gpt_proxy.fake_openai.behaviours import Behaviour
 from chat_gpt_proxy.observability import JsonFormatter, TextFormatter, token_counts
 from chat_gpt_proxy.upstream.routing import Router
-from server import drain
+from server import drain, setup_logging
+from settings import Settings
 from tests.conftest import ACCESS_TOKEN, OPENAI_KEY, open_raw
 
 ACCESS = "chat_gpt_proxy.access"
@@ -516,3 +517,26 @@ async def test_a_client_that_leaves_while_sending_its_body_gets_its_access_line(
     [line] = access_lines(caplog)
     assert fields(line)["status"] == "499" and fields(line)["end"] == "client_closed"
     assert 'proxy_requests_total{route="chat_complete",status="499",token="-"} 1.0' in await metrics_text(proxy)
+
+
+def test_log_records_skip_what_no_format_prints(monkeypatch):
+    """The access line is a log record per request: where it was made from, the thread and the process
+    are never printed, so setup_logging stops collecting them (the logging HOWTO's Optimization)."""
+    for name in ("_srcfile", "logThreads", "logProcesses", "logMultiprocessing"):
+        monkeypatch.setattr(logging, name, getattr(logging, name))
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    monkeypatch.setattr(root, "level", root.level)
+    setup_logging(Settings())
+    record = []
+    probe = logging.Handler()
+    probe.emit = record.append
+    logging.getLogger("chat_gpt_proxy.access").addHandler(probe)
+    try:
+        logging.getLogger("chat_gpt_proxy.access").info("x")
+    finally:
+        logging.getLogger("chat_gpt_proxy.access").removeHandler(probe)
+    (line,) = record
+    assert (line.funcName, line.thread, line.process) == ("(unknown function)", None, None)
+    for formatter in (TextFormatter(), JsonFormatter()):
+        assert "None" not in formatter.format(line)
