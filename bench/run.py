@@ -1,6 +1,7 @@
 """Benchmark suite: the upstream directly, nginx, and this proxy, side by side in one run.
 
     make bench                    # full run (each measurement <= 20 s), ~5 minutes
+    python bench/run.py --before v1.0   # and a previous release beside the proxy, in the same run
     python bench/run.py --short   # a few seconds per measurement: proves the suite works (CI)
 
 Everything runs on loopback and is stopped by PID at the end. Layout on the
@@ -214,7 +215,7 @@ def start_fixed_upstream(procs: Processes, cpu: int = 1) -> int:
     return port
 
 
-def start_proxy(procs: Processes, base_url: str, name: str, **env) -> tuple[subprocess.Popen, int]:
+def start_proxy(procs: Processes, base_url: str, name: str, tree: str = ROOT, **env) -> tuple[subprocess.Popen, int]:
     port = free_port()
     full_env = dict(
         os.environ,
@@ -225,7 +226,7 @@ def start_proxy(procs: Processes, base_url: str, name: str, **env) -> tuple[subp
         LOG_LEVEL="WARNING",
         **{k: str(v) for k, v in env.items()},
     )
-    proc = procs.start([sys.executable, "server.py"], 0, full_env, name=name)
+    proc = procs.start([sys.executable, os.path.join(tree, "server.py")], 0, full_env, name=name)
     wait_port(port)
     return proc, port
 
@@ -391,6 +392,7 @@ def run(args) -> dict:
         "seconds": secs,
         "json": {},
         "sse": {},
+        "trees": args.trees,
     }
     try:
         up_port = start_fixed_upstream(procs)
@@ -433,27 +435,28 @@ def run(args) -> dict:
                     "http://127.0.0.1:%d%s" % (hello_port, path), ob, c, secs, workdir
                 )
             procs.stop(hello)
-            proxy, port = start_proxy(procs, "http://127.0.0.1:%d/%s/v1" % (up_port, mode), "proxy_" + mode)
-            results[mode]["idle_rss_mb"] = round(rss_kb(proxy.pid) / 1024, 1)
-            for c in levels:
-                row = results[mode]["c%d" % c]
-                wrk("http://127.0.0.1:%d/chat_complete" % port, cb, c, 1, workdir)  # warm-up: pool, caches
-                # wrk ends by dropping the requests in flight, and each dropped
-                # stream's upstream connection is closed (an abort): refill the
-                # pool with c complete requests so the count below is steady state.
-                asyncio.run(prime(port, cb, c))
-                accepted = nginx_accepted(up_port)
-                row["proxy /chat_complete"] = wrk(
-                    "http://127.0.0.1:%d/chat_complete" % port, cb, c, secs, workdir, rss_pid=proxy.pid
+            for label, tree in args.trees:
+                proxy, port = start_proxy(
+                    procs, "http://127.0.0.1:%d/%s/v1" % (up_port, mode), "proxy_" + mode, tree=tree
                 )
-                opened = nginx_accepted(up_port) - accepted - 1  # minus the status request itself
-                row["proxy /chat_complete"]["upstream_conns_per_1000"] = round(
-                    1000 * opened / max(1, row["proxy /chat_complete"]["requests"]), 2
-                )
-                row["proxy /v1/chat/completions"] = wrk(
-                    "http://127.0.0.1:%d/v1/chat/completions" % port, ob, c, secs, workdir, rss_pid=proxy.pid
-                )
-            procs.stop(proxy)
+                results[mode].setdefault("idle_rss_mb", round(rss_kb(proxy.pid) / 1024, 1))
+                for c in levels:
+                    row = results[mode]["c%d" % c]
+                    wrk("http://127.0.0.1:%d/chat_complete" % port, cb, c, 1, workdir)  # warm-up: pool, caches
+                    # wrk ends by dropping the requests in flight, and each dropped
+                    # stream's upstream connection is closed (an abort): refill the
+                    # pool with c complete requests so the count below is steady state.
+                    asyncio.run(prime(port, cb, c))
+                    accepted = nginx_accepted(up_port)
+                    chat = row[label + " /chat_complete"] = wrk(
+                        "http://127.0.0.1:%d/chat_complete" % port, cb, c, secs, workdir, rss_pid=proxy.pid
+                    )
+                    opened = nginx_accepted(up_port) - accepted - 1  # minus the status request itself
+                    chat["upstream_conns_per_1000"] = round(1000 * opened / max(1, chat["requests"]), 2)
+                    row[label + " /v1/chat/completions"] = wrk(
+                        "http://127.0.0.1:%d/v1/chat/completions" % port, ob, c, secs, workdir, rss_pid=proxy.pid
+                    )
+                procs.stop(proxy)
 
         # Time to first token through a dripping upstream (the fake: 20 chunks, 50 ms apart).
         fake_port = free_port()
@@ -465,23 +468,33 @@ def run(args) -> dict:
             name="fake",
         )
         wait_port(fake_port)
-        proxy, port = start_proxy(
-            procs, "http://127.0.0.1:%d/v1" % fake_port, "proxy_ttft", MAX_CONCURRENT_UPSTREAM=args.max_streams + 1000
-        )
         words = " ".join("tok%d" % i for i in range(19))
         direct_body = json.dumps({"model": MODEL, "stream": True, "messages": [{"role": "user", "content": words}]})
         proxy_body = json.dumps({"prompt": words, "generate_params": {"stream": True}})
         auth = "access-token: %s\r\nopenai-token: %s\r\n" % (TOKEN, KEY)
         results["ttft"] = {}
-        for concurrency in args.ttft_streams:
-            direct = asyncio.run(ttft(fake_port, "/v1/chat/completions", direct_body.encode(), "", concurrency))
-            via = asyncio.run(ttft(port, "/chat_complete", proxy_body.encode(), auth, concurrency))
-            results["ttft"][str(concurrency)] = {
-                "direct": direct,
-                "proxy": via,
-                "overhead_p50_ms": round(via["p50_ms"] - direct["p50_ms"], 2),
-                "overhead_p99_ms": round(via["p99_ms"] - direct["p99_ms"], 2),
-            }
+        for label, tree in args.trees:
+            proxy, port = start_proxy(
+                procs,
+                "http://127.0.0.1:%d/v1" % fake_port,
+                "proxy_ttft",
+                tree=tree,
+                MAX_CONCURRENT_UPSTREAM=args.max_streams + 1000,
+            )
+            for concurrency in args.ttft_streams:
+                # Once cold (no upstream connection yet), then measured warm,
+                # as a proxy that has served before meets a burst.
+                asyncio.run(ttft(port, "/chat_complete", proxy_body.encode(), auth, concurrency))
+                direct = asyncio.run(ttft(fake_port, "/v1/chat/completions", direct_body.encode(), "", concurrency))
+                via = asyncio.run(ttft(port, "/chat_complete", proxy_body.encode(), auth, concurrency))
+                results["ttft"].setdefault(str(concurrency), {})[label] = {
+                    "direct": direct,
+                    "proxy": via,
+                    "overhead_p50_ms": round(via["p50_ms"] - direct["p50_ms"], 2),
+                    "overhead_p99_ms": round(via["p99_ms"] - direct["p99_ms"], 2),
+                }
+            if label != "proxy":
+                procs.stop(proxy)
 
         # How many open streams one process holds, and what each costs.
         import urllib.request
@@ -552,21 +565,33 @@ def report(results: dict, command: str) -> str:
                     "| new upstream connections per 1,000 requests (%s %s) | %s |"
                     % (mode, level.replace("c", "c="), row["proxy /chat_complete"]["upstream_conns_per_1000"])
                 )
-    for concurrency, t in results["ttft"].items():
-        lines.append(
-            "| time to first token, %s concurrent streams: direct p50/p99 | %s / %s ms |"
-            % (concurrency, fmt(t["direct"]["p50_ms"]), fmt(t["direct"]["p99_ms"]))
-        )
-        lines.append(
-            "| time to first token, %s concurrent streams: proxy p50/p99 (overhead) | %s / %s ms (+%s / +%s) |"
-            % (
-                concurrency,
-                fmt(t["proxy"]["p50_ms"]),
-                fmt(t["proxy"]["p99_ms"]),
-                t["overhead_p50_ms"],
-                t["overhead_p99_ms"],
+    for concurrency, by_tree in results["ttft"].items():
+        for label, t in by_tree.items():
+            lines.append(
+                "| time to first token, %s concurrent streams: direct p50/p99 (beside %s) | %s / %s ms |"
+                % (concurrency, label, fmt(t["direct"]["p50_ms"]), fmt(t["direct"]["p99_ms"]))
             )
-        )
+            lines.append(
+                "| time to first token, %s concurrent streams: %s p50/p99 (overhead) | %s / %s ms (+%s / +%s) |"
+                % (
+                    concurrency,
+                    label,
+                    fmt(t["proxy"]["p50_ms"]),
+                    fmt(t["proxy"]["p99_ms"]),
+                    t["overhead_p50_ms"],
+                    t["overhead_p99_ms"],
+                )
+            )
+    for mode in ("json", "sse"):
+        row = results[mode]["c64"]
+        ceiling = row["tornado, no upstream"]["rps"]
+        for label, _tree in results["trees"]:
+            for path in ("/chat_complete", "/v1/chat/completions"):
+                r = row[label + " " + path]["rps"]
+                text = "%.1f %% of Tornado's no-upstream ceiling" % (100 * r / ceiling)
+                if label != "proxy":
+                    text += "; the proxy does %.2fx" % (row["proxy " + path]["rps"] / r)
+                lines.append("| %s %s at c=64 (%s) | %s |" % (label, path, mode, text))
     s = results["streams"]
     lines.append("| concurrent open streams held (failed) | %d (%d) |" % (s["open"], s["failed"]))
     lines.append(
@@ -592,14 +617,16 @@ def plot(results: dict, path: str) -> None:
         row = results[mode][level]
         names = list(row)
         values = [row[n]["rps"] for n in names]
-        colors = ["#888888", "#2b8a3e", "#e8a33d", "#1c7ed6", "#4dabf7"][: len(names)]
+        colors = ["#888888", "#2b8a3e", "#e8a33d", "#c2c2c2", "#d9d9d9", "#1c7ed6", "#4dabf7"]
+        if len(names) == 5:  # no previous release in this run
+            colors = colors[:3] + colors[5:]
         bars = ax.bar(range(len(names)), values, color=colors)
         short = {
             "proxy /chat_complete": "proxy\n/chat_complete",
             "proxy /v1/chat/completions": "proxy\n/v1/chat/…",
             "tornado, no upstream": "tornado\n(no upstream)",
         }
-        ax.set_xticks(range(len(names)), [short.get(n, n) for n in names], fontsize=7)
+        ax.set_xticks(range(len(names)), [short.get(n, n.replace(" /", "\n/")) for n in names], fontsize=7)
         ax.set_title(title)
         ax.set_ylabel("requests/s")
         for bar, value in zip(bars, values, strict=True):
@@ -617,16 +644,25 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10, help="duration of each wrk run (<= 20)")
     parser.add_argument("--max-streams", type=int, default=10_000)
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
+    parser.add_argument("--before", default="", help="git ref of a previous release, measured beside the proxy")
     args = parser.parse_args()
     args.seconds = min(args.seconds, 20)
     args.ttft_streams = (100, 1000)
     if args.short:
         args.seconds, args.max_streams, args.ttft_streams = 1, 300, (20, 100)
+    # "proxy" is the working tree; --before adds another commit beside it, in the same run.
+    args.trees = [("proxy", ROOT)]
+    if args.before:
+        tree = tempfile.mkdtemp(prefix="chat_gpt_proxy-before-")
+        archive = subprocess.run(["git", "archive", args.before], cwd=ROOT, check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", tree], input=archive, check=True)
+        args.trees.insert(0, ("previous (%s)" % args.before, tree))
     for tool in ("wrk", "nginx"):
         if not (shutil.which(tool) or os.path.exists("/usr/sbin/" + tool)):
             sys.exit("bench: %s is not installed (Debian: apt-get install -y %s)" % (tool, tool))
     results = run(args)
     command = "python bench/run.py" + (" --short" if args.short else "")
+    command += " --before " + args.before if args.before else ""
     text = report(results, command)
     print(text)
     os.makedirs(args.out, exist_ok=True)
