@@ -9,7 +9,7 @@ from tests.procs import ROOT
 
 def test_bench_short_mode(tmp_path):
     result = subprocess.run(
-        [sys.executable, "bench/run.py", "--short", "--out", str(tmp_path)],
+        [sys.executable, "bench/run.py", "--short", "--before", "HEAD", "--out", str(tmp_path)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -26,10 +26,16 @@ def test_bench_short_mode(tmp_path):
                 "tornado, no upstream",
                 "proxy /chat_complete",
                 "proxy /v1/chat/completions",
+                "previous (HEAD) /chat_complete",
+                "previous (HEAD) /v1/chat/completions",
             }
             for subject, measured in row.items():
                 assert measured["rps"] > 0 and measured["errors"] == 0, (mode, level, subject, measured)
     assert results["streams"]["open"] > 0 and results["streams"]["failed"] == 0
-    assert all(t["proxy"]["failed"] == 0 for t in results["ttft"].values())
+    for by_tree in results["ttft"].values():
+        assert set(by_tree) == {"proxy", "previous (HEAD)"}
+        assert all(t["proxy"]["failed"] == 0 and t["direct"]["failed"] == 0 for t in by_tree.values())
     assert (tmp_path / "short.png").stat().st_size > 10_000
-    assert "| JSON c=64 | proxy /chat_complete |" in (tmp_path / "short.md").read_text()
+    report = (tmp_path / "short.md").read_text()
+    assert "| JSON c=64 | proxy /chat_complete |" in report
+    assert "| proxy /chat_complete at c=64 (json) |" in report and "of Tornado's no-upstream ceiling" in report
