@@ -270,7 +270,10 @@ def wrk(
                 peak = max(peak, rss_kb(rss_pid))
         time.sleep(0.2)
     out = proc.stdout.read()
-    result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), "raw": out}
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if rate is None:
+        raise RuntimeError("wrk against %s gave no figure (exit %s):\n%s" % (url, proc.returncode, out[-2000:]))
+    result = {"rps": float(rate.group(1)), "raw": out}
     for pct in ("50", "99"):
         match = re.search(r"^\s+%s(?:\.000)?%%\s+(\S+)" % pct, out, re.M)
         result["p%s_ms" % pct] = parse_duration(match.group(1)) if match else None
