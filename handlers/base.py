@@ -300,7 +300,15 @@ class BaseHandler(ApiMixin, RequestHandler):
             return False
         finally:
             self.flush_started = self.pending_flush = None
-        return self.request.connection.stream is not None and not self.request.connection.stream.closed()
+        stream = self.request.connection.stream
+        if stream is None or stream.closed():
+            # The write went out, then the client reset: the relay loop stops
+            # here and the handler finishes, after which Tornado no longer calls
+            # on_connection_close; without this the upstream transfer stayed
+            # paused for good, holding its slot (found by a hostile review, issue 20).
+            self.on_connection_close()
+            return False
+        return True
 
     def drop_client(self) -> None:
         """Close the client's connection now, even with a flush pending."""

@@ -363,6 +363,12 @@ class ProxyHandler(BaseHandler):
     def on_finish(self) -> None:
         super().on_finish()
         self.pool.handlers.discard(self)
+        # Whatever ended the handler, nobody reads the rest of the upstream's
+        # answer now: a transfer left running would stay paused at the high
+        # water mark for good, holding its slot (issue 20's review).
+        call = self.upstream_call
+        if call is not None and call.abort_reason is None and call.finished_at is None:
+            call.abort("unread")
         # An answer that was not kept (an error, an aborted stream): the waiters fetch their own.
         self.release_cache_waiters(None)
 

@@ -303,3 +303,39 @@ async def test_faults_do_not_touch_other_clients(proxy, fake_openai):
     await asyncio.gather(*tasks)
     response, _ = await proxy.chat({"prompt": "last"})
     assert response.code == 200
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_clients_that_reset_mid_answer_never_leave_an_upstream_transfer_running(proxy, fake_openai, app):
+    """Found by a hostile review (issue 20): a client that resets after a flush had succeeded was
+    seen only by the stream check after it, the relay loop returned without aborting, and the
+    transfer stayed paused upstream for good; enough of them filled MAX_CONCURRENT_UPSTREAM."""
+    import socket
+    import struct
+
+    host, port = proxy.base_url.rsplit("//", 1)[1].split(":")
+    head = "GET /v1/files/file-abc/content?size=60000000 HTTP/1.1\r\nHost: x\r\naccess-token: %s\r\n"
+    head += "Authorization: Bearer %s\r\nConnection: close\r\n\r\n"
+    request = (head % (AUTH["access-token"], AUTH["openai-token"])).encode()
+    clients = 0
+
+    async def read_some_then_reset(target: int) -> None:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(request)
+        got = 0
+        while got < target:
+            data = await reader.read(65536)
+            if not data:
+                break
+            got += len(data)
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    for round_ in range(12):
+        targets = [300_000 + 250_000 * ((round_ * 4 + i) % 11) for i in range(4)]
+        clients += len(targets)
+        await asyncio.gather(*(read_some_then_reset(t) for t in targets))
+    deadline = time.monotonic() + 10
+    while (len(fake_openai.aborts) < clients or app.pool.handlers) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert (len(fake_openai.aborts), len(app.pool.handlers)) == (clients, 0)
