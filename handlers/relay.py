@@ -20,7 +20,7 @@ from chat_gpt_proxy.upstream.call import UpstreamCall
 from chat_gpt_proxy.upstream.errors import UpstreamError
 from chat_gpt_proxy.upstream.headers import relayed_headers
 from chat_gpt_proxy.upstream.pool import UpstreamPool
-from chat_gpt_proxy.upstream.retry import retry_after_seconds
+from chat_gpt_proxy.upstream.retry import MIN_ATTEMPT_SECONDS, retry_after_seconds
 from chat_gpt_proxy.upstream.routing import FAILOVER_STATUSES, KEY_REFUSED_STATUSES, failover_error
 from chat_gpt_proxy.usage.meter import usage_counts
 
@@ -230,6 +230,10 @@ class ProxyHandler(BaseHandler):
             if stream_ is None or stream_.closed():
                 raise ApiError.from_upstream(UpstreamError("aborted", "the request was aborted (client_closed)"))
             timeout = pool.retry.budget - (time.monotonic() - first)
+            if timeout < MIN_ATTEMPT_SECONDS:
+                # The sleep overran the little time the policy left: a timeout,
+                # not a 0 ms (unbounded, to libcurl) or negative one.
+                raise UpstreamError("timeout", "the upstream did not answer in time")
 
     # The response cache (chat_gpt_proxy/cache.py): where this request's answer is kept, if it is.
     cache_slot: tuple[str, int] | None = None

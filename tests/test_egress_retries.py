@@ -15,9 +15,12 @@ import socket
 import time
 
 import pytest
+from tornado.httputil import HTTPHeaders
 
 from chat_gpt_proxy.fake_openai.app import FakeOpenAI
 from chat_gpt_proxy.fake_openai.behaviours import Behaviour
+from chat_gpt_proxy.upstream.retry import RetryPolicy
+from settings import Settings
 from tests.conftest import OPENAI_KEY
 from tests.egress_servers import serving
 
@@ -305,3 +308,13 @@ async def test_upstream_retries_0_also_turns_off_the_retry_of_a_closed_kept_aliv
         await fake.stop()
     assert response.code == 502 and body["error"]["code"] == "upstream_broken"
     assert len(fake.received) == 1 and retry_lines(caplog) == []
+
+
+@pytest.mark.parametrize("wait_ms, expected", [("480", 0.48), ("489", 0.489), ("491", None), ("499.5", None)])
+def test_a_retry_is_only_tried_with_time_left_for_it(wait_ms, expected):
+    """Found by the hostile review of issue 20: a Retry-After landing within a millisecond of
+    REQUEST_TIMEOUT left a 0 ms timeout, which libcurl reads as none (the retry ran unbounded), or a
+    negative one. A retry now needs MIN_ATTEMPT_SECONDS (10 ms) left after its wait."""
+    policy = RetryPolicy(Settings(request_timeout=0.5, retry_on_status=(429,)))
+    headers = HTTPHeaders({"retry-after-ms": wait_ms})
+    assert policy.after_status(429, headers, attempt=1, elapsed=0.0) == expected

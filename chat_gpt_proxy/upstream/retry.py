@@ -29,6 +29,10 @@ def backoff(attempt: int) -> float:
     return random.uniform(ceiling / 2, ceiling)  # noqa: S311 (jitter, not a secret)
 
 
+# The least time a retry must have left once its wait is over (issue 20's review).
+MIN_ATTEMPT_SECONDS = 0.01
+
+
 def retry_after_seconds(headers) -> float | None:
     """An upstream's ``retry-after-ms`` (OpenAI's) or ``Retry-After`` (RFC 9110 10.2.3), or None."""
     value = headers.get("retry-after-ms")
@@ -79,6 +83,8 @@ class RetryPolicy:
         return self._wait(wait, attempt, elapsed)
 
     def _wait(self, wait: float, attempt: int, elapsed: float) -> float | None:
-        if attempt > self.retries or elapsed + wait >= self.budget:
+        # A retry needs time left after its wait: libcurl reads a 0 ms timeout
+        # as none at all and refuses a negative one.
+        if attempt > self.retries or elapsed + wait > self.budget - MIN_ATTEMPT_SECONDS:
             return None
         return wait
