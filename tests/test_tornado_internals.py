@@ -170,3 +170,31 @@ def test_the_websocket_protocol_internals():
     assert list(inspect.signature(WebSocketProtocol13._handle_message).parameters) == ["self", "opcode", "data"]
     source = inspect.getsource(tornado.websocket.WebSocketProtocol.__init__)
     assert "self.server_terminated = False" in source and "self.client_terminated = False" in source
+
+
+def test_the_lean_upstream_path_takes_only_what_it_sets_up():
+    """A request asking for an option the lean libcurl set-up does not set takes Tornado's path
+    instead of losing it (issue 20's review)."""
+    from tornado.httpclient import HTTPRequest
+
+    from chat_gpt_proxy.upstream.call import lean
+
+    def request(**extra):
+        options = dict(method="POST", headers={}, body=b"{}", follow_redirects=False, decompress_response=False)
+        return HTTPRequest("http://127.0.0.1/", prepare_curl_callback=print, **{**options, **extra})
+
+    assert lean(request())
+    for extra in (
+        {"follow_redirects": True},
+        {"decompress_response": True},
+        {"client_cert": "c.pem"},
+        {"proxy_host": "127.0.0.1", "proxy_port": 3128},
+        {"auth_username": "u", "auth_password": "p"},
+        {"allow_ipv6": False},
+        {"network_interface": "lo"},
+        {"method": "PUT"},
+        {"method": "GET"},
+        {"headers": HTTPHeaders()},
+    ):
+        assert not lean(request(**extra)), extra
+    assert lean(request(method="GET", body=None))

@@ -218,6 +218,18 @@ def lean(request: HTTPRequest) -> bool:
         type(request.headers) is dict
         and (method == "POST" or (method in ("GET", "HEAD") and request.body is None))
         and request.prepare_curl_callback is not None
+        # What _lean_setup does not set: a request that asks for any of it
+        # takes Tornado's path rather than losing it silently.
+        and request.follow_redirects is False
+        and request.decompress_response is False
+        and request.proxy_host is None
+        and request.auth_username is None
+        and request.client_cert is None
+        and request.client_key is None
+        and request.network_interface is None
+        and request.allow_ipv6 is not False
+        and request.streaming_callback is None
+        and request.header_callback is None
     )
 
 
