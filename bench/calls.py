@@ -31,6 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench.compare import budget_tokens_file, proxy_env, upstreams_file  # noqa: E402
+from bench.profile import env_pair  # noqa: E402
 from bench.run import MODEL, TOKEN, Processes, free_port, start_fixed_upstream, wait_port, wrk  # noqa: E402
 
 
@@ -72,7 +73,9 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=0, help="also print the N functions with the most own time")
     parser.add_argument("--budgets", action="store_true", help="after: a budgeted token and the SQLite ledger")
     parser.add_argument("--upstreams", type=int, default=0, help="after: UPSTREAMS_FILE with this many upstreams")
-    parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for both proxies, e.g. LOG_LEVEL=INFO")
+    parser.add_argument(
+        "--env", action="append", default=[], type=env_pair, help="NAME=VALUE for both proxies, e.g. LOG_LEVEL=INFO"
+    )
     args = parser.parse_args()
 
     workdir = tempfile.mkdtemp(prefix="chat_gpt_proxy-profile-")

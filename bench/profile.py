@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -32,6 +33,14 @@ sys.path.insert(0, ROOT)
 
 from bench.compare import proxy_env  # noqa: E402
 from bench.run import MODEL, Processes, free_port, start_fixed_upstream, wait_port, wrk  # noqa: E402
+
+
+def env_pair(text: str) -> str:
+    """``NAME=VALUE`` (argparse type): a clear message for anything else."""
+    name, sep, value = text.partition("=")
+    if not sep or not re.fullmatch(r"[A-Z_][A-Z0-9_]*", name) or "/" in value:
+        raise argparse.ArgumentTypeError("expected NAME=VALUE (no '/' in the value), got %r" % text)
+    return text
 
 
 def frame_name(frame: str) -> str:
@@ -70,7 +79,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--tree", default=ROOT, help="the checkout whose server.py is profiled")
-    parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the proxy, e.g. LOG_LEVEL=INFO")
+    parser.add_argument(
+        "--env", action="append", default=[], type=env_pair, help="NAME=VALUE for the proxy, e.g. LOG_LEVEL=INFO"
+    )
     args = parser.parse_args()
     spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
 
@@ -93,13 +104,18 @@ def main() -> None:
         wrk(url, body, args.connections, 1, workdir)  # warm-up: upstream pool, caches
         record = [spy, "record", "--pid", str(proxy.pid), "--rate", "500", "--duration", str(args.seconds)]
         record += ["--format", "raw", "--output", stacks]
-        sampler = threading.Thread(target=subprocess.run, args=(record,), kwargs={"capture_output": True})
+        spied: list = []
+        sampler = threading.Thread(
+            target=lambda: spied.append(subprocess.run(record, capture_output=True, text=True)), daemon=True
+        )
         sampler.start()
         load = wrk(url, body, args.connections, args.seconds + 1, workdir)
         sampler.join(args.seconds + 30)
     finally:
         procs.stop_all()
 
+    if not os.path.exists(stacks):
+        sys.exit("py-spy recorded nothing: %s" % (spied[0].stderr.strip()[-2000:] if spied else "it did not finish"))
     with open(stacks) as f:
         collapsed = f.read()
     samples, own, total = summarise(collapsed, args.top)
