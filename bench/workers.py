@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,27 +25,7 @@ sys.path.insert(0, ROOT)
 
 from bench.compare import cpu_seconds, proxy_env  # noqa: E402
 from bench.run import MODEL, Processes, free_port, start_fixed_upstream, wait_port, wrk  # noqa: E402
-
-
-def metrics_ports(workers: int) -> int:
-    """A base for WORKER_METRICS_PORT with ``workers`` free ports from it, below the
-    ephemeral range: a port in that range can be taken by any client connection
-    (wrk's 64) between the check and the worker's bind, and a worker that cannot
-    bind its port dies at start, taking the others with it."""
-    for _ in range(100):
-        base = random.randrange(20000, 32000 - workers)
-        if all(_free(base + i) for i in range(workers)):
-            return base
-    raise RuntimeError("no run of %d free ports below 32000" % workers)
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+from tests.procs import free_ports  # noqa: E402
 
 
 def tree_cpu(pid: int) -> float:
@@ -76,7 +54,7 @@ def main() -> None:
                         port,
                         "http://127.0.0.1:%d/%s/v1" % (up_port, mode),
                         WORKERS=str(workers),
-                        WORKER_METRICS_PORT=str(metrics_ports(workers)),
+                        WORKER_METRICS_PORT=str(free_ports(workers)),
                     )
                     proxy = procs.start([sys.executable, "server.py"], None, env, name="proxy")
                     wait_port(port)

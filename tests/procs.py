@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import re
 import shutil
 import signal
@@ -22,6 +23,26 @@ def free_port() -> int:
     sock, port = bind_unused_port()
     sock.close()
     return port
+
+
+def free_ports(count: int) -> int:
+    """The first of ``count`` consecutive free ports (WORKER_METRICS_PORT's), below the ephemeral
+    range: a port in that range can be taken by any client connection between the check and the
+    worker's bind, and a worker that cannot bind its port dies at start, taking the others with it."""
+    for _ in range(100):
+        base = random.randrange(20000, 32000 - count)
+        if all(_free(base + i) for i in range(count)):
+            return base
+    raise RuntimeError("no run of %d free ports below 32000" % count)
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 class ServerProcess:

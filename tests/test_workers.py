@@ -15,27 +15,9 @@ import tornado.httpclient
 
 from chat_gpt_proxy.fake_openai.behaviours import Behaviour
 from tests.conftest import ACCESS_TOKEN, OPENAI_KEY
-from tests.procs import ServerProcess, free_port
+from tests.procs import ServerProcess, free_ports
 
 NEW_TOKEN = "reloaded-TOKEN-8e6c4a2b0d"
-
-
-def metrics_ports(workers: int) -> int:
-    """A base port with ``workers`` free ports after it (checked one by one)."""
-    for _ in range(50):
-        base = free_port()
-        if all(_free(base + i) for i in range(workers)):
-            return base
-    raise AssertionError("no run of free ports")
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def children(pid: int) -> list[int]:
@@ -98,7 +80,7 @@ def start(tmp_path, fake_openai):
 async def test_two_workers_share_the_port_and_a_dead_one_is_replaced(start, tmp_path):
     tokens = tmp_path / "tokens.toml"
     tokens.write_text('[old]\ntoken = "old-TOKEN-1a2b3c4d5e6f"\n')
-    base = metrics_ports(2)
+    base = free_ports(2)
     server = start(WORKERS="2", WORKER_METRICS_PORT=str(base), ACCESS_TOKENS_FILE=str(tokens))
     client = tornado.httpclient.AsyncHTTPClient(force_instance=True)
     try:
@@ -197,7 +179,7 @@ async def test_limits_that_workers_would_multiply_are_refused_without_redis(star
 
 @pytest.mark.gen_test(timeout=60)
 async def test_a_rate_limit_holds_exactly_across_workers_with_redis(start, redis_server):
-    base = metrics_ports(2)
+    base = free_ports(2)
     server = start(WORKERS="2", WORKER_METRICS_PORT=str(base), RATE_LIMIT_PER_TOKEN="5", REDIS_URL=redis_server.url)
     client = tornado.httpclient.AsyncHTTPClient(force_instance=True)
     try:
@@ -224,7 +206,7 @@ def test_auto_is_the_cpus_this_process_may_use():
 
 @pytest.mark.gen_test(timeout=60)
 async def test_a_worker_that_cannot_start_stops_the_supervisor_and_a_killed_supervisor_takes_its_workers(start):
-    base = metrics_ports(2)
+    base = free_ports(2)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", base + 1))  # worker 1's metrics port is someone else's
         taken.listen()
@@ -234,7 +216,7 @@ async def test_a_worker_that_cannot_start_stops_the_supervisor_and_a_killed_supe
     assert "invalid setting WORKER_METRICS_PORT: worker 1 cannot listen" in output
     assert "worker 1 died 3 times within 5 s of its start; stopping all workers" in output
     assert "Traceback" not in output
-    server = start(WORKERS="2", WORKER_METRICS_PORT=str(metrics_ports(2)))
+    server = start(WORKERS="2", WORKER_METRICS_PORT=str(free_ports(2)))
     await server.wait_ready()
     await both_workers(server)
     workers = children(server.proc.pid)
@@ -249,7 +231,7 @@ async def test_a_worker_that_cannot_start_stops_the_supervisor_and_a_killed_supe
 
 @pytest.mark.gen_test(timeout=60)
 async def test_a_signal_to_the_whole_group_drains_and_one_during_a_respawn_still_stops(start, fake_openai):
-    server = start(WORKERS="2", WORKER_METRICS_PORT=str(metrics_ports(2)), SHUTDOWN_GRACE="20")
+    server = start(WORKERS="2", WORKER_METRICS_PORT=str(free_ports(2)), SHUTDOWN_GRACE="20")
     await server.wait_ready()
     await both_workers(server)
     # A stream of about 2 s, then SIGTERM to the supervisor and to each worker, as systemd or
@@ -271,7 +253,7 @@ async def test_a_signal_to_the_whole_group_drains_and_one_during_a_respawn_still
     assert b"data: [DONE]" in rest and b"upstream_aborted" not in rest
     assert await server.wait_exit(30) == 0
     # SIGTERM right after a worker died, while the supervisor waits to replace it: it still stops.
-    server = start(WORKERS="2", WORKER_METRICS_PORT=str(metrics_ports(2)))
+    server = start(WORKERS="2", WORKER_METRICS_PORT=str(free_ports(2)))
     await server.wait_ready()
     await both_workers(server)
     os.kill(children(server.proc.pid)[0], signal.SIGKILL)
