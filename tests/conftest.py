@@ -155,12 +155,16 @@ def fake_openai(io_loop):
 
 @pytest.fixture
 def config(request, fake_openai):
+    return proxy_settings(request, fake_openai, access_tokens=(ACCESS_TOKEN, "second-token-abc"))
+
+
+def proxy_settings(request, fake_openai, **fields) -> Settings:
+    """The in-process proxy's settings: on loopback, the fake as its upstream, one access token,
+    then ``fields``, then the test's ``@pytest.mark.settings(...)`` over all of them."""
     marker = request.node.get_closest_marker("settings")
     overrides = dict(marker.kwargs) if marker else {}
-    fields = dict(
-        access_tokens=(ACCESS_TOKEN, "second-token-abc"), openai_base_url=fake_openai.url, port=0, host="127.0.0.1"
-    )
-    return dataclasses.replace(Settings(), **{**fields, **overrides})
+    base = dict(access_tokens=(ACCESS_TOKEN,), openai_base_url=fake_openai.url, port=0, host="127.0.0.1")
+    return dataclasses.replace(Settings(), **{**base, **fields, **overrides})
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ per word of the answer) with the real SQLite ledger in a temporary folder.
 """
 
 import asyncio
-import dataclasses
 import json
 import re
 import sqlite3
@@ -21,7 +20,7 @@ from chat_gpt_proxy.usage.prices import PricesFileError, PriceTable, parse_price
 from chat_gpt_proxy.usage.report import csv_cell
 from server import reload_tokens
 from settings import Settings, SettingsError
-from tests.conftest import ACCESS_TOKEN, open_raw
+from tests.conftest import open_raw, proxy_settings
 from tests.test_readme import snippet
 
 TOKENS = "tokens-TOKEN-0a1b2c3d4e"  # budget_tokens = 22: two requests of 11 tokens
@@ -57,17 +56,9 @@ def tokens_file(tmp_path):
 
 @pytest.fixture
 def config(request, fake_openai, tokens_file, tmp_path):
-    marker = request.node.get_closest_marker("settings")
-    overrides = dict(marker.kwargs) if marker else {}
-    fields = dict(
-        access_tokens=(ACCESS_TOKEN,),
-        access_tokens_file=str(tokens_file),
-        usage_database=str(tmp_path / "usage.sqlite3"),
-        openai_base_url=fake_openai.url,
-        port=0,
-        host="127.0.0.1",
+    return proxy_settings(
+        request, fake_openai, access_tokens_file=str(tokens_file), usage_database=str(tmp_path / "usage.sqlite3")
     )
-    return dataclasses.replace(Settings(), **{**fields, **overrides})
 
 
 def ledger_rows(config) -> list[dict]:

@@ -18,7 +18,7 @@ from chat_gpt_proxy.cache import ENTRY_OVERHEAD, MemoryStore
 from chat_gpt_proxy.fake_openai.behaviours import Behaviour
 from server import make_app, make_server
 from settings import Settings
-from tests.conftest import ACCESS_TOKEN, OPENAI_KEY, open_raw
+from tests.conftest import ACCESS_TOKEN, OPENAI_KEY, open_raw, proxy_settings
 from tests.test_readme import snippet
 
 CACHED = "cached-TOKEN-1a3c5e7b9d"  # cache = true
@@ -45,16 +45,7 @@ cache = false
 def config(request, fake_openai, tmp_path):
     tokens = tmp_path / "tokens.toml"
     tokens.write_text(TOKENS_TOML)
-    marker = request.node.get_closest_marker("settings")
-    return dataclasses.replace(
-        Settings(),
-        access_tokens=(ACCESS_TOKEN,),
-        access_tokens_file=str(tokens),
-        openai_base_url=fake_openai.url,
-        port=0,
-        host="127.0.0.1",
-        **(dict(marker.kwargs) if marker else {}),
-    )
+    return proxy_settings(request, fake_openai, access_tokens_file=str(tokens))
 
 
 def as_(token, **headers):

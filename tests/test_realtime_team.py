@@ -6,7 +6,6 @@ erin may open 2 per minute. Sessions run against the fake realtime upstream.
 """
 
 import asyncio
-import dataclasses
 import json
 import time
 
@@ -16,8 +15,7 @@ import websockets
 from websockets.exceptions import InvalidStatus
 
 from chat_gpt_proxy.fake_openai.behaviours import RealtimeBehaviour
-from settings import Settings
-from tests.conftest import ACCESS_TOKEN, OPENAI_KEY
+from tests.conftest import OPENAI_KEY, proxy_settings
 from tests.test_tokens import ALICE, BOB, CAROL, DAVE, ERIN, NAMED, SERVER_KEY, TOKENS_TOML
 
 
@@ -26,17 +24,7 @@ def config(request, fake_openai, tmp_path):
     """One unnamed token, the named ones of tests/test_tokens.py, a server key."""
     path = tmp_path / "tokens.toml"
     path.write_text(TOKENS_TOML)
-    marker = request.node.get_closest_marker("settings")
-    overrides = dict(marker.kwargs) if marker else {}
-    fields = dict(
-        access_tokens=(ACCESS_TOKEN,),
-        access_tokens_file=str(path),
-        openai_api_key=SERVER_KEY,
-        openai_base_url=fake_openai.url,
-        port=0,
-        host="127.0.0.1",
-    )
-    return dataclasses.replace(Settings(), **{**fields, **overrides})
+    return proxy_settings(request, fake_openai, access_tokens_file=str(path), openai_api_key=SERVER_KEY)
 
 
 @pytest.fixture(autouse=True)

@@ -21,7 +21,7 @@ from chat_gpt_proxy.access.tokens import UNAVAILABLE, TokenEntry, TokenPolicy
 from chat_gpt_proxy.observability import Metrics
 from server import make_app
 from settings import Settings, SettingsError
-from tests.conftest import ACCESS_TOKEN, AUTH
+from tests.conftest import AUTH, proxy_settings
 from tests.procs import ROOT
 
 PASSWORD = "redis-PASS-4c8e1a9f"
@@ -286,23 +286,19 @@ def test_without_redis_url_the_redis_package_is_never_imported():
 
 @pytest.fixture
 def config(request, fake_openai, redis_server, tmp_path):
-    marker = request.node.get_closest_marker("settings")
     tokens_file = tmp_path / "tokens.toml"
     tokens_file.write_text(
         '[alice]\ntoken = "alice-TOKEN-4b9e2f71c0"\nmax_concurrent = 1\n\n'
         '[bob]\ntoken = "bob-TOKEN-8d1c3a55e7f0"\nrate_limit_per_minute = 0\n'
     )
-    fields = dict(
-        access_tokens=(ACCESS_TOKEN,),
+    return proxy_settings(
+        request,
+        fake_openai,
         access_tokens_file=str(tokens_file),
-        openai_base_url=fake_openai.url,
-        port=0,
-        host="127.0.0.1",
         rate_limit_per_token=2,
         redis_url=redis_server.url,
         redis_inflight_ttl=3.0,
     )
-    return dataclasses.replace(Settings(), **{**fields, **(dict(marker.kwargs) if marker else {})})
 
 
 @pytest.fixture

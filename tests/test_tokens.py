@@ -1,7 +1,6 @@
 """Named access tokens (ACCESS_TOKENS_FILE), their limits, the server-held OpenAI key, usage per token."""
 
 import asyncio
-import dataclasses
 import hashlib
 import hmac
 import json
@@ -17,7 +16,7 @@ import tornado.httpclient
 from chat_gpt_proxy.access.tokens import TokenRegistry, TokensFileError, parse_tokens_file
 from chat_gpt_proxy.fake_openai.behaviours import Behaviour
 from settings import Settings, SettingsError
-from tests.conftest import ACCESS_TOKEN, OPENAI_KEY, OTHER_SECRETS, open_raw
+from tests.conftest import ACCESS_TOKEN, OPENAI_KEY, OTHER_SECRETS, open_raw, proxy_settings
 from tests.procs import ROOT, ServerProcess
 from tests.test_allowed_models import raw_request
 from tests.test_readme import all_documents_text, snippet
@@ -79,18 +78,13 @@ def tokens_file(tmp_path):
 @pytest.fixture
 def config(request, fake_openai, tokens_file):
     """This module's proxy: one unnamed token, the file above, a server key, ALLOWED_MODELS=gpt-4o-mini."""
-    marker = request.node.get_closest_marker("settings")
-    overrides = dict(marker.kwargs) if marker else {}
-    fields = dict(
-        access_tokens=(ACCESS_TOKEN,),
+    return proxy_settings(
+        request,
+        fake_openai,
         access_tokens_file=str(tokens_file),
         openai_api_key=SERVER_KEY,
         allowed_models=("gpt-4o-mini",),
-        openai_base_url=fake_openai.url,
-        port=0,
-        host="127.0.0.1",
     )
-    return dataclasses.replace(Settings(), **{**fields, **overrides})
 
 
 def as_(token, key=None, **headers):

@@ -3,7 +3,6 @@ aliases, Azure OpenAI, per-token upstreams, SIGHUP. Each upstream is a real fake
 
 import asyncio
 import collections
-import dataclasses
 import json
 import signal
 import time
@@ -18,7 +17,7 @@ from chat_gpt_proxy.fake_openai.behaviours import Behaviour
 from chat_gpt_proxy.upstream import routing
 from chat_gpt_proxy.upstream.routing import Router, UpstreamsFileError, parse_upstreams
 from settings import Settings
-from tests.conftest import ACCESS_TOKEN, OPENAI_KEY
+from tests.conftest import ACCESS_TOKEN, OPENAI_KEY, proxy_settings
 from tests.egress_servers import TinyProxy
 from tests.procs import ServerProcess, free_port
 from tests.test_readme import snippet
@@ -69,17 +68,7 @@ def config(request, fake_openai, tmp_path, upstreams_toml):
     path.write_text(upstreams_toml)
     tokens = tmp_path / "tokens.toml"
     tokens.write_text(TOKENS_TOML)
-    marker = request.node.get_closest_marker("settings")
-    return dataclasses.replace(
-        Settings(),
-        access_tokens=(ACCESS_TOKEN,),
-        access_tokens_file=str(tokens),
-        upstreams_file=str(path),
-        openai_base_url=fake_openai.url,
-        port=0,
-        host="127.0.0.1",
-        **(dict(marker.kwargs) if marker else {}),
-    )
+    return proxy_settings(request, fake_openai, access_tokens_file=str(tokens), upstreams_file=str(path))
 
 
 @pytest.fixture(autouse=True)
