@@ -41,6 +41,7 @@ from bench.run import (  # noqa: E402
     free_port,
     start_fixed_upstream,
     wait_port,
+    write_result,
     wrk,
 )
 
@@ -237,11 +238,7 @@ def main() -> None:
                 sum(row["errors"]),
             )
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
-    with open(os.path.join(ROOT, "bench", "results", "compare-redis.md" if args.redis else "compare.md"), "w") as f:
-        f.write(text)
+    write_result("compare-redis.md" if args.redis else "compare.md", lines)
 
 
 if __name__ == "__main__":

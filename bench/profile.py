@@ -32,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench.compare import proxy_env  # noqa: E402
-from bench.run import MODEL, Processes, free_port, start_fixed_upstream, wait_port, wrk  # noqa: E402
+from bench.run import MODEL, Processes, free_port, start_fixed_upstream, wait_port, write_result, wrk  # noqa: E402
 
 
 def env_pair(text: str) -> str:
@@ -146,11 +146,7 @@ def main() -> None:
         lines.append(
             "| %.1f | `%s` | | %.1f | `%s` |" % (100 * own_n / samples, own_name, 100 * total_n / samples, total_name)
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    out_dir = os.path.join(ROOT, "bench", "results")
-    with open(os.path.join(out_dir, name + ".md"), "w") as f:
-        f.write(text)
+    write_result(name + ".md", lines)
     print("raw stacks: %s" % stacks)
 
 

@@ -93,6 +93,16 @@ def sse_body(events: int = 20) -> str:
     return "".join(out) + "data: [DONE]\n\n"
 
 
+def write_result(name: str, lines: list[str]) -> None:
+    """Print a report's lines and keep them as bench/results/<name>."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out = os.path.join(ROOT, "bench", "results")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, name), "w") as f:
+        f.write(text)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -32,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench.compare import proxy_env  # noqa: E402
-from bench.run import KEY, MODEL, TOKEN, Processes, free_port, sse_body, ttft, wait_port  # noqa: E402
+from bench.run import KEY, MODEL, TOKEN, Processes, free_port, sse_body, ttft, wait_port, write_result  # noqa: E402
 
 
 def main() -> None:
@@ -113,10 +113,7 @@ def main() -> None:
             "| %s | %.1f / %.1f | %.1f / %.1f | %s | %d |"
             % (label, runs[0]["p50_ms"], runs[0]["p99_ms"], p50, p99, over, sum(r["failed"] for r in runs))
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    with open(os.path.join(ROOT, "bench", "results", "ttft.md"), "w") as f:
-        f.write(text)
+    write_result("ttft.md", lines)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench.compare import cpu_seconds, proxy_env  # noqa: E402
-from bench.run import MODEL, Processes, free_port, start_fixed_upstream, wait_port, wrk  # noqa: E402
+from bench.run import MODEL, Processes, free_port, start_fixed_upstream, wait_port, write_result, wrk  # noqa: E402
 from tests.procs import free_ports  # noqa: E402
 
 
@@ -97,10 +97,7 @@ def main() -> None:
                     sum(row["errors"]),
                 )
             )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    with open(os.path.join(ROOT, "bench", "results", "workers.md"), "w") as f:
-        f.write(text)
+    write_result("workers.md", lines)
 
 
 if __name__ == "__main__":
