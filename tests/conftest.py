@@ -158,6 +158,15 @@ def config(request, fake_openai):
     return proxy_settings(request, fake_openai, access_tokens=(ACCESS_TOKEN, "second-token-abc"))
 
 
+def file_upload(boundary: str, filename: str, content_type: str, payload: bytes) -> bytes:
+    """A /v1/files body as the SDKs send it: multipart/form-data with ``purpose=batch`` and the file."""
+    return (
+        b'--%s\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+        b'--%s\r\nContent-Disposition: form-data; name="file"; filename="%s"\r\n'
+        b"Content-Type: %s\r\n\r\n%s\r\n--%s--\r\n"
+    ) % (boundary.encode(), boundary.encode(), filename.encode(), content_type.encode(), payload, boundary.encode())
+
+
 def proxy_settings(request, fake_openai, **fields) -> Settings:
     """The in-process proxy's settings: on loopback, the fake as its upstream, one access token,
     then ``fields``, then the test's ``@pytest.mark.settings(...)`` over all of them."""

@@ -18,7 +18,7 @@ import pytest
 
 from chat_gpt_proxy.fake_openai.app import FakeOpenAI
 from chat_gpt_proxy.fake_openai.behaviours import Behaviour
-from tests.conftest import open_raw
+from tests.conftest import file_upload, open_raw
 from tests.egress_servers import MicroSocks, TinyProxy, make_tls_files, tls_fake
 
 STREAM = {"stream": True}
@@ -89,11 +89,7 @@ async def test_json_and_live_stream(proxy, fake_openai, egress_server):
 async def test_v1_multipart_upload_and_large_download(proxy, fake_openai, egress_server):
     boundary = uuid.uuid4().hex
     payload = b'{"a": 1}\n' * 1000
-    body = (
-        b'--%s\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
-        b'--%s\r\nContent-Disposition: form-data; name="file"; filename="data.jsonl"\r\n'
-        b"Content-Type: application/jsonl\r\n\r\n%s\r\n--%s--\r\n"
-    ) % (boundary.encode(), boundary.encode(), payload, boundary.encode())
+    body = file_upload(boundary, "data.jsonl", "application/jsonl", payload)
     response = await proxy.request(
         "/v1/files",
         body=body,

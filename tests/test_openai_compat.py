@@ -13,7 +13,7 @@ import pytest
 
 from chat_gpt_proxy.fake_openai.behaviours import Behaviour
 from chat_gpt_proxy.upstream.urls import upstream_url
-from tests.conftest import ACCESS_TOKEN, OPENAI_KEY
+from tests.conftest import ACCESS_TOKEN, OPENAI_KEY, file_upload
 
 
 def sdk(base_url, cls=openai.OpenAI, access_token=ACCESS_TOKEN, **kwargs):
@@ -244,11 +244,7 @@ async def test_a_binary_body_goes_upstream_byte_for_byte(proxy, fake_openai):
     the body is handed to libcurl from memory (POSTFIELDS) with its length, never as a C string."""
     payload = bytes(range(256)) * (5 * 1024) + b"\x00end"
     boundary = "b0undary"
-    raw = (
-        b'--%s\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
-        b'--%s\r\nContent-Disposition: form-data; name="file"; filename="x.bin"\r\n'
-        b"Content-Type: application/octet-stream\r\n\r\n%s\r\n--%s--\r\n"
-    ) % (boundary.encode(), boundary.encode(), payload, boundary.encode())
+    raw = file_upload(boundary, "x.bin", "application/octet-stream", payload)
     response = await proxy.request(
         "/v1/files", body=raw, headers={"Content-Type": "multipart/form-data; boundary=" + boundary}
     )
