@@ -145,7 +145,7 @@ class UpstreamClient(CurlAsyncHTTPClient):
             try:
                 if isinstance(request, HTTPRequest):
                     self._lean_setup(curl, request)
-                else:  # Tornado's _RequestProxy: PUT, PATCH, DELETE, a GET with a body
+                else:  # Tornado's _RequestProxy: whatever lean() turned away
                     self._curl_setup_request(curl, request, io.BytesIO(), HTTPHeaders())
             except Exception as exc:
                 # As Tornado does: a request that cannot be set up fails alone.
@@ -166,7 +166,7 @@ class UpstreamClient(CurlAsyncHTTPClient):
         curl.setopt(pycurl.TIMEOUT_MS, int(1000 * request.request_timeout))
         curl.setopt(pycurl.USERAGENT, request.user_agent)
         # libcurl's defaults (curl.reset() restores them), set anyway:
-        # certificate checks must not hang on a default.
+        # certificate checks must not depend on a default.
         curl.setopt(pycurl.SSL_VERIFYPEER, 1)
         curl.setopt(pycurl.SSL_VERIFYHOST, 2)
         if request.ca_certs is not None:
