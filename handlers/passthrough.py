@@ -12,6 +12,7 @@ import json
 
 from chat_gpt_proxy import tornado_internals as internals
 from chat_gpt_proxy.cache import Entry, cacheable
+from chat_gpt_proxy.formats.openai import for_path
 from chat_gpt_proxy.request.body import parse_content_length
 from chat_gpt_proxy.request.model import MODEL_FREE_PATH_RE, SESSION_MODEL_PATH_RE, inspect_request
 from chat_gpt_proxy.request.strict_json import dumps, loads
@@ -56,8 +57,9 @@ SMALL_BODY = 1024 * 1024
 # request, one deterministic-enough answer.
 CACHED_PATHS = frozenset(("chat/completions", "responses", "embeddings"))
 
-# JSON answers up to this size are parsed for their token usage;
-# a chat completion is a few KiB, and parsing costs event-loop time.
+# JSON answers up to this size are parsed whole for their usage (a chat
+# completion is a few KiB); a larger one is read by an incremental parser
+# that holds nothing but the usage (chat_gpt_proxy/formats/openai.py).
 USAGE_PARSE_LIMIT = 256 * 1024
 
 
@@ -117,6 +119,7 @@ class OpenAIHandler(OpenAIStyle, ProxyHandler):
     async def forward(self) -> None:
         # One normalised path for the allow-list check and the upstream.
         self.v1_path = normalised_path(self.request.path[len("/v1/") :])
+        self.api_format = for_path(self.v1_path or "")
         url = None if self.v1_path is None else join_url(self.config.openai_base_url, self.v1_path, self.request.query)
         if url is None:
             raise ApiError(400, "Invalid path.", "invalid_request_error", "invalid_path")
@@ -252,25 +255,31 @@ class OpenAIHandler(OpenAIStyle, ProxyHandler):
         if self.cache_slot is not None and call.status == 200 and "json" in content_type:
             self.keep_in_cache(Entry("json", content_type, body=body))
 
+    def reads_usage(self, call) -> bool:
+        """Whether the answer is one that reports usage: a successful JSON answer."""
+        return 200 <= call.status < 300 and "json" in call.headers.get("Content-Type", "")
+
     def note_usage(self, call, body: bytes) -> None:
-        """Keep the token usage of a small JSON answer for the access log and metrics, as /chat_complete does."""
-        if (
-            200 <= call.status < 300
-            and len(body) <= USAGE_PARSE_LIMIT
-            and b'"usage"' in body
-            and "json" in call.headers.get("Content-Type", "")
-        ):
-            try:
-                answer = json.loads(body)
-            except (ValueError, RecursionError):
-                return
-            if isinstance(answer, dict):
-                self.access.usage = answer.get("usage")
+        """Keep the usage and the model of a whole JSON answer, as /chat_complete does."""
+        if not self.reads_usage(call):
+            return
+        try:
+            answer = json.loads(body)
+        except (ValueError, RecursionError):
+            return
+        self.note_answer(answer)
+
+    def note_answer(self, answer) -> None:
+        found = self.api_format
+        self.access.usage = found.usage_from_answer(answer)
+        self.access.ran_model = found.model_from_answer(answer)
 
     async def _relay_chunks(self, call) -> None:
         # OpenAI sends its JSON answers chunked (no Content-Length): a copy of
-        # a small one is kept while it is relayed, for its token usage.
+        # a small one is kept while it is relayed, for its usage and the
+        # cache; a larger one goes through the incremental usage reader.
         copy: list[bytes] | None = [] if "json" in call.headers.get("Content-Type", "") else None
+        reader = None
         copied = 0
         while True:
             try:
@@ -288,13 +297,20 @@ class OpenAIHandler(OpenAIStyle, ProxyHandler):
                     whole = b"".join(copy)
                     self.note_usage(call, whole)
                     self.keep_json_answer(call, whole)
+                elif reader is not None:
+                    self.note_answer(reader.close())
                 return
             if copy is not None:
                 copied += len(chunk)
+                copy.append(chunk)
                 if copied > USAGE_PARSE_LIMIT:
+                    if self.reads_usage(call):
+                        reader = self.api_format.answer_reader()
+                        for part in copy:
+                            reader.feed(part)
                     copy = None
-                else:
-                    copy.append(chunk)
+            elif reader is not None:
+                reader.feed(chunk)
             self.write(chunk)
             if not await self.flush_or_abort():
                 return
