@@ -52,7 +52,7 @@ def ours(stream: bytes, cuts: list[int]) -> tuple[list, bytes]:
     return found, raw
 
 
-line_text = st.text(alphabet=st.sampled_from("ab :é\0{}\"data event id"), max_size=12)
+line_text = st.text(alphabet=st.sampled_from('ab :é\0{}"data event id'), max_size=12)
 field_line = st.one_of(
     st.builds(lambda v: "data:" + v, line_text),
     st.builds(lambda v: "data: " + v, line_text),

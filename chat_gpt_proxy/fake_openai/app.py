@@ -62,8 +62,15 @@ class FakeOpenAI:
         max_body: int = MAX_KEPT_BODY,
         azure_deployments: set[str] | None = None,
         azure_key: str | None = None,
+        spaced: bool = False,
+        obfuscation: bool = False,
     ):
         self.default_delay = default_delay
+        # How it writes JSON: compact as OpenAI does, or ``spaced`` as servers on
+        # Python's json.dumps do; ``obfuscation``: chat chunks end with OpenAI's
+        # random ``obfuscation`` field. Both may change at any time.
+        self.spaced = spaced
+        self.obfuscation = obfuscation
         # With an ``ssl.SSLContext`` it serves HTTPS (an upstream with a
         # private CA); ``host_name`` is the host its ``url`` names.
         self.ssl_context = ssl_context

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import socket
 import struct
@@ -21,7 +22,9 @@ from tornado.iostream import StreamClosedError
 from chat_gpt_proxy import tornado_internals as internals
 from chat_gpt_proxy.fake_openai.behaviours import Behaviour
 from chat_gpt_proxy.fake_openai.wire import (
-    chunk,
+    chunk as wire_chunk,
+)
+from chat_gpt_proxy.fake_openai.wire import (
     completion,
     echo_text,
     error_object,
@@ -118,7 +121,11 @@ class FakeHandler(tornado.web.RequestHandler):
     def write_json(self, obj, status: int = 200) -> None:
         self.set_status(status)
         self.set_header("Content-Type", "application/json")
-        self.finish(to_json(obj))
+        self.finish(to_json(obj, self.fake.spaced))
+
+    def answer(self, behaviour: Behaviour, model: str, usage: dict) -> tuple[str, dict]:
+        """The model the answer names and its usage, as ``behaviour`` may have scripted them."""
+        return behaviour.answer_model or model, {**usage, **(behaviour.usage or {})}
 
     async def send_raw(self, behaviour: Behaviour) -> None:
         """Write ``behaviour.raw`` as the whole answer, bypassing Tornado's HTTP layer, then close."""
@@ -186,7 +193,9 @@ class ChatCompletions(FakeHandler):
             return
         text = echo_text(body)
         if not body.get("stream"):
-            self.write_json(completion(text, model))
+            answer = completion(text, model)
+            answer["model"], answer["usage"] = self.answer(behaviour, model, answer["usage"])
+            self.write_json(answer)
             return
         pieces = behaviour.chunks if behaviour.chunks is not None else [w + " " for w in text.split(" ")]
         await self.stream(behaviour, body, model, pieces)
@@ -197,6 +206,8 @@ class ChatCompletions(FakeHandler):
         cid = "chatcmpl-" + uuid.uuid4().hex[:24]
         options = body.get("stream_options")
         usage = isinstance(options, dict) and options.get("include_usage") is True
+        model, counts = self.answer(behaviour, model, usage_for("".join(pieces)))
+        chunk = functools.partial(wire_chunk, spaced=self.fake.spaced, obfuscation=self.fake.obfuscation)
         if not await self.send(chunk(cid, model, {"role": "assistant", "content": ""}, with_usage=usage)):
             return
         for index, piece in enumerate(pieces):
@@ -212,7 +223,7 @@ class ChatCompletions(FakeHandler):
                 return
         await self.send(chunk(cid, model, {}, finish_reason="stop", with_usage=usage))
         if usage:
-            await self.send(chunk(cid, model, {}, usage=usage_for("".join(pieces)), choices=False))
+            await self.send(chunk(cid, model, {}, usage=counts, choices=False))
         self.finish(b"data: [DONE]\n\n")
 
 
@@ -234,10 +245,9 @@ class Responses(FakeHandler):
         text = "Echo: " + responses_input_text(body)
         rid, item_id, created_at = "resp_" + uuid.uuid4().hex, "msg_" + uuid.uuid4().hex, int(time.time())
         done_item = output_message(item_id, text, "completed")
+        model, usage = self.answer(behaviour, model, responses_usage(text))
         if not body.get("stream"):
-            self.write_json(
-                response_object(rid, body, model, created_at, "completed", [done_item], responses_usage(text))
-            )
+            self.write_json(response_object(rid, body, model, created_at, "completed", [done_item], usage))
             return
         pieces = behaviour.chunks if behaviour.chunks is not None else [w + " " for w in text.split(" ")]
         text = "".join(pieces)
@@ -249,7 +259,7 @@ class Responses(FakeHandler):
 
         def event(kind: str, **fields) -> bytes:
             data = {"type": kind, "sequence_number": next(sequence), **fields}
-            return b"event: " + kind.encode() + b"\ndata: " + to_json(data) + b"\n\n"
+            return b"event: " + kind.encode() + b"\ndata: " + to_json(data, self.fake.spaced) + b"\n\n"
 
         in_progress = response_object(rid, body, model, created_at, "in_progress", [], None)
         opening = [
@@ -265,7 +275,8 @@ class Responses(FakeHandler):
                 return
             if not await self.send(event("response.output_text.delta", **at, delta=piece, logprobs=[])):
                 return
-        completed = response_object(rid, body, model, created_at, "completed", [done_item], responses_usage(text))
+        usage = self.answer(behaviour, model, responses_usage(text))[1]
+        completed = response_object(rid, body, model, created_at, "completed", [done_item], usage)
         closing = [
             event("response.output_text.done", **at, text=text, logprobs=[]),
             event("response.content_part.done", **at, part=output_text_part(text)),
