@@ -155,7 +155,8 @@ class Admission:
             # A model ran, so the body was read and decoded.
             request_bytes=len(self._decoded_body or b""),
             events=access.events,
-            model_call=ok and model_call,
+            # Deferred work is charged when its usage is known (chat_gpt_proxy/usage/deferred.py).
+            model_call=ok and model_call and getattr(self, "deferred", None) is None,
             ran_model=access.ran_model,
             upstream_model=access.upstream_model,
             partial=access.usage,

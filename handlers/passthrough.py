@@ -19,6 +19,7 @@ from chat_gpt_proxy.request.strict_json import dumps, loads
 from chat_gpt_proxy.upstream.errors import UpstreamError
 from chat_gpt_proxy.upstream.headers import HOP_BY_HOP_HEADERS
 from chat_gpt_proxy.upstream.urls import join_url, normalised_path
+from chat_gpt_proxy.usage.deferred import deferred_kind
 
 from .admission import check_model_allowed
 from .errors import ApiError
@@ -131,6 +132,9 @@ class OpenAIHandler(OpenAIStyle, ProxyHandler):
                 headers[name] = value
         model, stream = self.requested_model_and_stream()
         method = self.request.method
+        self.deferred = deferred_kind(method, self.v1_path, self.responses_body() if method == "POST" else None)
+        if self.deferred is not None:
+            self.check_deferred()
         pending = self.check_budget(
             model, method in ("POST", "PUT", "PATCH") and not MODEL_FREE_PATH_RE.match(self.v1_path)
         )
@@ -273,6 +277,63 @@ class OpenAIHandler(OpenAIStyle, ProxyHandler):
         found = self.api_format
         self.access.usage = found.usage_from_answer(answer)
         self.access.ran_model = found.model_from_answer(answer)
+        if not self.metered:
+            return
+        spend = self.application.spend
+        if self.deferred in ("background", "batch") and isinstance(answer, dict) and isinstance(answer.get("id"), str):
+            # Its usage comes when it is retrieved finished (chat_gpt_proxy/usage/deferred.py).
+            spend.deferred.started(answer["id"], self.access.token, self.access.model)
+        elif self.request.method == "GET":
+            finished = spend.deferred.finished(self.v1_path, answer)
+            if finished is not None:
+                self.charge_deferred(*finished, answer)
+
+    deferred: str | None = None
+
+    def responses_body(self):
+        """The body of a Responses API request, parsed (whether it runs in the background); None elsewhere."""
+        if self.v1_path != "responses":
+            return None
+        try:
+            return loads(self.body)
+        except (ValueError, RecursionError):
+            return None
+
+    def check_deferred(self) -> None:
+        """A token with a budget starts work that runs after the request only if its entry allows it."""
+        entry = self.token
+        if entry is None or not entry.policy.budget or entry.policy.deferred:
+            return
+        self.access.limited = "deferred"
+        raise ApiError(
+            403,
+            {
+                "background": "Background responses",
+                "batch": "Batches",
+                "client_secret": "Realtime client secrets (sessions that bypass this proxy)",
+            }[self.deferred]
+            + " are not allowed for an access token with a budget: their usage is not known when the request "
+            "ends. The proxy's operator can allow them for this token (deferred = true).",
+            "permission_denied",
+            "deferred_not_allowed",
+        )
+
+    def charge_deferred(self, entry, kind: str, answer: dict) -> None:
+        """Charge a finished background response or batch to the token that started it."""
+        found = self.api_format
+        self.application.spend.charge(
+            token=entry.token,
+            route=self.access.route,
+            model=entry.model,
+            usage=found.usage_from_answer(answer),
+            status=200,
+            request_id=self.access.request_id,
+            request_bytes=0,
+            events=0,
+            # A finished one without usage (failed before it ran, cancelled): nothing to estimate from.
+            model_call=False,
+            ran_model=found.model_from_answer(answer),
+        )
 
     async def _relay_chunks(self, call) -> None:
         # OpenAI sends its JSON answers chunked (no Content-Length): a copy of

@@ -22,12 +22,23 @@ from tests.conftest import open_raw, proxy_settings
 TEAM = "team-TOKEN-7e6d5c4b3a"
 KEY = "sk-test-exact-usage-0123456789"
 STYLES = ["compact", "spaced", "obfuscation"]
+DEFERRED_TOML = f"""
+[team]
+token = "{TEAM}"
+budget_tokens = 100000000
+
+[trusted]
+token = "trusted-TOKEN-1a2b3c4d5e"
+budget_tokens = 100000000
+deferred = true
+"""
+TRUSTED = "trusted-TOKEN-1a2b3c4d5e"
 
 
 @pytest.fixture
 def config(request, fake_openai, tmp_path):
     tokens = tmp_path / "tokens.toml"
-    tokens.write_text(f'[team]\ntoken = "{TEAM}"\nbudget_tokens = 100000000\n')
+    tokens.write_text(DEFERRED_TOML)
     return proxy_settings(
         request, fake_openai, access_tokens_file=str(tokens), usage_database=str(tmp_path / "usage.sqlite3")
     )
@@ -229,3 +240,43 @@ async def test_a_reasoning_stream_left_after_its_first_event_is_charged_what_may
     await fake_openai.wait_abort(timeout=5)
     (row,) = await rows(app)
     assert row["estimated"] == 1 and row["output_tokens"] == charged and row["model"] == "o3"
+
+
+DEFERRED = [
+    ("/v1/responses", {"model": "gpt-4o-mini", "input": "later", "background": True}),
+    ("/v1/batches", {"input_file_id": "file-1", "endpoint": "/v1/chat/completions", "completion_window": "24h"}),
+    ("/v1/realtime/client_secrets", {"session": {"type": "realtime", "model": "gpt-realtime"}}),
+]
+
+
+@pytest.mark.parametrize(("path", "body"), DEFERRED)
+@pytest.mark.gen_test(timeout=30)
+async def test_work_that_runs_after_the_request_is_refused_to_a_budgeted_token(proxy, app, fake_openai, path, body):
+    response = await proxy.request(path, json_body=body, headers=headers(), auth=False)
+    assert response.code == 403, response.body
+    error = json.loads(response.body)["error"]
+    assert error["code"] == "deferred_not_allowed" and "deferred = true" in error["message"]
+    assert len(fake_openai.received) == 0
+
+
+@pytest.mark.parametrize(("path", "body"), DEFERRED[:2])
+@pytest.mark.gen_test(timeout=30)
+async def test_allowed_deferred_work_is_charged_once_when_retrieved_finished(proxy, app, fake_openai, path, body):
+    trusted = headers(**{"access-token": TRUSTED})
+    fake_openai.push(Behaviour(usage={"input_tokens": 40, "output_tokens": 30}))
+    created = await proxy.request(path, json_body=body, headers=trusted, auth=False)
+    assert created.code == 200, created.body
+    object_id = json.loads(created.body)["id"]
+    # Retrieved while it runs, then finished, then again: charged once, with the usage it reports.
+    for _ in range(3):
+        response = await proxy.request(path + "/" + object_id, method="GET", headers=trusted, auth=False)
+        assert response.code == 200
+    background = "responses" in path
+    # A background response's creation is a row of no tokens; a batch's names no model, and makes none.
+    found = await rows(app, 2 if background else 1)
+    assert [(r["route"], r["token"]) for r in found] == [("v1", "trusted")] * (2 if background else 1)
+    assert usage_of(found[-1]) == ((40, 0, 30, 0) if background else (1000, 0, 500, 0))
+    if background:
+        assert usage_of(found[0]) == (0, 0, 0, 0)
+    await asyncio.sleep(0.2)
+    assert len(await rows(app, 3, timeout=0.5)) == len(found)

@@ -246,6 +246,12 @@ class Responses(FakeHandler):
         rid, item_id, created_at = "resp_" + uuid.uuid4().hex, "msg_" + uuid.uuid4().hex, int(time.time())
         done_item = output_message(item_id, text, "completed")
         model, usage = self.answer(behaviour, model, responses_usage(text))
+        if body.get("background") is True and not body.get("stream"):
+            # Queued now; retrieved later, in progress once, then finished with its usage.
+            finished = response_object(rid, body, model, created_at, "completed", [done_item], usage)
+            self.fake.deferred[rid] = [{**finished, "status": "in_progress", "usage": None}, finished]
+            self.write_json({**finished, "status": "queued", "background": True, "output": [], "usage": None})
+            return
         if not body.get("stream"):
             self.write_json(response_object(rid, body, model, created_at, "completed", [done_item], usage))
             return
@@ -372,6 +378,46 @@ class RawAnswer(FakeHandler):
             self.write_json({"object": "raw", "bytes": len(self.request.body)})
 
     get = head = post = put = patch = delete = options = any_method
+
+
+class Retrieve(FakeHandler):
+    def get(self, object_id: str) -> None:
+        """GET /v1/responses/{id}, /v1/batches/{id}: a background response or batch, each of its
+        states once, the last for good."""
+        states = self.fake.deferred.get(object_id)
+        if states is None:
+            self.write_json(error_object(Behaviour(message="No such object: %r" % object_id)), 404)
+            return
+        self.write_json(states.pop(0) if len(states) > 1 else states[0])
+
+
+class Batches(FakeHandler):
+    def post(self) -> None:
+        """POST /v1/batches: a batch validating now, in progress, then completed with its usage
+        (as OpenAI reports it)."""
+        body = json.loads(self.request.body or b"{}")
+        batch = {
+            "id": "batch_" + uuid.uuid4().hex[:24],
+            "object": "batch",
+            "endpoint": body.get("endpoint"),
+            "model": "gpt-4o-mini",
+            "input_file_id": body.get("input_file_id"),
+            "completion_window": "24h",
+            "status": "validating",
+            "created_at": int(time.time()),
+            "request_counts": {"total": 2, "completed": 0, "failed": 0},
+            "usage": None,
+        }
+        usage = {
+            "input_tokens": 1000,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": 500,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": 1500,
+        }
+        finished = {**batch, "status": "completed", "request_counts": {"total": 2, "completed": 2, "failed": 0}}
+        self.fake.deferred[batch["id"]] = [{**batch, "status": "in_progress"}, {**finished, "usage": usage}]
+        self.write_json(batch)
 
 
 class RealtimeClientSecrets(FakeHandler):

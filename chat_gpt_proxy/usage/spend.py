@@ -22,6 +22,7 @@ from chat_gpt_proxy.access.tokens import UNNAMED
 from chat_gpt_proxy.formats.usage import Usage
 
 from .budgets import NO_BUDGET, PERIODS, Budget, BudgetBook, Over, period_bounds
+from .deferred import DeferredWork
 from .ledger import Ledger, make_store
 from .meter import Charge, cost, estimate
 from .prices import Price, PriceTable
@@ -58,6 +59,8 @@ class Spend:
         self.ledger: Ledger | None = None
         # Token names whose spend was read from the ledger (at startup, or when a reload added them).
         self.rebuilt: set[str] = set()
+        # Background responses and batches to charge once they report their usage.
+        self.deferred = DeferredWork()
         self.shared = None
         if shared_limits is not None:
             from .shared import SharedSpend  # imports redis: only with REDIS_URL
