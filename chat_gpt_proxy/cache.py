@@ -30,6 +30,7 @@ import logging
 import time
 
 from .access.tokens import UNNAMED
+from .formats.usage import Usage
 
 log = logging.getLogger("chat_gpt_proxy")
 
@@ -77,18 +78,6 @@ def cacheable(payload, route: str = "") -> bool:
     return True
 
 
-def stream_complete(events: list[bytes]) -> bool:
-    """Whether a stream ended as a finished answer: ``data: [DONE]`` (Chat Completions) or
-    ``response.completed`` (Responses), with no error event anywhere."""
-    if not events:
-        return False
-    whole = b"".join(events)
-    if b'data: {"error"' in whole or b'data: {"error"' in whole:
-        return False
-    tail = whole[-4096:]
-    return tail.endswith(b"data: [DONE]\n\n") or b'"type":"response.completed"' in tail
-
-
 @dataclasses.dataclass(frozen=True)
 class Entry:
     """An answer as the client received it: ``body`` (JSON), or ``events`` (a stream, each event whole)."""
@@ -98,7 +87,7 @@ class Entry:
     body: bytes = b""
     events: tuple[bytes, ...] = ()
     model: str | None = None
-    usage: dict | None = None
+    usage: Usage | None = None
     expires: float = 0.0  # time.time()
 
     @property
@@ -113,7 +102,7 @@ class Entry:
                 "body": self.body.decode("utf-8", "surrogateescape"),
                 "events": [e.decode("utf-8", "surrogateescape") for e in self.events],
                 "model": self.model,
-                "usage": self.usage,
+                "usage": self.usage.as_dict() if self.usage is not None else None,
                 "expires": self.expires,
             },
             ensure_ascii=True,
@@ -128,7 +117,7 @@ class Entry:
             raw["body"].encode("utf-8", "surrogateescape"),
             tuple(e.encode("utf-8", "surrogateescape") for e in raw["events"]),
             raw.get("model"),
-            raw.get("usage"),
+            Usage.from_dict(raw.get("usage")),
             float(raw.get("expires", 0)),
         )
 

@@ -20,6 +20,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from .access.tokens import UNNAMED
+from .formats.usage import Usage
 
 access_log = logging.getLogger("chat_gpt_proxy.access")
 
@@ -54,7 +55,11 @@ class AccessRecord:
     # The access token's name (UNNAMED: a token of ACCESS_TOKEN, or none).
     token: str = UNNAMED
     model: str | None = None
-    usage: dict | None = None
+    # What the upstream reported (chat_gpt_proxy/formats), and the model it says ran.
+    usage: Usage | None = None
+    ran_model: str | None = None
+    # The model as the upstream that took the request calls it (an alias resolved).
+    upstream_model: str | None = None
     bytes_out: int = 0
     first_byte_at: float | None = None
     # The realtime handshake's duration (an HTTP call's comes from ``call``).
@@ -335,16 +340,9 @@ def client_request_id(request) -> str | None:
     return given if REQUEST_ID_RE.fullmatch(given) else None
 
 
-def token_counts(usage) -> tuple[int | None, int | None]:
-    """(prompt, completion) tokens of an OpenAI ``usage`` object (Chat Completions,
-    Embeddings, or the Responses API's input/output names); None where absent."""
-    if not isinstance(usage, dict):
-        return None, None
-    counts = []
-    for names in (("prompt_tokens", "input_tokens"), ("completion_tokens", "output_tokens")):
-        value = next((usage[n] for n in names if n in usage), None)
-        counts.append(value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None)
-    return counts[0], counts[1]
+def token_counts(usage: Usage | None) -> tuple[int | None, int | None]:
+    """(prompt, completion) tokens of a reported usage; None where there is none."""
+    return (usage.input_tokens, usage.output_tokens) if usage is not None else (None, None)
 
 
 def _access_line(config, record: dict) -> None:

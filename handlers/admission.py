@@ -12,6 +12,7 @@ from chat_gpt_proxy.observability import CLIENT_CLOSED_STATUS
 from chat_gpt_proxy.upstream.pool import UpstreamPool
 from chat_gpt_proxy.upstream.routing import Upstream
 from chat_gpt_proxy.usage.budgets import Over
+from chat_gpt_proxy.usage.meter import output_cap
 
 from .errors import ApiError
 
@@ -139,18 +140,33 @@ class Admission:
         ok = 200 <= status < 300 or status == CLIENT_CLOSED_STATUS
         if access.model is None and access.usage is None:
             return  # no model call (files, uploads): nothing to charge
+        meter = getattr(self, "stream_meter", None)
+        # A stream's usage counts once its final usage event came, even if the
+        # client left right after it (Codex CLI closes on response.completed).
+        usage = access.usage if ok and (meter is None or meter.final) else None
+        left_early = usage is None and access.client_gone
         self.application.spend.charge(
             token=access.token,
             route=access.route,
             model=access.model,
-            usage=access.usage if ok else None,
+            usage=usage,
             status=status,
             request_id=access.request_id,
             # A model ran, so the body was read and decoded.
             request_bytes=len(self._decoded_body or b""),
             events=access.events,
-            model_call=ok and model_call,
+            # Deferred work is charged when its usage is known (chat_gpt_proxy/usage/deferred.py).
+            model_call=ok and model_call and getattr(self, "deferred", None) is None,
+            ran_model=access.ran_model,
+            upstream_model=access.upstream_model,
+            partial=access.usage,
+            left_early=left_early,
+            output_cap=self.request_output_cap() if usage is None and left_early else None,
         )
+
+    def request_output_cap(self) -> int | None:
+        """The cap on output tokens the request set itself (its JSON body's), for an estimate."""
+        return output_cap(self._decoded_body)
 
     def server_key_refused(self) -> ApiError:
         """The upstream refused the server's own key: the operator's problem, not the caller's.

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from chat_gpt_proxy.cache import Entry, cacheable
+from chat_gpt_proxy.formats.openai import OPENAI_CHAT
 from chat_gpt_proxy.request.generate_params import ParamsError, normalize_generate_params
 from chat_gpt_proxy.request.strict_json import dumps
+from chat_gpt_proxy.usage.meter import output_cap
 
 from .errors import ApiError
 from .relay import ProxyHandler, without_content
@@ -66,11 +68,16 @@ def answer_text(answer: dict):
 
 class ChatCompleteHandler(UsagePageMixin, ProxyHandler):
     route_name = "chat_complete"
+    api_format = OPENAI_CHAT
+    payload: dict | None = None
+
+    def request_output_cap(self) -> int | None:
+        return output_cap(self.payload)
 
     async def post(self) -> None:
         """POST /chat_complete: a chat completion as JSON, or as an SSE stream with stream=true."""
         key = self.openai_key()
-        payload = build_chat_request(self.json_body(), self.config, self.allowed_models())
+        payload = self.payload = build_chat_request(self.json_body(), self.config, self.allowed_models())
         stream = payload.get("stream") is True
         self.access.model = payload["model"]
         pending = self.check_budget(payload["model"])
@@ -109,7 +116,8 @@ class ChatCompleteHandler(UsagePageMixin, ProxyHandler):
             raise ApiError(
                 502, "The upstream answered with JSON that is not an object.", "upstream_error", "upstream_invalid_json"
             )
-        self.access.usage = answer.get("usage")
+        self.access.usage = self.api_format.usage_from_answer(answer)
+        self.access.ran_model = self.api_format.model_from_answer(answer)
         answer["text"] = answer_text(answer)
         answer["status"] = "ok"
         self.relay_headers(call)

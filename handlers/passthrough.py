@@ -12,12 +12,14 @@ import json
 
 from chat_gpt_proxy import tornado_internals as internals
 from chat_gpt_proxy.cache import Entry, cacheable
+from chat_gpt_proxy.formats.openai import for_path
 from chat_gpt_proxy.request.body import parse_content_length
 from chat_gpt_proxy.request.model import MODEL_FREE_PATH_RE, SESSION_MODEL_PATH_RE, inspect_request
 from chat_gpt_proxy.request.strict_json import dumps, loads
 from chat_gpt_proxy.upstream.errors import UpstreamError
 from chat_gpt_proxy.upstream.headers import HOP_BY_HOP_HEADERS
 from chat_gpt_proxy.upstream.urls import join_url, normalised_path
+from chat_gpt_proxy.usage.deferred import deferred_kind
 
 from .admission import check_model_allowed
 from .errors import ApiError
@@ -56,8 +58,9 @@ SMALL_BODY = 1024 * 1024
 # request, one deterministic-enough answer.
 CACHED_PATHS = frozenset(("chat/completions", "responses", "embeddings"))
 
-# JSON answers up to this size are parsed for their token usage;
-# a chat completion is a few KiB, and parsing costs event-loop time.
+# JSON answers up to this size are parsed whole for their usage (a chat
+# completion is a few KiB); a larger one is read by an incremental parser
+# that holds nothing but the usage (chat_gpt_proxy/formats/openai.py).
 USAGE_PARSE_LIMIT = 256 * 1024
 
 
@@ -117,6 +120,7 @@ class OpenAIHandler(OpenAIStyle, ProxyHandler):
     async def forward(self) -> None:
         # One normalised path for the allow-list check and the upstream.
         self.v1_path = normalised_path(self.request.path[len("/v1/") :])
+        self.api_format = for_path(self.v1_path or "")
         url = None if self.v1_path is None else join_url(self.config.openai_base_url, self.v1_path, self.request.query)
         if url is None:
             raise ApiError(400, "Invalid path.", "invalid_request_error", "invalid_path")
@@ -128,6 +132,9 @@ class OpenAIHandler(OpenAIStyle, ProxyHandler):
                 headers[name] = value
         model, stream = self.requested_model_and_stream()
         method = self.request.method
+        self.deferred = deferred_kind(method, self.v1_path, self.responses_body() if method == "POST" else None)
+        if self.deferred is not None:
+            self.check_deferred()
         pending = self.check_budget(
             model, method in ("POST", "PUT", "PATCH") and not MODEL_FREE_PATH_RE.match(self.v1_path)
         )
@@ -252,25 +259,88 @@ class OpenAIHandler(OpenAIStyle, ProxyHandler):
         if self.cache_slot is not None and call.status == 200 and "json" in content_type:
             self.keep_in_cache(Entry("json", content_type, body=body))
 
+    def reads_usage(self, call) -> bool:
+        """Whether the answer is one that reports usage: a successful JSON answer."""
+        return 200 <= call.status < 300 and "json" in call.headers.get("Content-Type", "")
+
     def note_usage(self, call, body: bytes) -> None:
-        """Keep the token usage of a small JSON answer for the access log and metrics, as /chat_complete does."""
-        if (
-            200 <= call.status < 300
-            and len(body) <= USAGE_PARSE_LIMIT
-            and b'"usage"' in body
-            and "json" in call.headers.get("Content-Type", "")
-        ):
-            try:
-                answer = json.loads(body)
-            except (ValueError, RecursionError):
-                return
-            if isinstance(answer, dict):
-                self.access.usage = answer.get("usage")
+        """Keep the usage and the model of a whole JSON answer, as /chat_complete does."""
+        if not self.reads_usage(call):
+            return
+        try:
+            answer = json.loads(body)
+        except (ValueError, RecursionError):
+            return
+        self.note_answer(answer)
+
+    def note_answer(self, answer) -> None:
+        found = self.api_format
+        self.access.usage = found.usage_from_answer(answer)
+        self.access.ran_model = found.model_from_answer(answer)
+        if not self.metered:
+            return
+        spend = self.application.spend
+        if self.deferred in ("background", "batch") and isinstance(answer, dict) and isinstance(answer.get("id"), str):
+            # Its usage comes when it is retrieved finished (chat_gpt_proxy/usage/deferred.py).
+            spend.deferred.started(answer["id"], self.access.token, self.access.model)
+        elif self.request.method == "GET":
+            finished = spend.deferred.finished(self.v1_path, answer)
+            if finished is not None:
+                self.charge_deferred(*finished, answer)
+
+    deferred: str | None = None
+
+    def responses_body(self):
+        """The body of a Responses API request, parsed (whether it runs in the background); None elsewhere."""
+        if self.v1_path != "responses":
+            return None
+        try:
+            return loads(self.body)
+        except (ValueError, RecursionError):
+            return None
+
+    def check_deferred(self) -> None:
+        """A token with a budget starts work that runs after the request only if its entry allows it."""
+        entry = self.token
+        if entry is None or not entry.policy.budget or entry.policy.deferred:
+            return
+        self.access.limited = "deferred"
+        raise ApiError(
+            403,
+            {
+                "background": "Background responses",
+                "batch": "Batches",
+                "client_secret": "Realtime client secrets (sessions that bypass this proxy)",
+            }[self.deferred]
+            + " are not allowed for an access token with a budget: their usage is not known when the request "
+            "ends. The proxy's operator can allow them for this token (deferred = true).",
+            "permission_denied",
+            "deferred_not_allowed",
+        )
+
+    def charge_deferred(self, entry, kind: str, answer: dict) -> None:
+        """Charge a finished background response or batch to the token that started it."""
+        found = self.api_format
+        self.application.spend.charge(
+            token=entry.token,
+            route=self.access.route,
+            model=entry.model,
+            usage=found.usage_from_answer(answer),
+            status=200,
+            request_id=self.access.request_id,
+            request_bytes=0,
+            events=0,
+            # A finished one without usage (failed before it ran, cancelled): nothing to estimate from.
+            model_call=False,
+            ran_model=found.model_from_answer(answer),
+        )
 
     async def _relay_chunks(self, call) -> None:
         # OpenAI sends its JSON answers chunked (no Content-Length): a copy of
-        # a small one is kept while it is relayed, for its token usage.
+        # a small one is kept while it is relayed, for its usage and the
+        # cache; a larger one goes through the incremental usage reader.
         copy: list[bytes] | None = [] if "json" in call.headers.get("Content-Type", "") else None
+        reader = None
         copied = 0
         while True:
             try:
@@ -288,13 +358,20 @@ class OpenAIHandler(OpenAIStyle, ProxyHandler):
                     whole = b"".join(copy)
                     self.note_usage(call, whole)
                     self.keep_json_answer(call, whole)
+                elif reader is not None:
+                    self.note_answer(reader.close())
                 return
             if copy is not None:
                 copied += len(chunk)
+                copy.append(chunk)
                 if copied > USAGE_PARSE_LIMIT:
+                    if self.reads_usage(call):
+                        reader = self.api_format.answer_reader()
+                        for part in copy:
+                            reader.feed(part)
                     copy = None
-                else:
-                    copy.append(chunk)
+            elif reader is not None:
+                reader.feed(chunk)
             self.write(chunk)
             if not await self.flush_or_abort():
                 return

@@ -23,6 +23,7 @@ import tornado.web
 from tornado.websocket import WebSocketHandler, WebSocketProtocol13
 
 from chat_gpt_proxy import tornado_internals as internals
+from chat_gpt_proxy.formats.openai import openai_usage
 from chat_gpt_proxy.observability import log_session
 from chat_gpt_proxy.realtime.connect import UpstreamRefused, connect_upstream
 from chat_gpt_proxy.realtime.session import CLIENT_TO_UPSTREAM, UPSTREAM_TO_CLIENT, RealtimeSession
@@ -350,7 +351,7 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
             token=self.access.token,
             route=self.access.route,
             model=self.access.model,
-            usage=session.usage_object(),
+            usage=openai_usage(session.usage_object()),
             status=101,
             request_id=self.access.request_id,
             request_bytes=session.bytes[CLIENT_TO_UPSTREAM],

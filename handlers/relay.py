@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import time
 
 from tornado.ioloop import IOLoop
 
-from chat_gpt_proxy.cache import Entry, cache_key, key_partition, stream_complete
+from chat_gpt_proxy.cache import Entry, cache_key, key_partition
+from chat_gpt_proxy.formats.openai import OPENAI_JSON, OpenAIJson
+from chat_gpt_proxy.formats.sse import SseParser, parse_all
 from chat_gpt_proxy.request.strict_json import dumps, loads
 from chat_gpt_proxy.upstream.call import UpstreamCall
 from chat_gpt_proxy.upstream.errors import UpstreamError
@@ -22,7 +23,6 @@ from chat_gpt_proxy.upstream.headers import relayed_headers
 from chat_gpt_proxy.upstream.pool import UpstreamPool
 from chat_gpt_proxy.upstream.retry import MIN_ATTEMPT_SECONDS, retry_after_seconds
 from chat_gpt_proxy.upstream.routing import FAILOVER_STATUSES, KEY_REFUSED_STATUSES, failover_error
-from chat_gpt_proxy.usage.meter import usage_counts
 
 from .admission import take_upstream_slot
 from .base import BaseHandler
@@ -54,54 +54,6 @@ def without_content(status: int, method: str) -> bool:
     """Whether an answer has no body: to HEAD, 1xx, 204 and 304 (RFC 9110 section 6.4.1),
     and 205, which must not have one (section 15.3.6)."""
     return method == "HEAD" or status < 200 or status in (204, 205, 304)
-
-
-def last_event_end(data: bytes) -> int:
-    """Index just past the last complete SSE event in ``data`` (0 if none).
-
-    An event ends with a blank line; lines end in LF, CRLF or a lone CR
-    (WHATWG HTML, "Server-sent events", 9.2.4), so LF LF, CRLF CRLF and CR CR.
-    """
-    lf = data.rfind(b"\n\n")
-    crlf = data.rfind(b"\r\n\r\n")
-    cr = data.rfind(b"\r\r")
-    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0, cr + 2 if cr >= 0 else 0)
-
-
-# What ``stream_options.include_usage`` adds to a chat stream: ``"usage":null``
-# closing every chunk, and one last chunk with no choices and the usage.
-USAGE_NULL_END = b',"usage":null}'
-
-
-def without_injected_usage(events: bytes) -> bytes:
-    """``events`` as the upstream would have sent them had the proxy not asked for usage.
-
-    Only when the proxy added ``include_usage`` itself (chat_gpt_proxy/usage/):
-    the caller gets exactly the stream it asked for.
-    """
-    out = []
-    for event in events.split(b"\n\n"):
-        if event.startswith(b"data: {") and b'"usage":' in event:
-            if event.endswith(USAGE_NULL_END):
-                event = event[: -len(USAGE_NULL_END)] + b"}"
-            elif b'"choices":[]' in event:
-                try:
-                    parsed = json.loads(event[6:])
-                except (ValueError, RecursionError):
-                    parsed = None
-                if isinstance(parsed, dict) and parsed.get("choices") == [] and isinstance(parsed.get("usage"), dict):
-                    continue
-        out.append(event)
-    return b"\n\n".join(out)
-
-
-def split_events(data: bytes) -> list[bytes]:
-    """``data`` cut after each blank line (LF LF, as OpenAI ends events); joined, the pieces are ``data``."""
-    parts = data.split(b"\n\n")
-    pieces = [part + b"\n\n" for part in parts[:-1]]
-    if parts[-1]:
-        pieces.append(parts[-1])
-    return pieces
 
 
 def error_event(exc: UpstreamError) -> bytes:
@@ -162,6 +114,7 @@ class ProxyHandler(BaseHandler):
                 raise ApiError(400, "Invalid query string.", "invalid_request_error", "invalid_path")
             call_headers = {**headers, **upstream.auth_headers(self.upstream_key(upstream, key))}
             self.access.upstream = upstream.name
+            self.access.upstream_model = upstream.upstream_model(model)
             router.started(upstream)
             judged = False  # whether this try told the router anything about the route
             try:
@@ -278,12 +231,11 @@ class ProxyHandler(BaseHandler):
         """A cached answer, as the upstream's was relayed: JSON whole, a stream event by event as the client reads."""
         self.access.cache = "hit"
         self.access.model = entry.model or self.access.model
-        self.access.usage = entry.usage
+        usage = self.access.usage = entry.usage
         self.metered = False  # a hit costs nothing and is charged nothing
         price = self.application.spend.prices.price(entry.model)
-        counts = usage_counts(entry.usage)
-        saved_usd = price.cost(*counts) if price is not None and counts is not None else 0.0
-        cache.count("hit", self.access.token, saved_usd, counts[0] + counts[2] if counts is not None else 0)
+        saved_usd = price.cost(usage) if price is not None and usage is not None else 0.0
+        cache.count("hit", self.access.token, saved_usd, usage.tokens if usage is not None else 0)
         self.set_header("x-proxy-cache", "hit")
         self.set_header("Content-Type", entry.content_type)
         if entry.kind == "json":
@@ -294,22 +246,21 @@ class ProxyHandler(BaseHandler):
         self.request.connection.stream.set_nodelay(True)
         if self.access.first_byte_at is None:
             self.access.first_byte_at = time.monotonic()
-        for written in entry.events:
-            # One event per write and flush, however the upstream had grouped them.
-            for event in split_events(written):
-                self.write(event)
-                if not await self.flush_or_abort():
-                    return
+        # One event per write and flush, however the upstream had grouped them.
+        for event in parse_all(b"".join(entry.events)):
+            self.write(event.raw)
+            if not await self.flush_or_abort():
+                return
         self.finish()
 
-    def collect_for_cache(self, events: bytes) -> None:
+    def collect_for_cache(self, events: list[bytes]) -> None:
         """Keep a copy of what was relayed, up to the largest entry the cache takes; beyond it, none."""
-        self.cache_bytes += len(events)
+        self.cache_bytes += sum(len(event) for event in events)
         if self.cache_bytes > self.application.cache.max_entry:
             self.cache_events = None
             self.cache_slot = None
         else:
-            self.cache_events.append(events)
+            self.cache_events.extend(events)
 
     def keep_in_cache(self, entry: Entry) -> None:
         """Keep this request's complete, successful answer for the requests that repeat it."""
@@ -317,7 +268,9 @@ class ProxyHandler(BaseHandler):
             return
         key, ttl = self.cache_slot
         self.cache_slot = None
-        entry = dataclasses.replace(entry, model=self.access.model, usage=self.access.usage, expires=time.time() + ttl)
+        entry = dataclasses.replace(
+            entry, model=self.access.ran_model or self.access.model, usage=self.access.usage, expires=time.time() + ttl
+        )
         cache = self.application.cache
         task = asyncio.ensure_future(cache.put(key, entry))
         task.add_done_callback(lambda t: t.exception())
@@ -336,7 +289,7 @@ class ProxyHandler(BaseHandler):
 
     def ask_stream_usage(self, payload: dict) -> None:
         """A metered chat stream is always counted: ask for its usage if the caller did
-        not, and remember to remove what that adds (``without_injected_usage``)."""
+        not, and remember to remove what that adds (the format's stream meter does)."""
         options = payload.get("stream_options")
         if options is None or (isinstance(options, dict) and options.get("include_usage") is not True):
             payload["stream_options"] = {**(options or {}), "include_usage": True}
@@ -402,8 +355,16 @@ class ProxyHandler(BaseHandler):
             raise self.server_key_refused()
         raise mirrored_error(call.status, answer, call.headers)
 
+    # The API format of this request's answer (chat_gpt_proxy/formats): where its usage and model are.
+    api_format: OpenAIJson = OPENAI_JSON
+
     async def relay_stream(self, call: UpstreamCall) -> None:
-        """Relay an SSE answer as it arrives; headers are sent with the first event."""
+        """Relay an SSE answer event by event as it arrives; headers are sent with the first event.
+
+        Every event goes through the format's stream meter, which records the
+        usage and the model that ran and takes out what the proxy added to the
+        stream; what it records stays recorded whoever ends the stream.
+        """
         self.set_status(call.status)
         for name, value in SSE_HEADERS.items():
             self.set_header(name, value)
@@ -412,10 +373,8 @@ class ProxyHandler(BaseHandler):
         # algorithm holds each one until the client ACKs the previous one,
         # which a delayed ACK can postpone by 40 ms or more (RFC 1122 4.2.3.2).
         self.request.connection.stream.set_nodelay(True)
-        pending = b""
-        # The last bytes written: after a part of an event, its end may be
-        # split between them and what comes next.
-        tail = b""
+        parser = SseParser()
+        meter = self.stream_meter = self.api_format.stream_meter(self.usage_injected)
         keepalive = StreamWatch(self, self.config.stream_keepalive, self.config.client_stall_timeout)
         self.pool.streams += 1
         try:
@@ -426,57 +385,50 @@ class ProxyHandler(BaseHandler):
                     if self.client_left(exc):
                         return
                     self.upstream_failed(exc)
-                    self.write((SSE_END_EVENT if keepalive.mid_event else b"") + error_event(exc))
+                    self.write((SSE_END_EVENT if parser.relayed else b"") + error_event(exc))
                     await self.flush_or_abort()
                     return
                 if chunk is None:
-                    if pending:
-                        self.write(pending)
+                    # An event the upstream never ended is relayed as it came.
+                    rest = [event.raw for event in parser.finish()]
+                    if rest:
+                        self.write(b"".join(rest))
                         if self.cache_events is not None:
-                            self.collect_for_cache(pending)
-                    if self.cache_events is not None and call.status == 200 and stream_complete(self.cache_events):
+                            self.collect_for_cache(rest)
+                    if self.cache_events is not None and call.status == 200 and meter.complete and not meter.failed:
                         self.keep_in_cache(Entry("sse", SSE_HEADERS["Content-Type"], events=tuple(self.cache_events)))
                     return
-                pending += chunk
-                if len(pending) > MAX_PENDING_EVENT:
-                    end = len(pending)
-                else:
-                    end = max(0, last_event_end(tail + pending) - len(tail))
-                if end:
-                    events = pending[:end] if end < len(pending) else pending
-                    pending = pending[end:]
-                    if self.access.first_byte_at is None:
-                        self.access.first_byte_at = time.monotonic()
-                    if b'"usage":{' in events:
-                        self.note_stream_usage(events)
-                    if self.metered:
-                        self.access.events += events.count(b"data:")
-                        if self.usage_injected:
-                            events = without_injected_usage(events)
-                    self.write(events)
-                    if self.cache_events is not None:
-                        self.collect_for_cache(events)
-                    tail = (tail + events)[-4:]
-                    keepalive.mid_event = last_event_end(tail) != len(tail)
-                    keepalive.touch()
-                    if not await self.flush_or_abort():
-                        return
+                out = []
+                for event in parser.feed(chunk):
+                    relayed = meter.event(event)
+                    if relayed is not None:
+                        out.append(relayed.raw)
+                self.access.events += len(out)
+                if meter.usage is not None:
+                    self.access.usage = meter.usage
+                if parser.pending > MAX_PENDING_EVENT:
+                    # An event too large to hold back: its part goes out now, and
+                    # nothing of ours is written until it ends.
+                    out.append(parser.take_pending())
+                if not out:
+                    continue
+                if self.access.first_byte_at is None:
+                    self.access.first_byte_at = time.monotonic()
+                if self.cache_events is not None:
+                    self.collect_for_cache(out)
+                self.write(b"".join(out))
+                keepalive.mid_event = parser.relayed > 0
+                keepalive.touch()
+                if not await self.flush_or_abort():
+                    return
         finally:
             self.pool.streams -= 1
             keepalive.stop()
+            self.access.ran_model = meter.model or self.access.ran_model
+            if meter.usage is not None:
+                self.access.usage = meter.usage
 
-    def note_stream_usage(self, events: bytes) -> None:
-        """Keep the usage the upstream reports in a stream's last chunk (for logs and metrics)."""
-        for event in events.split(b"\n\n"):
-            if event.startswith(b"data: {") and b'"usage":{' in event:
-                try:
-                    parsed = json.loads(event[6:])
-                    # The Responses API reports it inside its final "response" object.
-                    usage = parsed.get("usage") or (parsed.get("response") or {}).get("usage")
-                except (ValueError, AttributeError, RecursionError):
-                    continue
-                if isinstance(usage, dict):
-                    self.access.usage = usage
+    stream_meter = None
 
 
 class StreamWatch:

@@ -14,6 +14,7 @@ The file is TOML, one table per token name::
     upstreams = ["openai-a"]          # only these upstreams of UPSTREAMS_FILE; unset: any
     cache = true                      # the response cache (chat_gpt_proxy/cache.py); unset: CACHE_TTL decides
     cache_ttl = 86400                 # seconds an answer is kept; unset: CACHE_TTL, else an hour
+    deferred = true                   # with a budget: may start background responses, batches, client secrets
     disabled = false
 
     [bob]
@@ -57,6 +58,7 @@ FIELDS = (
     "upstreams",
     "cache",
     "cache_ttl",
+    "deferred",
     "disabled",
 )
 UNNAMED = "-"
@@ -78,6 +80,8 @@ class TokenPolicy:
     upstreams: tuple[str, ...] = ()  # (): any upstream
     cache: bool | None = None  # None: CACHE_TTL decides
     cache_ttl: int = 0  # 0: CACHE_TTL, else an hour
+    # Work that runs after the request (chat_gpt_proxy/usage/deferred.py): refused to a budgeted token unless true.
+    deferred: bool = False
     disabled: bool = False
 
 
@@ -199,6 +203,7 @@ def _parse_entry(table: dict, settings, where: str, name: str) -> TokenEntry:
         upstreams=tuple(upstreams or ()),
         cache=_bool(table, "cache", where) if "cache" in table else None,
         cache_ttl=_int(table, "cache_ttl", where, 0, 365 * 86400),
+        deferred=_bool(table, "deferred", where),
         disabled=_bool(table, "disabled", where),
     )
     return TokenEntry(name, name, digest, policy)

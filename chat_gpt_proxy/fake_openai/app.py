@@ -23,6 +23,7 @@ from chat_gpt_proxy.fake_openai.behaviours import (
     RecentRequests,
 )
 from chat_gpt_proxy.fake_openai.http import (
+    Batches,
     ChatCompletions,
     Embeddings,
     FileContent,
@@ -33,6 +34,7 @@ from chat_gpt_proxy.fake_openai.http import (
     RealtimeCalls,
     RealtimeClientSecrets,
     Responses,
+    Retrieve,
     Script,
     Stats,
 )
@@ -62,8 +64,15 @@ class FakeOpenAI:
         max_body: int = MAX_KEPT_BODY,
         azure_deployments: set[str] | None = None,
         azure_key: str | None = None,
+        spaced: bool = False,
+        obfuscation: bool = False,
     ):
         self.default_delay = default_delay
+        # How it writes JSON: compact as OpenAI does, or ``spaced`` as servers on
+        # Python's json.dumps do; ``obfuscation``: chat chunks end with OpenAI's
+        # random ``obfuscation`` field. Both may change at any time.
+        self.spaced = spaced
+        self.obfuscation = obfuscation
         # With an ``ssl.SSLContext`` it serves HTTPS (an upstream with a
         # private CA); ``host_name`` is the host its ``url`` names.
         self.ssl_context = ssl_context
@@ -83,6 +92,8 @@ class FakeOpenAI:
         # The realtime WebSocket: scripted sessions and what each saw.
         self.realtime_script: collections.deque[RealtimeBehaviour] = collections.deque()
         self.realtime_sessions: list[RealtimeRecord] = []
+        # Background responses and batches: the states each retrieval shows, in turn (the last one stays).
+        self.deferred: dict[str, list[dict]] = {}
         # The Azure OpenAI routes (azure.py): the deployments it has (None: any name is one)
         # and the ``api-key`` it takes (None: any non-empty one). Both may change at any time.
         self.azure_deployments = azure_deployments
@@ -162,6 +173,8 @@ class FakeOpenAI:
             [
                 (r"/v1/chat/completions", ChatCompletions),
                 (r"/v1/responses", Responses),
+                (r"/v1/(?:responses|batches)/([A-Za-z0-9_-]+)", Retrieve),
+                (r"/v1/batches", Batches),
                 (r"/v1/models", Models),
                 (r"/v1/embeddings", Embeddings),
                 (r"/v1/files", Files),

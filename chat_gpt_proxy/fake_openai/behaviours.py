@@ -26,7 +26,9 @@ class Behaviour:
     and framing, even invalid ones; also answers ``ANY /v1/raw/<anything>``).
     ``chunks`` replaces the streamed pieces of text, ``delay`` is the pause
     before each chunk after the first, ``first_delay`` the pause before the
-    headers.
+    headers. ``usage`` replaces the counts the answer reports (merged into
+    its usage object: ``{"completion_tokens": 5009}``), ``answer_model`` the
+    model it says ran (a dated snapshot, say).
     """
 
     kind: str = "echo"
@@ -43,6 +45,8 @@ class Behaviour:
     body: str = "<html><body>Bad gateway</body></html>"
     content_type: str = "text/html"
     raw: str = ""
+    usage: dict | None = None
+    answer_model: str | None = None
 
 
 class Headers(dict):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import socket
 import struct
@@ -21,7 +22,9 @@ from tornado.iostream import StreamClosedError
 from chat_gpt_proxy import tornado_internals as internals
 from chat_gpt_proxy.fake_openai.behaviours import Behaviour
 from chat_gpt_proxy.fake_openai.wire import (
-    chunk,
+    chunk as wire_chunk,
+)
+from chat_gpt_proxy.fake_openai.wire import (
     completion,
     echo_text,
     error_object,
@@ -118,7 +121,11 @@ class FakeHandler(tornado.web.RequestHandler):
     def write_json(self, obj, status: int = 200) -> None:
         self.set_status(status)
         self.set_header("Content-Type", "application/json")
-        self.finish(to_json(obj))
+        self.finish(to_json(obj, self.fake.spaced))
+
+    def answer(self, behaviour: Behaviour, model: str, usage: dict) -> tuple[str, dict]:
+        """The model the answer names and its usage, as ``behaviour`` may have scripted them."""
+        return behaviour.answer_model or model, {**usage, **(behaviour.usage or {})}
 
     async def send_raw(self, behaviour: Behaviour) -> None:
         """Write ``behaviour.raw`` as the whole answer, bypassing Tornado's HTTP layer, then close."""
@@ -186,7 +193,9 @@ class ChatCompletions(FakeHandler):
             return
         text = echo_text(body)
         if not body.get("stream"):
-            self.write_json(completion(text, model))
+            answer = completion(text, model)
+            answer["model"], answer["usage"] = self.answer(behaviour, model, answer["usage"])
+            self.write_json(answer)
             return
         pieces = behaviour.chunks if behaviour.chunks is not None else [w + " " for w in text.split(" ")]
         await self.stream(behaviour, body, model, pieces)
@@ -197,6 +206,8 @@ class ChatCompletions(FakeHandler):
         cid = "chatcmpl-" + uuid.uuid4().hex[:24]
         options = body.get("stream_options")
         usage = isinstance(options, dict) and options.get("include_usage") is True
+        model, counts = self.answer(behaviour, model, usage_for("".join(pieces)))
+        chunk = functools.partial(wire_chunk, spaced=self.fake.spaced, obfuscation=self.fake.obfuscation)
         if not await self.send(chunk(cid, model, {"role": "assistant", "content": ""}, with_usage=usage)):
             return
         for index, piece in enumerate(pieces):
@@ -212,7 +223,7 @@ class ChatCompletions(FakeHandler):
                 return
         await self.send(chunk(cid, model, {}, finish_reason="stop", with_usage=usage))
         if usage:
-            await self.send(chunk(cid, model, {}, usage=usage_for("".join(pieces)), choices=False))
+            await self.send(chunk(cid, model, {}, usage=counts, choices=False))
         self.finish(b"data: [DONE]\n\n")
 
 
@@ -234,10 +245,15 @@ class Responses(FakeHandler):
         text = "Echo: " + responses_input_text(body)
         rid, item_id, created_at = "resp_" + uuid.uuid4().hex, "msg_" + uuid.uuid4().hex, int(time.time())
         done_item = output_message(item_id, text, "completed")
+        model, usage = self.answer(behaviour, model, responses_usage(text))
+        if body.get("background") is True and not body.get("stream"):
+            # Queued now; retrieved later, in progress once, then finished with its usage.
+            finished = response_object(rid, body, model, created_at, "completed", [done_item], usage)
+            self.fake.deferred[rid] = [{**finished, "status": "in_progress", "usage": None}, finished]
+            self.write_json({**finished, "status": "queued", "background": True, "output": [], "usage": None})
+            return
         if not body.get("stream"):
-            self.write_json(
-                response_object(rid, body, model, created_at, "completed", [done_item], responses_usage(text))
-            )
+            self.write_json(response_object(rid, body, model, created_at, "completed", [done_item], usage))
             return
         pieces = behaviour.chunks if behaviour.chunks is not None else [w + " " for w in text.split(" ")]
         text = "".join(pieces)
@@ -249,7 +265,7 @@ class Responses(FakeHandler):
 
         def event(kind: str, **fields) -> bytes:
             data = {"type": kind, "sequence_number": next(sequence), **fields}
-            return b"event: " + kind.encode() + b"\ndata: " + to_json(data) + b"\n\n"
+            return b"event: " + kind.encode() + b"\ndata: " + to_json(data, self.fake.spaced) + b"\n\n"
 
         in_progress = response_object(rid, body, model, created_at, "in_progress", [], None)
         opening = [
@@ -265,7 +281,8 @@ class Responses(FakeHandler):
                 return
             if not await self.send(event("response.output_text.delta", **at, delta=piece, logprobs=[])):
                 return
-        completed = response_object(rid, body, model, created_at, "completed", [done_item], responses_usage(text))
+        usage = self.answer(behaviour, model, responses_usage(text))[1]
+        completed = response_object(rid, body, model, created_at, "completed", [done_item], usage)
         closing = [
             event("response.output_text.done", **at, text=text, logprobs=[]),
             event("response.content_part.done", **at, part=output_text_part(text)),
@@ -361,6 +378,46 @@ class RawAnswer(FakeHandler):
             self.write_json({"object": "raw", "bytes": len(self.request.body)})
 
     get = head = post = put = patch = delete = options = any_method
+
+
+class Retrieve(FakeHandler):
+    def get(self, object_id: str) -> None:
+        """GET /v1/responses/{id}, /v1/batches/{id}: a background response or batch, each of its
+        states once, the last for good."""
+        states = self.fake.deferred.get(object_id)
+        if states is None:
+            self.write_json(error_object(Behaviour(message="No such object: %r" % object_id)), 404)
+            return
+        self.write_json(states.pop(0) if len(states) > 1 else states[0])
+
+
+class Batches(FakeHandler):
+    def post(self) -> None:
+        """POST /v1/batches: a batch validating now, in progress, then completed with its usage
+        (as OpenAI reports it)."""
+        body = json.loads(self.request.body or b"{}")
+        batch = {
+            "id": "batch_" + uuid.uuid4().hex[:24],
+            "object": "batch",
+            "endpoint": body.get("endpoint"),
+            "model": "gpt-4o-mini",
+            "input_file_id": body.get("input_file_id"),
+            "completion_window": "24h",
+            "status": "validating",
+            "created_at": int(time.time()),
+            "request_counts": {"total": 2, "completed": 0, "failed": 0},
+            "usage": None,
+        }
+        usage = {
+            "input_tokens": 1000,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": 500,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": 1500,
+        }
+        finished = {**batch, "status": "completed", "request_counts": {"total": 2, "completed": 2, "failed": 0}}
+        self.fake.deferred[batch["id"]] = [{**batch, "status": "in_progress"}, {**finished, "usage": usage}]
+        self.write_json(batch)
 
 
 class RealtimeClientSecrets(FakeHandler):

@@ -9,12 +9,14 @@ import uuid
 from chat_gpt_proxy.fake_openai.behaviours import Behaviour
 
 
-def to_json(obj) -> bytes:
-    """Compact JSON in UTF-8, as OpenAI writes it (escaped only where UTF-8 cannot hold a lone surrogate)."""
+def to_json(obj, spaced: bool = False) -> bytes:
+    """Compact JSON in UTF-8, as OpenAI writes it (escaped only where UTF-8 cannot hold a lone surrogate);
+    ``spaced``: with ``json.dumps``'s default spaces, as some OpenAI-compatible Python servers write it."""
+    separators = (", ", ": ") if spaced else (",", ":")
     try:
-        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        return json.dumps(obj, ensure_ascii=False, separators=separators).encode("utf-8")
     except UnicodeEncodeError:
-        return json.dumps(obj, separators=(",", ":")).encode("ascii")
+        return json.dumps(obj, separators=separators).encode("ascii")
 
 
 def completion(content: str, model: str) -> dict:
@@ -42,9 +44,21 @@ def usage_for(content: str) -> dict:
     return {"prompt_tokens": 9, "completion_tokens": completion_tokens, "total_tokens": 9 + completion_tokens}
 
 
-def chunk(cid: str, model: str, delta: dict, finish_reason=None, usage=None, choices=True, with_usage=False) -> bytes:
+def chunk(
+    cid: str,
+    model: str,
+    delta: dict,
+    finish_reason=None,
+    usage=None,
+    choices=True,
+    with_usage=False,
+    spaced=False,
+    obfuscation=False,
+) -> bytes:
     """One chat.completion.chunk event. As OpenAI does, a stream asked for its usage
-    (``stream_options.include_usage``) carries ``"usage": null`` in every chunk but the last."""
+    (``stream_options.include_usage``) carries ``"usage": null`` in every chunk but the last;
+    ``obfuscation``: as OpenAI's streams do by default, each chunk ends with random characters
+    (``stream_options.include_obfuscation``), after the usage."""
     obj = {
         "id": cid,
         "object": "chat.completion.chunk",
@@ -56,7 +70,9 @@ def chunk(cid: str, model: str, delta: dict, finish_reason=None, usage=None, cho
     }
     if with_usage or usage is not None:
         obj["usage"] = usage
-    return b"data: " + to_json(obj) + b"\n\n"
+    if obfuscation:
+        obj["obfuscation"] = uuid.uuid4().hex[: 4 + len(json.dumps(delta)) % 12]
+    return b"data: " + to_json(obj, spaced) + b"\n\n"
 
 
 def error_object(behaviour: Behaviour) -> dict:

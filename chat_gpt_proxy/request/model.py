@@ -95,10 +95,11 @@ def inspect_request(content_types: list[str], content_encoding: str | None, body
         found = _inspect(content_types, content_encoding, body)
         query_models = models_in_query(query_pairs(query))
         if query_models:
-            # Some OpenAI-compatible servers merge query and body parameters.
+            # Some OpenAI-compatible servers merge query and body parameters:
+            # the allow-list checks the query's model too. OpenAI ignores it on
+            # a POST, so it never names the model that is logged and priced.
             if len(query_models) > 1 or found.model is not None:
                 raise Undetermined("the model is given more than once (query string and body)")
-            found.model = query_models[0]
             found.models += (query_models[0],)
         return found
     except Undetermined as exc:

@@ -12,10 +12,14 @@ import math
 import os
 import re
 
+from chat_gpt_proxy.formats.usage import Usage
 from chat_gpt_proxy.toml_file import read_toml
 
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prices.toml")
-FIELDS = ("input", "cached_input", "output")
+FIELDS = ("input", "cached_input", "cache_write", "output", "max_output")
+# Fields that may be left out: cached and cache-written input then cost the
+# input price, and an unknown output cap is not used (chat_gpt_proxy/usage/meter.py).
+OPTIONAL_FIELDS = ("cached_input", "cache_write", "max_output")
 # OpenAI's dated snapshots: gpt-4o-mini-2024-07-18, o1-2024-12-17, gpt-4-0613, gpt-3.5-turbo-0125.
 DATED_RE = re.compile(r"^(.+?)-(?:\d{4}-\d{2}-\d{2}|\d{4})$")
 MAX_PRICE = 1_000_000.0  # USD per 1M tokens: far above any real price, catches a slip of units
@@ -32,12 +36,22 @@ class Price:
     input: float
     output: float
     cached_input: float | None = None  # None: cached tokens cost the input price
+    cache_write: float | None = None  # None: tokens written to a prompt cache cost the input price
+    # The model's documented output cap in tokens (what a caller who left early may have run up).
+    max_output: int | None = None
 
-    def cost(self, input_tokens: int, cached_tokens: int, output_tokens: int) -> float:
-        """USD for a usage; ``cached_tokens`` are part of ``input_tokens``, as OpenAI reports them."""
-        cached = min(cached_tokens, input_tokens)
+    def cost(self, usage: Usage) -> float:
+        """USD for a usage; its cached and cache-written tokens are part of its input tokens."""
+        cached = min(usage.cached_tokens, usage.input_tokens)
+        written = min(usage.cache_write_tokens, usage.input_tokens - cached)
         cached_rate = self.input if self.cached_input is None else self.cached_input
-        return ((input_tokens - cached) * self.input + cached * cached_rate + output_tokens * self.output) / 1e6
+        write_rate = self.input if self.cache_write is None else self.cache_write
+        return (
+            (usage.input_tokens - cached - written) * self.input
+            + cached * cached_rate
+            + written * write_rate
+            + usage.output_tokens * self.output
+        ) / 1e6
 
 
 def parse_prices(path: str) -> dict[str, Price]:
@@ -46,7 +60,9 @@ def parse_prices(path: str) -> dict[str, Price]:
     for model, table in data.items():
         where = "%s: model %r: " % (path, model[:100])
         if not isinstance(table, dict):
-            raise PricesFileError(where + "write each model as [name] with input, cached_input and output")
+            raise PricesFileError(
+                where + "write each model as [name] with input, output and optional %s" % ", ".join(OPTIONAL_FIELDS)
+            )
         unknown = sorted(set(table) - set(FIELDS))
         if unknown:
             raise PricesFileError(where + "unknown field %r (known: %s)" % (unknown[0][:64], ", ".join(FIELDS)))
@@ -54,8 +70,13 @@ def parse_prices(path: str) -> dict[str, Price]:
         for field in FIELDS:
             value = table.get(field)
             if value is None:
-                if field != "cached_input":
+                if field not in OPTIONAL_FIELDS:
                     raise PricesFileError(where + "%s is missing (USD per 1M tokens)" % field)
+                continue
+            if field == "max_output":
+                if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= 100_000_000:
+                    raise PricesFileError(where + "max_output must be a whole number of tokens, 1 or more")
+                values[field] = value
                 continue
             if (
                 isinstance(value, bool)
@@ -83,6 +104,11 @@ class PriceTable:
         """The price of ``model``, its dated family's, the operator's default, or None (not priced)."""
         if model is None:
             return self.default
+        found = self.listed(model)
+        return self.default if found is None else found
+
+    def listed(self, model: str) -> Price | None:
+        """The price the table gives ``model`` itself, or its dated family (an own entry first); no default."""
         found = self._cache.get(model, False)
         if found is not False:
             return found
@@ -91,8 +117,6 @@ class PriceTable:
             dated = DATED_RE.match(model)
             if dated:
                 found = self.prices.get(dated.group(1))
-        if found is None:
-            found = self.default
         if len(self._cache) < 10_000:  # model names come from callers: bound what is remembered
             self._cache[model] = found
         return found

@@ -19,11 +19,13 @@ import logging
 import time
 
 from chat_gpt_proxy.access.tokens import UNNAMED
+from chat_gpt_proxy.formats.usage import Usage
 
 from .budgets import NO_BUDGET, PERIODS, Budget, BudgetBook, Over, period_bounds
+from .deferred import DeferredWork
 from .ledger import Ledger, make_store
-from .meter import Charge, cost, estimate, usage_counts
-from .prices import PriceTable
+from .meter import Charge, cost, estimate
+from .prices import Price, PriceTable
 
 log = logging.getLogger("chat_gpt_proxy")
 
@@ -57,6 +59,8 @@ class Spend:
         self.ledger: Ledger | None = None
         # Token names whose spend was read from the ledger (at startup, or when a reload added them).
         self.rebuilt: set[str] = set()
+        # Background responses and batches to charge once they report their usage.
+        self.deferred = DeferredWork()
         self.shared = None
         if shared_limits is not None:
             from .shared import SharedSpend  # imports redis: only with REDIS_URL
@@ -141,30 +145,63 @@ class Spend:
             out["x-proxy-budget-remaining-tokens"] = str(left["remaining_tokens"])
         return out
 
+    def pricing(self, asked: str | None, aliased: str | None, ran: str | None) -> tuple[str | None, Price | None]:
+        """The model a request is charged as, and its price: the first the table prices of the model
+        that ran (the answer's ``model``) and the model asked for after aliases; else the price of
+        the model asked for (or the operator's default), on which ``model_not_priced`` was decided."""
+        for model in (ran, aliased):
+            if model is not None and model != asked:
+                found = self.prices.listed(model)
+                if found is not None:
+                    return model, found
+        return ran or aliased or asked, self.prices.price(asked)
+
     def charge(
         self,
         *,
         token: str,
         route: str,
         model: str | None,
-        usage,
+        usage: Usage | None,
         status: int,
         request_id: str,
         request_bytes: int,
         events: int,
         model_call: bool,
+        ran_model: str | None = None,
+        upstream_model: str | None = None,
+        partial: Usage | None = None,
+        left_early: bool = False,
+        output_cap: int | None = None,
     ) -> Charge:
-        """Charge one finished request: its usage, or an estimate when a model ran and none came back."""
-        counts = usage_counts(usage)
+        """Charge one finished request: its usage, or an estimate when a model ran and none came back
+        (chat_gpt_proxy/usage/meter.py says how). ``model``: the model asked for; ``upstream_model``:
+        the same after the upstream's aliases; ``ran_model``: the one the upstream says ran."""
+        charged_as, price = self.pricing(model, upstream_model, ran_model)
         estimated = False
-        if counts is None:
+        if usage is None:
             if model_call:
-                counts, estimated = estimate(request_bytes, events), True
+                usage = estimate(
+                    request_bytes, events, partial=partial, left_early=left_early, cap=output_cap, price=price
+                )
+                estimated = True
             else:
-                counts = (0, 0, 0)
+                usage = Usage(0, 0)
         at = time.time()
-        usd = cost(self.prices.price(model), counts)
-        row = Charge(at, token, route, model, *counts, usd, estimated, status, request_id)
+        usd = cost(price, usage)
+        row = Charge(
+            at,
+            token,
+            route,
+            charged_as,
+            usage.input_tokens,
+            usage.cached_tokens,
+            usage.output_tokens,
+            usd,
+            estimated,
+            status,
+            request_id,
+        )
         self.book.charge(token, at, usd, row.tokens)
         if self.shared is not None and token != UNNAMED:
             self.shared.charge(token, at, usd, row.tokens)

@@ -1,0 +1,257 @@
+"""OpenAI's API formats: where each keeps its usage and the model that ran, in JSON and in stream events,
+and what the proxy adds to a stream and must take out again.
+
+- ``OPENAI_JSON``: every JSON answer with a top-level ``usage`` and ``model``
+  (chat completions, Responses, embeddings, audio, a finished batch).
+- ``OPENAI_CHAT``: Chat Completions streams, ``data: {chunk}`` events ending
+  in ``data: [DONE]``. With ``stream_options.include_usage`` every chunk
+  carries ``"usage": null`` and one last chunk has no choices and the usage;
+  chunks may carry more after it (OpenAI's ``obfuscation``).
+- ``OPENAI_RESPONSES``: Responses API streams, ``event: response.…`` events
+  whose usage is in ``response.usage`` of ``response.completed``,
+  ``response.incomplete`` or ``response.failed``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import ijson
+
+from .sse import Event
+from .usage import Usage, count
+
+# Error shapes, as OpenAI writes them.
+ERROR_EVENT_TYPES = frozenset(("error", "response.failed"))
+RESPONSES_FINAL_EVENTS = frozenset(("response.completed", "response.incomplete", "response.failed"))
+
+
+def openai_usage(found) -> Usage | None:
+    """An OpenAI ``usage`` object (Chat Completions, Responses, Embeddings, audio, batches, realtime)."""
+    if not isinstance(found, dict):
+        return None
+    input_tokens = count(found.get("prompt_tokens", found.get("input_tokens")))
+    output_tokens = count(found.get("completion_tokens", found.get("output_tokens", 0)))
+    if input_tokens is None or output_tokens is None:
+        return None
+    cached = reasoning = 0
+    for name in ("prompt_tokens_details", "input_tokens_details", "input_token_details"):
+        details = found.get(name)
+        if isinstance(details, dict):
+            cached = count(details.get("cached_tokens")) or 0
+            break
+    for name in ("completion_tokens_details", "output_tokens_details"):
+        details = found.get(name)
+        if isinstance(details, dict):
+            reasoning = count(details.get("reasoning_tokens")) or 0
+            break
+    return Usage(input_tokens, output_tokens, min(cached, input_tokens), 0, min(reasoning, output_tokens))
+
+
+def _string(value) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+# How JSON writers space and escape: OpenAI's compact form first, then Python's json.dumps defaults.
+JSON_STYLES = (
+    {"separators": (",", ":"), "ensure_ascii": False},
+    {"separators": (",", ":"), "ensure_ascii": True},
+    {"separators": (", ", ": "), "ensure_ascii": False},
+    {"separators": (", ", ": "), "ensure_ascii": True},
+)
+
+
+def style_of(obj, data: str) -> dict:
+    """The ``json.dumps`` arguments that write ``obj`` exactly as ``data`` is written (compact when none
+    does), so that an edited event differs from the upstream's only by what was taken out."""
+    for style in JSON_STYLES:
+        if json.dumps(obj, **style) == data:
+            return style
+    return JSON_STYLES[0]
+
+
+class JsonUsageReader:
+    """Reads a JSON answer's top-level ``usage`` and ``model`` as its bytes arrive, holding neither
+    the answer nor anything but those two (ijson's C parser): an answer of any size is charged what it reports."""
+
+    def __init__(self):
+        self.events = ijson.sendable_list()
+        self.parser = ijson.parse_coro(self.events)
+        self.builder = None
+        self.found: dict = {}
+        self.broken = False
+
+    def feed(self, chunk: bytes) -> None:
+        if self.broken:
+            return
+        try:
+            self.parser.send(chunk)
+        except ijson.JSONError:
+            self.broken = True
+            return
+        self._take()
+
+    def _take(self) -> None:
+        for prefix, kind, value in self.events:
+            if self.builder is not None:
+                self.builder.event(kind, value)
+                if prefix == "usage" and kind in ("end_map", "end_array"):
+                    self.found["usage"], self.builder = self.builder.value, None
+            elif prefix == "usage":
+                if kind in ("start_map", "start_array"):
+                    self.builder = ijson.ObjectBuilder()
+                    self.builder.event(kind, value)
+                else:
+                    self.found["usage"] = value
+            elif prefix == "model" and kind == "string":
+                self.found["model"] = value
+        del self.events[:]
+
+    def close(self) -> dict:
+        """``{"usage": …, "model": …}`` as far as found (empty for a body that is not JSON)."""
+        if not self.broken:
+            try:
+                self.parser.close()
+                self._take()
+            except ijson.JSONError:
+                self.broken = True
+        return {} if self.broken else self.found
+
+
+class OpenAIJson:
+    """JSON answers (and the stream-free routes): top-level ``usage`` and ``model``."""
+
+    name = "openai"
+
+    def usage_from_answer(self, answer) -> Usage | None:
+        return openai_usage(answer.get("usage")) if isinstance(answer, dict) else None
+
+    def model_from_answer(self, answer) -> str | None:
+        return _string(answer.get("model")) if isinstance(answer, dict) else None
+
+    def answer_reader(self) -> JsonUsageReader:
+        return JsonUsageReader()
+
+    def stream_meter(self, strip_usage: bool = False):
+        return ChatStreamMeter(strip_usage)
+
+    def error_body(self, status: int, message: str, error_type: str, code: str | None) -> dict:
+        return {"error": {"message": message, "type": error_type, "param": None, "code": code}}
+
+
+class StreamMeter:
+    """What one stream reported, recorded as its events pass: ``usage``, ``model`` (the one that ran),
+    ``complete`` (it ended as a finished answer) and ``failed`` (an error event came)."""
+
+    usage: Usage | None = None
+    # Whether ``usage`` is the answer's final count (not a running or partial one).
+    final = False
+    model: str | None = None
+    complete = False
+    failed = False
+
+    def event(self, event: Event) -> Event | None:
+        """The event to relay in place of ``event`` (itself, an edited copy, or None to drop it)."""
+        raise NotImplementedError
+
+
+class ChatStreamMeter(StreamMeter):
+    """A Chat Completions stream. ``strip_usage``: the proxy asked for the usage the caller did not,
+    and takes out what that added (each chunk's ``usage`` key, the last chunk): the caller gets the
+    stream it asked for."""
+
+    def __init__(self, strip_usage: bool):
+        self.strip_usage = strip_usage
+
+    def event(self, event: Event) -> Event | None:
+        raw = event.raw
+        # Only events that can hold what is looked for are parsed (chunks are
+        # most of a stream's CPU): a key spelled with \u escapes is not looked for.
+        if b"usage" not in raw and b"error" not in raw and b"[DONE]" not in raw and self.model is not None:
+            return event
+        data = event.data
+        if data is None or not event.complete:
+            return event
+        if data == "[DONE]":
+            self.complete = True
+            return event
+        try:
+            chunk = json.loads(data)
+        except (ValueError, RecursionError):
+            return event
+        if not isinstance(chunk, dict):
+            return event
+        if "error" in chunk:
+            self.failed = True
+        self.model = _string(chunk.get("model")) or self.model
+        if "usage" not in chunk:
+            return event
+        found = chunk["usage"]
+        usage = openai_usage(found)
+        if usage is not None:
+            # OpenAI reports a chat stream's usage once, in its last chunk.
+            self.usage, self.final = usage, True
+        if not self.strip_usage or event.partly_relayed:
+            return event  # asked for by the caller, or partly relayed already
+        if usage is not None and chunk.get("choices") == []:
+            return None  # the chunk that only the proxy asked for
+        if found is None:
+            style = style_of(chunk, data)
+            del chunk["usage"]
+            return event.with_data(json.dumps(chunk, **style))
+        return event
+
+
+class ResponsesStreamMeter(StreamMeter):
+    """A Responses API stream: usage and model in the final ``response`` object."""
+
+    def event(self, event: Event) -> Event | None:
+        raw = event.raw
+        if b"usage" not in raw and b"error" not in raw and b"model" not in raw:
+            return event
+        data = event.data
+        if data is None or not event.complete:
+            return event
+        try:
+            parsed = json.loads(data)
+        except (ValueError, RecursionError):
+            return event
+        if not isinstance(parsed, dict):
+            return event
+        kind = event.type or parsed.get("type")
+        response = parsed.get("response")
+        if isinstance(response, dict):
+            self.model = _string(response.get("model")) or self.model
+            if kind in RESPONSES_FINAL_EVENTS:
+                usage = openai_usage(response.get("usage"))
+                if usage is not None:
+                    self.usage, self.final = usage, True
+                self.complete = kind == "response.completed"
+        if kind in ERROR_EVENT_TYPES:
+            self.failed = True
+        return event
+
+
+class OpenAIChat(OpenAIJson):
+    name = "openai_chat"
+
+
+class OpenAIResponses(OpenAIJson):
+    name = "openai_responses"
+
+    def stream_meter(self, strip_usage: bool = False):
+        return ResponsesStreamMeter()
+
+
+OPENAI_JSON = OpenAIJson()
+OPENAI_CHAT = OpenAIChat()
+OPENAI_RESPONSES = OpenAIResponses()
+
+
+def for_path(path: str) -> OpenAIJson:
+    """The format of a /v1 path (after ``/v1/``)."""
+    if path == "responses":
+        return OPENAI_RESPONSES
+    if path == "chat/completions":
+        return OPENAI_CHAT
+    return OPENAI_JSON
