@@ -13,6 +13,7 @@ import time
 
 import httpx
 import pytest
+import websockets
 
 from chat_gpt_proxy.fake_openai.behaviours import Behaviour
 from chat_gpt_proxy.formats.sse import parse_all
@@ -280,3 +281,22 @@ async def test_allowed_deferred_work_is_charged_once_when_retrieved_finished(pro
         assert usage_of(found[0]) == (0, 0, 0, 0)
     await asyncio.sleep(0.2)
     assert len(await rows(app, 3, timeout=0.5)) == len(found)
+
+
+@pytest.mark.parametrize("style", ["compact", "spaced"])
+@pytest.mark.gen_test(timeout=30)
+async def test_a_realtime_session_is_charged_its_response_done_usage(http_server, app, fake_openai, base_url, style):
+    styled(fake_openai, style)
+    url = "ws" + base_url[len("http") :] + "/v1/realtime?model=gpt-realtime"
+    async with websockets.connect(url, additional_headers=headers()) as ws:
+        assert json.loads(await ws.recv())["type"] == "session.created"
+        for _ in range(2):
+            await ws.send(json.dumps({"type": "response.create"}))
+            while True:
+                event = json.loads(await ws.recv())
+                if event["type"] == "response.done":
+                    usage = event["response"]["usage"]
+                    break
+    (row,) = await rows(app)
+    assert usage_of(row) == (2 * usage["input_tokens"], 0, 2 * usage["output_tokens"], 0)
+    assert row["model"] == "gpt-realtime"
