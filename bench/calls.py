@@ -4,6 +4,7 @@
     python bench/calls.py --before HEAD~3 --top 25   # and where the profiled time goes
     python bench/calls.py --before HEAD~3 --budgets  # after: a budgeted token and the SQLite ledger
     python bench/calls.py --before HEAD~3 --upstreams 4  # after: UPSTREAMS_FILE with 4 upstreams
+    python bench/calls.py --before HEAD~3 --budgets --both --stream  # both with the ledger, streamed
     python bench/calls.py --before HEAD~3 --env LOG_LEVEL=INFO  # both with the access log on (the default)
 
 Wall-clock and even CPU-second figures on this shared machine move by ±10 %
@@ -44,6 +45,7 @@ def profiled_run(
     budgets: bool = False,
     upstreams: int = 0,
     extra_env: dict | None = None,
+    stream: bool = False,
 ) -> tuple[int, pstats.Stats]:
     port = free_port()
     files = {}
@@ -60,7 +62,7 @@ def profiled_run(
     env = proxy_env(port, upstream, **files, **(extra_env or {}))
     proxy = procs.start([sys.executable, "-m", "cProfile", "-o", out, os.path.join(tree, "server.py")], 0, env)
     wait_port(port)
-    body = {"prompt": "Hello!", "generate_params": {"model_name": MODEL}}
+    body = {"prompt": "Hello!", "generate_params": {"model_name": MODEL, **({"stream": True} if stream else {})}}
     result = wrk("http://127.0.0.1:%d/chat_complete" % port, body, 16, seconds, procs.workdir, token=token)
     proxy.send_signal(signal.SIGTERM)  # drains and exits; cProfile writes its file on the way out
     proxy.wait(30)
@@ -73,6 +75,8 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=0, help="also print the N functions with the most own time")
     parser.add_argument("--budgets", action="store_true", help="after: a budgeted token and the SQLite ledger")
     parser.add_argument("--upstreams", type=int, default=0, help="after: UPSTREAMS_FILE with this many upstreams")
+    parser.add_argument("--both", action="store_true", help="--budgets and --upstreams for the before commit too")
+    parser.add_argument("--stream", action="store_true", help="streamed requests (20 SSE events each)")
     parser.add_argument(
         "--env", action="append", default=[], type=env_pair, help="NAME=VALUE for both proxies, e.g. LOG_LEVEL=INFO"
     )
@@ -85,18 +89,22 @@ def main() -> None:
     subprocess.run(["tar", "-x", "-C", before_tree], input=archive, check=True)
     procs = Processes(workdir)
     try:
-        upstream = "http://127.0.0.1:%d/json/v1" % start_fixed_upstream(procs)
+        upstream = "http://127.0.0.1:%d/%s/v1" % (start_fixed_upstream(procs), "sse" if args.stream else "json")
         rows = []
         after = "after (working tree)" + (", a budgeted token and the ledger" if args.budgets else "")
         after += ", UPSTREAMS_FILE with %d upstreams" % args.upstreams if args.upstreams else ""
-        subjects = (("before (%s)" % args.before, before_tree, False, 0), (after, ROOT, args.budgets, args.upstreams))
+        before = "before (%s)" % args.before + (", the same" if args.both else "")
+        subjects = (
+            (before, before_tree, args.both and args.budgets, args.both and args.upstreams),
+            (after, ROOT, args.budgets, args.upstreams),
+        )
         extra = dict(e.split("=", 1) for e in args.env)
         for label, tree, budgets, several in subjects:
             short_n, short = profiled_run(
-                procs, tree, upstream, 2, os.path.join(workdir, "short.prof"), budgets, several, extra
+                procs, tree, upstream, 2, os.path.join(workdir, "short.prof"), budgets, several, extra, args.stream
             )
             long_n, long = profiled_run(
-                procs, tree, upstream, 6, os.path.join(workdir, "long.prof"), budgets, several, extra
+                procs, tree, upstream, 6, os.path.join(workdir, "long.prof"), budgets, several, extra, args.stream
             )
             requests = long_n - short_n
             calls = (long.total_calls - short.total_calls) / requests

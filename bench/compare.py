@@ -165,6 +165,9 @@ def main() -> None:
         if args.budgets:
             path = os.path.join(workdir, "budgets.toml")
             budget_tokens_file(path)
+            subjects.append(
+                ("before (%s), a budgeted token and the SQLite ledger (USAGE_DATABASE)" % commit, before_tree, path)
+            )
             subjects.append(("after, a budgeted token and the SQLite ledger (USAGE_DATABASE)", ROOT, path))
         upstreams_path = ""
         if args.upstreams:
@@ -223,7 +226,7 @@ def main() -> None:
         per_cpu = statistics.median(row["per_cpu_s"])
         # The subjects of one round run back to back, so they share that
         # moment's machine; the ratio within a round cancels most of the drift.
-        paired = statistics.median(r / f for r, f in zip(row["per_cpu_s"], first, strict=True))
+        paired = statistics.median(r / f if f else float("nan") for r, f in zip(row["per_cpu_s"], first, strict=True))
         lines.append(
             "| %s | %.0f (%s) | %.1f %% | %.1f %% | %.0f (%s) | %.3f | %d |"
             % (

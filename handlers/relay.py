@@ -398,14 +398,8 @@ class ProxyHandler(BaseHandler):
                     if self.cache_events is not None and call.status == 200 and meter.complete and not meter.failed:
                         self.keep_in_cache(Entry("sse", SSE_HEADERS["Content-Type"], events=tuple(self.cache_events)))
                     return
-                out = []
-                for event in parser.feed(chunk):
-                    relayed = meter.event(event)
-                    if relayed is not None:
-                        out.append(relayed.raw)
+                out = [relayed.raw for relayed in map(meter.event, parser.feed(chunk)) if relayed is not None]
                 self.access.events += len(out)
-                if meter.usage is not None:
-                    self.access.usage = meter.usage
                 if parser.pending > MAX_PENDING_EVENT:
                     # An event too large to hold back: its part goes out now, and
                     # nothing of ours is written until it ends.
@@ -416,7 +410,7 @@ class ProxyHandler(BaseHandler):
                     self.access.first_byte_at = time.monotonic()
                 if self.cache_events is not None:
                     self.collect_for_cache(out)
-                self.write(b"".join(out))
+                self.write(out[0] if len(out) == 1 else b"".join(out))
                 keepalive.mid_event = parser.relayed > 0
                 keepalive.touch()
                 if not await self.flush_or_abort():

@@ -13,9 +13,11 @@ import time
 
 import httpx
 import pytest
+import websockets
 
 from chat_gpt_proxy.fake_openai.behaviours import Behaviour
 from chat_gpt_proxy.formats.sse import parse_all
+from chat_gpt_proxy.upstream.routing import Router, parse_upstreams
 from chat_gpt_proxy.usage.prices import PriceTable
 from tests.conftest import open_raw, proxy_settings
 
@@ -280,3 +282,37 @@ async def test_allowed_deferred_work_is_charged_once_when_retrieved_finished(pro
         assert usage_of(found[0]) == (0, 0, 0, 0)
     await asyncio.sleep(0.2)
     assert len(await rows(app, 3, timeout=0.5)) == len(found)
+
+
+@pytest.mark.parametrize("style", ["compact", "spaced"])
+@pytest.mark.gen_test(timeout=30)
+async def test_a_realtime_session_is_charged_its_response_done_usage(http_server, app, fake_openai, base_url, style):
+    styled(fake_openai, style)
+    url = "ws" + base_url[len("http") :] + "/v1/realtime?model=gpt-realtime"
+    async with websockets.connect(url, additional_headers=headers()) as ws:
+        assert json.loads(await ws.recv())["type"] == "session.created"
+        for _ in range(2):
+            await ws.send(json.dumps({"type": "response.create"}))
+            while True:
+                event = json.loads(await ws.recv())
+                if event["type"] == "response.done":
+                    usage = event["response"]["usage"]
+                    break
+    (row,) = await rows(app)
+    assert usage_of(row) == (2 * usage["input_tokens"], 0, 2 * usage["output_tokens"], 0)
+    assert row["model"] == "gpt-realtime"
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_an_alias_is_priced_as_the_model_the_upstream_runs(proxy, app, fake_openai, tmp_path):
+    """The caller asks for "gpt-4o"; this upstream runs "gpt-4o-mini" under that name, and reports it."""
+    path = tmp_path / "upstreams.toml"
+    path.write_text(f'[cheap]\nbase_url = "{fake_openai.url}"\naliases = {{ "gpt-4o" = "gpt-4o-mini" }}\n')
+    app.router = Router(app.config, parse_upstreams(str(path), app.config))
+    fake_openai.push(Behaviour(usage={"prompt_tokens": 1000, "completion_tokens": 1000}))
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]}
+    response = await proxy.request("/v1/chat/completions", json_body=body, headers=headers(), auth=False)
+    assert response.code == 200 and fake_openai.received[-1].json["model"] == "gpt-4o-mini"
+    (row,) = await rows(app)
+    assert row["model"] == "gpt-4o-mini"
+    assert row["usd"] == pytest.approx((1000 * 0.15 + 1000 * 0.60) / 1e6)

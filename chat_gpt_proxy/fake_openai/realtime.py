@@ -80,6 +80,8 @@ class RealtimeSocket(tornado.websocket.WebSocketHandler):
     def send(self, message: str | bytes) -> asyncio.Future | None:
         if self.ws_connection is None or self.ws_connection.is_closing():
             return None
+        if isinstance(message, str) and self.fake.spaced:
+            message = json.dumps(json.loads(message))  # as servers on Python's json.dumps write it
         self.record.sent_messages += 1
         self.record.sent_bytes += len(message)
         return self.write_message(message, binary=isinstance(message, bytes))

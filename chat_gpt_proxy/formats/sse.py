@@ -29,11 +29,8 @@ def _terminator_end(buffer: bytes, at: int) -> int:
     return at + 2 if buffer[at] == 13 and buffer[at + 1 : at + 2] == b"\n" else at + 1
 
 
-def _event_end(buffer: bytes, start: int, crs: bool) -> int:
-    """Index just past the first blank line at or after ``start`` (-1 if none yet)."""
-    if not crs:  # the usual stream, LF only: one search
-        found = buffer.find(b"\n\n", start)
-        return found + 2 if found >= 0 else -1
+def _event_end(buffer: bytes, start: int) -> int:
+    """Index just past the first blank line at or after ``start`` (-1 if none yet), in a stream that uses CR."""
     first = -1
     for pair in _BLANK_LINE_PAIRS:
         found = buffer.find(pair, start)
@@ -142,15 +139,23 @@ class SseParser:
             self.crs = True
         events = []
         start = 0
-        while start < len(buffer):
+        size = len(buffer)
+        # A pair of terminators may straddle the previous read's end.
+        search = self.scanned - 1
+        while start < size:
             if buffer[start] in (10, 13) and (start or not self.truncated):
                 end = _terminator_end(buffer, start)  # a blank line where an event starts: an empty event
             else:
-                # A pair of terminators may straddle the previous read's end.
-                end = _event_end(buffer, max(start, self.scanned - 1), self.crs)
+                if search < start:
+                    search = start
+                if self.crs:
+                    end = _event_end(buffer, search)
+                else:  # the usual stream, LF only: one search
+                    end = buffer.find(b"\n\n", search)
+                    if end >= 0:
+                        end += 2
                 if end < 0:
                     break
-            self.scanned = 0
             if self.relayed or self.truncated:
                 event = Event(buffer[start + self.relayed : end], not self.truncated, buffer[start:end])
                 self.relayed, self.truncated = 0, False
