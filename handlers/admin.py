@@ -23,7 +23,7 @@ from chat_gpt_proxy.usage.report import to_csv
 
 from .base import BaseHandler
 from .errors import ApiError
-from .pages import PAGE_HEADERS
+from .pages import render_page
 
 DATE_FORMAT = "%Y-%m-%d"
 
@@ -104,10 +104,7 @@ class AdminUsageHandler(AdminHandler):
 class AdminPageHandler(AdminHandler):
     def get(self) -> None:
         """GET /admin: the charts page; it asks for the admin token and reads /admin/usage with it."""
-        for name, value in PAGE_HEADERS.items():
-            self.set_header(name, value)
-        self.set_header("Cache-Control", "no-cache")
-        self.render("admin.html")
+        render_page(self, "admin.html", ("admin",))
 
 
 routes = [(r"/admin", AdminPageHandler), (r"/admin/usage", AdminUsageHandler)]

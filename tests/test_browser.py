@@ -73,7 +73,7 @@ def test_page_loads_clean_with_security_headers(page, stack):
     assert page.locator("#demo-banner").is_visible()
     assert "Demo upstream" in page.locator("#demo-banner").inner_text()
     assert page.evaluate("window.__csp") == [] and page.problems == []
-    script = page.locator("script").get_attribute("src")
+    script = page.locator("script[src*='playground.js']").get_attribute("src")
     assert "?v=" in script, "static files carry a content hash in their URL"
     static = page.request.get(stack.url + script)
     assert static.ok and "max-age=" in static.headers["cache-control"]
