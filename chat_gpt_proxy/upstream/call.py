@@ -35,10 +35,7 @@ from tornado.httputil import HTTPHeaders
 from tornado.ioloop import IOLoop
 
 from chat_gpt_proxy.tornado_internals import error_is_status
-from chat_gpt_proxy.upstream.errors import (
-    UpstreamError,
-    classify,
-)
+from chat_gpt_proxy.upstream.errors import UpstreamError, classify, upstream_address
 from chat_gpt_proxy.upstream.headers import USER_AGENT
 
 log = logging.getLogger("chat_gpt_proxy.upstream")
@@ -381,6 +378,7 @@ class UpstreamCall:
             user_agent=USER_AGENT,
             prepare_curl_callback=self._prepare,
         )
+        self._fetch_url = url
         self._fetch = client.fetch(request, raise_error=False)
         self._fetch.add_done_callback(self._on_fetch_done)
         if stream:
@@ -560,7 +558,14 @@ class UpstreamCall:
         error = self._fetch.exception() or self._fetch.result().error
         if not isinstance(error, CurlError):
             return None
-        return classify(error.errno, error.message or "", self.status, self.egress, past_proxy=self.past_proxy)
+        return classify(
+            error.errno,
+            error.message or "",
+            self.status,
+            self.egress,
+            past_proxy=self.past_proxy,
+            address=upstream_address(self._fetch_url),
+        )
 
     # -- the reader's side
 
