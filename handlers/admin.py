@@ -18,6 +18,7 @@ import hmac
 import time
 
 from chat_gpt_proxy.access.tokens import UNNAMED
+from chat_gpt_proxy.human import money_fields
 from chat_gpt_proxy.request.strict_json import dumps
 from chat_gpt_proxy.usage.report import to_csv
 
@@ -98,7 +99,8 @@ class AdminUsageHandler(AdminHandler):
             "rows": rows,
             "budgets": budgets_report(self.application, time.time()),
         }
-        self.finish(dumps(body))
+        # Money as people read it (to the cent, 6 significant digits below); the ledger keeps it exact.
+        self.finish(dumps(money_fields(body)))
 
 
 class AdminPageHandler(AdminHandler):

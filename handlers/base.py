@@ -15,6 +15,7 @@ from tornado.ioloop import IOLoop
 from tornado.iostream import StreamClosedError
 from tornado.web import HTTPError, RequestHandler, stream_request_body
 
+from chat_gpt_proxy import human
 from chat_gpt_proxy import tornado_internals as internals
 from chat_gpt_proxy.observability import AccessRecord
 from chat_gpt_proxy.request.body import (
@@ -240,9 +241,9 @@ class BaseHandler(ApiMixin, RequestHandler):
     def too_large(self) -> ApiError:
         return ApiError(
             413,
-            "Request body is larger than %d bytes%s."
+            "Request body is larger than %s%s."
             % (
-                self.config.max_body_bytes,
+                human.size(self.config.max_body_bytes),
                 " once decompressed" if self.request.headers.get("Content-Encoding") else "",
             ),
             code="request_too_large",

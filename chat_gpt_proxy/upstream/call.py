@@ -34,6 +34,7 @@ from tornado.httpclient import HTTPRequest, HTTPResponse
 from tornado.httputil import HTTPHeaders
 from tornado.ioloop import IOLoop
 
+from chat_gpt_proxy import human
 from chat_gpt_proxy.tornado_internals import error_is_status
 from chat_gpt_proxy.upstream.errors import UpstreamError, classify, upstream_address
 from chat_gpt_proxy.upstream.headers import USER_AGENT
@@ -531,7 +532,9 @@ class UpstreamCall:
     def _error(self) -> UpstreamError | None:
         """The failure of a finished transfer, or None if it completed."""
         if self.abort_reason == "idle":
-            return UpstreamError("idle", "the upstream sent nothing for %g s" % self.settings.stream_idle_timeout)
+            return UpstreamError(
+                "idle", "the upstream sent nothing for %s" % human.duration(self.settings.stream_idle_timeout)
+            )
         if self.abort_reason is not None:
             return UpstreamError("aborted", "the request was aborted (%s)" % self.abort_reason)
         if self.stale_connection:
@@ -607,7 +610,7 @@ class UpstreamCall:
             size += len(chunk)
             if size > limit:
                 self.abort("too_large")
-                raise UpstreamError("broken", "the upstream answer is larger than %d bytes" % limit)
+                raise UpstreamError("broken", "the upstream answer is larger than %s" % human.size(limit))
             parts.append(chunk)
         return b"".join(parts)
 
