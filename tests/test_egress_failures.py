@@ -211,7 +211,7 @@ async def test_startup_line_names_the_proxy_and_its_source_masked(fake_openai, t
         output = server.output()
     finally:
         server.stop()
-    line = next(line for line in output.splitlines() if "configuration:" in line)
+    line = next(line for line in output.splitlines() if "configuration, upstream:" in line)
     assert '"upstream_proxy": "socks5h://***:***@127.0.0.1:%d (from ALL_PROXY)"' % port in line
     assert_no_password(output)
 
