@@ -306,7 +306,8 @@ class BaseHandler(ApiMixin, RequestHandler):
             # The write went out, then the client reset: the relay loop stops
             # here and the handler finishes, after which Tornado no longer calls
             # on_connection_close; without this the upstream transfer stayed
-            # paused for good, holding its slot (found by a hostile review, issue 20).
+            # paused for good, holding its slot (tests/test_faults.py resets a client
+            # right after a flush).
             self.on_connection_close()
             return False
         return True

@@ -70,8 +70,8 @@ class UpstreamClient(CurlAsyncHTTPClient):
 
     Tornado's ``fetch`` and three of its private methods are overridden (the seam is listed in
     chat_gpt_proxy/tornado_internals.py and checked by
-    tests/test_tornado_internals.py). Profiled under load (bench/profile.py,
-    issue 20), Tornado's general versions cost over a tenth of the proxy's
+    tests/test_tornado_internals.py). Profiled under load (bench/profile.py),
+    Tornado's general versions cost over a tenth of the proxy's
     CPU per request, for features this client never uses:
 
     - ``fetch`` copies the headers into a new HTTPHeaders and wraps the
