@@ -1,10 +1,12 @@
 """The examples of the README and docs/ work as written against a running proxy and the fake upstream."""
 
+import ast
 import contextlib
 import io
 import os
 import re
 import subprocess
+import sys
 
 import pytest
 
@@ -131,3 +133,24 @@ def test_links_between_the_pages_resolve():
                 if anchor not in anchors:
                     broken.append("%s: %s (no such heading)" % (os.path.relpath(path, ROOT), target))
     assert broken == []
+
+
+def test_the_readme_says_what_its_python_examples_need():
+    """Each third-party module a Python example imports is in the README's pip install line, and not
+    among the proxy's own requirements: the reader must install it (a ModuleNotFoundError otherwise)."""
+    with open(README, encoding="utf-8") as f:
+        text = f.read()
+    install = re.search(r"`pip install ([a-z ]+)`", text).group(1).split()
+    with open(os.path.join(ROOT, "requirements.txt"), encoding="utf-8") as f:
+        runtime = {line.split("==")[0].split("[")[0].strip() for line in f if line.strip() and line[0] != "#"}
+    imported = set()
+    for code in re.findall(r"```python\n(.*?)```", text, re.S):
+        for node in ast.walk(ast.parse(code)):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                imported.add(node.module.split(".")[0])
+    third_party = {name for name in imported if name not in sys.stdlib_module_names}
+    assert third_party == set(install) == {"requests", "openai"}
+    assert not third_party & runtime
+    assert 'pip install "openai[realtime]"' in text
