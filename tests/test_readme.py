@@ -154,3 +154,53 @@ def test_the_readme_says_what_its_python_examples_need():
     assert third_party == set(install) == {"requests", "openai"}
     assert not third_party & runtime
     assert 'pip install "openai[realtime]"' in text
+
+
+FENCE_RE = re.compile(r"(?:<!-- readme-snippet: [\w-]+ -->\n)?```\w*\n.*?```\n", re.S)
+
+
+def sections(path: str) -> list[dict]:
+    """A README cut at its headings (outside code): each part's heading level, code blocks (with their
+    snippet markers), images, relative links and prose."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    blocks = FENCE_RE.findall(text)
+    prose = FENCE_RE.sub("\n", text)
+    parts = []
+    for chunk in re.split(r"(?m)^(?=#{1,6} )", prose):
+        if not chunk.strip():
+            continue
+        level = len(chunk) - len(chunk.lstrip("#"))
+        parts.append(
+            {
+                "level": level,
+                "images": re.findall(r"!\[[^\]]*\]\(([^)]+)\)", chunk),
+                "links": [t for t in re.findall(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)", chunk) if "://" not in t],
+                "prose": chunk,
+                "blocks": [],
+            }
+        )
+    # Each code block belongs to the section it stands in.
+    for block in blocks:
+        before = text[: text.index(block)]
+        index = len(re.findall(r"(?m)^#{1,6} ", FENCE_RE.sub("\n", before))) - 1
+        parts[index]["blocks"].append(block)
+    return parts
+
+
+def test_the_russian_readme_runs_parallel_to_the_english_one():
+    """Same sections at the same levels, the same code blocks in each (byte for byte, snippet markers
+    included), the same screenshots in Russian, links to the same pages, and Russian prose."""
+    english, russian = sections(README), sections(os.path.join(ROOT, "README.ru.md"))
+    assert [s["level"] for s in russian] == [s["level"] for s in english]
+    for en, ru in zip(english, russian, strict=True):
+        heading = en["prose"].splitlines()[0]
+        assert ru["blocks"] == en["blocks"], heading
+        assert [image.replace("-ru-", "-en-") for image in ru["images"]] == en["images"], heading
+        assert all("-ru-" in image for image in ru["images"]), heading
+        swapped = [link.replace("README.md", "README.ru.md") for link in ru["links"] if link != "README.md"]
+        assert set(swapped) | {"README.ru.md"} >= set(en["links"]) - {"README.ru.md"}, heading
+        assert set(swapped) <= set(en["links"]) | {"README.ru.md"}, heading
+        words = re.findall(r"[A-Za-zА-Яа-яЁё]+", re.sub(r"`[^`]*`|\([^)]*\)", "", ru["prose"]))
+        cyrillic = [w for w in words if re.match(r"[А-Яа-яЁё]", w)]
+        assert len(cyrillic) >= 0.6 * len(words), heading
