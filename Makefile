@@ -3,7 +3,10 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: run test lint format demo bench soak system-deps clean
+.PHONY: run test lint format demo reload bench soak system-deps clean
+
+# Where `make run` and `make demo` have the server write its process id, which `make reload` signals.
+PID_FILE ?= chat_gpt_proxy.pid
 
 $(VENV)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,10 +19,16 @@ $(VENV)/.dev: requirements.txt requirements-dev.txt requirements-bench.txt $(VEN
 	touch $@
 
 run: $(VENV)/.runtime ## install and start the proxy on port 9081
-	$(PY) server.py
+	PID_FILE=$(PID_FILE) $(PY) server.py
 
 demo: $(VENV)/.runtime ## the proxy with the built-in fake OpenAI: no key, no internet needed
-	DEMO_UPSTREAM=true $(PY) server.py
+	DEMO_UPSTREAM=true PID_FILE=$(PID_FILE) $(PY) server.py
+
+# Only a process that is this proxy gets the signal: a stale file may name a PID reused since.
+reload: ## reread ACCESS_TOKENS_FILE and UPSTREAMS_FILE in the proxy `make run` started (SIGHUP)
+	@pid=$$(cat "$(PID_FILE)" 2>/dev/null) && grep -qa server.py "/proc/$$pid/cmdline" 2>/dev/null || { \
+	  echo "make reload: no proxy running with its PID in $(PID_FILE); start it with make run" >&2; exit 1; }; \
+	kill -HUP "$$pid" && echo "make reload: sent SIGHUP to the proxy (pid $$pid); its log says what it reloaded"
 
 # The JavaScript snippet of docs/api.md is run by the tests with the official openai package.
 tests/js/node_modules/.installed: tests/js/package.json tests/js/package-lock.json

@@ -243,7 +243,7 @@ def setup_logging(settings: Settings) -> None:
     # Neither format prints where a call was made from, nor thread or process
     # ids: the logging HOWTO's "Optimization" switches stop collecting them
     # for every record, i.e. for the access line of every request (a stack
-    # walk and four lookups each; issue 20).
+    # walk and four lookups each, measured with bench/profile.py).
     logging._srcfile = None
     logging.logThreads = False
     logging.logProcesses = False
@@ -346,6 +346,8 @@ async def serve(
     server.add_sockets(sockets)
     scheme = "https" if settings.tls_certfile else "http"
     log.info("listening on %s://%s:%d", scheme, settings.host, settings.port)
+    if worker in (None, 0):
+        log.info("%s", where_to_look(settings))
     metrics_server = None
     if worker is not None and app.metrics is not None:
         metrics_app = tornado.web.Application(
@@ -438,15 +440,61 @@ def main() -> None:
     setup_logging(settings)
     if settings.default_token_in_use:
         log.warning("ACCESS_TOKEN is not set: the default access token 123456 is in use; set ACCESS_TOKEN!")
-    log.info("configuration: %s", json.dumps(settings.masked(), default=str))
+    # A line per part: one line of every setting was too long to read.
+    for part, values in settings.masked_parts():
+        log.info("configuration, %s: %s", part, json.dumps(values, default=str))
+    if settings.admin_token_generated:
+        log.info(
+            "ADMIN_TOKEN_FILE: wrote a new admin token to %s (read it there: cat %s); later starts use it",
+            settings.admin_token_file,
+            settings.admin_token_file,
+        )
     if settings.access_tokens_file:
         log.info("access tokens: %d named from %s", tokens.named, settings.access_tokens_file)
     raise_fd_limit()
     if router is not None:
         log.info("upstreams: %s", ", ".join(u.describe() for u in router.upstreams))
-    if settings.workers > 1:
-        sys.exit(supervise(settings, tokens, sockets, ssl_context, router))
-    asyncio.run(serve(settings, tokens, sockets, ssl_context, router))
+    write_pid_file(settings.pid_file)
+    try:
+        if settings.workers > 1:
+            sys.exit(supervise(settings, tokens, sockets, ssl_context, router))
+        asyncio.run(serve(settings, tokens, sockets, ssl_context, router))
+    finally:
+        remove_pid_file(settings.pid_file)
+
+
+def where_to_look(settings: Settings) -> str:
+    """The startup line a person reads first: where the playground, the usage text and the admin page are."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(settings.host, settings.host)
+    scheme = "https" if settings.tls_certfile else "http"
+    base = "%s://%s:%d" % (scheme, "[%s]" % host if ":" in host else host, settings.port)
+    admin = base + "/admin" if settings.admin_token else "off (set ADMIN_TOKEN_FILE or ADMIN_TOKEN)"
+    return "playground %s/ · how to call the API %s/usage · admin page %s" % (base, base, admin)
+
+
+def write_pid_file(path: str) -> None:
+    """PID_FILE: this process's id, for `make reload` (kill -HUP); written whole or not at all."""
+    if not path:
+        return
+    temporary = "%s.%d.tmp" % (path, os.getpid())
+    try:
+        with open(temporary, "w") as f:
+            f.write("%d\n" % os.getpid())
+        os.replace(temporary, path)
+    except OSError as exc:
+        print("chat_gpt_proxy: invalid setting PID_FILE: cannot write %r: %s" % (path, exc.strerror), file=sys.stderr)
+        sys.exit(2)
+
+
+def remove_pid_file(path: str) -> None:
+    """At exit, the PID file if it still names this process (a newer start may have replaced it)."""
+    if not path:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        with open(path) as f:
+            written = int(f.read().strip())
+        if written == os.getpid():
+            os.unlink(path)
 
 
 def reload_check(settings: Settings):

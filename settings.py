@@ -11,6 +11,7 @@ import functools
 import ipaddress
 import os
 import re
+import secrets
 import urllib.parse
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
@@ -105,6 +106,12 @@ class Settings:
     usage_queue_rows: int = 100_000
     usage_retention_days: int = 0
     admin_token: str = dataclasses.field(default="", repr=False)
+    # ADMIN_TOKEN_FILE: where the admin token is read from, and whether this
+    # start wrote it there (a first start: the log says where to read it).
+    admin_token_file: str = ""
+    admin_token_generated: bool = False
+    # Where the server writes its PID (the supervisor's with WORKERS), for `make reload`.
+    pid_file: str = ""
     # The opt-in response cache (chat_gpt_proxy/cache.py): 0 = off unless a
     # token or a request asks for it.
     cache_ttl: int = 0
@@ -143,6 +150,11 @@ class Settings:
                 value = [str(v) for v in value]
             out[field.name] = value
         return out
+
+    def masked_parts(self) -> list[tuple[str, dict]]:
+        """``masked()`` in the parts the startup log shows one line each, in CONFIGURATION_PARTS' order."""
+        values = self.masked()
+        return [(part, {name: values[name] for name in names}) for part, names in CONFIGURATION_PARTS]
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -231,9 +243,46 @@ class Settings:
             redis_prefix=redis_prefix,
             redis_failure_mode=redis_mode,
             prices_file=prices_file,
-            admin_token=env.secret("ADMIN_TOKEN"),
+            **env.admin_token(),
             workers=workers,
         )
+
+
+# The startup log's configuration, a line per part; every field is in exactly one
+# (tests/test_settings.py checks it).
+CONFIGURATION_PARTS = (
+    ("listen", ("host", "port", "workers", "worker_metrics_port", "tls_certfile", "tls_keyfile", "pid_file")),
+    (
+        "access",
+        ("access_tokens", "access_tokens_file", "rate_limit_per_token", "allowed_models", "cors_allow_origins"),
+    ),
+    (
+        "upstream",
+        (
+            "openai_base_url", "upstreams_file", "upstream_proxy", "no_proxy", "upstream_ca_file", "openai_api_key",
+            "default_model", "default_generate_params", "upstream_retries", "retry_on_status", "retry_max_wait",
+            "max_concurrent_upstream", "demo_upstream",
+        ),
+    ),
+    ("sizes", ("max_body_bytes", "max_answer_bytes", "ws_max_message_bytes")),
+    (
+        "timeouts",
+        (
+            "connect_timeout", "request_timeout", "stream_idle_timeout", "stream_keepalive", "client_stall_timeout",
+            "body_timeout", "client_idle_timeout", "ws_ping_interval", "shutdown_grace", "shutdown_delay",
+        ),
+    ),
+    (
+        "usage",
+        (
+            "usage_database", "usage_queue_rows", "usage_retention_days", "prices_file", "admin_token",
+            "admin_token_file", "admin_token_generated",
+        ),
+    ),
+    ("redis", ("redis_url", "redis_prefix", "redis_failure_mode", "redis_timeout", "redis_inflight_ttl")),
+    ("cache", ("cache_ttl", "cache_max_bytes", "cache_max_entry_bytes")),
+    ("observability", ("log_format", "log_level", "metrics_enabled", "trusted_proxies")),
+)  # fmt: skip
 
 
 def _base_url(url: str) -> str:
@@ -413,6 +462,48 @@ class _Env:
             raise SettingsError(f"{name}: must be 16 or more visible ASCII characters (the value is not shown)")
         return value
 
+    def admin_token(self) -> dict:
+        """ADMIN_TOKEN, or the first line of ADMIN_TOKEN_FILE, which a first start creates with a new
+        random token (mode 0600): the operator reads it there, since no log line ever shows it."""
+        path = self.raw("ADMIN_TOKEN_FILE")
+        if path is None:
+            return {"admin_token": self.secret("ADMIN_TOKEN")}
+        name = "ADMIN_TOKEN_FILE"
+        if self.environ.get("ADMIN_TOKEN") is not None:
+            raise SettingsError(f"{name}: set ADMIN_TOKEN or ADMIN_TOKEN_FILE, not both")
+        generated = False
+        try:
+            with open(path, encoding="utf-8") as f:
+                token = f.readline().strip()
+        except FileNotFoundError:
+            token = secrets.token_urlsafe(24)
+            try:
+                descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except OSError as exc:
+                raise SettingsError(f"{name}: cannot create {path!r}: {exc.strerror or exc}") from None
+            with os.fdopen(descriptor, "w", encoding="utf-8") as f:
+                f.write(token + "\n")
+            generated = True
+        except OSError as exc:
+            raise SettingsError(f"{name}: cannot read {path!r}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise SettingsError(f"{name}: {path!r} is not UTF-8 text") from None
+        if len(token) < 16 or not SERVER_KEY_RE.match(token):
+            raise SettingsError(
+                f"{name}: the first line of {path!r} must be 16 or more visible ASCII characters (not shown)"
+            )
+        return {"admin_token": token, "admin_token_file": path, "admin_token_generated": generated}
+
+    def file_in_a_folder(self, name: str) -> str:
+        """A file the server writes (PID_FILE): its folder must exist."""
+        path = self.raw(name)
+        if path is None:
+            return ""
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise SettingsError(f"{name}: the folder {folder!r} does not exist")
+        return path
+
     def database_url(self, name: str) -> str:
         """USAGE_DATABASE: a SQLite file path (whose folder must exist) or a postgresql:// URL."""
         url = self.raw(name)
@@ -432,7 +523,10 @@ class _Env:
         path = url.removeprefix("sqlite://")
         folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(folder):
-            raise SettingsError(f"{name}: the folder {folder!r} does not exist")
+            raise SettingsError(
+                f"{name}: the folder {folder!r} does not exist; create it, or name a file in an existing one "
+                "(usage.sqlite3: in the folder the proxy starts in)"
+            )
         return url
 
     def redis_url(self, name: str) -> str:
@@ -525,4 +619,5 @@ VARIABLES = (
     Variable("WORKER_METRICS_PORT", "worker_metrics_port", _int(1, 65535)),
     Variable("CACHE_MAX_BYTES", "cache_max_bytes", _int(0, 1 << 40)),
     Variable("CACHE_MAX_ENTRY_BYTES", "cache_max_entry_bytes", _int(1024, 512 * 1024 * 1024)),
+    Variable("PID_FILE", "pid_file", _without_default(_Env.file_in_a_folder)),
 )

@@ -1,4 +1,4 @@
-"""Does uvloop make the proxy faster here? asyncio's loop against uvloop's, side by side (issue 20's question).
+"""Does uvloop make the proxy faster here? asyncio's loop against uvloop's, side by side.
 
     pip install uvloop==0.21.0 && python bench/event_loop.py --rounds 4 --seconds 4
 

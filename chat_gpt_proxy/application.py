@@ -69,7 +69,7 @@ class ProxyApplication(tornado.web.Application):
         # BODY_TIMEOUT guards against a client that sends its body slowly;
         # a body that arrived with the headers (nearly every API call) has
         # nothing left to wait for, and Tornado's timer around reading it from
-        # memory cost about 7 % of the CPU per request (bench/profile.py, issue 20).
+        # memory cost about 7 % of the CPU per request (bench/profile.py).
         if body_buffered(request):
             no_body_timeout(request)
         return super().find_handler(request, **kwargs)

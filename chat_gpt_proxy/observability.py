@@ -170,7 +170,7 @@ class Metrics:
 
     def child(self, metric, *labels: str):
         """``metric.labels(*labels)``, looked up once: labels() costs a lock and ~10 calls, and the
-        access path asks for four or five children per request (issue 20). Label values are
+        access path asks for four or five children per request (bench/profile.py). Label values are
         bounded as prometheus_client's own children are (routes, statuses, named tokens, model_label)."""
         key = (metric, labels)
         child = self._children.get(key)

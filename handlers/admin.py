@@ -18,12 +18,13 @@ import hmac
 import time
 
 from chat_gpt_proxy.access.tokens import UNNAMED
+from chat_gpt_proxy.human import money_fields
 from chat_gpt_proxy.request.strict_json import dumps
 from chat_gpt_proxy.usage.report import to_csv
 
 from .base import BaseHandler
 from .errors import ApiError
-from .pages import PAGE_HEADERS
+from .pages import render_page
 
 DATE_FORMAT = "%Y-%m-%d"
 
@@ -98,16 +99,14 @@ class AdminUsageHandler(AdminHandler):
             "rows": rows,
             "budgets": budgets_report(self.application, time.time()),
         }
-        self.finish(dumps(body))
+        # Money as people read it (to the cent, 6 significant digits below); the ledger keeps it exact.
+        self.finish(dumps(money_fields(body)))
 
 
 class AdminPageHandler(AdminHandler):
     def get(self) -> None:
         """GET /admin: the charts page; it asks for the admin token and reads /admin/usage with it."""
-        for name, value in PAGE_HEADERS.items():
-            self.set_header(name, value)
-        self.set_header("Cache-Control", "no-cache")
-        self.render("admin.html")
+        render_page(self, "admin.html", ("admin",))
 
 
 routes = [(r"/admin", AdminPageHandler), (r"/admin/usage", AdminUsageHandler)]

@@ -15,6 +15,7 @@ from tornado.ioloop import IOLoop
 from tornado.iostream import StreamClosedError
 from tornado.web import HTTPError, RequestHandler, stream_request_body
 
+from chat_gpt_proxy import human
 from chat_gpt_proxy import tornado_internals as internals
 from chat_gpt_proxy.observability import AccessRecord
 from chat_gpt_proxy.request.body import (
@@ -240,9 +241,9 @@ class BaseHandler(ApiMixin, RequestHandler):
     def too_large(self) -> ApiError:
         return ApiError(
             413,
-            "Request body is larger than %d bytes%s."
+            "Request body is larger than %s%s."
             % (
-                self.config.max_body_bytes,
+                human.size(self.config.max_body_bytes),
                 " once decompressed" if self.request.headers.get("Content-Encoding") else "",
             ),
             code="request_too_large",
@@ -305,7 +306,8 @@ class BaseHandler(ApiMixin, RequestHandler):
             # The write went out, then the client reset: the relay loop stops
             # here and the handler finishes, after which Tornado no longer calls
             # on_connection_close; without this the upstream transfer stayed
-            # paused for good, holding its slot (found by a hostile review, issue 20).
+            # paused for good, holding its slot (tests/test_faults.py resets a client
+            # right after a flush).
             self.on_connection_close()
             return False
         return True

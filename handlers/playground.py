@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import uuid
 
 from tornado.web import StaticFileHandler
@@ -11,10 +10,9 @@ from chat_gpt_proxy import tornado_internals as internals
 from chat_gpt_proxy.request.strict_json import dumps
 
 from .base import BaseHandler
-from .pages import PAGE_HEADERS
+from .pages import PAGE_HEADERS, render_page
+from .pages import STATIC_DIR as STATIC_DIR  # where server.py finds the templates and static files
 from .usage_page import UsagePageMixin
-
-STATIC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static")
 
 
 class PlaygroundHandler(UsagePageMixin, BaseHandler):
@@ -25,10 +23,13 @@ class PlaygroundHandler(UsagePageMixin, BaseHandler):
         if "text/html" not in self.request.headers.get("Accept", ""):
             super().get()
             return
-        for name, value in PAGE_HEADERS.items():
-            self.set_header(name, value)
-        self.set_header("Cache-Control", "no-cache")
-        self.render("playground.html", demo=self.config.demo_upstream, default_token=self.config.default_token_in_use)
+        render_page(
+            self,
+            "playground.html",
+            ("playground",),
+            demo=self.config.demo_upstream,
+            default_token=self.config.default_token_in_use,
+        )
 
 
 class StaticHandler(StaticFileHandler):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from chat_gpt_proxy.human import money_fields
 from chat_gpt_proxy.request.strict_json import dumps
 from chat_gpt_proxy.usage.budgets import PERIODS, iso
 
@@ -44,7 +45,8 @@ class UsageHandler(UsagePageMixin, BaseHandler):
             "since_restart_only": self.application.spend.ledger is None,
         }
         self.set_header("Content-Type", "application/json; charset=utf-8")
-        self.finish(dumps(body))
+        # Money as people read it (to the cent, 6 significant digits below); the ledger keeps it exact.
+        self.finish(dumps(money_fields(body)))
 
 
 class HealthHandler(BaseHandler):

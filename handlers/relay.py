@@ -322,7 +322,7 @@ class ProxyHandler(BaseHandler):
         self.pool.handlers.discard(self)
         # Whatever ended the handler, nobody reads the rest of the upstream's
         # answer now: a transfer left running would stay paused at the high
-        # water mark for good, holding its slot (issue 20's review).
+        # water mark for good, holding its slot and its connection.
         call = self.upstream_call
         if call is not None and call.abort_reason is None and call.finished_at is None:
             call.abort("unread")

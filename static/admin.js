@@ -1,10 +1,13 @@
 // The admin page: reads GET /admin/usage with the admin-token header and draws it as plain SVG.
 // No library, nothing from other hosts (the page's CSP allows neither). Token and model names come
 // from users: they only ever go into the page through textContent and setAttribute, never as markup.
+// Words, numbers and dates follow the page's language (static/i18n.js): the charts are redrawn and
+// the status and error lines reworded when the switch changes it.
 "use strict";
 
 (function () {
   const $ = (id) => document.getElementById(id);
+  const t = I18N.t;
   const SVG_NS = "http://www.w3.org/2000/svg";
   const STORE_KEY = "admin-token";
   // Distinguishable colours (Tableau 10); tokens past the eighth share the grey of "others".
@@ -12,7 +15,6 @@
   const OTHERS = "\u0000others"; // cannot clash with a token name (names are printable)
   const OTHERS_COLOR = "#9aa3b2";
   const MAX_MODELS = 12;
-  const MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
 
   let current = null; // the last report shown, redrawn when the window is resized
   let sequence = 0; // a newer load wins over a slower older one
@@ -20,29 +22,23 @@
 
   // -- numbers and dates
 
-  const usdFormats = new Map();
   function usd(value) {
     if (typeof value !== "number" || !isFinite(value)) return "–";
     const abs = Math.abs(value);
     // Cents for a dollar or more; below that three significant digits, so that the few
     // millionths of a dollar a short request costs do not all show as $0.00.
     const digits = abs >= 1 || abs === 0 ? 2 : Math.min(10, Math.max(2, 2 - Math.floor(Math.log10(abs))));
-    if (!usdFormats.has(digits)) {
-      usdFormats.set(
-        digits,
-        new Intl.NumberFormat("en-US", {
-          style: "currency",
-          currency: "USD",
-          minimumFractionDigits: 2,
-          maximumFractionDigits: digits,
-        }),
-      );
-    }
-    return usdFormats.get(digits).format(value);
+    return I18N.number(value, {
+      style: "currency",
+      currency: "USD",
+      minimumFractionDigits: 2,
+      maximumFractionDigits: digits,
+    });
   }
-  const integerFormat = new Intl.NumberFormat("en-US", { maximumFractionDigits: 0 });
-  const integer = (value) => integerFormat.format(value || 0);
-  const percent = (share) => (share >= 0.001 || share === 0 ? (share * 100).toFixed(1) + " %" : "< 0.1 %");
+  const integer = (value) => I18N.number(value || 0, { maximumFractionDigits: 0 });
+  const PERCENT = { style: "percent", minimumFractionDigits: 1, maximumFractionDigits: 1 };
+  const percent = (share) =>
+    share >= 0.001 || share === 0 ? I18N.number(share, PERCENT) : "< " + I18N.number(0.001, PERCENT);
 
   // Dates are UTC calendar days, as in the ledger.
   const todayUTC = () => new Date().toISOString().slice(0, 10);
@@ -56,17 +52,21 @@
     for (let day = first; day <= last && days.length < 1000; day = addDays(day, 1)) days.push(day);
     return days;
   }
-  function shortDay(day) {
-    return MONTHS[Number(day.slice(5, 7)) - 1] + " " + Number(day.slice(8, 10));
-  }
+  const asDate = (day) => new Date(day.slice(0, 10) + "T00:00:00Z");
+  // "Nov 27" / "27 нояб."
+  const shortDay = (day) => I18N.date(asDate(day), { month: "short", day: "numeric", timeZone: "UTC" });
   function longDate(iso) {
-    // "2027-01-01T00:00:00Z" -> "Jan 1, 2027 00:00 UTC"
+    // "2027-01-01T00:00:00Z" -> "Jan 1, 2027 00:00 UTC" / "1 янв. 2027 г. 00:00 UTC"
     if (typeof iso !== "string" || iso.length < 10) return "–";
     const time = iso.length >= 16 ? " " + iso.slice(11, 16) + " UTC" : "";
-    return shortDay(iso.slice(0, 10)) + ", " + iso.slice(0, 4) + time;
+    return I18N.date(asDate(iso), { year: "numeric", month: "short", day: "numeric", timeZone: "UTC" }) + time;
   }
-  const tokenLabel = (token) => (token === OTHERS ? "others" : token === "-" ? "- (ACCESS_TOKEN)" : String(token));
-  const modelLabel = (model) => (model === null || model === undefined || model === "" ? "(no model)" : String(model));
+  const tokenLabel = (token) =>
+    token === OTHERS ? t("admin.others") : token === "-" ? "- (ACCESS_TOKEN)" : String(token);
+  // The ledger's rows keep null for "no model"; the summary keys models by this label.
+  const NO_MODEL = "\u0000no model";
+  const modelKey = (model) => (model === null || model === undefined || model === "" ? NO_MODEL : String(model));
+  const modelLabel = (model) => (model === NO_MODEL ? t("admin.no_model") : model);
   // Shortens an SVG text (already in the page, so that it can be measured) to fit in width pixels.
   function fit(node, width) {
     const full = node.textContent;
@@ -153,14 +153,14 @@
       if (!tokens.has(token)) {
         tokens.set(token, { token: token, usd: 0, requests: 0, input: 0, cached: 0, output: 0, estimated: 0 });
       }
-      const t = tokens.get(token);
-      t.usd += spend;
-      t.requests += row.requests || 0;
-      t.input += row.input_tokens || 0;
-      t.cached += row.cached_tokens || 0;
-      t.output += row.output_tokens || 0;
-      t.estimated += row.estimated || 0;
-      const model = modelLabel(row.model);
+      const sums = tokens.get(token);
+      sums.usd += spend;
+      sums.requests += row.requests || 0;
+      sums.input += row.input_tokens || 0;
+      sums.cached += row.cached_tokens || 0;
+      sums.output += row.output_tokens || 0;
+      sums.estimated += row.estimated || 0;
+      const model = modelKey(row.model);
       if (!models.has(model)) models.set(model, { model: model, usd: 0, requests: 0, input: 0, output: 0 });
       const m = models.get(model);
       m.usd += spend;
@@ -230,10 +230,8 @@
     const root = chartRoot(
       width,
       height,
-      "Spend per day by token, " + report.from + " to " + report.to,
-      "Stacked bars, one per UTC day; each coloured part is one access token's spend that day. Total " +
-        usd(summary.totals.usd) +
-        ".",
+      t("admin.daily.chart", { from: report.from, to: report.to }),
+      t("admin.daily.chart.desc", { total: usd(summary.totals.usd) }),
     );
     root.classList.add("daily");
     for (const value of axis) {
@@ -264,9 +262,9 @@
           },
           group,
         );
-        const who =
-          token === OTHERS ? value.tokens + " other token" + (value.tokens > 1 ? "s" : "") : tokenLabel(token);
-        titled(rect, stack.day + " · " + who + ": " + usd(value.usd) + " (" + integer(value.requests) + " requests)");
+        const who = token === OTHERS ? t("admin.other_tokens", { n: value.tokens }) : tokenLabel(token);
+        const requests = t("admin.requests", { n: value.requests });
+        titled(rect, t("admin.daily.segment", { day: stack.day, who, usd: usd(value.usd), requests }));
         base += value.usd;
       }
       if (stack.total > 0 && slot >= 44) {
@@ -290,7 +288,7 @@
     for (const token of summary.series) {
       const item = element("li", { "data-token": token === OTHERS ? "" : token });
       const others = summary.tokens.length - summary.series.length + 1;
-      const name = token === OTHERS ? others + " other tokens" : tokenLabel(token);
+      const name = token === OTHERS ? t("admin.other_tokens", { n: others }) : tokenLabel(token);
       item.append(swatch(colorOf(summary, token)), element("span", {}, name));
       legend.append(item);
     }
@@ -304,7 +302,7 @@
     let models = summary.models;
     if (models.length > MAX_MODELS) {
       const rest = models.slice(MAX_MODELS - 1);
-      const others = { model: rest.length + " other models", usd: 0, requests: 0, input: 0, output: 0, others: true };
+      const others = { model: "", usd: 0, requests: 0, input: 0, output: 0, others: rest.length };
       for (const m of rest) {
         others.usd += m.usd;
         others.requests += m.requests;
@@ -320,13 +318,14 @@
     const height = models.length * row + 8;
     const barSpace = width - labelWidth - valueWidth - 12;
     const max = Math.max(0, ...models.map((m) => m.usd));
-    const root = chartRoot(width, height, "Spend by model", "One bar per model, longest for the most spend.");
+    const root = chartRoot(width, height, t("admin.models"), t("admin.models.chart.desc"));
     root.classList.add("models");
     box.append(root); // in the page first: the labels are measured
     models.forEach((m, index) => {
       const top = 4 + index * row;
-      const group = svg("g", { class: "model", "data-model": m.others ? "" : m.model }, root);
-      fit(svgText(group, labelWidth - 8, top + row / 2 + 4, m.model, { "text-anchor": "end" }), labelWidth - 10);
+      const label = m.others ? t("admin.other_models", { n: m.others }) : modelLabel(m.model);
+      const group = svg("g", { class: "model", "data-model": m.others ? "" : label }, root);
+      fit(svgText(group, labelWidth - 8, top + row / 2 + 4, label, { "text-anchor": "end" }), labelWidth - 10);
       const length = max > 0 ? Math.max(m.usd > 0 ? 1 : 0, (m.usd / max) * barSpace) : 0;
       const bar = svg(
         "rect",
@@ -337,24 +336,12 @@
           width: length,
           height: row - 10,
           rx: 3,
-          fill: "#1c64d8",
-          "data-model": m.others ? "" : m.model,
+          "data-model": m.others ? "" : label,
         },
         group,
       );
-      titled(
-        bar,
-        m.model +
-          ": " +
-          usd(m.usd) +
-          " (" +
-          integer(m.requests) +
-          " requests, " +
-          integer(m.input) +
-          " input and " +
-          integer(m.output) +
-          " output tokens)",
-      );
+      const requests = t("admin.requests", { n: m.requests });
+      titled(bar, t("admin.models.bar", { model: label, usd: usd(m.usd), requests, input: m.input, output: m.output }));
       svgText(group, labelWidth + length + 6, top + row / 2 + 4, usd(m.usd), { class: "value strong" });
     });
   }
@@ -366,29 +353,29 @@
     const foot = $("top-tokens").tFoot;
     body.replaceChildren();
     foot.replaceChildren();
-    const cells = (t) => [
-      integer(t.requests),
-      integer(t.input),
-      integer(t.cached),
-      integer(t.output),
-      integer(t.estimated),
-      usd(t.usd),
+    const cells = (sums) => [
+      integer(sums.requests),
+      integer(sums.input),
+      integer(sums.cached),
+      integer(sums.output),
+      integer(sums.estimated),
+      usd(sums.usd),
     ];
-    summary.tokens.forEach((t, index) => {
-      const tr = element("tr", { "data-token": t.token });
+    const totals = summary.totals;
+    summary.tokens.forEach((sums, index) => {
+      const tr = element("tr", { "data-token": sums.token });
       tr.append(element("td", { class: "num" }, String(index + 1)));
-      const name = element("th", { scope: "row", class: "token", title: tokenLabel(t.token) });
-      name.append(swatch(colorOf(summary, t.token)), document.createTextNode(tokenLabel(t.token)));
+      const name = element("th", { scope: "row", class: "token", title: tokenLabel(sums.token) });
+      name.append(swatch(colorOf(summary, sums.token)), document.createTextNode(tokenLabel(sums.token)));
       tr.append(name);
-      for (const text of cells(t)) tr.append(element("td", { class: "num" }, text));
-      tr.append(element("td", { class: "num" }, percent(summary.totals.usd > 0 ? t.usd / summary.totals.usd : 0)));
+      for (const text of cells(sums)) tr.append(element("td", { class: "num" }, text));
+      tr.append(element("td", { class: "num" }, percent(totals.usd > 0 ? sums.usd / totals.usd : 0)));
       body.append(tr);
     });
     const total = element("tr");
-    total.append(element("td"), element("th", { scope: "row" }, "All tokens"));
-    const t = summary.totals;
-    for (const text of cells(t)) total.append(element("td", { class: "num" }, text));
-    total.append(element("td", { class: "num" }, t.usd > 0 ? "100 %" : "–"));
+    total.append(element("td"), element("th", { scope: "row" }, t("admin.all_tokens")));
+    for (const text of cells(totals)) total.append(element("td", { class: "num" }, text));
+    total.append(element("td", { class: "num" }, totals.usd > 0 ? percent(1) : "–"));
     foot.append(total);
   }
 
@@ -411,7 +398,7 @@
         spent: Number(budget.spent_tokens) || 0,
         limit: budget.budget_tokens,
         remaining: budget.remaining_tokens,
-        show: (n) => integer(n) + " tokens",
+        show: (n) => t("admin.tokens", { n: n || 0 }),
       });
     }
     return bars;
@@ -422,67 +409,75 @@
     box.replaceChildren();
     const budgets = (report.budgets || []).slice().sort((a, b) => String(a.token).localeCompare(String(b.token)));
     if (!budgets.length) {
-      box.append(
-        element("p", { class: "empty" }, "No token has a budget (budget_usd or budget_tokens in ACCESS_TOKENS_FILE)."),
-      );
+      box.append(element("p", { class: "empty" }, t("admin.budgets.none")));
       return;
     }
     const width = widthOf(box, 520);
     const rows = [];
     for (const budget of budgets) for (const bar of budgetBars(budget)) rows.push([budget, bar]);
-    const row = 52;
-    const height = rows.length * row + 4;
-    const root = chartRoot(
-      width,
-      height,
-      "Remaining budgets",
-      "One bar per budget: the filled part is what the token has spent in its current period, " +
-        "the whole bar its budget.",
-    );
+    const root = chartRoot(width, 100, t("admin.budgets"), t("admin.budgets.chart.desc"));
     root.classList.add("budgets");
-    box.append(root); // in the page first: the labels are measured
+    box.append(root); // in the page first: the labels are measured, and a row takes the lines it needs
     const trackWidth = width - 8;
-    rows.forEach(([budget, bar], index) => {
-      const top = index * row + 2;
+    let top = 2;
+    for (const [budget, bar] of rows) {
       const share = bar.limit > 0 ? bar.spent / bar.limit : 1;
       const level = share >= 1 ? "over" : share >= 0.8 ? "warn" : "ok";
       const remaining = typeof bar.remaining === "number" ? bar.remaining : Math.max(0, bar.limit - bar.spent);
       const group = svg("g", { class: "budget " + level, "data-token": budget.token, "data-kind": bar.kind }, root);
+      const amounts = { spent: bar.show(bar.spent), limit: bar.show(bar.limit), left: bar.show(remaining) };
+      const resets = longDate(budget.resets_at);
       titled(
         group,
-        tokenLabel(budget.token) +
-          ": " +
-          bar.show(bar.spent) +
-          " spent of " +
-          bar.show(bar.limit) +
-          " this " +
-          budget.period +
-          ", " +
-          bar.show(remaining) +
-          " left; resets " +
-          longDate(budget.resets_at),
-      );
-      const amounts = svgText(
-        group,
-        trackWidth,
-        top + 13,
-        bar.show(bar.spent) + " of " + bar.show(bar.limit) + " · " + bar.show(remaining) + " left",
-        { class: "value", "text-anchor": "end" },
+        t("admin.budget.title", {
+          token: tokenLabel(budget.token),
+          this_period: t("admin.budget.this." + budget.period),
+          resets,
+          ...amounts,
+        }),
       );
       const name = svgText(group, 0, top + 13, tokenLabel(budget.token), { class: "value strong" });
-      fit(name, Math.max(40, trackWidth - amounts.getComputedTextLength() - 12));
+      // Tokens: the unit once ("1,320 of 200,000 tokens · 198,680 left"), so that it fits a phone.
+      const short =
+        bar.kind === "tokens"
+          ? t("admin.budget.amounts.tokens", { spent: integer(bar.spent), left: integer(remaining), n: bar.limit })
+          : t("admin.budget.amounts", amounts);
+      const amountsText = svgText(group, trackWidth, top + 13, short, {
+        class: "value",
+        "text-anchor": "end",
+      });
+      const room = trackWidth - amountsText.getComputedTextLength() - 12;
+      if (room >= Math.min(80, name.getComputedTextLength())) {
+        fit(name, room);
+      } else {
+        // No room beside the name (a phone): the amounts go on a line of their own.
+        top += 16;
+        amountsText.setAttribute("x", 0);
+        amountsText.setAttribute("y", top + 13);
+        amountsText.setAttribute("text-anchor", "start");
+        fit(name, trackWidth);
+        fit(amountsText, trackWidth);
+      }
       svg("rect", { class: "track", x: 0, y: top + 19, width: trackWidth, height: 12, rx: 6 }, group);
       const filled = Math.min(1, Math.max(0, share)) * trackWidth;
       const spentWidth = Math.max(share > 0 ? 2 : 0, filled);
       svg("rect", { class: "spent " + level, x: 0, y: top + 19, width: spentWidth, height: 12, rx: 6 }, group);
-      svgText(
-        group,
-        0,
-        top + 45,
-        "per " + budget.period + " · " + percent(Math.max(0, share)) + " used · resets " + longDate(budget.resets_at),
-        { class: "axis" },
-      );
-    });
+      const used = t("admin.budget.used", {
+        per_period: t("admin.budget.per." + budget.period),
+        share: percent(Math.max(0, share)),
+      });
+      const resetsText = t("admin.budget.resets", { resets });
+      const below = svgText(group, 0, top + 45, used + " · " + resetsText, { class: "axis" });
+      if (below.getComputedTextLength() > trackWidth) {
+        below.textContent = used;
+        top += 15;
+        svgText(group, 0, top + 45, resetsText, { class: "axis" });
+      }
+      top += 52;
+    }
+    const height = top + 2;
+    root.setAttribute("viewBox", "0 0 " + width + " " + height);
+    root.setAttribute("height", height);
   }
 
   // -- totals
@@ -490,19 +485,19 @@
   function drawTotals(summary) {
     const list = $("totals");
     list.replaceChildren();
-    const t = summary.totals;
+    const totals = summary.totals;
     const facts = [
-      ["Spend", usd(t.usd)],
-      ["Requests", integer(t.requests)],
-      ["Access tokens", integer(summary.tokens.length)],
-      ["Models", integer(summary.models.length)],
-      ["Input tokens", integer(t.input)],
-      ["Output tokens", integer(t.output)],
-      ["Estimated requests", integer(t.estimated)],
+      ["spend", usd(totals.usd)],
+      ["requests", integer(totals.requests)],
+      ["tokens", integer(summary.tokens.length)],
+      ["models", integer(summary.models.length)],
+      ["input", integer(totals.input)],
+      ["output", integer(totals.output)],
+      ["estimated", integer(totals.estimated)],
     ];
     for (const [name, value] of facts) {
       const item = element("div");
-      item.append(element("dt", {}, name), element("dd", {}, value));
+      item.append(element("dt", { "data-i18n": "admin.fact." + name }, t("admin.fact." + name)), element("dd", {}, value));
       list.append(item);
     }
   }
@@ -519,9 +514,11 @@
 
   // -- talking to the server
 
+  // An error the page words itself: `render` gives its text in the current language.
   class LoadError extends Error {
-    constructor(message, status) {
-      super(message);
+    constructor(render, status) {
+      super(render());
+      this.render = render;
       this.status = status || 0;
     }
   }
@@ -536,18 +533,12 @@
     } catch (e) {
       message = response.statusText;
     }
-    if (response.status === 403) {
-      return "Wrong admin token: the server refused it (HTTP 403). Enter the value of ADMIN_TOKEN.";
-    }
-    if (response.status === 404 && code === "usage_database_unset") {
-      return (
-        "The usage ledger is off on this server (usage_database_unset): " +
-        "set USAGE_DATABASE and restart the proxy to record spend."
-      );
-    }
-    if (response.status === 404) return "No admin routes on this server (HTTP 404): ADMIN_TOKEN is not set. " + message;
-    if (response.status === 400) return "The server did not accept the dates: " + message;
-    return "Error " + response.status + ": " + (message || "the server could not answer.");
+    const status = response.status;
+    if (status === 403) return () => t("admin.error.admin_token");
+    if (status === 404 && code === "usage_database_unset") return () => t("admin.error.ledger_off");
+    if (status === 404) return () => t("admin.error.no_admin", { message });
+    if (status === 400) return () => t("admin.error.dates_refused", { message });
+    return () => t("common.error.status", { status: String(status), message: message || t("admin.error.no_answer") });
   }
 
   async function fetchUsage(format) {
@@ -562,7 +553,7 @@
         credentials: "omit",
       });
     } catch (e) {
-      throw new LoadError("Could not reach the proxy: " + e.message);
+      throw new LoadError(() => t("common.error.unreachable", { message: e.message }));
     }
     if (!response.ok) {
       if (response.status === 403) sessionStorage.removeItem(STORE_KEY);
@@ -571,21 +562,23 @@
     return response;
   }
 
-  function showError(text) {
-    $("error").textContent = text;
-    $("error").hidden = !text;
+  // The error and status lines take a function that words them, called again on a language switch.
+  function showError(render) {
+    I18N.show($("error"), render || null);
+    $("error").hidden = !render;
   }
-  function setStatus(text) {
-    $("status").textContent = text;
+  function setStatus(render) {
+    I18N.show($("status"), render || null);
   }
+  const failure = (e, key) => (e instanceof LoadError ? e.render : () => t(key, { message: e.message }));
   function clearReport() {
     current = null;
     $("report").hidden = true;
   }
   function checkDates() {
-    if (!$("from").value || !$("to").value) return "Choose both dates.";
-    if ($("from").value > $("to").value) return "“From” is after “To”.";
-    return "";
+    if (!$("from").value || !$("to").value) return () => t("admin.error.both_dates");
+    if ($("from").value > $("to").value) return () => t("admin.error.dates_order");
+    return null;
   }
 
   async function load() {
@@ -596,8 +589,8 @@
     }
     const mine = ++sequence;
     sessionStorage.setItem(STORE_KEY, $("admin-token").value);
-    showError("");
-    setStatus("Loading…");
+    showError(null);
+    setStatus(() => t("admin.status.loading"));
     $("load").disabled = true;
     try {
       const response = await fetchUsage("");
@@ -606,17 +599,23 @@
       current = report;
       draw(report);
       const rows = report.rows.length;
+      const asOf = new Date();
+      const dates = { from: report.from, to: report.to };
       setStatus(
         rows
-          ? "Usage from " + report.from + " to " + report.to + " (UTC), " + rows + " rows, as of " +
-              new Date().toLocaleTimeString() + "."
-          : "No usage recorded from " + report.from + " to " + report.to + " (UTC).",
+          ? () =>
+              t("admin.status.rows", {
+                ...dates,
+                rows: t("admin.status.rows.count", { n: rows }),
+                time: asOf.toLocaleTimeString(I18N.lang),
+              })
+          : () => t("admin.status.empty", dates),
       );
     } catch (e) {
       if (mine !== sequence) return;
       clearReport();
-      setStatus("");
-      showError(e instanceof LoadError ? e.message : "Could not show the usage: " + e.message);
+      setStatus(null);
+      showError(failure(e, "admin.error.show"));
     } finally {
       if (mine === sequence) $("load").disabled = false;
     }
@@ -628,7 +627,7 @@
       showError(problem);
       return;
     }
-    showError("");
+    showError(null);
     $("csv").disabled = true;
     try {
       const response = await fetchUsage("csv");
@@ -642,10 +641,10 @@
       link.click();
       link.remove();
       setTimeout(() => URL.revokeObjectURL(link.href), 30000);
-      setStatus("CSV downloaded: " + link.download + ".");
+      setStatus(() => t("admin.status.csv", { name }));
     } catch (e) {
       if (e instanceof LoadError && e.status === 403) clearReport();
-      showError(e instanceof LoadError ? e.message : "Could not download the CSV: " + e.message);
+      showError(failure(e, "admin.error.csv"));
     } finally {
       $("csv").disabled = !$("admin-token").value;
     }
@@ -657,8 +656,8 @@
     $("admin-token").value = "";
     $("csv").disabled = true;
     clearReport();
-    showError("");
-    setStatus("Admin token forgotten.");
+    showError(null);
+    setStatus(() => t("admin.status.forgotten"));
   }
 
   function start() {
@@ -681,6 +680,8 @@
       clearTimeout(resizing);
       resizing = setTimeout(() => current && draw(current), 150);
     });
+    // The charts' words and numbers are drawn in: draw them again in the new language.
+    I18N.onChange(() => current && draw(current));
     if ($("admin-token").value) load();
   }
 

@@ -1,9 +1,11 @@
 // The playground: calls POST /chat_complete on this server and renders the answer as it streams.
 // Keys live in this page's memory; sessionStorage only when the user ticks "Remember".
+// Words come from static/i18n (I18N.t), so that they follow the language switch.
 "use strict";
 
 (function () {
   const $ = (id) => document.getElementById(id);
+  const t = I18N.t;
   const KEYS = ["access-token", "openai-key"];
   const history = []; // {role, content} of the conversation so far
   let controller = null;
@@ -29,29 +31,40 @@
   }
 
   // -- rendering
+  // text: the message itself, or for an error a function that words it in the current language.
   function addMessage(role, text) {
     const item = document.createElement("li");
     item.className = role;
     const who = document.createElement("span");
     who.className = "who";
-    who.textContent = role === "user" ? "You" : role === "assistant" ? "Assistant" : "Error";
+    who.dataset.i18n = "playground.who." + role;
+    who.textContent = t(who.dataset.i18n);
     const body = document.createElement("span");
     body.className = "text";
-    body.textContent = text;
+    if (typeof text === "function") I18N.show(body, text);
+    else body.textContent = text;
     item.append(who, body);
     $("history").append(item);
     $("history").scrollTop = $("history").scrollHeight;
     return body;
   }
-  function setStatus(text) {
-    $("status").textContent = text;
+  function setStatus(key) {
+    I18N.show($("status"), key ? () => t(key) : null);
   }
   function setBusy(busy) {
     $("send").disabled = busy;
     $("stop").disabled = !busy;
   }
 
-  // -- errors in plain words
+  // -- errors in plain words, as functions that word them in the current language
+
+  class PageError extends Error {
+    constructor(render) {
+      super(render());
+      this.render = render;
+    }
+  }
+
   async function describeError(response) {
     let message = "";
     try {
@@ -60,14 +73,16 @@
     } catch (e) {
       message = response.statusText;
     }
-    if (response.status === 403) return "Wrong access token: check the proxy's access token. (" + message + ")";
-    if (response.status === 401) return "OpenAI key missing or rejected: " + message;
-    if (response.status === 429) {
-      const wait = response.headers.get("Retry-After");
-      return "Rate limited" + (wait ? ": retry in " + wait + " s" : "") + ". " + message;
+    const status = response.status;
+    if (status === 403) return () => t("playground.error.access_token", { message });
+    if (status === 401) return () => t("playground.error.openai_key", { message });
+    if (status === 429) {
+      const wait = Number(response.headers.get("Retry-After"));
+      if (wait > 0) return () => t("playground.error.rate_limited_wait", { wait: I18N.duration(wait), message });
+      return () => t("playground.error.rate_limited", { message });
     }
-    if (response.status === 413) return "The conversation is too large for this proxy. " + message;
-    return "Error " + response.status + ": " + message;
+    if (status === 413) return () => t("playground.error.too_large", { message });
+    return () => t("common.error.status", { status: String(status), message });
   }
 
   // -- SSE: events can be split across network chunks, and several can share one
@@ -91,7 +106,10 @@
         if (!data) continue; // a comment such as ": keep-alive"
         if (data === "[DONE]") return;
         const event = JSON.parse(data);
-        if (event.error) throw new Error("The answer broke off: " + event.error.message);
+        if (event.error) {
+          const message = event.error.message;
+          throw new PageError(() => t("playground.error.broke_off", { message }));
+        }
         for (const choice of event.choices || []) {
           if (choice.delta && choice.delta.content) onDelta(choice.delta.content);
         }
@@ -117,26 +135,33 @@
     history.push({ role: "user", content: prompt });
     controller = new AbortController();
     setBusy(true);
-    setStatus("Waiting for the answer…");
+    setStatus("playground.status.waiting");
     let answer = "";
     let bubble = null;
     try {
-      const response = await fetch("/chat_complete", {
-        method: "POST",
-        headers: {
-          "Content-Type": "application/json",
-          "access-token": $("access-token").value,
-          "openai-token": $("openai-key").value,
-        },
-        body: JSON.stringify({ messages, generate_params: params }),
-        signal: controller.signal,
-        cache: "no-store",
-        referrerPolicy: "no-referrer",
-      });
-      if (!response.ok) throw new Error(await describeError(response));
+      let response;
+      try {
+        response = await fetch("/chat_complete", {
+          method: "POST",
+          headers: {
+            "Content-Type": "application/json",
+            "access-token": $("access-token").value,
+            "openai-token": $("openai-key").value,
+          },
+          body: JSON.stringify({ messages, generate_params: params }),
+          signal: controller.signal,
+          cache: "no-store",
+          referrerPolicy: "no-referrer",
+        });
+      } catch (error) {
+        if (error.name === "AbortError") throw error;
+        const message = error.message;
+        throw new PageError(() => t("common.error.unreachable", { message }));
+      }
+      if (!response.ok) throw new PageError(await describeError(response));
       bubble = addMessage("assistant", "");
       if ((response.headers.get("Content-Type") || "").startsWith("text/event-stream")) {
-        setStatus("Streaming…");
+        setStatus("playground.status.streaming");
         await readStream(response, (delta) => {
           answer += delta;
           bubble.textContent = answer;
@@ -145,17 +170,19 @@
       } else {
         const body = await response.json();
         answer = body.text || "";
-        bubble.textContent = answer || "(no text: the model answered with tool calls)";
+        if (answer) bubble.textContent = answer;
+        else I18N.show(bubble, () => t("playground.no_text"));
       }
       history.push({ role: "assistant", content: answer });
-      setStatus("Done.");
+      setStatus("playground.status.done");
     } catch (error) {
       if (error.name === "AbortError") {
-        setStatus("Stopped.");
+        setStatus("playground.status.stopped");
         if (answer) history.push({ role: "assistant", content: answer });
       } else {
-        addMessage("error", error.message);
-        setStatus("");
+        const message = error.message;
+        addMessage("error", error instanceof PageError ? error.render : () => message);
+        setStatus(null);
       }
     } finally {
       controller = null;
@@ -170,7 +197,7 @@
     $("clear").addEventListener("click", () => {
       history.length = 0;
       $("history").replaceChildren();
-      setStatus("");
+      setStatus(null);
     });
     $("remember").addEventListener("change", saveKeys);
     $("prompt").addEventListener("keydown", (e) => {

@@ -58,6 +58,8 @@ class ServerProcess:
             "ACCESS_TOKENS_FILE",
             "OPENAI_API_KEY",
             "OPENAI_API_KEY_FILE",
+            "ADMIN_TOKEN_FILE",
+            "PID_FILE",
             "HOST",
         )
         full_env = {k: v for k, v in os.environ.items() if k not in inherited}

@@ -107,7 +107,7 @@ async def test_an_oversized_chunked_body_gets_the_413_json(proxy, fake_openai, b
     assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
     assert b"\r\nConnection: close\r\n" in answer and closed
     error = json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
-    assert error["code"] == "request_too_large" and "4096" in error["message"]
+    assert error["code"] == "request_too_large" and "larger than 4 KiB" in error["message"]
     assert fake_openai.received == []
 
 

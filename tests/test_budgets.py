@@ -326,10 +326,12 @@ def test_the_readme_budgets_file_gives_three_people_20_dollars_a_month(tmp_path)
     assert language == "toml"
     path = tmp_path / "tokens.toml"
     path.write_text(code)
-    entries = parse_tokens_file(str(path), Settings())
+    entries = parse_tokens_file(str(path), Settings(openai_api_key="sk-the-servers-own-key"))
     assert [(e.name, e.policy.budget) for e in entries] == [
         (name, Budget(usd=20.0, period="month")) for name in ("anna", "boris", "vera")
     ]
+    # They call with the proxy's key (without it, a 401 asking for one of their own).
+    assert all(e.policy.use_server_key for e in entries)
 
 
 def test_csv_cells_that_a_spreadsheet_would_run_are_neutralised():

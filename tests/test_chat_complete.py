@@ -211,6 +211,11 @@ async def test_unreachable_upstream_is_502(proxy, fake_openai, config, io_loop):
     await fake_openai.stop()
     response, body = await proxy.chat({"prompt": "x"})
     assert response.code == 502 and body["error"]["code"] == "upstream_connect"
+    # The newcomer's first error: which upstream, and what to try.
+    assert body["text"] == (
+        "could not connect to the upstream 127.0.0.1:%d: if this machine cannot reach it directly, "
+        "set UPSTREAM_PROXY to an egress proxy; to try the proxy without OpenAI, run make demo" % fake_openai.port
+    )
 
 
 @pytest.mark.settings(request_timeout=0.5)

@@ -17,7 +17,7 @@ from chat_gpt_proxy.upstream.egress import (
     proxy_for,
     proxy_from_env,
 )
-from chat_gpt_proxy.upstream.errors import classify
+from chat_gpt_proxy.upstream.errors import classify, upstream_address
 from chat_gpt_proxy.upstream.retry import RetryPolicy, backoff, retry_after_seconds
 from settings import Settings, SettingsError
 
@@ -213,6 +213,33 @@ def test_classify_libcurl_failures(errno, message, proxy, kind, retry):
     assert "pw-unit-secret" not in error.message + error.detail
     if kind.startswith("proxy_"):
         assert "http://***:***@127.0.0.1:3128" in error.detail and "UPSTREAM_PROXY" in error.message
+
+
+@pytest.mark.parametrize(
+    "errno,message,named",
+    [
+        (6, "Could not resolve host: api.openai.com", "could not resolve the upstream's host name api.openai.com: "),
+        (7, "Failed to connect to api.openai.com port 443", "could not connect to the upstream api.openai.com:443: "),
+        (28, "Connection timed out after 300 milliseconds", "could not connect to the upstream api.openai.com:443 in"),
+    ],
+)
+def test_no_route_names_the_upstream_and_says_what_to_try(errno, message, named):
+    """Without a proxy, a connection the upstream never saw names its address and suggests an egress
+    proxy or the demo; through a proxy, the proxy's settings are the place to look, and no such hint."""
+    address = upstream_address("https://api.openai.com/v1")
+    assert address == "api.openai.com:443"
+    direct = classify(errno, message, 0, None, address=address)
+    assert direct.message.startswith(named), direct.message
+    assert "set UPSTREAM_PROXY to an egress proxy" in direct.message and "run make demo" in direct.message
+    if errno != 7:  # through a proxy, a refused TCP connection is the proxy's (tested above)
+        through = classify(errno, message, 0, PROXY, past_proxy=True, address=address)
+        assert "api.openai.com" in through.message and "make demo" not in through.message
+
+
+def test_upstream_address():
+    assert upstream_address("http://127.0.0.1:8080/v1") == "127.0.0.1:8080"
+    assert upstream_address("http://[::1]/v1") == "[::1]:80"
+    assert upstream_address("wss://api.openai.com/v1/realtime") == "api.openai.com:443"
 
 
 HTTPS_PROXY = EgressProxy("https", "127.0.0.1", 3129, "u", "pw-unit-secret")

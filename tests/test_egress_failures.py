@@ -211,7 +211,7 @@ async def test_startup_line_names_the_proxy_and_its_source_masked(fake_openai, t
         output = server.output()
     finally:
         server.stop()
-    line = next(line for line in output.splitlines() if "configuration:" in line)
+    line = next(line for line in output.splitlines() if "configuration, upstream:" in line)
     assert '"upstream_proxy": "socks5h://***:***@127.0.0.1:%d (from ALL_PROXY)"' % port in line
     assert_no_password(output)
 
@@ -337,7 +337,7 @@ async def test_an_upstream_that_stalls_its_tls_handshake_through_the_proxy_is_th
     async with serving(settings) as (client, _):
         response, body = await client.chat({"prompt": "x"})
     assert response.code == 504 and body["error"]["code"] == "upstream_timeout", body
-    assert body["text"] == "could not connect to the upstream in time"
+    assert body["text"] == "could not connect to the upstream 127.0.0.1:%d in time" % silent_port
 
 
 @pytest.mark.parametrize("untrusted", ["proxy", "upstream"])

@@ -312,7 +312,7 @@ async def test_upstream_retries_0_also_turns_off_the_retry_of_a_closed_kept_aliv
 
 @pytest.mark.parametrize("wait_ms, expected", [("480", 0.48), ("489", 0.489), ("491", None), ("499.5", None)])
 def test_a_retry_is_only_tried_with_time_left_for_it(wait_ms, expected):
-    """Found by the hostile review of issue 20: a Retry-After landing within a millisecond of
+    """A Retry-After landing within a millisecond of
     REQUEST_TIMEOUT left a 0 ms timeout, which libcurl reads as none (the retry ran unbounded), or a
     negative one. A retry now needs MIN_ATTEMPT_SECONDS (10 ms) left after its wait."""
     policy = RetryPolicy(Settings(request_timeout=0.5, retry_on_status=(429,)))

@@ -175,7 +175,7 @@ async def test_slow_body_is_cut_off(proxy, fake_openai):
 @pytest.mark.settings(body_timeout=0.5)
 @pytest.mark.gen_test
 async def test_a_whole_body_once_does_not_lift_the_body_timeout_for_the_next_request(proxy, fake_openai):
-    """A body that arrives with its headers is read without a timer (issue 20); the next request
+    """A body that arrives with its headers is read without a timer (a profiled saving); the next request
     on the same kept-alive connection is timed again."""
     host, port = proxy.base_url.rsplit("//", 1)[1].split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
@@ -307,7 +307,7 @@ async def test_faults_do_not_touch_other_clients(proxy, fake_openai):
 
 @pytest.mark.gen_test(timeout=60)
 async def test_clients_that_reset_mid_answer_never_leave_an_upstream_transfer_running(proxy, fake_openai, app):
-    """Found by a hostile review (issue 20): a client that resets after a flush had succeeded was
+    """A client that resets after a flush had succeeded was
     seen only by the stream check after it, the relay loop returned without aborting, and the
     transfer stayed paused upstream for good; enough of them filled MAX_CONCURRENT_UPSTREAM."""
     import socket

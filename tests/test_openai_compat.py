@@ -225,7 +225,7 @@ async def test_body_and_query_forwarded_unchanged(proxy, fake_openai):
 )
 @pytest.mark.gen_test
 async def test_every_method_reaches_the_upstream_as_sent(proxy, fake_openai, method, body):
-    """POST, GET and HEAD take the lean libcurl set-up, the others Tornado's own (issue 20): both send
+    """POST, GET and HEAD take the lean libcurl set-up, the others Tornado's own: both send
     the method, the body and the headers as they came."""
     headers = {"Content-Type": "application/json", "OpenAI-Beta": "assistants=v2"} if body else {}
     response = await proxy.request("/v1/raw/x?q=1", method=method, body=body, headers=headers)

@@ -15,7 +15,7 @@ import tornado.httpclient
 
 from chat_gpt_proxy.fake_openai.behaviours import Behaviour
 from tests.conftest import OPENAI_KEY
-from tests.procs import ROOT, ServerProcess, free_port
+from tests.procs import ROOT, ServerProcess, free_port, free_ports
 
 TOKEN = "proc-ACCESS-TOKEN-91c2"
 
@@ -268,3 +268,24 @@ async def test_keep_alive_answers_before_shutdown_keep_the_connection(start_serv
         assert head.startswith(b"HTTP/1.1 200 ") and b"Connection: close" not in head
     finally:
         writer.close()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.gen_test(timeout=30)
+async def test_startup_says_where_to_look_and_keeps_a_pid_file(start_server, tmp_path, workers):
+    """The PID file names the process `make reload` must signal: the server, or with WORKERS its supervisor."""
+    pid_file = tmp_path / "proxy.pid"
+    server = await start_server(
+        ACCESS_TOKEN=TOKEN, PID_FILE=pid_file, WORKERS=workers, WORKER_METRICS_PORT=free_ports(workers)
+    )
+    assert int(pid_file.read_text()) == server.proc.pid
+    out = server.output()
+    url = "http://127.0.0.1:%d" % server.port
+    where = "playground %s/ · how to call the API %s/usage · admin page off (set ADMIN_TOKEN_FILE or ADMIN_TOKEN)"
+    assert where % (url, url) in out
+    parts = [line.split("configuration, ")[1].split(":")[0] for line in out.splitlines() if "configuration, " in line]
+    assert parts == ["listen", "access", "upstream", "sizes", "timeouts", "usage", "redis", "cache", "observability"]
+    assert all(len(line) < 700 for line in out.splitlines()), "no line of the whole configuration"
+    server.signal(signal.SIGTERM)
+    assert await server.wait_exit(15) == 0
+    assert not pid_file.exists(), "removed at exit"

@@ -1,10 +1,12 @@
 """The examples of the README and docs/ work as written against a running proxy and the fake upstream."""
 
+import ast
 import contextlib
 import io
 import os
 import re
 import subprocess
+import sys
 
 import pytest
 
@@ -131,3 +133,74 @@ def test_links_between_the_pages_resolve():
                 if anchor not in anchors:
                     broken.append("%s: %s (no such heading)" % (os.path.relpath(path, ROOT), target))
     assert broken == []
+
+
+def test_the_readme_says_what_its_python_examples_need():
+    """Each third-party module a Python example imports is in the README's pip install line, and not
+    among the proxy's own requirements: the reader must install it (a ModuleNotFoundError otherwise)."""
+    with open(README, encoding="utf-8") as f:
+        text = f.read()
+    install = re.search(r"`pip install ([a-z ]+)`", text).group(1).split()
+    with open(os.path.join(ROOT, "requirements.txt"), encoding="utf-8") as f:
+        runtime = {line.split("==")[0].split("[")[0].strip() for line in f if line.strip() and line[0] != "#"}
+    imported = set()
+    for code in re.findall(r"```python\n(.*?)```", text, re.S):
+        for node in ast.walk(ast.parse(code)):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                imported.add(node.module.split(".")[0])
+    third_party = {name for name in imported if name not in sys.stdlib_module_names}
+    assert third_party == set(install) == {"requests", "openai"}
+    assert not third_party & runtime
+    assert 'pip install "openai[realtime]"' in text
+
+
+FENCE_RE = re.compile(r"(?:<!-- readme-snippet: [\w-]+ -->\n)?```\w*\n.*?```\n", re.S)
+
+
+def sections(path: str) -> list[dict]:
+    """A README cut at its headings (outside code): each part's heading level, code blocks (with their
+    snippet markers), images, relative links and prose."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    blocks = FENCE_RE.findall(text)
+    prose = FENCE_RE.sub("\n", text)
+    parts = []
+    for chunk in re.split(r"(?m)^(?=#{1,6} )", prose):
+        if not chunk.strip():
+            continue
+        level = len(chunk) - len(chunk.lstrip("#"))
+        parts.append(
+            {
+                "level": level,
+                "images": re.findall(r"!\[[^\]]*\]\(([^)]+)\)", chunk),
+                "links": [t for t in re.findall(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)", chunk) if "://" not in t],
+                "prose": chunk,
+                "blocks": [],
+            }
+        )
+    # Each code block belongs to the section it stands in.
+    for block in blocks:
+        before = text[: text.index(block)]
+        index = len(re.findall(r"(?m)^#{1,6} ", FENCE_RE.sub("\n", before))) - 1
+        parts[index]["blocks"].append(block)
+    return parts
+
+
+def test_the_russian_readme_runs_parallel_to_the_english_one():
+    """Same sections at the same levels, the same code blocks in each (byte for byte, snippet markers
+    included), the same screenshots in Russian, links to the same pages, and Russian prose."""
+    english, russian = sections(README), sections(os.path.join(ROOT, "README.ru.md"))
+    assert [s["level"] for s in russian] == [s["level"] for s in english]
+    for en, ru in zip(english, russian, strict=True):
+        heading = en["prose"].splitlines()[0]
+        assert ru["blocks"] == en["blocks"], heading
+        assert [image.replace("-ru-", "-en-") for image in ru["images"]] == en["images"], heading
+        assert all("-ru-" in image for image in ru["images"]), heading
+        swapped = [link.replace("README.md", "README.ru.md") for link in ru["links"] if link != "README.md"]
+        assert set(swapped) | {"README.ru.md"} >= set(en["links"]) - {"README.ru.md"}, heading
+        assert set(swapped) <= set(en["links"]) | {"README.ru.md"}, heading
+        words = re.findall(r"[A-Za-zА-Яа-яЁё]+", re.sub(r"`[^`]*`|\([^)]*\)", "", ru["prose"]))
+        cyrillic = [w for w in words if re.match(r"[А-Яа-яЁё]", w)]
+        assert len(cyrillic) >= 0.6 * len(words), heading

@@ -416,6 +416,9 @@ async def test_unreachable_upstream_is_502(proxy, fake_openai, base_url, app):
     await fake_openai.stop()
     status, body, _ = await refusal(base_url)
     assert status == 502 and body["error"]["code"] == "upstream_connect"
+    message = body["error"]["message"]
+    assert message.startswith("could not connect to the upstream 127.0.0.1:%d: " % fake_openai.port), message
+    assert "UPSTREAM_PROXY" in message and "make demo" in message
     assert app.pool.handlers == set()
 
 

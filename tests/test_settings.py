@@ -1,5 +1,7 @@
 """Settings: read once from the environment, each bad variable named in a one-line error."""
 
+import dataclasses
+import json
 import os
 import pathlib
 import re
@@ -243,3 +245,48 @@ def test_the_settings_table_gives_each_declared_default():
         else:
             continue
         assert table[variable.name].startswith("`%s`" % shown), (variable.name, table[variable.name])
+
+
+def test_admin_token_file_is_created_once_and_read_after(tmp_path):
+    path = tmp_path / "admin-token"
+    first = Settings.from_env({"ADMIN_TOKEN_FILE": str(path)})
+    assert first.admin_token_generated and len(first.admin_token) >= 32
+    assert path.read_text() == first.admin_token + "\n" and path.stat().st_mode & 0o777 == 0o600
+    again = Settings.from_env({"ADMIN_TOKEN_FILE": str(path)})
+    assert again.admin_token == first.admin_token and not again.admin_token_generated
+    assert first.admin_token not in json.dumps(first.masked(), default=str)
+
+
+@pytest.mark.parametrize(
+    "content,env,message",
+    [
+        ("short\n", {}, "must be 16 or more visible ASCII characters"),
+        ("a-long-enough-admin-token\n", {"ADMIN_TOKEN": "x" * 20}, "set ADMIN_TOKEN or ADMIN_TOKEN_FILE, not both"),
+        (None, {}, "cannot create"),
+    ],
+)
+def test_admin_token_file_problems_stop_the_start(tmp_path, content, env, message):
+    path = tmp_path / "admin-token" if content is not None else tmp_path / "no-such-folder" / "admin-token"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SettingsError) as error:
+        Settings.from_env({"ADMIN_TOKEN_FILE": str(path), **env})
+    assert str(error.value).startswith("ADMIN_TOKEN_FILE: ") and message in str(error.value)
+    assert content is None or content.strip() not in str(error.value)
+
+
+def test_pid_file_and_ledger_folders_must_exist(tmp_path):
+    assert Settings.from_env({"PID_FILE": str(tmp_path / "proxy.pid")}).pid_file == str(tmp_path / "proxy.pid")
+    with pytest.raises(SettingsError, match="^PID_FILE: the folder .* does not exist"):
+        Settings.from_env({"PID_FILE": "/no/such/folder/proxy.pid"})
+    with pytest.raises(SettingsError) as error:
+        Settings.from_env({"USAGE_DATABASE": "/no/such/folder/usage.sqlite3"})
+    assert "does not exist; create it, or name a file in an existing one" in str(error.value)
+
+
+def test_every_setting_is_in_one_part_of_the_startup_configuration():
+    parts = Settings().masked_parts()
+    named = [name for _, values in parts for name in values]
+    assert sorted(named) == sorted(field.name for field in dataclasses.fields(Settings))
+    assert len(named) == len(set(named))
+    assert [part for part, _ in parts][:3] == ["listen", "access", "upstream"]

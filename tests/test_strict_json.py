@@ -4,7 +4,7 @@ The rules every JSON reader and writer of the proxy shares (RFC 8259, and
 what the callers catch): NaN and Infinity refused both ways, numbers that
 overflow a double refused, big integers kept exact, the last duplicate key
 wins, lone surrogates written escaped, compact UTF-8 out. Written for the
-orjson trial of issue 20 (not adopted: bench/results/hot-path.md), which had
+orjson trial (not adopted: bench/results/hot-path.md), which had
 to keep every one of them.
 """
 

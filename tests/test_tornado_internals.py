@@ -174,7 +174,7 @@ def test_the_websocket_protocol_internals():
 
 def test_the_lean_upstream_path_takes_only_what_it_sets_up():
     """A request asking for an option the lean libcurl set-up does not set takes Tornado's path
-    instead of losing it (issue 20's review)."""
+    instead of losing it."""
     from tornado.httpclient import HTTPRequest
 
     from chat_gpt_proxy.upstream.call import lean

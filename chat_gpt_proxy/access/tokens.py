@@ -35,6 +35,7 @@ import hmac
 import math
 import re
 
+from chat_gpt_proxy import human
 from chat_gpt_proxy.access.limits import InFlight, RateLimiter
 from chat_gpt_proxy.toml_file import read_toml
 from chat_gpt_proxy.usage.budgets import NO_BUDGET, PERIODS, Budget
@@ -122,8 +123,8 @@ def rate_refusal(policy: TokenPolicy, wait: int) -> Refusal:
     return Refusal(
         "rate_limit_per_minute",
         wait,
-        "Rate limit of this access token (%d requests per minute) reached; retry in %d s."
-        % (policy.rate_limit_per_minute, wait),
+        "Rate limit of this access token (%d requests per minute) reached; retry in %s."
+        % (policy.rate_limit_per_minute, human.duration(wait)),
     )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 
 from tornado.httputil import HTTPHeaders
@@ -15,7 +16,7 @@ from websockets.exceptions import InvalidStatus, WebSocketException
 from websockets.uri import parse_uri
 
 from chat_gpt_proxy.upstream.egress import EgressProxy
-from chat_gpt_proxy.upstream.errors import PROXY_MESSAGES, UpstreamError
+from chat_gpt_proxy.upstream.errors import PROXY_MESSAGES, UpstreamError, no_route, upstream_address
 from chat_gpt_proxy.upstream.headers import USER_AGENT
 from chat_gpt_proxy.upstream.tunnel import open_tunnel
 
@@ -154,7 +155,11 @@ async def connect_upstream(
             "the upstream's TLS certificate could not be verified: check OPENAI_BASE_URL and UPSTREAM_CA_FILE",
             detail="error=%r" % exc.verify_message,
         ) from None
+    except socket.gaierror:
+        host = upstream_address(url).rpartition(":")[0]
+        raise no_route("connect", "could not resolve the upstream's host name%s", None, host, proxy is None) from None
     except OSError:
-        raise UpstreamError("connect", "could not connect to the upstream") from None
+        address = upstream_address(url)
+        raise no_route("connect", "could not connect to the upstream%s", None, address, proxy is None) from None
     except (WebSocketException, EOFError, ValueError):
         raise UpstreamError("broken", "the upstream's WebSocket handshake failed") from None

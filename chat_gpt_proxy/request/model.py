@@ -14,6 +14,7 @@ import json
 import re
 from urllib.parse import parse_qsl
 
+from chat_gpt_proxy import human
 from chat_gpt_proxy.request import strict_json
 
 # RFC 9110 5.6.2 token, and a parameter: token "=" ( token / quoted-string ).
@@ -322,7 +323,7 @@ def inspect_event(message: str | bytes) -> RequestedModel:
             key = match.group(1)
             if match.group(2) is not None and ("\\u" in key or key.lower() == "model"):
                 return RequestedModel(
-                    problem="the event names a model and is larger than %d bytes" % MAX_INSPECTED_EVENT
+                    problem="the event names a model and is larger than %s" % human.size(MAX_INSPECTED_EVENT)
                 )
         return RequestedModel()
     try:

@@ -34,11 +34,9 @@ from tornado.httpclient import HTTPRequest, HTTPResponse
 from tornado.httputil import HTTPHeaders
 from tornado.ioloop import IOLoop
 
+from chat_gpt_proxy import human
 from chat_gpt_proxy.tornado_internals import error_is_status
-from chat_gpt_proxy.upstream.errors import (
-    UpstreamError,
-    classify,
-)
+from chat_gpt_proxy.upstream.errors import UpstreamError, classify, upstream_address
 from chat_gpt_proxy.upstream.headers import USER_AGENT
 
 log = logging.getLogger("chat_gpt_proxy.upstream")
@@ -72,8 +70,8 @@ class UpstreamClient(CurlAsyncHTTPClient):
 
     Tornado's ``fetch`` and three of its private methods are overridden (the seam is listed in
     chat_gpt_proxy/tornado_internals.py and checked by
-    tests/test_tornado_internals.py). Profiled under load (bench/profile.py,
-    issue 20), Tornado's general versions cost over a tenth of the proxy's
+    tests/test_tornado_internals.py). Profiled under load (bench/profile.py),
+    Tornado's general versions cost over a tenth of the proxy's
     CPU per request, for features this client never uses:
 
     - ``fetch`` copies the headers into a new HTTPHeaders and wraps the
@@ -381,6 +379,7 @@ class UpstreamCall:
             user_agent=USER_AGENT,
             prepare_curl_callback=self._prepare,
         )
+        self._fetch_url = url
         self._fetch = client.fetch(request, raise_error=False)
         self._fetch.add_done_callback(self._on_fetch_done)
         if stream:
@@ -533,7 +532,9 @@ class UpstreamCall:
     def _error(self) -> UpstreamError | None:
         """The failure of a finished transfer, or None if it completed."""
         if self.abort_reason == "idle":
-            return UpstreamError("idle", "the upstream sent nothing for %g s" % self.settings.stream_idle_timeout)
+            return UpstreamError(
+                "idle", "the upstream sent nothing for %s" % human.duration(self.settings.stream_idle_timeout)
+            )
         if self.abort_reason is not None:
             return UpstreamError("aborted", "the request was aborted (%s)" % self.abort_reason)
         if self.stale_connection:
@@ -560,7 +561,14 @@ class UpstreamCall:
         error = self._fetch.exception() or self._fetch.result().error
         if not isinstance(error, CurlError):
             return None
-        return classify(error.errno, error.message or "", self.status, self.egress, past_proxy=self.past_proxy)
+        return classify(
+            error.errno,
+            error.message or "",
+            self.status,
+            self.egress,
+            past_proxy=self.past_proxy,
+            address=upstream_address(self._fetch_url),
+        )
 
     # -- the reader's side
 
@@ -602,7 +610,7 @@ class UpstreamCall:
             size += len(chunk)
             if size > limit:
                 self.abort("too_large")
-                raise UpstreamError("broken", "the upstream answer is larger than %d bytes" % limit)
+                raise UpstreamError("broken", "the upstream answer is larger than %s" % human.size(limit))
             parts.append(chunk)
         return b"".join(parts)
 

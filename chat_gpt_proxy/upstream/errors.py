@@ -4,6 +4,7 @@ and ``classify``, which reads a libcurl failure. Shared by the HTTP call, the tu
 from __future__ import annotations
 
 import re
+import urllib.parse
 
 # libcurl error codes (curl/curl.h) that mean something to a client.
 CURLE_COULDNT_RESOLVE_PROXY = 5
@@ -46,6 +47,33 @@ PROXY_MESSAGES = {
     "proxy_failed": "the egress proxy (%s) could not connect to the upstream: check the proxy's own access",
 }
 
+# What to try when this machine has no direct route to the upstream: the first error a newcomer
+# behind a firewall meets, so it says what to do.
+NO_ROUTE_HINT = (
+    "if this machine cannot reach it directly, set UPSTREAM_PROXY to an egress proxy; "
+    "to try the proxy without OpenAI, run make demo"
+)
+
+
+def upstream_address(url: str) -> str:
+    """``host:port`` of an upstream URL, for messages (an upstream's URL holds no credentials)."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = "[%s]" % host
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return "%s:%d" % (host, port or (443 if parts.scheme in ("https", "wss") else 80)) if host else ""
+
+
+def no_route(kind: str, problem: str, retry_reason: str | None, address: str, direct: bool) -> UpstreamError:
+    """A connection to ``address`` (``host:port``) that could not be made; ``direct``: not through a proxy,
+    so the message says what to try."""
+    message = problem % (" " + address if address else "")
+    return UpstreamError(kind, message + (": " + NO_ROUTE_HINT if direct else ""), retry_reason)
+
 
 class UpstreamError(Exception):
     """The upstream could not give a usable answer.
@@ -74,11 +102,14 @@ class UpstreamError(Exception):
         return {"message": self.message, "type": "upstream_error", "code": "upstream_" + self.kind}
 
 
-def classify(errno: int, message: str, status: int, proxy, *, past_proxy: bool = False) -> UpstreamError:
+def classify(
+    errno: int, message: str, status: int, proxy, *, past_proxy: bool = False, address: str = ""
+) -> UpstreamError:
     """The ``UpstreamError`` for a libcurl failure.
 
     ``proxy``: the egress proxy in use, or None; ``past_proxy``: whether the
-    connection had got through it to the upstream (see ``past_proxy()``).
+    connection had got through it to the upstream (see ``past_proxy()``);
+    ``address``: the upstream's ``host:port``, named in the message.
     """
     if proxy is not None:
         where = "%s from %s" % (proxy.masked(), proxy.source)
@@ -108,15 +139,18 @@ def classify(errno: int, message: str, status: int, proxy, *, past_proxy: bool =
             kind, retry = "proxy_tls", None  # a certificate does not fix itself
         if kind is not None:
             return UpstreamError(kind, PROXY_MESSAGES[kind] % proxy.source, retry, detail)
+    direct = proxy is None
     if errno == CURLE_COULDNT_CONNECT:
-        return UpstreamError("connect", "could not connect to the upstream", "connect_refused")
+        return no_route("connect", "could not connect to the upstream%s", "connect_refused", address, direct)
     if errno == CURLE_COULDNT_RESOLVE_HOST:
-        return UpstreamError("connect", "could not resolve the upstream's host name", "dns")
+        host = address.rpartition(":")[0]
+        return no_route("connect", "could not resolve the upstream's host name%s", "dns", host, direct)
     if errno == CURLE_OPERATION_TIMEDOUT:
         if status:
             return UpstreamError("timeout", "the upstream did not finish its answer in time")
         if CONNECT_PHASE_TIMEOUT_RE.search(message):
-            return UpstreamError("timeout", "could not connect to the upstream in time", "connect_timeout")
+            problem = "could not connect to the upstream%s in time"
+            return no_route("timeout", problem, "connect_timeout", address, direct)
         return UpstreamError("timeout", "the upstream did not answer in time")
     if errno == CURLE_PEER_FAILED_VERIFICATION:
         return UpstreamError(

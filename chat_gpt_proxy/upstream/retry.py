@@ -29,7 +29,8 @@ def backoff(attempt: int) -> float:
     return random.uniform(ceiling / 2, ceiling)  # noqa: S311 (jitter, not a secret)
 
 
-# The least time a retry must have left once its wait is over (issue 20's review).
+# The least time a retry must have left once its wait is over: with less, its
+# timeout would round to 0 ms, which libcurl reads as no timeout at all.
 MIN_ATTEMPT_SECONDS = 0.01
 
 

@@ -167,7 +167,10 @@ async def _socks_tunnel(proxy: EgressProxy, host: str, port: int) -> asyncio.Tra
         raise proxy_error("proxy_failed", proxy, str(exc)) from None
     except OSError:
         # socks5: resolving the upstream's name here failed.
-        raise UpstreamError("connect", "could not resolve the upstream's host name") from None
+        raise UpstreamError(
+            "connect",
+            "could not resolve the upstream's host name %s here; with socks5h:// the SOCKS server resolves it" % host,
+        ) from None
     try:
         transport, _ = await asyncio.get_running_loop().create_connection(_Held, sock=sock)
     except BaseException:

@@ -11,6 +11,8 @@ import dataclasses
 import datetime
 import math
 
+from chat_gpt_proxy import human
+
 PERIODS = ("day", "week", "month")
 UTC = datetime.UTC
 
@@ -59,13 +61,13 @@ class Over:
     @property
     def message(self) -> str:
         if self.which == "budget_usd":
-            amount = "$%.4f of its $%.2f" % (self.spent, self.limit)
+            amount = "%s of its %s" % (human.dollars(self.spent), human.dollars(self.limit))
         else:
             amount = "%d of its %d tokens" % (self.spent, self.limit)
-        return "This access token has spent %s budget for this period; it resets at %s (in %d s)." % (
+        return "This access token has spent %s budget for this period; it resets at %s (in %s)." % (
             amount,
             iso(self.resets_at),
-            self.retry_after,
+            human.duration(self.retry_after),
         )
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import csv
 import io
 
+from chat_gpt_proxy.human import dollars, plain
+
 COLUMNS = ("day", "token", "model", "requests", "input_tokens", "cached_tokens", "output_tokens", "usd", "estimated")
 # A spreadsheet runs a cell that starts with one of these as a formula (CSV
 # injection, OWASP); model names come from callers.
@@ -28,7 +30,8 @@ def to_csv(rows: list[dict]) -> str:
     writer = csv.writer(out, lineterminator="\r\n")
     writer.writerow(COLUMNS)
     for row in rows:
-        writer.writerow([csv_cell(row[c]) for c in COLUMNS])
+        # Dollars as people read them (chat_gpt_proxy/human.py), and never in e-notation.
+        writer.writerow([plain(row[c]) if c == "usd" else csv_cell(row[c]) for c in COLUMNS])
     return out.getvalue()
 
 
@@ -40,7 +43,7 @@ def to_table(rows: list[dict]) -> str:
     totals: dict[str, float] = {}
     for row in rows:
         lines.append(
-            "%-10s  %-20s  %-28s  %8d  %12d  %12d  %12.6f%s"
+            "%-10s  %-20s  %-28s  %8d  %12d  %12d  %12s%s"
             % (
                 row["day"],
                 row["token"][:20],
@@ -48,11 +51,11 @@ def to_table(rows: list[dict]) -> str:
                 row["requests"],
                 row["input_tokens"],
                 row["output_tokens"],
-                row["usd"],
+                dollars(row["usd"]),
                 "  (%d estimated)" % row["estimated"] if row["estimated"] else "",
             )
         )
         totals[row["token"]] = totals.get(row["token"], 0.0) + row["usd"]
     lines.append("")
-    lines.extend("total %-20s  %12.6f USD" % (token[:20], usd) for token, usd in sorted(totals.items()))
+    lines.extend("total %-20s  %12s" % (token[:20], dollars(usd)) for token, usd in sorted(totals.items()))
     return "\n".join(lines) + "\n"
