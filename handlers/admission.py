@@ -66,6 +66,10 @@ class Admission:
     metered = False
     usage_injected = False
     charged = False
+    # Whether the request may run a model even when it names none (a stored
+    # prompt), and whether its usage is charged later (deferred work).
+    runs_model = True
+    charge_later = False
     budget_headers: dict = {}  # noqa: RUF012 (replaced per request, never mutated)
 
     def check_budget(self, model: str | None, runs_model: bool = True):
@@ -138,7 +142,7 @@ class Admission:
             # answer began: the model may run all the same.
             status = CLIENT_CLOSED_STATUS
         ok = 200 <= status < 300 or status == CLIENT_CLOSED_STATUS
-        if access.model is None and access.usage is None:
+        if access.model is None and access.usage is None and access.ran_model is None and not self.runs_model:
             return  # no model call (files, uploads): nothing to charge
         meter = getattr(self, "stream_meter", None)
         # A stream's usage counts once its final usage event came, even if the
@@ -156,7 +160,7 @@ class Admission:
             request_bytes=len(self._decoded_body or b""),
             events=access.events,
             # Deferred work is charged when its usage is known (chat_gpt_proxy/usage/deferred.py).
-            model_call=ok and model_call and getattr(self, "deferred", None) is None,
+            model_call=ok and model_call and not self.charge_later,
             ran_model=access.ran_model,
             upstream_model=access.upstream_model,
             partial=access.usage,

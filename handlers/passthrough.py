@@ -19,7 +19,7 @@ from chat_gpt_proxy.request.strict_json import dumps, loads
 from chat_gpt_proxy.upstream.errors import UpstreamError
 from chat_gpt_proxy.upstream.headers import HOP_BY_HOP_HEADERS
 from chat_gpt_proxy.upstream.urls import join_url, normalised_path
-from chat_gpt_proxy.usage.deferred import deferred_kind
+from chat_gpt_proxy.usage.deferred import FINISHED, KINDS, deferred_kind
 
 from .admission import check_model_allowed
 from .errors import ApiError
@@ -132,9 +132,12 @@ class OpenAIHandler(OpenAIStyle, ProxyHandler):
                 headers[name] = value
         model, stream = self.requested_model_and_stream()
         method = self.request.method
+        self.runs_model = method in ("POST", "PUT", "PATCH") and not MODEL_FREE_PATH_RE.match(self.v1_path)
         self.deferred = deferred_kind(method, self.v1_path, self.responses_body() if method == "POST" else None)
         if self.deferred is not None:
             self.check_deferred()
+            # A streamed background response is charged as a stream (charge_spend).
+            self.charge_later = not (self.deferred == "background" and stream)
         pending = self.check_budget(
             model, method in ("POST", "PUT", "PATCH") and not MODEL_FREE_PATH_RE.match(self.v1_path)
         )
@@ -281,8 +284,11 @@ class OpenAIHandler(OpenAIStyle, ProxyHandler):
             return
         spend = self.application.spend
         if self.deferred in ("background", "batch") and isinstance(answer, dict) and isinstance(answer.get("id"), str):
-            # Its usage comes when it is retrieved finished (chat_gpt_proxy/usage/deferred.py).
-            spend.deferred.started(answer["id"], self.access.token, self.access.model)
+            if answer.get("status") in FINISHED:
+                self.charge_later = False  # it finished at once: charged now, with the usage it reports
+            else:
+                # Its usage comes when it is retrieved finished (chat_gpt_proxy/usage/deferred.py).
+                spend.deferred.started(answer["id"], self.access.token, self.access.model)
         elif self.request.method == "GET":
             finished = spend.deferred.finished(self.v1_path, answer)
             if finished is not None:
@@ -307,16 +313,27 @@ class OpenAIHandler(OpenAIStyle, ProxyHandler):
         self.access.limited = "deferred"
         raise ApiError(
             403,
-            {
-                "background": "Background responses",
-                "batch": "Batches",
-                "client_secret": "Realtime client secrets (sessions that bypass this proxy)",
-            }[self.deferred]
+            KINDS[self.deferred]
             + " are not allowed for an access token with a budget: their usage is not known when the request "
             "ends. The proxy's operator can allow them for this token (deferred = true).",
             "permission_denied",
             "deferred_not_allowed",
         )
+
+    def charge_spend(self, model_call: bool = True) -> None:
+        meter = self.stream_meter
+        if (
+            self.deferred == "background"
+            and self.metered
+            and not self.charged
+            and meter is not None
+            and not meter.final
+            and meter.object_id is not None
+        ):
+            # Its client left before its usage came: it runs on upstream, and is charged when retrieved.
+            self.application.spend.deferred.started(meter.object_id, self.access.token, self.access.model)
+            self.charge_later = True
+        super().charge_spend(model_call)
 
     def charge_deferred(self, entry, kind: str, answer: dict) -> None:
         """Charge a finished background response or batch to the token that started it."""

@@ -347,16 +347,22 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
         if not self.metered or self.charged:
             return
         self.charged = True
+        usage = openai_usage(session.usage_object())
+        # A response under way when the session ended ran on unseen: what was
+        # reported, plus an estimate of it (chat_gpt_proxy/usage/meter.py).
+        in_flight = session.responses_open > 0
         self.application.spend.charge(
             token=self.access.token,
             route=self.access.route,
             model=self.access.model,
-            usage=openai_usage(session.usage_object()),
+            usage=None if in_flight else usage,
             status=101,
             request_id=self.access.request_id,
             request_bytes=session.bytes[CLIENT_TO_UPSTREAM],
-            events=session.messages[UPSTREAM_TO_CLIENT],
+            events=session.in_flight_messages if in_flight else session.messages[UPSTREAM_TO_CLIENT],
             model_call=session.messages[CLIENT_TO_UPSTREAM] > 0,
+            partial=usage,
+            left_early=in_flight,
         )
 
 

@@ -389,8 +389,8 @@ class ProxyHandler(BaseHandler):
                     await self.flush_or_abort()
                     return
                 if chunk is None:
-                    # An event the upstream never ended is relayed as it came.
-                    rest = [event.raw for event in parser.finish()]
+                    # An event the upstream never ended is relayed as it came (and read, if its lines ended).
+                    rest = [relayed.raw for relayed in map(meter.event, parser.finish()) if relayed is not None]
                     if rest:
                         self.write(b"".join(rest))
                         if self.cache_events is not None:

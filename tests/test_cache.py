@@ -30,6 +30,7 @@ token = "{CACHED}"
 cache = true
 cache_ttl = 60
 budget_tokens = 1000
+deferred = true
 
 [other]
 token = "{OTHER}"

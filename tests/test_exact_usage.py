@@ -15,9 +15,10 @@ import httpx
 import pytest
 import websockets
 
-from chat_gpt_proxy.fake_openai.behaviours import Behaviour
+from chat_gpt_proxy.fake_openai.behaviours import Behaviour, RealtimeBehaviour
 from chat_gpt_proxy.formats.sse import parse_all
 from chat_gpt_proxy.upstream.routing import Router, parse_upstreams
+from chat_gpt_proxy.usage.meter import output_cap
 from chat_gpt_proxy.usage.prices import PriceTable
 from tests.conftest import open_raw, proxy_settings
 
@@ -273,13 +274,11 @@ async def test_allowed_deferred_work_is_charged_once_when_retrieved_finished(pro
     for _ in range(3):
         response = await proxy.request(path + "/" + object_id, method="GET", headers=trusted, auth=False)
         assert response.code == 200
-    background = "responses" in path
-    # A background response's creation is a row of no tokens; a batch's names no model, and makes none.
-    found = await rows(app, 2 if background else 1)
-    assert [(r["route"], r["token"]) for r in found] == [("v1", "trusted")] * (2 if background else 1)
-    assert usage_of(found[-1]) == ((40, 0, 30, 0) if background else (1000, 0, 500, 0))
-    if background:
-        assert usage_of(found[0]) == (0, 0, 0, 0)
+    # Its creation is a row of no tokens; the first retrieval that shows it finished, its usage.
+    found = await rows(app, 2)
+    assert [(r["route"], r["token"]) for r in found] == [("v1", "trusted")] * 2
+    assert usage_of(found[0]) == (0, 0, 0, 0)
+    assert usage_of(found[1]) == ((40, 0, 30, 0) if "responses" in path else (1000, 0, 500, 0))
     await asyncio.sleep(0.2)
     assert len(await rows(app, 3, timeout=0.5)) == len(found)
 
@@ -316,3 +315,117 @@ async def test_an_alias_is_priced_as_the_model_the_upstream_runs(proxy, app, fak
     (row,) = await rows(app)
     assert row["model"] == "gpt-4o-mini"
     assert row["usd"] == pytest.approx((1000 * 0.15 + 1000 * 0.60) / 1e6)
+
+
+def raw_stream(*events: bytes, end: bytes = b"data: [DONE]\n\n") -> Behaviour:
+    """An upstream that writes exactly these SSE bytes (then closes): framings the fake would not write."""
+    body = b"".join(events) + end
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: %d\r\n\r\n" % len(body)
+    return Behaviour(kind="raw", raw=(head + body).decode("latin-1"))
+
+
+def chat_chunk(fields: str) -> bytes:
+    return b'data: {"id":"c","object":"chat.completion.chunk","model":"gpt-4o-mini",' + fields.encode() + b"}\n\n"
+
+
+FINAL_USAGE = '"choices":[],"usage":{"prompt_tokens":10,"completion_tokens":5}'
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_chunk_the_proxy_cannot_write_back_in_utf_8_is_escaped_not_a_500(
+    http_server, app, fake_openai, base_url
+):
+    """Raw UTF-8 beside a lone surrogate escape (JSON.stringify of an emoji split across chunks)."""
+    text = '"choices":[{"index":0,"delta":{"content":"\u00e9\\ud83d"}}],"usage":null'
+    fake_openai.push(raw_stream(chat_chunk(text), chat_chunk(FINAL_USAGE)))
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "stream": True}
+    raw = await stream_bytes(base_url, "/v1/chat/completions", body)
+    (first, done) = [e.data for e in parse_all(raw)]
+    assert json.loads(first)["choices"][0]["delta"]["content"] == "\u00e9\ud83d" and "usage" not in first
+    assert done == "[DONE]"
+    (row,) = await rows(app)
+    assert usage_of(row) == (10, 0, 5, 0)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_usage_beside_choices_is_taken_out_when_the_proxy_asked_for_it(http_server, app, fake_openai, base_url):
+    """Some compatible servers put the usage on the last chunk that has choices."""
+    last = '"choices":[{"index":0,"delta":{},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":4}'
+    fake_openai.push(raw_stream(chat_chunk(last)))
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "stream": True}
+    raw = await stream_bytes(base_url, "/v1/chat/completions", body)
+    chunk = json.loads(parse_all(raw)[0].data)
+    assert "usage" not in chunk and chunk["choices"][0]["finish_reason"] == "stop"
+    (row,) = await rows(app)
+    assert usage_of(row) == (3, 0, 4, 0)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_usage_event_the_upstream_never_ended_is_still_charged(http_server, app, fake_openai, base_url):
+    """The upstream closes after the usage chunk's line, without the blank line that ends the event."""
+    fake_openai.push(raw_stream(chat_chunk(FINAL_USAGE)[:-1], end=b""))
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "stream": True}
+    await stream_bytes(base_url, "/v1/chat/completions", body)
+    (row,) = await rows(app)
+    assert usage_of(row) == (10, 0, 5, 0)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_stored_prompt_stream_left_early_is_charged_although_it_names_no_model(
+    http_server, app, fake_openai, base_url
+):
+    fake_openai.push(Behaviour(chunks=["a ", "b ", "c "], delay=1))
+    body = {"prompt": {"id": "pmpt_1"}, "input": "x", "stream": True}
+    head, reader, writer = await open_raw(base_url, body, path="/v1/responses", headers=headers())
+    assert head.startswith("HTTP/1.1 200")
+    await reader.readuntil(b"response.output_text.delta")
+    writer.close()
+    await fake_openai.wait_abort(timeout=5)
+    (row,) = await rows(app)
+    # The model the upstream said it runs, and the most it may have generated by then.
+    assert row["estimated"] == 1 and row["model"] == "gpt-4o-mini" and row["output_tokens"] == 16384
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_response_under_way_when_a_realtime_client_leaves_is_charged(http_server, app, fake_openai, base_url):
+    fake_openai.push_realtime(RealtimeBehaviour(delay=0.3, chunks=["a ", "b "], audio_deltas=20))
+    url = "ws" + base_url[len("http") :] + "/v1/realtime?model=gpt-realtime"
+    async with websockets.connect(url, additional_headers=headers()) as ws:
+        assert json.loads(await ws.recv())["type"] == "session.created"
+        await ws.send(json.dumps({"type": "response.create"}))
+        while (event := json.loads(await ws.recv()))["type"] != "response.done":
+            pass
+        first = event["response"]["usage"]
+        await ws.send(json.dumps({"type": "response.create"}))
+        while json.loads(await ws.recv())["type"] != "response.output_text.delta":
+            pass
+    (row,) = await rows(app)
+    # What the first response reported, and the most the second may have run (gpt-realtime's max_output).
+    assert row["estimated"] == 1
+    assert row["input_tokens"] == first["input_tokens"]
+    assert row["output_tokens"] == first["output_tokens"] + 4096
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/responses", {"model": "gpt-4o-mini", "input": "x", "background": True, "stream": True}),
+        ("/v1/realtime/calls", {"session": {"type": "realtime", "model": "gpt-realtime"}}),
+        ("/v1/fine_tuning/jobs", {"model": "gpt-4o-mini", "training_file": "file-1"}),
+        ("/v1/threads/runs", {"assistant_id": "asst_1"}),
+        ("/v1/threads/thread_1/runs", {"assistant_id": "asst_1"}),
+        ("/v1/evals/eval_1/runs", {"data_source": {}}),
+        ("/v1/videos", {"model": "sora-2", "prompt": "x"}),
+    ],
+)
+@pytest.mark.gen_test(timeout=30)
+async def test_every_kind_of_work_that_outlives_its_request_is_refused_to_a_budget(proxy, fake_openai, path, body):
+    response = await proxy.request(path, json_body=body, headers=headers(), auth=False)
+    assert response.code == 403 and json.loads(response.body)["error"]["code"] == "deferred_not_allowed"
+    assert len(fake_openai.received) == 0
+
+
+def test_the_cap_of_a_request_for_several_choices_counts_them_all():
+    assert output_cap(b'{"n": 8, "max_completion_tokens": 1000}') == 8000
+    assert output_cap({"max_tokens": 50}) == 50
+    assert output_cap(b"not json") is None

@@ -15,6 +15,7 @@ import pytest
 from chat_gpt_proxy import observability
 from chat_gpt_proxy.access.tokens import TokenRegistry
 from chat_gpt_proxy.fake_openai.behaviours import Behaviour
+from chat_gpt_proxy.formats.openai import openai_usage
 from chat_gpt_proxy.observability import JsonFormatter, TextFormatter, token_counts
 from chat_gpt_proxy.upstream.routing import Router
 from server import drain, setup_logging
@@ -458,11 +459,11 @@ async def test_v1_responses_api_usage_is_recorded(proxy, app, caplog):
 
 
 def test_token_counts_of_every_usage_shape():
-    assert token_counts({"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}) == (9, 2)
-    assert token_counts({"prompt_tokens": 3, "total_tokens": 3}) == (3, None)
-    assert token_counts({"input_tokens": 5, "output_tokens": 7}) == (5, 7)  # Responses API
+    assert token_counts(openai_usage({"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11})) == (9, 2)
+    assert token_counts(openai_usage({"prompt_tokens": 3, "total_tokens": 3})) == (3, 0)  # embeddings
+    assert token_counts(openai_usage({"input_tokens": 5, "output_tokens": 7})) == (5, 7)  # Responses API
     for junk in (None, [], "9", {"prompt_tokens": "9\r\nx", "completion_tokens": True}, {"prompt_tokens": -1}):
-        assert token_counts(junk) == (None, None)
+        assert token_counts(openai_usage(junk)) == (None, None)
 
 
 @pytest.mark.gen_test

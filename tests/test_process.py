@@ -279,9 +279,12 @@ async def test_startup_says_where_to_look_and_keeps_a_pid_file(start_server, tmp
         ACCESS_TOKEN=TOKEN, PID_FILE=pid_file, WORKERS=workers, WORKER_METRICS_PORT=free_ports(workers)
     )
     assert int(pid_file.read_text()) == server.proc.pid
-    out = server.output()
     url = "http://127.0.0.1:%d" % server.port
     where = "playground %s/ · how to call the API %s/usage · admin page off (set ADMIN_TOKEN_FILE or ADMIN_TOKEN)"
+    # With workers, the supervisor says it once they all listen: a moment after the port answers.
+    deadline = time.monotonic() + 10
+    while where % (url, url) not in (out := server.output()) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
     assert where % (url, url) in out
     parts = [line.split("configuration, ")[1].split(":")[0] for line in out.splitlines() if "configuration, " in line]
     assert parts == ["listen", "access", "upstream", "sizes", "timeouts", "usage", "redis", "cache", "observability"]

@@ -74,7 +74,7 @@ def test_events_are_those_of_the_standard_wherever_the_stream_is_cut(stream, cut
     cuts = [c for c in cuts if c <= len(stream)]
     found, raw = ours(stream, cuts)
     assert raw == stream  # nothing lost, nothing added
-    dispatched = [(e.type, e.data, e.id) for e in found if e.complete and e.data is not None]
+    dispatched = [(e.type, e.data, e.id) for e in found if e.ended and e.complete and e.data is not None]
     expected = reference_events(stream)
     # Ours reads each event's id on its own; the standard's last event id carries over.
     assert [(t, d) for t, d, _ in dispatched] == [(t, d) for t, d, _ in expected]
@@ -121,4 +121,20 @@ def test_a_stream_cut_mid_event_leaves_an_incomplete_event():
     parser = SseParser()
     assert [e.data for e in parser.feed(b"data: 1\n\ndata: 2")] == ["1"]
     (rest,) = parser.finish()
-    assert rest.raw == b"data: 2" and not rest.complete
+    assert rest.raw == b"data: 2" and not rest.complete and not rest.ended
+    # An event whose last line ended, but not with a blank line: read, though never dispatched.
+    parser.feed(b"data: 3\n")
+    (rest,) = parser.finish()
+    assert rest.complete and not rest.ended and rest.data == "3"
+
+
+def test_an_event_read_a_byte_at_a_time_costs_time_in_proportion_to_its_size():
+    """Each read of an unfinished event is kept, not joined to what came before (no quadratic copying)."""
+    parser = SseParser()
+    event = b"data: " + b"x" * 200_000 + b"\n\n"
+    found = []
+    for i in range(0, len(event), 7):
+        found += parser.feed(event[i : i + 7])
+        # Kept as reads until the event ends: never one growing buffer.
+        assert found or len(parser.parts) == i // 7 + 1
+    assert [e.raw for e in found] == [event]

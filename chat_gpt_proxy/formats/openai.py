@@ -147,6 +147,8 @@ class StreamMeter:
     # Whether ``usage`` is the answer's final count (not a running or partial one).
     final = False
     model: str | None = None
+    # The id of what the stream answers (a Responses API response), if it says.
+    object_id: str | None = None
     complete = False
     failed = False
 
@@ -164,10 +166,10 @@ class ChatStreamMeter(StreamMeter):
         self.strip_usage = strip_usage
 
     def event(self, event: Event) -> Event | None:
-        raw = event.raw
+        source = event.source
         # Only events that can hold what is looked for are parsed (chunks are
         # most of a stream's CPU): a key spelled with \u escapes is not looked for.
-        if b"usage" not in raw and b"error" not in raw and b"[DONE]" not in raw and self.model is not None:
+        if b"usage" not in source and b"error" not in source and b"[DONE]" not in source and self.model is not None:
             return event
         data = event.data
         if data is None or not event.complete:
@@ -195,19 +197,28 @@ class ChatStreamMeter(StreamMeter):
             return event  # asked for by the caller, or partly relayed already
         if usage is not None and chunk.get("choices") == []:
             return None  # the chunk that only the proxy asked for
-        if found is None:
-            style = style_of(chunk, data)
-            del chunk["usage"]
-            return event.with_data(json.dumps(chunk, **style))
-        return event
+        style = style_of(chunk, data)
+        del chunk["usage"]
+        return event.with_data(dumps_like(chunk, style))
+
+
+def dumps_like(obj, style: dict) -> str:
+    """``obj`` in ``style``; escaped to ASCII where UTF-8 cannot hold it (a lone surrogate escape)."""
+    text = json.dumps(obj, **style)
+    if not style["ensure_ascii"]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            text = json.dumps(obj, separators=style["separators"], ensure_ascii=True)
+    return text
 
 
 class ResponsesStreamMeter(StreamMeter):
     """A Responses API stream: usage and model in the final ``response`` object."""
 
     def event(self, event: Event) -> Event | None:
-        raw = event.raw
-        if b"usage" not in raw and b"error" not in raw and b"model" not in raw:
+        source = event.source
+        if b"usage" not in source and b"error" not in source and b"model" not in source:
             return event
         data = event.data
         if data is None or not event.complete:
@@ -222,6 +233,7 @@ class ResponsesStreamMeter(StreamMeter):
         response = parsed.get("response")
         if isinstance(response, dict):
             self.model = _string(response.get("model")) or self.model
+            self.object_id = _string(response.get("id")) or self.object_id
             if kind in RESPONSES_FINAL_EVENTS:
                 usage = openai_usage(response.get("usage"))
                 if usage is not None:

@@ -29,8 +29,11 @@ def _terminator_end(buffer: bytes, at: int) -> int:
     return at + 2 if buffer[at] == 13 and buffer[at + 1 : at + 2] == b"\n" else at + 1
 
 
-def _event_end(buffer: bytes, start: int) -> int:
-    """Index just past the first blank line at or after ``start`` (-1 if none yet), in a stream that uses CR."""
+def _event_end(buffer: bytes, start: int, crs: bool) -> int:
+    """Index just past the first blank line at or after ``start`` (-1 if none yet)."""
+    if not crs:  # the usual stream, LF only: one search
+        found = buffer.find(b"\n\n", start)
+        return found + 2 if found >= 0 else -1
     first = -1
     for pair in _BLANK_LINE_PAIRS:
         found = buffer.find(pair, start)
@@ -42,7 +45,7 @@ def _event_end(buffer: bytes, start: int) -> int:
 class Event:
     """One event: ``raw`` (the bytes to relay, its blank line included) and its fields, parsed on first use."""
 
-    __slots__ = ("_parsed", "_type", "_data", "_id", "_source", "raw", "complete")
+    __slots__ = ("_parsed", "_type", "_data", "_id", "_source", "raw", "complete", "ended")
 
     def __init__(self, raw: bytes, complete: bool = True, source: bytes | None = None):
         self.raw = raw
@@ -52,6 +55,9 @@ class Event:
         # False when the fields cannot be trusted: the stream ended before the
         # event's blank line, or the event outgrew what the parser keeps.
         self.complete = complete
+        # False for what a stream left when it ended before the event's blank
+        # line: read for what it reports, but a browser would not dispatch it.
+        self.ended = True
         self._parsed = False
 
     def _parse(self) -> None:
@@ -70,6 +76,11 @@ class Event:
             elif name == "id" and "\0" not in value:
                 event_id = value
         self._type, self._data, self._id = event_type, data, event_id
+
+    @property
+    def source(self) -> bytes:
+        """The whole event as received (``raw`` may lack a part already relayed)."""
+        return self._source
 
     @property
     def partly_relayed(self) -> bool:
@@ -97,13 +108,21 @@ class Event:
         return self._id
 
     def with_data(self, data: str) -> Event:
-        """This event with its data replaced, its ``id`` and ``event`` kept (lines end in LF)."""
-        lines = []
-        if self.id is not None:
-            lines.append("id: " + self.id)
-        if self.type:
-            lines.append("event: " + self.type)
-        lines.extend("data: " + line for line in data.split("\n"))
+        """This event with its data replaced: its other lines (``event``, ``id``, comments) kept in
+        their order, the new data where the first data line was; lines end in LF."""
+        lines, placed = [], False
+        new = ["data: " + line for line in data.split("\n")]
+        for line in _TEXT_LINE_END.split(self._source.decode("utf-8", "replace")):
+            if not line:
+                continue
+            if line.partition(":")[0] == "data":
+                if not placed:
+                    lines.extend(new)
+                    placed = True
+                continue
+            lines.append(line)
+        if not placed:
+            lines.extend(new)
         return Event(("\n".join(lines) + "\n\n").encode("utf-8"))
 
     def __repr__(self) -> str:
@@ -117,78 +136,96 @@ MAX_PARSED_EVENT = 16 * 1024 * 1024
 
 
 class SseParser:
-    """Cuts a byte stream into whole events as it arrives: ``feed`` returns the events that ended."""
+    """Cuts a byte stream into whole events as it arrives: ``feed`` returns the events that ended.
 
-    __slots__ = ("buffer", "relayed", "truncated", "keep", "scanned", "crs")
+    The reads of an event not yet ended are kept as they came and joined once
+    it ends (or is handed out), and only new bytes are searched for its end:
+    an event read in many small pieces costs time in proportion to its size.
+    """
+
+    __slots__ = ("parts", "size", "tail", "relayed", "truncated", "keep", "crs")
 
     def __init__(self, keep: int = MAX_PARSED_EVENT):
         self.keep = keep
-        # The event not yet ended (for a ``truncated`` one, only its last bytes).
-        self.buffer = b""
-        # How many bytes of ``buffer`` were already handed out by ``take_pending``.
+        # The reads of the event not yet ended (of a ``truncated`` one, only its last bytes).
+        self.parts: list[bytes] = []
+        self.size = 0
+        # Its last bytes: the blank line that ends it may straddle two reads.
+        self.tail = b""
+        # How many of its bytes were already handed out by ``take_pending``.
         self.relayed = 0
         self.truncated = False
-        # How far ``buffer`` was searched for a blank line (each byte is searched once).
-        self.scanned = 0
         # Whether the stream has used CR at all (most streams end lines in LF only).
         self.crs = False
 
     def feed(self, data: bytes) -> list[Event]:
-        buffer = self.buffer + data if self.buffer else data
+        if not data:
+            return []
         if not self.crs and b"\r" in data:
             self.crs = True
+        fresh = not self.parts
+        if fresh:
+            buffer, search = data, 0
+        else:
+            if _event_end(self.tail + data, 0, self.crs) < 0:
+                # The event goes on: keep the read, copy nothing.
+                self.parts.append(data)
+                self.size += len(data)
+                self.tail = (self.tail + data)[-3:]
+                return []
+            search = self.size - len(self.tail)
+            self.parts.append(data)
+            buffer = b"".join(self.parts)
         events = []
-        start = 0
-        size = len(buffer)
-        # A pair of terminators may straddle the previous read's end.
-        search = self.scanned - 1
+        start, size = 0, len(buffer)
         while start < size:
-            if buffer[start] in (10, 13) and (start or not self.truncated):
+            if buffer[start] in (10, 13) and (start or fresh):
                 end = _terminator_end(buffer, start)  # a blank line where an event starts: an empty event
             else:
-                if search < start:
-                    search = start
-                if self.crs:
-                    end = _event_end(buffer, search)
-                else:  # the usual stream, LF only: one search
-                    end = buffer.find(b"\n\n", search)
-                    if end >= 0:
-                        end += 2
+                end = _event_end(buffer, search if search > start else start, self.crs)
                 if end < 0:
                     break
-            if self.relayed or self.truncated:
-                event = Event(buffer[start + self.relayed : end], not self.truncated, buffer[start:end])
+            if start == 0 and (self.relayed or self.truncated):
+                event = Event(buffer[self.relayed : end], not self.truncated, buffer[:end])
                 self.relayed, self.truncated = 0, False
             else:
                 event = Event(buffer[start:end])
             events.append(event)
             start = end
-        self.buffer = buffer[start:] if start else buffer
-        self.scanned = len(self.buffer)
+        rest = buffer[start:] if start else buffer
+        self.parts = [rest] if rest else []
+        self.size = len(rest)
+        self.tail = rest[-3:]
         return events
 
     @property
     def pending(self) -> int:
         """Bytes of the event not yet ended and not yet handed out."""
-        return len(self.buffer) - self.relayed
+        return self.size - self.relayed
 
     def take_pending(self) -> bytes:
         """The part of the unfinished event not handed out yet, to relay now (an event too large to
         hold back): the event later comes out of ``feed`` with only its remaining bytes as ``raw``."""
-        part = self.buffer[self.relayed :]
-        self.relayed = len(self.buffer)
-        if self.relayed > self.keep:
-            # Keep only what a blank line split across reads needs.
-            self.buffer = self.buffer[-4:]
-            self.relayed = self.scanned = len(self.buffer)
+        whole = self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
+        part = whole[self.relayed :]
+        if len(whole) > self.keep:
+            # Keep only what a blank line split across reads needs; the event will not be read.
+            whole = whole[-4:]
             self.truncated = True
+        self.parts, self.size, self.relayed, self.tail = [whole], len(whole), len(whole), whole[-3:]
         return part
 
     def finish(self) -> list[Event]:
-        """What is left when the stream ends: an event cut off before its blank line, if any."""
-        rest = self.buffer[self.relayed :]
-        self.buffer, self.relayed, self.truncated, self.scanned = b"", 0, False, 0
-        return [Event(rest, complete=False)] if rest else []
+        """What is left when the stream ends: an event cut off before its blank line, if any. Its
+        fields are read (``complete``) when its last line ended and none of it was dropped."""
+        whole = b"".join(self.parts)
+        rest = whole[self.relayed :]
+        lines_ended = whole[-1:] in (b"\n", b"\r")
+        event = Event(rest, lines_ended and not self.truncated, whole) if rest else None
+        if event is not None:
+            event.ended = False
+        self.parts, self.size, self.relayed, self.truncated, self.tail = [], 0, 0, False, b""
+        return [event] if event is not None else []
 
 
 def parse_all(data: bytes) -> list[Event]:

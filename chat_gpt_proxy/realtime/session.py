@@ -97,6 +97,9 @@ class RealtimeSession:
         self.usage = {"input_tokens": 0, "output_tokens": 0}
         self.usage_seen = False
         self.cached_tokens = 0
+        # Responses created and not done yet, and the messages relayed since the last one was created.
+        self.responses_open = 0
+        self.in_flight_messages = 0
         # When the pending write to each side began (None: none pending).
         self.writing_since: float | None = None
         self.sending_since: float | None = None
@@ -196,8 +199,10 @@ class RealtimeSession:
                 if self.closed_by is not None:
                     continue  # the client is being closed: read on so the upstream's close gets through
                 self._note(UPSTREAM_TO_CLIENT, message)
-                if isinstance(message, str) and "response.done" in message:
+                if isinstance(message, str) and ("response.done" in message or "response.created" in message):
                     self._note_usage(message)
+                elif self.responses_open:
+                    self.in_flight_messages += 1
                 self.writing_since = time.monotonic()
                 try:
                     await self.client.write_message(message, binary=isinstance(message, bytes))
@@ -209,12 +214,20 @@ class RealtimeSession:
             self._upstream_closed(exc)
 
     def _note_usage(self, message: str) -> None:
-        """Sum the token usage of ``response.done`` events (for the access log and metrics)."""
+        """Sum the token usage of ``response.done`` events (for the access log and metrics), and
+        count the responses under way (a client that leaves during one is charged an estimate of it)."""
         try:
             event = json.loads(message)
-            usage = event["response"]["usage"] if event.get("type") == "response.done" else None
+            kind = event.get("type")
+            if kind == "response.created":
+                self.responses_open += 1
+                self.in_flight_messages = 0
+                return
+            usage = event["response"]["usage"] if kind == "response.done" else None
         except (ValueError, KeyError, TypeError, AttributeError):
             return
+        if kind == "response.done" and self.responses_open:
+            self.responses_open -= 1
         if not isinstance(usage, dict):
             return
         for kind in self.usage:
