@@ -77,11 +77,16 @@ def make_app(settings: Settings, tokens: TokenRegistry | None = None, router: Ro
 
         shared_limits = SharedLimits(settings, metrics.redis_errors if metrics is not None else None)
         log.info("%s", shared_limits.describe())
+    if router is None:
+        router = Router(settings)
+    if metrics is not None:
+        # main() reads UPSTREAMS_FILE before any worker has its metrics: each process reports its own.
+        router.use_metrics(metrics)
     return ProxyApplication(
         all_routes,
         config=settings,
         pool=pool,
-        router=router or Router(settings, metrics=metrics),
+        router=router,
         tokens=tokens,
         cors=CorsPolicy(settings.cors_allow_origins),
         spend=Spend(settings, metrics, shared_limits),
