@@ -220,6 +220,30 @@ def usage_env(folder: str) -> dict[str, str]:
     }
 
 
+async def usage_counters(url: str) -> dict[str, str]:
+    """--usage: what the proxy's /metrics say the budget, the ledger and the cache did."""
+    client = tornado.httpclient.AsyncHTTPClient(force_instance=True)
+    try:
+        text = (await client.fetch(url)).body.decode()
+    finally:
+        client.close()
+    sums: collections.Counter = collections.Counter()
+    for line in text.splitlines():
+        for prefix, name in (
+            ('proxy_cache_total{result="hit"', "cache hits"),
+            ('proxy_cache_total{result="miss"', "cache misses"),
+            ("proxy_spend_usd_total{", "USD charged to the budget"),
+            ("proxy_usage_rows_dropped_total", "ledger rows dropped"),
+        ):
+            if line.startswith(prefix):
+                sums[name] += float(line.rsplit(" ", 1)[1])
+    return {
+        "cache hits / misses": "%d / %d" % (sums["cache hits"], sums["cache misses"]),
+        "USD charged to the budget": "%.4f" % sums["USD charged to the budget"],
+        "ledger rows dropped": "%d" % sums["ledger rows dropped"],
+    }
+
+
 async def wait_log(path: str, text: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -299,6 +323,7 @@ async def main_async(args) -> int:
             await wait_log(args.log, "tracemalloc: done", 300)
         sampler.cancel()
         alive = proxy.poll() is None
+        counted = await usage_counters("http://127.0.0.1:%d/metrics" % proxy_port) if args.usage and alive else {}
     finally:
         for proc in procs:
             proc.terminate()
@@ -345,6 +370,8 @@ async def main_async(args) -> int:
     )
     print("| idle upstream keep-alive connections after warm-up / at end | %d / %d |" % (pool_start, pool_end))
     print("| tracebacks in the proxy log | %d |" % tracebacks)
+    for name, value in counted.items():
+        print("| %s (whole run) | %s |" % (name, value))
     print()
     print("RSS timeline (s since the start, MiB): " + ", ".join("%.0f: %.1f" % (t, kb / 1024) for t, kb in samples))
     for failure in failures[:20]:

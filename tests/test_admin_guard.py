@@ -122,6 +122,7 @@ async def test_a_forwarded_address_from_an_untrusted_peer_does_not_escape_the_li
 
 
 def test_failures_leave_the_window_and_the_table_is_bounded():
+    assert (MAX_FAILURES, WINDOW) == (10, 300.0)  # as docs/team.md says
     attempts = FailedAttempts(max_failures=3, window=10.0, max_addresses=100)
     for t in (0.0, 1.0, 2.0):
         assert attempts.retry_after("a", t) == 0

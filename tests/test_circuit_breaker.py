@@ -113,6 +113,25 @@ def test_tries_from_before_a_close_do_not_count_towards_the_next_opening(monkeyp
     assert router.health_of(a).state == "up" and router.health_of(a).failures == 0
 
 
+def test_retry_after_opens_at_once_doubling_stops_at_the_maximum_and_any_later_success_closes(caplog):
+    router = router_of("a")
+    a = router.upstreams[0]
+    health = router.health_of(a)
+    router.started(a, own_key=True).answered(429, {"Retry-After": "42"})
+    assert health.state == "down" and 41 <= health.open_until - time.monotonic() <= 42
+    cool_downs = []
+    for _ in range(8):
+        health.open_until = time.monotonic()  # its cool-down over, without waiting for it
+        router.started(a, own_key=True).fault("connect")
+        cool_downs.append(health.cool_down)
+    assert cool_downs == [10.0, 20.0, 40.0, 80.0, 160.0, 300.0, 300.0, 300.0]
+    assert len([r for r in caplog.records if "upstream still down upstream=a" in r.getMessage()]) == 8
+    # Every upstream down: tried anyway before its cool-down ends; its success closes the circuit.
+    router.started(a, own_key=True).ok()
+    assert health.state == "up" and health.cool_down == routing.COOL_DOWN
+    assert [r.getMessage() for r in caplog.records if "is back" in r.getMessage()][0].startswith("upstream 'a' is back")
+
+
 def metric_value(text: str, name: str, **labels) -> float | None:
     """The value of one series in Prometheus text, or None if it has none."""
     wanted = ",".join('%s="%s"' % item for item in sorted(labels.items()))
@@ -274,6 +293,7 @@ async def test_an_upstream_killed_under_load_is_served_again_within_one_cool_dow
         if with_file:
             health = json.loads((await client.fetch(server.url + "/healthz")).body)
             assert {u["name"]: u["state"] for u in health["upstreams"]}["a"] == "up"
+        assert server.output().count("upstream down upstream=%s " % name) == 1
         assert server.output().count("upstream '%s' is back" % name) == 1
     finally:
         stop.set()
