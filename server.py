@@ -77,11 +77,16 @@ def make_app(settings: Settings, tokens: TokenRegistry | None = None, router: Ro
 
         shared_limits = SharedLimits(settings, metrics.redis_errors if metrics is not None else None)
         log.info("%s", shared_limits.describe())
+    if router is None:
+        router = Router(settings)
+    if metrics is not None:
+        # main() reads UPSTREAMS_FILE before any worker has its metrics: each process reports its own.
+        router.use_metrics(metrics)
     return ProxyApplication(
         all_routes,
         config=settings,
         pool=pool,
-        router=router or Router(settings, metrics=metrics),
+        router=router,
         tokens=tokens,
         cors=CorsPolicy(settings.cors_allow_origins),
         spend=Spend(settings, metrics, shared_limits),
@@ -320,6 +325,16 @@ def on_sighup(app: ProxyApplication) -> None:
         reload_tokens(app)
 
 
+def take_pending_reload(app: ProxyApplication) -> None:
+    """A worker starts with SIGHUP blocked (``supervise``): one sent while it started is pending,
+    not lost. Taken here, before the worker accepts its first request; from now on the
+    event loop's handler takes them."""
+    if signal.sigtimedwait([signal.SIGHUP], 0) is not None:
+        log.info("SIGHUP arrived while this worker started: reloading now")
+        on_sighup(app)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGHUP])
+
+
 async def serve(
     settings: Settings,
     tokens: TokenRegistry,
@@ -343,6 +358,10 @@ async def serve(
         )
         sys.exit(2)
     server = make_server(app, settings, ssl_context)
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, on_sighup, app)
+    if worker is not None:
+        take_pending_reload(app)
     server.add_sockets(sockets)
     scheme = "https" if settings.tls_certfile else "http"
     log.info("listening on %s://%s:%d", scheme, settings.host, settings.port)
@@ -379,10 +398,8 @@ async def serve(
             # terminal or systemd, and from its supervisor. That is one signal.
             now.set()
 
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
-    loop.add_signal_handler(signal.SIGHUP, on_sighup, app)
     await stop.wait()
     await stop_being_ready(app, server, settings.shutdown_delay)
     pool: UpstreamPool = app.pool
@@ -561,16 +578,25 @@ def supervise(settings, tokens, sockets, ssl_context, router) -> int:
     quick_deaths: dict[int, int] = {}  # worker index -> deaths in a row within QUICK_DEATH seconds
     stopping = False
     supervisor = os.getpid()
+    reloads = 0  # SIGHUPs taken so far
 
     def spawn(index: int) -> None:
         if stopping:
             return
-        pid = os.fork()
+        seen = reloads
+        # SIGHUP is blocked from before the fork until the new worker can take it
+        # (take_pending_reload): one sent meanwhile waits, pending, where an ignored
+        # one was lost and left the worker serving the tokens of before the reload.
+        # In the supervisor it stays blocked until the child is in ``children``.
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGHUP])
+        try:
+            pid = os.fork()
+        except OSError:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGHUP])
+            raise
         if pid == 0:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_DFL)
-            # Until serve() takes SIGHUP, its default (terminate) would kill a starting worker.
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)
             # A supervisor killed outright (SIGKILL, OOM) must not leave its
             # workers serving with nobody to stop them: they get SIGTERM and drain.
             die_with_parent()
@@ -588,16 +614,23 @@ def supervise(settings, tokens, sockets, ssl_context, router) -> int:
             os._exit(code)
         children[pid] = index
         started[index] = time.monotonic()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGHUP])
+        if reloads != seen:
+            # A SIGHUP that came just before the block had its handler run after
+            # the fork, before the worker was in ``children``: it gets it now.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP)
         log.info("worker %d started pid=%d", index, pid)
 
     def forward(sig, _frame) -> None:
-        nonlocal stopping
+        nonlocal stopping, reloads
         if sig in (signal.SIGTERM, signal.SIGINT):
             stopping = True
         elif sig == signal.SIGHUP:
             # The supervisor reads the files too: a worker it starts later must
             # not bring back a token the reload revoked.
             reload_for_new_workers(settings, tokens, router)
+            reloads += 1
         for pid in list(children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)

@@ -2,14 +2,23 @@
 
     python bench/soak.py --seconds 600         # ten minutes
     python bench/soak.py --short               # ~15 s, what CI runs
+    python bench/soak.py --seconds 240 --warmup 60 --concurrency 50 --usage   # budgets, ledger, cache
+
 
 Starts the fake upstream and ``server.py`` as processes on loopback, then
 sends a bounded, seeded mix: JSON answers, streams, streams the client leaves
 early, upstream errors (429, 503, a dropped stream), bad requests and wrong
 tokens. Every outcome must be the expected one for its kind. After a warm-up
 it records the proxy's RSS and open file descriptors and compares them with
-the end of the run. Exits 1 if anything unexpected happened, RSS grew by 10 %
+the end of the run; the RSS is also sampled every ``--sample`` seconds for
+the timeline. Exits 1 if anything unexpected happened, RSS grew by 10 %
 or more, or descriptors were left open.
+
+``--usage`` turns on what a team's deployment runs per request: a named
+token with a budget (ACCESS_TOKENS_FILE, with a price for every model in
+PRICES_FILE), the usage ledger (USAGE_DATABASE, SQLite in a temporary
+folder) and the response cache (CACHE_TTL), with JSON prompts drawn from
+``CACHE_PROMPTS`` different ones, so that the cache both hits and fills.
 """
 
 from __future__ import annotations
@@ -17,11 +26,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import tornado.httpclient
@@ -47,6 +59,21 @@ MIX = {
     "bad_request": (10, {"prompt": 42}, 400),
     "wrong_token": (5, {"prompt": "x"}, 403),
 }
+# --usage: the soak's token is a named one with budgets far above what a run spends.
+TOKENS_TOML = (
+    """
+[soak]
+token = "%s"
+budget_usd = 1000000.0
+budget_tokens = 1000000000000
+"""
+    % TOKEN
+)
+# The fault models have no price; a money budget refuses a model without one.
+PRICES_TOML = "[default]\ninput = 0.15\noutput = 0.6\n"
+CACHE_PROMPTS = 2000
+CACHE_TTL = 30
+
 FAULTS = {
     "fault-429": {"kind": "error", "status": 429, "headers": {"Retry-After": "1"}},
     "fault-503": {"kind": "error", "status": 503},
@@ -104,10 +131,13 @@ async def wait_http(url: str, timeout: float = 15) -> None:
 
 
 class Soak:
-    def __init__(self, proxy_url: str, concurrency: int, seed: int):
+    def __init__(self, proxy_url: str, concurrency: int, seed: int, prompts: int = 0):
         self.url = proxy_url + "/chat_complete"
         self.concurrency = concurrency
         self.random = random.Random(seed)
+        # 0: every JSON request asks the same; else one of this many different prompts.
+        self.prompts = prompts
+        self.streams = 0
         self.outcomes: collections.Counter = collections.Counter()
         self.unexpected: list[str] = []
         kinds, weights = zip(*((k, v[0]) for k, v in MIX.items()), strict=True)
@@ -115,6 +145,15 @@ class Soak:
 
     async def one(self, client, kind: str) -> None:
         _, body, expected = MIX[kind]
+        prompt = body.get("prompt")
+        if kind == "json" and self.prompts:
+            prompt = "soak %d" % self.random.randrange(self.prompts)
+            body = dict(body, prompt=prompt)
+        elif kind == "stream" and self.prompts:
+            # Each stream asks something new: the cache keeps every one for its TTL.
+            self.streams += 1
+            prompt = "a b c d e f %d" % self.streams
+            body = dict(body, prompt=prompt)
         headers = dict(HEADERS, **({"access-token": "wrong"} if kind == "wrong_token" else {}))
         chunks: list[bytes] = []
         try:
@@ -139,7 +178,7 @@ class Soak:
         if ok and kind == "stream_dropped":
             ok = b'"code":"upstream_broken"' in data and data.endswith(b"data: [DONE]\n\n")
         if ok and kind == "json":
-            ok = json.loads(data)["text"] == "Echo: soak"
+            ok = json.loads(data)["text"] == "Echo: " + prompt
         self.outcomes["%s:%s" % (kind, response.code)] += 1
         if not ok:
             self.unexpected.append("%s -> %s %r" % (kind, response.code, data[:200]))
@@ -164,10 +203,71 @@ class Soak:
         return done
 
 
+def usage_env(folder: str) -> dict[str, str]:
+    """--usage: a budgeted named token, every model priced, the SQLite ledger and the cache."""
+    tokens, prices = os.path.join(folder, "tokens.toml"), os.path.join(folder, "prices.toml")
+    with open(tokens, "w") as f:
+        f.write(TOKENS_TOML)
+    with open(prices, "w") as f:
+        f.write(PRICES_TOML)
+    return {
+        # The soak's token is the named one; ACCESS_TOKEN must be another.
+        "ACCESS_TOKEN": "soak-unused-" + os.urandom(8).hex(),
+        "ACCESS_TOKENS_FILE": tokens,
+        "PRICES_FILE": prices,
+        "USAGE_DATABASE": os.path.join(folder, "usage.sqlite3"),
+        "CACHE_TTL": str(CACHE_TTL),
+    }
+
+
+async def usage_counters(url: str) -> dict[str, str]:
+    """--usage: what the proxy's /metrics say the budget, the ledger and the cache did."""
+    client = tornado.httpclient.AsyncHTTPClient(force_instance=True)
+    try:
+        text = (await client.fetch(url)).body.decode()
+    finally:
+        client.close()
+    sums: collections.Counter = collections.Counter()
+    for line in text.splitlines():
+        for prefix, name in (
+            ('proxy_cache_total{result="hit"', "cache hits"),
+            ('proxy_cache_total{result="miss"', "cache misses"),
+            ("proxy_spend_usd_total{", "USD charged to the budget"),
+            ("proxy_usage_rows_dropped_total", "ledger rows dropped"),
+        ):
+            if line.startswith(prefix):
+                sums[name] += float(line.rsplit(" ", 1)[1])
+    return {
+        "cache hits / misses": "%d / %d" % (sums["cache hits"], sums["cache misses"]),
+        "USD charged to the budget": "%.4f" % sums["USD charged to the budget"],
+        "ledger rows dropped": "%d" % sums["ledger rows dropped"],
+    }
+
+
+async def wait_log(path: str, text: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            if text in f.read():
+                return
+        await asyncio.sleep(0.5)
+
+
+async def sample_rss(pid: int, every: float, samples: list[tuple[float, int]]) -> None:
+    """The proxy's RSS every ``every`` seconds from now (seconds since the start, KiB), until cancelled."""
+    started = time.monotonic()
+    while True:
+        with contextlib.suppress(OSError, StopIteration):
+            samples.append((time.monotonic() - started, rss_kb(pid)))
+        await asyncio.sleep(every)
+
+
 async def main_async(args) -> int:
     fake_port, proxy_port = free_port(), free_port()
     env = dict(os.environ, PYTHONPATH=ROOT)
     procs = []
+    folder = tempfile.TemporaryDirectory(prefix="soak-")
+    samples: list[tuple[float, int]] = []
     try:
         procs.append(
             subprocess.Popen(
@@ -185,12 +285,13 @@ async def main_async(args) -> int:
             LOG_LEVEL="WARNING",
             OPENAI_BASE_URL="http://127.0.0.1:%d/v1" % fake_port,
         )
+        if args.usage:
+            proxy_env.update(usage_env(folder.name))
+        command = [sys.executable, "server.py"]
+        if args.tracemalloc:
+            command = [sys.executable, "bench/traced_server.py", str(args.tracemalloc)]
         log_file = open(args.log, "wb")  # noqa: SIM115 (closed below)
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "server.py"], cwd=ROOT, env=proxy_env, stdout=log_file, stderr=subprocess.STDOUT
-            )
-        )
+        procs.append(subprocess.Popen(command, cwd=ROOT, env=proxy_env, stdout=log_file, stderr=subprocess.STDOUT))
         proxy = procs[1]
         await wait_http("http://127.0.0.1:%d/_fake/stats" % fake_port)
         await wait_http("http://127.0.0.1:%d/healthz" % proxy_port)
@@ -203,18 +304,26 @@ async def main_async(args) -> int:
             )
         client.close()
 
-        soak = Soak("http://127.0.0.1:%d" % proxy_port, args.concurrency, args.seed)
-        warmup = max(3.0, args.seconds * 0.2)
+        sampler = asyncio.ensure_future(sample_rss(proxy.pid, args.sample, samples))
+        soak = Soak("http://127.0.0.1:%d" % proxy_port, args.concurrency, args.seed, CACHE_PROMPTS if args.usage else 0)
+        warmup = args.warmup if args.warmup is not None else max(3.0, args.seconds * 0.2)
         warm_done = await soak.run(warmup)
         await asyncio.sleep(1.0)  # let closed connections settle
         rss_start, (fds_start, pool_start) = rss_kb(proxy.pid), open_fds(proxy.pid, fake_port)
+        if args.tracemalloc:
+            proxy.send_signal(signal.SIGUSR2)  # the baseline snapshot
         soak.outcomes.clear()
         started = time.monotonic()
         done = await soak.run(args.seconds)
         elapsed = time.monotonic() - started
         await asyncio.sleep(1.0)
         rss_end, (fds_end, pool_end) = rss_kb(proxy.pid), open_fds(proxy.pid, fake_port)
+        if args.tracemalloc:
+            proxy.send_signal(signal.SIGUSR2)  # what grew since the baseline, in the log
+            await wait_log(args.log, "tracemalloc: done", 300)
+        sampler.cancel()
         alive = proxy.poll() is None
+        counted = await usage_counters("http://127.0.0.1:%d/metrics" % proxy_port) if args.usage and alive else {}
     finally:
         for proc in procs:
             proc.terminate()
@@ -223,6 +332,7 @@ async def main_async(args) -> int:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        folder.cleanup()
     log_file.close()
     with open(args.log, encoding="utf-8", errors="replace") as f:
         tracebacks = f.read().count("Traceback")
@@ -260,6 +370,10 @@ async def main_async(args) -> int:
     )
     print("| idle upstream keep-alive connections after warm-up / at end | %d / %d |" % (pool_start, pool_end))
     print("| tracebacks in the proxy log | %d |" % tracebacks)
+    for name, value in counted.items():
+        print("| %s (whole run) | %s |" % (name, value))
+    print()
+    print("RSS timeline (s since the start, MiB): " + ", ".join("%.0f: %.1f" % (t, kb / 1024) for t, kb in samples))
     for failure in failures[:20]:
         print("FAIL:", failure)
     print("result:", "FAIL" if failures else "PASS")
@@ -273,6 +387,16 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--log", default="/tmp/chat_gpt_proxy-soak.log")
+    parser.add_argument("--warmup", type=float, help="seconds before the first measure (default: 20 %% of --seconds)")
+    parser.add_argument("--usage", action="store_true", help="with a budget, the usage ledger and the response cache")
+    parser.add_argument("--sample", type=float, default=10.0, help="seconds between RSS samples of the timeline")
+    parser.add_argument(
+        "--tracemalloc",
+        type=int,
+        default=0,
+        metavar="FRAMES",
+        help="run the proxy under tracemalloc; the log gets what grew between warm-up and end, by line",
+    )
     args = parser.parse_args()
     if args.short:
         args.seconds = 10

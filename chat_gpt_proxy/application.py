@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import tornado.web
 
+from .access.attempts import FailedAttempts
 from .tornado_internals import body_buffered, no_body_timeout
 
 if TYPE_CHECKING:
@@ -63,6 +64,8 @@ class ProxyApplication(tornado.web.Application):
         self.draining = False
         # Every request handler while it lives, for the drain (weak: nothing to clean up).
         self.requests: weakref.WeakSet = weakref.WeakSet()
+        # Wrong admin tokens per client address (handlers/private.py).
+        self.admin_attempts = FailedAttempts()
 
     def find_handler(self, request, **kwargs):
         # Called once the headers are parsed and before the body is read.

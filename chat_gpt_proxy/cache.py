@@ -25,6 +25,7 @@ import asyncio
 import collections
 import dataclasses
 import hashlib
+import heapq
 import json
 import logging
 import time
@@ -40,6 +41,8 @@ log = logging.getLogger("chat_gpt_proxy")
 ENTRY_OVERHEAD = 200
 EVENT_OVERHEAD = 80
 REDIS_PREFIX = "cache"
+# Expiry items of entries already gone (replaced, pushed out) the heap may hold beyond twice the entries.
+STALE_EXPIRIES = 64
 # When a request or a token asks for the cache and no TTL is set anywhere.
 DEFAULT_TTL = 3600
 
@@ -124,13 +127,22 @@ class Entry:
 
 class MemoryStore:
     """Entries in this process, least recently used first out, within ``max_bytes``;
-    none larger than ``max_entry_bytes``."""
+    none larger than ``max_entry_bytes``, none kept past its expiry.
+
+    An expired entry that nobody asks for again would otherwise stay until the
+    least recently used ones are pushed out at ``max_bytes``: a cache of
+    different requests would grow for hours (256 MiB by default) instead of
+    holding what its TTL keeps. Each put drops the expired ones first, soonest
+    expiry first (a heap; the items of entries already gone are skipped, and the
+    heap is rebuilt once they outnumber the entries).
+    """
 
     def __init__(self, max_bytes: int, max_entry_bytes: int | None = None):
         self.max_bytes = max_bytes
         self.max_entry_bytes = max_bytes if max_entry_bytes is None else max_entry_bytes
         self.bytes = 0
         self.entries: collections.OrderedDict[str, Entry] = collections.OrderedDict()
+        self.expiries: list[tuple[float, str]] = []
 
     async def get(self, key: str) -> Entry | None:
         entry = self.entries.get(key)
@@ -145,18 +157,33 @@ class MemoryStore:
     async def put(self, key: str, entry: Entry) -> None:
         if entry.size > min(self.max_bytes, self.max_entry_bytes):
             return
+        self.expire(time.time())
         if key in self.entries:
             self._drop(key)
         self.entries[key] = entry
         self.bytes += entry.size
+        heapq.heappush(self.expiries, (entry.expires, key))
         while self.bytes > self.max_bytes:
             self._drop(next(iter(self.entries)))
+        if len(self.expiries) > 2 * len(self.entries) + STALE_EXPIRIES:
+            self.expiries = [(e.expires, k) for k, e in self.entries.items()]
+            heapq.heapify(self.expiries)
+
+    def expire(self, now: float) -> None:
+        """Drop every entry whose expiry has passed."""
+        heap = self.expiries
+        while heap and heap[0][0] <= now:
+            _, key = heapq.heappop(heap)
+            entry = self.entries.get(key)
+            if entry is not None and entry.expires <= now:
+                self._drop(key)
 
     def _drop(self, key: str) -> None:
         self.bytes -= self.entries.pop(key).size
 
     async def close(self) -> None:
         self.entries.clear()
+        self.expiries.clear()
         self.bytes = 0
 
 

@@ -160,6 +160,10 @@ class Metrics:
         # Spend (chat_gpt_proxy/usage/): money charged per token, and the ledger's write queue.
         self.spend = Counter("proxy_spend_usd", "US dollars charged, by token", ["token"], registry=r)
         self.ledger_queue = Gauge("proxy_usage_queue_rows", "Usage rows waiting for the database", registry=r)
+        # Wrong admin tokens (answer "wrong", 403) and attempts refused once an address had too many ("limited", 429).
+        self.admin_token_failures = Counter(
+            "proxy_admin_token_failures", "Admin requests refused for their token", ["answer"], registry=r
+        )
         self.ledger_dropped = Counter(
             "proxy_usage_rows_dropped", "Usage rows dropped because the ledger's queue was full", registry=r
         )

@@ -7,14 +7,14 @@
 - ``GET /admin``: a page with charts of the same (static/admin.*, no CDN).
 
 The admin token travels in the ``admin-token`` header and is compared in
-constant time (digests of equal length), like the access tokens.
+constant time (digests of equal length), like the access tokens; wrong ones
+are limited per client address (handlers/private.py). No answer is stored
+by a cache (``Cache-Control: no-store``).
 """
 
 from __future__ import annotations
 
 import datetime
-import hashlib
-import hmac
 import time
 
 from chat_gpt_proxy.access.tokens import UNNAMED
@@ -25,11 +25,15 @@ from chat_gpt_proxy.usage.report import to_csv
 from .base import BaseHandler
 from .errors import ApiError
 from .pages import render_page
+from .private import NoStore, check_admin_token
 
 DATE_FORMAT = "%Y-%m-%d"
 
 
-class AdminHandler(BaseHandler):
+class AdminHandler(NoStore, BaseHandler):
+    """Every admin route: no-store answers (errors too), the admin token checked with its
+    failed attempts limited per client address (handlers/private.py)."""
+
     requires_access_token = False
 
     def prepare(self):
@@ -38,10 +42,7 @@ class AdminHandler(BaseHandler):
         return super().prepare()
 
     def check_admin_token(self) -> None:
-        presented = hashlib.sha256(self.request.headers.get("admin-token", "").encode("utf-8", "surrogateescape"))
-        expected = hashlib.sha256(self.config.admin_token.encode())
-        if not hmac.compare_digest(presented.digest(), expected.digest()):
-            raise ApiError(403, "Missing or wrong admin-token header.", "permission_denied", "invalid_admin_token")
+        check_admin_token(self)
 
 
 def day_arg(handler, name: str, default: datetime.date) -> datetime.date:

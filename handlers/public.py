@@ -10,13 +10,15 @@ from chat_gpt_proxy.usage.budgets import PERIODS, iso
 
 from .base import BaseHandler
 from .errors import ApiError
+from .private import NoStore
 from .usage_page import UsagePageMixin
 
 
-class UsageHandler(UsagePageMixin, BaseHandler):
+class UsageHandler(NoStore, UsagePageMixin, BaseHandler):
     """GET /usage: the usage page; with an ``access-token`` header, that token's spend as JSON.
 
-    The old service's page is what a caller without the header still gets.
+    The old service's page is what a caller without the header still gets. No
+    answer is stored by a cache: the same address answers each token its own spend.
     """
 
     requires_access_token = False

@@ -198,7 +198,7 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
         for index, upstream in enumerate(candidates):
             last = index == len(candidates) - 1
             self.access.upstream = upstream.name
-            router.started(upstream)
+            attempt = router.started(upstream, own_key=self.used_server_key)
             upstream_headers = upstream.auth_headers(self.upstream_key(upstream, key))
             for name in FORWARDED_HEADERS:
                 value = headers.get(name)
@@ -219,7 +219,6 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
                     ca_file=upstream.ca_file,
                 )
             )
-            judged = False  # whether this try told the router anything about the route
             try:
                 try:
                     self.upstream = await self.connecting
@@ -228,14 +227,10 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
                     self.set_status(499, "Client Closed Request")
                     raise tornado.web.Finish() from None
                 except UpstreamRefused as exc:
+                    attempt.answered(exc.status, exc.headers)
                     failover = exc.status in FAILOVER_STATUSES or (
                         exc.status in KEY_REFUSED_STATUSES and self.used_server_key
                     )
-                    if failover and (self.used_server_key or exc.status != 429):
-                        router.failed(upstream, "status_%d" % exc.status)
-                    elif not failover:
-                        router.succeeded(upstream)  # it answered: the request's own refusal
-                    judged = True
                     if failover and not last:
                         self.note_failover(upstream, "status_%d" % exc.status)
                         continue
@@ -247,20 +242,18 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
                         answer = None
                     raise mirrored_error(exc.status, answer, exc.headers) from None
                 except UpstreamError as exc:
-                    router.failed(upstream, exc.kind)
-                    judged = True
+                    # A handshake no caller can make slow or break: whatever failed, it was the route.
+                    attempt.fault(exc.kind)
                     # Whatever failed before the 101, no session ran: the next upstream may serve it.
                     if not last:
                         self.note_failover(upstream, exc.kind)
                         continue
                     self.note_fault(exc.kind, exc.detail)
                     raise ApiError.from_upstream(exc) from None
-                router.succeeded(upstream)
-                judged = True
+                attempt.ok()
                 break
             finally:
-                if not judged:
-                    router.released(upstream)
+                attempt.end()
         self.access.upstream_ms = round((time.monotonic() - opened) * 1000, 2)
         if self.access.client_gone:
             # The client left while the upstream was answering.

@@ -21,7 +21,7 @@ from chat_gpt_proxy.upstream.call import UpstreamCall
 from chat_gpt_proxy.upstream.errors import UpstreamError
 from chat_gpt_proxy.upstream.headers import relayed_headers
 from chat_gpt_proxy.upstream.pool import UpstreamPool
-from chat_gpt_proxy.upstream.retry import MIN_ATTEMPT_SECONDS, retry_after_seconds
+from chat_gpt_proxy.upstream.retry import MIN_ATTEMPT_SECONDS
 from chat_gpt_proxy.upstream.routing import FAILOVER_STATUSES, KEY_REFUSED_STATUSES, failover_error
 
 from .admission import take_upstream_slot
@@ -115,38 +115,29 @@ class ProxyHandler(BaseHandler):
             call_headers = {**headers, **upstream.auth_headers(self.upstream_key(upstream, key))}
             self.access.upstream = upstream.name
             self.access.upstream_model = upstream.upstream_model(model)
-            router.started(upstream)
-            judged = False  # whether this try told the router anything about the route
+            # What this try says about the route is routing.route_fault's to judge, from whose key it carried.
+            attempt = router.started(upstream, own_key=self.used_server_key)
             try:
                 try:
                     call = await self.call_one(method, url, call_headers, upstream_body, stream, upstream)
                 except UpstreamError as exc:
                     if self.client_left(exc) or exc.kind == "aborted":
                         raise self.upstream_failed(exc) from None
-                    router.failed(upstream, exc.kind)
-                    judged = True
+                    attempt.error(exc)
                     if last or not failover_error(exc):
                         raise self.upstream_failed(exc) from None
                     self.note_failover(upstream, exc.kind)
                     continue
                 status = call.status
-                if status in FAILOVER_STATUSES or (status in KEY_REFUSED_STATUSES and self.used_server_key):
-                    # A caller's own key out of quota (429) says nothing about the route.
-                    if self.used_server_key or status != 429:
-                        wait = retry_after_seconds(call.headers) if status in (429, 503) else None
-                        router.failed(upstream, "status_%d" % status, wait)
-                        judged = True
-                    if not last:
-                        await call.discard()
-                        self.note_failover(upstream, "status_%d" % status)
-                        continue
-                else:
-                    router.succeeded(upstream)
-                    judged = True
+                attempt.answered(status, call.headers)
+                failover = status in FAILOVER_STATUSES or (status in KEY_REFUSED_STATUSES and self.used_server_key)
+                if failover and not last:
+                    await call.discard()
+                    self.note_failover(upstream, "status_%d" % status)
+                    continue
                 return call
             finally:
-                if not judged:
-                    router.released(upstream)
+                attempt.end()
         raise AssertionError("unreachable: the last candidate always returns or raises")  # pragma: no cover
 
     async def call_one(self, method: str, url: str, headers: dict, body: bytes | None, stream: bool, upstream):

@@ -226,7 +226,7 @@ async def test_a_failing_upstream_is_taken_out_then_tried_again_after_its_cool_d
     assert (await chat(proxy, token=SERVER_TOKEN, key=None))[0].code == 200
     assert counts(fakes) == {"a": 4, "b": 4, "c": 0}
     downs = [r for r in caplog.records if "upstream down upstream=b" in r.getMessage()]
-    ups = [r for r in caplog.records if "upstream back up upstream=b" in r.getMessage()]
+    ups = [r for r in caplog.records if "upstream 'b' is back" in r.getMessage()]
     assert len(downs) == 1 and len(ups) == 1
 
 

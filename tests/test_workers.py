@@ -5,6 +5,7 @@ import collections
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -274,3 +275,84 @@ def test_the_workers_metrics_ports_are_checked_at_startup(env, message):
 
     with pytest.raises(SettingsError, match=message):
         Settings.from_env(env)
+
+
+def started_workers(output: str) -> dict[int, int]:
+    """pid -> worker index, from the supervisor's log lines."""
+    return {int(pid): int(index) for index, pid in re.findall(r"worker (\d+) started pid=(\d+)", output)}
+
+
+def sighup_as_a_worker_starts(server, known: set[int], delay: float, timeout: float = 15) -> int:
+    """Wait for the supervisor's next worker, reading /proc in a tight loop so as to see it as
+    soon as it is forked; SIGHUP the supervisor ``delay`` seconds later. Returns the worker's pid.
+    Blocks the event loop for the few milliseconds that takes: the moment is the point."""
+    path = "/proc/%d/task/%d/children" % (server.proc.pid, server.proc.pid)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(path) as f:
+            found = {int(p) for p in f.read().split()} - known
+        if found:
+            seen = time.monotonic()
+            while time.monotonic() < seen + delay:
+                pass
+            server.signal(signal.SIGHUP)
+            return found.pop()
+    raise AssertionError("no new worker")
+
+
+async def worker_403s(client, port: int) -> float:
+    response = await client.fetch("http://127.0.0.1:%d/metrics" % port)
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in response.body.decode().splitlines()
+        if line.startswith('proxy_requests_total{route="chat_complete",status="403"')
+    )
+
+
+@pytest.mark.gen_test(timeout=240)
+async def test_a_sighup_while_a_worker_starts_never_revives_a_revoked_token(start, tmp_path):
+    """Kill a worker, then SIGHUP while its replacement starts (at a different moment of its start
+    each time): once the reload is done, every worker refuses the revoked token and takes the new one."""
+    tokens = tmp_path / "tokens.toml"
+    token = "gen0-TOKEN-0a1b2c3d4e5f"
+    tokens.write_text('[gen]\ntoken = "%s"\n' % token)
+    base = free_ports(2)
+    server = start(WORKERS="2", WORKER_METRICS_PORT=str(base), ACCESS_TOKENS_FILE=str(tokens))
+    client = tornado.httpclient.AsyncHTTPClient(force_instance=True, max_clients=20)
+    born: dict[int, float] = {}  # pid -> when the test first saw it
+    try:
+        await server.wait_ready()
+        await both_workers(server)
+        for pid in children(server.proc.pid):
+            born[pid] = time.monotonic()
+        for repetition in range(10):
+            revoked, token = token, "gen%d-TOKEN-%s" % (repetition + 1, os.urandom(6).hex())
+            tokens.write_text('[gen]\ntoken = "%s"\n' % token)
+            # The oldest worker, once it is older than QUICK_DEATH (a younger one would count as
+            # failing to start, and three of those in a row stop the supervisor).
+            victim = min(children(server.proc.pid), key=lambda pid: born[pid])
+            await asyncio.sleep(max(0.0, born[victim] + 5.5 - time.monotonic()))
+            os.kill(victim, signal.SIGKILL)
+            # A different moment of the replacement's start each time (it takes ~10 ms to serve).
+            replacement = sighup_as_a_worker_starts(server, set(born), 0.001 * repetition)
+            born[replacement] = time.monotonic()
+            await asyncio.sleep(1.0)  # the reload is complete within a second
+            index = started_workers(server.output())[replacement]
+            port = base + index
+            before = await worker_403s(client, port)
+            sent = 0
+            # Until the new worker has answered ten of them itself (bounded).
+            while await worker_403s(client, port) - before < 10 and sent < 400:
+                results = await asyncio.gather(*(chat(client, server, revoked) for _ in range(20)))
+                sent += 20
+                accepted = [r.code for r in results if r.code != 403]
+                assert not accepted, "repetition %d: the revoked token was accepted %d times" % (
+                    repetition,
+                    len(accepted),
+                )
+            assert await worker_403s(client, port) - before >= 10, "the new worker answered too few"
+            results = await asyncio.gather(*(chat(client, server, token) for _ in range(20)))
+            assert {r.code for r in results} == {200}, repetition
+        assert "Traceback" not in server.output()
+    finally:
+        client.close()

@@ -94,10 +94,21 @@ class UpstreamClient(CurlAsyncHTTPClient):
     def initialize(self, *args, **kwargs) -> None:
         super().initialize(*args, **kwargs)
         # The sockets of the connections libcurl opened, by local address
-        # (ip, port) -> fd (pycurl refuses getinfo() inside a callback). The
-        # entry of a closed connection is replaced when its address is used
-        # again, so the map never outgrows the port range.
+        # (ip, port) -> fd (pycurl refuses getinfo() inside a callback), and
+        # the address each fd was last seen with.
         self.sockets: dict[tuple[str, int], int] = {}
+        self.socket_addresses: dict[int, tuple[str, int]] = {}
+
+    def remember_socket(self, fd: int, address: tuple[str, int]) -> None:
+        """``fd`` is now the connection from ``address``. The kernel hands out the number of a
+        closed socket again, so the closed connection that had it goes: the map holds no more
+        entries than the descriptors in use, where keying by address alone let it grow
+        with every new connection until the ephemeral port range was covered (~28,000)."""
+        previous = self.socket_addresses.get(fd)
+        if previous is not None and self.sockets.get(previous) == fd:
+            del self.sockets[previous]
+        self.sockets[address] = fd
+        self.socket_addresses[fd] = address
 
     def _set_timeout(self, msecs: int) -> None:
         loop = self.io_loop.asyncio_loop
@@ -357,7 +368,7 @@ class UpstreamCall:
         # How many times libcurl was about to send the request (see _on_prereq).
         self._sends = 0
         self._new_sockets: list[int] = []
-        self._sockets = client.sockets
+        self._client = client
         # Set by UpstreamClient._finish when the transfer failed.
         self.past_proxy = False
         self.resend_refused = False
@@ -452,7 +463,7 @@ class UpstreamCall:
         if self._new_sockets:
             fd = connected_socket(self._new_sockets, local_ip, local_port)
             if fd >= 0:
-                self._sockets[(local_ip, local_port)] = fd
+                self._client.remember_socket(fd, (local_ip, local_port))
             return pycurl.PREREQFUNC_OK
         # A reused connection. libcurl checks pooled connections for a close
         # by the upstream (an idle timeout: uvicorn's is 5 s) at most once a
@@ -460,7 +471,7 @@ class UpstreamCall:
         # that is already closed. Anything to read on an idle connection (end
         # of file, a reset, stray bytes) means it is unusable; nothing of this
         # request was sent yet, so a retry on another connection is safe.
-        fd = self._sockets.get((local_ip, local_port), -1)
+        fd = self._client.sockets.get((local_ip, local_port), -1)
         if fd >= 0 and readable(fd):
             self.stale_connection = True
             return pycurl.PREREQFUNC_ABORT

@@ -27,11 +27,14 @@ requests that would use the server's key (a named token with
 bring the caller's key (and, if OPENAI_API_KEY is set, the server-key
 requests too, as before).
 
-Health is a circuit breaker per upstream name (kept across reloads): after
-``FAILURES_TO_OPEN`` failures in a row it is out for a cool-down that doubles
-while it keeps failing (``COOL_DOWN`` up to ``MAX_COOL_DOWN``, or the
-upstream's own ``Retry-After`` if longer); then one request may try it
-(half-open), and its result closes the circuit or opens it again.
+Health is a circuit breaker per upstream name (kept across reloads), fed
+only by what the route did (``route_fault``): after ``FAILURES_TO_OPEN``
+failures in a row it is out for ``COOL_DOWN`` (or the upstream's own
+``Retry-After`` if longer); then one request may try it (half-open), and its
+result closes the circuit or opens it again for twice the cool-down (up to
+``MAX_COOL_DOWN``). Tries that began before the circuit last opened or
+closed say nothing about it: the requests in flight when a route broke
+neither extend its cool-down nor count towards the next opening.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from types import MappingProxyType
 from chat_gpt_proxy.toml_file import read_toml
 
 from .egress import EgressConfigError, EgressProxy, check_ca_file, parse_proxy_url, proxy_for
+from .retry import retry_after_seconds
 from .urls import check_base_url, join_url
 
 log = logging.getLogger("chat_gpt_proxy")
@@ -278,14 +282,53 @@ def _key(table: dict, where: str) -> str:
 
 
 @dataclasses.dataclass
-class Health:
-    """One upstream's circuit breaker."""
+class Fault:
+    """A failure counted against a route: its kind (a metric label) and the upstream's Retry-After."""
 
-    failures: int = 0  # in a row
+    kind: str
+    retry_after: float | None = None
+
+
+# Errors before any answer byte that no request or caller can cause: the route itself failed.
+ROUTE_ERRORS = frozenset(("broken", "tls", "proxy_auth", "proxy_tls", "proxy_failed", "proxy_unreachable"))
+
+
+def route_fault(own_key: bool, *, error=None, status: int = 0, headers=None) -> Fault | None:
+    """The route's share of a failed try, given whose key the request carried.
+
+    ``error``: the ``UpstreamError`` raised before the answer's headers;
+    ``status``: the error status the upstream answered instead. A ``Fault``
+    is what the route did: the connection, TLS or egress proxy failed, it
+    closed before any answer byte, or it answered 5xx, 429 or refused its
+    own key (``own_key``: the request carried the upstream's key, or
+    OPENAI_API_KEY). None is the request's or its caller's own failure: a
+    timeout after the request was sent (a caller can make a request as slow
+    as it likes), any answer to a caller's own key (its quota, its 5xx), a
+    kept-alive connection the upstream had closed as idle.
+    """
+    if error is not None:
+        if error.retry_reason == "reused_connection_closed":
+            return None
+        if error.retry_reason is not None or error.kind in ROUTE_ERRORS:
+            return Fault(error.kind)
+        return None
+    if not own_key or status not in FAILOVER_STATUSES | KEY_REFUSED_STATUSES:
+        return None
+    wait = retry_after_seconds(headers) if status in (429, 503) and headers is not None else None
+    return Fault("status_%d" % status, wait)
+
+
+@dataclasses.dataclass
+class Health:
+    """One upstream's circuit breaker (docs/deploy.md, "Health"): closed, open for a cool-down, then half-open."""
+
+    failures: int = 0  # route faults in a row while closed
     open_until: float = 0.0  # monotonic; 0: closed
     cool_down: float = dataclasses.field(default_factory=lambda: COOL_DOWN)
     probing: bool = False  # half-open: one request is trying it
     down_since: float | None = None
+    # When the circuit last opened or closed: a try that began before says nothing about the route since.
+    changed_at: float = 0.0
 
     @property
     def state(self) -> str:
@@ -294,22 +337,86 @@ class Health:
         return "half_open" if time.monotonic() >= self.open_until else "down"
 
 
+class Attempt:
+    """One request's try of one upstream (``Router.started``), and what it says about the route:
+    ``error``/``answered`` judge it (``route_fault``), ``fault``/``ok`` say it outright, ``end``
+    closes a try that said nothing (a half-open probe gives its turn to the next request)."""
+
+    def __init__(self, router: Router, upstream: Upstream, own_key: bool, probe: bool):
+        self.router = router
+        self.upstream = upstream
+        self.own_key = own_key
+        self.probe = probe
+        self.started_at = time.monotonic()
+        self.judged = False
+
+    def error(self, exc) -> None:
+        """An ``UpstreamError`` before the answer's headers (never our own abort)."""
+        fault = route_fault(self.own_key, error=exc)
+        if fault is not None:
+            self.fault(fault.kind, fault.retry_after)
+
+    def answered(self, status: int, headers) -> None:
+        """The upstream's status line and headers arrived."""
+        if status in FAILOVER_STATUSES or status in KEY_REFUSED_STATUSES and self.own_key:
+            fault = route_fault(self.own_key, status=status, headers=headers)
+            if fault is not None:
+                self.fault(fault.kind, fault.retry_after)
+        else:
+            self.ok()
+
+    def fault(self, kind: str, retry_after: float | None = None) -> None:
+        if not self.judged:
+            self.judged = True
+            self.router.failed(self, kind, retry_after)
+
+    def ok(self) -> None:
+        if not self.judged:
+            self.judged = True
+            self.router.succeeded(self)
+
+    def end(self) -> None:
+        if not self.judged:
+            self.judged = True
+            self.router.released(self)
+
+
 class Router:
     """The upstreams in force (replaced whole on reload) and their health (kept by name)."""
 
     def __init__(self, settings, upstreams: tuple[Upstream, ...] | None = None, metrics=None):
         self.settings = settings
-        self.metrics = metrics
+        self.metrics = None
         self.from_file = bool(settings.upstreams_file)
         if upstreams is None:
             upstreams = parse_upstreams(settings.upstreams_file, settings) if self.from_file else None
         self.upstreams: tuple[Upstream, ...] = upstreams or (default_upstream(settings),)
         self.health: dict[str, Health] = {}
         self.random = random.Random()  # noqa: S311 (spreading load, not a secret)
+        if metrics is not None:
+            self.use_metrics(metrics)
+
+    def use_metrics(self, metrics) -> None:
+        """Report to ``metrics`` (each process its own): every upstream's ``proxy_upstream_up`` from now on."""
+        self.metrics = metrics
+        self._publish()
 
     def reload(self) -> None:
         """Read UPSTREAMS_FILE again; ``UpstreamsFileError`` keeps the upstreams in force."""
         self.upstreams = parse_upstreams(self.settings.upstreams_file, self.settings)
+        self._publish()
+
+    def _publish(self) -> None:
+        """``proxy_upstream_up`` for each upstream in force, none for those a reload removed."""
+        if self.metrics is None:
+            return
+        names = {u.name for u in self.upstreams}
+        gauge = self.metrics.upstream_up
+        for labels in [s.labels for m in gauge.collect() for s in m.samples]:
+            if labels.get("upstream") not in names:
+                gauge.remove(labels["upstream"])
+        for upstream in self.upstreams:
+            self._gauge(upstream, 0 if self.health_of(upstream).open_until else 1)
 
     def health_of(self, upstream: Upstream) -> Health:
         found = self.health.get(upstream.name)
@@ -361,60 +468,74 @@ class Router:
         # Efraimidis-Spirakis: sort by u ** (1 / weight) descending.
         return sorted(tier, key=lambda u: self.random.random() ** (1.0 / u.weight), reverse=True)
 
-    def started(self, upstream: Upstream) -> None:
-        """A request is about to try ``upstream``: the half-open probe, if its cool-down is over."""
-        if not self.from_file:
-            return
+    def started(self, upstream: Upstream, own_key: bool = False) -> Attempt:
+        """A request is about to try ``upstream`` (``own_key``: with the upstream's key or
+        OPENAI_API_KEY); the first once its cool-down is over is the half-open probe."""
         health = self.health_of(upstream)
-        if health.open_until and time.monotonic() >= health.open_until:
+        probe = bool(health.open_until) and time.monotonic() >= health.open_until and not health.probing
+        if probe:
             health.probing = True
+        return Attempt(self, upstream, own_key, probe)
 
-    def released(self, upstream: Upstream) -> None:
+    def released(self, attempt: Attempt) -> None:
         """The try ended with no verdict on the route (the client left, the request's own error):
         a half-open probe gives its turn back, so that the next request probes instead."""
-        if self.from_file:
-            self.health_of(upstream).probing = False
+        if attempt.probe:
+            self.health_of(attempt.upstream).probing = False
 
-    def succeeded(self, upstream: Upstream) -> None:
-        if not self.from_file:
-            return  # OPENAI_BASE_URL alone: no other route to prefer, so no health to keep
+    def succeeded(self, attempt: Attempt) -> None:
+        """The route answered. Its probe, or any try that began while it was open (every
+        upstream down, or the only one), closes the circuit."""
+        upstream = attempt.upstream
         health = self.health_of(upstream)
-        if health.open_until:
-            down_for = time.monotonic() - (health.down_since or time.monotonic())
-            log.warning("upstream back up upstream=%s after_s=%.1f", upstream.name, down_for)
-        if health.failures or health.open_until:
-            self.health[upstream.name] = Health()
-            self._gauge(upstream, 1)
+        if not (attempt.probe and health.open_until) and attempt.started_at < health.changed_at:
+            return  # began before the circuit last opened or closed
+        if not health.open_until:
+            health.failures = 0
+            return
+        down_for = time.monotonic() - (health.down_since or time.monotonic())
+        log.warning("upstream %r is back after_s=%.1f", upstream.name, down_for)
+        health.failures, health.open_until, health.cool_down = 0, 0.0, COOL_DOWN
+        health.probing, health.down_since, health.changed_at = False, None, time.monotonic()
+        self._gauge(upstream, 1)
 
-    def failed(self, upstream: Upstream, kind: str, retry_after: float | None = None) -> None:
-        """A failure that says the route is broken (a connection failure, a refusal without processing).
+    def failed(self, attempt: Attempt, kind: str, retry_after: float | None = None) -> None:
+        """A failure that was the route's (``route_fault``).
 
-        ``retry_after`` (the upstream's own key refused for now) opens the circuit at once.
+        Closed, FAILURES_TO_OPEN of them in a row, or one with ``retry_after``
+        (the upstream's own key refused for now), open the circuit for
+        COOL_DOWN (or Retry-After if longer). Open, only its half-open probe's
+        failure opens it again, for twice the cool-down (up to MAX_COOL_DOWN):
+        the requests that were in flight when the route broke fail one after
+        the other, and must not keep it out for minutes.
         """
+        upstream = attempt.upstream
         if self.metrics is not None:
             self.metrics.upstream_failures.labels(upstream.name, kind).inc()
-        if not self.from_file:
-            return
         health = self.health_of(upstream)
-        health.failures += 1
-        was_open = bool(health.open_until)
-        if health.failures < FAILURES_TO_OPEN and not health.probing and not retry_after:
-            return
-        if was_open:
+        now = time.monotonic()
+        if attempt.probe and health.open_until:
+            health.probing = False
             health.cool_down = min(MAX_COOL_DOWN, health.cool_down * 2)
-        wait = max(health.cool_down, retry_after or 0.0)
-        health.open_until = time.monotonic() + min(wait, MAX_COOL_DOWN)
-        health.probing = False
-        if not was_open:
-            health.down_since = time.monotonic()
-            log.warning(
-                "upstream down upstream=%s kind=%s failures=%d cool_down_s=%.0f",
-                upstream.name,
-                kind,
-                health.failures,
-                min(wait, MAX_COOL_DOWN),
-            )
-            self._gauge(upstream, 0)
+            wait = min(max(health.cool_down, retry_after or 0.0), MAX_COOL_DOWN)
+            health.open_until, health.changed_at = now + wait, now
+            log.warning("upstream still down upstream=%s kind=%s cool_down_s=%.0f", upstream.name, kind, wait)
+            return
+        if attempt.started_at < health.changed_at:
+            return  # began before the circuit last opened or closed
+        if health.open_until:
+            if retry_after:
+                health.open_until = max(health.open_until, now + min(retry_after, MAX_COOL_DOWN))
+            return
+        health.failures += 1
+        if health.failures < FAILURES_TO_OPEN and not retry_after:
+            return
+        wait = min(max(health.cool_down, retry_after or 0.0), MAX_COOL_DOWN)
+        health.open_until, health.changed_at, health.down_since = now + wait, now, now
+        log.warning(
+            "upstream down upstream=%s kind=%s failures=%d cool_down_s=%.0f", upstream.name, kind, health.failures, wait
+        )
+        self._gauge(upstream, 0)
 
     def _gauge(self, upstream: Upstream, up: int) -> None:
         if self.metrics is not None:
