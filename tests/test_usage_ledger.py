@@ -100,12 +100,26 @@ class Counter:
         self.value = value
 
 
+class Gauge:
+    """A gauge read through its function, as prometheus_client's ``set_function`` is at each scrape."""
+
+    def __init__(self):
+        self.function = None
+
+    def set_function(self, function):
+        self.function = function
+
+    @property
+    def value(self):
+        return self.function()
+
+
 class FakeMetrics:
     """The two instruments the Ledger uses (chat_gpt_proxy/observability.py Metrics has them)."""
 
     def __init__(self):
         self.ledger_dropped = Counter()
-        self.ledger_queue = Counter()
+        self.ledger_queue = Gauge()
 
 
 async def request_ids(url) -> list[str]:
@@ -166,12 +180,12 @@ async def test_spent_since_sums_one_token_from_a_time_on(store):
             charge(DAY + 2, token="Alice", usd=1.0, tokens=(3, 0, 3)),  # another token: case matters
         ]
     )
-    assert await store.spent_since("alice", DAY) == (0.375, 122)  # at == since counts
-    assert await store.spent_since("alice", DAY - 100) == (0.875, 137)
-    assert await store.spent_since("bob", DAY) == (8.0, 2000)
+    assert await store.spent_since("alice", DAY) == (375_000_000, 122)  # at == since counts; nano-dollars
+    assert await store.spent_since("alice", DAY - 100) == (875_000_000, 137)
+    assert await store.spent_since("bob", DAY) == (8_000_000_000, 2000)
     nothing = await store.spent_since("alice", DAY + 6)
-    assert nothing == (0.0, 0) and type(nothing[0]) is float and type(nothing[1]) is int
-    assert await store.spent_since("carol", 0.0) == (0.0, 0)
+    assert nothing == (0, 0) and type(nothing[0]) is int and type(nothing[1]) is int
+    assert await store.spent_since("carol", 0.0) == (0, 0)
 
 
 @pytest.mark.gen_test(timeout=30)
@@ -216,7 +230,7 @@ async def test_delete_before_removes_only_older_rows_and_says_how_many(store):
     await store.insert([charge(DAY + offset, request_id=str(offset)) for offset in (-2, -1, 0, 1)])
     assert await store.delete_before(DAY) == 2
     assert await store.delete_before(DAY) == 0
-    assert await store.spent_since("alice", 0.0) == (0.5, 30)
+    assert await store.spent_since("alice", 0.0) == (500_000_000, 30)
     assert [r["requests"] for r in await store.report(*FOREVER)] == [2]
 
 
@@ -249,7 +263,7 @@ async def test_the_writer_task_writes_recorded_rows_in_batches_after_start(store
     await until(lambda: not ledger.queue, 5, "the writer writes a small batch on its timer")
     assert batches == [BATCH_ROWS, BATCH_ROWS, 200, 3]
     assert await request_ids(store_url) == ["r%d" % i for i in range(total)] + ["late0", "late1", "late2"]
-    assert await ledger.spent_since("alice", 0.0) == ((total + 3) * 0.25, (total + 3) * 15)
+    assert await ledger.spent_since("alice", 0.0) == ((total + 3) * 250_000_000, (total + 3) * 15)
 
 
 @pytest.mark.gen_test(timeout=30)
@@ -458,7 +472,7 @@ async def test_postgres_instances_starting_together_create_the_schema_once(pg_ur
     try:
         await asyncio.gather(*(s.open() for s in stores))
         await stores[0].insert([charge(DAY)])
-        assert await stores[3].spent_since("alice", 0.0) == (0.25, 15)
+        assert await stores[3].spent_since("alice", 0.0) == (250_000_000, 15)
     finally:
         await asyncio.gather(*(s.close() for s in stores))
 
@@ -479,7 +493,7 @@ async def test_postgres_opens_without_create_privilege_once_the_table_exists(pos
     try:
         await writer.open()
         await writer.insert([charge(DAY)])
-        assert await writer.spent_since("alice", 0.0) == (0.25, 15)
+        assert await writer.spent_since("alice", 0.0) == (250_000_000, 15)
     finally:
         await writer.close()
         postgres_server.psql("DROP OWNED BY %s; DROP ROLE %s" % (role, role), database)
@@ -612,8 +626,8 @@ async def test_money_is_kept_as_exact_integer_nanodollars(store_url, ledgers):
     await ledger.start()
     for i in range(1000):
         ledger.record(charge(DAY + i, usd=(9 * 0.15 + 2 * 0.60) / 1e6, request_id="r%d" % i))
-    ledger.record(charge(DAY + 2000, usd=0.1, request_id="dime"))
-    ledger.record(charge(DAY + 2001, usd=0.2, request_id="two-dimes"))
+    ledger.record(charge(DAY + 86400, usd=0.1, request_id="dime"))
+    ledger.record(charge(DAY + 86401, usd=0.2, request_id="two-dimes"))
     await ledger.flush()
     rows = await rows_of(store_url)
     assert {r[3] for r in rows[:1000]} == {2550} and [r[3] for r in rows[1000:]] == [100_000_000, 200_000_000]
