@@ -8,6 +8,7 @@ in the database, or in ``proxy_usage_rows_dropped_total``.
 
 import asyncio
 import contextlib
+import logging
 import os
 import sqlite3
 import subprocess
@@ -154,7 +155,7 @@ def disk_config(request, fake_openai, tmp_path, small_volume):
 
 
 @pytest.mark.gen_test(timeout=120)
-async def test_a_full_disk_loses_nothing_silently(disk_config, small_volume, io_loop, monkeypatch):
+async def test_a_full_disk_loses_nothing_silently(disk_config, small_volume, io_loop, monkeypatch, caplog):
     """Load while the volume fills, is freed, and fills again until shutdown: every charged request
     is a row in the database or counted in proxy_usage_rows_dropped_total; while space is back the
     ledger catches up (nothing dropped then), and the queue gauge says what waits."""
@@ -219,5 +220,72 @@ async def test_a_full_disk_loses_nothing_silently(disk_config, small_volume, io_
     with contextlib.closing(sqlite3.connect(disk_config.usage_database)) as db:
         (rows,) = db.execute("SELECT COUNT(*) FROM usage").fetchone()
     assert rows + dropped == charged, (rows, dropped, charged)
-    # Lost: only what was still queued when the proxy stopped on a full disk.
+    # Lost: only what was still queued when the proxy stopped on a full disk, and said so.
     assert 0 < dropped <= queued_at_shutdown
+    said = [r.getMessage() for r in caplog.records if r.name == "chat_gpt_proxy"]
+    assert "usage ledger: %d rows could not be written before shutdown and are lost" % dropped in said
+
+
+# -- the queue gauge, a database that goes away, a kill
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_the_queue_gauge_says_what_waits_between_writes(tmp_path):
+    from chat_gpt_proxy.observability import Metrics
+    from chat_gpt_proxy.usage.ledger import Ledger, SqliteStore
+    from chat_gpt_proxy.usage.meter import Charge
+
+    metrics = Metrics()
+    ledger = Ledger(SqliteStore(str(tmp_path / "usage.sqlite3")), 1000, metrics)
+    await ledger.start()
+    try:
+        for i in range(7):  # fewer than a batch: written at the writer's next tick, not before
+            ledger.record(Charge(time.time(), "bob", "v1", "gpt-4o", 1, 0, 1, 0.0, False, 200, "r%d" % i))
+        assert metrics.registry.get_sample_value("proxy_usage_queue_rows") == 7
+        await ledger.flush()
+        assert metrics.registry.get_sample_value("proxy_usage_queue_rows") == 0
+    finally:
+        await ledger.close()
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_postgres_down_is_one_warning_line_without_the_drivers_tracebacks(postgres_server, caplog, monkeypatch):
+    from chat_gpt_proxy.usage import ledger as ledger_module
+    from chat_gpt_proxy.usage.ledger import Ledger, make_store
+    from chat_gpt_proxy.usage.meter import Charge
+
+    monkeypatch.setattr(ledger_module, "MAX_BACKOFF", 1.0)
+    caplog.set_level(logging.INFO)  # as the proxy runs by default (LOG_LEVEL=INFO)
+    url = postgres_server.create_database("down_%s" % uuid.uuid4().hex[:12])
+    loop = asyncio.get_running_loop()
+    ledger = Ledger(make_store(url), 100_000)
+    await ledger.start()
+    recorded = 0
+
+    async def record_for(seconds):
+        nonlocal recorded
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            ledger.record(Charge(time.time(), "bob", "v1", "gpt-4o", 1, 0, 1, 0.0, False, 200, "r%d" % recorded))
+            recorded += 1
+            await asyncio.sleep(0.01)
+
+    try:
+        await record_for(0.7)
+        await loop.run_in_executor(None, postgres_server.stop)
+        try:
+            await record_for(4)
+            assert ledger.failing
+        finally:
+            await loop.run_in_executor(None, postgres_server.start)
+        await until(lambda: not ledger.queue and not ledger.failing, 30, "the ledger catches up")
+    finally:
+        await ledger.close()
+    shown = [r for r in caplog.records if r.levelno >= logging.INFO and not r.name.startswith("asyncio")]
+    assert [r for r in shown if r.exc_info or r.name != "chat_gpt_proxy"] == [], [
+        (r.name, r.getMessage()) for r in shown if r.name != "chat_gpt_proxy"
+    ]
+    down = [r.getMessage() for r in shown if "cannot write to the database" in r.getMessage()]
+    assert len(down) == 1, down
+    assert len([r for r in shown if "the database is back" in r.getMessage()]) == 1
+    assert ledger.dropped == 0
