@@ -289,3 +289,57 @@ async def test_postgres_down_is_one_warning_line_without_the_drivers_tracebacks(
     assert len(down) == 1, down
     assert len([r for r in shown if "the database is back" in r.getMessage()]) == 1
     assert ledger.dropped == 0
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_sigkill_loses_at_most_the_rows_of_the_last_flush_interval(tmp_path, fake_openai):
+    """A proxy killed outright (SIGKILL, the OOM killer) under load: the rows it had not yet written
+    are lost, none other. Rows go to the database every FLUSH_SECONDS (0.5 s): the loss is at most
+    what was charged in the last second before the kill (the interval, plus the write in progress)."""
+    import tornado.httpclient
+
+    from chat_gpt_proxy.usage.ledger import FLUSH_SECONDS
+    from tests.procs import ServerProcess
+
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(TOKENS_TOML)
+    database = tmp_path / "usage.sqlite3"
+    proc = ServerProcess(
+        {"ACCESS_TOKENS_FILE": str(tokens), "OPENAI_BASE_URL": fake_openai.url, "USAGE_DATABASE": str(database)},
+        str(tmp_path / "proxy.log"),
+    )
+    answered: list[float] = []
+    killed_at = None
+    try:
+        await proc.wait_ready()
+        client = tornado.httpclient.AsyncHTTPClient(force_instance=True)
+        body = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}'
+
+        async def worker():
+            while killed_at is None:
+                try:
+                    response = await client.fetch(
+                        proc.url + "/v1/chat/completions", method="POST", body=body, headers=as_(BOB),
+                        request_timeout=10,
+                    )  # fmt: skip
+                except (OSError, tornado.httpclient.HTTPClientError):
+                    return  # the kill
+                assert response.code == 200
+                answered.append(time.monotonic())
+
+        workers = [asyncio.ensure_future(worker()) for _ in range(6)]
+        await asyncio.sleep(3.3)
+        proc.proc.kill()
+        killed_at = time.monotonic()
+        await asyncio.gather(*workers)
+        client.close()
+    finally:
+        proc.stop()
+    with contextlib.closing(sqlite3.connect(database)) as db:
+        (rows,) = db.execute("SELECT COUNT(*) FROM usage").fetchone()
+    lost = len(answered) - rows
+    rate = len([t for t in answered if t > answered[0] + 1.0]) / max(0.1, answered[-1] - answered[0] - 1.0)
+    last_second = len([t for t in answered if t > killed_at - 2 * FLUSH_SECONDS])
+    print("SIGKILL: %d answered, %d in the ledger, %d lost (%.2f s of load at %.0f requests/s)" % (
+        len(answered), rows, lost, lost / rate, rate))  # fmt: skip
+    assert 0 <= lost <= last_second, (lost, last_second)
