@@ -162,3 +162,89 @@ async def test_redis_down_closed_mode_refuses_budgeted_tokens(instances, redis_s
         assert response.code == 503 and json.loads(response.body)["error"]["code"] == "limits_unavailable"
     finally:
         redis_server.start()
+
+
+# Budgets in requests of PER_REQUEST tokens: spent before Redis dies, while it is away, after it
+# comes back, and never.
+OUTAGE_BUDGETS = {"early": 12, "middle": 150, "late": 250, "never": 100_000}
+OUTAGE_TOKENS = {name: "%s-TOKEN-%s" % (name, uuid.uuid5(uuid.NAMESPACE_URL, name).hex[:12]) for name in OUTAGE_BUDGETS}
+
+
+def outage_tokens_file(tmp_path) -> str:
+    path = tmp_path / "outage-tokens.toml"
+    path.write_text(
+        "".join(
+            '[%s]\ntoken = "%s"\nbudget_tokens = %d\nbudget_period = "month"\n'
+            % (name, OUTAGE_TOKENS[name], budget * PER_REQUEST)
+            for name, budget in OUTAGE_BUDGETS.items()
+        )
+    )
+    return str(path)
+
+
+async def chat_as(client, base_url: str, token: str):
+    return await client.fetch(
+        base_url + "/chat_complete",
+        method="POST",
+        body=json.dumps({"prompt": "hi"}),
+        headers={"access-token": token, "openai-token": KEY},
+        raise_error=False,
+    )
+
+
+@pytest.mark.parametrize("mode", ["closed", "open"])
+@pytest.mark.gen_test(timeout=120)
+async def test_redis_restarted_empty_under_load_keeps_every_budget(instances, redis_server, tmp_path, mode):
+    """Two instances, each token's requests on both; Redis killed mid-load and started again empty, no
+    instance restarted. Redis is seeded again from the ledger before it is trusted, the charges it
+    missed are added, no local counter goes down: a token ends above its budget by at most the
+    requests in flight when it crossed it (one per instance here), and Redis ends holding the ledger's
+    totals. In open mode, while Redis is away each instance counts alone: a budget crossed then may
+    be passed by what the other instance spent meanwhile (measured, not hidden)."""
+    tokens_file = outage_tokens_file(tmp_path)
+    (a, url_a), (b, url_b) = (
+        await instances(access_tokens_file=tokens_file, redis_failure_mode=mode),
+        await instances(access_tokens_file=tokens_file, redis_failure_mode=mode),
+    )
+    client = tornado.httpclient.AsyncHTTPClient(force_instance=True, max_clients=20)
+    statuses: dict[str, list[int]] = {name: [] for name in OUTAGE_BUDGETS}
+    loading = True
+
+    async def worker(name, url):
+        while loading:
+            response = await chat_as(client, url, OUTAGE_TOKENS[name])
+            statuses[name].append(response.code)
+            await asyncio.sleep(0.01 if response.code == 200 else 0.05)
+
+    workers = [asyncio.ensure_future(worker(name, url)) for name in OUTAGE_BUDGETS for url in (url_a, url_b)]
+    try:
+        await asyncio.sleep(1.5)
+        redis_server.stop()
+        await asyncio.sleep(2.0)
+        redis_server.start()  # empty: no persistence
+        await asyncio.sleep(3.0)
+    finally:
+        loading = False
+        await asyncio.gather(*workers)
+        client.close()
+    await settled(a, b)
+    for app in (a, b):
+        await app.spend.ledger.flush()
+        await app.spend.shared.close()  # the charges it kept go to Redis now if not before
+    start = time.time()
+    report = {}
+    for name, budget in OUTAGE_BUDGETS.items():
+        spent_nanos, spent_tokens = await a.spend.ledger.spent_since(name, 0.0)
+        in_redis = await a.spend.shared.spent(name, "month", start)
+        report[name] = (spent_tokens // PER_REQUEST, budget, in_redis[1] // PER_REQUEST)
+    print("Redis restarted empty, %s mode: token: (requests charged, budget, requests in Redis) %s" % (mode, report))
+    assert report["early"][0] <= OUTAGE_BUDGETS["early"] + 2, report
+    assert report["never"][0] > OUTAGE_BUDGETS["early"], "the load ran"
+    for name, (charged, budget, in_redis) in report.items():
+        assert in_redis == charged, (name, report)
+        if mode == "closed" or name == "early":
+            assert charged <= budget + 2, (name, report)
+        else:
+            # Each instance alone never passes the budget: together, twice it at worst.
+            assert charged <= 2 * budget + 2, (name, report)
+    assert {s for codes in statuses.values() for s in codes} <= {200, 429, 503}
