@@ -14,6 +14,7 @@ without CREATE.
 import asyncio
 import itertools
 import logging
+import os
 import time
 import traceback
 import urllib.parse
@@ -681,7 +682,7 @@ async def old_ledger(url, rows) -> None:
 
 
 @pytest.mark.gen_test(timeout=30)
-async def test_an_older_ledger_is_migrated_and_keeps_its_rows(store_url, ledgers):
+async def test_an_older_ledger_is_migrated_and_keeps_its_rows(store_url, ledgers, caplog):
     old = [
         (
             DAY + i,
@@ -701,6 +702,8 @@ async def test_an_older_ledger_is_migrated_and_keeps_its_rows(store_url, ledgers
     await old_ledger(store_url, old)
     ledger = ledgers(make_store(store_url))
     await ledger.start()  # migrates
+    said = [r.getMessage() for r in caplog.records if "nano-dollars" in r.getMessage()]
+    assert len(said) == 1 and "(11 rows converted)" in said[0], said
     ledger.record(charge(DAY + 30, usd=0.2, request_id="new"))
     await ledger.flush()
     rows = await rows_of(store_url)
@@ -711,9 +714,25 @@ async def test_an_older_ledger_is_migrated_and_keeps_its_rows(store_url, ledgers
     assert (report["usd"], report["estimated"], report["requests"]) == (0.1, 1, 1)
     await ledger.close()
     # Opening it again (the next restart) migrates nothing twice.
+    caplog.clear()
     again = make_store(store_url)
     await again.open()
+    assert not [r for r in caplog.records if "nano-dollars" in r.getMessage()]
     try:
         assert await again.spent_since("alice", 0.0) == (10 * 2550 + 200_000_000, 10 * 11 + 15)
     finally:
         await again.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_sqlite_keeps_its_wal_small(tmp_path, ledgers):
+    """The WAL is checkpointed every 256 KiB and cut back to that: 30,000 rows (megabytes) leave a
+    WAL of about that, not SQLite's default of 4 MiB kept at its largest."""
+    path = str(tmp_path / "usage.sqlite3")
+    ledger = ledgers(make_store(path))
+    await ledger.start()
+    for i in range(30_000):
+        ledger.record(charge(DAY + i, model="gpt-4o-mini-2024-07-18", request_id="req-%032d" % i))
+    await ledger.flush()
+    assert os.path.getsize(path) > 2 << 20
+    assert os.path.getsize(path + "-wal") <= 512 << 10, os.path.getsize(path + "-wal")

@@ -264,9 +264,6 @@ class PostgresStore:
 
         return isinstance(exc, asyncpg.PostgresError) and str(getattr(exc, "sqlstate", "")).startswith(("22", "23"))
 
-    async def checkpoint(self) -> None:
-        """Nothing to do: the server manages its own write-ahead log."""
-
     async def insert(self, rows: list[Charge]) -> None:
         """One transaction per batch: all the rows are written or none, and none twice.
 
