@@ -12,6 +12,7 @@ import time
 import uuid
 
 import pytest
+import redis
 import tornado.httpclient
 from tornado.testing import bind_unused_port
 
@@ -248,3 +249,67 @@ async def test_redis_restarted_empty_under_load_keeps_every_budget(instances, re
             # Each instance alone never passes the budget: together, twice it at worst.
             assert charged <= 2 * budget + 2, (name, report)
     assert {s for codes in statuses.values() for s in codes} <= {200, 429, 503}
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_without_a_ledger_an_emptied_redis_is_seeded_from_the_instances_own_counter(instances, redis_server):
+    (a, url_a), (b, url_b) = await instances(usage_database=""), await instances(usage_database="")
+    for _ in range(3):
+        assert (await chat(url_a)).code == 200
+        await settled(a)
+    await wait_caught_up(a)
+    redis_server.command("FLUSHALL")  # Redis restarted empty
+    assert (await chat(url_a)).code == 200  # seeded from a's own 33 first: 44 of 55
+    await settled(a)
+    assert (await chat(url_b)).code == 200  # b reads 44: 55
+    await settled(a, b)
+    assert (await chat(url_a)).code == 429
+    assert (await chat(url_b)).code == 429
+    assert (await b.spend.shared.spent("anna", "week", time.time()))[1] == 5 * PER_REQUEST
+
+
+async def shared_total(app, name: str, period: str, timeout: float = 10):
+    """What Redis holds for ``name``: an instance whose connections Redis dropped fails one call first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = await app.spend.shared.spent(name, period, time.time())
+        if isinstance(found, tuple):
+            return found
+        assert time.monotonic() < deadline, "Redis did not answer"
+        await asyncio.sleep(0.1)
+
+
+async def wait_caught_up(*apps, timeout: float = 10) -> None:
+    """Until no instance keeps charges Redis has not taken."""
+    deadline = time.monotonic() + timeout
+    while any(getattr(app.spend.shared, "slots", None) for app in apps):
+        assert time.monotonic() < deadline, "charges still kept: %r" % [list(app.spend.shared.slots) for app in apps]
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_charges_redis_could_not_take_are_added_once_it_answers(instances, redis_server):
+    """Redis refusing every new connection (its password changed, its clients cut) but keeping its
+    data: the charges made meanwhile are kept and added once, when it lets the instance in again."""
+    (a, url_a), (b, url_b) = await instances(), await instances()
+    assert (await chat(url_a)).code == 200
+    await settled(a)
+    admin = redis.Redis(port=redis_server.port, password=redis_server.password, socket_timeout=5)
+    try:
+        admin.config_set("requirepass", "wrong-REDIS-pass-77d1")
+        admin.client_kill_filter(_type="normal")
+        assert (await chat(url_a)).code == 200  # REDIS_FAILURE_MODE=open: a's own counter
+        await asyncio.sleep(1.2)  # past the pause after a failure: this charge is tried, and fails
+        assert (await chat(url_a)).code == 200
+        await settled(a)
+    finally:
+        admin.config_set("requirepass", redis_server.password)
+        admin.close()
+    await wait_caught_up(a)
+    # Exactly once: 3 requests.
+    assert (await shared_total(b, "anna", "week"))[1] == 3 * PER_REQUEST
+    assert (await chat(url_b)).code == 200  # 44 of 55
+    await settled(b)
+    assert (await chat(url_b)).code == 200  # 55
+    await settled(b)
+    assert (await chat(url_a)).code == 429
