@@ -313,3 +313,26 @@ async def test_charges_redis_could_not_take_are_added_once_it_answers(instances,
     assert (await chat(url_b)).code == 200  # 55
     await settled(b)
     assert (await chat(url_a)).code == 429
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_charges_kept_stay_bounded_in_memory_and_add_up_to_the_same(instances, monkeypatch):
+    """However long Redis is away, the charges an instance keeps per total are at most PENDING_MAX:
+    neighbours are merged, their sum unchanged, and a merged charge is held by a seed only if both were."""
+    from chat_gpt_proxy.usage import shared as shared_module
+
+    monkeypatch.setattr(shared_module, "PENDING_MAX", 10)
+    (a, _) = await instances()
+    shared = a.spend.shared
+    shared.limits.skip_until = time.monotonic() + 60  # Redis "failed a moment ago": every charge is kept
+    try:
+        for i in range(100):
+            shared.charge("anna", time.time(), 1000 + i, 11, i if i % 7 else None)
+        assert shared.slots
+        for slot in shared.slots.values():
+            assert len(slot.kept) <= 10
+            assert sum(k.nanos for k in slot.kept) == sum(1000 + i for i in range(100))
+            assert sum(k.tokens for k in slot.kept) == 1100
+            assert any(k.seq is None for k in slot.kept)  # a charge outside the ledger is never "held"
+    finally:
+        shared.limits.skip_until = 0.0

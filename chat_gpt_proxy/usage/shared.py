@@ -123,6 +123,8 @@ class Slot:
     start: float
     expiry: int
     kept: list[Kept] = dataclasses.field(default_factory=list)
+    # The first ``busy`` charges kept are being added or seeded: never merged meanwhile.
+    busy: int = 0
 
 
 class SharedSpend:
@@ -141,6 +143,7 @@ class SharedSpend:
         # One seeding or adding of kept charges at a time: each decides from what is kept.
         self.lock = asyncio.Lock()
         self.catch_up_task: asyncio.Task | None = None
+        self.measure_failing = False
 
     def key(self, name: str, period: str, start: float) -> str:
         return "{%s:%s}:budget:%s:%d" % (self.limits.prefix, name, period, start)
@@ -220,7 +223,7 @@ class SharedSpend:
                 slot = self.slots[key] = Slot(name, period, start, int(end) + KEEP_AFTER_END)
             slot.kept.append(kept)
             if len(slot.kept) > PENDING_MAX:
-                slot.kept = merged(slot.kept)
+                slot.kept = slot.kept[: slot.busy] + merged(slot.kept[slot.busy :])
         if self.catch_up_task is None or self.catch_up_task.done():
             self.catch_up_task = asyncio.ensure_future(self._catch_up())
 
@@ -256,6 +259,7 @@ class SharedSpend:
             todo = [k for k in batch if not self._held_by(seed, k)]
             nanos = min(sum(k.nanos for k in todo), LARGEST)
             tokens = min(sum(k.tokens for k in todo), LARGEST)
+            slot.busy = len(batch)
             try:
                 found = await asyncio.wait_for(
                     self.add_script(keys=[key], args=[seed, nanos, tokens, slot.expiry]), limits.timeout
@@ -263,6 +267,8 @@ class SharedSpend:
             except FAILURES as exc:
                 limits.failed("charge", exc)
                 return False
+            finally:
+                slot.busy = 0
             limits.succeeded()
             found = found.decode() if isinstance(found, bytes) else found
             if found == seed:
@@ -305,13 +311,23 @@ class SharedSpend:
             try:
                 measured = await asyncio.wait_for(self.spend.measure(name, period, start), timeout)
             except Exception as exc:  # any driver's error: this admission falls back to REDIS_FAILURE_MODE
-                log.warning("shared budgets: cannot read %s's %s spend to seed Redis (%s)", name, period, describe(exc))
+                if not self.measure_failing:
+                    log.warning(
+                        "shared budgets: cannot read %s's %s spend to seed Redis (%s); retrying",
+                        name,
+                        period,
+                        describe(exc),
+                    )
+                self.measure_failing = True
                 return None
+            self.measure_failing = False
         slot = self.slots.get(key)
         # The charges kept that the measure holds: by row number (the ledger), or all kept by now (the counter).
         held = [k for k in slot.kept if covered(k, measured)] if slot is not None else []
         end = period_bounds(period, start)[1]
         mine = self.marker(measured.source, measured.read_at)
+        if slot is not None:
+            slot.busy = len(slot.kept)
         try:
             found = await asyncio.wait_for(
                 self.seed_script(keys=[key], args=[measured.nanos, measured.tokens, mine, int(end) + KEEP_AFTER_END]),
@@ -320,6 +336,9 @@ class SharedSpend:
         except FAILURES as exc:
             self.limits.failed("seed", exc)
             return None
+        finally:
+            if slot is not None:
+                slot.busy = 0
         self.limits.succeeded()
         nanos, tokens, seed = (v.decode() if isinstance(v, bytes) else v for v in found)
         if seed == mine:
