@@ -2,7 +2,7 @@
 
     python bench/compare.py --before HEAD~2 --tokens 100 --rounds 5 --seconds 5
     python bench/compare.py --redis --rounds 5 --seconds 5
-    python bench/compare.py --before HEAD~2 --tokens 0 --budgets   # also: a budgeted token and the SQLite ledger
+    python bench/compare.py --before HEAD~2 --tokens 0 --budgets   # also: a budgeted token and the SQLite ledger, each
     python bench/compare.py --before HEAD~2 --tokens 0 --upstreams 4   # also: UPSTREAMS_FILE with 4 upstreams
 
 ``--redis`` compares instead the cost of shared limits: the same
@@ -178,7 +178,10 @@ def main() -> None:
         for _ in range(args.rounds):
             for label, tree, tokens in subjects:
                 in_redis = "REDIS_URL" in label
-                ledger = os.path.join(workdir, "usage.sqlite3") if "USAGE_DATABASE" in label else ""
+                # A ledger per subject: each release's own schema.
+                ledger = (
+                    os.path.join(workdir, "usage-%s.sqlite3" % label.split()[0]) if "USAGE_DATABASE" in label else ""
+                )
                 several = upstreams_path if "UPSTREAMS_FILE" in label else ""
                 proxy, port = start(
                     procs, tree, upstream, "proxy", tokens, redis_url if in_redis else "", ledger, several

@@ -252,7 +252,7 @@ async def test_a_realtime_session_is_charged_and_refused_at_its_budget(proxy, ap
         await asyncio.sleep(0.05)
     spent, _ = app.spend.book.spent_now("tokens", "day", time.time())
     assert spent.tokens >= 8  # the fake's response.done: 7 input tokens and its output
-    app.spend.book.charge("tokens", time.time(), 0.0, 100)
+    app.spend.book.charge("tokens", time.time(), 0, 100)
     with pytest.raises(websockets.InvalidStatus) as refused:
         async with websockets.connect(url, additional_headers=headers):
             pass
@@ -270,7 +270,7 @@ def test_calendar_periods_are_utc_and_weeks_start_on_monday():
 def test_a_new_period_starts_from_zero():
     book, budget = BudgetBook(), Budget(tokens=10, period="day")
     day = 1_764_806_400
-    book.charge("a", day + 10, 0.0, 10)
+    book.charge("a", day + 10, 0, 10)
     assert book.check("a", budget, day + 20).which == "budget_tokens"
     assert book.check("a", budget, day + 86_400 + 1) is None
 

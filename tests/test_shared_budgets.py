@@ -12,6 +12,7 @@ import time
 import uuid
 
 import pytest
+import redis
 import tornado.httpclient
 from tornado.testing import bind_unused_port
 
@@ -162,3 +163,176 @@ async def test_redis_down_closed_mode_refuses_budgeted_tokens(instances, redis_s
         assert response.code == 503 and json.loads(response.body)["error"]["code"] == "limits_unavailable"
     finally:
         redis_server.start()
+
+
+# Budgets in requests of PER_REQUEST tokens: spent before Redis dies, while it is away, after it
+# comes back, and never.
+OUTAGE_BUDGETS = {"early": 12, "middle": 150, "late": 250, "never": 100_000}
+OUTAGE_TOKENS = {name: "%s-TOKEN-%s" % (name, uuid.uuid5(uuid.NAMESPACE_URL, name).hex[:12]) for name in OUTAGE_BUDGETS}
+
+
+def outage_tokens_file(tmp_path) -> str:
+    path = tmp_path / "outage-tokens.toml"
+    path.write_text(
+        "".join(
+            '[%s]\ntoken = "%s"\nbudget_tokens = %d\nbudget_period = "month"\n'
+            % (name, OUTAGE_TOKENS[name], budget * PER_REQUEST)
+            for name, budget in OUTAGE_BUDGETS.items()
+        )
+    )
+    return str(path)
+
+
+async def chat_as(client, base_url: str, token: str):
+    return await client.fetch(
+        base_url + "/chat_complete",
+        method="POST",
+        body=json.dumps({"prompt": "hi"}),
+        headers={"access-token": token, "openai-token": KEY},
+        raise_error=False,
+    )
+
+
+@pytest.mark.parametrize("mode", ["closed", "open"])
+@pytest.mark.gen_test(timeout=120)
+async def test_redis_restarted_empty_under_load_keeps_every_budget(instances, redis_server, tmp_path, mode):
+    """Two instances, each token's requests on both; Redis killed mid-load and started again empty, no
+    instance restarted. Redis is seeded again from the ledger before it is trusted, the charges it
+    missed are added, no local counter goes down: a token ends above its budget by at most the
+    requests in flight when it crossed it (one per instance here), and Redis ends holding the ledger's
+    totals. In open mode, while Redis is away each instance counts alone: a budget crossed then may
+    be passed by what the other instance spent meanwhile (measured, not hidden)."""
+    tokens_file = outage_tokens_file(tmp_path)
+    (a, url_a), (b, url_b) = (
+        await instances(access_tokens_file=tokens_file, redis_failure_mode=mode),
+        await instances(access_tokens_file=tokens_file, redis_failure_mode=mode),
+    )
+    client = tornado.httpclient.AsyncHTTPClient(force_instance=True, max_clients=20)
+    statuses: dict[str, list[int]] = {name: [] for name in OUTAGE_BUDGETS}
+    loading = True
+
+    async def worker(name, url):
+        while loading:
+            response = await chat_as(client, url, OUTAGE_TOKENS[name])
+            statuses[name].append(response.code)
+            await asyncio.sleep(0.01 if response.code == 200 else 0.05)
+
+    workers = [asyncio.ensure_future(worker(name, url)) for name in OUTAGE_BUDGETS for url in (url_a, url_b)]
+    try:
+        await asyncio.sleep(1.5)
+        redis_server.stop()
+        await asyncio.sleep(2.0)
+        redis_server.start()  # empty: no persistence
+        await asyncio.sleep(3.0)
+    finally:
+        loading = False
+        await asyncio.gather(*workers)
+        client.close()
+    await settled(a, b)
+    for app in (a, b):
+        await app.spend.ledger.flush()
+        await app.spend.shared.close()  # the charges it kept go to Redis now if not before
+    start = time.time()
+    report = {}
+    for name, budget in OUTAGE_BUDGETS.items():
+        spent_nanos, spent_tokens = await a.spend.ledger.spent_since(name, 0.0)
+        in_redis = await a.spend.shared.spent(name, "month", start)
+        report[name] = (spent_tokens // PER_REQUEST, budget, in_redis[1] // PER_REQUEST)
+    print("Redis restarted empty, %s mode: token: (requests charged, budget, requests in Redis) %s" % (mode, report))
+    assert report["early"][0] <= OUTAGE_BUDGETS["early"] + 2, report
+    assert report["never"][0] > OUTAGE_BUDGETS["early"], "the load ran"
+    for name, (charged, budget, in_redis) in report.items():
+        assert in_redis == charged, (name, report)
+        if mode == "closed" or name == "early":
+            assert charged <= budget + 2, (name, report)
+        else:
+            # Each instance alone never passes the budget: together, twice it at worst.
+            assert charged <= 2 * budget + 2, (name, report)
+    assert {s for codes in statuses.values() for s in codes} <= {200, 429, 503}
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_without_a_ledger_an_emptied_redis_is_seeded_from_the_instances_own_counter(instances, redis_server):
+    (a, url_a), (b, url_b) = await instances(usage_database=""), await instances(usage_database="")
+    for _ in range(3):
+        assert (await chat(url_a)).code == 200
+        await settled(a)
+    await wait_caught_up(a)
+    redis_server.command("FLUSHALL")  # Redis restarted empty
+    assert (await chat(url_a)).code == 200  # seeded from a's own 33 first: 44 of 55
+    await settled(a)
+    assert (await chat(url_b)).code == 200  # b reads 44: 55
+    await settled(a, b)
+    assert (await chat(url_a)).code == 429
+    assert (await chat(url_b)).code == 429
+    assert (await b.spend.shared.spent("anna", "week", time.time()))[1] == 5 * PER_REQUEST
+
+
+async def shared_total(app, name: str, period: str, timeout: float = 10):
+    """What Redis holds for ``name``: an instance whose connections Redis dropped fails one call first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = await app.spend.shared.spent(name, period, time.time())
+        if isinstance(found, tuple):
+            return found
+        assert time.monotonic() < deadline, "Redis did not answer"
+        await asyncio.sleep(0.1)
+
+
+async def wait_caught_up(*apps, timeout: float = 10) -> None:
+    """Until no instance keeps charges Redis has not taken."""
+    deadline = time.monotonic() + timeout
+    while any(getattr(app.spend.shared, "slots", None) for app in apps):
+        assert time.monotonic() < deadline, "charges still kept: %r" % [list(app.spend.shared.slots) for app in apps]
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_charges_redis_could_not_take_are_added_once_it_answers(instances, redis_server):
+    """Redis refusing every new connection (its password changed, its clients cut) but keeping its
+    data: the charges made meanwhile are kept and added once, when it lets the instance in again."""
+    (a, url_a), (b, url_b) = await instances(), await instances()
+    assert (await chat(url_a)).code == 200
+    await settled(a)
+    admin = redis.Redis(port=redis_server.port, password=redis_server.password, socket_timeout=5)
+    try:
+        admin.config_set("requirepass", "wrong-REDIS-pass-77d1")
+        admin.client_kill_filter(_type="normal")
+        assert (await chat(url_a)).code == 200  # REDIS_FAILURE_MODE=open: a's own counter
+        await asyncio.sleep(1.2)  # past the pause after a failure: this charge is tried, and fails
+        assert (await chat(url_a)).code == 200
+        await settled(a)
+    finally:
+        admin.config_set("requirepass", redis_server.password)
+        admin.close()
+    await wait_caught_up(a)
+    # Exactly once: 3 requests.
+    assert (await shared_total(b, "anna", "week"))[1] == 3 * PER_REQUEST
+    assert (await chat(url_b)).code == 200  # 44 of 55
+    await settled(b)
+    assert (await chat(url_b)).code == 200  # 55
+    await settled(b)
+    assert (await chat(url_a)).code == 429
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_charges_kept_stay_bounded_in_memory_and_add_up_to_the_same(instances, monkeypatch):
+    """However long Redis is away, the charges an instance keeps per total are at most PENDING_MAX:
+    neighbours are merged, their sum unchanged, and a merged charge is held by a seed only if both were."""
+    from chat_gpt_proxy.usage import shared as shared_module
+
+    monkeypatch.setattr(shared_module, "PENDING_MAX", 10)
+    (a, _) = await instances()
+    shared = a.spend.shared
+    shared.limits.skip_until = time.monotonic() + 60  # Redis "failed a moment ago": every charge is kept
+    try:
+        for i in range(100):
+            shared.charge("anna", time.time(), 1000 + i, 11, i if i % 7 else None)
+        assert shared.slots
+        for slot in shared.slots.values():
+            assert len(slot.kept) <= 10
+            assert sum(k.nanos for k in slot.kept) == sum(1000 + i for i in range(100))
+            assert sum(k.tokens for k in slot.kept) == 1100
+            assert any(k.seq is None for k in slot.kept)  # a charge outside the ledger is never "held"
+    finally:
+        shared.limits.skip_until = 0.0

@@ -14,6 +14,7 @@ without CREATE.
 import asyncio
 import itertools
 import logging
+import os
 import time
 import traceback
 import urllib.parse
@@ -100,12 +101,26 @@ class Counter:
         self.value = value
 
 
+class Gauge:
+    """A gauge read through its function, as prometheus_client's ``set_function`` is at each scrape."""
+
+    def __init__(self):
+        self.function = None
+
+    def set_function(self, function):
+        self.function = function
+
+    @property
+    def value(self):
+        return self.function()
+
+
 class FakeMetrics:
     """The two instruments the Ledger uses (chat_gpt_proxy/observability.py Metrics has them)."""
 
     def __init__(self):
         self.ledger_dropped = Counter()
-        self.ledger_queue = Counter()
+        self.ledger_queue = Gauge()
 
 
 async def request_ids(url) -> list[str]:
@@ -166,12 +181,12 @@ async def test_spent_since_sums_one_token_from_a_time_on(store):
             charge(DAY + 2, token="Alice", usd=1.0, tokens=(3, 0, 3)),  # another token: case matters
         ]
     )
-    assert await store.spent_since("alice", DAY) == (0.375, 122)  # at == since counts
-    assert await store.spent_since("alice", DAY - 100) == (0.875, 137)
-    assert await store.spent_since("bob", DAY) == (8.0, 2000)
+    assert await store.spent_since("alice", DAY) == (375_000_000, 122)  # at == since counts; nano-dollars
+    assert await store.spent_since("alice", DAY - 100) == (875_000_000, 137)
+    assert await store.spent_since("bob", DAY) == (8_000_000_000, 2000)
     nothing = await store.spent_since("alice", DAY + 6)
-    assert nothing == (0.0, 0) and type(nothing[0]) is float and type(nothing[1]) is int
-    assert await store.spent_since("carol", 0.0) == (0.0, 0)
+    assert nothing == (0, 0) and type(nothing[0]) is int and type(nothing[1]) is int
+    assert await store.spent_since("carol", 0.0) == (0, 0)
 
 
 @pytest.mark.gen_test(timeout=30)
@@ -216,7 +231,7 @@ async def test_delete_before_removes_only_older_rows_and_says_how_many(store):
     await store.insert([charge(DAY + offset, request_id=str(offset)) for offset in (-2, -1, 0, 1)])
     assert await store.delete_before(DAY) == 2
     assert await store.delete_before(DAY) == 0
-    assert await store.spent_since("alice", 0.0) == (0.5, 30)
+    assert await store.spent_since("alice", 0.0) == (500_000_000, 30)
     assert [r["requests"] for r in await store.report(*FOREVER)] == [2]
 
 
@@ -249,7 +264,7 @@ async def test_the_writer_task_writes_recorded_rows_in_batches_after_start(store
     await until(lambda: not ledger.queue, 5, "the writer writes a small batch on its timer")
     assert batches == [BATCH_ROWS, BATCH_ROWS, 200, 3]
     assert await request_ids(store_url) == ["r%d" % i for i in range(total)] + ["late0", "late1", "late2"]
-    assert await ledger.spent_since("alice", 0.0) == ((total + 3) * 0.25, (total + 3) * 15)
+    assert await ledger.spent_since("alice", 0.0) == ((total + 3) * 250_000_000, (total + 3) * 15)
 
 
 @pytest.mark.gen_test(timeout=30)
@@ -458,7 +473,7 @@ async def test_postgres_instances_starting_together_create_the_schema_once(pg_ur
     try:
         await asyncio.gather(*(s.open() for s in stores))
         await stores[0].insert([charge(DAY)])
-        assert await stores[3].spent_since("alice", 0.0) == (0.25, 15)
+        assert await stores[3].spent_since("alice", 0.0) == (250_000_000, 15)
     finally:
         await asyncio.gather(*(s.close() for s in stores))
 
@@ -479,7 +494,7 @@ async def test_postgres_opens_without_create_privilege_once_the_table_exists(pos
     try:
         await writer.open()
         await writer.insert([charge(DAY)])
-        assert await writer.spent_since("alice", 0.0) == (0.25, 15)
+        assert await writer.spent_since("alice", 0.0) == (250_000_000, 15)
     finally:
         await writer.close()
         postgres_server.psql("DROP OWNED BY %s; DROP ROLE %s" % (role, role), database)
@@ -527,3 +542,197 @@ async def test_a_failing_database_is_retried_with_a_growing_pause_even_under_loa
     await ledger.store.open()
     await store.close()
     assert await ledger.flush()
+
+
+# -- rows a caller poisoned, rows the database refuses, money as integers
+
+
+async def rows_of(url) -> list[tuple]:
+    """(request_id, token, model, usd_nanos) of every row, through a connection of its own."""
+    query = "SELECT request_id, token, model, usd_nanos FROM usage ORDER BY id"
+    if url.startswith("postgresql://"):
+        conn = await asyncpg.connect(url, timeout=5)
+        try:
+            return [tuple(r) for r in await conn.fetch(query)]
+        finally:
+            await conn.close()
+    async with aiosqlite.connect(url) as db, db.execute(query) as cursor:
+        return [tuple(r) for r in await cursor.fetchall()]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_strings_a_caller_poisoned_never_stop_the_ledger(store_url, ledgers):
+    """A lone surrogate (valid JSON: "x\\ud800"), a NUL, bytes that were not UTF-8 (surrogate-escaped),
+    a huge name: each row is stored, made storable, and every other token's rows after it arrive."""
+    metrics = FakeMetrics()
+    ledger = ledgers(make_store(store_url), metrics=metrics)
+    await ledger.start()
+    ledger.record(charge(DAY, token="mallory", model="x\ud800", request_id="poison-surrogate"))
+    ledger.record(charge(DAY + 1, token="mallory", model="a\x00b", request_id="poison-nul"))
+    ledger.record(
+        charge(DAY + 2, token="mallory", model=b"caf\xe9".decode("utf-8", "surrogateescape"), request_id="r\x00id")
+    )
+    ledger.record(charge(DAY + 3, token="mallory", model="m" * 100_000, request_id="poison-long"))
+    for i in range(20):
+        ledger.record(charge(DAY + 10 + i, token="bob" if i % 2 else "carol", request_id="after%d" % i))
+    await until(lambda: not ledger.queue, 10, "the writer writes the poisoned rows and every row after them")
+    assert not ledger.failing and ledger.dropped == 0 and metrics.ledger_dropped.value == 0
+    await ledger.close()
+    # As a restarted proxy reads them: every row is there.
+    rows = await rows_of(store_url)
+    assert [r[0] for r in rows] == ["poison-surrogate", "poison-nul", "rid", "poison-long"] + [
+        "after%d" % i for i in range(20)
+    ]
+    assert [r[2] for r in rows[:3]] == ["x\ufffd", "ab", "caf\ufffd"]
+    assert rows[3][2] == "m" * 256
+    reopened = make_store(store_url)
+    await reopened.open()
+    try:
+        assert await reopened.spent_since("bob", 0.0) == (10 * 250_000_000, 150)
+        assert await reopened.spent_since("mallory", 0.0) == (4 * 250_000_000, 60)
+    finally:
+        await reopened.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_row_the_database_refuses_is_dropped_alone_and_counted(store_url, ledgers, caplog):
+    """2**63 tokens fit neither SQLite's INTEGER nor PostgreSQL's BIGINT: that row alone is dropped,
+    counted and logged once; the rows of its batch and after it are written, and nothing is retried for ever."""
+    metrics = FakeMetrics()
+    store = make_store(store_url)
+    ledger = ledgers(store, metrics=metrics)
+    await ledger.start()
+    for i in range(5):
+        ledger.record(charge(DAY + i, request_id="before%d" % i))
+    ledger.record(charge(DAY + 5, token="mallory", tokens=(2**63, 0, 1), request_id="refused"))
+    for i in range(5):
+        ledger.record(charge(DAY + 6 + i, token="bob", request_id="after%d" % i))
+    await until(lambda: not ledger.queue, 10, "the writer is done with the batch")
+    assert not ledger.failing
+    assert ledger.dropped == 1 and metrics.ledger_dropped.value == 1
+    assert await request_ids(store_url) == ["before%d" % i for i in range(5)] + ["after%d" % i for i in range(5)]
+    said = [r for r in caplog.records if "refused" in r.getMessage() and r.name == "chat_gpt_proxy"]
+    assert len(said) == 1 and said[0].levelno == logging.WARNING, [r.getMessage() for r in said]
+    assert "request_id=refused" in said[0].getMessage()
+    # Later rows go on being written by the writer's timer.
+    ledger.record(charge(DAY + 20, token="bob", request_id="later"))
+    await until(lambda: not ledger.queue, 5, "a later row is written")
+    assert (await request_ids(store_url))[-1] == "later"
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_money_is_kept_as_exact_integer_nanodollars(store_url, ledgers):
+    """1000 requests of 2.55 micro-dollars (9 + 2 tokens of gpt-4o-mini) sum to exactly $0.00255."""
+    ledger = ledgers(make_store(store_url))
+    await ledger.start()
+    for i in range(1000):
+        ledger.record(charge(DAY + i, usd=(9 * 0.15 + 2 * 0.60) / 1e6, request_id="r%d" % i))
+    ledger.record(charge(DAY + 86400, usd=0.1, request_id="dime"))
+    ledger.record(charge(DAY + 86401, usd=0.2, request_id="two-dimes"))
+    await ledger.flush()
+    rows = await rows_of(store_url)
+    assert {r[3] for r in rows[:1000]} == {2550} and [r[3] for r in rows[1000:]] == [100_000_000, 200_000_000]
+    assert all(type(r[3]) is int for r in rows)
+    assert await ledger.spent_since("alice", 0.0) == (2_550_000 + 300_000_000, 1002 * 15)
+    # The reports still speak dollars, now without float drift: 0.1 + 0.2 is 0.3 here.
+    (day1, day2) = await ledger.report(*FOREVER)
+    assert day1["usd"] == 0.00255 and type(day1["usd"]) is float
+    assert day2["usd"] == 0.3
+
+
+# The ledger's schema before money was kept in integers: a database made by an older release.
+OLD_SQLITE_SCHEMA = """
+CREATE TABLE usage (
+    id INTEGER PRIMARY KEY, at REAL NOT NULL, token TEXT NOT NULL, route TEXT NOT NULL, model TEXT,
+    input_tokens INTEGER NOT NULL, cached_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL,
+    usd REAL NOT NULL, estimated INTEGER NOT NULL, status INTEGER NOT NULL, request_id TEXT NOT NULL
+);
+CREATE INDEX usage_token_at ON usage (token, at);
+CREATE INDEX usage_at ON usage (at);
+"""
+OLD_POSTGRES_SCHEMA = """
+CREATE TABLE usage (
+    id BIGSERIAL PRIMARY KEY, at DOUBLE PRECISION NOT NULL, token TEXT NOT NULL, route TEXT NOT NULL, model TEXT,
+    input_tokens BIGINT NOT NULL, cached_tokens BIGINT NOT NULL, output_tokens BIGINT NOT NULL,
+    usd DOUBLE PRECISION NOT NULL, estimated BOOLEAN NOT NULL, status INTEGER NOT NULL, request_id TEXT NOT NULL
+);
+CREATE INDEX usage_token_at ON usage (token, at);
+CREATE INDEX usage_at ON usage (at);
+"""
+OLD_INSERT = (
+    "INSERT INTO usage (at, token, route, model, input_tokens, cached_tokens, output_tokens, usd, estimated, status, "
+    "request_id) VALUES (%s)"
+)
+
+
+async def old_ledger(url, rows) -> None:
+    """A ledger as an older release left it: dollars in a float column."""
+    if url.startswith("postgresql://"):
+        conn = await asyncpg.connect(url, timeout=5)
+        try:
+            await conn.execute(OLD_POSTGRES_SCHEMA)
+            await conn.executemany(OLD_INSERT % ", ".join("$%d" % i for i in range(1, 12)), rows)
+        finally:
+            await conn.close()
+        return
+    async with aiosqlite.connect(url) as db:
+        await db.executescript(OLD_SQLITE_SCHEMA)
+        await db.executemany(OLD_INSERT % ", ".join("?" * 11), rows)
+        await db.commit()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_an_older_ledger_is_migrated_and_keeps_its_rows(store_url, ledgers, caplog):
+    old = [
+        (
+            DAY + i,
+            "alice",
+            "/v1/chat/completions",
+            "gpt-4o",
+            9,
+            0,
+            2,
+            (9 * 0.15 + 2 * 0.60) / 1e6,
+            False,
+            200,
+            "old%d" % i,
+        )
+        for i in range(10)
+    ] + [(DAY + 20, "bob", "chat_complete", None, 3, 0, 1, 0.1, True, 499, "old-bob")]
+    await old_ledger(store_url, old)
+    ledger = ledgers(make_store(store_url))
+    await ledger.start()  # migrates
+    said = [r.getMessage() for r in caplog.records if "nano-dollars" in r.getMessage()]
+    assert len(said) == 1 and "(11 rows converted)" in said[0], said
+    ledger.record(charge(DAY + 30, usd=0.2, request_id="new"))
+    await ledger.flush()
+    rows = await rows_of(store_url)
+    assert [r[0] for r in rows] == ["old%d" % i for i in range(10)] + ["old-bob", "new"]
+    assert [r[3] for r in rows] == [2550] * 10 + [100_000_000, 200_000_000]
+    assert await ledger.spent_since("alice", 0.0) == (10 * 2550 + 200_000_000, 10 * 11 + 15)
+    (report,) = [r for r in await ledger.report(*FOREVER) if r["token"] == "bob"]
+    assert (report["usd"], report["estimated"], report["requests"]) == (0.1, 1, 1)
+    await ledger.close()
+    # Opening it again (the next restart) migrates nothing twice.
+    caplog.clear()
+    again = make_store(store_url)
+    await again.open()
+    assert not [r for r in caplog.records if "nano-dollars" in r.getMessage()]
+    try:
+        assert await again.spent_since("alice", 0.0) == (10 * 2550 + 200_000_000, 10 * 11 + 15)
+    finally:
+        await again.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_sqlite_keeps_its_wal_small(tmp_path, ledgers):
+    """The WAL is checkpointed every 256 KiB and cut back to that: 30,000 rows (megabytes) leave a
+    WAL of about that, not SQLite's default of 4 MiB kept at its largest."""
+    path = str(tmp_path / "usage.sqlite3")
+    ledger = ledgers(make_store(path))
+    await ledger.start()
+    for i in range(30_000):
+        ledger.record(charge(DAY + i, model="gpt-4o-mini-2024-07-18", request_id="req-%032d" % i))
+    await ledger.flush()
+    assert os.path.getsize(path) > 2 << 20
+    assert os.path.getsize(path + "-wal") <= 512 << 10, os.path.getsize(path + "-wal")

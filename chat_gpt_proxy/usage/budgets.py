@@ -3,6 +3,8 @@
 Spend is counted per (token name, period start), so a SIGHUP that changes a
 budget keeps what was spent, and a new period starts from zero by itself.
 The counters are rebuilt from the ledger at startup (``Ledger.spent_since``).
+Money is counted in integer nano-dollars (chat_gpt_proxy/usage/storable.py):
+a budget is reached exactly, whatever the number of charges added.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import datetime
 import math
 
 from chat_gpt_proxy import human
+
+from .storable import to_nanos, to_usd
 
 PERIODS = ("day", "week", "month")
 UTC = datetime.UTC
@@ -73,8 +77,27 @@ class Over:
 
 @dataclasses.dataclass
 class Spent:
-    usd: float = 0.0
+    nanos: int = 0
     tokens: int = 0
+
+    @property
+    def usd(self) -> float:
+        return to_usd(self.nanos)
+
+
+@dataclasses.dataclass(frozen=True)
+class Measured:
+    """What an instance found a token spent in a period, to seed a Redis that has no total for it.
+
+    ``source``: "ledger" (every instance's rows written by ``read_at``, and this
+    instance's rows numbered below ``recorded``) or "local" (this instance's own counter).
+    """
+
+    nanos: int
+    tokens: int
+    source: str
+    read_at: float
+    recorded: int | None
 
 
 class BudgetBook:
@@ -96,7 +119,7 @@ class BudgetBook:
     def check(self, name: str, budget: Budget, now: float) -> Over | None:
         spent, end = self.spent_now(name, budget.period, now)
         retry = max(1, math.ceil(end - now))
-        if budget.usd is not None and spent.usd >= budget.usd:
+        if budget.usd is not None and spent.nanos >= to_nanos(budget.usd):
             return Over("budget_usd", spent.usd, budget.usd, end, retry)
         if budget.tokens is not None and spent.tokens >= budget.tokens:
             return Over("budget_tokens", spent.tokens, budget.tokens, end, retry)
@@ -107,23 +130,30 @@ class BudgetBook:
         out = {"period": budget.period, "resets_at": iso(end), "spent_usd": spent.usd, "spent_tokens": spent.tokens}
         if budget.usd is not None:
             out["budget_usd"] = budget.usd
-            out["remaining_usd"] = max(0.0, budget.usd - spent.usd)
+            out["remaining_usd"] = to_usd(max(0, to_nanos(budget.usd) - spent.nanos))
         if budget.tokens is not None:
             out["budget_tokens"] = budget.tokens
             out["remaining_tokens"] = max(0, budget.tokens - spent.tokens)
         return out
 
-    def charge(self, name: str, at: float, usd: float, tokens: int) -> None:
+    def charge(self, name: str, at: float, nanos: int, tokens: int) -> None:
         """Add a charge to every period it falls in (a token's period may change on SIGHUP)."""
         for period in PERIODS:
             key, _ = self._slot(name, period, at)
             spent = self.spent.setdefault(key, Spent())
-            spent.usd += usd
+            spent.nanos += nanos
             spent.tokens += tokens
 
-    def set(self, name: str, period: str, start: float, usd: float, tokens: int) -> None:
+    def set(self, name: str, period: str, start: float, nanos: int, tokens: int) -> None:
         """What the ledger (at startup) says a token spent in a period."""
-        self.spent[(name, period, start)] = Spent(usd, tokens)
+        self.spent[(name, period, start)] = Spent(nanos, tokens)
+
+    def raise_to(self, name: str, period: str, start: float, nanos: int, tokens: int) -> None:
+        """What the instances' shared total says, where it is more than this counter: a smaller
+        total (a Redis that lost charges, or has not yet received this instance's) never lowers it."""
+        spent = self.spent.setdefault((name, period, start), Spent())
+        spent.nanos = max(spent.nanos, nanos)
+        spent.tokens = max(spent.tokens, tokens)
 
     def forget_before(self, now: float) -> None:
         """Drop the counters of periods that have ended (called now and then)."""

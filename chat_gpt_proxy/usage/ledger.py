@@ -21,8 +21,10 @@ import collections
 import contextlib
 import datetime
 import logging
+import time
 
 from .meter import Charge
+from .storable import to_usd
 
 log = logging.getLogger("chat_gpt_proxy")
 # aiosqlite logs every statement with its values at DEBUG: one line per
@@ -38,6 +40,7 @@ COLUMNS = (
     "cached_tokens",
     "output_tokens",
     "usd",
+    "usd_nanos",
     "estimated",
     "status",
     "request_id",
@@ -47,7 +50,13 @@ SQLITE_INSERT = "INSERT INTO usage (%s) VALUES (%s)" % (", ".join(COLUMNS), ", "
 BATCH_ROWS = 500
 FLUSH_SECONDS = 0.5
 MAX_BACKOFF = 30.0
+# Rows dropped (full queue, refused by the database) are logged for the first and every this many.
+LOG_EVERY = 1000
+# (time, rows done) of the last batches written: when a row reached the database (Ledger.written_before).
+COMMITS_KEPT = 4096
 
+# ``usd_nanos`` holds the money (an exact integer); ``usd`` the same in dollars, for older releases
+# sharing the database and queries by hand. A row an older release wrote has no ``usd_nanos``.
 SQLITE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS usage (
     id INTEGER PRIMARY KEY,
@@ -59,6 +68,7 @@ CREATE TABLE IF NOT EXISTS usage (
     cached_tokens INTEGER NOT NULL,
     output_tokens INTEGER NOT NULL,
     usd REAL NOT NULL,
+    usd_nanos INTEGER,
     estimated INTEGER NOT NULL,
     status INTEGER NOT NULL,
     request_id TEXT NOT NULL
@@ -66,6 +76,17 @@ CREATE TABLE IF NOT EXISTS usage (
 CREATE INDEX IF NOT EXISTS usage_token_at ON usage (token, at);
 CREATE INDEX IF NOT EXISTS usage_at ON usage (at);
 """
+SQLITE_NANOS = "COALESCE(usd_nanos, CAST(round(usd * 1000000000) AS INTEGER))"
+SQLITE_MIGRATE = (
+    "ALTER TABLE usage ADD COLUMN usd_nanos INTEGER",
+    "UPDATE usage SET usd_nanos = CAST(round(usd * 1000000000) AS INTEGER) WHERE usd_nanos IS NULL",
+)
+# The WAL is checkpointed every this many pages (256 KiB) and cut back to this size after (SQLite
+# keeps it at its largest otherwise). SQLite's default, 1000 pages, lets the WAL take 4 MiB on top of
+# the data: on a disk nearly full it fills the disk before the checkpoint that would move it into the
+# database, which then has no room to grow (measured on a 2 MiB volume: most rows lost).
+SQLITE_WAL_LIMIT = 256 << 10
+SQLITE_AUTOCHECKPOINT = 64
 
 
 def day_of(at: float) -> str:
@@ -73,7 +94,20 @@ def day_of(at: float) -> str:
 
 
 def row_of(charge: Charge) -> tuple:
-    return tuple(getattr(charge, c) for c in COLUMNS)
+    return (
+        charge.at,
+        charge.token,
+        charge.route,
+        charge.model,
+        charge.input_tokens,
+        charge.cached_tokens,
+        charge.output_tokens,
+        to_usd(charge.nanos),
+        charge.nanos,
+        charge.estimated,
+        charge.status,
+        charge.request_id,
+    )
 
 
 class SqliteStore:
@@ -91,8 +125,26 @@ class SqliteStore:
         # WAL with synchronous=NORMAL: a committed batch survives a crash of
         # the process; only a power loss can take the last few.
         await self.db.execute("PRAGMA synchronous=NORMAL")
+        await self.db.execute("PRAGMA journal_size_limit=%d" % SQLITE_WAL_LIMIT)
+        await self.db.execute("PRAGMA wal_autocheckpoint=%d" % SQLITE_AUTOCHECKPOINT)
         await self.db.executescript(SQLITE_SCHEMA)
         await self.db.commit()
+        await self._migrate()
+
+    async def _migrate(self) -> None:
+        """Money in integers for a ledger an older release made; one process at a time (BEGIN IMMEDIATE)."""
+        await self.db.execute("BEGIN IMMEDIATE")
+        try:
+            async with self.db.execute("PRAGMA table_info(usage)") as cursor:
+                columns = {row[1] for row in await cursor.fetchall()}
+            if "usd_nanos" not in columns:
+                await self.db.execute(SQLITE_MIGRATE[0])
+                cursor = await self.db.execute(SQLITE_MIGRATE[1])
+                log.info("usage ledger: money now kept in integer nano-dollars (%d rows converted)", cursor.rowcount)
+            await self.db.commit()
+        except BaseException:
+            await self.db.rollback()
+            raise
 
     async def close(self) -> None:
         if self.db is not None:
@@ -100,30 +152,49 @@ class SqliteStore:
             self.db = None
 
     async def reconnect(self) -> None:
-        """Nothing to do: a file does not go away like a server (a full disk clears by itself)."""
+        """After a failed write (a full disk): copy the WAL into the database and cut it to nothing,
+        which gives its space back once the database file can grow; else fails, tried again later."""
+        import sqlite3
+
+        with contextlib.suppress(sqlite3.Error):
+            await self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def describe(self, exc: BaseException) -> str:
+        return describe(exc)
+
+    def refuses(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is about the values of the rows (False: the database cannot write now)."""
+        import sqlite3
+
+        return isinstance(exc, UnicodeError | OverflowError | sqlite3.DataError | sqlite3.IntegrityError)
 
     async def insert(self, rows: list[Charge]) -> None:
-        await self.db.executemany(
-            SQLITE_INSERT,
-            [row_of(r) for r in rows],
-        )
-        await self.db.commit()
+        try:
+            await self.db.executemany(SQLITE_INSERT, [row_of(r) for r in rows])
+            await self.db.commit()
+        except Exception:
+            # A full disk may leave the transaction open with part of the batch in it:
+            # the retry must not commit those rows a second time.
+            with contextlib.suppress(Exception):
+                await self.db.rollback()
+            raise
 
-    async def spent_since(self, token: str, since: float) -> tuple[float, int]:
+    async def spent_since(self, token: str, since: float) -> tuple[int, int]:
+        """Nano-dollars and tokens ``token`` spent since ``since``."""
         async with self.db.execute(
-            "SELECT COALESCE(SUM(usd), 0), COALESCE(SUM(input_tokens + output_tokens), 0) "
-            "FROM usage WHERE token = ? AND at >= ?",
+            "SELECT COALESCE(SUM(%s), 0), COALESCE(SUM(input_tokens + output_tokens), 0) "  # noqa: S608
+            "FROM usage WHERE token = ? AND at >= ?" % SQLITE_NANOS,
             (token, since),
         ) as cursor:
-            usd, tokens = await cursor.fetchone()
-        return float(usd), int(tokens)
+            nanos, tokens = await cursor.fetchone()
+        return int(nanos), int(tokens)
 
     async def report(self, since: float, until: float) -> list[dict]:
         """Spend grouped by UTC day, token and model, for ``since <= at < until``."""
         async with self.db.execute(
-            "SELECT date(at, 'unixepoch') AS day, token, model, COUNT(*), SUM(input_tokens), SUM(cached_tokens), "
-            "SUM(output_tokens), SUM(usd), SUM(estimated) FROM usage WHERE at >= ? AND at < ? "
-            "GROUP BY day, token, model ORDER BY day, token, model",
+            "SELECT date(at, 'unixepoch') AS day, token, model, COUNT(*), SUM(input_tokens), SUM(cached_tokens), "  # noqa: S608
+            "SUM(output_tokens), SUM(%s), SUM(estimated) FROM usage WHERE at >= ? AND at < ? "
+            "GROUP BY day, token, model ORDER BY day, token, model" % SQLITE_NANOS,
             (since, until),
         ) as cursor:
             rows = await cursor.fetchall()
@@ -135,7 +206,7 @@ class SqliteStore:
         return cursor.rowcount
 
 
-def report_row(day, token, model, requests, input_tokens, cached_tokens, output_tokens, usd, estimated) -> dict:
+def report_row(day, token, model, requests, input_tokens, cached_tokens, output_tokens, nanos, estimated) -> dict:
     return {
         "day": str(day),
         "token": token,
@@ -144,7 +215,7 @@ def report_row(day, token, model, requests, input_tokens, cached_tokens, output_
         "input_tokens": int(input_tokens),
         "cached_tokens": int(cached_tokens),
         "output_tokens": int(output_tokens),
-        "usd": float(usd),
+        "usd": to_usd(int(nanos)),
         "estimated": int(estimated),
     }
 
@@ -159,14 +230,25 @@ def make_store(url: str):
 
 
 class Ledger:
-    """The bounded queue in front of a store, and the task that drains it."""
+    """The bounded queue in front of a store, and the task that drains it.
+
+    Every row recorded ends in exactly one of: the database, or
+    ``proxy_usage_rows_dropped_total`` with a log line (the queue was full,
+    the database refused that row alone, or it was still unwritten at
+    shutdown).
+    """
 
     def __init__(self, store, max_queue: int, metrics=None):
         self.store = store
         self.max_queue = max_queue
         self.metrics = metrics
         self.queue: collections.deque[Charge] = collections.deque()
-        self.dropped = 0
+        self.dropped = 0  # all rows lost, whatever the reason
+        self.full = 0  # ... because the queue was full
+        self.refused = 0  # ... because the database refused the row
+        self.recorded = 0  # rows recorded since start: the next row's sequence number
+        self.done = 0  # rows taken off the queue (written, or refused)
+        self.commits: collections.deque[tuple[float, int]] = collections.deque(maxlen=COMMITS_KEPT)
         self.failing = False
         self.wake = asyncio.Event()
         self.task: asyncio.Task | None = None
@@ -174,29 +256,48 @@ class Ledger:
         # One flush at a time: the writer task and a report both flush, and
         # two would take (and write) the same first rows.
         self.lock = asyncio.Lock()
+        if metrics is not None:
+            # Read at each scrape: the rows waiting now, not at the last write.
+            metrics.ledger_queue.set_function(lambda: len(self.queue))
 
     async def start(self) -> None:
         await self.store.open()
         self.task = asyncio.ensure_future(self._writer())
 
-    def record(self, charge: Charge) -> None:
-        """Queue a row; never blocks, never raises."""
+    def record(self, charge: Charge) -> int | None:
+        """Queue a row; never blocks, never raises. Its sequence number, or None if it was dropped."""
         if len(self.queue) >= self.max_queue:
-            self.dropped += 1
-            if self.metrics is not None:
-                self.metrics.ledger_dropped.inc()
-            if self.dropped == 1 or self.dropped % 1000 == 0:
+            self.full += 1
+            self._lost(1)
+            if self.full == 1 or self.full % LOG_EVERY == 0:
                 log.warning(
                     "usage ledger queue full: %d rows dropped so far (the database is down or too slow; "
                     "budgets are still enforced in memory) last_request_id=%s",
-                    self.dropped,
+                    self.full,
                     charge.request_id,
                 )
-            return
+            return None
         self.queue.append(charge)
+        seq = self.recorded
+        self.recorded += 1
         # While the database fails, the writer keeps to its growing pause.
         if len(self.queue) >= BATCH_ROWS and not self.failing:
             self.wake.set()
+        return seq
+
+    def written_before(self, seq: int, at: float) -> bool:
+        """Whether row ``seq`` was in the database (or refused) by wall-clock time ``at``."""
+        done = 0
+        for when, count in self.commits:
+            if when >= at:
+                break
+            done = count
+        return seq < done
+
+    def _lost(self, rows: int) -> None:
+        self.dropped += rows
+        if self.metrics is not None:
+            self.metrics.ledger_dropped.inc(rows)
 
     async def _writer(self) -> None:
         backoff = FLUSH_SECONDS
@@ -214,7 +315,7 @@ class Ledger:
             backoff = FLUSH_SECONDS if ok else min(MAX_BACKOFF, backoff * 2)
 
     async def flush(self) -> bool:
-        """Write what is queued, a batch at a time; False if the database refused (the rows stay queued)."""
+        """Write what is queued, a batch at a time; False if the database cannot write (the rows stay queued)."""
         async with self.lock:
             return await self._flush()
 
@@ -222,41 +323,64 @@ class Ledger:
         while self.queue:
             batch = [self.queue[i] for i in range(min(BATCH_ROWS, len(self.queue)))]
             try:
-                await self.store.insert(batch)
-            except Exception as exc:  # any driver error: keep the rows, say so once, retry later
+                await self._write(batch)
+            except Exception as exc:  # the database cannot write now: keep the rows, say so once, retry later
                 if not self.failing:
                     log.warning(
                         "usage ledger: cannot write to the database (%s); %d rows kept in memory, retrying",
-                        type(exc).__name__,
+                        self.store.describe(exc),
                         len(self.queue),
                     )
                 self.failing = True
-                self._gauge()
                 with contextlib.suppress(Exception):
                     await self.store.reconnect()
                 return False
-            for _ in batch:
-                self.queue.popleft()
             if self.failing:
-                log.warning("usage ledger: the database is back; rows written")
+                log.warning("usage ledger: the database is back; writing the %d rows kept", len(self.queue))
                 self.failing = False
-        self._gauge()
         return True
 
-    def _gauge(self) -> None:
-        if self.metrics is not None:
-            self.metrics.ledger_queue.set(len(self.queue))
+    async def _write(self, rows: list[Charge]) -> None:
+        """Write ``rows``, the first of the queue, and take them off it; rows the database refuses
+        (found by halving the batch) are dropped alone. Raises while the database cannot write."""
+        try:
+            await self.store.insert(rows)
+        except Exception as exc:
+            if not self.store.refuses(exc):
+                raise
+            if len(rows) > 1:
+                half = len(rows) // 2
+                await self._write(rows[:half])
+                await self._write(rows[half:])
+                return
+            self._refuse(rows[0], exc)
+        for _ in rows:
+            self.queue.popleft()
+        self.done += len(rows)
+        self.commits.append((time.time(), self.done))
 
-    async def spent_since(self, token: str, since: float) -> tuple[float, int]:
-        """What the database and the rows not yet written say ``token`` spent since ``since``."""
+    def _refuse(self, row: Charge, exc: BaseException) -> None:
+        self.refused += 1
+        self._lost(1)
+        if self.refused == 1 or self.refused % LOG_EVERY == 0:
+            log.warning(
+                "usage ledger: the database refused a row (%s); dropped, %d rows refused so far request_id=%s token=%s",
+                describe(exc),
+                self.refused,
+                row.request_id,
+                row.token,
+            )
+
+    async def spent_since(self, token: str, since: float) -> tuple[int, int]:
+        """Nano-dollars and tokens the database and the rows not yet written say ``token`` spent since ``since``."""
         async with self.lock:  # no batch moves from the queue to the database meanwhile
-            usd, tokens = await self.store.spent_since(token, since)
+            nanos, tokens = await self.store.spent_since(token, since)
             queued = list(self.queue)
         for charge in queued:
             if charge.token == token and charge.at >= since:
-                usd += charge.usd
+                nanos += charge.nanos
                 tokens += charge.tokens
-        return usd, tokens
+        return nanos, tokens
 
     async def report(self, since: float, until: float) -> list[dict]:
         await self.flush()
@@ -266,12 +390,30 @@ class Ledger:
         return await self.store.delete_before(at)
 
     async def close(self, timeout: float = 5.0) -> None:
-        """Write what is left (bounded by ``timeout``), then close the store."""
+        """Write what is left (bounded by ``timeout``), count what could not be, then close the store."""
         self.closing = True
         self.wake.set()
         if self.task is not None:
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(self.task, timeout)
-        if self.queue:
-            log.warning("usage ledger: %d rows could not be written before shutdown", len(self.queue))
+        left = len(self.queue)
+        if left:
+            self.queue.clear()
+            self._lost(left)
+            log.warning("usage ledger: %d rows could not be written before shutdown and are lost", left)
+        if self.dropped:
+            log.warning(
+                "usage ledger: %d rows lost since start (queue full: %d, refused by the database: %d, "
+                "unwritten at shutdown: %d); see proxy_usage_rows_dropped_total",
+                self.dropped,
+                self.full,
+                self.refused,
+                left,
+            )
         await self.store.close()
+
+
+def describe(exc: BaseException) -> str:
+    """One line for a driver's error: its type and the start of its message."""
+    text = " ".join(str(exc).split())[:200]
+    return "%s: %s" % (type(exc).__name__, text) if text else type(exc).__name__

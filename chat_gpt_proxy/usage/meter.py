@@ -29,6 +29,7 @@ from chat_gpt_proxy.formats.usage import Usage, count
 from chat_gpt_proxy.request.strict_json import loads
 
 from .prices import Price
+from .storable import storable_text, to_nanos
 
 # Where the OpenAI and Anthropic APIs take the caller's cap on output tokens.
 OUTPUT_CAP_FIELDS = ("max_completion_tokens", "max_output_tokens", "max_tokens")
@@ -36,7 +37,12 @@ OUTPUT_CAP_FIELDS = ("max_completion_tokens", "max_output_tokens", "max_tokens")
 
 @dataclasses.dataclass(frozen=True)
 class Charge:
-    """One ledger row: never a prompt, an answer or a key."""
+    """One ledger row: never a prompt, an answer or a key.
+
+    Made storable here, the one place rows are made: its text as every
+    database takes it, its money also as exact integer nano-dollars
+    (``nanos``, what the ledger, the budgets and Redis add up).
+    """
 
     at: float
     token: str
@@ -49,6 +55,15 @@ class Charge:
     estimated: bool
     status: int
     request_id: str
+    nanos: int = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        for name in ("token", "route", "model", "request_id"):
+            value = getattr(self, name)
+            stored = storable_text(value)
+            if stored is not value:
+                object.__setattr__(self, name, stored)
+        object.__setattr__(self, "nanos", to_nanos(self.usd))
 
     @property
     def tokens(self) -> int:

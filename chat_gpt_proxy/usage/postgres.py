@@ -25,7 +25,7 @@ import asyncio
 import logging
 import urllib.parse
 
-from .ledger import COLUMNS, report_row, row_of
+from .ledger import COLUMNS, describe, report_row, row_of
 from .meter import Charge
 
 log = logging.getLogger("chat_gpt_proxy")
@@ -49,6 +49,7 @@ CREATE TABLE IF NOT EXISTS usage (
     cached_tokens BIGINT NOT NULL,
     output_tokens BIGINT NOT NULL,
     usd DOUBLE PRECISION NOT NULL,
+    usd_nanos BIGINT,
     estimated BOOLEAN NOT NULL,
     status INTEGER NOT NULL,
     request_id TEXT NOT NULL
@@ -58,24 +59,57 @@ CREATE INDEX IF NOT EXISTS usage_at ON usage (at);
 """
 SCHEMA_PRESENT = (
     "SELECT to_regclass('usage') IS NOT NULL AND to_regclass('usage_token_at') IS NOT NULL "
-    "AND to_regclass('usage_at') IS NOT NULL"
+    "AND to_regclass('usage_at') IS NOT NULL AND EXISTS (SELECT 1 FROM pg_attribute "
+    "WHERE attrelid = to_regclass('usage') AND attname = 'usd_nanos' AND NOT attisdropped)"
 )
+# A ledger an older release made: money in integers, its rows converted once.
+MIGRATE = (
+    "ALTER TABLE usage ADD COLUMN IF NOT EXISTS usd_nanos BIGINT; "
+    "UPDATE usage SET usd_nanos = round(usd * 1e9)::bigint WHERE usd_nanos IS NULL"
+)
+NANOS = "COALESCE(usd_nanos, round(usd * 1e9)::bigint)"
 # Built from constants only: no value ever goes into the SQL text.
 INSERT = "INSERT INTO usage (%s) VALUES (%s)" % (  # noqa: S608
     ", ".join(COLUMNS),
     ", ".join("$%d" % (i + 1) for i in range(len(COLUMNS))),
 )
 SPENT = (
-    "SELECT COALESCE(SUM(usd), 0)::float8, COALESCE(SUM(input_tokens + output_tokens), 0)::bigint "
-    "FROM usage WHERE token = $1 AND at >= $2"
+    "SELECT COALESCE(SUM(%s), 0)::bigint, COALESCE(SUM(input_tokens + output_tokens), 0)::bigint "  # noqa: S608
+    "FROM usage WHERE token = $1 AND at >= $2" % NANOS
 )
 # Day as SQLite's date(at, 'unixepoch'); order as SQLite's (bytewise, NULL first).
 REPORT = (
-    "SELECT to_char(to_timestamp(at) AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day, token, model, COUNT(*), "
-    "SUM(input_tokens), SUM(cached_tokens), SUM(output_tokens), SUM(usd), COUNT(*) FILTER (WHERE estimated) "
-    "FROM usage WHERE at >= $1 AND at < $2 GROUP BY day, token, model "
-    'ORDER BY day, token COLLATE "C", model COLLATE "C" NULLS FIRST'
+    "SELECT to_char(to_timestamp(at) AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day, token, model, COUNT(*), "  # noqa: S608
+    "SUM(input_tokens), SUM(cached_tokens), SUM(output_tokens), SUM(%s)::bigint, "
+    "COUNT(*) FILTER (WHERE estimated) FROM usage WHERE at >= $1 AND at < $2 GROUP BY day, token, model "
+    'ORDER BY day, token COLLATE "C", model COLLATE "C" NULLS FIRST' % NANOS
 )
+
+
+class _DriverLogFilter(logging.Filter):
+    """asyncpg's pool logs a warning with a traceback each time it fails to reconnect in the
+    background (several while the server is down). The store's failures are already told in the
+    ledger's one warning line: the driver's own records become one DEBUG line each, without the
+    traceback or the password."""
+
+    def __init__(self, scrub):
+        super().__init__()
+        self.scrub = scrub
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno <= logging.DEBUG:
+            return True
+        text = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            text = "%s (%s)" % (text, describe(record.exc_info[1]))
+        record.msg, record.args = "postgresql driver: %s", (self.scrub(" ".join(text.split())[:300]),)
+        record.exc_info = record.exc_text = record.stack_info = None
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        # The logger's level was checked before this filter ran: the handlers would print it at any level.
+        return log.isEnabledFor(logging.DEBUG)
+
+
+DRIVER_LOGGER = "asyncpg.pool"
 
 
 class PostgresStoreError(Exception):
@@ -123,6 +157,7 @@ class PostgresStore:
         self.schema_ready = False
         # (transaction id, server pid, rows) of a batch that failed after BEGIN: written or not, unknown.
         self.in_doubt: tuple[str, int, list[Charge]] | None = None
+        self.log_filter = _DriverLogFilter(self._scrub)
 
     def __repr__(self) -> str:
         return "PostgresStore(%r)" % self.where
@@ -144,12 +179,14 @@ class PostgresStore:
             pool, self.pool = self.pool, None
             if pool is not None:
                 pool.terminate()
+            logging.getLogger(DRIVER_LOGGER).removeFilter(self.log_filter)
             # ``from None``: the driver's exception is not shown with this one.
             raise PostgresStoreError("usage database %s: %s" % (self.where, self._describe(exc))) from None
 
     async def _create_pool(self):
         import asyncpg
 
+        logging.getLogger(DRIVER_LOGGER).addFilter(self.log_filter)  # once, however often called
         return await asyncpg.create_pool(
             self.url,
             min_size=POOL_MIN,
@@ -164,6 +201,14 @@ class PostgresStore:
                 async with conn.transaction():
                     await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
                     await conn.execute(SCHEMA)
+                    status = await conn.execute(MIGRATE)
+                converted = int(status.rsplit(" ", 1)[1])
+                if converted:
+                    log.info(
+                        "usage database %s: money now kept in integer nano-dollars (%d rows converted)",
+                        self.where,
+                        converted,
+                    )
         self.schema_ready = True
 
     def _pool(self):
@@ -173,8 +218,13 @@ class PostgresStore:
 
     async def close(self) -> None:
         pool, self.pool = self.pool, None
-        if pool is None:
-            return
+        try:
+            if pool is not None:
+                await self._close(pool)
+        finally:
+            logging.getLogger(DRIVER_LOGGER).removeFilter(self.log_filter)
+
+    async def _close(self, pool) -> None:
         try:
             # Waits for connections in use to come back; a hung query does not hold shutdown longer.
             await asyncio.wait_for(pool.close(), CLOSE_TIMEOUT)
@@ -200,6 +250,19 @@ class PostgresStore:
                 await self._ensure_schema()
         except Exception as exc:
             log.debug("usage database %s: reconnect failed (%s)", self.where, self._describe(exc))
+
+    def describe(self, exc: BaseException) -> str:
+        return self._scrub(describe(exc))
+
+    def refuses(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is about the values of the rows: a data exception or an integrity
+        violation (SQLSTATE classes 22 and 23, raised by asyncpg too for a value it cannot send).
+        Anything else (the server down, a full disk, a lost permission) means: retry later."""
+        if isinstance(exc, UnicodeError | OverflowError):
+            return True
+        import asyncpg
+
+        return isinstance(exc, asyncpg.PostgresError) and str(getattr(exc, "sqlstate", "")).startswith(("22", "23"))
 
     async def insert(self, rows: list[Charge]) -> None:
         """One transaction per batch: all the rows are written or none, and none twice.
@@ -255,10 +318,11 @@ class PostgresStore:
         log.info("usage database %s: a batch whose answer was lost had been written; not written again", self.where)
         return [r for r in rows if id(r) not in done]
 
-    async def spent_since(self, token: str, since: float) -> tuple[float, int]:
+    async def spent_since(self, token: str, since: float) -> tuple[int, int]:
+        """Nano-dollars and tokens ``token`` spent since ``since``."""
         async with self._pool().acquire(timeout=QUERY_TIMEOUT) as conn:
-            usd, tokens = await conn.fetchrow(SPENT, token, since, timeout=QUERY_TIMEOUT)
-        return float(usd), int(tokens)
+            nanos, tokens = await conn.fetchrow(SPENT, token, since, timeout=QUERY_TIMEOUT)
+        return int(nanos), int(tokens)
 
     async def report(self, since: float, until: float) -> list[dict]:
         """Spend grouped by UTC day, token and model, for ``since <= at < until``."""

@@ -21,7 +21,7 @@ import time
 from chat_gpt_proxy.access.tokens import UNNAMED
 from chat_gpt_proxy.formats.usage import Usage
 
-from .budgets import NO_BUDGET, PERIODS, Budget, BudgetBook, Over, period_bounds
+from .budgets import NO_BUDGET, PERIODS, Budget, BudgetBook, Measured, Over, period_bounds
 from .deferred import DeferredWork
 from .ledger import Ledger, make_store
 from .meter import Charge, cost, estimate
@@ -65,7 +65,7 @@ class Spend:
         if shared_limits is not None:
             from .shared import SharedSpend  # imports redis: only with REDIS_URL
 
-            self.shared = SharedSpend(shared_limits)
+            self.shared = SharedSpend(shared_limits, self)
         if config.usage_database:
             self.ledger = Ledger(make_store(config.usage_database), config.usage_queue_rows, metrics)
 
@@ -90,11 +90,22 @@ class Spend:
             self.rebuilt.add(name)
             for period in PERIODS:
                 start, _ = period_bounds(period, now)
-                usd, tokens = await self.ledger.spent_since(name, start)
-                self.book.set(name, period, start, usd, tokens)
+                measured = await self.measure(name, period, start)
+                self.book.set(name, period, start, measured.nanos, measured.tokens)
                 if self.shared is not None:
                     # Only where Redis has nothing yet: once it holds a period, it is the authority.
-                    await self.shared.seed(name, period, start, usd, tokens)
+                    await self.shared.seed(name, period, start, measured)
+
+    async def measure(self, name: str, period: str, start: float) -> Measured:
+        """What this instance knows ``name`` spent in a period: the ledger (every instance's rows,
+        and this one's not yet written), or without one, its own counter. Seeds Redis."""
+        if self.ledger is not None:
+            read_at = time.time()
+            nanos, tokens = await self.ledger.spent_since(name, start)
+            # Nothing ran between the ledger's look at its queue and here: rows before ``recorded`` are in.
+            return Measured(nanos, tokens, "ledger", read_at, self.ledger.recorded)
+        spent, _ = self.book.spent_now(name, period, start)
+        return Measured(spent.nanos, spent.tokens, "local", time.time(), None)
 
     async def close(self) -> None:
         if self.shared is not None:
@@ -103,13 +114,14 @@ class Spend:
             await self.ledger.close()
 
     async def refresh(self, entry, now: float) -> bool:
-        """Make this instance's counter of ``entry``'s period the total in Redis; False if Redis did not answer."""
+        """Bring this instance's counter of ``entry``'s period up to the total in Redis (never down:
+        a smaller total is missing charges); False if Redis did not answer."""
         period = entry.policy.budget.period
         found = await self.shared.spent(entry.name, period, now)
         if not isinstance(found, tuple):
             return False
         start, _ = period_bounds(period, now)
-        self.book.set(entry.name, period, start, *found)
+        self.book.raise_to(entry.name, period, start, *found)
         return True
 
     def metering(self, entry) -> bool:
@@ -202,11 +214,14 @@ class Spend:
             status,
             request_id,
         )
-        self.book.charge(token, at, usd, row.tokens)
-        if self.shared is not None and token != UNNAMED:
-            self.shared.charge(token, at, usd, row.tokens)
-        if self.ledger is not None:
-            self.ledger.record(row)
-        if self.metrics is not None and usd:
-            self.metrics.spend.labels(token).inc(usd)
+        return self.account(row)
+
+    def account(self, row: Charge) -> Charge:
+        """Count a priced row everywhere: the ledger's queue, this instance's budgets, Redis, the metrics."""
+        seq = self.ledger.record(row) if self.ledger is not None else None
+        self.book.charge(row.token, row.at, row.nanos, row.tokens)
+        if self.shared is not None and row.token != UNNAMED:
+            self.shared.charge(row.token, row.at, row.nanos, row.tokens, seq)
+        if self.metrics is not None and row.usd:
+            self.metrics.spend.labels(row.token).inc(row.usd)
         return row
