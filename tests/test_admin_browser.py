@@ -76,8 +76,13 @@ REQUESTS = [
 # ledger on a day of its own, before the days the other tests (and the screenshots) show.
 HOSTILE_MODEL = '<img src=x onerror="document.title=1">&amp;"'
 HOSTILE_DAYS_AGO = 10
+# Ten requests of $0.01485 to ten models, on a day of their own: $0.1485 together (ten rows each
+# rounded to the cent would add up to $0.10).
+TEN_DAYS_AGO = 12
+TEN = [(TEN_DAYS_AGO, "bob", "model-%d" % n, 10, 10, 0.01485) for n in range(10)]
 # Ledger rows of earlier days: (days ago, token, model, input tokens, output tokens, usd).
 EARLIER = [
+    *TEN,
     (HOSTILE_DAYS_AGO, "bob", HOSTILE_MODEL, 50, 60, 0.0),
     (1, "alice", "gpt-4o-mini", 12000, 9000, 0.0072),
     (1, "bob", "gpt-4o", 4000, 3000, 0.04),
@@ -351,6 +356,20 @@ def test_model_names_are_text(open_page, proxy):
     titles = page.locator("#model-chart rect.model-bar title").all_text_contents()
     assert any(title.startswith(HOSTILE_MODEL + ": $") for title in titles), titles
     assert page.locator("img").count() == 0 and page.title() != "1", "a model name was taken as markup"
+    assert page.problems == [] and page.evaluate("window.__csp") == []
+
+
+def test_the_totals_add_up_exact_amounts(open_page, proxy):
+    """The page adds the rows' exact amounts and rounds only what it shows: ten rows of $0.01485 are
+    $0.1485, shown as $0.149 (not ten cents)."""
+    server, _ = proxy
+    page = open_page(server.url)
+    day = today() - datetime.timedelta(days=TEN_DAYS_AGO)
+    show(page, ADMIN_TOKEN, day, day)
+    expect(page.locator("#status")).to_contain_text("as of")
+    spend = page.locator("#totals dd").first.inner_text()
+    total = page.locator("#top-tokens tfoot td").all_inner_texts()[-2]
+    assert shown_as(spend, 0.1485) and shown_as(total, 0.1485), (spend, total)
     assert page.problems == [] and page.evaluate("window.__csp") == []
 
 
