@@ -416,6 +416,7 @@ def test_wrong_admin_token_is_explained(open_page, proxy):
     page = open_page(server.url)
     show(page, "not-the-admin-token-at-all")
     expect(page.locator("#error")).to_contain_text("Wrong admin token")
+    expect(page.locator("#error")).to_contain_text("ADMIN_TOKEN_FILE")
     assert page.locator("#report").is_hidden()
     assert page.evaluate("sessionStorage.getItem('admin-token')") is None, "a refused token is not kept"
     # Right after a good one, a wrong one takes the charts away.
