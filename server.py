@@ -26,6 +26,7 @@ import tornado.httpserver
 import tornado.netutil
 import tornado.web
 
+from chat_gpt_proxy import human
 from chat_gpt_proxy.access.tokens import UNNAMED, TokenRegistry, TokensFileError
 from chat_gpt_proxy.application import ProxyApplication
 from chat_gpt_proxy.cache import ResponseCache
@@ -227,9 +228,9 @@ async def drain(app: ProxyApplication, grace: float, now: asyncio.Event | None =
     if not pool.handlers:
         return
     if now and now.is_set():
-        log.warning("shutdown: second signal, ending %d requests in flight now", len(pool.handlers))
+        log.warning("shutdown: second signal, ending %s in flight now", human.count(len(pool.handlers), "request"))
     else:
-        log.warning("shutdown: ending %d requests still in flight after %gs", len(pool.handlers), grace)
+        log.warning("shutdown: ending %s still in flight after %gs", human.count(len(pool.handlers), "request"), grace)
     for handler in list(pool.handlers):
         if handler.upstream_call is not None:
             handler.upstream_call.abort("shutdown")
@@ -404,8 +405,8 @@ async def serve(
     await stop_being_ready(app, server, settings.shutdown_delay)
     pool: UpstreamPool = app.pool
     log.info(
-        "shutdown: no new connections; %d requests in flight (a second SIGTERM or SIGINT ends them now)",
-        len(pool.handlers),
+        "shutdown: no new connections; %s in flight (a second SIGTERM or SIGINT ends them now)",
+        human.count(len(pool.handlers), "request"),
     )
     server.stop()
     if metrics_server is not None:

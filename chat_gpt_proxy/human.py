@@ -50,6 +50,11 @@ def dollars(usd: float) -> str:
     return ("-$" + text[1:]) if text.startswith("-") else "$" + text
 
 
+def count(number: int, singular: str, plural: str = "") -> str:
+    """A number and its noun, singular or plural: ``1 request``, ``2 requests``, ``0 tokens``."""
+    return "%d %s" % (number, singular if number == 1 else plural or singular + "s")
+
+
 UNITS = (("day", 86400), ("h", 3600), ("min", 60), ("s", 1))
 
 

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from chat_gpt_proxy.access.tokens import TokenPolicy, rate_refusal
-from chat_gpt_proxy.human import dollars, duration, exact, exact_text, money, money_fields, plain, size
+from chat_gpt_proxy.access.tokens import TokenPolicy, concurrency_refusal, rate_refusal
+from chat_gpt_proxy.human import count, dollars, duration, exact, exact_text, money, money_fields, plain, size
 from chat_gpt_proxy.usage.budgets import Over
 from chat_gpt_proxy.usage.ledger import SqliteStore
 from chat_gpt_proxy.usage.meter import Charge
@@ -102,6 +102,16 @@ def test_messages_use_human_units():
 )
 def test_exact(usd, kept, written):
     assert exact(usd) == kept and exact_text(usd) == written
+
+
+def test_counts_are_singular_or_plural():
+    assert [count(n, "request") for n in (0, 1, 2)] == ["0 requests", "1 request", "2 requests"]
+    assert rate_refusal(TokenPolicy(rate_limit_per_minute=1), 60).message.startswith(
+        "Rate limit of this access token (1 request per minute) reached"
+    )
+    assert "already has 1 request in flight" in concurrency_refusal(TokenPolicy(max_concurrent=1)).message
+    assert "already has 3 requests in flight" in concurrency_refusal(TokenPolicy(max_concurrent=3)).message
+    assert "spent 2 of its 1 token budget" in Over("budget_tokens", 2, 1, time.time() + 60, 60).message
 
 
 def test_money_fields_keep_amounts_exact_beside_rounded_ones():

@@ -230,7 +230,7 @@ async def test_second_signal_ends_the_drain_at_once(start_server, fake_openai, s
     streamed = b"".join(c for _, c in chunks)
     assert b'"code":"upstream_aborted"' in streamed and streamed.endswith(b"data: [DONE]\n\n")
     output = server.output()
-    assert "second signal, ending 1 requests in flight now" in output and "shutdown complete" in output
+    assert "second signal, ending 1 request in flight now" in output and "shutdown complete" in output
     assert "Traceback" not in output and "Error" not in output
 
 
