@@ -291,7 +291,7 @@ def test_page_draws_the_ledger(open_page, proxy):
     for day, token, title in segments:
         assert title.startswith(day + " · " + token + ": $"), title
     assert page.locator("#daily-chart g.day").count() == DAYS_SHOWN
-    assert page.locator("#daily-chart svg > title").text_content().startswith("Spend per day by token")
+    assert page.locator("#daily-chart svg > title").text_content().startswith("Spend per day by access token, from ")
     legend = page.locator("#daily-legend li").all_inner_texts()
     assert sorted(legend) == sorted(tokens)
     # The biggest spender at the bottom of every stack, i.e. first in the legend.
@@ -440,6 +440,26 @@ def test_ledger_off_is_explained(open_page, proxy_without_ledger):
     assert failed_loads(page.problems, 404) == [] and page.evaluate("window.__csp") == []
 
 
+@pytest.mark.parametrize(
+    "first,last,english,russian",
+    [
+        ("2025-03-01", "2025-03-07", "from Mar 1 to Mar 7, 2025", "С 1 по 7 мар. 2025 г."),
+        ("2025-04-28", "2025-05-07", "from Apr 28 to May 7, 2025", "С 28 апр. по 7 мая 2025 г."),
+        ("2024-12-28", "2025-01-07", "from Dec 28, 2024 to Jan 7, 2025", "С 28 дек. 2024 г. по 7 янв. 2025 г."),
+    ],
+)
+def test_the_status_line_writes_dates_the_languages_way(open_page, proxy, first, last, english, russian):
+    """Not ISO dates: a period as each language writes one, the first day without what it shares
+    with the last; reworded by the switch."""
+    server, _ = proxy
+    page = open_page(server.url)
+    show(page, ADMIN_TOKEN, datetime.date.fromisoformat(first), datetime.date.fromisoformat(last))
+    expect(page.locator("#status")).to_have_text("No usage recorded %s (UTC)." % english)
+    page.click("button[data-lang=ru]")
+    expect(page.locator("#status")).to_have_text("%s (UTC) расхода нет." % russian)
+    assert page.problems == [] and page.evaluate("window.__csp") == []
+
+
 def test_dates_in_the_wrong_order_are_refused_in_the_page(open_page, proxy):
     server, _ = proxy
     page = open_page(server.url)
@@ -475,6 +495,7 @@ def test_each_language_and_theme(browser, proxy, language, theme, tmp_path):
         expect(page.locator("#report")).to_be_visible()
         # "Usage from …" / "Расход с …": the part of the status line before its first placeholder.
         expect(page.locator("#status")).to_contain_text(strings["admin.status.rows"].split("{")[0])
+        assert not re.search(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", page.inner_text("#status")), "no ISO dates"
         assert page.inner_text("#summary-title") == strings["admin.totals"]
         assert page.locator("#totals dt").all_inner_texts()[0] == strings["admin.fact.spend"]
         assert page.locator("#daily-chart svg > title").text_content().startswith(strings["admin.daily.chart"][:10])

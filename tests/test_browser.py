@@ -1,6 +1,7 @@
 """The playground in a real headless Chromium (Debian's), driven by Playwright, against the fake upstream."""
 
 import os
+import re
 import shutil
 import time
 
@@ -260,8 +261,11 @@ def test_each_refusal_is_explained_by_its_code(browser, budget_stack):
         assert "a-model-without-a-price" in errors.nth(1).inner_text()
         for text in errors.all_inner_texts():
             assert "Rate limited" not in text and "Wrong access token" not in text, text
+        english = errors.nth(0).inner_text()
         page.click("button[data-lang=ru]")
         assert errors.nth(0).inner_text().startswith("Бюджет этого токена доступа исчерпан; он обновится через ")
+        if english_days := re.search(r"renews in ([0-9]+) d ", english):
+            assert "через %s дн. " % english_days.group(1) in errors.nth(0).inner_text()
         assert errors.nth(1).inner_text().startswith("У этой модели нет цены на этом прокси")
         assert page.problems == []
     finally:
