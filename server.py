@@ -26,6 +26,7 @@ import tornado.httpserver
 import tornado.netutil
 import tornado.web
 
+from chat_gpt_proxy import human
 from chat_gpt_proxy.access.tokens import UNNAMED, TokenRegistry, TokensFileError
 from chat_gpt_proxy.application import ProxyApplication
 from chat_gpt_proxy.cache import ResponseCache
@@ -227,9 +228,9 @@ async def drain(app: ProxyApplication, grace: float, now: asyncio.Event | None =
     if not pool.handlers:
         return
     if now and now.is_set():
-        log.warning("shutdown: second signal, ending %d requests in flight now", len(pool.handlers))
+        log.warning("shutdown: second signal, ending %s in flight now", human.count(len(pool.handlers), "request"))
     else:
-        log.warning("shutdown: ending %d requests still in flight after %gs", len(pool.handlers), grace)
+        log.warning("shutdown: ending %s still in flight after %gs", human.count(len(pool.handlers), "request"), grace)
     for handler in list(pool.handlers):
         if handler.upstream_call is not None:
             handler.upstream_call.abort("shutdown")
@@ -404,8 +405,8 @@ async def serve(
     await stop_being_ready(app, server, settings.shutdown_delay)
     pool: UpstreamPool = app.pool
     log.info(
-        "shutdown: no new connections; %d requests in flight (a second SIGTERM or SIGINT ends them now)",
-        len(pool.handlers),
+        "shutdown: no new connections; %s in flight (a second SIGTERM or SIGINT ends them now)",
+        human.count(len(pool.handlers), "request"),
     )
     server.stop()
     if metrics_server is not None:
@@ -434,6 +435,8 @@ def main() -> None:
         # Operator mistakes found before anything runs: one line naming the
         # variable, exit 2, never a traceback.
         ssl_context = tls_context(settings)
+        # Before the port: a second start in the same folder is told why, not "address in use".
+        refuse_a_second_proxy(settings.pid_file)
         sockets = listen_sockets(settings)
     except SettingsError as exc:
         print("chat_gpt_proxy: invalid setting %s" % exc, file=sys.stderr)
@@ -489,18 +492,77 @@ def where_to_look(settings: Settings) -> str:
     return "playground %s/ · how to call the API %s/usage · admin page %s" % (base, base, admin)
 
 
+def running_proxy(path: str) -> int | None:
+    """The id of another running proxy that ``path`` names, or None (no file, or a stale one)."""
+    try:
+        with open(path) as f:
+            pid = int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+    if pid <= 0 or pid == os.getpid():
+        return None
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            # An id is reused once its process has gone: only a server.py is this proxy (as in make reload).
+            return pid if b"server.py" in f.read() else None
+    except FileNotFoundError:
+        if os.path.isdir("/proc"):
+            return None  # no such process
+    except OSError:
+        pass
+    try:
+        os.kill(pid, 0)  # without /proc: whether the process exists at all
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # it exists, under another user
+    return pid
+
+
+def refuse_a_second_proxy(path: str) -> None:
+    """A second proxy started with the same PID_FILE would take the file over: `make reload` would
+    signal it instead of the first, and its exit would remove the file the first still needs."""
+    pid = running_proxy(path) if path else None
+    if pid is not None:
+        print(
+            "chat_gpt_proxy: a proxy is already running with PID_FILE %s (pid %d): stop it first "
+            "(kill %d), or give this one another PID_FILE" % (path, pid, pid),
+            file=sys.stderr,
+        )
+        sys.exit(1)
+
+
 def write_pid_file(path: str) -> None:
-    """PID_FILE: this process's id, for `make reload` (kill -HUP); written whole or not at all."""
+    """PID_FILE: this process's id, for `make reload` (kill -HUP); written whole or not at all, and never
+    over the file of another running proxy (two starting at once: one of them claims it)."""
     if not path:
         return
     temporary = "%s.%d.tmp" % (path, os.getpid())
     try:
         with open(temporary, "w") as f:
             f.write("%d\n" % os.getpid())
-        os.replace(temporary, path)
+        for _ in range(3):
+            try:
+                os.link(temporary, path)  # fails if the file exists: an atomic claim
+                break
+            except FileExistsError:
+                refuse_a_second_proxy(path)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)  # a stale file, from a proxy that was killed
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP):
+                    raise
+                os.replace(temporary, path)  # a file system without hard links: checked, then replaced
+                break
+        else:
+            refuse_a_second_proxy(path)
+            os.replace(temporary, path)
     except OSError as exc:
         print("chat_gpt_proxy: invalid setting PID_FILE: cannot write %r: %s" % (path, exc.strerror), file=sys.stderr)
         sys.exit(2)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
 
 
 def remove_pid_file(path: str) -> None:

@@ -1,7 +1,9 @@
 """Numbers for people: money, durations and sizes as answers, reports and messages show them.
 
-The ledger keeps exact amounts; what a person reads is rounded here: ``0.2074879999999997`` dollars
-is ``0.21``, ``2128088`` seconds is ``24 days 15 h``, ``33554432`` bytes is ``32 MiB``.
+Amounts that programs add up stay exact (``exact``: to the nano-dollar, the ledger's unit, without the
+noise of adding floats); only what a person reads is rounded here: ``0.2074879999999997`` dollars is
+``$0.21``, ``2128088`` seconds is ``24 days 15 h``, ``33554432`` bytes is ``32 MiB``. Rounding each row
+before adding them would lose money: ten requests at $0.01485 are $0.15, not ten times $0.01.
 """
 
 from __future__ import annotations
@@ -9,6 +11,20 @@ from __future__ import annotations
 import decimal
 
 CENT = decimal.Decimal("0.01")
+# The ledger counts money in nano-dollars: no amount it holds is finer.
+EXACT_DIGITS = 9
+
+
+def exact(usd: float) -> float:
+    """US dollars to the nano-dollar: what the ledger holds, without a float sum's tail
+    (``0.14850000000000002`` is ``0.1485``). For amounts that are added up: JSON, CSV, headers."""
+    return round(float(usd), EXACT_DIGITS) + 0.0  # + 0.0: never -0.0
+
+
+def exact_text(usd: float) -> str:
+    """``exact(usd)`` as a plain decimal number, never in e-notation: ``0.1485``, ``20``, ``0.0000135``."""
+    text = f"{decimal.Decimal(repr(exact(usd))):f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 def money(usd: float) -> float:
@@ -32,6 +48,11 @@ def dollars(usd: float) -> str:
     amount = money(usd)
     text = "%.2f" % amount if abs(amount) >= 0.01 or amount == 0 else plain(amount)
     return ("-$" + text[1:]) if text.startswith("-") else "$" + text
+
+
+def count(number: int, singular: str, plural: str = "") -> str:
+    """A number and its noun, singular or plural: ``1 request``, ``2 requests``, ``0 tokens``."""
+    return "%d %s" % (number, singular if number == 1 else plural or singular + "s")
 
 
 UNITS = (("day", 86400), ("h", 3600), ("min", 60), ("s", 1))
@@ -62,15 +83,23 @@ def size(count: int) -> str:
     return "%d byte%s" % (count, "" if count == 1 else "s")
 
 
+def is_money(key: str, item) -> bool:
+    return (key == "usd" or key.endswith("_usd")) and isinstance(item, int | float) and not isinstance(item, bool)
+
+
 def money_fields(value):
-    """A JSON-ready copy of ``value`` whose money (keys ``usd`` or ending in ``_usd``) is ``money()``-rounded."""
+    """A JSON-ready copy of ``value`` in which each amount (a key ``usd`` or ending in ``_usd``) is
+    ``exact()``, for programs that add amounts up, and has a ``<key>_display`` beside it, ``dollars()``
+    rounded for people: ``{"usd": 0.1485, "usd_display": "$0.15"}``."""
     if isinstance(value, dict):
-        return {
-            key: money(item)
-            if isinstance(item, int | float) and (key == "usd" or key.endswith("_usd"))
-            else money_fields(item)
-            for key, item in value.items()
-        }
+        out = {}
+        for key, item in value.items():
+            if is_money(key, item):
+                out[key] = exact(item)
+                out[key + "_display"] = dollars(item)
+            else:
+                out[key] = money_fields(item)
+        return out
     if isinstance(value, list):
         return [money_fields(item) for item in value]
     return value

@@ -100,7 +100,7 @@ class AdminUsageHandler(AdminHandler):
             "rows": rows,
             "budgets": budgets_report(self.application, time.time()),
         }
-        # Money as people read it (to the cent, 6 significant digits below); the ledger keeps it exact.
+        # Amounts exact (a page or a script adds rows up), each with a rounded *_display for people.
         self.finish(dumps(money_fields(body)))
 
 

@@ -47,7 +47,7 @@ class UsageHandler(NoStore, UsagePageMixin, BaseHandler):
             "since_restart_only": self.application.spend.ledger is None,
         }
         self.set_header("Content-Type", "application/json; charset=utf-8")
-        # Money as people read it (to the cent, 6 significant digits below); the ledger keeps it exact.
+        # Amounts exact (a page or a script adds rows up), each with a rounded *_display for people.
         self.finish(dumps(money_fields(body)))
 
 

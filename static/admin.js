@@ -61,6 +61,20 @@
     const time = iso.length >= 16 ? " " + iso.slice(11, 16) + " UTC" : "";
     return I18N.date(asDate(iso), { year: "numeric", month: "short", day: "numeric", timeZone: "UTC" }) + time;
   }
+  // A period of UTC days the language's way: "с 1 по 7 дек. 2026 г." / "from Dec 1 to Dec 7, 2026".
+  // The first day leaves out what it shares with the last (Intl's range parts say which), unless
+  // the years differ: then both are whole.
+  const DAY = { year: "numeric", month: "short", day: "numeric", timeZone: "UTC" };
+  function period(first, last) {
+    const start = asDate(first);
+    const end = asDate(last);
+    const parts = new Intl.DateTimeFormat(I18N.lang, DAY).formatRangeToParts(start, end);
+    const startParts = parts.filter((part) => part.source === "startRange");
+    const lastStart = parts.lastIndexOf(startParts[startParts.length - 1]);
+    const whole = !startParts.length || startParts.some((part) => part.type === "year");
+    const from = whole ? I18N.date(start, DAY) : parts.slice(0, lastStart + 1).map((part) => part.value).join("");
+    return { from: from.trim(), to: I18N.date(end, DAY) };
+  }
   const tokenLabel = (token) =>
     token === OTHERS ? t("admin.others") : token === "-" ? "- (ACCESS_TOKEN)" : String(token);
   // The ledger's rows keep null for "no model"; the summary keys models by this label.
@@ -230,7 +244,7 @@
     const root = chartRoot(
       width,
       height,
-      t("admin.daily.chart", { from: report.from, to: report.to }),
+      t("admin.daily.chart", period(report.from, report.to)),
       t("admin.daily.chart.desc", { total: usd(summary.totals.usd) }),
     );
     root.classList.add("daily");
@@ -600,16 +614,17 @@
       draw(report);
       const rows = report.rows.length;
       const asOf = new Date();
-      const dates = { from: report.from, to: report.to };
+      // Worded again on a language switch: the dates too.
+      const dates = () => period(report.from, report.to);
       setStatus(
         rows
           ? () =>
               t("admin.status.rows", {
-                ...dates,
+                ...dates(),
                 rows: t("admin.status.rows.count", { n: rows }),
                 time: asOf.toLocaleTimeString(I18N.lang),
               })
-          : () => t("admin.status.empty", dates),
+          : () => t("admin.status.empty", dates()),
       );
     } catch (e) {
       if (mine !== sequence) return;

@@ -65,24 +65,51 @@
     }
   }
 
+  // What each error code means to the person at the page; the server's own words follow in the
+  // message. A code not listed here gets the server's message as it is.
+  const BY_CODE = {
+    invalid_access_token: "playground.error.access_token",
+    access_token_disabled: "playground.error.token_disabled",
+    model_not_allowed: "playground.error.model_not_allowed",
+    model_not_priced: "playground.error.model_not_priced",
+    budget_exceeded: "playground.error.budget_exceeded",
+    proxy_rate_limited: "playground.error.rate_limited",
+    rate_limit_exceeded: "playground.error.rate_limited",
+    proxy_concurrency_limited: "playground.error.concurrency",
+    missing_openai_token: "playground.error.openai_key",
+    invalid_openai_token: "playground.error.openai_key",
+    invalid_api_key: "playground.error.openai_key",
+    request_too_large: "playground.error.too_large",
+  };
+  // Without a code the status says it (an upstream's 401 is about the key, a 429 a rate limit);
+  // a 403 without one is left to the server's message: it has several causes.
+  const BY_STATUS = {
+    401: "playground.error.openai_key",
+    413: "playground.error.too_large",
+    429: "playground.error.rate_limited",
+  };
+  // The forms that say when to retry, for an answer with Retry-After.
+  const WAITS = {
+    "playground.error.rate_limited": "playground.error.rate_limited_wait",
+    "playground.error.budget_exceeded": "playground.error.budget_exceeded_wait",
+  };
+
   async function describeError(response) {
     let message = "";
+    let code = "";
     try {
       const body = await response.json();
       message = body.text || (body.error && body.error.message) || "";
+      code = (body.error && body.error.code) || "";
     } catch (e) {
       message = response.statusText;
     }
     const status = response.status;
-    if (status === 403) return () => t("playground.error.access_token", { message });
-    if (status === 401) return () => t("playground.error.openai_key", { message });
-    if (status === 429) {
-      const wait = Number(response.headers.get("Retry-After"));
-      if (wait > 0) return () => t("playground.error.rate_limited_wait", { wait: I18N.duration(wait), message });
-      return () => t("playground.error.rate_limited", { message });
-    }
-    if (status === 413) return () => t("playground.error.too_large", { message });
-    return () => t("common.error.status", { status: String(status), message });
+    const key = BY_CODE[code] || (code ? undefined : BY_STATUS[status]);
+    if (!key) return () => t("common.error.status", { status: String(status), message });
+    const wait = Number(response.headers.get("Retry-After"));
+    if (WAITS[key] && wait > 0) return () => t(WAITS[key], { wait: I18N.duration(wait), message });
+    return () => t(key, { message });
   }
 
   // -- SSE: events can be split across network chunks, and several can share one

@@ -76,8 +76,13 @@ REQUESTS = [
 # ledger on a day of its own, before the days the other tests (and the screenshots) show.
 HOSTILE_MODEL = '<img src=x onerror="document.title=1">&amp;"'
 HOSTILE_DAYS_AGO = 10
+# Ten requests of $0.01485 to ten models, on a day of their own: $0.1485 together (ten rows each
+# rounded to the cent would add up to $0.10).
+TEN_DAYS_AGO = 12
+TEN = [(TEN_DAYS_AGO, "bob", "model-%d" % n, 10, 10, 0.01485) for n in range(10)]
 # Ledger rows of earlier days: (days ago, token, model, input tokens, output tokens, usd).
 EARLIER = [
+    *TEN,
     (HOSTILE_DAYS_AGO, "bob", HOSTILE_MODEL, 50, 60, 0.0),
     (1, "alice", "gpt-4o-mini", 12000, 9000, 0.0072),
     (1, "bob", "gpt-4o", 4000, 3000, 0.04),
@@ -286,7 +291,7 @@ def test_page_draws_the_ledger(open_page, proxy):
     for day, token, title in segments:
         assert title.startswith(day + " · " + token + ": $"), title
     assert page.locator("#daily-chart g.day").count() == DAYS_SHOWN
-    assert page.locator("#daily-chart svg > title").text_content().startswith("Spend per day by token")
+    assert page.locator("#daily-chart svg > title").text_content().startswith("Spend per day by access token, from ")
     legend = page.locator("#daily-legend li").all_inner_texts()
     assert sorted(legend) == sorted(tokens)
     # The biggest spender at the bottom of every stack, i.e. first in the legend.
@@ -354,6 +359,20 @@ def test_model_names_are_text(open_page, proxy):
     assert page.problems == [] and page.evaluate("window.__csp") == []
 
 
+def test_the_totals_add_up_exact_amounts(open_page, proxy):
+    """The page adds the rows' exact amounts and rounds only what it shows: ten rows of $0.01485 are
+    $0.1485, shown as $0.149 (not ten cents)."""
+    server, _ = proxy
+    page = open_page(server.url)
+    day = today() - datetime.timedelta(days=TEN_DAYS_AGO)
+    show(page, ADMIN_TOKEN, day, day)
+    expect(page.locator("#status")).to_contain_text("as of")
+    spend = page.locator("#totals dd").first.inner_text()
+    total = page.locator("#top-tokens tfoot td").all_inner_texts()[-2]
+    assert shown_as(spend, 0.1485) and shown_as(total, 0.1485), (spend, total)
+    assert page.problems == [] and page.evaluate("window.__csp") == []
+
+
 def test_token_survives_a_reload_and_can_be_forgotten(open_page, proxy):
     server, _ = proxy
     page = open_page(server.url)
@@ -397,6 +416,7 @@ def test_wrong_admin_token_is_explained(open_page, proxy):
     page = open_page(server.url)
     show(page, "not-the-admin-token-at-all")
     expect(page.locator("#error")).to_contain_text("Wrong admin token")
+    expect(page.locator("#error")).to_contain_text("ADMIN_TOKEN_FILE")
     assert page.locator("#report").is_hidden()
     assert page.evaluate("sessionStorage.getItem('admin-token')") is None, "a refused token is not kept"
     # Right after a good one, a wrong one takes the charts away.
@@ -418,6 +438,26 @@ def test_ledger_off_is_explained(open_page, proxy_without_ledger):
     assert page.locator("#report").is_hidden()
     only_this_server(page, proxy_without_ledger.url)
     assert failed_loads(page.problems, 404) == [] and page.evaluate("window.__csp") == []
+
+
+@pytest.mark.parametrize(
+    "first,last,english,russian",
+    [
+        ("2025-03-01", "2025-03-07", "from Mar 1 to Mar 7, 2025", "С 1 по 7 мар. 2025 г."),
+        ("2025-04-28", "2025-05-07", "from Apr 28 to May 7, 2025", "С 28 апр. по 7 мая 2025 г."),
+        ("2024-12-28", "2025-01-07", "from Dec 28, 2024 to Jan 7, 2025", "С 28 дек. 2024 г. по 7 янв. 2025 г."),
+    ],
+)
+def test_the_status_line_writes_dates_the_languages_way(open_page, proxy, first, last, english, russian):
+    """Not ISO dates: a period as each language writes one, the first day without what it shares
+    with the last; reworded by the switch."""
+    server, _ = proxy
+    page = open_page(server.url)
+    show(page, ADMIN_TOKEN, datetime.date.fromisoformat(first), datetime.date.fromisoformat(last))
+    expect(page.locator("#status")).to_have_text("No usage recorded %s (UTC)." % english)
+    page.click("button[data-lang=ru]")
+    expect(page.locator("#status")).to_have_text("%s (UTC) расхода нет." % russian)
+    assert page.problems == [] and page.evaluate("window.__csp") == []
 
 
 def test_dates_in_the_wrong_order_are_refused_in_the_page(open_page, proxy):
@@ -455,6 +495,7 @@ def test_each_language_and_theme(browser, proxy, language, theme, tmp_path):
         expect(page.locator("#report")).to_be_visible()
         # "Usage from …" / "Расход с …": the part of the status line before its first placeholder.
         expect(page.locator("#status")).to_contain_text(strings["admin.status.rows"].split("{")[0])
+        assert not re.search(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", page.inner_text("#status")), "no ISO dates"
         assert page.inner_text("#summary-title") == strings["admin.totals"]
         assert page.locator("#totals dt").all_inner_texts()[0] == strings["admin.fact.spend"]
         assert page.locator("#daily-chart svg > title").text_content().startswith(strings["admin.daily.chart"][:10])

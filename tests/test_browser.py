@@ -1,6 +1,7 @@
 """The playground in a real headless Chromium (Debian's), driven by Playwright, against the fake upstream."""
 
 import os
+import re
 import shutil
 import time
 
@@ -217,6 +218,58 @@ def test_rate_limit_and_mid_stream_failure_are_explained(page, stack):
     page.click("#send")
     page.locator("#history li.error").nth(1).wait_for(timeout=5000)
     assert "broke off" in page.locator("#history li.error .text").nth(1).inner_text()
+
+
+SPENT = "browser-spent-token-5c1e"
+BUDGETED = "browser-budgeted-token-8a2d"
+
+
+@pytest.fixture(scope="module")
+def budget_stack(tmp_path_factory):
+    """A proxy whose tokens have budgets: one already spent (a budget of $0), one of $5."""
+    tokens = tmp_path_factory.mktemp("budgets") / "tokens.toml"
+    tokens.write_text(
+        '[spent]\ntoken = "%s"\nbudget_usd = 0.0\n\n[budgeted]\ntoken = "%s"\nbudget_usd = 5.0\n' % (SPENT, BUDGETED)
+    )
+    background = BackgroundStack(access_tokens_file=str(tokens), demo_upstream=True).start()
+    yield background
+    background.stop()
+
+
+def test_each_refusal_is_explained_by_its_code(browser, budget_stack):
+    """A spent budget (429 budget_exceeded) is no rate limit and a model without a price (403
+    model_not_priced) no wrong token: each is told as what it is, in the page's language."""
+    context = browser.new_context(viewport={"width": 1100, "height": 800})
+    try:
+        page = context.new_page()
+        page.problems = []
+        page.on("console", lambda m: m.type == "error" and "status of" not in m.text and page.problems.append(m.text))
+        page.on("pageerror", lambda e: page.problems.append(str(e)))
+        page.goto(budget_stack.url + "/")
+        page.fill("#openai-key", "sk-browser-test")
+        errors = page.locator("#history li.error .text")
+        page.fill("#access-token", SPENT)
+        page.fill("#prompt", "one")
+        page.click("#send")
+        expect(errors.nth(0)).to_contain_text("The budget of this access token is spent; it renews in ")
+        assert "of its $0.00 budget" in errors.nth(0).inner_text(), "the server's own words follow"
+        page.fill("#access-token", BUDGETED)
+        page.fill("#model", "a-model-without-a-price")
+        page.fill("#prompt", "two")
+        page.click("#send")
+        expect(errors.nth(1)).to_contain_text("This model has no price on this proxy")
+        assert "a-model-without-a-price" in errors.nth(1).inner_text()
+        for text in errors.all_inner_texts():
+            assert "Rate limited" not in text and "Wrong access token" not in text, text
+        english = errors.nth(0).inner_text()
+        page.click("button[data-lang=ru]")
+        assert errors.nth(0).inner_text().startswith("Бюджет этого токена доступа исчерпан; он обновится через ")
+        if english_days := re.search(r"renews in ([0-9]+) d ", english):
+            assert "через %s дн. " % english_days.group(1) in errors.nth(0).inner_text()
+        assert errors.nth(1).inner_text().startswith("У этой модели нет цены на этом прокси")
+        assert page.problems == []
+    finally:
+        context.close()
 
 
 def test_keys_stay_out_of_storage_unless_remembered(page, stack):

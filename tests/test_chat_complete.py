@@ -207,15 +207,17 @@ async def test_broken_upstream_answers_are_502(proxy, fake_openai, behaviour):
 
 
 @pytest.mark.gen_test
-async def test_unreachable_upstream_is_502(proxy, fake_openai, config, io_loop):
+async def test_unreachable_upstream_is_502(proxy, fake_openai, config, io_loop, caplog):
     await fake_openai.stop()
     response, body = await proxy.chat({"prompt": "x"})
     assert response.code == 502 and body["error"]["code"] == "upstream_connect"
-    # The newcomer's first error: which upstream, and what to try.
+    # Which upstream, and what to try: a server on this machine that is down is to be started.
     assert body["text"] == (
-        "could not connect to the upstream 127.0.0.1:%d: if this machine cannot reach it directly, "
-        "set UPSTREAM_PROXY to an egress proxy; to try the proxy without OpenAI, run make demo" % fake_openai.port
+        "could not connect to the upstream 127.0.0.1:%d: the server on this machine is not answering: "
+        "check that it is running and listens on that port" % fake_openai.port
     )
+    faults = [r.getMessage() for r in caplog.records if "upstream fault" in r.getMessage()]
+    assert len(faults) == 1 and "kind=connect upstream=127.0.0.1:%d" % fake_openai.port in faults[0], faults
 
 
 @pytest.mark.settings(request_timeout=0.5)

@@ -236,6 +236,41 @@ def test_no_route_names_the_upstream_and_says_what_to_try(errno, message, named)
         assert "api.openai.com" in through.message and "make demo" not in through.message
 
 
+@pytest.mark.parametrize(
+    "url,where",
+    [
+        ("http://127.0.0.1:1/v1", "the server on this machine is not answering"),
+        ("http://localhost:11434/v1", "the server on this machine is not answering"),
+        ("http://[::1]:8000/v1", "the server on this machine is not answering"),
+        ("http://10.0.0.5:8000/v1", "the server on the local network is not answering"),
+        ("http://192.168.1.20/v1", "the server on the local network is not answering"),
+        ("http://[fe80::1]:8000/v1", "the server on the local network is not answering"),
+        ("https://api.openai.com/v1", "set UPSTREAM_PROXY to an egress proxy"),
+        ("http://8.8.8.8:8000/v1", "set UPSTREAM_PROXY to an egress proxy"),
+    ],
+)
+def test_a_local_upstream_that_is_down_is_said_to_be_down(url, where):
+    """A server on this machine or its network that does not answer is not started: no egress proxy or
+    demo would help. The log's detail names the upstream's address, never more of its URL."""
+    address = upstream_address(url)
+    for errno, message in ((7, "Failed to connect"), (28, "Connection timed out after 300 milliseconds")):
+        error = classify(errno, message, 0, None, address=address)
+        assert error.message.startswith("could not connect to the upstream %s" % address), error.message
+        assert where in error.message, error.message
+        assert ("make demo" in error.message) == (where.startswith("set UPSTREAM_PROXY")), error.message
+        assert error.detail == "upstream=%s" % address
+    resolve = classify(6, "Could not resolve host: x", 0, None, address=address)
+    assert resolve.detail == "upstream=%s" % address.rpartition(":")[0] and "set UPSTREAM_PROXY" in resolve.message
+
+
+def test_every_fault_names_its_upstream_in_the_log_detail():
+    address = "api.openai.com:443"
+    for errno, message, proxy in ((56, "Recv failure", None), (60, "SSL certificate problem", None), (7, "x", PROXY)):
+        error = classify(errno, message, 0, proxy, address=address)
+        assert error.detail.split()[-1] == "upstream=api.openai.com:443", error.detail
+        assert "pw-unit-secret" not in error.detail
+
+
 def test_upstream_address():
     assert upstream_address("http://127.0.0.1:8080/v1") == "127.0.0.1:8080"
     assert upstream_address("http://[::1]/v1") == "[::1]:80"

@@ -1,5 +1,6 @@
-"""Numbers for people (chat_gpt_proxy/human.py): money rounded in the JSON, the CSV and the messages,
-durations and sizes in human units; the ledger keeps the exact amounts."""
+"""Numbers for people (chat_gpt_proxy/human.py): amounts exact where they are added up (the JSON's
+amounts, the CSV) and rounded where people read them (the JSON's *_display, the report table, the
+messages); durations and sizes in human units."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import time
 
 import pytest
 
-from chat_gpt_proxy.access.tokens import TokenPolicy, rate_refusal
-from chat_gpt_proxy.human import dollars, duration, money, money_fields, plain, size
+from chat_gpt_proxy.access.tokens import TokenPolicy, concurrency_refusal, rate_refusal
+from chat_gpt_proxy.human import count, dollars, duration, exact, exact_text, money, money_fields, plain, size
 from chat_gpt_proxy.usage.budgets import Over
 from chat_gpt_proxy.usage.ledger import SqliteStore
 from chat_gpt_proxy.usage.meter import Charge
@@ -19,8 +20,11 @@ from tests.conftest import proxy_settings
 
 ADMIN = "admin-HUMAN-token-5e1c9a7b"
 ALICE = "alice-HUMAN-token-8d2f4b6a"
-# What the ledger holds for alice today: floats whose sum is no short number of cents.
-SEEDED = [("gpt-4o-mini", 0.1), ("gpt-4o-mini", 0.2), ("gpt-4o", 0.1234567), ("gpt-4.1", 0.0000135)]
+# What the ledger holds for alice today: floats whose sum is no short number of cents, and ten
+# requests of $0.01485 to ten models (ten rows): $0.1485 together, $0.10 if each row were rounded.
+TEN = [("model-%d" % n, 0.01485) for n in range(10)]
+SEEDED = [("gpt-4o-mini", 0.1), ("gpt-4o-mini", 0.2), ("gpt-4o", 0.1234567), ("gpt-4.1", 0.0000135), *TEN]
+TOTAL = 0.1 + 0.2 + 0.1234567 + 0.0000135 + 0.1485
 
 
 @pytest.mark.parametrize(
@@ -84,20 +88,54 @@ def test_messages_use_human_units():
     assert refusal.message.endswith("retry in 1 min 15 s.")
 
 
-def test_money_fields_rounds_money_only():
+@pytest.mark.parametrize(
+    "usd,kept,written",
+    [
+        (0.14850000000000002, 0.1485, "0.1485"),
+        (0.2074879999999997, 0.207488, "0.207488"),
+        (19.999662, 19.999662, "19.999662"),
+        (20, 20.0, "20"),
+        (0.0000135, 0.0000135, "0.0000135"),
+        (1.5e-7, 1.5e-7, "0.00000015"),
+        (-0.0, 0.0, "0"),
+    ],
+)
+def test_exact(usd, kept, written):
+    assert exact(usd) == kept and exact_text(usd) == written
+
+
+def test_counts_are_singular_or_plural():
+    assert [count(n, "request") for n in (0, 1, 2)] == ["0 requests", "1 request", "2 requests"]
+    assert rate_refusal(TokenPolicy(rate_limit_per_minute=1), 60).message.startswith(
+        "Rate limit of this access token (1 request per minute) reached"
+    )
+    assert "already has 1 request in flight" in concurrency_refusal(TokenPolicy(max_concurrent=1)).message
+    assert "already has 3 requests in flight" in concurrency_refusal(TokenPolicy(max_concurrent=3)).message
+    assert "spent 2 of its 1 token budget" in Over("budget_tokens", 2, 1, time.time() + 60, 60).message
+
+
+def test_money_fields_keep_amounts_exact_beside_rounded_ones():
     body = {"rows": [{"usd": 0.30000000000000004, "requests": 3}], "budgets": [{"spent_usd": 1 / 3, "tokens": 7}]}
-    assert money_fields(body) == {"rows": [{"usd": 0.3, "requests": 3}], "budgets": [{"spent_usd": 0.33, "tokens": 7}]}
+    assert money_fields(body) == {
+        "rows": [{"usd": 0.3, "usd_display": "$0.30", "requests": 3}],
+        "budgets": [{"spent_usd": 0.333333333, "spent_usd_display": "$0.33", "tokens": 7}],
+    }
 
 
-def test_the_report_table_and_csv_round():
-    rows = [{"day": "2026-12-01", "token": "alice", "model": "gpt-4o", "requests": 2, "input_tokens": 5,
-             "cached_tokens": 0, "output_tokens": 6, "usd": 0.30000000000000004, "estimated": 0},
-            {"day": "2026-12-01", "token": "bob", "model": "gpt-4o", "requests": 1, "input_tokens": 1,
-             "cached_tokens": 0, "output_tokens": 1, "usd": 0.0000135, "estimated": 0}]  # fmt: skip
+def test_the_csv_is_exact_and_the_report_table_rounds():
+    def row(day, token, usd):
+        return {"day": day, "token": token, "model": "gpt-4o", "requests": 1, "input_tokens": 5,
+                "cached_tokens": 0, "output_tokens": 6, "usd": usd, "estimated": 0}  # fmt: skip
+
+    rows = [row("2026-12-%02d" % n, "alice", 0.01485) for n in range(1, 11)] + [row("2026-12-01", "bob", 0.0000135)]
     lines = to_csv(rows).splitlines()
-    assert lines[1].endswith(",0.3,0") and lines[2].endswith(",0.0000135,0")
+    amounts = [line.split(",")[-2] for line in lines[1:]]
+    assert amounts == ["0.01485"] * 10 + ["0.0000135"]
+    # What a spreadsheet's SUM of the column gives is what was spent.
+    assert sum(float(a) for a in amounts) == pytest.approx(0.1485135, abs=1e-12)
     table = to_table(rows)
-    assert "$0.30" in table and "$0.0000135" in table and "0.30000000000000004" not in table
+    assert "$0.01" in table and "$0.0000135" in table and "0.01485" not in table
+    assert "total alice" in table and "$0.15" in table.split("total alice")[1]
 
 
 @pytest.fixture
@@ -128,20 +166,49 @@ def config(request, fake_openai, tmp_path, io_loop):
 
 
 @pytest.mark.gen_test
-async def test_json_and_csv_show_money_rounded(proxy):
+async def test_json_and_csv_keep_amounts_exact_beside_rounded_ones(proxy):
+    """The rows the admin page (or a script, or a spreadsheet) adds up are exact, so that their sum is
+    what was spent; each amount of the JSON has its rounded ``*_display`` beside it."""
     response = await proxy.request("/admin/usage", method="GET", auth=False, headers={"admin-token": ADMIN})
     body = json.loads(response.body)
-    assert sorted((row["model"], row["usd"]) for row in body["rows"]) == [
-        ("gpt-4.1", 0.0000135),
-        ("gpt-4o", 0.12),
-        ("gpt-4o-mini", 0.3),
-    ]
+    rows = {row["model"]: (row["usd"], row["usd_display"]) for row in body["rows"]}
+    assert {model: rows[model] for model in ("gpt-4.1", "gpt-4o", "gpt-4o-mini")} == {
+        "gpt-4.1": (0.0000135, "$0.0000135"),
+        "gpt-4o": (0.1234567, "$0.12"),
+        "gpt-4o-mini": (0.3, "$0.30"),
+    }
+    assert [rows[model] for model, _ in TEN] == [(0.01485, "$0.01")] * 10
+    assert sum(row["usd"] for row in body["rows"]) == pytest.approx(TOTAL, abs=1e-9)
     budget = body["budgets"][0]
-    assert (budget["spent_usd"], budget["remaining_usd"], budget["budget_usd"]) == (0.42, 19.58, 20.0)
+    assert (budget["spent_usd"], budget["remaining_usd"], budget["budget_usd"]) == (
+        exact(TOTAL),
+        exact(20 - TOTAL),
+        20.0,
+    )
+    assert (budget["spent_usd_display"], budget["remaining_usd_display"], budget["budget_usd_display"]) == (
+        "$0.57",
+        "$19.43",
+        "$20.00",
+    )
     response = await proxy.request("/admin/usage?format=csv", method="GET", auth=False, headers={"admin-token": ADMIN})
-    amounts = sorted(line.split(",")[-2] for line in response.body.decode().splitlines()[1:])
-    assert amounts == ["0.0000135", "0.12", "0.3"]
+    amounts = [line.split(",")[-2] for line in response.body.decode().splitlines()[1:]]
+    assert sorted(amounts) == sorted(["0.0000135", "0.1234567", "0.3"] + ["0.01485"] * 10)
+    assert sum(float(amount) for amount in amounts) == pytest.approx(TOTAL, abs=1e-9)
     response = await proxy.request("/usage", method="GET", auth=False, headers={"access-token": ALICE})
     usage = json.loads(response.body)
-    assert usage["spent"]["month"]["usd"] == 0.42 and usage["budget"]["remaining_usd"] == 19.58
+    month = usage["spent"]["month"]
+    assert (month["usd"], month["usd_display"]) == (exact(TOTAL), "$0.57")
+    assert (usage["budget"]["remaining_usd"], usage["budget"]["remaining_usd_display"]) == (exact(20 - TOTAL), "$19.43")
     assert datetime.date.today().isoformat()[:4] in usage["spent"]["day"]["resets_at"]
+
+
+@pytest.mark.gen_test
+async def test_the_budget_header_is_the_exact_amount_that_usage_rounds(proxy):
+    """x-proxy-budget-remaining-usd is for programs: /usage's exact remaining_usd to 6 decimal places,
+    while remaining_usd_display (and the pages) round it for people."""
+    response = await proxy.request("/usage", method="GET", auth=False, headers={"access-token": ALICE})
+    budget = json.loads(response.body)["budget"]
+    assert (budget["remaining_usd"], budget["remaining_usd_display"]) == (exact(20 - TOTAL), "$19.43")
+    response, _ = await proxy.chat({"prompt": "x"}, headers={"access-token": ALICE})
+    assert response.code == 200
+    assert response.headers["x-proxy-budget-remaining-usd"] == "%.6f" % budget["remaining_usd"] == "19.428030"

@@ -64,6 +64,14 @@ def test_both_languages_have_the_same_keys_forms_and_placeholders():
             assert value.strip() and other.strip(), key
 
 
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_the_admin_token_errors_name_both_ways_to_set_it(language):
+    for key in ("admin.error.admin_token", "admin.error.no_admin"):
+        text = STRINGS[language][key]
+        assert "ADMIN_TOKEN " in text or "ADMIN_TOKEN," in text, (language, key)
+        assert "ADMIN_TOKEN_FILE" in text, (language, key)
+
+
 def test_the_files_explain_how_to_add_a_string():
     with open(os.path.join(STATIC_DIR, "i18n", "en.json"), encoding="utf-8") as f:
         comment = json.load(f)["//"]

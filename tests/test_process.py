@@ -230,7 +230,7 @@ async def test_second_signal_ends_the_drain_at_once(start_server, fake_openai, s
     streamed = b"".join(c for _, c in chunks)
     assert b'"code":"upstream_aborted"' in streamed and streamed.endswith(b"data: [DONE]\n\n")
     output = server.output()
-    assert "second signal, ending 1 requests in flight now" in output and "shutdown complete" in output
+    assert "second signal, ending 1 request in flight now" in output and "shutdown complete" in output
     assert "Traceback" not in output and "Error" not in output
 
 
@@ -292,3 +292,36 @@ async def test_startup_says_where_to_look_and_keeps_a_pid_file(start_server, tmp
     server.signal(signal.SIGTERM)
     assert await server.wait_exit(15) == 0
     assert not pid_file.exists(), "removed at exit"
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_second_proxy_with_the_same_pid_file_refuses_to_start(start_server, fake_openai, tmp_path):
+    """The PID file keeps naming the first proxy: `make reload` signals it, and it is removed only
+    when that proxy stops. A stale file (a dead process, or one that is no proxy) is taken over."""
+    pid_file = tmp_path / "proxy.pid"
+    first = await start_server(ACCESS_TOKEN=TOKEN, PID_FILE=pid_file)
+    assert int(pid_file.read_text()) == first.proc.pid
+    env = {"OPENAI_BASE_URL": fake_openai.url, "ACCESS_TOKEN": TOKEN, "PID_FILE": str(pid_file)}
+    second = ServerProcess(env, str(tmp_path / "second.log"))
+    try:
+        assert await second.wait_exit(15) == 1
+        lines = second.output().splitlines()
+        assert lines == [
+            "chat_gpt_proxy: a proxy is already running with PID_FILE %s (pid %d): stop it first (kill %d), "
+            "or give this one another PID_FILE" % (pid_file, first.proc.pid, first.proc.pid)
+        ]
+    finally:
+        second.stop()
+    assert int(pid_file.read_text()) == first.proc.pid, "the first proxy's file, untouched"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("proxy.pid")) == ["proxy.pid"]
+    first.signal(signal.SIGTERM)
+    assert await first.wait_exit(15) == 0
+    assert not pid_file.exists()
+    # Stale files: this test's own process (no proxy) and an id no process has.
+    for stale in (os.getpid(), 2**22 + 1):
+        pid_file.write_text("%d\n" % stale)
+        server = await start_server(ACCESS_TOKEN=TOKEN, PID_FILE=pid_file)
+        assert int(pid_file.read_text()) == server.proc.pid
+        server.signal(signal.SIGTERM)
+        assert await server.wait_exit(15) == 0
+        assert not pid_file.exists()

@@ -114,8 +114,8 @@ def concurrency_refusal(policy: TokenPolicy) -> Refusal:
     return Refusal(
         "max_concurrent",
         1,
-        "This access token already has %d requests in flight, its max_concurrent limit; "
-        "retry when one has finished." % policy.max_concurrent,
+        "This access token already has %s in flight, its max_concurrent limit; "
+        "retry when one has finished." % human.count(policy.max_concurrent, "request"),
     )
 
 
@@ -123,8 +123,8 @@ def rate_refusal(policy: TokenPolicy, wait: int) -> Refusal:
     return Refusal(
         "rate_limit_per_minute",
         wait,
-        "Rate limit of this access token (%d requests per minute) reached; retry in %s."
-        % (policy.rate_limit_per_minute, human.duration(wait)),
+        "Rate limit of this access token (%s per minute) reached; retry in %s."
+        % (human.count(policy.rate_limit_per_minute, "request"), human.duration(wait)),
     )
 
 

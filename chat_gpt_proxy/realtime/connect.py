@@ -157,7 +157,8 @@ async def connect_upstream(
         ) from None
     except socket.gaierror:
         host = upstream_address(url).rpartition(":")[0]
-        raise no_route("connect", "could not resolve the upstream's host name%s", None, host, proxy is None) from None
+        problem = "could not resolve the upstream's host name%s"
+        raise no_route("connect", problem, None, host, proxy is None, resolving=True) from None
     except OSError:
         address = upstream_address(url)
         raise no_route("connect", "could not connect to the upstream%s", None, address, proxy is None) from None

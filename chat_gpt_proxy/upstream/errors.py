@@ -3,6 +3,7 @@ and ``classify``, which reads a libcurl failure. Shared by the HTTP call, the tu
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import urllib.parse
 
@@ -68,11 +69,46 @@ def upstream_address(url: str) -> str:
     return "%s:%d" % (host, port or (443 if parts.scheme in ("https", "wss") else 80)) if host else ""
 
 
-def no_route(kind: str, problem: str, retry_reason: str | None, address: str, direct: bool) -> UpstreamError:
-    """A connection to ``address`` (``host:port``) that could not be made; ``direct``: not through a proxy,
-    so the message says what to try."""
+# An upstream on this machine or its network (a local model server) that does not answer is down:
+# an egress proxy or the demo would not help.
+LOCAL_HINTS = {
+    "loopback": "the server on this machine is not answering: check that it is running and listens on that port",
+    "private": (
+        "the server on the local network is not answering: check that it is running, listens on that port "
+        "and lets this machine in"
+    ),
+}
+
+
+def locality(address: str) -> str:
+    """``loopback``, ``private`` or ``""`` (elsewhere, or a name that only DNS can place) for ``host[:port]``."""
+    if address.startswith("["):
+        host = address[1 : address.find("]")]
+    else:
+        host = address.rpartition(":")[0] if ":" in address else address
+    host = host.lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return "loopback"  # RFC 6761: always this machine
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return ""
+    if ip.is_loopback:
+        return "loopback"
+    return "private" if ip.is_private or ip.is_link_local else ""
+
+
+def no_route(
+    kind: str, problem: str, retry_reason: str | None, address: str, direct: bool, *, resolving: bool = False
+) -> UpstreamError:
+    """A connection to ``address`` (``host:port``, or the host whose name did not resolve: ``resolving``)
+    that could not be made; ``direct``: not through a proxy, so the message says what to try: start the
+    local server, or reach a distant one another way. The log's detail names the address."""
     message = problem % (" " + address if address else "")
-    return UpstreamError(kind, message + (": " + NO_ROUTE_HINT if direct else ""), retry_reason)
+    if direct:
+        local = "" if resolving else locality(address)
+        message += ": " + (LOCAL_HINTS[local] if local else NO_ROUTE_HINT)
+    return UpstreamError(kind, message, retry_reason, "upstream=%s" % address if address else "")
 
 
 class UpstreamError(Exception):
@@ -109,8 +145,16 @@ def classify(
 
     ``proxy``: the egress proxy in use, or None; ``past_proxy``: whether the
     connection had got through it to the upstream (see ``past_proxy()``);
-    ``address``: the upstream's ``host:port``, named in the message.
+    ``address``: the upstream's ``host:port``, named in the message where it
+    helps and always in the detail (the operator's log line: which upstream).
     """
+    error = classify_failure(errno, message, status, proxy, past_proxy, address)
+    if address and "upstream=" not in error.detail:
+        error.detail = ("%s upstream=%s" % (error.detail, address)).lstrip()
+    return error
+
+
+def classify_failure(errno: int, message: str, status: int, proxy, past_proxy: bool, address: str) -> UpstreamError:
     if proxy is not None:
         where = "%s from %s" % (proxy.masked(), proxy.source)
         detail = "proxy=%s curl=%r" % (where, message[:200])
@@ -144,7 +188,7 @@ def classify(
         return no_route("connect", "could not connect to the upstream%s", "connect_refused", address, direct)
     if errno == CURLE_COULDNT_RESOLVE_HOST:
         host = address.rpartition(":")[0]
-        return no_route("connect", "could not resolve the upstream's host name%s", "dns", host, direct)
+        return no_route("connect", "could not resolve the upstream's host name%s", "dns", host, direct, resolving=True)
     if errno == CURLE_OPERATION_TIMEDOUT:
         if status:
             return UpstreamError("timeout", "the upstream did not finish its answer in time")

@@ -67,7 +67,7 @@ class Over:
         if self.which == "budget_usd":
             amount = "%s of its %s" % (human.dollars(self.spent), human.dollars(self.limit))
         else:
-            amount = "%d of its %d tokens" % (self.spent, self.limit)
+            amount = "%d of its %s" % (self.spent, human.count(int(self.limit), "token"))
         return "This access token has spent %s budget for this period; it resets at %s (in %s)." % (
             amount,
             iso(self.resets_at),

@@ -8,7 +8,7 @@ from __future__ import annotations
 import csv
 import io
 
-from chat_gpt_proxy.human import dollars, plain
+from chat_gpt_proxy.human import dollars, exact_text
 
 COLUMNS = ("day", "token", "model", "requests", "input_tokens", "cached_tokens", "output_tokens", "usd", "estimated")
 # A spreadsheet runs a cell that starts with one of these as a formula (CSV
@@ -30,8 +30,9 @@ def to_csv(rows: list[dict]) -> str:
     writer = csv.writer(out, lineterminator="\r\n")
     writer.writerow(COLUMNS)
     for row in rows:
-        # Dollars as people read them (chat_gpt_proxy/human.py), and never in e-notation.
-        writer.writerow([plain(row[c]) if c == "usd" else csv_cell(row[c]) for c in COLUMNS])
+        # Exact dollars (a spreadsheet adds them up: rounded rows would not sum to the spend), never in
+        # e-notation, which some spreadsheets read as text.
+        writer.writerow([exact_text(row[c]) if c == "usd" else csv_cell(row[c]) for c in COLUMNS])
     return out.getvalue()
 
 
