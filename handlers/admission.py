@@ -10,7 +10,7 @@ import time
 from chat_gpt_proxy.access.tokens import UNAVAILABLE
 from chat_gpt_proxy.observability import CLIENT_CLOSED_STATUS
 from chat_gpt_proxy.upstream.pool import UpstreamPool
-from chat_gpt_proxy.upstream.routing import Upstream
+from chat_gpt_proxy.upstream.routing import OPENAI_KINDS, Upstream
 from chat_gpt_proxy.usage.budgets import Over
 from chat_gpt_proxy.usage.meter import output_cap
 
@@ -262,17 +262,20 @@ class Admission:
         """ALLOWED_MODELS, or the caller's token's own allowed_models."""
         return self.token.policy.allowed_models if self.token is not None else self.config.allowed_models
 
-    def upstream_candidates(self, model: str | None, *, realtime: bool = False) -> list[Upstream]:
-        """The upstreams to try for ``model``, best first; 404 if none serves it, 403 if none is this token's."""
+    def upstream_candidates(
+        self, model: str | None, *, realtime: bool = False, kinds: tuple[str, ...] = OPENAI_KINDS
+    ) -> list[Upstream]:
+        """The upstreams of ``kinds`` (those that speak the request's API) to try for ``model``, best first;
+        404 if none serves it, 403 if none is this token's."""
         router = self.application.router
         allowed = self.token.policy.upstreams if self.token is not None else ()
-        found = router.candidates(model, allowed, self.used_server_key)
+        found = router.candidates(model, allowed, self.used_server_key, kinds)
         if realtime:
             # Azure's realtime API is shaped otherwise, and an alias would have to rewrite the query.
             found = [u for u in found if u.kind == "openai" and u.upstream_model(model) == model]
         if found:
             return found
-        if not any(u.serves(model) for u in router.upstreams):
+        if not any(u.serves(model) for u in router.upstreams if u.kind in kinds):
             raise ApiError(
                 404,
                 "No upstream of this proxy serves the model %r." % (model or "")[:100],

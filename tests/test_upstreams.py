@@ -370,6 +370,8 @@ async def test_the_official_sdk_through_two_upstreams(proxy, fakes, base_url):
         ('[a]\nbase_url = "http://127.0.0.1:1/v1"\nweight = 0\n', "weight must be an integer from 1 to 1000"),
         ('[a]\nbase_url = "https://x.example"\nkind = "azure"\n', "an azure upstream needs its api_key"),
         ('[a]\nbase_url = "http://127.0.0.1:1/v1"\nproxy = "ftp://p:1"\n', "upstream 'a': proxy: the scheme"),
+        ('[a]\nbase_url = "https://x.example"\nkind = "anthropic"\napi_version = "1"\n', "api_version is for"),
+        ('[a]\nbase_url = "https://x.example/v1"\nkind = "anthropic"\n', "ends before /v1"),
         ("", "names no upstream"),
     ],
 )
@@ -501,6 +503,27 @@ def test_the_documented_upstreams_files_parse_as_described(tmp_path, name, expec
         assert [u.name for u in router.candidates("llama-3-8b")] == ["local"]
         assert [u.name for u in router.candidates("gpt-4o")] == ["openai"]
         assert [u.name for u in router.candidates(None)] == ["openai"]
+
+
+def test_anthropic_upstreams_serve_anthropics_api_alone(tmp_path):
+    """Each API goes to the upstreams that speak it, before the tiers and the catch-alls are weighed."""
+    (tmp_path / "key").write_text("sk-ant-from-file\n")
+    path = tmp_path / "upstreams.toml"
+    path.write_text(
+        '[openai]\nbase_url = "https://api.openai.com/v1"\napi_key = "sk-openai"\n'
+        '[claude]\nkind = "anthropic"\nbase_url = "https://api.anthropic.com"\napi_key_file = "%s"\n'
+        'models = ["claude-*"]\n' % (tmp_path / "key")
+    )
+    upstreams = parse_upstreams(str(path), Settings())
+    router = Router(Settings(upstreams_file=str(path)), upstreams)
+    claude = upstreams[1]
+    assert claude.kind == "anthropic" and claude.api_key == "sk-ant-from-file"
+    assert [u.name for u in router.candidates("claude-opus-5-5", server_key=True)] == ["openai"]
+    assert [u.name for u in router.candidates("claude-opus-5-5", server_key=True, kinds=("anthropic",))] == ["claude"]
+    assert router.candidates("gpt-4o", server_key=True, kinds=("anthropic",)) == []
+    assert claude.url("messages", "beta=true", "claude-opus-5-5") == "https://api.anthropic.com/v1/messages?beta=true"
+    assert claude.auth_headers("sk-ant-x") == {"x-api-key": "sk-ant-x"}
+    assert Router(Settings()).candidates("claude-opus-5-5", kinds=("anthropic",)) == []
 
 
 @pytest.mark.parametrize("model", ["gpt-4o/../../evil?x=", "..", "gpt 4o", "a#b", "x/y"])
