@@ -141,6 +141,12 @@ async def test_count_tokens_and_the_model_list(fake):
 
 
 @pytest.mark.gen_test
+async def test_an_alias_answers_with_the_snapshot_that_ran(fake):
+    answer = await client(fake).messages.create(model="claude-sonnet-4-5", max_tokens=9, messages=HELLO)
+    assert answer.model == "claude-sonnet-4-5-20250929"
+
+
+@pytest.mark.gen_test
 async def test_an_openai_shaped_answer_when_scripted(fake):
     fake.push(Behaviour(kind="openai"))
     response = await raw_post(fake, "/v1/messages", {"model": MODEL, "max_tokens": 9, "messages": HELLO})

@@ -12,6 +12,7 @@ from chat_gpt_proxy.fake_openai.http import FakeHandler, Script, Stats
 from chat_gpt_proxy.fake_openai.wire import completion, to_json
 
 from .wire import (
+    ALIASES,
     ERROR_STATUS,
     KNOWN_VERSIONS,
     MODELS,
@@ -126,6 +127,8 @@ class Messages(AnthropicHandler):
             return
         model = body["model"]
         behaviour = self.fake.by_key.get(self.key()) or self.fake.next_behaviour(model)
+        # The answer names the model that ran: an alias's snapshot.
+        model = ALIASES.get(model, model)
         for name, value in behaviour.headers.items():
             self.set_header(name, value)
         self.set_header("anthropic-organization-id", "fake-org")

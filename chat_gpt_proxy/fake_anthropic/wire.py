@@ -39,6 +39,17 @@ MODELS = (
     ("claude-3-5-haiku-20241022", "Claude Haiku 3.5", "2024-10-22T00:00:00Z"),
 )
 
+# An alias names the latest snapshot; the answer's ``model`` is the snapshot that ran.
+ALIASES = {
+    "claude-opus-4-5": "claude-opus-4-5-20251101",
+    "claude-haiku-4-5": "claude-haiku-4-5-20251001",
+    "claude-sonnet-4-5": "claude-sonnet-4-5-20250929",
+    "claude-opus-4-1": "claude-opus-4-1-20250805",
+    "claude-opus-4-0": "claude-opus-4-20250514",
+    "claude-sonnet-4-0": "claude-sonnet-4-20250514",
+    "claude-3-5-haiku-latest": "claude-3-5-haiku-20241022",
+}
+
 
 def error_body(error_type: str, message: str, request_id: str) -> dict:
     """``{"type":"error","error":{"type","message"},"request_id"}``, as every error answer."""
