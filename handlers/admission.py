@@ -179,13 +179,19 @@ class Admission:
         caller of a shared key never sees them (the key appears in
         no error body).
         """
-        log.warning("server key refused by the upstream request_id=%s (check OPENAI_API_KEY)", self.request_id)
+        log.warning(
+            "server key refused by the upstream request_id=%s upstream=%s (check its key, or OPENAI_API_KEY)",
+            self.request_id,
+            self.access.upstream,
+        )
         return ApiError(
             502,
-            "The upstream refused this proxy's own OpenAI key; tell the proxy's operator.",
+            "The upstream refused this proxy's own %s; tell the proxy's operator." % self.key_name,
             "upstream_error",
             "server_key_refused",
         )
+
+    refused_access_message = "Missing or wrong access-token header."
 
     def presented_access_token(self) -> str:
         return self.request.headers.get("access-token", "")
@@ -195,7 +201,7 @@ class Admission:
         tokens = self.application.tokens
         entry = tokens.lookup(self.presented_access_token())
         if entry is None:
-            raise ApiError(403, "Missing or wrong access-token header.", "permission_denied", "invalid_access_token")
+            raise ApiError(403, self.refused_access_message, "permission_denied", "invalid_access_token")
         self.token = entry
         # Names the caller in the access log and metrics; "-" for ACCESS_TOKEN's.
         self.access.token = entry.name
@@ -275,6 +281,14 @@ class Admission:
             found = [u for u in found if u.kind == "openai" and u.upstream_model(model) == model]
         if found:
             return found
+        if not any(u.kind in kinds for u in router.upstreams):
+            raise ApiError(
+                404,
+                "No upstream of this proxy speaks this API: the operator can add one of kind = %s to UPSTREAMS_FILE."
+                % " or ".join('"%s"' % kind for kind in kinds),
+                "invalid_request_error",
+                "model_not_found",
+            )
         if not any(u.serves(model) for u in router.upstreams if u.kind in kinds):
             raise ApiError(
                 404,
@@ -302,7 +316,8 @@ class Admission:
         if metrics is not None:
             metrics.upstream_failovers.labels(upstream.name, reason).inc()
 
-    # How this surface names the key and its errors; /v1/* overrides them.
+    # How this surface names the key and its errors; /v1/* and /v1/messages override them.
+    key_name = "OpenAI key"
     missing_key_message = "Missing openai-token header: send your OpenAI API key in it."
 
     key_error_codes = ("missing_openai_token", "invalid_openai_token")
@@ -324,5 +339,5 @@ class Admission:
         if not key:
             raise ApiError(401, self.missing_key_message, "authentication_error", missing)
         if not API_KEY_RE.match(key):
-            raise ApiError(401, "The OpenAI key is malformed.", "authentication_error", malformed)
+            raise ApiError(401, "The %s is malformed." % self.key_name, "authentication_error", malformed)
         return key

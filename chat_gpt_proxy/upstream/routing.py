@@ -94,8 +94,9 @@ COOL_DOWN = 5.0
 MAX_COOL_DOWN = 300.0
 
 # The answers that say a request was refused without being processed:
-# another upstream may serve it (docs/deploy.md, Several upstreams).
-FAILOVER_STATUSES = frozenset((429, 500, 502, 503, 504))
+# another upstream may serve it (docs/deploy.md, Several upstreams); 529 is
+# Anthropic's overloaded_error.
+FAILOVER_STATUSES = frozenset((429, 500, 502, 503, 504, 529))
 KEY_REFUSED_STATUSES = frozenset((401, 403))
 
 
@@ -328,7 +329,7 @@ def route_fault(own_key: bool, *, error=None, status: int = 0, headers=None) -> 
         return None
     if not own_key or status not in FAILOVER_STATUSES | KEY_REFUSED_STATUSES:
         return None
-    wait = retry_after_seconds(headers) if status in (429, 503) and headers is not None else None
+    wait = retry_after_seconds(headers) if status in (429, 503, 529) and headers is not None else None
     return Fault("status_%d" % status, wait)
 
 
