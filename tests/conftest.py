@@ -78,6 +78,8 @@ OTHER_SECRETS = (
     "budgeted-ANTHROPIC-TOKEN-2e9d5c",
     "haiku-ANTHROPIC-TOKEN-6a0b1d",
     "cached-ANTHROPIC-TOKEN-9f3e0a",
+    "limited-ANTHROPIC-TOKEN-1b7c4d",
+    "admin-ANTHROPIC-7e2f9c",
     "sk-ant-SERVERKEY-A-3f8e1c",
     "sk-ant-SERVERKEY-B-7b2d9a",
     "sk-ant-OWNKEY-5c4e2a",

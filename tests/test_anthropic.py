@@ -27,6 +27,7 @@ ANN = "ann-ANTHROPIC-TOKEN-8c1f3a"  # no use_server_key: brings her own key
 BUDGETED = "budgeted-ANTHROPIC-TOKEN-2e9d5c"  # use_server_key, a budget of one request
 HAIKU_ONLY = "haiku-ANTHROPIC-TOKEN-6a0b1d"  # use_server_key, allowed_models: one model
 CACHED = "cached-ANTHROPIC-TOKEN-9f3e0a"  # use_server_key, cache = true
+LIMITED = "limited-ANTHROPIC-TOKEN-1b7c4d"  # use_server_key, one request a minute
 KEY_A = "sk-ant-SERVERKEY-A-3f8e1c"
 KEY_B = "sk-ant-SERVERKEY-B-7b2d9a"
 OWN = "sk-ant-OWNKEY-5c4e2a"
@@ -59,6 +60,11 @@ allowed_models = ["claude-haiku-4-5"]
 token = "{CACHED}"
 use_server_key = true
 cache = true
+
+[limited]
+token = "{LIMITED}"
+use_server_key = true
+rate_limit_per_minute = 1
 """
 
 
@@ -190,8 +196,9 @@ async def test_a_message_and_a_stream_are_byte_identical_to_direct(proxy, claude
         assert through.code == there.status_code == 200
         assert normalised(through.body) == normalised(there.content)
         assert through.headers["Content-Type"] == there.headers["content-type"]
-        # Anthropic's request id comes back, as its SDKs and Claude Code record it.
+        # Anthropic's request id and rate-limit headers come back, as its SDKs and Claude Code read them.
         assert through.headers["request-id"].startswith("req_")
+        assert through.headers["anthropic-ratelimit-requests-remaining"] == "3999"
         assert through.headers["x-proxy-request-id"]
     assert through.body.count(b"event: ping\n") == 2
 
@@ -260,6 +267,16 @@ async def test_a_refused_key_fails_over_to_the_next_anthropic_key(proxy, claude,
 
 
 @pytest.mark.gen_test
+async def test_an_overloaded_key_with_retry_after_is_taken_out_at_once(proxy, claude):
+    claude.by_key[KEY_A] = Behaviour(kind="error", error_type="overloaded_error", headers={"retry-after": "30"})
+    assert (await post(proxy, message())).code == 200
+    health = json.loads((await proxy.request("/healthz", method="GET", auth=False)).body)
+    assert {u["name"]: u["state"] for u in health["upstreams"]}["claude-a"] == "down"
+    assert (await post(proxy, message())).code == 200
+    assert [r.headers["x-api-key"] for r in claude.received] == [KEY_A, KEY_B, KEY_B]
+
+
+@pytest.mark.gen_test
 async def test_the_last_keys_overloaded_answer_reaches_the_client_as_anthropic_wrote_it(proxy, claude):
     for key in (KEY_A, KEY_B):
         claude.by_key[key] = Behaviour(kind="error", error_type="overloaded_error", message="Overloaded")
@@ -277,6 +294,28 @@ async def test_the_budget_refusal_is_in_anthropics_shape(proxy, claude):
     error = anthropic_error(refused)
     assert error["type"] == "rate_limit_error" and "budget" in error["message"]
     assert len(claude.received) == 1
+
+
+@pytest.mark.gen_test
+async def test_a_tokens_rate_limit_is_refused_in_anthropics_shape(proxy, claude):
+    assert (await post(proxy, message(), as_team(Authorization="Bearer " + LIMITED))).code == 200
+    refused = await post(proxy, message(), as_team(Authorization="Bearer " + LIMITED))
+    assert refused.code == 429 and int(refused.headers["Retry-After"]) > 0
+    assert anthropic_error(refused)["type"] == "rate_limit_error"
+    assert len(claude.received) == 1
+
+
+@pytest.mark.settings(admin_token="admin-ANTHROPIC-7e2f9c")
+@pytest.mark.gen_test(timeout=30)
+async def test_the_admin_page_shows_claudes_spend(proxy, app, claude):
+    claude.push(Behaviour(input_tokens=1000, cache_read=5000))
+    assert (await post(proxy, message())).code == 200
+    await app.spend.ledger.flush()
+    response = await proxy.request(
+        "/admin/usage", method="GET", headers={"admin-token": "admin-ANTHROPIC-7e2f9c"}, auth=False
+    )
+    rows = [r for r in json.loads(response.body)["rows"] if r["model"] == MODEL]
+    assert len(rows) == 1 and rows[0]["token"] == "team" and rows[0]["usd"] > 0
 
 
 @pytest.mark.parametrize(
@@ -321,6 +360,16 @@ async def test_an_upstream_error_page_is_relayed_in_anthropics_shape(proxy, clau
     claude.by_key[KEY_B] = claude.by_key[KEY_A] = Behaviour(kind="garbage", status=502)
     response = await post(proxy, message())
     assert response.code == 502 and anthropic_error(response)["type"] == "api_error"
+
+
+@pytest.mark.gen_test
+async def test_an_upstream_error_in_openais_shape_is_told_in_anthropics(proxy, claude):
+    openai_error = {"error": {"message": "Unknown model", "type": "invalid_request_error", "code": None}}
+    claude.push(Behaviour(kind="garbage", status=404, body=json.dumps(openai_error), content_type="application/json"))
+    response = await post(proxy, message())
+    assert response.code == 404
+    error = anthropic_error(response)
+    assert error["type"] == "not_found_error" and "Unknown model" in error["message"]
 
 
 @pytest.mark.gen_test
@@ -377,6 +426,14 @@ async def test_count_tokens_is_relayed_and_not_charged(proxy, app, claude, confi
     assert claude.received[-1].path == "/v1/messages/count_tokens"
     await app.spend.ledger.flush()
     assert ledger_rows(config) == []
+
+
+@pytest.mark.gen_test
+async def test_an_x_api_key_makes_an_anthropic_client_too(proxy, claude):
+    response = await proxy.request("/v1/models", method="GET", headers={"x-api-key": TEAM}, auth=False)
+    # Anthropic's own answer: it wants an anthropic-version, which every Anthropic SDK sends.
+    assert response.code == 400 and "anthropic-version" in anthropic_error(response)["message"]
+    assert claude.received[-1].path == "/v1/models" and claude.received[-1].headers["x-api-key"] == KEY_A
 
 
 @pytest.mark.gen_test

@@ -5,9 +5,12 @@ its binary run offline as ``claude -p``), each with a named proxy token as its k
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import glob
+import io
 import json
 import os
+import re
 import sqlite3
 
 import anthropic
@@ -15,8 +18,8 @@ import pytest
 
 from chat_gpt_proxy.fake_anthropic import Behaviour
 from tests import test_anthropic
-from tests.test_anthropic import KEY_A, MODEL, TEAM
-from tests.test_readme import JS_DIR
+from tests.test_anthropic import ANN, KEY_A, MODEL, OWN, TEAM
+from tests.test_readme import JS_DIR, snippet
 
 # The fake Anthropic and the proxy's settings (upstreams, tokens, ledger) of tests/test_anthropic.py.
 claude = test_anthropic.claude
@@ -72,6 +75,22 @@ async def test_the_python_sdk_raises_its_own_errors(proxy, base_url, claude):
         await sdk(base_url, api_key=TEAM).messages.create(
             model=MODEL, max_tokens=9, messages=[{"role": "user", "content": "hi"}]
         )
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_the_documented_python_sdk_snippet(proxy, base_url, claude):
+    language, code = snippet("python-anthropic")
+    assert language == "python"
+    code = code.replace("http://127.0.0.1:9081", base_url).replace('"the-token-you-gave-alice"', repr(TEAM))
+    out = io.StringIO()
+
+    def run_snippet():
+        with contextlib.redirect_stdout(out):
+            exec(compile(code, "python-anthropic", "exec"), {})
+
+    await proxy.in_thread(run_snippet)
+    assert out.getvalue() == "Echo: Привет! \nEcho: Count to five \n"
+    assert [r.json["model"] for r in claude.received] == ["claude-sonnet-4-5"] * 2
 
 
 NODE_SCRIPT = """
@@ -139,10 +158,21 @@ def claude_code_binary() -> str:
     return found[0]
 
 
-@pytest.mark.parametrize("variable", ["ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_API_KEY"])
+def readme_environment(base_url: str) -> dict[str, str]:
+    """The README's three variables for Claude Code, pointed at the test's proxy and token."""
+    language, code = snippet("claude-code")
+    assert language == "bash"
+    found = dict(re.findall(r"^export (\w+)=(\S+)", code, re.M))
+    assert set(found) == {"ANTHROPIC_BASE_URL", "ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"}
+    found["ANTHROPIC_BASE_URL"] = found["ANTHROPIC_BASE_URL"].replace("http://127.0.0.1:9081", base_url)
+    found["ANTHROPIC_AUTH_TOKEN"] = found["ANTHROPIC_AUTH_TOKEN"].replace("the-token-you-gave-alice", TEAM)
+    return found
+
+
+@pytest.mark.parametrize("credentials", ["ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_API_KEY", "own key"])
 @pytest.mark.gen_test(timeout=120)
 async def test_claude_code_completes_a_turn_with_a_tool_call_through_the_proxy(
-    proxy, app, base_url, claude, config, tmp_path, variable
+    proxy, app, base_url, claude, config, tmp_path, credentials
 ):
     home = tmp_path / "home"
     home.mkdir()
@@ -150,20 +180,21 @@ async def test_claude_code_completes_a_turn_with_a_tool_call_through_the_proxy(
     note.write_text("the secret word is pumpkin\n")
     # The model asks Claude Code to read the file; Claude Code reads it and sends the result back.
     claude.push(Behaviour(tool={"name": "Read", "input": {"file_path": str(note)}}), Behaviour())
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(home),
-        # The three variables of the README's example.
-        "ANTHROPIC_BASE_URL": base_url,
-        variable: TEAM,
-        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
-        # Offline and quick: no telemetry, no update check, one retry at most.
-        "DISABLE_TELEMETRY": "1",
-        "DISABLE_AUTOUPDATER": "1",
-        "CLAUDE_CODE_MAX_RETRIES": "1",
-    }
+    env = readme_environment(base_url)
+    token, upstream_key = "team", KEY_A
+    if credentials == "ANTHROPIC_API_KEY":
+        env["ANTHROPIC_API_KEY"] = env.pop("ANTHROPIC_AUTH_TOKEN")
+    elif credentials == "own key":
+        # The caller's own Anthropic key, and the proxy's token in a header of its own.
+        del env["ANTHROPIC_AUTH_TOKEN"]
+        env.update(ANTHROPIC_API_KEY=OWN, ANTHROPIC_CUSTOM_HEADERS="access-token: " + ANN)
+        token, upstream_key = "ann", OWN
+    # A throwaway home; one retry at most, so that a refusal fails the test at once.
+    env.update(PATH=os.environ.get("PATH", "/usr/bin:/bin"), HOME=str(home), CLAUDE_CODE_MAX_RETRIES="1")
+    trace = tmp_path / "connect.trace"
     code, out, err = await run(
-        [claude_code_binary(), "-p", "What is the secret word in note.txt?", "--output-format", "json"],
+        ["strace", "-f", "-qq", "-e", "trace=connect", "-o", str(trace), claude_code_binary()]
+        + ["-p", "What is the secret word in note.txt?", "--output-format", "json"],
         env,
         str(home),
     )
@@ -171,14 +202,18 @@ async def test_claude_code_completes_a_turn_with_a_tool_call_through_the_proxy(
     result = json.loads(out)
     assert result["is_error"] is False and result["num_turns"] == 2
     assert "pumpkin" in result["result"]
+    # Set up as the README says, it connects to the proxy and nowhere else (no DNS either).
+    port = int(base_url.rsplit(":", 1)[1])
+    connects = [line for line in trace.read_text().splitlines() if "AF_INET" in line]
+    assert connects and all("htons(%d)" % port in line and '"127.0.0.1"' in line for line in connects), connects
     sent = list(claude.received)
     assert [(r.method, r.path, r.query) for r in sent] == [("POST", "/v1/messages", "beta=true")] * 2
     assert "tool_result" in json.dumps(sent[1].json["messages"][-1])
     for request in sent:
-        assert request.headers["x-api-key"] == KEY_A and "Authorization" not in request.headers
+        assert request.headers["x-api-key"] == upstream_key and "Authorization" not in request.headers
         assert request.headers["anthropic-beta"].startswith("claude-code-")
-        assert not any(TEAM in value for value in request.headers.values())
+        assert not any(TEAM in value or ANN in value for value in request.headers.values())
     await app.spend.ledger.flush()
     with sqlite3.connect(config.usage_database) as db:
-        rows = db.execute("SELECT token, route, status, estimated, output_tokens FROM usage").fetchall()
-    assert [row[:4] for row in rows] == [("team", "messages", 200, 0)] * 2
+        rows = db.execute("SELECT token, route, status, estimated FROM usage").fetchall()
+    assert rows == [(token, "messages", 200, 0)] * 2

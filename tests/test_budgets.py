@@ -291,6 +291,8 @@ def test_every_claude_price_has_its_cache_write_and_read_rates():
     """Anthropic charges a cache write above the input rate and a cache read at about a tenth of it (or less)."""
     claude = {name: p for name, p in PriceTable().prices.items() if name.startswith("claude-")}
     assert len(claude) >= 20 and "claude-opus-5-5" in claude  # Claude Code's default model
+    # Priced by prompt length: listed at its rates for prompts over 100,000 tokens, the higher ones.
+    assert claude["claude-haiku-5-5"].input == 0.50 and claude["claude-haiku-5-5"].output == 2.50
     for name, price in claude.items():
         assert price.cache_write == 2 * price.input, name
         assert price.cached_input <= price.input * 0.12, name  # Haiku 3: 0.03 of 0.25

@@ -472,12 +472,21 @@ async def test_the_realtime_relay_fails_over_at_its_handshake(proxy, fakes, app,
         ("upstreams-two-keys", [("key-1", "openai", 0), ("key-2", "openai", 0)]),
         ("upstreams-azure-fallback", [("openai", "openai", 0), ("azure", "azure", 1)]),
         ("upstreams-local-models", [("openai", "openai", 0), ("local", "openai", 0)]),
+        (
+            "upstreams-anthropic",
+            [
+                ("openai", "openai", 0),
+                ("claude", "anthropic", 0),
+                ("claude-2", "anthropic", 1),
+                ("claude-callers", "anthropic", 0),
+            ],
+        ),
     ],
 )
 def test_the_documented_upstreams_files_parse_as_described(tmp_path, name, expected):
     language, code = snippet(name)
     assert language == "toml"
-    for secret in ("openai-key-1", "openai-key-2", "openai-key", "azure-key"):
+    for secret in ("openai-key-1", "openai-key-2", "openai-key", "azure-key", "anthropic-key", "anthropic-key-2"):
         (tmp_path / secret).write_text("sk-from-%s\n" % secret)
         code = code.replace('/run/secrets/%s"' % secret, '%s"' % (tmp_path / secret))
     path = tmp_path / "upstreams.toml"
@@ -496,6 +505,16 @@ def test_the_documented_upstreams_files_parse_as_described(tmp_path, name, expec
         router = Router(Settings(upstreams_file=str(path)), upstreams)
         assert [u.name for u in router.candidates("gpt-4o", server_key=True)] == ["openai", "azure"]
         assert [u.name for u in router.candidates("o3", server_key=True)] == ["openai"]
+    if name == "upstreams-anthropic":
+        router = Router(Settings(upstreams_file=str(path)), upstreams)
+        anthropic = ("anthropic",)
+        assert [u.name for u in router.candidates("claude-sonnet-4-5", server_key=True, kinds=anthropic)] == [
+            "claude",
+            "claude-2",
+        ]
+        assert [u.name for u in router.candidates("claude-sonnet-4-5", kinds=anthropic)] == ["claude-callers"]
+        assert [u.name for u in router.candidates("gpt-4o", server_key=True)] == ["openai"]
+        assert by_name["claude"].url("messages", "", None) == "https://api.anthropic.com/v1/messages"
     if name == "upstreams-local-models":
         assert by_name["local"].serves("llama-3-70b") and not by_name["local"].serves("gpt-4o")
         assert not by_name["local"].api_key and not by_name["local"].forward_caller_key
