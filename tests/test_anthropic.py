@@ -489,7 +489,12 @@ async def test_health_metrics_and_the_access_line_name_the_anthropic_surface(pro
     kinds = {u["name"]: u["kind"] for u in health["upstreams"]}
     assert kinds["claude-a"] == "anthropic" and kinds["openai"] == "openai"
     lines = [r.getMessage() for r in caplog.records if r.name == "chat_gpt_proxy.access"]
-    assert any("path=/v1/messages " in line and "upstream=claude-a" in line for line in lines), lines
+    line = next(line for line in lines if "path=/v1/messages " in line)
+    assert "upstream=claude-a" in line and "model=claude-sonnet-4-5-20250929" in line
+    # Anthropic's request id, what its support asks for; the usage, counted as input and output.
+    assert "upstream_request_id=" + response.headers["request-id"] in line
+    usage = json.loads(response.body)["usage"]
+    assert "prompt_tokens=%d completion_tokens=%d" % (usage["input_tokens"], usage["output_tokens"]) in line
 
 
 @pytest.mark.settings(metrics_enabled=True)
