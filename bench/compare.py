@@ -25,7 +25,7 @@ throughput: requests served per CPU-second the proxy process used (from
 unlike wall-clock req/s; the report gives per-subject medians and each
 one's ratio to the first subject. ``--before`` is exported with
 ``git archive`` into a temporary directory (the working tree is not touched).
-Results: bench/results/compare.md.
+Results: bench/results/compare.md (``--surfaces``: compare-surfaces.md).
 """
 
 from __future__ import annotations
@@ -289,7 +289,7 @@ def main() -> None:
                 sum(row["errors"]),
             )
         )
-    write_result("compare-redis.md" if args.redis else "compare.md", lines)
+    write_result("compare-redis.md" if args.redis else "compare-surfaces.md" if args.surfaces else "compare.md", lines)
 
 
 if __name__ == "__main__":
