@@ -253,8 +253,9 @@ async def test_a_client_that_leaves_mid_stream_stops_the_upstream_within_100_ms_
     await app.spend.ledger.flush()
     (row,) = ledger_rows(config)
     assert row["token"] == "team" and row["estimated"] and row["usd"] > 0
-    # The input as message_start reported it; the output the upstream may have run up: the caller's max_tokens.
-    assert row["input_tokens"] == count_input_tokens(claude.received[-1].json) and row["output_tokens"] == 50
+    # The input as message_start reported it; the output it reported (1) and what the upstream may
+    # still have run up: the caller's max_tokens.
+    assert row["input_tokens"] == count_input_tokens(claude.received[-1].json) and row["output_tokens"] == 1 + 50
 
 
 @pytest.mark.parametrize("refusal", ["overloaded_error", "rate_limit_error", "api_error"])
