@@ -182,8 +182,11 @@ async def test_claude_code_completes_a_turn_with_a_tool_call_through_the_proxy(
     claude.push(Behaviour(tool={"name": "Read", "input": {"file_path": str(note)}}), Behaviour())
     env = readme_environment(base_url)
     token, upstream_key = "team", KEY_A
-    if credentials == "ANTHROPIC_API_KEY":
+    discovery = credentials == "ANTHROPIC_API_KEY"
+    if discovery:
         env["ANTHROPIC_API_KEY"] = env.pop("ANTHROPIC_AUTH_TOKEN")
+        # Claude Code asks the gateway for its models first (Anthropic's list shape).
+        env["CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY"] = "1"
     elif credentials == "own key":
         # The caller's own Anthropic key, and the proxy's token in a header of its own.
         del env["ANTHROPIC_AUTH_TOKEN"]
@@ -207,6 +210,10 @@ async def test_claude_code_completes_a_turn_with_a_tool_call_through_the_proxy(
     connects = [line for line in trace.read_text().splitlines() if "AF_INET" in line]
     assert connects and all("htons(%d)" % port in line and '"127.0.0.1"' in line for line in connects), connects
     sent = list(claude.received)
+    if discovery:
+        listed, *sent = sent
+        assert (listed.method, listed.path, listed.query) == ("GET", "/v1/models", "limit=1000")
+        assert listed.headers["x-api-key"] == upstream_key
     assert [(r.method, r.path, r.query) for r in sent] == [("POST", "/v1/messages", "beta=true")] * 2
     assert "tool_result" in json.dumps(sent[1].json["messages"][-1])
     for request in sent:
