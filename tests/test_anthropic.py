@@ -14,7 +14,7 @@ import re
 import sqlite3
 import time
 
-import anthropic
+import httpx
 import pytest
 
 from chat_gpt_proxy.fake_anthropic import Behaviour, FakeAnthropic
@@ -151,17 +151,15 @@ def normalised(body: bytes) -> bytes:
     return IDS.sub(rb"\1_X", body)
 
 
-async def direct(claude, body: dict, headers: dict | None = None):
+async def direct(claude, body: dict, headers: dict | None = None) -> httpx.Response:
     """The same request straight to the fake, with a server key."""
-    client = anthropic.AsyncAnthropic(base_url=claude.url, api_key=KEY_A, max_retries=0)
-    raw = await client._client.post(
-        claude.url + "/v1/messages",
-        content=json.dumps(body).encode(),
-        headers={"x-api-key": KEY_A, "anthropic-version": "2023-06-01", "content-type": "application/json"}
-        | (headers or {}),
-    )
-    await client.close()
-    return raw
+    async with httpx.AsyncClient() as client:
+        return await client.post(
+            claude.url + "/v1/messages",
+            content=json.dumps(body).encode(),
+            headers={"x-api-key": KEY_A, "anthropic-version": "2023-06-01", "content-type": "application/json"}
+            | (headers or {}),
+        )
 
 
 @pytest.mark.gen_test
