@@ -30,7 +30,8 @@ reload: ## reread ACCESS_TOKENS_FILE and UPSTREAMS_FILE in the proxy `make run` 
 	  echo "make reload: no proxy running with its PID in $(PID_FILE); start it with make run" >&2; exit 1; }; \
 	kill -HUP "$$pid" && echo "make reload: sent SIGHUP to the proxy (pid $$pid); its log says what it reloaded"
 
-# The JavaScript snippet of docs/api.md is run by the tests with the official openai package.
+# The tests run the JavaScript snippet of docs/api.md with the official openai package, and the
+# official Anthropic clients (@anthropic-ai/sdk, Claude Code: its platform package holds the binary).
 tests/js/node_modules/.installed: tests/js/package.json tests/js/package-lock.json
 	cd tests/js && npm ci --silent --no-audit --no-fund
 	touch $@

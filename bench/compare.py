@@ -4,11 +4,17 @@
     python bench/compare.py --redis --rounds 5 --seconds 5
     python bench/compare.py --before HEAD~2 --tokens 0 --budgets   # also: a budgeted token and the SQLite ledger, each
     python bench/compare.py --before HEAD~2 --tokens 0 --upstreams 4   # also: UPSTREAMS_FILE with 4 upstreams
+    python bench/compare.py --before main --tokens 0 --surfaces   # also: /v1/chat/completions and /v1/messages
 
 ``--redis`` compares instead the cost of shared limits: the same
 token with a rate limit and a max_concurrent, counted in the process, then in
 Debian's redis-server (REDIS_URL, on CPU 1 with wrk and the upstream): one
 EVALSHA per request to admit it and one to release it.
+
+``--surfaces`` adds the OpenAI passthrough (``POST /v1/chat/completions``,
+before and after) and Anthropic's Messages API (``POST /v1/messages``, after,
+to a ``kind = "anthropic"`` upstream answering the same text in Anthropic's
+shape); each subject's ratio is to the first subject on its route.
 
 Uses bench/run.py's layout: Debian's nginx as the fixed upstream on CPU 1, each
 proxy one process on CPU 0, wrk on CPU 1, ``/chat_complete`` at c=64 and c=1.
@@ -19,7 +25,7 @@ throughput: requests served per CPU-second the proxy process used (from
 unlike wall-clock req/s; the report gives per-subject medians and each
 one's ratio to the first subject. ``--before`` is exported with
 ``git archive`` into a temporary directory (the working tree is not touched).
-Results: bench/results/compare.md.
+Results: bench/results/compare.md (``--surfaces``: compare-surfaces.md).
 """
 
 from __future__ import annotations
@@ -84,6 +90,24 @@ def upstreams_file(path: str, count: int, upstream: str) -> None:
             f.write('[up%d]\nbase_url = "%s"\n\n' % (i, upstream))
 
 
+HELLO = [{"role": "user", "content": "Hello!"}]
+# (path, body, extra headers) of each route measured.
+CHAT_COMPLETE = ("/chat_complete", {"prompt": "Hello!", "generate_params": {"model_name": MODEL}}, {})
+V1_CHAT = ("/v1/chat/completions", {"model": MODEL, "messages": HELLO}, {})
+MESSAGES = (
+    "/v1/messages",
+    {"model": "claude-sonnet-4-5", "max_tokens": 64, "messages": HELLO},
+    {"anthropic-version": "2023-06-01"},
+)
+
+
+def anthropic_upstreams_file(path: str, port: int) -> None:
+    """OpenAI and an Anthropic upstream, both the benchmark's nginx; callers bring their own keys."""
+    with open(path, "w") as f:
+        f.write('[openai]\nbase_url = "http://127.0.0.1:%d/json/v1"\n\n' % port)
+        f.write('[claude]\nkind = "anthropic"\nbase_url = "http://127.0.0.1:%d/anthropic"\n' % port)
+
+
 def proxy_env(
     port: int, upstream: str, tokens: str = "", redis_url: str = "", ledger: str = "", upstreams: str = "", **extra
 ):
@@ -136,6 +160,9 @@ def main() -> None:
     parser.add_argument("--redis", action="store_true", help="limits in the process against limits in Redis")
     parser.add_argument("--budgets", action="store_true", help="also: a budgeted token and the SQLite ledger")
     parser.add_argument("--upstreams", type=int, default=0, help="also: UPSTREAMS_FILE with this many upstreams")
+    parser.add_argument(
+        "--surfaces", action="store_true", help="also: /v1/chat/completions before and after, /v1/messages after"
+    )
     args = parser.parse_args()
 
     workdir = tempfile.mkdtemp(prefix="chat_gpt_proxy-compare-")
@@ -169,12 +196,23 @@ def main() -> None:
                 ("before (%s), a budgeted token and the SQLite ledger (USAGE_DATABASE)" % commit, before_tree, path)
             )
             subjects.append(("after, a budgeted token and the SQLite ledger (USAGE_DATABASE)", ROOT, path))
+        routes = {}
+        anthropic_path = ""
+        if args.surfaces:
+            anthropic_path = os.path.join(workdir, "anthropic-upstreams.toml")
+            anthropic_upstreams_file(anthropic_path, up_port)
+            for label, tree, route in (
+                ("before (%s), /v1/chat/completions" % commit, before_tree, V1_CHAT),
+                ("after, /v1/chat/completions", ROOT, V1_CHAT),
+                ("after, /v1/messages (Anthropic's Messages API)", ROOT, MESSAGES),
+            ):
+                subjects.append((label, tree, None))
+                routes[label] = route
         upstreams_path = ""
         if args.upstreams:
             upstreams_path = os.path.join(workdir, "upstreams.toml")
             upstreams_file(upstreams_path, args.upstreams, upstream)
             subjects.append(("after, UPSTREAMS_FILE with %d upstreams" % args.upstreams, ROOT, None))
-        body = {"prompt": "Hello!", "generate_params": {"model_name": MODEL}}
         for _ in range(args.rounds):
             for label, tree, tokens in subjects:
                 in_redis = "REDIS_URL" in label
@@ -183,35 +221,38 @@ def main() -> None:
                     os.path.join(workdir, "usage-%s.sqlite3" % label.split()[0]) if "USAGE_DATABASE" in label else ""
                 )
                 several = upstreams_path if "UPSTREAMS_FILE" in label else ""
+                path, body, headers = routes.get(label, CHAT_COMPLETE)
+                if path == "/v1/messages":
+                    several = anthropic_path
                 proxy, port = start(
                     procs, tree, upstream, "proxy", tokens, redis_url if in_redis else "", ledger, several
                 )
-                url = "http://127.0.0.1:%d/chat_complete" % port
+                url = "http://127.0.0.1:%d%s" % (port, path)
                 token = TOKEN + "-named" if tokens else TOKEN
                 row = results.setdefault(label, {"per_cpu_s": [], "rps": [], "p50_c1": [], "errors": []})
-                wrk(url, body, 64, 1, workdir, token=token)  # warm-up: upstream pool, caches
+                wrk(url, body, 64, 1, workdir, token=token, headers=headers)  # warm-up: upstream pool, caches
                 cpu = cpu_seconds(proxy.pid)
-                result = wrk(url, body, 64, args.seconds, workdir, token=token)
+                result = wrk(url, body, 64, args.seconds, workdir, token=token, headers=headers)
                 row["per_cpu_s"].append(result["requests"] / (cpu_seconds(proxy.pid) - cpu))
                 row["rps"].append(result["rps"])
                 row["errors"].append(result["errors"])
-                result = wrk(url, body, 1, args.seconds, workdir, token=token)
+                result = wrk(url, body, 1, args.seconds, workdir, token=token, headers=headers)
                 row["p50_c1"].append(result["p50_ms"])
                 row["errors"].append(result["errors"])
                 procs.stop(proxy)
     finally:
         procs.stop_all()
 
-    base = statistics.median(next(iter(results.values()))["per_cpu_s"])
     command = (
         "--redis --rounds %d --seconds %g" % (args.rounds, args.seconds)
         if args.redis
-        else "--before %s --tokens %d%s%s --rounds %d --seconds %g"
+        else "--before %s --tokens %d%s%s%s --rounds %d --seconds %g"
         % (
             args.before,
             args.tokens,
             " --budgets" if args.budgets else "",
             " --upstreams %d" % args.upstreams if args.upstreams else "",
+            " --surfaces" if args.surfaces else "",
             args.rounds,
             args.seconds,
         )
@@ -219,21 +260,25 @@ def main() -> None:
     lines = [
         "Command: `python bench/compare.py %s` (rounds interleaved)" % command,
         "",
-        "| subject | requests per CPU-second of the proxy, c=64: median (each round) | vs first "
-        "| vs first, median of each round's ratio "
+        "| subject | route | requests per CPU-second of the proxy, c=64: median (each round) | vs first on its route "
+        "| vs first on its route, median of each round's ratio "
         "| req/s c=64 (wall clock), median | p50 ms c=1, median | errors |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "|---|---|---|---:|---:|---:|---:|---:|",
     ]
-    first = next(iter(results.values()))["per_cpu_s"]
+    firsts: dict[str, list[float]] = {}
     for label, row in results.items():
+        route = routes.get(label, CHAT_COMPLETE)[0]
+        first = firsts.setdefault(route, row["per_cpu_s"])
+        base = statistics.median(first)
         per_cpu = statistics.median(row["per_cpu_s"])
         # The subjects of one round run back to back, so they share that
         # moment's machine; the ratio within a round cancels most of the drift.
         paired = statistics.median(r / f if f else float("nan") for r, f in zip(row["per_cpu_s"], first, strict=True))
         lines.append(
-            "| %s | %.0f (%s) | %.1f %% | %.1f %% | %.0f (%s) | %.3f | %d |"
+            "| %s | `%s` | %.0f (%s) | %.1f %% | %.1f %% | %.0f (%s) | %.3f | %d |"
             % (
                 label,
+                route,
                 per_cpu,
                 ", ".join("%.0f" % r for r in row["per_cpu_s"]),
                 100 * per_cpu / base,
@@ -244,7 +289,7 @@ def main() -> None:
                 sum(row["errors"]),
             )
         )
-    write_result("compare-redis.md" if args.redis else "compare.md", lines)
+    write_result("compare-redis.md" if args.redis else "compare-surfaces.md" if args.surfaces else "compare.md", lines)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,26 @@ CHAT_JSON = {
 }
 
 
+# The same answer as Anthropic's Messages API writes it (bench/compare.py --surfaces).
+MESSAGE_JSON = {
+    "id": "msg_01XFDUDYJgAACzvnptvVoYEL",
+    "type": "message",
+    "role": "assistant",
+    "model": "claude-sonnet-4-5-20250929",
+    "content": [{"type": "text", "text": CHAT_JSON["choices"][0]["message"]["content"]}],
+    "stop_reason": "end_turn",
+    "stop_sequence": None,
+    "usage": {
+        "input_tokens": 19,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+        "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0},
+        "output_tokens": 40,
+        "service_tier": "standard",
+    },
+}
+
+
 def sse_body(events: int = 20) -> str:
     out = []
     for i in range(events):
@@ -182,6 +202,7 @@ UPSTREAM_SERVER = """
     server {{
         listen 127.0.0.1:{port} backlog=4096;
         location = /json/v1/chat/completions {{ default_type application/json; return 200 '{json}'; }}
+        location = /anthropic/v1/messages {{ default_type application/json; return 200 '{message}'; }}
         # Too long for `return`: a file, and the classic redirect that lets a POST read it.
         location = /sse/v1/chat/completions {{
             default_type text/event-stream; alias {sse_file}; error_page 405 =200 $uri;
@@ -219,7 +240,12 @@ def start_fixed_upstream(procs: Processes, cpu: int = 1) -> int:
     sse_file = os.path.join(procs.workdir, "sse.txt")
     with open(sse_file, "w") as f:
         f.write(sse_body())
-    body = UPSTREAM_SERVER.format(port=port, json=json.dumps(CHAT_JSON, separators=(",", ":")), sse_file=sse_file)
+    body = UPSTREAM_SERVER.format(
+        port=port,
+        json=json.dumps(CHAT_JSON, separators=(",", ":")),
+        message=json.dumps(MESSAGE_JSON, separators=(",", ":")),
+        sse_file=sse_file,
+    )
     start_nginx(procs, "upstream", body, cpu=cpu)
     wait_port(port)
     return port
@@ -250,7 +276,7 @@ wrk.headers["Content-Type"] = "application/json"
 wrk.headers["access-token"] = "{token}"
 wrk.headers["openai-token"] = "{key}"
 wrk.headers["Authorization"] = "Bearer {key}"
-"""
+{extra}"""
 
 
 def lua_string(text: str) -> str:
@@ -264,11 +290,19 @@ def parse_duration(text: str) -> float:
 
 
 def wrk(
-    url: str, body: dict, connections: int, seconds: float, workdir: str, rss_pid: int | None = None, token: str = TOKEN
+    url: str,
+    body: dict,
+    connections: int,
+    seconds: float,
+    workdir: str,
+    rss_pid: int | None = None,
+    token: str = TOKEN,
+    headers: dict[str, str] | None = None,
 ) -> dict:
     script = os.path.join(workdir, "post.lua")
+    extra = "".join("wrk.headers[%s] = %s\n" % (lua_string(k), lua_string(v)) for k, v in (headers or {}).items())
     with open(script, "w") as f:
-        f.write(WRK_LUA.format(body=lua_string(json.dumps(body)), token=token, key=KEY))
+        f.write(WRK_LUA.format(body=lua_string(json.dumps(body)), token=token, key=KEY, extra=extra))
     cmd = ["wrk", "-t1", "-c%d" % connections, "-d%ds" % max(1, round(seconds)), "--latency", "-s", script, url]
     if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
         cmd = ["taskset", "-c", "1", *cmd]

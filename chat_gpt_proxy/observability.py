@@ -376,11 +376,12 @@ def log_request(handler) -> None:
     ttfb_s = access.first_byte_at - access.started if access.first_byte_at else None
     prompt_tokens, completion_tokens = token_counts(access.usage)
     model = access.model[:MAX_FIELD_CHARS] if isinstance(access.model, str) else None
-    upstream_id = call.headers.get("x-request-id") if call is not None else None
+    # OpenAI's x-request-id, Anthropic's request-id.
+    upstream_id = (call.headers.get("x-request-id") or call.headers.get("request-id")) if call is not None else None
     token = access.token
     record = {
         "request_id": access.request_id,
-        # OpenAI's id for the same request (what its support asks for).
+        # The upstream's id for the same request (what its support asks for).
         "upstream_request_id": upstream_id[:MAX_FIELD_CHARS] if upstream_id is not None else None,
         "client_request_id": client_request_id(handler.request),
         "client": client_address(handler, config.trusted_proxies),

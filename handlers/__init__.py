@@ -3,11 +3,12 @@
 Their shared bases: ``base`` (request ids, bodies, HEAD/OPTIONS, disconnects),
 ``admission`` (access token, limits, key, allow-list, concurrency cap),
 ``errors`` (JSON errors), ``relay`` (calling the upstream and relaying its
-answer), ``openai_style`` (how /v1/* takes the key and words its errors) and
+answer), ``forwarding`` (a request forwarded as it came, its answer relayed
+as it came), ``openai_style`` (how /v1/* takes the key and words its errors) and
 ``usage_page`` and ``pages`` (what HTML pages are served with).
 """
 
-from . import admin, chat, passthrough, playground, public, realtime
+from . import admin, anthropic, chat, passthrough, playground, public, realtime
 
 routes = [
     *playground.routes,
@@ -15,5 +16,7 @@ routes = [
     *admin.routes,
     *chat.routes,
     *realtime.routes,
+    # Before /v1/*: Anthropic's routes, and /v1/models for an Anthropic client.
+    *anthropic.routes,
     *passthrough.routes,
 ]

@@ -10,7 +10,7 @@ import time
 from chat_gpt_proxy.access.tokens import UNAVAILABLE
 from chat_gpt_proxy.observability import CLIENT_CLOSED_STATUS
 from chat_gpt_proxy.upstream.pool import UpstreamPool
-from chat_gpt_proxy.upstream.routing import Upstream
+from chat_gpt_proxy.upstream.routing import OPENAI_KINDS, Upstream
 from chat_gpt_proxy.usage.budgets import Over
 from chat_gpt_proxy.usage.meter import output_cap
 
@@ -179,13 +179,19 @@ class Admission:
         caller of a shared key never sees them (the key appears in
         no error body).
         """
-        log.warning("server key refused by the upstream request_id=%s (check OPENAI_API_KEY)", self.request_id)
+        log.warning(
+            "server key refused by the upstream request_id=%s upstream=%s (check its key, or OPENAI_API_KEY)",
+            self.request_id,
+            self.access.upstream,
+        )
         return ApiError(
             502,
-            "The upstream refused this proxy's own OpenAI key; tell the proxy's operator.",
+            "The upstream refused this proxy's own %s; tell the proxy's operator." % self.key_name,
             "upstream_error",
             "server_key_refused",
         )
+
+    refused_access_message = "Missing or wrong access-token header."
 
     def presented_access_token(self) -> str:
         return self.request.headers.get("access-token", "")
@@ -195,7 +201,7 @@ class Admission:
         tokens = self.application.tokens
         entry = tokens.lookup(self.presented_access_token())
         if entry is None:
-            raise ApiError(403, "Missing or wrong access-token header.", "permission_denied", "invalid_access_token")
+            raise ApiError(403, self.refused_access_message, "permission_denied", "invalid_access_token")
         self.token = entry
         # Names the caller in the access log and metrics; "-" for ACCESS_TOKEN's.
         self.access.token = entry.name
@@ -262,17 +268,28 @@ class Admission:
         """ALLOWED_MODELS, or the caller's token's own allowed_models."""
         return self.token.policy.allowed_models if self.token is not None else self.config.allowed_models
 
-    def upstream_candidates(self, model: str | None, *, realtime: bool = False) -> list[Upstream]:
-        """The upstreams to try for ``model``, best first; 404 if none serves it, 403 if none is this token's."""
+    def upstream_candidates(
+        self, model: str | None, *, realtime: bool = False, kinds: tuple[str, ...] = OPENAI_KINDS
+    ) -> list[Upstream]:
+        """The upstreams of ``kinds`` (those that speak the request's API) to try for ``model``, best first;
+        404 if none serves it, 403 if none is this token's."""
         router = self.application.router
         allowed = self.token.policy.upstreams if self.token is not None else ()
-        found = router.candidates(model, allowed, self.used_server_key)
+        found = router.candidates(model, allowed, self.used_server_key, kinds)
         if realtime:
             # Azure's realtime API is shaped otherwise, and an alias would have to rewrite the query.
             found = [u for u in found if u.kind == "openai" and u.upstream_model(model) == model]
         if found:
             return found
-        if not any(u.serves(model) for u in router.upstreams):
+        if not any(u.kind in kinds for u in router.upstreams):
+            raise ApiError(
+                404,
+                "No upstream of this proxy speaks this API: the operator can add one of kind = %s to UPSTREAMS_FILE."
+                % " or ".join('"%s"' % kind for kind in kinds),
+                "invalid_request_error",
+                "model_not_found",
+            )
+        if not any(u.serves(model) for u in router.upstreams if u.kind in kinds):
             raise ApiError(
                 404,
                 "No upstream of this proxy serves the model %r." % (model or "")[:100],
@@ -299,7 +316,8 @@ class Admission:
         if metrics is not None:
             metrics.upstream_failovers.labels(upstream.name, reason).inc()
 
-    # How this surface names the key and its errors; /v1/* overrides them.
+    # How this surface names the key and its errors; /v1/* and /v1/messages override them.
+    key_name = "OpenAI key"
     missing_key_message = "Missing openai-token header: send your OpenAI API key in it."
 
     key_error_codes = ("missing_openai_token", "invalid_openai_token")
@@ -321,5 +339,5 @@ class Admission:
         if not key:
             raise ApiError(401, self.missing_key_message, "authentication_error", missing)
         if not API_KEY_RE.match(key):
-            raise ApiError(401, "The OpenAI key is malformed.", "authentication_error", malformed)
+            raise ApiError(401, "The %s is malformed." % self.key_name, "authentication_error", malformed)
         return key

@@ -13,10 +13,11 @@ import time
 
 from tornado.ioloop import IOLoop
 
+from chat_gpt_proxy import tornado_internals as internals
 from chat_gpt_proxy.cache import Entry, cache_key, key_partition
 from chat_gpt_proxy.formats.openai import OPENAI_JSON, OpenAIJson
 from chat_gpt_proxy.formats.sse import SseParser, parse_all
-from chat_gpt_proxy.request.strict_json import dumps, loads
+from chat_gpt_proxy.request.strict_json import loads
 from chat_gpt_proxy.upstream.call import UpstreamCall
 from chat_gpt_proxy.upstream.errors import UpstreamError
 from chat_gpt_proxy.upstream.headers import relayed_headers
@@ -36,7 +37,6 @@ SSE_HEADERS = {
     # nginx buffers proxied responses unless told not to.
     "X-Accel-Buffering": "no",
 }
-SSE_DONE = b"data: [DONE]\n\n"
 SSE_KEEPALIVE = b": keep-alive\n\n"
 # Events are relayed whole, so that keep-alive comments and a final error
 # event never land inside one. An upstream that never ends an event cannot
@@ -54,10 +54,6 @@ def without_content(status: int, method: str) -> bool:
     """Whether an answer has no body: to HEAD, 1xx, 204 and 304 (RFC 9110 section 6.4.1),
     and 205, which must not have one (section 15.3.6)."""
     return method == "HEAD" or status < 200 or status in (204, 205, 304)
-
-
-def error_event(exc: UpstreamError) -> bytes:
-    return b"data: " + dumps({"error": exc.error_object()}) + b"\n\n" + SSE_DONE
 
 
 class ProxyHandler(BaseHandler):
@@ -91,7 +87,7 @@ class ProxyHandler(BaseHandler):
         take_upstream_slot(self, self.pool)
         router = self.application.router
         candidates = []
-        for upstream in self.upstream_candidates(model):
+        for upstream in self.upstream_candidates(model, kinds=self.api_format.kinds):
             upstream_body = body(upstream) if callable(body) else body
             if callable(body) and upstream_body is None:
                 continue  # it names the model otherwise, and this body cannot be rewritten
@@ -375,8 +371,9 @@ class ProxyHandler(BaseHandler):
                 except UpstreamError as exc:
                     if self.client_left(exc):
                         return
-                    self.upstream_failed(exc)
-                    self.write((SSE_END_EVENT if parser.relayed else b"") + error_event(exc))
+                    error = self.upstream_failed(exc)
+                    ended = self.api_format.error_event(error.status_code, exc.error_object())
+                    self.write((SSE_END_EVENT if parser.relayed else b"") + ended)
                     await self.flush_or_abort()
                     return
                 if chunk is None:
@@ -390,6 +387,12 @@ class ProxyHandler(BaseHandler):
                         self.keep_in_cache(Entry("sse", SSE_HEADERS["Content-Type"], events=tuple(self.cache_events)))
                     return
                 out = [relayed.raw for relayed in map(meter.event, parser.feed(chunk)) if relayed is not None]
+                if meter.foreign and not internals.headers_written(self):
+                    # Not the format the client speaks (an OpenAI-compatible server behind a
+                    # Messages route): nothing is relayed, the client gets an error it can read.
+                    call.abort("foreign")
+                    self.note_fault("foreign_format")
+                    raise ApiError(502, self.api_format.foreign_message, "upstream_error", "upstream_wrong_format")
                 self.access.events += len(out)
                 if parser.pending > MAX_PENDING_EVENT:
                     # An event too large to hold back: its part goes out now, and

@@ -72,6 +72,18 @@ OTHER_SECRETS = (
     # The redis_server fixture's password (REDIS_URL), and a wrong one.
     "redis-PASS-4c8e1a9f",
     "wrong-REDIS-pass-77d1",
+    # tests/test_anthropic*.py: named tokens and Anthropic keys (the server's and a caller's).
+    "team-ANTHROPIC-TOKEN-4d2b7e",
+    "ann-ANTHROPIC-TOKEN-8c1f3a",
+    "budgeted-ANTHROPIC-TOKEN-2e9d5c",
+    "haiku-ANTHROPIC-TOKEN-6a0b1d",
+    "cached-ANTHROPIC-TOKEN-9f3e0a",
+    "limited-ANTHROPIC-TOKEN-1b7c4d",
+    "admin-ANTHROPIC-7e2f9c",
+    "sk-ant-SERVERKEY-A-3f8e1c",
+    "sk-ant-SERVERKEY-B-7b2d9a",
+    "sk-ant-OWNKEY-5c4e2a",
+    "sk-ant-FAKEKEY-0c9d2e",
 )
 AUTH = {"access-token": ACCESS_TOKEN, "openai-token": OPENAI_KEY}
 

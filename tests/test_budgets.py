@@ -15,8 +15,9 @@ import websockets
 
 from chat_gpt_proxy.access.tokens import TokensFileError, parse_tokens_file
 from chat_gpt_proxy.fake_openai.behaviours import Behaviour
+from chat_gpt_proxy.formats.usage import Usage
 from chat_gpt_proxy.usage.budgets import Budget, BudgetBook, period_bounds
-from chat_gpt_proxy.usage.prices import PricesFileError, PriceTable, parse_prices
+from chat_gpt_proxy.usage.prices import Price, PricesFileError, PriceTable, parse_prices
 from chat_gpt_proxy.usage.report import csv_cell
 from server import reload_tokens
 from settings import Settings, SettingsError
@@ -280,7 +281,37 @@ def test_dated_model_names_take_their_familys_price():
     assert prices.price("gpt-4o-mini-2024-07-18") == prices.price("gpt-4o-mini")
     assert prices.price("gpt-4-0613") == prices.price("gpt-4")
     assert prices.price("gpt-4.1-2025-04-14") == prices.price("gpt-4.1")
+    assert prices.price("claude-sonnet-4-5-20250929") == prices.price("claude-sonnet-4-5")
+    assert prices.price("claude-opus-4-20250514") == prices.price("claude-opus-4-0") == prices.price("claude-opus-4")
+    assert prices.price("claude-3-5-haiku-20241022") == prices.price("claude-3-5-haiku-latest")
     assert prices.price("no-such-model") is None
+
+
+def test_every_claude_price_has_its_cache_write_and_read_rates():
+    """Anthropic charges a cache write above the input rate and a cache read at about a tenth of it (or less)."""
+    claude = {name: p for name, p in PriceTable().prices.items() if name.startswith("claude-")}
+    assert len(claude) >= 20 and "claude-opus-5-5" in claude  # Claude Code's default model
+    # Priced by prompt length: listed at its rates for prompts over 100,000 tokens, the higher ones.
+    assert claude["claude-haiku-5-5"].input == 0.50 and claude["claude-haiku-5-5"].output == 2.50
+    for name, price in claude.items():
+        assert price.cache_write == 2 * price.input, name
+        assert price.cached_input <= price.input * 0.12, name  # Haiku 3: 0.03 of 0.25
+        assert price.output == 5 * price.input, name
+
+
+def test_a_usage_with_cache_writes_and_reads_costs_each_at_its_rate():
+    price = Price(input=3.0, output=15.0, cached_input=0.30, cache_write=6.0)
+    # 1,000 uncached, 2,000 written to the cache, 10,000 read from it: 13,000 input tokens in all.
+    usage = Usage(input_tokens=13_000, output_tokens=500, cached_tokens=10_000, cache_write_tokens=2_000)
+    assert price.cost(usage) == pytest.approx((1_000 * 3.0 + 2_000 * 6.0 + 10_000 * 0.30 + 500 * 15.0) / 1e6)
+    # Without a cache_write rate, a write costs the input price (as OpenAI charges it).
+    assert Price(input=3.0, output=15.0).cost(Usage(3_000, 0, 0, 2_000)) == pytest.approx(0.009)
+
+
+def test_a_prices_file_may_give_a_cache_write_rate(tmp_path):
+    path = tmp_path / "prices.toml"
+    path.write_text('["claude-x"]\ninput = 1\ncache_write = 1.25\ncached_input = 0.1\noutput = 5\n')
+    assert parse_prices(str(path))["claude-x"] == Price(input=1.0, output=5.0, cached_input=0.1, cache_write=1.25)
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import ast
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-BASES = {"base", "admission", "errors", "relay", "openai_style", "usage_page", "pages", "private"}
+BASES = {"base", "admission", "errors", "relay", "forwarding", "openai_style", "usage_page", "pages", "private"}
 
 
 def imported_modules(path: pathlib.Path, root: pathlib.Path = ROOT) -> set[str]:

@@ -370,6 +370,8 @@ async def test_the_official_sdk_through_two_upstreams(proxy, fakes, base_url):
         ('[a]\nbase_url = "http://127.0.0.1:1/v1"\nweight = 0\n', "weight must be an integer from 1 to 1000"),
         ('[a]\nbase_url = "https://x.example"\nkind = "azure"\n', "an azure upstream needs its api_key"),
         ('[a]\nbase_url = "http://127.0.0.1:1/v1"\nproxy = "ftp://p:1"\n', "upstream 'a': proxy: the scheme"),
+        ('[a]\nbase_url = "https://x.example"\nkind = "anthropic"\napi_version = "1"\n', "api_version is for"),
+        ('[a]\nbase_url = "https://x.example/v1"\nkind = "anthropic"\n', "ends before /v1"),
         ("", "names no upstream"),
     ],
 )
@@ -470,12 +472,21 @@ async def test_the_realtime_relay_fails_over_at_its_handshake(proxy, fakes, app,
         ("upstreams-two-keys", [("key-1", "openai", 0), ("key-2", "openai", 0)]),
         ("upstreams-azure-fallback", [("openai", "openai", 0), ("azure", "azure", 1)]),
         ("upstreams-local-models", [("openai", "openai", 0), ("local", "openai", 0)]),
+        (
+            "upstreams-anthropic",
+            [
+                ("openai", "openai", 0),
+                ("claude", "anthropic", 0),
+                ("claude-2", "anthropic", 1),
+                ("claude-callers", "anthropic", 0),
+            ],
+        ),
     ],
 )
 def test_the_documented_upstreams_files_parse_as_described(tmp_path, name, expected):
     language, code = snippet(name)
     assert language == "toml"
-    for secret in ("openai-key-1", "openai-key-2", "openai-key", "azure-key"):
+    for secret in ("openai-key-1", "openai-key-2", "openai-key", "azure-key", "anthropic-key", "anthropic-key-2"):
         (tmp_path / secret).write_text("sk-from-%s\n" % secret)
         code = code.replace('/run/secrets/%s"' % secret, '%s"' % (tmp_path / secret))
     path = tmp_path / "upstreams.toml"
@@ -494,6 +505,16 @@ def test_the_documented_upstreams_files_parse_as_described(tmp_path, name, expec
         router = Router(Settings(upstreams_file=str(path)), upstreams)
         assert [u.name for u in router.candidates("gpt-4o", server_key=True)] == ["openai", "azure"]
         assert [u.name for u in router.candidates("o3", server_key=True)] == ["openai"]
+    if name == "upstreams-anthropic":
+        router = Router(Settings(upstreams_file=str(path)), upstreams)
+        anthropic = ("anthropic",)
+        assert [u.name for u in router.candidates("claude-sonnet-4-5", server_key=True, kinds=anthropic)] == [
+            "claude",
+            "claude-2",
+        ]
+        assert [u.name for u in router.candidates("claude-sonnet-4-5", kinds=anthropic)] == ["claude-callers"]
+        assert [u.name for u in router.candidates("gpt-4o", server_key=True)] == ["openai"]
+        assert by_name["claude"].url("messages", "", None) == "https://api.anthropic.com/v1/messages"
     if name == "upstreams-local-models":
         assert by_name["local"].serves("llama-3-70b") and not by_name["local"].serves("gpt-4o")
         assert not by_name["local"].api_key and not by_name["local"].forward_caller_key
@@ -501,6 +522,27 @@ def test_the_documented_upstreams_files_parse_as_described(tmp_path, name, expec
         assert [u.name for u in router.candidates("llama-3-8b")] == ["local"]
         assert [u.name for u in router.candidates("gpt-4o")] == ["openai"]
         assert [u.name for u in router.candidates(None)] == ["openai"]
+
+
+def test_anthropic_upstreams_serve_anthropics_api_alone(tmp_path):
+    """Each API goes to the upstreams that speak it, before the tiers and the catch-alls are weighed."""
+    (tmp_path / "key").write_text("sk-ant-from-file\n")
+    path = tmp_path / "upstreams.toml"
+    path.write_text(
+        '[openai]\nbase_url = "https://api.openai.com/v1"\napi_key = "sk-openai"\n'
+        '[claude]\nkind = "anthropic"\nbase_url = "https://api.anthropic.com"\napi_key_file = "%s"\n'
+        'models = ["claude-*"]\n' % (tmp_path / "key")
+    )
+    upstreams = parse_upstreams(str(path), Settings())
+    router = Router(Settings(upstreams_file=str(path)), upstreams)
+    claude = upstreams[1]
+    assert claude.kind == "anthropic" and claude.api_key == "sk-ant-from-file"
+    assert [u.name for u in router.candidates("claude-opus-5-5", server_key=True)] == ["openai"]
+    assert [u.name for u in router.candidates("claude-opus-5-5", server_key=True, kinds=("anthropic",))] == ["claude"]
+    assert router.candidates("gpt-4o", server_key=True, kinds=("anthropic",)) == []
+    assert claude.url("messages", "beta=true", "claude-opus-5-5") == "https://api.anthropic.com/v1/messages?beta=true"
+    assert claude.auth_headers("sk-ant-x") == {"x-api-key": "sk-ant-x"}
+    assert Router(Settings()).candidates("claude-opus-5-5", kinds=("anthropic",)) == []
 
 
 @pytest.mark.parametrize("model", ["gpt-4o/../../evil?x=", "..", "gpt 4o", "a#b", "x/y"])

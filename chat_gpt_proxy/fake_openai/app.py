@@ -154,6 +154,33 @@ class FakeOpenAI:
             "completed": self.completed,
         }
 
+    # Any path no route takes, and what POST /_fake/script queues (a subclass speaking another API gives its own).
+    not_found = NotFound
+    behaviour_class = Behaviour
+
+    def routes(self) -> list:
+        """The fake's routes: OpenAI's, Azure OpenAI's and its own scripting ones."""
+        return [
+            (r"/v1/chat/completions", ChatCompletions),
+            (r"/v1/responses", Responses),
+            (r"/v1/(?:responses|batches)/([A-Za-z0-9_-]+)", Retrieve),
+            (r"/v1/batches", Batches),
+            (r"/v1/models", Models),
+            (r"/v1/embeddings", Embeddings),
+            (r"/v1/files", Files),
+            (r"/v1/files/([A-Za-z0-9_-]+)/content", FileContent),
+            (r"/v1/raw/.*", RawAnswer),
+            (r"/v1/realtime", RealtimeSocket),
+            (r"/v1/realtime/client_secrets", RealtimeClientSecrets),
+            (r"/v1/realtime/calls", RealtimeCalls),
+            (r"/openai/deployments/([^/]+)/chat/completions", AzureChatCompletions),
+            (r"/openai/deployments/([^/]+)/embeddings", AzureEmbeddings),
+            (r"/openai/responses", AzureResponses),
+            (r"/openai/.*", AzureNotFound),
+            (r"/_fake/script", Script),
+            (r"/_fake/stats", Stats),
+        ]
+
     def start(
         self, port: int = 0, address: str = "127.0.0.1", sockets=None, idle_connection_timeout: float = 3600
     ) -> int:
@@ -170,27 +197,8 @@ class FakeOpenAI:
                 return super().handle_stream(stream, address)
 
         app = DecodingApplication(
-            [
-                (r"/v1/chat/completions", ChatCompletions),
-                (r"/v1/responses", Responses),
-                (r"/v1/(?:responses|batches)/([A-Za-z0-9_-]+)", Retrieve),
-                (r"/v1/batches", Batches),
-                (r"/v1/models", Models),
-                (r"/v1/embeddings", Embeddings),
-                (r"/v1/files", Files),
-                (r"/v1/files/([A-Za-z0-9_-]+)/content", FileContent),
-                (r"/v1/raw/.*", RawAnswer),
-                (r"/v1/realtime", RealtimeSocket),
-                (r"/v1/realtime/client_secrets", RealtimeClientSecrets),
-                (r"/v1/realtime/calls", RealtimeCalls),
-                (r"/openai/deployments/([^/]+)/chat/completions", AzureChatCompletions),
-                (r"/openai/deployments/([^/]+)/embeddings", AzureEmbeddings),
-                (r"/openai/responses", AzureResponses),
-                (r"/openai/.*", AzureNotFound),
-                (r"/_fake/script", Script),
-                (r"/_fake/stats", Stats),
-            ],
-            default_handler_class=NotFound,
+            self.routes(),
+            default_handler_class=self.not_found,
             fake=self,
             log_function=lambda handler: None,
         )

@@ -454,7 +454,7 @@ class Script(FakeHandler):
     def post(self) -> None:
         """POST /_fake/script: queue a behaviour (JSON fields of ``Behaviour``); with ``?model=M``,
         every request for model M gets it."""
-        behaviour = Behaviour(**json.loads(self.request.body))
+        behaviour = self.fake.behaviour_class(**json.loads(self.request.body))
         model = self.get_query_argument("model", None)
         if model:
             self.fake.by_model[model] = behaviour

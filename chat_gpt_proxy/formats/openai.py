@@ -18,9 +18,13 @@ import json
 
 import ijson
 
+from chat_gpt_proxy.request.strict_json import dumps
+from chat_gpt_proxy.upstream.routing import OPENAI_KINDS
+
 from .sse import Event
 from .usage import Usage, count
 
+SSE_DONE = b"data: [DONE]\n\n"
 # Error shapes, as OpenAI writes them.
 ERROR_EVENT_TYPES = frozenset(("error", "response.failed"))
 RESPONSES_FINAL_EVENTS = frozenset(("response.completed", "response.incomplete", "response.failed"))
@@ -122,6 +126,8 @@ class OpenAIJson:
     """JSON answers (and the stream-free routes): top-level ``usage`` and ``model``."""
 
     name = "openai"
+    # The upstream kinds that speak it (UPSTREAMS_FILE).
+    kinds = OPENAI_KINDS
 
     def usage_from_answer(self, answer) -> Usage | None:
         return openai_usage(answer.get("usage")) if isinstance(answer, dict) else None
@@ -138,6 +144,11 @@ class OpenAIJson:
     def error_body(self, status: int, message: str, error_type: str, code: str | None) -> dict:
         return {"error": {"message": message, "type": error_type, "param": None, "code": code}}
 
+    def error_event(self, status: int, error: dict) -> bytes:
+        """A stream's last event when the upstream fails mid-answer (``error``: the proxy's error
+        object): the error as a chunk, then ``[DONE]``, so that the SDKs raise it and stop."""
+        return b"data: " + dumps({"error": error}) + b"\n\n" + SSE_DONE
+
 
 class StreamMeter:
     """What one stream reported, recorded as its events pass: ``usage``, ``model`` (the one that ran),
@@ -151,6 +162,8 @@ class StreamMeter:
     object_id: str | None = None
     complete = False
     failed = False
+    # Whether the stream is not in the format at all (set from its first event, before any is relayed).
+    foreign = False
 
     def event(self, event: Event) -> Event | None:
         """The event to relay in place of ``event`` (itself, an edited copy, or None to drop it)."""

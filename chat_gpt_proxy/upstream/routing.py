@@ -18,6 +18,11 @@
     aliases = { "gpt-4o" = "my-gpt4o-deployment" }
     priority = 1
 
+    [claude]
+    kind = "anthropic"                        # the Anthropic Messages API: serves /v1/messages only
+    base_url = "https://api.anthropic.com"    # without /v1, as ANTHROPIC_BASE_URL
+    api_key_file = "/run/secrets/anthropic"
+
 Without the file there is one upstream, ``default``: OPENAI_BASE_URL with the
 egress settings, exactly as before.
 
@@ -57,7 +62,9 @@ from .urls import check_base_url, join_url
 
 log = logging.getLogger("chat_gpt_proxy")
 
-KINDS = ("openai", "azure")
+KINDS = ("openai", "azure", "anthropic")
+# The kinds that serve OpenAI's API; "anthropic" serves Anthropic's Messages API alone.
+OPENAI_KINDS = ("openai", "azure")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 FIELDS = (
     "base_url",
@@ -87,8 +94,9 @@ COOL_DOWN = 5.0
 MAX_COOL_DOWN = 300.0
 
 # The answers that say a request was refused without being processed:
-# another upstream may serve it (docs/deploy.md, Several upstreams).
-FAILOVER_STATUSES = frozenset((429, 500, 502, 503, 504))
+# another upstream may serve it (docs/deploy.md, Several upstreams); 529 is
+# Anthropic's overloaded_error.
+FAILOVER_STATUSES = frozenset((429, 500, 502, 503, 504, 529))
 KEY_REFUSED_STATUSES = frozenset((401, 403))
 
 
@@ -136,6 +144,9 @@ class Upstream:
         """The URL of the API ``path`` (after ``/v1/``) on this upstream, or None if the query is refused."""
         if self.kind == "openai":
             return join_url(self.base_url, path, query)
+        if self.kind == "anthropic":
+            # Anthropic's base URL has no /v1: its SDKs and Claude Code append /v1/messages.
+            return join_url(self.base_url, "v1/" + path, query)
         version = "api-version=" + self.api_version
         query = version + ("&" + query if query else "")
         if path in AZURE_DEPLOYMENT_PATHS and model is not None:
@@ -150,6 +161,8 @@ class Upstream:
             return {}
         if self.kind == "azure":
             return {"api-key": key}
+        if self.kind == "anthropic":
+            return {"x-api-key": key}
         return {"Authorization": "Bearer " + key}
 
     def describe(self) -> str:
@@ -202,8 +215,10 @@ def _parse_upstream(name: str, table: dict, settings, where: str) -> Upstream:
     version = table.get("api_version", DEFAULT_AZURE_API_VERSION if kind == "azure" else "")
     if kind == "azure" and (not isinstance(version, str) or not re.match(r"^[0-9A-Za-z.-]{1,40}$", version)):
         raise UpstreamsFileError(where + "api_version must be a version such as %s" % DEFAULT_AZURE_API_VERSION)
-    if kind == "openai" and "api_version" in table:
+    if kind != "azure" and "api_version" in table:
         raise UpstreamsFileError(where + 'api_version is for kind = "azure"')
+    if kind == "anthropic" and base_url.endswith("/v1"):
+        raise UpstreamsFileError(where + "base_url of an anthropic upstream ends before /v1 (as ANTHROPIC_BASE_URL)")
     try:
         proxy = table.get("proxy")
         if proxy is not None and not isinstance(proxy, str):
@@ -314,7 +329,7 @@ def route_fault(own_key: bool, *, error=None, status: int = 0, headers=None) -> 
         return None
     if not own_key or status not in FAILOVER_STATUSES | KEY_REFUSED_STATUSES:
         return None
-    wait = retry_after_seconds(headers) if status in (429, 503) and headers is not None else None
+    wait = retry_after_seconds(headers) if status in (429, 503, 529) and headers is not None else None
     return Fault("status_%d" % status, wait)
 
 
@@ -424,20 +439,30 @@ class Router:
             found = self.health[upstream.name] = Health()
         return found
 
-    def candidates(self, model: str | None, allowed: tuple[str, ...] = (), server_key: bool = False) -> list[Upstream]:
+    def candidates(
+        self,
+        model: str | None,
+        allowed: tuple[str, ...] = (),
+        server_key: bool = False,
+        kinds: tuple[str, ...] = OPENAI_KINDS,
+    ) -> list[Upstream]:
         """The upstreams to try for ``model``, in order: the best tier's healthy ones, weighted at
         random, then the next tier's; if every one is down, the one whose cool-down ends first.
 
         ``allowed``: a token's ``upstreams`` (empty: any); ``server_key``: the
-        request has no caller key and would use the server's.
+        request has no caller key and would use the server's; ``kinds``: the
+        upstream kinds that speak the request's API.
         """
         if not self.from_file:
             # OPENAI_BASE_URL alone serves every model, with the caller's key or the server's.
-            return [self.upstreams[0]]
+            return [self.upstreams[0]] if self.upstreams[0].kind in kinds else []
         usable = [
             u
             for u in self.upstreams
-            if u.serves(model) and (not allowed or u.name in allowed) and bool(u.api_key) == server_key
+            if u.kind in kinds
+            and u.serves(model)
+            and (not allowed or u.name in allowed)
+            and bool(u.api_key) == server_key
         ]
         if model is None:
             # Files, batches, the model list: to the upstreams that serve every

@@ -20,8 +20,9 @@ FIELDS = ("input", "cached_input", "cache_write", "output", "max_output")
 # Fields that may be left out: cached and cache-written input then cost the
 # input price, and an unknown output cap is not used (chat_gpt_proxy/usage/meter.py).
 OPTIONAL_FIELDS = ("cached_input", "cache_write", "max_output")
-# OpenAI's dated snapshots: gpt-4o-mini-2024-07-18, o1-2024-12-17, gpt-4-0613, gpt-3.5-turbo-0125.
-DATED_RE = re.compile(r"^(.+?)-(?:\d{4}-\d{2}-\d{2}|\d{4})$")
+# Dated snapshots: OpenAI's gpt-4o-mini-2024-07-18, o1-2024-12-17, gpt-4-0613, gpt-3.5-turbo-0125;
+# Anthropic's claude-sonnet-4-5-20250929.
+DATED_RE = re.compile(r"^(.+?)-(?:\d{4}-\d{2}-\d{2}|\d{8}|\d{4})$")
 MAX_PRICE = 1_000_000.0  # USD per 1M tokens: far above any real price, catches a slip of units
 
 
