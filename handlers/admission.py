@@ -7,9 +7,8 @@ import logging
 import re
 import time
 
-from chat_gpt_proxy.access.attempts import address_key
-from chat_gpt_proxy.access.tokens import UNAVAILABLE, UNNAMED
-from chat_gpt_proxy.observability import CLIENT_CLOSED_STATUS, client_address
+from chat_gpt_proxy.access.tokens import UNAVAILABLE
+from chat_gpt_proxy.observability import CLIENT_CLOSED_STATUS
 from chat_gpt_proxy.upstream.pool import UpstreamPool
 from chat_gpt_proxy.upstream.routing import Upstream
 from chat_gpt_proxy.usage.budgets import Over
@@ -290,10 +289,9 @@ class Admission:
 
     def route_tenant(self) -> str:
         """Whose request this is, for the circuit breaker (routing.py: one tenant's error answers
-        alone never open a route): its token's name, or for ACCESS_TOKEN's callers their address."""
-        if self.access.token != UNNAMED:
-            return "token:" + self.access.token
-        return "client:" + address_key(client_address(self, self.config.trusted_proxies))
+        alone never open a route): its token's name. Only a named token's request can carry the
+        upstream's own key (use_server_key), the one kind whose answers count against a route."""
+        return self.access.token
 
     def upstream_key(self, upstream: Upstream, caller_key: str) -> str:
         """The caller's key, or, for a server-key request, the upstream's own key or OPENAI_API_KEY."""
