@@ -16,6 +16,7 @@ from chat_gpt_proxy.fake_openai.behaviours import Behaviour
 from chat_gpt_proxy.upstream import routing
 from tests.conftest import proxy_settings
 from tests.procs import free_port
+from tests.test_circuit_breaker import metric_value
 
 TENANT_A, TENANT_B = "tenant-a-TOKEN-5e1c7a9d3b", "tenant-b-TOKEN-8f2d4b6a0e"
 KEY_PRIMARY, KEY_FALLBACK = "sk-primary-own-key-1111", "sk-fallback-own-key-2222"
@@ -98,6 +99,10 @@ async def test_one_tenant_on_the_server_key_never_takes_a_shared_route_out(proxy
         answers = await asyncio.gather(*(ask(proxy, TENANT_A, "a-fails" if i % 2 else "a-busy") for i in range(6)))
         assert [r.code for r in answers] == [200] * 6
     assert health.state == "up" and health.failures == 24
+    # Counted as the route's failures all the same, for an operator to see.
+    text = (await proxy.request("/metrics", method="GET", auth=False)).body.decode()
+    for kind in ("status_500", "status_503"):
+        assert metric_value(text, "proxy_upstream_failures_total", upstream="primary", kind=kind) == 12
     for _ in range(5):
         assert (await ask(proxy, TENANT_B, "gpt-4o-mini")).code == 200
     assert primary.models().count("gpt-4o-mini") == 5 and "gpt-4o-mini" not in fallback_models(fake_openai)
