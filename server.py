@@ -42,6 +42,7 @@ from handlers.errors import ApiError
 from handlers.metrics import WorkerMetricsHandler
 from handlers.metrics import routes as metrics_routes
 from handlers.playground import STATIC_DIR, StaticHandler
+from handlers.private import private_path
 from settings import Settings, SettingsError, mask_url
 
 log = logging.getLogger("chat_gpt_proxy")
@@ -56,6 +57,12 @@ class NotFoundHandler(BaseHandler):
 
     def prepare(self) -> None:
         raise ApiError(404, "No such route: %s. See GET / for usage." % self.request.path[:200], code="not_found")
+
+    def flush(self, include_footers: bool = False):
+        # Under /admin and /usage no answer is kept by a cache, not even a 404 or a 405.
+        if private_path(self.request.path):
+            self.set_header("Cache-Control", "no-store")
+        return super().flush(include_footers)
 
 
 def make_app(settings: Settings, tokens: TokenRegistry | None = None, router: Router | None = None) -> ProxyApplication:

@@ -304,6 +304,12 @@ class Admission:
             "upstream_not_allowed",
         )
 
+    def route_tenant(self) -> str:
+        """Whose request this is, for the circuit breaker (routing.py: one tenant's error answers
+        alone never open a route): its token's name. Only a named token's request can carry the
+        upstream's own key (use_server_key), the one kind whose answers count against a route."""
+        return self.access.token
+
     def upstream_key(self, upstream: Upstream, caller_key: str) -> str:
         """The caller's key, or, for a server-key request, the upstream's own key or OPENAI_API_KEY."""
         if not self.used_server_key:

@@ -3,11 +3,11 @@ and a bound on guessing the admin token.
 
 - ``NoStore``: every answer of the handler, errors included, says ``Cache-Control: no-store``
   (RFC 9111 section 5.2.2.5): spend, token names and budgets stay out of browser and shared caches.
-- ``check_admin_token``: the ``admin-token`` header compared in constant time; wrong ones counted per
-  client address (the access log's ``client``: the peer, or X-Forwarded-For from TRUSTED_PROXIES,
-  chat_gpt_proxy/access/attempts.py). An address with too many is answered 429 with ``Retry-After``
-  without its token being looked at, so that a 429 says nothing about a guess; the right token is
-  never counted or limited.
+- ``check_admin_token``: the ``admin-token`` header compared in constant time, first: the right
+  token always passes, never counted or limited, so that nobody can lock the admin out. Wrong ones
+  are counted per client (the access log's ``client``: the peer, or X-Forwarded-For from
+  TRUSTED_PROXIES; an IPv6 address by its /64, chat_gpt_proxy/access/attempts.py); a client with too
+  many gets 429 with ``Retry-After`` for each further wrong token instead of 403.
 """
 
 from __future__ import annotations
@@ -16,9 +16,18 @@ import hashlib
 import hmac
 import time
 
+from chat_gpt_proxy.access.attempts import address_key
 from chat_gpt_proxy.observability import client_address
 
 from .errors import ApiError
+
+# Paths whose answers are private, matched or not: what no cache may keep under them.
+PRIVATE_PREFIXES = ("/admin", "/usage")
+
+
+def private_path(path: str) -> bool:
+    """Whether ``path`` is /admin, /usage or under either."""
+    return any(path == prefix or path.startswith(prefix + "/") for prefix in PRIVATE_PREFIXES)
 
 
 class NoStore:
@@ -31,14 +40,15 @@ class NoStore:
 
 
 def check_admin_token(handler) -> None:
-    """Refuse ``handler``'s request unless it carries ADMIN_TOKEN: 429 if its address has failed
-    too often, else 403 if the token is wrong (and counted)."""
+    """Refuse ``handler``'s request unless it carries ADMIN_TOKEN: a wrong token is 403 (and
+    counted), or 429 while its client has failed too often. The right one always passes."""
     presented = hashlib.sha256(handler.request.headers.get("admin-token", "").encode("utf-8", "surrogateescape"))
     expected = hashlib.sha256(handler.config.admin_token.encode())
-    valid = hmac.compare_digest(presented.digest(), expected.digest())
+    if hmac.compare_digest(presented.digest(), expected.digest()):
+        return
     attempts = handler.application.admin_attempts
     metrics = handler.application.metrics
-    address = client_address(handler, handler.config.trusted_proxies)
+    address = address_key(client_address(handler, handler.config.trusted_proxies))
     now = time.monotonic()
     wait = attempts.retry_after(address, now)
     if wait:
@@ -51,8 +61,7 @@ def check_admin_token(handler) -> None:
             "admin_token_attempts",
             headers={"Retry-After": str(wait)},
         )
-    if not valid:
-        attempts.failed(address, now)
-        if metrics is not None:
-            metrics.admin_token_failures.labels("wrong").inc()
-        raise ApiError(403, "Missing or wrong admin-token header.", "permission_denied", "invalid_admin_token")
+    attempts.failed(address, now)
+    if metrics is not None:
+        metrics.admin_token_failures.labels("wrong").inc()
+    raise ApiError(403, "Missing or wrong admin-token header.", "permission_denied", "invalid_admin_token")

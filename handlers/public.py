@@ -60,14 +60,11 @@ class HealthHandler(BaseHandler):
         With REDIS_URL it also says whether Redis answers ("redis": "up" or
         "down"), still with 200: an instance without Redis serves
         (REDIS_FAILURE_MODE), and restarting it would not bring Redis back.
-        With UPSTREAMS_FILE it lists each upstream's state, still with 200:
-        the others may serve, and a restart would not mend a route.
+        It lists each upstream's state (``default`` without UPSTREAMS_FILE),
+        still with 200: the others may serve, and a restart would not mend a route.
         """
-        body = {"status": "ok"}
-        router = self.application.router
-        if router.from_file:
-            # Each upstream's state (up, down, half_open), never its key or address.
-            body["upstreams"] = router.states()
+        # Each upstream's state (up, down, half_open), never its key or address.
+        body = {"status": "ok", "upstreams": self.application.router.states()}
         shared = self.application.shared_limits
         if shared is None:
             self.answer(body)

@@ -198,7 +198,9 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
         for index, upstream in enumerate(candidates):
             last = index == len(candidates) - 1
             self.access.upstream = upstream.name
-            attempt = router.started(upstream, own_key=self.used_server_key)
+            attempt = router.started(
+                upstream, own_key=self.used_server_key, tenant=self.route_tenant(), model=self.access.model
+            )
             upstream_headers = upstream.auth_headers(self.upstream_key(upstream, key))
             for name in FORWARDED_HEADERS:
                 value = headers.get(name)

@@ -112,10 +112,12 @@ class ProxyHandler(BaseHandler):
             self.access.upstream = upstream.name
             self.access.upstream_model = upstream.upstream_model(model)
             # What this try says about the route is routing.route_fault's to judge, from whose key it carried.
-            attempt = router.started(upstream, own_key=self.used_server_key)
+            attempt = router.started(upstream, own_key=self.used_server_key, tenant=self.route_tenant(), model=model)
             try:
                 try:
-                    call = await self.call_one(method, url, call_headers, upstream_body, stream, upstream)
+                    call = await self.call_one(
+                        method, url, call_headers, upstream_body, stream, upstream, attempt.connected
+                    )
                 except UpstreamError as exc:
                     if self.client_left(exc) or exc.kind == "aborted":
                         raise self.upstream_failed(exc) from None
@@ -136,15 +138,27 @@ class ProxyHandler(BaseHandler):
                 attempt.end()
         raise AssertionError("unreachable: the last candidate always returns or raises")  # pragma: no cover
 
-    async def call_one(self, method: str, url: str, headers: dict, body: bytes | None, stream: bool, upstream):
-        """One upstream, with the retry policy of UPSTREAM_RETRIES / RETRY_ON_STATUS; raises ``UpstreamError``."""
+    async def call_one(
+        self, method: str, url: str, headers: dict, body: bytes | None, stream: bool, upstream, on_connected=None
+    ):
+        """One upstream, with the retry policy of UPSTREAM_RETRIES / RETRY_ON_STATUS; raises ``UpstreamError``.
+        ``on_connected``: called when a new connection to the upstream is up (the route works)."""
         pool = self.pool
         first = time.monotonic()
         attempt = 0
         timeout = None
         while True:
             call = self.upstream_call = self.access.call = UpstreamCall(
-                pool.client(), self.config, method, url, headers, body, stream=stream, timeout=timeout, route=upstream
+                pool.client(),
+                self.config,
+                method,
+                url,
+                headers,
+                body,
+                stream=stream,
+                timeout=timeout,
+                route=upstream,
+                on_connected=on_connected,
             )
             try:
                 await call.start()

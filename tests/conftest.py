@@ -39,6 +39,8 @@ from tests.procs import ROOT, RedisServer
 
 ACCESS_TOKEN = "acc-TESTACCESS-7f3a9c"
 OPENAI_KEY = "sk-TESTOPENAIKEY-5d2e8b1c"
+# What /healthz lists without UPSTREAMS_FILE: the one upstream, closed.
+DEFAULT_UPSTREAM = [{"name": "default", "kind": "openai", "state": "up", "priority": 0, "weight": 1}]
 SECRETS = (ACCESS_TOKEN, OPENAI_KEY)
 # Every token value any test sends (the modules that use others import them
 # from here): the whole run's log output is scanned for them at the end.

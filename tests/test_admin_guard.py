@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from chat_gpt_proxy.access.attempts import MAX_FAILURES, WINDOW, FailedAttempts
+from chat_gpt_proxy.access.attempts import MAX_FAILURES, WINDOW, FailedAttempts, address_key
 from tests.conftest import ACCESS_TOKEN, proxy_settings
 from tests.test_circuit_breaker import metric_value
 
@@ -94,12 +94,14 @@ async def test_wrong_admin_tokens_are_limited_per_address_and_counted_the_right_
     for i in range(MAX_FAILURES):
         response = await get(proxy, "/admin/usage", **guesser, **{"admin-token": "guess-%d" % i})
         assert response.code == 403, i
-    # Limited: whatever the token, the answer tells nothing about it.
-    for token in ("guess-next", ADMIN):
+    # Limited: each further wrong token is a 429.
+    for token in ("guess-next", "guess-after"):
         response = await get(proxy, "/admin/usage", **guesser, **{"admin-token": token})
         assert response.code == 429 and 1 <= int(response.headers["Retry-After"]) <= WINDOW
         error = json.loads(response.body)["error"]
         assert error["code"] == "admin_token_attempts" and response.headers["Cache-Control"] == "no-store"
+    # The right token always passes, from that address too: nobody can lock the admin out.
+    assert (await get(proxy, "/admin/usage", **guesser, **{"admin-token": ADMIN})).code == 200
     # Another address, and the admin's, are not affected.
     assert (await get(proxy, "/admin/usage", **admin, **{"admin-token": ADMIN})).code == 200
     other = {"X-Forwarded-For": "192.0.2.99"}
@@ -113,12 +115,53 @@ async def test_wrong_admin_tokens_are_limited_per_address_and_counted_the_right_
 
 
 @pytest.mark.gen_test(timeout=30)
-async def test_a_forwarded_address_from_an_untrusted_peer_does_not_escape_the_limit(proxy):
+async def test_a_forwarded_address_from_an_untrusted_peer_does_not_escape_the_limit_nor_lock_the_admin_out(proxy):
+    # Without TRUSTED_PROXIES every client behind a proxy is its address: one client for the limit.
     for i in range(MAX_FAILURES):
         headers = {"X-Forwarded-For": "203.0.113.%d" % i, "admin-token": "guess-%d" % i}
         assert (await get(proxy, "/admin/usage", **headers)).code == 403
-    headers = {"X-Forwarded-For": "203.0.113.200", "admin-token": ADMIN}
+    headers = {"X-Forwarded-For": "203.0.113.200", "admin-token": "guess-more"}
     assert (await get(proxy, "/admin/usage", **headers)).code == 429
+    # The admin behind the same proxy is not locked out.
+    headers = {"X-Forwarded-For": "198.51.100.20", "admin-token": ADMIN}
+    assert (await get(proxy, "/admin/usage", **headers)).code == 200
+
+
+@pytest.mark.settings(trusted_proxies=TRUSTED)
+@pytest.mark.gen_test(timeout=30)
+async def test_an_ipv6_client_is_limited_by_its_64_whatever_address_it_takes_in_it(proxy):
+    for i in range(MAX_FAILURES):
+        headers = {"X-Forwarded-For": "2001:db8:1:2::%x" % (i + 1), "admin-token": "guess-%d" % i}
+        assert (await get(proxy, "/admin/usage", **headers)).code == 403
+    headers = {"X-Forwarded-For": "2001:db8:1:2:ffff:1:2:3", "admin-token": "guess-more"}
+    assert (await get(proxy, "/admin/usage", **headers)).code == 429
+    headers = {"X-Forwarded-For": "2001:db8:1:3::1", "admin-token": "another-net"}
+    assert (await get(proxy, "/admin/usage", **headers)).code == 403
+
+
+def test_clients_are_counted_by_ipv4_address_and_ipv6_64():
+    assert address_key("203.0.113.7") == "203.0.113.7"
+    assert address_key("2001:db8:1:2:aaaa:bbbb:cccc:dddd") == "2001:db8:1:2::/64"
+    assert address_key("::ffff:203.0.113.7") == "203.0.113.7"
+    assert address_key("-") == "-"
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_no_answer_under_admin_or_usage_is_stored_even_for_a_path_that_does_not_exist(proxy):
+    for method, path in (
+        ("GET", "/admin/"),
+        ("GET", "/admin/x"),
+        ("GET", "/admin/usage/x"),
+        ("POST", "/admin/nothing"),
+        ("PROPFIND", "/admin/x"),
+        ("PROPFIND", "/admin/usage"),
+        ("GET", "/usage/"),
+        ("GET", "/usage/x"),
+        ("PROPFIND", "/usage"),
+    ):
+        response = await get(proxy, path, method=method, **{"admin-token": ADMIN})
+        assert response.code in (404, 405), (method, path, response.code)
+        assert response.headers.get("Cache-Control") == "no-store", (method, path, response.code)
 
 
 def test_failures_leave_the_window_and_the_table_is_bounded():

@@ -9,7 +9,7 @@ import requests
 from tornado.simple_httpclient import HTTPTimeoutError
 
 from chat_gpt_proxy.fake_openai.behaviours import Behaviour
-from tests.conftest import ACCESS_TOKEN, AUTH, OPENAI_KEY
+from tests.conftest import ACCESS_TOKEN, AUTH, DEFAULT_UPSTREAM, OPENAI_KEY
 
 
 @pytest.mark.gen_test
@@ -155,7 +155,7 @@ async def test_usage_pages_health_and_404(proxy):
         assert response.code == 200 and b"POST /chat_complete" in response.body
         assert response.headers["Content-Type"].startswith("text/plain")
     response = await proxy.request("/healthz", method="GET", auth=False)
-    assert response.code == 200 and json.loads(response.body) == {"status": "ok"}
+    assert response.code == 200 and json.loads(response.body) == {"status": "ok", "upstreams": DEFAULT_UPSTREAM}
     response = await proxy.request("/nope", method="GET")
     assert response.code == 404 and json.loads(response.body)["status"] == "error"
 

@@ -7,6 +7,7 @@ killed under load and restarted as its own process, two tenants on one route."""
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import re
 import subprocess
@@ -43,15 +44,16 @@ def test_only_what_the_route_did_counts_against_it():
     idle_close = UpstreamError("broken", "closed", "reused_connection_closed")
     for own_key in (True, False):
         assert route_fault(own_key, error=refused) == Fault("connect")
-        assert route_fault(own_key, error=reset) == Fault("broken")
+        # A reset after the request was sent: a request can provoke it, and failover treats it as run.
+        assert route_fault(own_key, error=reset) is None
         assert route_fault(own_key, error=UpstreamError("tls", "bad certificate")) == Fault("tls")
         assert route_fault(own_key, error=slow) is None  # a caller can make a request as slow as it likes
         assert route_fault(own_key, error=idle_close) is None
     assert route_fault(True, error=UpstreamError("timeout", "connect", "connect_timeout")) == Fault("timeout")
     for status in (500, 502, 503, 504, 429, 401, 403):
         assert route_fault(False, status=status, headers={}) is None  # the caller's key: its quota, its 5xx
-        assert route_fault(True, status=status, headers={}) == Fault("status_%d" % status)
-    assert route_fault(True, status=429, headers={"Retry-After": "7"}) == Fault("status_429", 7.0)
+        assert route_fault(True, status=status, headers={}) == Fault("status_%d" % status, answer=True)
+    assert route_fault(True, status=429, headers={"Retry-After": "7"}) == Fault("status_429", 7.0, answer=True)
     assert route_fault(True, status=400, headers={}) is None
 
 
@@ -113,12 +115,13 @@ def test_tries_from_before_a_close_do_not_count_towards_the_next_opening(monkeyp
     assert router.health_of(a).state == "up" and router.health_of(a).failures == 0
 
 
-def test_retry_after_opens_at_once_doubling_stops_at_the_maximum_and_any_later_success_closes(caplog):
+def test_doubling_stops_at_the_maximum_and_any_later_success_closes(caplog):
     router = router_of("a")
     a = router.upstreams[0]
     health = router.health_of(a)
-    router.started(a, own_key=True).answered(429, {"Retry-After": "42"})
-    assert health.state == "down" and 41 <= health.open_until - time.monotonic() <= 42
+    for _ in range(routing.FAILURES_TO_OPEN):
+        fail(router, a)
+    assert health.state == "down"
     cool_downs = []
     for _ in range(8):
         health.open_until = time.monotonic()  # its cool-down over, without waiting for it
@@ -130,6 +133,101 @@ def test_retry_after_opens_at_once_doubling_stops_at_the_maximum_and_any_later_s
     router.started(a, own_key=True).ok()
     assert health.state == "up" and health.cool_down == routing.COOL_DOWN
     assert [r.getMessage() for r in caplog.records if "is back" in r.getMessage()][0].startswith("upstream 'a' is back")
+
+
+def answer(router, upstream, tenant, status=500, headers=None, model="gpt-4o"):
+    router.started(upstream, own_key=True, tenant=tenant, model=model).answered(status, headers or {})
+
+
+def test_one_tenants_error_answers_never_open_a_route_two_tenants_or_a_connection_failure_do():
+    router = router_of("a")
+    a = router.upstreams[0]
+    health = router.health_of(a)
+    for _ in range(50):
+        answer(router, a, "token:mallory", 500)
+        answer(router, a, "token:mallory", 503)
+    assert health.state == "up" and health.failures == 100
+    answer(router, a, "token:bob", 200)  # a good answer ends the failures in a row
+    assert health.failures == 0
+    # Two tenants' answers: evidence beyond one tenant.
+    answer(router, a, "token:mallory", 500)
+    answer(router, a, "token:mallory", 500)
+    assert health.state == "up"
+    answer(router, a, "token:bob", 502)
+    assert health.state == "down"
+    # One tenant's answers and a connection failure, which no tenant can cause.
+    other = router_of("b")
+    b = other.upstreams[0]
+    answer(other, b, "token:mallory", 500)
+    answer(other, b, "token:mallory", 500)
+    other.started(b, tenant="token:mallory").error(UpstreamError("connect", "refused", "connect_refused"))
+    assert other.health_of(b).state == "down"
+
+
+def test_retry_after_sets_one_model_aside_on_one_upstream_and_opens_nothing(caplog):
+    router = router_of("a", "b")
+    a, b = router.upstreams
+    a_first = dataclasses.replace(a, priority=0)
+    b_next = dataclasses.replace(b, priority=1)
+    router.upstreams = (a_first, b_next)
+    answer(router, a_first, "token:mallory", 429, {"Retry-After": "900"}, model="gpt-4o")
+    assert router.health_of(a_first).state == "up" and router.health_of(a_first).failures == 0
+    assert [u.name for u in router.candidates("gpt-4o", server_key=True)] == ["b"]
+    assert [u.name for u in router.candidates("gpt-4o-mini", server_key=True)] == ["a", "b"]
+    assert 299 <= router.back_offs[("a", "gpt-4o")] - time.monotonic() <= routing.MAX_COOL_DOWN  # at most 5 min
+    # Set aside everywhere: the one whose wait ends first is still tried, never a refusal.
+    answer(router, b_next, "token:bob", 503, {"Retry-After": "5"}, model="gpt-4o")
+    assert [u.name for u in router.candidates("gpt-4o", server_key=True)] == ["b"]
+    assert len([r for r in caplog.records if "sets a model aside" in r.getMessage()]) == 2
+    # Bounded: callers name the models.
+    for i in range(routing.MAX_BACK_OFFS + 10):
+        router.back_off(a_first, "m-%d" % i, 60)
+    assert len(router.back_offs) <= routing.MAX_BACK_OFFS
+
+
+def test_a_probe_closes_the_circuit_as_soon_as_it_connects_and_its_answer_counts_afterwards(monkeypatch):
+    monkeypatch.setattr(routing, "COOL_DOWN", 0.1)
+    router = router_of("a")
+    a = router.upstreams[0]
+    health = router.health_of(a)
+    for _ in range(routing.FAILURES_TO_OPEN):
+        fail(router, a)
+    time.sleep(0.15)
+    probe = router.started(a, own_key=True, tenant="token:slow")
+    assert probe.probe
+    probe.connected()  # its request is slow: the connection alone proves the route
+    assert health.state == "up" and not health.probing
+    # Its answer, when it comes, counts like any other (one tenant's: it opens nothing).
+    probe.answered(500, {})
+    assert health.failures == 1 and health.state == "up"
+    # Failing again before any good answer since: as a failed probe, twice the cool-down.
+    answer(router, a, "token:other", 500)
+    answer(router, a, "token:slow", 500)
+    assert health.state == "down" and health.cool_down == 0.2
+    time.sleep(0.25)
+    router.started(a, own_key=True).connected()
+    router.started(a, own_key=True, tenant="token:other").answered(200, {})
+    assert health.state == "up" and health.cool_down == 0.1 and health.proven
+
+
+def test_a_probe_that_neither_connects_nor_fails_stops_holding_the_others_back(monkeypatch):
+    monkeypatch.setattr(routing, "COOL_DOWN", 0.1)
+    settings = Settings(upstreams_file="upstreams.toml", connect_timeout=0.3)
+    router = Router(settings, (Upstream("a", "http://127.0.0.1:9/v1", api_key="sk-a"),))
+    a = router.upstreams[0]
+    for _ in range(routing.FAILURES_TO_OPEN):
+        fail(router, a)
+    time.sleep(0.15)
+    stuck = router.started(a, own_key=True)
+    assert stuck.probe and router.candidates("gpt-4o", server_key=True) == [a]  # the only one: tried anyway
+    assert not router.started(a, own_key=True).probe
+    time.sleep(0.35)
+    second = router.started(a, own_key=True)
+    assert second.probe  # CONNECT_TIMEOUT later, the next request probes too
+    stuck.end()  # the first one's end does not take the second one's turn
+    assert router.health_of(a).probing
+    second.connected()
+    assert router.health_of(a).state == "up"
 
 
 def metric_value(text: str, name: str, **labels) -> float | None:
@@ -274,9 +372,10 @@ async def test_an_upstream_killed_under_load_is_served_again_within_one_cool_dow
             for kind in ("broken", "connect")
         )
         assert counted >= routing.FAILURES_TO_OPEN, text
-        if with_file:
-            health = json.loads((await client.fetch(server.url + "/healthz")).body)
-            assert {u["name"]: u["state"] for u in health["upstreams"]}["a"] == "down"
+        # /healthz shows it, with one upstream as with a file, and stays 200 (liveness).
+        answer = await client.fetch(server.url + "/healthz")
+        assert answer.code == 200
+        assert {u["name"]: u["state"] for u in json.loads(answer.body)["upstreams"]}[name] == "down"
         await asyncio.sleep(2.0)
         killable.start()
         returned = time.monotonic()
@@ -290,9 +389,8 @@ async def test_an_upstream_killed_under_load_is_served_again_within_one_cool_dow
             await asyncio.sleep(0.1)
         await asyncio.sleep(1.0)
         assert killable.requests() > 10  # a serves again, not only its probe
-        if with_file:
-            health = json.loads((await client.fetch(server.url + "/healthz")).body)
-            assert {u["name"]: u["state"] for u in health["upstreams"]}["a"] == "up"
+        health = json.loads((await client.fetch(server.url + "/healthz")).body)
+        assert {u["name"]: u["state"] for u in health["upstreams"]}[name] == "up"
         assert server.output().count("upstream down upstream=%s " % name) == 1
         assert server.output().count("upstream '%s' is back" % name) == 1
     finally:
@@ -371,3 +469,30 @@ async def test_one_tenants_slow_and_failing_requests_never_move_another_tenant(p
     # Tenant b was never moved: the fallback saw none of its requests (only tenant a's own 5xx moved there).
     assert not [r for r in fallback.received if r.headers.get("Authorization") == "Bearer " + KEY_B]
     assert app.router.health_of(app.router.upstreams[0]).failures == 0
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_resets_after_the_request_was_sent_on_a_callers_own_key_never_move_another_tenant(
+    proxy, fake_openai, tenants, app
+):
+    fallback = tenants[2]
+    # The upstream takes tenant a's request, then resets the connection before any answer byte.
+    fake_openai.by_model["a-drops"] = Behaviour(kind="drop", after=0, reset=True)
+
+    async def ask(token, key, model):
+        return await proxy.request(
+            json_body={"prompt": "hi", "generate_params": {"model_name": model}},
+            headers={"access-token": token, "openai-token": key},
+            auth=False,
+            check=False,
+        )
+
+    for _ in range(3):
+        answers = await asyncio.gather(*(ask(TENANT_A, KEY_A, "a-drops") for _ in range(4)))
+        # Possibly run (and billed) there: never moved, answered 502.
+        assert {r.code for r in answers} == {502}, [r.code for r in answers]
+    health = app.router.health_of(app.router.upstreams[0])
+    assert health.state == "up" and health.failures == 0
+    for _ in range(5):
+        assert (await ask(TENANT_B, KEY_B, "gpt-4o-mini")).code == 200
+    assert not [r for r in fallback.received if r.headers.get("Authorization") == "Bearer " + KEY_B]

@@ -14,7 +14,7 @@ import pytest
 import tornado.httpclient
 
 from settings import Settings, SettingsError
-from tests.conftest import AUTH
+from tests.conftest import AUTH, DEFAULT_UPSTREAM
 from tests.procs import ServerProcess
 
 TOKEN = "proc-ACCESS-TOKEN-91c2"
@@ -37,7 +37,7 @@ async def test_readyz_is_200_while_serving_and_503_draining_once_shutdown_began(
     assert "shutting down" in body["text"].lower()
     # Liveness is another question: the process is alive and finishing its work.
     response = await proxy.request("/healthz", method="GET", auth=False)
-    assert response.code == 200 and json.loads(response.body) == {"status": "ok"}
+    assert response.code == 200 and json.loads(response.body) == {"status": "ok", "upstreams": DEFAULT_UPSTREAM}
 
 
 def test_shutdown_delay_setting():

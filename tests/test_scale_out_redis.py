@@ -14,7 +14,7 @@ import redis
 import tornado.httpclient
 
 from chat_gpt_proxy.fake_openai.behaviours import Behaviour
-from tests.conftest import OPENAI_KEY
+from tests.conftest import DEFAULT_UPSTREAM, OPENAI_KEY
 from tests.procs import Nginx, ServerProcess, example_site, free_port
 
 TOKENS = {
@@ -205,7 +205,7 @@ async def test_killing_redis_mid_load_gives_the_failure_mode_and_recovery(cluste
         # One warning line per 10 s at most, not one per request.
         assert output.count("shared limits: Redis admit failed") <= 2
         health = await call_health(server.url)
-        assert health == {"status": "ok", "redis": "up"}
+        assert health == {"status": "ok", "upstreams": DEFAULT_UPSTREAM, "redis": "up"}
     # Counting in Redis again after it came back (the restarted server's own statistics).
     client = redis.Redis(port=redis_server.port, password=redis_server.password, socket_timeout=5)
     try:

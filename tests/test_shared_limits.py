@@ -21,7 +21,7 @@ from chat_gpt_proxy.access.tokens import UNAVAILABLE, TokenEntry, TokenPolicy
 from chat_gpt_proxy.observability import Metrics
 from server import make_app
 from settings import Settings, SettingsError
-from tests.conftest import AUTH, proxy_settings
+from tests.conftest import AUTH, DEFAULT_UPSTREAM, proxy_settings
 from tests.procs import ROOT
 
 PASSWORD = "redis-PASS-4c8e1a9f"
@@ -315,7 +315,8 @@ def metric(text: str, name: str) -> float:
 
 @pytest.mark.gen_test(timeout=30)
 async def test_open_mode_serves_under_local_limits_while_redis_is_down(proxy, redis_server, app):
-    assert json.loads((await proxy.request("/healthz", "GET")).body) == {"status": "ok", "redis": "up"}
+    health = json.loads((await proxy.request("/healthz", "GET")).body)
+    assert health == {"status": "ok", "upstreams": DEFAULT_UPSTREAM, "redis": "up"}
     for expected in (200, 200, 429):  # RATE_LIMIT_PER_TOKEN=2, counted in Redis
         assert (await proxy.chat({"prompt": "hi"}))[0].code == expected
     redis_server.stop()
@@ -323,7 +324,8 @@ async def test_open_mode_serves_under_local_limits_while_redis_is_down(proxy, re
     statuses = [(await proxy.chat({"prompt": "hi"}))[0].code for _ in range(3)]
     assert statuses == [200, 200, 429]
     health = await proxy.request("/healthz", "GET")
-    assert health.code == 200 and json.loads(health.body) == {"status": "ok", "redis": "down"}
+    assert health.code == 200
+    assert json.loads(health.body) == {"status": "ok", "upstreams": DEFAULT_UPSTREAM, "redis": "down"}
     assert (await proxy.request("/readyz", "GET")).code == 200
     metrics = (await proxy.request("/metrics", "GET")).body.decode()
     assert metric(metrics, 'proxy_redis_errors_total{op="admit"}') == 3

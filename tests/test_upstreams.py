@@ -23,6 +23,7 @@ from tests.procs import ServerProcess, free_port
 from tests.test_readme import snippet
 
 SERVER_TOKEN = "team-TOKEN-5a7c9e1b3d"  # use_server_key: the upstreams' own keys
+OTHER_SERVER_TOKEN = "other-team-TOKEN-7b9d1f3a5c"  # another tenant on the server key
 ONLY_B = "only-b-TOKEN-2c4e6a8b0d"  # upstreams = ["b"]
 KEY_A, KEY_B = "sk-upstream-a-key-0123", "sk-upstream-b-key-4567"
 TOKENS_TOML = f"""
@@ -33,6 +34,10 @@ use_server_key = true
 [only-b]
 token = "{ONLY_B}"
 upstreams = ["b"]
+
+[other-team]
+token = "{OTHER_SERVER_TOKEN}"
+use_server_key = true
 """
 
 
@@ -210,9 +215,10 @@ async def test_a_failing_upstream_is_taken_out_then_tried_again_after_its_cool_d
     proxy, fakes, upstreams_first_b, app, caplog
 ):
     use_upstreams(app, upstreams_first_b)
-    for _ in range(routing.FAILURES_TO_OPEN):
+    # Two tenants' requests fail there (one tenant's error answers alone never take a route out).
+    for token in (SERVER_TOKEN, OTHER_SERVER_TOKEN, SERVER_TOKEN):
         fakes["b"].push(Behaviour(kind="error", status=503, message="down"))
-        assert (await chat(proxy, token=SERVER_TOKEN, key=None))[0].code == 200
+        assert (await chat(proxy, token=token, key=None))[0].code == 200
     assert counts(fakes) == {"a": 3, "b": 3, "c": 0}
     health = await proxy.request("/healthz", method="GET", auth=False)
     states = {u["name"]: u["state"] for u in json.loads(health.body)["upstreams"]}
@@ -576,9 +582,9 @@ def test_an_alias_that_is_no_path_name_is_refused(tmp_path):
 @pytest.mark.gen_test(timeout=30)
 async def test_a_probe_whose_client_left_gives_its_turn_to_the_next_request(proxy, fakes, upstreams_first_b, app):
     use_upstreams(app, upstreams_first_b)
-    for _ in range(routing.FAILURES_TO_OPEN):
+    for token in (SERVER_TOKEN, OTHER_SERVER_TOKEN, SERVER_TOKEN):
         fakes["b"].push(Behaviour(kind="error", status=503, message="down"))
-        assert (await chat(proxy, token=SERVER_TOKEN, key=None))[0].code == 200
+        assert (await chat(proxy, token=token, key=None))[0].code == 200
     await asyncio.sleep(routing.COOL_DOWN + 0.1)
     # The probe hangs, and its client gives up.
     fakes["b"].push(Behaviour(kind="hang"))

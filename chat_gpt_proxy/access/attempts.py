@@ -10,11 +10,26 @@ attacker with many addresses cannot make it grow.
 from __future__ import annotations
 
 import collections
+import ipaddress
 import math
 
 MAX_FAILURES = 10
 WINDOW = 300.0
 MAX_ADDRESSES = 10_000
+
+
+def address_key(address: str) -> str:
+    """What one client is counted as: its IPv4 address, or its IPv6 address's /64, which one
+    subscriber or host usually holds whole (RFC 6177), so that it cannot change address per try."""
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if parsed.version == 6 and parsed.ipv4_mapped is not None:
+        return str(parsed.ipv4_mapped)
+    if parsed.version == 6:
+        return str(ipaddress.ip_network((parsed, 64), strict=False))
+    return address
 
 
 class FailedAttempts:

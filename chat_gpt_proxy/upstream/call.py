@@ -339,9 +339,11 @@ class UpstreamCall:
         stream: bool,
         timeout: float | None = None,
         route=None,
+        on_connected=None,
     ):
         """``route``: the chosen upstream (routing.py), whose egress proxy and CA file apply;
-        None: the settings' (OPENAI_BASE_URL's)."""
+        None: the settings' (OPENAI_BASE_URL's). ``on_connected``: called (on the loop) once a new
+        connection to the upstream is up and the request is about to be sent on it."""
         self.settings = settings
         self.egress = settings.upstream_egress if route is None else route.egress
         self.ca_file = settings.upstream_ca_file if route is None else route.ca_file
@@ -373,6 +375,7 @@ class UpstreamCall:
         self.past_proxy = False
         self.resend_refused = False
         self.stale_connection = False
+        self.on_connected = on_connected
         request = HTTPRequest(
             url,
             method=method,
@@ -464,6 +467,11 @@ class UpstreamCall:
             fd = connected_socket(self._new_sockets, local_ip, local_port)
             if fd >= 0:
                 self._client.remember_socket(fd, (local_ip, local_port))
+            if self.on_connected is not None:
+                # libcurl calls this once the connection, its TLS handshake and any proxy
+                # tunnel are up (CURLOPT_PREREQFUNCTION): the route works. Run outside
+                # libcurl's callback, which must not raise.
+                self._loop.add_callback(self.on_connected)
             return pycurl.PREREQFUNC_OK
         # A reused connection. libcurl checks pooled connections for a close
         # by the upstream (an idle timeout: uvicorn's is 5 s) at most once a

@@ -34,12 +34,15 @@ requests too, as before).
 
 Health is a circuit breaker per upstream name (kept across reloads), fed
 only by what the route did (``route_fault``): after ``FAILURES_TO_OPEN``
-failures in a row it is out for ``COOL_DOWN`` (or the upstream's own
-``Retry-After`` if longer); then one request may try it (half-open), and its
-result closes the circuit or opens it again for twice the cool-down (up to
-``MAX_COOL_DOWN``). Tries that began before the circuit last opened or
-closed say nothing about it: the requests in flight when a route broke
-neither extend its cool-down nor count towards the next opening.
+route failures in a row, not all of them answers to one tenant's requests,
+it is out for ``COOL_DOWN``; then one request may try it (half-open). What
+proves the route works closes the circuit: a new connection to it (TCP, TLS,
+the egress proxy's tunnel) or any answer; a connection failure of that
+probe opens it again for twice the cool-down (up to ``MAX_COOL_DOWN``), and
+a probe that has done neither within CONNECT_TIMEOUT stops holding the
+others back. Tries that began before the circuit last opened or closed say
+nothing about it. A 429 or 503 with Retry-After to the upstream's own key
+sets that model aside on that upstream alone (``back_off``).
 """
 
 from __future__ import annotations
@@ -298,14 +301,17 @@ def _key(table: dict, where: str) -> str:
 
 @dataclasses.dataclass
 class Fault:
-    """A failure counted against a route: its kind (a metric label) and the upstream's Retry-After."""
+    """A failure counted against a route: its kind (a metric label), the upstream's Retry-After,
+    and whether it is an answer (an error status), which a request's content can provoke."""
 
     kind: str
     retry_after: float | None = None
+    answer: bool = False
 
 
-# Errors before any answer byte that no request or caller can cause: the route itself failed.
-ROUTE_ERRORS = frozenset(("broken", "tls", "proxy_auth", "proxy_tls", "proxy_failed", "proxy_unreachable"))
+# Failures before the request was sent that no request or caller can cause:
+# the TLS handshake or the egress proxy (the others carry a ``retry_reason``).
+PRE_SEND_ERRORS = frozenset(("tls", "proxy_auth", "proxy_tls", "proxy_failed", "proxy_unreachable"))
 
 
 def route_fault(own_key: bool, *, error=None, status: int = 0, headers=None) -> Fault | None:
@@ -313,37 +319,49 @@ def route_fault(own_key: bool, *, error=None, status: int = 0, headers=None) -> 
 
     ``error``: the ``UpstreamError`` raised before the answer's headers;
     ``status``: the error status the upstream answered instead. A ``Fault``
-    is what the route did: the connection, TLS or egress proxy failed, it
-    closed before any answer byte, or it answered 5xx, 429 or refused its
-    own key (``own_key``: the request carried the upstream's key, or
-    OPENAI_API_KEY). None is the request's or its caller's own failure: a
-    timeout after the request was sent (a caller can make a request as slow
-    as it likes), any answer to a caller's own key (its quota, its 5xx), a
-    kept-alive connection the upstream had closed as idle.
+    is what the route did: the connection, TLS or egress proxy failed before
+    the request was sent (as failover reads it), or it answered 5xx, 429 or
+    refused its own key (``own_key``: the request carried the upstream's key,
+    or OPENAI_API_KEY). None is the request's or its caller's own failure:
+    anything after the request was sent (a timeout, a reset: a caller can
+    make a request slow, or one the upstream drops), any answer to a
+    caller's own key (its quota, its 5xx), a kept-alive connection the
+    upstream had closed as idle.
     """
     if error is not None:
         if error.retry_reason == "reused_connection_closed":
             return None
-        if error.retry_reason is not None or error.kind in ROUTE_ERRORS:
+        if error.retry_reason is not None or error.kind in PRE_SEND_ERRORS:
             return Fault(error.kind)
         return None
     if not own_key or status not in FAILOVER_STATUSES | KEY_REFUSED_STATUSES:
         return None
     wait = retry_after_seconds(headers) if status in (429, 503, 529) and headers is not None else None
-    return Fault("status_%d" % status, wait)
+    return Fault("status_%d" % status, wait, answer=True)
 
 
 @dataclasses.dataclass
 class Health:
     """One upstream's circuit breaker (docs/deploy.md, "Health"): closed, open for a cool-down, then half-open."""
 
-    failures: int = 0  # route faults in a row while closed
+    failures: int = 0  # route failures in a row while closed
+    # Whose requests the answers among them were (tenants), and whether any was a connection
+    # failure (which no tenant can cause): one tenant's answers alone never open the circuit.
+    tenants: set = dataclasses.field(default_factory=set)
+    unattributed: bool = False
     open_until: float = 0.0  # monotonic; 0: closed
     cool_down: float = dataclasses.field(default_factory=lambda: COOL_DOWN)
-    probing: bool = False  # half-open: one request is trying it
+    # Whether a good answer came since the circuit last closed; one that opens again before
+    # is as a failed probe: twice the cool-down.
+    proven: bool = True
+    probe_until: float = 0.0  # half-open: the probe holds the others back until then
     down_since: float | None = None
     # When the circuit last opened or closed: a try that began before says nothing about the route since.
     changed_at: float = 0.0
+
+    @property
+    def probing(self) -> bool:
+        return time.monotonic() < self.probe_until
 
     @property
     def state(self) -> str:
@@ -354,16 +372,27 @@ class Health:
 
 class Attempt:
     """One request's try of one upstream (``Router.started``), and what it says about the route:
-    ``error``/``answered`` judge it (``route_fault``), ``fault``/``ok`` say it outright, ``end``
-    closes a try that said nothing (a half-open probe gives its turn to the next request)."""
+    ``connected`` (a new connection is up), ``error``/``answered`` judge it (``route_fault``),
+    ``fault``/``ok`` say it outright, ``end`` closes a try that said nothing (a half-open
+    probe gives its turn to the next request)."""
 
-    def __init__(self, router: Router, upstream: Upstream, own_key: bool, probe: bool):
+    def __init__(self, router: Router, upstream: Upstream, own_key: bool, probe: bool, tenant: str, model):
         self.router = router
         self.upstream = upstream
         self.own_key = own_key
         self.probe = probe
+        self.tenant = tenant
+        self.model = model
         self.started_at = time.monotonic()
+        self.probe_until = 0.0
+        self.reached = False
         self.judged = False
+
+    def connected(self) -> None:
+        """A new connection to the upstream is up (TCP, TLS, the egress proxy's tunnel) and the request
+        is being sent: the route works, whatever the request then takes."""
+        if not self.judged:
+            self.router.reachable(self)
 
     def error(self, exc) -> None:
         """An ``UpstreamError`` before the answer's headers (never our own abort)."""
@@ -372,18 +401,20 @@ class Attempt:
             self.fault(fault.kind, fault.retry_after)
 
     def answered(self, status: int, headers) -> None:
-        """The upstream's status line and headers arrived."""
-        if status in FAILOVER_STATUSES or status in KEY_REFUSED_STATUSES and self.own_key:
-            fault = route_fault(self.own_key, status=status, headers=headers)
-            if fault is not None:
-                self.fault(fault.kind, fault.retry_after)
-        else:
+        """The upstream's status line and headers arrived: it is reachable, whatever it said."""
+        if self.judged:
+            return
+        self.router.reachable(self)
+        fault = route_fault(self.own_key, status=status, headers=headers)
+        if fault is not None:
+            self.fault(fault.kind, fault.retry_after, answer=True)
+        elif status not in FAILOVER_STATUSES:
             self.ok()
 
-    def fault(self, kind: str, retry_after: float | None = None) -> None:
+    def fault(self, kind: str, retry_after: float | None = None, answer: bool = False) -> None:
         if not self.judged:
             self.judged = True
-            self.router.failed(self, kind, retry_after)
+            self.router.failed(self, kind, retry_after, answer)
 
     def ok(self) -> None:
         if not self.judged:
@@ -394,6 +425,10 @@ class Attempt:
         if not self.judged:
             self.judged = True
             self.router.released(self)
+
+
+# At most this many (upstream, model) pairs set aside at once (model names are the callers').
+MAX_BACK_OFFS = 1024
 
 
 class Router:
@@ -407,6 +442,8 @@ class Router:
             upstreams = parse_upstreams(settings.upstreams_file, settings) if self.from_file else None
         self.upstreams: tuple[Upstream, ...] = upstreams or (default_upstream(settings),)
         self.health: dict[str, Health] = {}
+        # (upstream name, model) -> until when (monotonic) that model is set aside there.
+        self.back_offs: dict[tuple[str, str | None], float] = {}
         self.random = random.Random()  # noqa: S311 (spreading load, not a secret)
         if metrics is not None:
             self.use_metrics(metrics)
@@ -447,7 +484,8 @@ class Router:
         kinds: tuple[str, ...] = OPENAI_KINDS,
     ) -> list[Upstream]:
         """The upstreams to try for ``model``, in order: the best tier's healthy ones, weighted at
-        random, then the next tier's; if every one is down, the one whose cool-down ends first.
+        random, then the next tier's; if every one is down or has set ``model`` aside, the one
+        whose wait ends first.
 
         ``allowed``: a token's ``upstreams`` (empty: any); ``server_key``: the
         request has no caller key and would use the server's; ``kinds``: the
@@ -479,10 +517,11 @@ class Router:
             tier = []
             for u in members:
                 health = self.health_of(u)
-                if not health.open_until or (now >= health.open_until and not health.probing):
+                aside = self.back_offs.get((u.name, model), 0.0)
+                if (not health.open_until or (now >= health.open_until and not health.probing)) and aside <= now:
                     tier.append(u)
                 else:
-                    waiting.append((health.open_until, u))
+                    waiting.append((max(health.open_until, aside), u))
             order.extend(self._weighted_order(tier))
         if not order and waiting:
             order.append(min(waiting, key=lambda w: w[0])[1])
@@ -493,74 +532,129 @@ class Router:
         # Efraimidis-Spirakis: sort by u ** (1 / weight) descending.
         return sorted(tier, key=lambda u: self.random.random() ** (1.0 / u.weight), reverse=True)
 
-    def started(self, upstream: Upstream, own_key: bool = False) -> Attempt:
+    def started(self, upstream: Upstream, own_key: bool = False, tenant: str = "", model: str | None = None) -> Attempt:
         """A request is about to try ``upstream`` (``own_key``: with the upstream's key or
-        OPENAI_API_KEY); the first once its cool-down is over is the half-open probe."""
+        OPENAI_API_KEY; ``tenant``: who sends it, a token's name or a client address; ``model``:
+        the model it names); the first once its cool-down is over is the half-open probe."""
         health = self.health_of(upstream)
-        probe = bool(health.open_until) and time.monotonic() >= health.open_until and not health.probing
+        now = time.monotonic()
+        probe = bool(health.open_until) and now >= health.open_until and now >= health.probe_until
+        attempt = Attempt(self, upstream, own_key, probe, tenant, model)
         if probe:
-            health.probing = True
-        return Attempt(self, upstream, own_key, probe)
+            # A probe that has neither connected nor failed by then (queued, on a kept-alive
+            # connection that hangs) holds the others back no longer.
+            health.probe_until = attempt.probe_until = now + self.settings.connect_timeout
+        return attempt
 
     def released(self, attempt: Attempt) -> None:
         """The try ended with no verdict on the route (the client left, the request's own error):
         a half-open probe gives its turn back, so that the next request probes instead."""
-        if attempt.probe:
-            self.health_of(attempt.upstream).probing = False
+        health = self.health_of(attempt.upstream)
+        if attempt.probe and health.probe_until == attempt.probe_until:
+            health.probe_until = 0.0
 
-    def succeeded(self, attempt: Attempt) -> None:
-        """The route answered. Its probe, or any try that began while it was open (every
-        upstream down, or the only one), closes the circuit."""
+    def reachable(self, attempt: Attempt) -> None:
+        """The route took a new connection or answered. Its probe, or any try that began while it
+        was open (every upstream down, or the only one), closes the circuit."""
+        if attempt.reached:
+            return
+        attempt.reached = True
         upstream = attempt.upstream
         health = self.health_of(upstream)
-        if not (attempt.probe and health.open_until) and attempt.started_at < health.changed_at:
-            return  # began before the circuit last opened or closed
-        if not health.open_until:
-            health.failures = 0
+        if not health.open_until or not (attempt.probe or attempt.started_at >= health.changed_at):
             return
-        down_for = time.monotonic() - (health.down_since or time.monotonic())
+        now = time.monotonic()
+        down_for = now - (health.down_since or now)
         log.warning("upstream %r is back after_s=%.1f", upstream.name, down_for)
-        health.failures, health.open_until, health.cool_down = 0, 0.0, COOL_DOWN
-        health.probing, health.down_since, health.changed_at = False, None, time.monotonic()
+        health.failures, health.open_until, health.probe_until = 0, 0.0, 0.0
+        health.tenants, health.unattributed, health.proven = set(), False, False
+        health.down_since, health.changed_at = None, now
+        # What this try says next (its answer) is about the circuit it closed.
+        attempt.started_at = now
         self._gauge(upstream, 1)
 
-    def failed(self, attempt: Attempt, kind: str, retry_after: float | None = None) -> None:
-        """A failure that was the route's (``route_fault``).
+    def succeeded(self, attempt: Attempt) -> None:
+        """A good answer: the circuit closes if this try may close it, and the failures in a row end."""
+        self.reachable(attempt)
+        health = self.health_of(attempt.upstream)
+        if health.open_until or attempt.started_at < health.changed_at:
+            return  # began before the circuit last opened or closed
+        health.failures, health.tenants, health.unattributed = 0, set(), False
+        if not health.proven:
+            health.proven, health.cool_down = True, COOL_DOWN
 
-        Closed, FAILURES_TO_OPEN of them in a row, or one with ``retry_after``
-        (the upstream's own key refused for now), open the circuit for
-        COOL_DOWN (or Retry-After if longer). Open, only its half-open probe's
-        failure opens it again, for twice the cool-down (up to MAX_COOL_DOWN):
-        the requests that were in flight when the route broke fail one after
-        the other, and must not keep it out for minutes.
+    def failed(self, attempt: Attempt, kind: str, retry_after: float | None = None, answer: bool = False) -> None:
+        """A failure that was the route's (``route_fault``); ``answer``: an error status.
+
+        A 429 or 503 with Retry-After to the upstream's own key sets the
+        request's model aside on this upstream (``back_off``) and counts no
+        further. Closed, FAILURES_TO_OPEN failures in a row open the circuit
+        for the cool-down, unless all of them are answers to one tenant's
+        requests (a request can provoke an error answer; nobody's request
+        can make a connection fail). Open, only its half-open probe's
+        connection failure opens it again, for twice the cool-down (up to
+        MAX_COOL_DOWN): the requests that were in flight when the route broke
+        fail one after the other, and must not keep it out for minutes.
         """
         upstream = attempt.upstream
         if self.metrics is not None:
             self.metrics.upstream_failures.labels(upstream.name, kind).inc()
+        if answer and retry_after:
+            self.back_off(upstream, attempt.model, retry_after)
+            return
         health = self.health_of(upstream)
         now = time.monotonic()
-        if attempt.probe and health.open_until:
-            health.probing = False
-            health.cool_down = min(MAX_COOL_DOWN, health.cool_down * 2)
-            wait = min(max(health.cool_down, retry_after or 0.0), MAX_COOL_DOWN)
-            health.open_until, health.changed_at = now + wait, now
-            log.warning("upstream still down upstream=%s kind=%s cool_down_s=%.0f", upstream.name, kind, wait)
+        if health.open_until:
+            if attempt.probe and not attempt.reached:
+                health.probe_until = 0.0
+                health.cool_down = min(MAX_COOL_DOWN, health.cool_down * 2)
+                health.open_until, health.changed_at = now + health.cool_down, now
+                log.warning(
+                    "upstream still down upstream=%s kind=%s cool_down_s=%.0f", upstream.name, kind, health.cool_down
+                )
             return
         if attempt.started_at < health.changed_at:
             return  # began before the circuit last opened or closed
-        if health.open_until:
-            if retry_after:
-                health.open_until = max(health.open_until, now + min(retry_after, MAX_COOL_DOWN))
-            return
         health.failures += 1
-        if health.failures < FAILURES_TO_OPEN and not retry_after:
+        if answer:
+            health.tenants.add(attempt.tenant)
+        else:
+            health.unattributed = True
+        if health.failures < FAILURES_TO_OPEN or (not health.unattributed and len(health.tenants) < 2):
             return
-        wait = min(max(health.cool_down, retry_after or 0.0), MAX_COOL_DOWN)
-        health.open_until, health.changed_at, health.down_since = now + wait, now, now
+        if not health.proven:
+            # Closed by a connection, it never answered well before failing again: as a failed probe.
+            health.cool_down = min(MAX_COOL_DOWN, health.cool_down * 2)
+        health.open_until, health.changed_at, health.down_since = now + health.cool_down, now, now
         log.warning(
-            "upstream down upstream=%s kind=%s failures=%d cool_down_s=%.0f", upstream.name, kind, health.failures, wait
+            "upstream down upstream=%s kind=%s failures=%d cool_down_s=%.0f",
+            upstream.name,
+            kind,
+            health.failures,
+            health.cool_down,
         )
         self._gauge(upstream, 0)
+
+    def back_off(self, upstream: Upstream, model: str | None, seconds: float) -> None:
+        """The upstream's own key is refused ``model`` for ``seconds`` (its Retry-After, at most
+        MAX_COOL_DOWN): requests for that model try its other upstreams first meanwhile; other
+        models, and the circuit, are not affected."""
+        now = time.monotonic()
+        key = (upstream.name, model)
+        previous = self.back_offs.pop(key, 0.0)
+        until = max(previous, now + min(seconds, MAX_COOL_DOWN))
+        if previous <= now:
+            log.warning(
+                "upstream sets a model aside upstream=%s model=%s seconds=%.0f",
+                upstream.name,
+                (model or "-")[:100],
+                until - now,
+            )
+        if len(self.back_offs) >= MAX_BACK_OFFS:
+            # The expired ones, or else the oldest (dicts keep insertion order).
+            for old in [k for k, t in self.back_offs.items() if t <= now] or [next(iter(self.back_offs))]:
+                del self.back_offs[old]
+        self.back_offs[key] = until
 
     def _gauge(self, upstream: Upstream, up: int) -> None:
         if self.metrics is not None:
