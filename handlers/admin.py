@@ -1,4 +1,5 @@
-"""/admin: the spend of every token, for whoever holds ADMIN_TOKEN (unset: these routes do not exist).
+"""/admin: the spend of every token, for whoever holds ADMIN_TOKEN or a token with ``admin = true`` in
+the tokens file (neither: these routes do not exist).
 
 - ``GET /admin/usage``: the ledger grouped by UTC day, token and model, between
   ``from`` and ``to`` (``YYYY-MM-DD``, both included; default: this month so
@@ -9,7 +10,8 @@
 The admin token travels in the ``admin-token`` header and is compared in
 constant time (digests of equal length), like the access tokens; wrong ones
 are limited per client address (handlers/private.py). No answer is stored
-by a cache (``Cache-Control: no-store``).
+by a cache (``Cache-Control: no-store``). The JSON admin API (tokens, audit,
+requests) is in admin_api.py.
 """
 
 from __future__ import annotations
@@ -37,12 +39,13 @@ class AdminHandler(NoStore, BaseHandler):
     requires_access_token = False
 
     def prepare(self):
-        if not self.config.admin_token:
+        if not self.config.admin_token and not self.application.tokens.has_admins:
             raise ApiError(404, "No such route: %s." % self.request.path[:200], code="not_found")
         return super().prepare()
 
-    def check_admin_token(self) -> None:
-        check_admin_token(self)
+    def check_admin_token(self) -> str:
+        """Who the ``admin-token`` header names (the audit's "who"): ADMIN_TOKEN's holder, or a named admin."""
+        return check_admin_token(self)
 
 
 def day_arg(handler, name: str, default: datetime.date) -> datetime.date:

@@ -7,7 +7,7 @@ import logging
 import re
 import time
 
-from chat_gpt_proxy.access.tokens import UNAVAILABLE
+from chat_gpt_proxy.access.tokens import UNAVAILABLE, iso_time
 from chat_gpt_proxy.observability import CLIENT_CLOSED_STATUS
 from chat_gpt_proxy.upstream.pool import UpstreamPool
 from chat_gpt_proxy.upstream.routing import OPENAI_KINDS, Upstream
@@ -205,8 +205,16 @@ class Admission:
         self.token = entry
         # Names the caller in the access log and metrics; "-" for ACCESS_TOKEN's.
         self.access.token = entry.name
-        if entry.policy.disabled:
+        policy = entry.policy
+        if policy.disabled:
             raise ApiError(403, "This access token is disabled.", "permission_denied", "access_token_disabled")
+        if policy.expires is not None and policy.expired(time.time()):
+            raise ApiError(
+                403,
+                "This access token expired at %s." % iso_time(policy.expires),
+                "permission_denied",
+                "access_token_expired",
+            )
         return self.admit_token(tokens, entry)
 
     def admit_token(self, tokens, entry):

@@ -1,0 +1,315 @@
+"""Tokens managed at run time (the admin API), kept in step in every worker and instance.
+
+The database (``ConsoleStore``) is the truth. A change is one transaction
+(the row, the version, the audit row); the process that made it loads the
+table again at once, then tells the others:
+
+- with REDIS_URL, by a message on the ``<REDIS_PREFIX>:tokens`` channel, which
+  every process subscribes to (and a version check every SAFETY_POLL seconds,
+  for a message lost while Redis was away);
+- without it, each process compares the table's version with its own every
+  POLL seconds, one indexed single-row read.
+
+A reload replaces the registry's runtime entries in one assignment (access/tokens.py),
+so a revoked or rotated token is refused by every request, stream and
+realtime session that starts after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+
+from chat_gpt_proxy.access.tokens import (
+    FROM_PAGE,
+    NAME_RE,
+    POLICY_FIELDS,
+    TokenEntry,
+    TokenRegistry,
+    TokensFileError,
+    iso_time,
+    parse_policy,
+    token_digest,
+)
+
+from .store import Conflict, ConsoleStore, NotFound, make_console_store
+
+log = logging.getLogger("chat_gpt_proxy")
+
+# Seconds between version checks without Redis, and with it (a safety net behind pub/sub).
+POLL = 0.25
+SAFETY_POLL = 5.0
+# Bytes of randomness in a new token (secrets.token_urlsafe: 4 characters per 3 bytes).
+TOKEN_BYTES = 30
+TOKEN_PREFIX = "cgp_"  # noqa: S105 (a prefix that secret scanners can look for)
+
+
+class ApiRefusal(Exception):
+    """A change refused: ``status`` (400, 404, 409), a message, the field at fault if one is."""
+
+    def __init__(self, status: int, message: str, code: str, field: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.field = status, message, code, field
+
+
+def new_token() -> str:
+    return TOKEN_PREFIX + secrets.token_urlsafe(TOKEN_BYTES)
+
+
+def entry_of(row: dict, settings) -> TokenEntry:
+    """The registry entry of a table row (``TokensFileError`` if the settings no longer allow its fields)."""
+    policy = parse_policy(row["fields"], settings)
+    return TokenEntry(row["name"], row["name"], bytes.fromhex(row["token_sha256"]), policy, FROM_PAGE)
+
+
+def normalised(fields: dict, settings) -> dict:
+    """``fields`` checked as the tokens file's are, without the nulls (unset), ``expires`` as ISO 8601 UTC."""
+    out = {k: v for k, v in fields.items() if v is not None}
+    try:
+        policy = parse_policy(out, settings)
+    except TokensFileError as exc:
+        raise ApiRefusal(400, str(exc), "invalid_field", exc.field) from None
+    if policy.expires is not None:
+        out["expires"] = iso_time(policy.expires)
+    return out
+
+
+class RuntimeTokens:
+    """The admin API's tokens in one process: the store, the sync task, the changes."""
+
+    def __init__(self, settings, registry: TokenRegistry, spend=None, check=None):
+        """``spend``: its counters start from the ledger for a name new to this process;
+        ``check(entries)``: why a set of entries cannot be served (server.py's WORKERS rule), or ""."""
+        self.settings = settings
+        self.registry = registry
+        self.spend = spend
+        self.check = check
+        self.store: ConsoleStore = make_console_store(settings.usage_database)
+        self.version = -1
+        self.rows: dict[str, dict] = {}
+        self.task: asyncio.Task | None = None
+        self.redis = None
+        self.channel = "%s:tokens" % settings.redis_prefix
+        self.closing = False
+        self.reloads = 0
+        self.reload_lock = asyncio.Lock()
+        self.wake = asyncio.Event()
+        self.broken: set[tuple[str, float]] = set()
+
+    async def start(self) -> None:
+        await self.store.open()
+        await self.reload()
+        if self.settings.redis_url:
+            from redis.asyncio import Redis
+
+            # A connection of its own: a subscribed connection cannot serve other commands.
+            self.redis = Redis.from_url(self.settings.redis_url, socket_connect_timeout=2, socket_timeout=None)
+        self.task = asyncio.ensure_future(self._sync())
+
+    async def close(self) -> None:
+        self.closing = True
+        self.wake.set()
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.task
+        if self.redis is not None:
+            with contextlib.suppress(Exception):
+                await self.redis.aclose()
+        await self.store.close()
+
+    # -- keeping in step
+
+    async def reload(self) -> None:
+        """Load the table and put its tokens in force here, if its version moved."""
+        async with self.reload_lock:
+            version, rows = await self.store.tokens()
+            if version == self.version:
+                return
+            entries = []
+            for row in rows:
+                try:
+                    entries.append(entry_of(row, self.settings))
+                except TokensFileError as exc:
+                    key = (row["name"], row["updated_at"])
+                    if key not in self.broken:
+                        self.broken.add(key)
+                        log.warning("admin tokens: %r is refused: %s", row["name"], exc)
+            self.registry.set_runtime(entries)
+            self.rows = {r["name"]: r for r in rows}
+            self.version = version
+            self.reloads += 1
+        if self.spend is not None:
+            await self.spend.rebuild(entries)
+
+    async def _sync(self) -> None:
+        while not self.closing:
+            try:
+                if self.redis is not None:
+                    await self._listen()
+                else:
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self.wake.wait(), POLL)
+                    await self._check()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the database or Redis away: keep the tokens in force, try again
+                log.warning("admin tokens: cannot check for changes (%s); retrying", type(exc).__name__)
+                await asyncio.sleep(1.0)
+
+    async def _check(self) -> None:
+        if await self.store.version() != self.version:
+            await self.reload()
+
+    async def _listen(self) -> None:
+        pubsub = self.redis.pubsub()
+        try:
+            await pubsub.subscribe(self.channel)
+            # Whatever changed while this process was not subscribed.
+            await self._check()
+            last_check = time.monotonic()
+            while not self.closing:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=SAFETY_POLL)
+                if message is not None or time.monotonic() - last_check >= SAFETY_POLL:
+                    await self._check()
+                    last_check = time.monotonic()
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+
+    async def _publish(self) -> None:
+        if self.redis is None:
+            return
+        try:
+            await asyncio.wait_for(self.redis.publish(self.channel, str(self.version)), 2.0)
+        except Exception as exc:  # the others find the change at their next version check
+            log.warning("admin tokens: could not announce a change in Redis (%s)", type(exc).__name__)
+
+    # -- changes (the admin API)
+
+    def file_defined(self, name: str) -> bool:
+        return name in self.registry.file_names()
+
+    def _refuse_file_name(self, name: str) -> None:
+        if self.file_defined(name):
+            raise ApiRefusal(
+                409,
+                "%r is defined in the tokens file (ACCESS_TOKENS_FILE): change it there and reload (SIGHUP)." % name,
+                "defined_in_file",
+            )
+
+    def _check_serving(self, name: str, fields: dict) -> None:
+        if self.check is None:
+            return
+        entry = TokenEntry(name, name, b"", parse_policy(fields, self.settings), FROM_PAGE)
+        problem = self.check([entry])
+        if problem:
+            raise ApiRefusal(409, problem, "needs_shared_limits")
+
+    async def _apply(self, name: str, change, actor: str, request_id: str) -> dict | None:
+        audit = {"at": time.time(), "actor": actor, "request_id": request_id}
+        try:
+            after = await self.store.change(name, change, audit)
+        except Conflict:
+            raise ApiRefusal(409, "A token named %r already exists." % name, "name_taken") from None
+        except NotFound:
+            raise ApiRefusal(404, "No token named %r was made on the admin page." % name, "not_found") from None
+        await self.reload()
+        self.wake.set()
+        await self._publish()
+        return after
+
+    async def create(self, body: dict, actor: str, request_id: str) -> tuple[dict, str]:
+        """A new token from ``body`` (its name and fields); the row and the token's value, shown this once."""
+        name = body.get("name")
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise ApiRefusal(
+                400,
+                "name must be 1-64 letters, digits, '.', '_', '@' or '-', starting with a letter or digit",
+                "invalid_field",
+                "name",
+            )
+        self._refuse_file_name(name)
+        fields = normalised(self._fields_of(body, exclude=("name",)), self.settings)
+        self._check_serving(name, fields)
+        value = new_token()
+        now = time.time()
+        row = {
+            "name": name,
+            "token_sha256": token_digest(value).hex(),
+            "fields": fields,
+            "created_at": now,
+            "created_by": actor,
+            "updated_at": now,
+            "updated_by": actor,
+        }
+
+        def change(before):
+            if before is not None:
+                raise Conflict
+            return "create", row
+
+        return await self._apply(name, change, actor, request_id), value
+
+    async def update(self, name: str, body: dict, actor: str, request_id: str) -> dict:
+        """Change some fields of ``name`` (null: back to the default); ``{"disabled": true}`` revokes it."""
+        self._refuse_file_name(name)
+        given = self._fields_of(body)
+        if not given:
+            raise ApiRefusal(400, "Nothing to change: send one or more fields.", "invalid_field")
+
+        def change(before):
+            if before is None:
+                raise NotFound
+            fields = normalised({**before["fields"], **given}, self.settings)
+            self._check_serving(name, fields)
+            action = "update"
+            if given.get("disabled") is True and not before["fields"].get("disabled"):
+                action = "disable"
+            elif given.get("disabled") in (False, None) and "disabled" in given and before["fields"].get("disabled"):
+                action = "enable"
+            return action, {**before, "fields": fields, "updated_at": time.time(), "updated_by": actor}
+
+        return await self._apply(name, change, actor, request_id)
+
+    async def rotate(self, name: str, actor: str, request_id: str) -> tuple[dict, str]:
+        """A new value for ``name``; the old one is refused from the reload on."""
+        self._refuse_file_name(name)
+        value = new_token()
+
+        def change(before):
+            if before is None:
+                raise NotFound
+            digest = token_digest(value).hex()
+            return "rotate", {**before, "token_sha256": digest, "updated_at": time.time(), "updated_by": actor}
+
+        return await self._apply(name, change, actor, request_id), value
+
+    async def delete(self, name: str, actor: str, request_id: str) -> None:
+        self._refuse_file_name(name)
+
+        def change(before):
+            if before is None:
+                raise NotFound
+            return "delete", None
+
+        await self._apply(name, change, actor, request_id)
+
+    @staticmethod
+    def _fields_of(body: dict, exclude=()) -> dict:
+        fields = {k: v for k, v in body.items() if k not in exclude}
+        for key in fields:
+            if key not in POLICY_FIELDS:
+                if key in ("token", "token_sha256"):
+                    message = "%s cannot be given: the proxy makes the token (rotate for a new one)" % key
+                elif key == "admin":
+                    message = "admin can only be set in the tokens file (ACCESS_TOKENS_FILE)"
+                elif key == "name":
+                    message = "name cannot be changed: make a new token and delete this one"
+                else:
+                    message = "unknown field %r (known: name, %s)" % (key[:64], ", ".join(POLICY_FIELDS))
+                raise ApiRefusal(400, message, "invalid_field", key[:64])
+        return fields
