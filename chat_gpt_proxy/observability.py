@@ -78,6 +78,8 @@ class AccessRecord:
     upstream: str | None = None
     # The response cache: "hit", "miss", or None (not used).
     cache: str | None = None
+    # The code of the error answered (handlers/errors.py), if one was.
+    error_code: str | None = None
     logged: bool = False
 
 

@@ -210,6 +210,7 @@ class PersonHandler(AdminApiHandler):
             raise ApiError(400, "to is before from.", code="invalid_date", param="to")
         since, until = day_span(first, last)
         await ledger.flush()
+        await self.application.console.flush_refusals()
         found = await self.application.console.store.person(name, since, until)
         self.send_json({"token": described, "from": first.isoformat(), "to": last.isoformat(), **found})
 
@@ -279,6 +280,7 @@ class RequestsHandler(AdminApiHandler):
         if kind not in ("json", "csv"):
             raise ApiError(400, "format must be json or csv.", code="invalid_format", param="format")
         await ledger.flush()
+        await self.application.console.flush_refusals()
         store = self.application.console.store
         if kind == "csv":
             rows = await store.requests(filters, MAX_CSV_ROWS, 0)

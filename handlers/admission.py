@@ -23,6 +23,10 @@ log = logging.getLogger("chat_gpt_proxy")
 API_KEY_RE = re.compile(r"^[\x21-\x7e]{1,512}$")
 
 
+def elapsed_ms(started: float, until: float | None = None) -> float:
+    return round(((until if until is not None else time.monotonic()) - started) * 1000, 2)
+
+
 def check_model_allowed(allowed_models: tuple[str, ...], model: str | None) -> None:
     """ALLOWED_MODELS, or a token's own list: keep a shared proxy on cheap models."""
     if allowed_models and model is not None and model not in allowed_models:
@@ -166,6 +170,26 @@ class Admission:
             partial=access.usage,
             left_early=left_early,
             output_cap=self.request_output_cap() if usage is None and left_early else None,
+            upstream=access.upstream,
+            latency_ms=elapsed_ms(access.started),
+            ttft_ms=elapsed_ms(access.started, access.first_byte_at) if access.first_byte_at else None,
+            cache=access.cache,
+        )
+
+    def record_refusal(self) -> None:
+        """An error answer to a known token that charged nothing: a row saying why (its code), for the admin page."""
+        access = self.access
+        self.application.console.refused(
+            (
+                time.time(),
+                access.token,
+                access.route,
+                access.model[:200] if isinstance(access.model, str) else None,
+                self.get_status(),
+                access.error_code,
+                elapsed_ms(access.started),
+                access.request_id,
+            )
         )
 
     def request_output_cap(self) -> int | None:
@@ -271,6 +295,25 @@ class Admission:
     def on_finish(self) -> None:
         self.release_token()
         self.charge_spend()
+        access = self.access
+        if access.cache == "hit" and self.request.method == "POST":
+            self.application.spend.record_hit(
+                token=access.token,
+                route=access.route,
+                model=access.model[:200] if isinstance(access.model, str) else None,
+                status=self.get_status(),
+                request_id=access.request_id,
+                upstream=None,
+                latency_ms=elapsed_ms(access.started),
+                ttft_ms=elapsed_ms(access.started, access.first_byte_at) if access.first_byte_at else None,
+            )
+        if (
+            not self.charged
+            and self.token is not None
+            and self.access.error_code is not None
+            and self.application.console is not None
+        ):
+            self.record_refusal()
 
     def allowed_models(self) -> tuple[str, ...]:
         """ALLOWED_MODELS, or the caller's token's own allowed_models."""

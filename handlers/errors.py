@@ -115,6 +115,9 @@ class JsonErrors:
             # Answered before the request was read to its end: Tornado closes
             # the connection after this answer; say so (RFC 9112 section 9.6).
             self.set_header("Connection", "close")
+        access = getattr(self, "access", None)
+        if access is not None:
+            access.error_code = error.get("code") if isinstance(error.get("code"), str) else "error_%d" % status_code
         # What is left of a budgeted token's budget goes with every answer, errors too.
         for name, value in getattr(self, "budget_headers", {}).items():
             self.set_header(name, value)

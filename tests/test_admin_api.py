@@ -122,8 +122,15 @@ async def test_create_use_list_rotate_disable_delete(proxy, app, config):
     assert status == 404
     status, again, _ = await api(proxy, "DELETE", "/tokens/alice")
     assert status == 404 and again["error"]["code"] == "not_found"
-    # Its spend stays in the ledger.
-    await app.spend.ledger.flush()
+    # Its spend stays in the ledger; the requests tab shows its refusal while it was disabled.
+    status, found, _ = await api(proxy, "GET", "/requests?name=alice")
+    assert status == 200 and not found["more"]
+    assert [(r["status"], r["refusal"], r["usd"] > 0) for r in found["requests"]] == [
+        (200, None, True),
+        (403, "access_token_disabled", False),
+        (200, None, True),
+        (200, None, True),
+    ]
     with sqlite3.connect(config.usage_database) as db:
         assert db.execute("SELECT COUNT(*) FROM usage WHERE token = 'alice'").fetchone()[0] == 3
 

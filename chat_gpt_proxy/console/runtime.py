@@ -18,6 +18,7 @@ realtime session that starts after it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import secrets
@@ -44,6 +45,9 @@ POLL = 0.25
 SAFETY_POLL = 5.0
 # Bytes of randomness in a new token (secrets.token_urlsafe: 4 characters per 3 bytes).
 TOKEN_BYTES = 30
+# Refusals waiting for the database, and how often they are written (as the ledger's rows are).
+MAX_REFUSALS_QUEUED = 10_000
+REFUSALS_EVERY = 0.5
 TOKEN_PREFIX = "cgp_"  # noqa: S105 (a prefix that secret scanners can look for)
 
 
@@ -98,6 +102,9 @@ class RuntimeTokens:
         self.reload_lock = asyncio.Lock()
         self.wake = asyncio.Event()
         self.broken: set[tuple[str, float]] = set()
+        self.refusals: collections.deque[tuple] = collections.deque()
+        self.refusals_dropped = 0
+        self.refusal_task: asyncio.Task | None = None
 
     async def start(self) -> None:
         await self.store.open()
@@ -108,14 +115,18 @@ class RuntimeTokens:
             # A connection of its own: a subscribed connection cannot serve other commands.
             self.redis = Redis.from_url(self.settings.redis_url, socket_connect_timeout=2, socket_timeout=None)
         self.task = asyncio.ensure_future(self._sync())
+        self.refusal_task = asyncio.ensure_future(self._write_refusals())
 
     async def close(self) -> None:
         self.closing = True
         self.wake.set()
-        if self.task is not None:
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self.task
+        for task in (self.task, self.refusal_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        with contextlib.suppress(Exception):
+            await self.flush_refusals()
         if self.redis is not None:
             with contextlib.suppress(Exception):
                 await self.redis.aclose()
@@ -187,6 +198,35 @@ class RuntimeTokens:
             await asyncio.wait_for(self.redis.publish(self.channel, str(self.version)), 2.0)
         except Exception as exc:  # the others find the change at their next version check
             log.warning("admin tokens: could not announce a change in Redis (%s)", type(exc).__name__)
+
+    # -- refusals (the Requests tab, each person's refusals by kind)
+
+    def refused(self, row: tuple) -> None:
+        """Queue (at, token, route, model, status, code, latency_ms, request_id); never blocks, never raises."""
+        if len(self.refusals) >= MAX_REFUSALS_QUEUED:
+            self.refusals_dropped += 1
+            if self.refusals_dropped == 1 or self.refusals_dropped % 1000 == 0:
+                log.warning(
+                    "admin console: %d refusal rows dropped (the database is down or slow)", self.refusals_dropped
+                )
+            return
+        self.refusals.append(row)
+
+    async def flush_refusals(self) -> None:
+        while self.refusals:
+            batch = [self.refusals[i] for i in range(min(500, len(self.refusals)))]
+            await self.store.insert_refusals(batch)
+            for _ in batch:
+                self.refusals.popleft()
+
+    async def _write_refusals(self) -> None:
+        while not self.closing:
+            await asyncio.sleep(REFUSALS_EVERY)
+            try:
+                await self.flush_refusals()
+            except Exception as exc:  # kept queued; tried again
+                log.warning("admin console: cannot write refusals (%s); retrying", type(exc).__name__)
+                await asyncio.sleep(2.0)
 
     # -- changes (the admin API)
 

@@ -13,6 +13,10 @@ Tables (created when missing, beside the ledger's ``usage``):
   and after, the request id), append-only: triggers refuse UPDATE and DELETE.
 - ``budget_alerts``: one row per (name, period, period start, threshold) whose
   alert was sent, so that instances and restarts send each once.
+- ``refusals``: one row per request of a known token answered with an error
+  before anything was charged (a limit, a budget, a disabled token, a model
+  not allowed…): its code says which. The ledger's ``usage`` keeps charges
+  only; the Requests tab shows both.
 
 SQLite runs in aiosqlite's thread on a connection of its own (WAL: the
 ledger's writer and this one do not block readers); PostgreSQL through a
@@ -67,6 +71,19 @@ CREATE TABLE IF NOT EXISTS budget_alerts (
     at REAL NOT NULL,
     PRIMARY KEY (name, period, period_start, threshold)
 );
+CREATE TABLE IF NOT EXISTS refusals (
+    id INTEGER PRIMARY KEY,
+    at REAL NOT NULL,
+    token TEXT NOT NULL,
+    route TEXT NOT NULL,
+    model TEXT,
+    status INTEGER NOT NULL,
+    code TEXT NOT NULL,
+    latency_ms REAL,
+    request_id TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS refusals_token_at ON refusals (token, at);
+CREATE INDEX IF NOT EXISTS refusals_at ON refusals (at);
 """
 
 POSTGRES_SCHEMA = """
@@ -111,6 +128,19 @@ CREATE TABLE IF NOT EXISTS budget_alerts (
     at DOUBLE PRECISION NOT NULL,
     PRIMARY KEY (name, period, period_start, threshold)
 );
+CREATE TABLE IF NOT EXISTS refusals (
+    id BIGSERIAL PRIMARY KEY,
+    at DOUBLE PRECISION NOT NULL,
+    token TEXT NOT NULL,
+    route TEXT NOT NULL,
+    model TEXT,
+    status INTEGER NOT NULL,
+    code TEXT NOT NULL,
+    latency_ms DOUBLE PRECISION,
+    request_id TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS refusals_token_at ON refusals (token, at);
+CREATE INDEX IF NOT EXISTS refusals_at ON refusals (at);
 """
 # pg_advisory_xact_lock key: one instance at a time creates these tables.
 SCHEMA_LOCK = 0x63677063  # "cgpc"
@@ -118,9 +148,8 @@ QUERY_TIMEOUT = 10.0
 
 TOKEN_COLUMNS = "name, token_sha256, fields, created_at, created_by, updated_at, updated_by"  # noqa: S105
 AUDIT_COLUMNS = "id, at, actor, action, name, before, after, request_id"
-# The ledger's columns the Requests tab shows (chat_gpt_proxy/usage/ledger.py).
-REQUEST_COLUMNS = (
-    "at",
+# The ledger's columns the Requests tab shows (chat_gpt_proxy/usage/ledger.py), then a refusal's code.
+CHARGE_COLUMNS = (
     "token",
     "route",
     "model",
@@ -135,8 +164,8 @@ REQUEST_COLUMNS = (
     "cache",
     "estimated",
     "request_id",
-    "refusal",
 )
+REQUEST_COLUMNS = ("at", *CHARGE_COLUMNS, "refusal")
 STATUS_CLASS_RE = re.compile(r"^[1-5]xx$")
 
 
@@ -163,6 +192,7 @@ def _pg(sql: str) -> str:
 class _SqliteDriver:
     dialect = "sqlite"
     day = "date(at, 'unixepoch')"
+    false = "0"
 
     def __init__(self, path: str):
         self.path = path
@@ -225,6 +255,7 @@ class _SqliteTx:
 class _PostgresDriver:
     dialect = "postgres"
     day = "to_char(to_timestamp(at) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
+    false = "FALSE"
 
     def __init__(self, url: str):
         from chat_gpt_proxy.usage.postgres import _secrets_of, _where
@@ -414,16 +445,24 @@ class ConsoleStore:
     # -- reads of the ledger (chat_gpt_proxy/usage/ledger.py's ``usage`` table)
 
     async def requests(self, filters: dict, limit: int, offset: int) -> list[dict]:
-        """One dict per ledger row matching ``filters`` (name, model, status, since, until), newest first."""
+        """One dict per ledger row (a charge) or refusal matching ``filters`` (name, model, status,
+        since, until), newest first."""
         where, args = _request_filter(filters)
-        sql = "SELECT %s FROM usage%s ORDER BY at DESC, id DESC LIMIT ? OFFSET ?" % (  # noqa: S608
-            ", ".join(REQUEST_COLUMNS),
+        charges = "SELECT at, id, %s, NULL AS refusal FROM usage%s" % (  # noqa: S608
+            ", ".join(CHARGE_COLUMNS),
             where,
         )
-        rows = await self.driver.fetch(sql, (*args, limit, offset))
+        refused = (
+            "SELECT at, id, token, route, model, NULL, status, 0, 0, 0, 0.0, latency_ms, NULL, NULL, %s, request_id, "  # noqa: S608
+            "code FROM refusals%s" % (self.driver.false, where)
+        )
+        sql = "SELECT * FROM (%s UNION ALL %s) AS r ORDER BY at DESC, id DESC LIMIT ? OFFSET ?" % (charges, refused)  # noqa: S608
+        rows = await self.driver.fetch(sql, (*args, *args, limit, offset))
         out = []
         for row in rows:
-            item = dict(zip(REQUEST_COLUMNS, row, strict=True))
+            item = dict(zip(("at", "id", *CHARGE_COLUMNS, "refusal"), row, strict=True))
+            del item["id"]
+            item["at"] = float(item["at"])
             item["estimated"] = bool(item["estimated"])
             item["usd"] = float(item["usd"])
             out.append(item)
@@ -434,40 +473,44 @@ class ConsoleStore:
         span = (name, since, until)
         models = await self.driver.fetch(
             "SELECT model, COUNT(*), SUM(input_tokens), SUM(cached_tokens), SUM(output_tokens), SUM(usd) "
-            "FROM usage WHERE token = ? AND at >= ? AND at < ? AND refusal IS NULL GROUP BY model",
+            "FROM usage WHERE token = ? AND at >= ? AND at < ? GROUP BY model",
             span,
         )
         days = await self.driver.fetch(
             "SELECT %s AS day, COUNT(*), SUM(input_tokens + output_tokens), SUM(usd) "  # noqa: S608
-            "FROM usage WHERE token = ? AND at >= ? AND at < ? AND refusal IS NULL GROUP BY day ORDER BY day"
-            % self.driver.day,
+            "FROM usage WHERE token = ? AND at >= ? AND at < ? GROUP BY day ORDER BY day" % self.driver.day,
             span,
         )
         refusals = await self.driver.fetch(
-            "SELECT refusal, COUNT(*) FROM usage WHERE token = ? AND at >= ? AND at < ? AND refusal IS NOT NULL "
-            "GROUP BY refusal ORDER BY refusal",
+            "SELECT code, COUNT(*) FROM refusals WHERE token = ? AND at >= ? AND at < ? GROUP BY code ORDER BY code",
             span,
         )
-        return {
-            "by_model": sorted(
-                (
-                    {
-                        "model": m,
-                        "requests": int(n),
-                        "input_tokens": int(i or 0),
-                        "cached_tokens": int(c or 0),
-                        "output_tokens": int(o or 0),
-                        "usd": float(u or 0),
-                    }
-                    for m, n, i, c, o, u in models
-                ),
-                key=lambda r: (-r["usd"], r["model"] or ""),
-            ),
-            "by_day": [
-                {"day": str(d), "requests": int(n), "tokens": int(t or 0), "usd": float(u or 0)} for d, n, t, u in days
-            ],
-            "refusals": {str(kind): int(n) for kind, n in refusals},
-        }
+        by_model = [
+            {
+                "model": m,
+                "requests": int(n),
+                "input_tokens": int(i or 0),
+                "cached_tokens": int(c or 0),
+                "output_tokens": int(o or 0),
+                "usd": float(u or 0),
+            }
+            for m, n, i, c, o, u in models
+        ]
+        by_model.sort(key=lambda r: (-r["usd"], r["model"] or ""))
+        by_day = [
+            {"day": str(d), "requests": int(n), "tokens": int(t or 0), "usd": float(u or 0)} for d, n, t, u in days
+        ]
+        return {"by_model": by_model, "by_day": by_day, "refusals": {str(k): int(n) for k, n in refusals}}
+
+    async def insert_refusals(self, rows: list[tuple]) -> None:
+        """(at, token, route, model, status, code, latency_ms, request_id) rows, in one transaction."""
+        async with self.driver.transaction() as tx:
+            for row in rows:
+                await tx.execute(
+                    "INSERT INTO refusals (at, token, route, model, status, code, latency_ms, request_id) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    row,
+                )
 
     async def last_active(self, names: list[str]) -> dict[str, float]:
         """When each name's latest ledger row was written (one indexed look-up per name)."""
