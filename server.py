@@ -96,6 +96,11 @@ def make_app(settings: Settings, tokens: TokenRegistry | None = None, router: Ro
         from chat_gpt_proxy.console.runtime import RuntimeTokens
 
         console = RuntimeTokens(settings, tokens, spend, reload_check(settings))
+    alerts = None
+    if settings.alert_webhook_url:
+        from chat_gpt_proxy.console.alerts import BudgetAlerts
+
+        alerts = BudgetAlerts(settings, spend.book, metrics, console.store if console is not None else None)
     return ProxyApplication(
         all_routes,
         config=settings,
@@ -106,6 +111,7 @@ def make_app(settings: Settings, tokens: TokenRegistry | None = None, router: Ro
         spend=spend,
         cache=ResponseCache(settings, shared_limits, metrics),
         console=console,
+        alerts=alerts,
         metrics=metrics,
         shared_limits=shared_limits,
         default_handler_class=NotFoundHandler,
@@ -368,6 +374,8 @@ async def serve(
         await app.spend.start(tokens.entries)
         if app.console is not None:
             await app.console.start()
+        if app.alerts is not None:
+            app.alerts.start()
     except Exception as exc:  # any driver's error: one line, exit 2, as for a setting
         print(
             "chat_gpt_proxy: invalid setting USAGE_DATABASE: cannot open the usage ledger %s: %s"
@@ -440,6 +448,8 @@ async def serve(
     except TimeoutError:
         log.warning("shutdown: connections still open after 5 s; exiting anyway")
     pool.close()
+    if app.alerts is not None:
+        await app.alerts.close()
     if app.console is not None:
         await app.console.close()
     await app.spend.close()

@@ -166,6 +166,10 @@ class Metrics:
         self.admin_token_failures = Counter(
             "proxy_admin_token_failures", "Admin requests refused for their token", ["answer"], registry=r
         )
+        # Budget alerts (chat_gpt_proxy/console/alerts.py): sent, an attempt that failed and is retried, given up.
+        self.budget_alerts = Counter(
+            "proxy_budget_alerts", "Budget alerts to ALERT_WEBHOOK_URL, by result", ["result"], registry=r
+        )
         self.ledger_dropped = Counter(
             "proxy_usage_rows_dropped", "Usage rows dropped because the ledger's queue was full", registry=r
         )

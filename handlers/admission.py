@@ -175,6 +175,13 @@ class Admission:
             ttft_ms=elapsed_ms(access.started, access.first_byte_at) if access.first_byte_at else None,
             cache=access.cache,
         )
+        self.check_alerts()
+
+    def check_alerts(self) -> None:
+        """After a charge: tell ALERT_WEBHOOK_URL if the token's budget just crossed a threshold."""
+        alerts = self.application.alerts
+        if alerts is not None and self.token is not None and self.token.policy.budget:
+            alerts.check(self.token)
 
     def record_refusal(self) -> None:
         """An error answer to a known token that charged nothing: a row saying why (its code), for the admin page."""

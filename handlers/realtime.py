@@ -361,6 +361,7 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
             upstream=self.access.upstream,
             latency_ms=elapsed_ms(self.access.started),
         )
+        self.check_alerts()
 
 
 routes = [(r"/v1/realtime", RealtimeHandler)]

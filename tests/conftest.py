@@ -200,8 +200,16 @@ def app(config, io_loop):
     io_loop.run_sync(lambda: application.spend.start(application.tokens.entries))
     if application.console is not None:
         io_loop.run_sync(application.console.start)
+    if application.alerts is not None:
+
+        async def start_alerts():
+            application.alerts.start()  # its task runs on the test's loop
+
+        io_loop.run_sync(start_alerts)
     yield application
     application.pool.close()
+    if application.alerts is not None:
+        io_loop.run_sync(application.alerts.close)
     if application.console is not None:
         io_loop.run_sync(application.console.close)
     io_loop.run_sync(application.spend.close)
