@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import sqlite3
+import subprocess
 
 import pytest
 
 from chat_gpt_proxy.console.runtime import TOKEN_PREFIX
 from tests.conftest import proxy_settings
+from tests.test_readme import localize, snippet
 
 ADMIN = "admin-API-token-6c1e9a2f7b"
 LEAD = "lead-ADMIN-token-3e8b1d7c52"  # admin = true in the tokens file
@@ -330,3 +333,29 @@ async def test_without_a_database_the_api_says_what_to_set(proxy, app):
         status, answer, _ = await api(proxy, method, path, body)
         assert status == 409, (method, path)
         assert "USAGE_DATABASE" in answer["error"]["message"] and answer["error"]["code"] == "usage_database_unset"
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_the_curl_examples_of_team_md(proxy, app, base_url):
+    language, code = snippet("admin-api-curl")
+    assert language == "bash"
+    result = await proxy.in_thread(
+        subprocess.run,
+        ["bash", "-ec", localize(code, base_url)],
+        env=dict(os.environ, ADMIN_TOKEN=ADMIN),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    answers, text, at = [], result.stdout, 0
+    decoder = json.JSONDecoder()
+    while at < len(text):
+        answer, at = decoder.raw_decode(text, at)
+        answers.append(answer)
+    made, raised, disabled, rotated, requests, audit, deleted = answers
+    assert made["name"] == "dana" and made["token"].startswith(TOKEN_PREFIX) and made["budget_usd"] == 20
+    assert made["use_server_key"] is True and raised["budget_usd"] == 30 and disabled["status"] == "disabled"
+    assert rotated["token"] != made["token"] and requests["requests"] == []
+    assert [a["action"] for a in audit["audit"]] == ["rotate", "disable", "update", "create"]
+    assert deleted == {"deleted": "dana"}

@@ -224,3 +224,12 @@ def test_alert_settings_and_their_mask():
     assert settings.masked()["alert_webhook_url"] == "https://hooks.example.com/***"
     assert "SECRET" not in repr(settings)
     assert Settings.from_env({"ALERT_THRESHOLDS": "100, 50,80"}).alert_thresholds == (50, 80, 100)
+
+
+def test_the_retry_schedule_is_the_documented_one():
+    """docs/team.md: after 1 s, then 2, 4… up to 5 minutes apart, 12 attempts in all."""
+    pauses, pause = [], alerts_module.FIRST_PAUSE
+    for _ in range(alerts_module.ATTEMPTS - 1):
+        pauses.append(pause)
+        pause = min(alerts_module.MAX_PAUSE, pause * 2)
+    assert pauses == [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300]
