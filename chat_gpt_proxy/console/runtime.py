@@ -102,6 +102,7 @@ class RuntimeTokens:
         self.reload_lock = asyncio.Lock()
         self.wake = asyncio.Event()
         self.broken: set[tuple[str, float]] = set()
+        self.problem = ""
         self.refusals: collections.deque[tuple] = collections.deque()
         self.refusals_dropped = 0
         self.refusal_task: asyncio.Task | None = None
@@ -149,6 +150,11 @@ class RuntimeTokens:
                     if key not in self.broken:
                         self.broken.add(key)
                         log.warning("admin tokens: %r is refused: %s", row["name"], exc)
+            problem = self.check(entries) if self.check is not None else ""
+            if problem and problem != self.problem:
+                # Made when this process's settings allowed it (WORKERS=1, or with REDIS_URL).
+                log.error("admin tokens: %s", problem)
+            self.problem = problem
             self.registry.set_runtime(entries)
             self.rows = {r["name"]: r for r in rows}
             self.version = version
@@ -157,6 +163,7 @@ class RuntimeTokens:
             await self.spend.rebuild(entries)
 
     async def _sync(self) -> None:
+        failing = False
         while not self.closing:
             try:
                 if self.redis is not None:
@@ -164,12 +171,21 @@ class RuntimeTokens:
                 else:
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(self.wake.wait(), POLL)
+                    self.wake.clear()
                     await self._check()
+                if failing:
+                    log.info("admin tokens: checking for changes again")
+                    failing = False
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the database or Redis away: keep the tokens in force, try again
-                log.warning("admin tokens: cannot check for changes (%s); retrying", type(exc).__name__)
-                await asyncio.sleep(1.0)
+                if not failing:
+                    log.warning("admin tokens: cannot check for changes (%s); retrying", type(exc).__name__)
+                    failing = True
+                # Redis away: the table's version still tells.
+                with contextlib.suppress(Exception):
+                    await self._check()
+                await asyncio.sleep(POLL if self.redis is not None else 1.0)
 
     async def _check(self) -> None:
         if await self.store.version() != self.version:
