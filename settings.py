@@ -282,7 +282,7 @@ CONFIGURATION_PARTS = (
         "usage",
         (
             "usage_database", "usage_queue_rows", "usage_retention_days", "prices_file", "admin_token",
-            "admin_token_file", "admin_token_generated",
+            "admin_token_file", "admin_token_generated", "alert_webhook_url", "alert_thresholds",
         ),
     ),
     ("redis", ("redis_url", "redis_prefix", "redis_failure_mode", "redis_timeout", "redis_inflight_ttl")),
