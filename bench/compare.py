@@ -19,8 +19,8 @@ shape); each subject's ratio is to the first subject on its route.
 
 Uses bench/run.py's layout: Debian's nginx as the fixed upstream on CPU 1, each
 proxy one process on CPU 0, wrk on CPU 1, ``/chat_complete`` at c=64 and c=1.
-The subjects run in turn, round after round, so a noisy neighbour on this
-shared machine hits all of them alike. The main figure is per-core
+The subjects run in turn, round after round (every other round in the
+opposite order), so a noisy neighbour on this shared machine hits all of them alike. The main figure is per-core
 throughput: requests served per CPU-second the proxy process used (from
 /proc/<pid>/stat), which other processes on the same core barely disturb,
 unlike wall-clock req/s; the report gives per-subject medians and each
@@ -253,8 +253,9 @@ def main() -> None:
             upstreams_path = os.path.join(workdir, "upstreams.toml")
             upstreams_file(upstreams_path, args.upstreams, upstream)
             subjects.append(("after, UPSTREAMS_FILE with %d upstreams" % args.upstreams, ROOT, None))
-        for _ in range(args.rounds):
-            for label, tree, tokens in subjects:
+        for round_number in range(args.rounds):
+            # Every other round in the opposite order: no subject always follows the same one.
+            for label, tree, tokens in subjects if round_number % 2 == 0 else subjects[::-1]:
                 in_redis = "REDIS_URL" in label
                 # A ledger per subject: each release's own schema, and the page's tokens in theirs alone.
                 ledger = os.path.join(workdir, "usage-%d.sqlite3" % subjects.index((label, tree, tokens)))
@@ -296,7 +297,7 @@ def main() -> None:
     command = (
         "--redis --rounds %d --seconds %g" % (args.rounds, args.seconds)
         if args.redis
-        else "--before %s --tokens %d%s%s%s --rounds %d --seconds %g"
+        else "--before %s --tokens %d%s%s%s%s --rounds %d --seconds %g"
         % (
             args.before,
             args.tokens,

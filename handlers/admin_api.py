@@ -90,9 +90,10 @@ class AdminApiHandler(AdminHandler):
         budget = policy.budget
         period = budget.period if budget else "month"
         start, end = period_bounds(period, now)
-        ledger = self.application.spend.ledger
-        if ledger is not None:
-            usd, tokens = await ledger.spent_since(entry.name, start)
+        console = self.application.console
+        if console is not None and self.application.spend.ledger is not None:
+            # From the ledger's table (flushed by last_active), so every worker and instance counts.
+            usd, tokens = await console.store.spent_since(entry.name, start)
         else:
             spent, _ = self.application.spend.book.spent_now(entry.name, period, now)
             usd, tokens = spent.usd, spent.tokens
@@ -112,7 +113,6 @@ class AdminApiHandler(AdminHandler):
             status = "over_budget"
         else:
             status = "active"
-        console = self.application.console
         row = console.rows.get(entry.name) if console is not None and entry.source == FROM_PAGE else None
         out = {
             "name": entry.name,
@@ -129,6 +129,7 @@ class AdminApiHandler(AdminHandler):
             "upstreams": list(policy.upstreams) or None,
             "cache": policy.cache,
             "cache_ttl": policy.cache_ttl,
+            "deferred": policy.deferred,
             "expires": iso_time(policy.expires) if policy.expires is not None else None,
             "disabled": policy.disabled,
             "spend": spend,

@@ -512,6 +512,15 @@ class ConsoleStore:
                     row,
                 )
 
+    async def spent_since(self, name: str, since: float) -> tuple[float, int]:
+        """(US dollars, input + output tokens) of ``name``'s ledger rows since ``since`` (the written ones)."""
+        rows = await self.driver.fetch(
+            "SELECT COALESCE(SUM(usd), 0), COALESCE(SUM(input_tokens + output_tokens), 0) FROM usage "
+            "WHERE token = ? AND at >= ?",
+            (name, since),
+        )
+        return float(rows[0][0]), int(rows[0][1])
+
     async def last_active(self, names: list[str]) -> dict[str, float]:
         """When each name's latest ledger row was written (one indexed look-up per name)."""
         out = {}
