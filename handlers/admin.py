@@ -24,42 +24,9 @@ from chat_gpt_proxy.human import money_fields
 from chat_gpt_proxy.request.strict_json import dumps
 from chat_gpt_proxy.usage.report import to_csv
 
-from .base import BaseHandler
 from .errors import ApiError
 from .pages import render_page
-from .private import NoStore, check_admin_token
-
-DATE_FORMAT = "%Y-%m-%d"
-
-
-class AdminHandler(NoStore, BaseHandler):
-    """Every admin route: no-store answers (errors too), the admin token checked with its
-    failed attempts limited per client address (handlers/private.py)."""
-
-    requires_access_token = False
-
-    def prepare(self):
-        if not self.config.admin_token and not self.application.tokens.has_admins:
-            raise ApiError(404, "No such route: %s." % self.request.path[:200], code="not_found")
-        return super().prepare()
-
-    def check_admin_token(self) -> str:
-        """Who the ``admin-token`` header names (the audit's "who"): ADMIN_TOKEN's holder, or a named admin."""
-        return check_admin_token(self)
-
-
-def day_arg(handler, name: str, default: datetime.date) -> datetime.date:
-    value = handler.get_query_argument(name, "")
-    if not value:
-        return default
-    try:
-        day = datetime.datetime.strptime(value, DATE_FORMAT).replace(tzinfo=datetime.UTC).date()
-    except ValueError:
-        day = None
-    # The day after the last one must exist too (9999-12-31 has none).
-    if day is None or day >= datetime.date.max:
-        raise ApiError(400, "%s must be a date as YYYY-MM-DD." % name, code="invalid_date")
-    return day
+from .private import DATE_FORMAT, AdminHandler, day_arg
 
 
 def budgets_report(application, now: float) -> list[dict]:

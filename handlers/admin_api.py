@@ -29,8 +29,8 @@ from chat_gpt_proxy.request.strict_json import dumps
 from chat_gpt_proxy.usage.budgets import period_bounds
 from chat_gpt_proxy.usage.report import csv_cell
 
-from .admin import AdminHandler, day_arg
 from .errors import ApiError
+from .private import AdminHandler, day_arg
 
 NO_DATABASE = (
     "Tokens managed from the admin page need a database: set USAGE_DATABASE (a SQLite file path, "

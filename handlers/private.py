@@ -1,5 +1,5 @@
 """What the routes that show private data share (the admin routes, /usage): answers no cache keeps,
-and a bound on guessing the admin token.
+a bound on guessing the admin token, and the base of the admin routes (admin.py, admin_api.py).
 
 - ``NoStore``: every answer of the handler, errors included, says ``Cache-Control: no-store``
   (RFC 9111 section 5.2.2.5): spend, token names and budgets stay out of browser and shared caches.
@@ -13,6 +13,7 @@ and a bound on guessing the admin token.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import hmac
 import time
@@ -20,6 +21,7 @@ import time
 from chat_gpt_proxy.access.attempts import address_key
 from chat_gpt_proxy.observability import client_address
 
+from .base import BaseHandler
 from .errors import ApiError
 
 # Paths whose answers are private, matched or not: what no cache may keep under them.
@@ -85,3 +87,36 @@ def check_admin_token(handler) -> str:
     if metrics is not None:
         metrics.admin_token_failures.labels("wrong").inc()
     raise ApiError(403, "Missing or wrong admin-token header.", "permission_denied", "invalid_admin_token")
+
+
+DATE_FORMAT = "%Y-%m-%d"
+
+
+class AdminHandler(NoStore, BaseHandler):
+    """Every admin route: no-store answers (errors too), the admin token checked with its
+    failed attempts limited per client address (handlers/private.py)."""
+
+    requires_access_token = False
+
+    def prepare(self):
+        if not self.config.admin_token and not self.application.tokens.has_admins:
+            raise ApiError(404, "No such route: %s." % self.request.path[:200], code="not_found")
+        return super().prepare()
+
+    def check_admin_token(self) -> str:
+        """Who the ``admin-token`` header names (the audit's "who"): ADMIN_TOKEN's holder, or a named admin."""
+        return check_admin_token(self)
+
+
+def day_arg(handler, name: str, default: datetime.date) -> datetime.date:
+    value = handler.get_query_argument(name, "")
+    if not value:
+        return default
+    try:
+        day = datetime.datetime.strptime(value, DATE_FORMAT).replace(tzinfo=datetime.UTC).date()
+    except ValueError:
+        day = None
+    # The day after the last one must exist too (9999-12-31 has none).
+    if day is None or day >= datetime.date.max:
+        raise ApiError(400, "%s must be a date as YYYY-MM-DD." % name, code="invalid_date")
+    return day
