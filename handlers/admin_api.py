@@ -222,7 +222,7 @@ class AuditHandler(AdminApiHandler):
         console = self.console()
         limit = self.int_arg("limit", 100, 1, MAX_PAGE)
         before = self.get_query_argument("before", "")
-        if before and not before.isdigit():
+        if before and not (before.isdigit() and len(before) <= 18):
             raise ApiError(400, "before must be an audit row id.", code="invalid_query", param="before")
         rows = await console.store.audit(limit, int(before) if before else None, self.get_query_argument("name", ""))
         for row in rows:
@@ -247,7 +247,8 @@ def time_arg(handler, name: str, end: bool) -> float | None:
             return day_span(day, day)[1 if end else 0]
         text = value[:-1] + "+00:00" if value.endswith(("Z", "z")) else value
         moment = datetime.datetime.fromisoformat(text)
-    except ValueError:
+        moment.timestamp()
+    except (ValueError, OverflowError):  # 9999-12-31 has no day after it
         moment = None
     if moment is None:
         raise ApiError(

@@ -8,10 +8,12 @@ PostgreSQL server.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import datetime
 import io
 import json
+import time
 
 import aiosqlite
 import asyncpg
@@ -271,3 +273,32 @@ async def test_an_older_ledger_gets_the_new_columns_and_keeps_its_rows(old_ledge
         ("old-row", None, None, None, None),
         ("new-row", "openai-a", 12.5, 3.25, "miss"),
     ]
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_poisoned_refusal_row_is_stored_and_odd_queries_are_400(proxy, app):
+    """A caller's model name with a lone surrogate and a NUL: the refusal row is made storable and the
+    rows after it arrive (SQLite and PostgreSQL); dates past 9999 and huge ids are a 400, not a 500."""
+    now = time.time()
+    app.console.refused((now, "amy", "chat_complete", "x\ud800\x00y", 403, "model_not_allowed", 1.5, "rid-poison"))
+    app.console.refused((now + 0.001, "amy", "chat_complete", "gpt-4o", 429, "proxy_rate_limited", 0.5, "rid-after"))
+    status, found, _ = await api(proxy, "GET", "/requests?name=amy")
+    assert status == 200, found
+    assert [(r["request_id"], r["model"]) for r in found["requests"]] == [
+        ("rid-after", "gpt-4o"),
+        ("rid-poison", "x?y"),
+    ]
+    for query, param in (("to=9999-12-31", "to"), ("from=10000-01-01", "from")):
+        status, answer, _ = await api(proxy, "GET", "/requests?" + query)
+        assert status == 400 and answer["error"]["param"] == param, (query, answer)
+    status, answer, _ = await api(proxy, "GET", "/audit?before=" + "9" * 30)
+    assert status == 400 and answer["error"]["param"] == "before"
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_refusals_flushed_by_the_writer_and_a_reader_at_once_are_written_once(proxy, app):
+    for i in range(50):
+        app.console.refused((time.time(), "bea", "chat_complete", None, 429, "proxy_rate_limited", 0.1, "r%d" % i))
+    await asyncio.gather(app.console.flush_refusals(), app.console.flush_refusals(), app.console.flush_refusals())
+    status, found, _ = await api(proxy, "GET", "/requests?name=bea&limit=100")
+    assert status == 200 and sorted(r["request_id"] for r in found["requests"]) == sorted("r%d" % i for i in range(50))

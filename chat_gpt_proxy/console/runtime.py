@@ -59,6 +59,11 @@ class ApiRefusal(Exception):
         self.status, self.message, self.code, self.field = status, message, code, field
 
 
+def storable(text: str, limit: int = 256) -> str:
+    """``text`` as any database stores it: valid UTF-8 (surrogates replaced), no NUL, at most ``limit`` characters."""
+    return text.encode("utf-8", "replace").decode("utf-8").replace("\x00", "")[:limit]
+
+
 def new_token() -> str:
     return TOKEN_PREFIX + secrets.token_urlsafe(TOKEN_BYTES)
 
@@ -106,6 +111,7 @@ class RuntimeTokens:
         self.refusals: collections.deque[tuple] = collections.deque()
         self.refusals_dropped = 0
         self.refusal_task: asyncio.Task | None = None
+        self.refusals_lock = asyncio.Lock()
 
     async def start(self) -> None:
         await self.store.open()
@@ -219,6 +225,7 @@ class RuntimeTokens:
 
     def refused(self, row: tuple) -> None:
         """Queue (at, token, route, model, status, code, latency_ms, request_id); never blocks, never raises."""
+        row = tuple(storable(v) if isinstance(v, str) else v for v in row)
         if len(self.refusals) >= MAX_REFUSALS_QUEUED:
             self.refusals_dropped += 1
             if self.refusals_dropped == 1 or self.refusals_dropped % 1000 == 0:
@@ -229,11 +236,38 @@ class RuntimeTokens:
         self.refusals.append(row)
 
     async def flush_refusals(self) -> None:
+        # One flush at a time: the writer's and a request's would take (and write) the same first rows.
+        async with self.refusals_lock:
+            await self._flush_refusals()
+
+    async def _flush_refusals(self) -> None:
         while self.refusals:
             batch = [self.refusals[i] for i in range(min(500, len(self.refusals)))]
-            await self.store.insert_refusals(batch)
+            try:
+                await self.store.insert_refusals(batch)
+            except Exception:
+                # One row the database refuses must not hold back the others for ever: each alone.
+                kept = await self._insert_each(batch)
+                if not kept:
+                    raise
             for _ in batch:
                 self.refusals.popleft()
+
+    async def _insert_each(self, batch: list[tuple]) -> bool:
+        """Write ``batch`` row by row; False if none went in (the database is away: keep them all),
+        else the rows it refused are dropped, counted and logged."""
+        refused = []
+        for row in batch:
+            try:
+                await self.store.insert_refusals([row])
+            except Exception as exc:
+                refused.append((row, exc))
+        if len(refused) == len(batch):
+            return False
+        for row, exc in refused:
+            self.refusals_dropped += 1
+            log.warning("admin console: a refusal row was refused (%s) request_id=%s", type(exc).__name__, row[-1])
+        return True
 
     async def _write_refusals(self) -> None:
         while not self.closing:
