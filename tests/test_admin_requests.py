@@ -266,7 +266,7 @@ async def test_an_older_ledger_gets_the_new_columns_and_keeps_its_rows(old_ledge
                 )  # fmt: skip
             ]
         )
-        assert await store.spent_since("old", 0) == (0.25, 11)
+        assert await store.spent_since("old", 0) == (250_000_000, 11)  # nano-dollars
     finally:
         await store.close()
     assert await fetch(old_ledger) == [

@@ -64,6 +64,7 @@ class Charge:
             if stored is not value:
                 object.__setattr__(self, name, stored)
         object.__setattr__(self, "nanos", to_nanos(self.usd))
+
     # For the admin page's Requests tab (REQUEST_COLUMNS in ledger.py): the upstream that
     # answered, the time to the whole answer and to its first streamed byte, the response
     # cache's "hit" or "miss".
