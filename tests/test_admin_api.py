@@ -7,6 +7,7 @@ temporary folder; the token values the API hands out are used on /chat_complete 
 
 from __future__ import annotations
 
+import datetime
 import glob
 import json
 import os
@@ -359,3 +360,46 @@ async def test_the_curl_examples_of_team_md(proxy, app, base_url):
     assert rotated["token"] != made["token"] and requests["requests"] == []
     assert [a["action"] for a in audit["audit"]] == ["rotate", "disable", "update", "create"]
     assert deleted == {"deleted": "dana"}
+
+
+@pytest.mark.gen_test(timeout=30)
+@pytest.mark.settings(admin_token="")
+async def test_named_admins_alone_open_the_admin_routes(proxy, app):
+    """Without ADMIN_TOKEN, the tokens file's admin opens the routes; an empty or missing header does
+    not pass for the unset ADMIN_TOKEN."""
+    status, _, _ = await api(proxy, "GET", "/tokens", admin=LEAD)
+    assert status == 200
+    for headers in ({}, {"admin-token": ""}):
+        status, answer, _ = await api(proxy, "GET", "/tokens", admin="", headers=headers)
+        assert status == 403 and answer["error"]["code"] == "invalid_admin_token", headers
+    status, made, _ = await api(proxy, "POST", "/tokens", {"name": "lena"}, admin=LEAD)
+    assert status == 201 and made["created_by"] == "lead"
+    response = await proxy.request("/admin", method="GET", auth=False)
+    assert response.code == 200 and response.headers["Cache-Control"] == "no-store"
+
+
+def test_the_tokens_file_takes_expires_and_admin(tmp_path):
+    from chat_gpt_proxy.access.tokens import TokensFileError, parse_tokens_file
+    from settings import Settings
+
+    path = tmp_path / "tokens.toml"
+    path.write_text(
+        '[a]\ntoken = "%s"\nexpires = 2027-01-31\nadmin = true\n'
+        '[b]\ntoken = "%s"\nexpires = 2027-01-31T18:00:00+03:00\n'
+        '[c]\ntoken = "%s"\nexpires = 2027-01-31T18:00:00\n' % ("a" * 20, "b" * 20, "c" * 20)
+    )
+    a, b, c = parse_tokens_file(str(path), Settings())
+    assert a.admin and not b.admin and a.source == "file"
+    midnight = datetime.datetime(2027, 1, 31, tzinfo=datetime.UTC).timestamp()
+    assert a.policy.expires == midnight
+    assert b.policy.expires == midnight + 15 * 3600
+    assert c.policy.expires == midnight + 18 * 3600  # no offset: UTC
+    for field, value, message in (
+        ("admin", '"yes"', "admin must be true or false"),
+        ("expires", "12", "expires must be a date"),
+        ("expires", '"next week"', "expires must be a date"),
+    ):
+        path.write_text('[d]\ntoken = "%s"\n%s = %s\n' % ("d" * 20, field, value))
+        with pytest.raises(TokensFileError, match=message) as error:
+            parse_tokens_file(str(path), Settings())
+        assert str(error.value).startswith("%s: token 'd': " % path)
