@@ -194,3 +194,23 @@ async def test_two_workers_on_sqlite(start, tmp_path):
         assert all(c.get("403", 0) > 0 for c in counts), counts
     finally:
         client.close()
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_with_redis_away_the_version_check_still_tells(start, pg_database, redis_server):
+    one = start(USAGE_DATABASE=pg_database, REDIS_URL=redis_server.url)
+    two = start(USAGE_DATABASE=pg_database, REDIS_URL=redis_server.url)
+    await one.wait_ready()
+    await two.wait_ready()
+    client = tornado.httpclient.AsyncHTTPClient(force_instance=True)
+    try:
+        token = (await admin(client, one, "POST", "/tokens", {"name": "no-redis"}))["token"]
+        await until(lambda: ok(client, two, token), "made on one, used on the other")
+        redis_server.stop()
+        await asyncio.sleep(0.5)
+        await admin(client, one, "PATCH", "/tokens/no-redis", {"disabled": True})
+        took = await until(lambda: refused(client, two, token), "revoked on one, refused on the other")
+        assert took < WITHIN, took
+        assert "admin tokens: cannot check for changes (ConnectionError); retrying" in two.output()
+    finally:
+        client.close()
