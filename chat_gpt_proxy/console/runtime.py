@@ -5,10 +5,11 @@ The database (``ConsoleStore``) is the truth. A change is one transaction
 table again at once, then tells the others:
 
 - with REDIS_URL, by a message on the ``<REDIS_PREFIX>:tokens`` channel, which
-  every process subscribes to (and a version check every SAFETY_POLL seconds,
-  for a message lost while Redis was away);
-- without it, each process compares the table's version with its own every
-  POLL seconds, one indexed single-row read.
+  every process subscribes to: it checks at once;
+- and in any case each process compares the table's version with its own
+  every POLL seconds, one single-row read by primary key, which is all it
+  takes without Redis or while Redis is away (or paused: a message then never
+  comes, and no timeout says so).
 
 A reload replaces the registry's runtime entries in one assignment (access/tokens.py),
 so a revoked or rotated token is refused by every request, stream and
@@ -40,7 +41,8 @@ from .store import Conflict, ConsoleStore, NotFound, make_console_store
 
 log = logging.getLogger("chat_gpt_proxy")
 
-# Seconds between version checks without Redis, and with it (a safety net behind pub/sub).
+# Seconds between version checks (with Redis too: a paused or lost Redis must not hold a revocation
+# back), and how long a pub/sub read waits before it looks again.
 POLL = 0.25
 SAFETY_POLL = 5.0
 # Bytes of randomness in a new token (secrets.token_urlsafe: 4 characters per 3 bytes).
@@ -100,6 +102,8 @@ class RuntimeTokens:
         self.version = -1
         self.rows: dict[str, dict] = {}
         self.task: asyncio.Task | None = None
+        self.listen_task: asyncio.Task | None = None
+        self.publishing: set[asyncio.Task] = set()
         self.redis = None
         self.channel = "%s:tokens" % settings.redis_prefix
         self.closing = False
@@ -121,13 +125,15 @@ class RuntimeTokens:
 
             # A connection of its own: a subscribed connection cannot serve other commands.
             self.redis = Redis.from_url(self.settings.redis_url, socket_connect_timeout=2, socket_timeout=None)
-        self.task = asyncio.ensure_future(self._sync())
+        self.task = asyncio.ensure_future(self._poll())
+        if self.redis is not None:
+            self.listen_task = asyncio.ensure_future(self._listen())
         self.refusal_task = asyncio.ensure_future(self._write_refusals())
 
     async def close(self) -> None:
         self.closing = True
         self.wake.set()
-        for task in (self.task, self.refusal_task):
+        for task in (self.task, self.listen_task, self.refusal_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -168,50 +174,55 @@ class RuntimeTokens:
         if self.spend is not None:
             await self.spend.rebuild(entries)
 
-    async def _sync(self) -> None:
+    async def _poll(self) -> None:
+        """Compare the table's version with this process's every POLL seconds, or at once when woken."""
         failing = False
         while not self.closing:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), POLL)
+            self.wake.clear()
             try:
-                if self.redis is not None:
-                    await self._listen()
-                else:
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(self.wake.wait(), POLL)
-                    self.wake.clear()
-                    await self._check()
-                if failing:
-                    log.info("admin tokens: checking for changes again")
-                    failing = False
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the database or Redis away: keep the tokens in force, try again
+                await self._check()
+            except Exception as exc:  # the database away: the tokens in force stay; try again
                 if not failing:
                     log.warning("admin tokens: cannot check for changes (%s); retrying", type(exc).__name__)
                     failing = True
-                # Redis away: the table's version still tells.
-                with contextlib.suppress(Exception):
-                    await self._check()
-                await asyncio.sleep(POLL if self.redis is not None else 1.0)
+                await asyncio.sleep(1.0)
+                continue
+            if failing:
+                log.info("admin tokens: checking for changes again")
+                failing = False
 
     async def _check(self) -> None:
         if await self.store.version() != self.version:
             await self.reload()
 
     async def _listen(self) -> None:
-        pubsub = self.redis.pubsub()
-        try:
-            await pubsub.subscribe(self.channel)
-            # Whatever changed while this process was not subscribed.
-            await self._check()
-            last_check = time.monotonic()
-            while not self.closing:
-                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=SAFETY_POLL)
-                if message is not None or time.monotonic() - last_check >= SAFETY_POLL:
-                    await self._check()
-                    last_check = time.monotonic()
-        finally:
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()
+        """With REDIS_URL: a change announced on the channel wakes the poll at once."""
+        failing = False
+        while not self.closing:
+            pubsub = self.redis.pubsub()
+            try:
+                await pubsub.subscribe(self.channel)
+                if failing:
+                    log.info("admin tokens: Redis announces changes again")
+                    failing = False
+                while not self.closing:
+                    if await pubsub.get_message(ignore_subscribe_messages=True, timeout=SAFETY_POLL) is not None:
+                        self.wake.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not failing:
+                    log.warning(
+                        "admin tokens: Redis cannot announce changes (%s); the version check goes on",
+                        type(exc).__name__,
+                    )
+                    failing = True
+                await asyncio.sleep(1.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
 
     async def _publish(self) -> None:
         if self.redis is None:
@@ -308,8 +319,10 @@ class RuntimeTokens:
         except NotFound:
             raise ApiRefusal(404, "No token named %r was made on the admin page." % name, "not_found") from None
         await self.reload()
-        self.wake.set()
-        await self._publish()
+        # Not awaited: a slow or paused Redis must not hold the admin's answer (the version check tells anyway).
+        task = asyncio.ensure_future(self._publish())
+        self.publishing.add(task)
+        task.add_done_callback(self.publishing.discard)
         return after
 
     async def create(self, body: dict, actor: str, request_id: str) -> tuple[dict, str]:
