@@ -171,7 +171,7 @@ async def test_the_audit_names_who_did_what_without_a_token_value(proxy, app, co
 
 
 @pytest.mark.gen_test(timeout=30)
-async def test_the_database_holds_no_token_value(proxy, app, config):
+async def test_the_database_holds_no_token_value_nor_prompt(proxy, app, config):
     values = []
     for name in ("carol", "dave"):
         _, made, _ = await api(proxy, "POST", "/tokens", {"name": name})
@@ -179,11 +179,20 @@ async def test_the_database_holds_no_token_value(proxy, app, config):
         _, rotated, _ = await api(proxy, "POST", "/tokens/%s/rotate" % name)
         values.append(rotated["token"])
         await chat(proxy, rotated["token"], 200)
+        # A prompt and its answer (the fake echoes it) are never stored either.
+        response = await proxy.request(
+            json_body={"prompt": "a-PROMPT-nobody-may-store-7c1e"},
+            headers={"access-token": rotated["token"], "openai-token": KEY},
+            auth=False,
+        )
+        assert response.code == 200 and b"a-PROMPT-nobody-may-store-7c1e" in response.body
     await app.spend.ledger.flush()
+    await app.console.flush_refusals()
     files = glob.glob(config.usage_database + "*")
     assert len(files) >= 2, files  # the database and its WAL
     data = b"".join(open(f, "rb").read() for f in files)  # noqa: SIM115
     assert b"carol" in data and b"dave" in data, "the scan reads the rows"
+    assert b"a-PROMPT-nobody-may-store" not in data
     for value in values:
         assert value.encode() not in data
         # Nor a fragment long enough to help a guess.
