@@ -133,7 +133,7 @@ class RuntimeTokens:
     async def close(self) -> None:
         self.closing = True
         self.wake.set()
-        for task in (self.task, self.listen_task, self.refusal_task):
+        for task in (self.task, self.listen_task, self.refusal_task, *self.publishing):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
