@@ -90,6 +90,17 @@ def make_app(settings: Settings, tokens: TokenRegistry | None = None, router: Ro
     if metrics is not None:
         # main() reads UPSTREAMS_FILE before any worker has its metrics: each process reports its own.
         router.use_metrics(metrics)
+    spend = Spend(settings, metrics, shared_limits)
+    console = None
+    if settings.usage_database:
+        from chat_gpt_proxy.console.runtime import RuntimeTokens
+
+        console = RuntimeTokens(settings, tokens, spend, reload_check(settings))
+    alerts = None
+    if settings.alert_webhook_url:
+        from chat_gpt_proxy.console.alerts import BudgetAlerts
+
+        alerts = BudgetAlerts(settings, spend.book, metrics, console.store if console is not None else None)
     return ProxyApplication(
         all_routes,
         config=settings,
@@ -97,8 +108,10 @@ def make_app(settings: Settings, tokens: TokenRegistry | None = None, router: Ro
         router=router,
         tokens=tokens,
         cors=CorsPolicy(settings.cors_allow_origins),
-        spend=Spend(settings, metrics, shared_limits),
+        spend=spend,
         cache=ResponseCache(settings, shared_limits, metrics),
+        console=console,
+        alerts=alerts,
         metrics=metrics,
         shared_limits=shared_limits,
         default_handler_class=NotFoundHandler,
@@ -356,8 +369,13 @@ async def serve(
         settings = await start_demo_upstream(settings)
     app = make_app(settings, tokens, router)
     try:
-        # Before the first request: budgets must start from what the ledger says was spent.
+        # Before the first request: budgets must start from what the ledger says was spent,
+        # and the tokens made on the admin page must be in force.
         await app.spend.start(tokens.entries)
+        if app.console is not None:
+            await app.console.start()
+        if app.alerts is not None:
+            app.alerts.start()
     except Exception as exc:  # any driver's error: one line, exit 2, as for a setting
         print(
             "chat_gpt_proxy: invalid setting USAGE_DATABASE: cannot open the usage ledger %s: %s"
@@ -430,6 +448,10 @@ async def serve(
     except TimeoutError:
         log.warning("shutdown: connections still open after 5 s; exiting anyway")
     pool.close()
+    if app.alerts is not None:
+        await app.alerts.close()
+    if app.console is not None:
+        await app.console.close()
     await app.spend.close()
     if app.shared_limits is not None:
         await app.shared_limits.close()

@@ -21,7 +21,7 @@ from chat_gpt_proxy.request import strict_json
 from chat_gpt_proxy.request.cors import parse_origins
 from chat_gpt_proxy.request.generate_params import ParamsError, normalize_generate_params
 from chat_gpt_proxy.upstream import egress
-from chat_gpt_proxy.upstream.urls import check_base_url
+from chat_gpt_proxy.upstream.urls import check_base_url, mask_webhook
 from chat_gpt_proxy.usage.prices import PricesFileError, parse_prices
 
 DEFAULT_ACCESS_TOKEN = "123456"  # noqa: S105 (the old service's documented default)
@@ -121,6 +121,10 @@ class Settings:
     worker_metrics_port: int = 9190
     cache_max_bytes: int = 256 * 1024 * 1024
     cache_max_entry_bytes: int = 4 * 1024 * 1024
+    # Budget alerts (chat_gpt_proxy/console/alerts.py): where to POST, at which percentages of a
+    # budget. The URL's path may be a secret (Slack's, a Telegram bot token): masked like REDIS_URL.
+    alert_webhook_url: str = dataclasses.field(default="", repr=False)
+    alert_thresholds: tuple[int, ...] = (80, 100)
 
     @property
     def default_token_in_use(self) -> bool:
@@ -144,6 +148,8 @@ class Settings:
                 value = "***" if value else ""
             elif field.name in ("redis_url", "usage_database"):
                 value = mask_url(value)
+            elif field.name == "alert_webhook_url":
+                value = mask_webhook(value)
             elif isinstance(value, Mapping):
                 value = dict(value)
             elif isinstance(value, tuple):
@@ -276,7 +282,7 @@ CONFIGURATION_PARTS = (
         "usage",
         (
             "usage_database", "usage_queue_rows", "usage_retention_days", "prices_file", "admin_token",
-            "admin_token_file", "admin_token_generated",
+            "admin_token_file", "admin_token_generated", "alert_webhook_url", "alert_thresholds",
         ),
     ),
     ("redis", ("redis_url", "redis_prefix", "redis_failure_mode", "redis_timeout", "redis_inflight_ttl")),
@@ -529,6 +535,36 @@ class _Env:
             )
         return url
 
+    def webhook_url(self, name: str) -> str:
+        """ALERT_WEBHOOK_URL: an http:// or https:// URL with a host; never quoted whole (its path may be a secret)."""
+        url = self.raw(name)
+        if url is None:
+            return ""
+        try:
+            parts = urllib.parse.urlsplit(url)
+            parts.port  # noqa: B018 (raises ValueError for a port out of range)
+        except ValueError:
+            raise SettingsError(f"{name}: not a valid URL") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise SettingsError(f"{name}: must be an http:// or https:// URL with a host")
+        if any(c.isspace() or ord(c) < 0x20 for c in url):
+            raise SettingsError(f"{name}: must not hold spaces or control characters")
+        return url
+
+    def thresholds(self, name: str) -> tuple[int, ...]:
+        """ALERT_THRESHOLDS: percentages of a budget, e.g. 50,80,100."""
+        items = self.csv(name)
+        if self.raw(name) is None:
+            return (80, 100)
+        out = set()
+        for item in items:
+            if not item.isdigit() or not 1 <= int(item) <= 1000:
+                raise SettingsError(f"{name}: must list percentages from 1 to 1000, e.g. 80,100; got {item!r}")
+            out.add(int(item))
+        if not out:
+            raise SettingsError(f"{name}: lists no percentage; e.g. 80,100, or unset it")
+        return tuple(sorted(out))
+
     def redis_url(self, name: str) -> str:
         """REDIS_URL: redis:// or rediss://, a host, optional port and database; never quoted with its password."""
         url = self.raw(name)
@@ -620,4 +656,6 @@ VARIABLES = (
     Variable("CACHE_MAX_BYTES", "cache_max_bytes", _int(0, 1 << 40)),
     Variable("CACHE_MAX_ENTRY_BYTES", "cache_max_entry_bytes", _int(1024, 512 * 1024 * 1024)),
     Variable("PID_FILE", "pid_file", _without_default(_Env.file_in_a_folder)),
+    Variable("ALERT_WEBHOOK_URL", "alert_webhook_url", _without_default(_Env.webhook_url)),
+    Variable("ALERT_THRESHOLDS", "alert_thresholds", _without_default(_Env.thresholds)),
 )

@@ -5,6 +5,7 @@
     python bench/compare.py --before HEAD~2 --tokens 0 --budgets   # also: a budgeted token and the SQLite ledger, each
     python bench/compare.py --before HEAD~2 --tokens 0 --upstreams 4   # also: UPSTREAMS_FILE with 4 upstreams
     python bench/compare.py --before main --tokens 0 --surfaces   # also: /v1/chat/completions and /v1/messages
+    python bench/compare.py --before HEAD~2 --tokens 100 --runtime-tokens   # the same tokens made on the admin page
 
 ``--redis`` compares instead the cost of shared limits: the same
 token with a rate limit and a max_concurrent, counted in the process, then in
@@ -18,12 +19,15 @@ shape); each subject's ratio is to the first subject on its route.
 
 Uses bench/run.py's layout: Debian's nginx as the fixed upstream on CPU 1, each
 proxy one process on CPU 0, wrk on CPU 1, ``/chat_complete`` at c=64 and c=1.
-The subjects run in turn, round after round, so a noisy neighbour on this
-shared machine hits all of them alike. The main figure is per-core
+The subjects run in turn, round after round (every other round in the
+opposite order), so a noisy neighbour on this shared machine hits all of them alike. The main figure is per-core
 throughput: requests served per CPU-second the proxy process used (from
 /proc/<pid>/stat), which other processes on the same core barely disturb,
 unlike wall-clock req/s; the report gives per-subject medians and each
-one's ratio to the first subject. ``--before`` is exported with
+one's ratio to the first subject. ``--runtime-tokens`` adds, with the SQLite ledger on (USAGE_DATABASE, each
+subject its own file), the ``--tokens`` file's tokens against the same
+tokens made through the admin API (chat_gpt_proxy/console/) and loaded from
+the database. ``--before`` is exported with
 ``git archive`` into a temporary directory (the working tree is not touched).
 Results: bench/results/compare.md (``--surfaces``: compare-surfaces.md).
 """
@@ -31,11 +35,13 @@ Results: bench/results/compare.md (``--surfaces``: compare-surfaces.md).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -81,6 +87,27 @@ def budget_tokens_file(path: str) -> None:
     """The benchmark's token with budgets it never reaches: every request is checked, charged and written."""
     with open(path, "w") as f:
         f.write('[bench]\ntoken = "%s-named"\nbudget_usd = 1000000.0\nbudget_tokens = 1000000000000\n' % TOKEN)
+
+
+BENCH_ADMIN = "bench-admin-token-0123456789"
+
+
+def make_runtime_tokens(port: int, count: int) -> str:
+    """The ``tokens_file`` tokens, made through the admin API instead; the value of the benchmark's own."""
+    value = ""
+    for i in range(count):
+        body = {"name": "user%d" % i, "rate_limit_per_minute": 0} if i < count - 1 else {"name": "bench"}
+        if i == count - 1:
+            body["max_concurrent"] = 100000
+        request = urllib.request.Request(
+            "http://127.0.0.1:%d/admin/api/tokens" % port,
+            data=json.dumps(body).encode(),
+            headers={"admin-token": BENCH_ADMIN, "Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            value = json.loads(response.read())["token"]
+    return value
 
 
 def upstreams_file(path: str, count: int, upstream: str) -> None:
@@ -136,9 +163,10 @@ def start(
     redis_url: str = "",
     ledger: str = "",
     upstreams: str = "",
+    **extra,
 ):
     port = free_port()
-    env = proxy_env(port, upstream, tokens or "", redis_url, ledger, upstreams)
+    env = proxy_env(port, upstream, tokens or "", redis_url, ledger, upstreams, **extra)
     proc = procs.start([sys.executable, os.path.join(tree, "server.py")], 0, env, name=name)
     wait_port(port)
     return proc, port
@@ -162,6 +190,11 @@ def main() -> None:
     parser.add_argument("--upstreams", type=int, default=0, help="also: UPSTREAMS_FILE with this many upstreams")
     parser.add_argument(
         "--surfaces", action="store_true", help="also: /v1/chat/completions before and after, /v1/messages after"
+    )
+    parser.add_argument(
+        "--runtime-tokens",
+        action="store_true",
+        help="also, with the SQLite ledger: the --tokens file against the same tokens made on the admin page",
     )
     args = parser.parse_args()
 
@@ -189,6 +222,13 @@ def main() -> None:
             path = os.path.join(workdir, "tokens.toml")
             tokens_file(path, args.tokens)
             subjects.append(("after, %d named tokens" % args.tokens, ROOT, path))
+        if args.runtime_tokens:
+            count = args.tokens or 100
+            path = os.path.join(workdir, "tokens.toml")
+            tokens_file(path, count)
+            subjects.append(("after, %d tokens in the tokens file, USAGE_DATABASE" % count, ROOT, path))
+            subjects.append(("after, %d tokens made on the admin page, USAGE_DATABASE" % count, ROOT, None))
+        runtime_token = ""
         if args.budgets:
             path = os.path.join(workdir, "budgets.toml")
             budget_tokens_file(path)
@@ -213,22 +253,33 @@ def main() -> None:
             upstreams_path = os.path.join(workdir, "upstreams.toml")
             upstreams_file(upstreams_path, args.upstreams, upstream)
             subjects.append(("after, UPSTREAMS_FILE with %d upstreams" % args.upstreams, ROOT, None))
-        for _ in range(args.rounds):
-            for label, tree, tokens in subjects:
+        for round_number in range(args.rounds):
+            # Every other round in the opposite order: no subject always follows the same one.
+            for label, tree, tokens in subjects if round_number % 2 == 0 else subjects[::-1]:
                 in_redis = "REDIS_URL" in label
-                # A ledger per subject: each release's own schema.
-                ledger = (
-                    os.path.join(workdir, "usage-%s.sqlite3" % label.split()[0]) if "USAGE_DATABASE" in label else ""
-                )
+                # A ledger per subject: each release's own schema, and the page's tokens in theirs alone.
+                ledger = os.path.join(workdir, "usage-%d.sqlite3" % subjects.index((label, tree, tokens)))
+                ledger = ledger if "USAGE_DATABASE" in label else ""
                 several = upstreams_path if "UPSTREAMS_FILE" in label else ""
                 path, body, headers = routes.get(label, CHAT_COMPLETE)
                 if path == "/v1/messages":
                     several = anthropic_path
+                on_page = "admin page" in label
                 proxy, port = start(
-                    procs, tree, upstream, "proxy", tokens, redis_url if in_redis else "", ledger, several
+                    procs,
+                    tree,
+                    upstream,
+                    "proxy",
+                    tokens,
+                    redis_url if in_redis else "",
+                    ledger,
+                    several,
+                    **({"ADMIN_TOKEN": BENCH_ADMIN} if on_page else {}),
                 )
+                if on_page and not runtime_token:
+                    runtime_token = make_runtime_tokens(port, args.tokens or 100)
                 url = "http://127.0.0.1:%d%s" % (port, path)
-                token = TOKEN + "-named" if tokens else TOKEN
+                token = runtime_token if on_page else TOKEN + "-named" if tokens else TOKEN
                 row = results.setdefault(label, {"per_cpu_s": [], "rps": [], "p50_c1": [], "errors": []})
                 wrk(url, body, 64, 1, workdir, token=token, headers=headers)  # warm-up: upstream pool, caches
                 cpu = cpu_seconds(proxy.pid)
@@ -246,10 +297,11 @@ def main() -> None:
     command = (
         "--redis --rounds %d --seconds %g" % (args.rounds, args.seconds)
         if args.redis
-        else "--before %s --tokens %d%s%s%s --rounds %d --seconds %g"
+        else "--before %s --tokens %d%s%s%s%s --rounds %d --seconds %g"
         % (
             args.before,
             args.tokens,
+            " --runtime-tokens" if args.runtime_tokens else "",
             " --budgets" if args.budgets else "",
             " --upstreams %d" % args.upstreams if args.upstreams else "",
             " --surfaces" if args.surfaces else "",

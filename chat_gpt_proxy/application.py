@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from .access.shared_limits import SharedLimits
     from .access.tokens import TokenRegistry
     from .cache import ResponseCache
+    from .console.alerts import BudgetAlerts
+    from .console.runtime import RuntimeTokens
     from .observability import Metrics
     from .request.cors import CorsPolicy
     from .upstream.pool import UpstreamPool
@@ -43,6 +45,8 @@ class ProxyApplication(tornado.web.Application):
         metrics: Metrics | None = None,
         shared_limits: SharedLimits | None = None,
         cache: ResponseCache | None = None,
+        console: RuntimeTokens | None = None,
+        alerts: BudgetAlerts | None = None,
         **settings,
     ):
         super().__init__(handlers, **settings)
@@ -60,6 +64,10 @@ class ProxyApplication(tornado.web.Application):
         self.shared_limits = shared_limits
         # The opt-in response cache (chat_gpt_proxy/cache.py); None in apps built without one.
         self.cache = cache
+        # With USAGE_DATABASE: the tokens the admin API manages (chat_gpt_proxy/console/runtime.py).
+        self.console = console
+        # With ALERT_WEBHOOK_URL: the budget alerts (chat_gpt_proxy/console/alerts.py).
+        self.alerts = alerts
         # Set on SIGTERM/SIGINT: /readyz answers 503, answers say Connection: close.
         self.draining = False
         # Every request handler while it lives, for the drain (weak: nothing to clean up).

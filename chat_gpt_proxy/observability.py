@@ -78,6 +78,8 @@ class AccessRecord:
     upstream: str | None = None
     # The response cache: "hit", "miss", or None (not used).
     cache: str | None = None
+    # The code of the error answered (handlers/errors.py), if one was.
+    error_code: str | None = None
     logged: bool = False
 
 
@@ -163,6 +165,10 @@ class Metrics:
         # Wrong admin tokens (answer "wrong", 403) and attempts refused once an address had too many ("limited", 429).
         self.admin_token_failures = Counter(
             "proxy_admin_token_failures", "Admin requests refused for their token", ["answer"], registry=r
+        )
+        # Budget alerts (chat_gpt_proxy/console/alerts.py): sent, an attempt that failed and is retried, given up.
+        self.budget_alerts = Counter(
+            "proxy_budget_alerts", "Budget alerts to ALERT_WEBHOOK_URL, by result", ["result"], registry=r
         )
         self.ledger_dropped = Counter(
             "proxy_usage_rows_dropped", "Usage rows dropped because the ledger's queue was full", registry=r

@@ -8,12 +8,13 @@ as it came), ``openai_style`` (how /v1/* takes the key and words its errors) and
 ``usage_page`` and ``pages`` (what HTML pages are served with).
 """
 
-from . import admin, anthropic, chat, passthrough, playground, public, realtime
+from . import admin, admin_api, anthropic, chat, passthrough, playground, public, realtime
 
 routes = [
     *playground.routes,
     *public.routes,
     *admin.routes,
+    *admin_api.routes,
     *chat.routes,
     *realtime.routes,
     # Before /v1/*: Anthropic's routes, and /v1/models for an Anthropic client.

@@ -1,4 +1,5 @@
-"""/admin: the spend of every token, for whoever holds ADMIN_TOKEN (unset: these routes do not exist).
+"""/admin: the spend of every token, for whoever holds ADMIN_TOKEN or a token with ``admin = true`` in
+the tokens file (neither: these routes do not exist).
 
 - ``GET /admin/usage``: the ledger grouped by UTC day, token and model, between
   ``from`` and ``to`` (``YYYY-MM-DD``, both included; default: this month so
@@ -9,7 +10,8 @@
 The admin token travels in the ``admin-token`` header and is compared in
 constant time (digests of equal length), like the access tokens; wrong ones
 are limited per client address (handlers/private.py). No answer is stored
-by a cache (``Cache-Control: no-store``).
+by a cache (``Cache-Control: no-store``). The JSON admin API (tokens, audit,
+requests) is in admin_api.py.
 """
 
 from __future__ import annotations
@@ -22,41 +24,9 @@ from chat_gpt_proxy.human import money_fields
 from chat_gpt_proxy.request.strict_json import dumps
 from chat_gpt_proxy.usage.report import to_csv
 
-from .base import BaseHandler
 from .errors import ApiError
 from .pages import render_page
-from .private import NoStore, check_admin_token
-
-DATE_FORMAT = "%Y-%m-%d"
-
-
-class AdminHandler(NoStore, BaseHandler):
-    """Every admin route: no-store answers (errors too), the admin token checked with its
-    failed attempts limited per client address (handlers/private.py)."""
-
-    requires_access_token = False
-
-    def prepare(self):
-        if not self.config.admin_token:
-            raise ApiError(404, "No such route: %s." % self.request.path[:200], code="not_found")
-        return super().prepare()
-
-    def check_admin_token(self) -> None:
-        check_admin_token(self)
-
-
-def day_arg(handler, name: str, default: datetime.date) -> datetime.date:
-    value = handler.get_query_argument(name, "")
-    if not value:
-        return default
-    try:
-        day = datetime.datetime.strptime(value, DATE_FORMAT).replace(tzinfo=datetime.UTC).date()
-    except ValueError:
-        day = None
-    # The day after the last one must exist too (9999-12-31 has none).
-    if day is None or day >= datetime.date.max:
-        raise ApiError(400, "%s must be a date as YYYY-MM-DD." % name, code="invalid_date")
-    return day
+from .private import DATE_FORMAT, AdminHandler, day_arg
 
 
 def budgets_report(application, now: float) -> list[dict]:

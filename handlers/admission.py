@@ -7,7 +7,7 @@ import logging
 import re
 import time
 
-from chat_gpt_proxy.access.tokens import UNAVAILABLE
+from chat_gpt_proxy.access.tokens import UNAVAILABLE, iso_time
 from chat_gpt_proxy.observability import CLIENT_CLOSED_STATUS
 from chat_gpt_proxy.upstream.pool import UpstreamPool
 from chat_gpt_proxy.upstream.routing import OPENAI_KINDS, Upstream
@@ -21,6 +21,10 @@ log = logging.getLogger("chat_gpt_proxy")
 # An API key goes into a header line: anything but visible ASCII could
 # smuggle extra upstream headers (CR/LF) or break the request.
 API_KEY_RE = re.compile(r"^[\x21-\x7e]{1,512}$")
+
+
+def elapsed_ms(started: float, until: float | None = None) -> float:
+    return round(((until if until is not None else time.monotonic()) - started) * 1000, 2)
 
 
 def check_model_allowed(allowed_models: tuple[str, ...], model: str | None) -> None:
@@ -166,6 +170,33 @@ class Admission:
             partial=access.usage,
             left_early=left_early,
             output_cap=self.request_output_cap() if usage is None and left_early else None,
+            upstream=access.upstream,
+            latency_ms=elapsed_ms(access.started),
+            ttft_ms=elapsed_ms(access.started, access.first_byte_at) if access.first_byte_at else None,
+            cache=access.cache,
+        )
+        self.check_alerts()
+
+    def check_alerts(self) -> None:
+        """After a charge: tell ALERT_WEBHOOK_URL if the token's budget just crossed a threshold."""
+        alerts = self.application.alerts
+        if alerts is not None and self.token is not None and self.token.policy.budget:
+            alerts.check(self.token)
+
+    def record_refusal(self) -> None:
+        """An error answer to a known token that charged nothing: a row saying why (its code), for the admin page."""
+        access = self.access
+        self.application.console.refused(
+            (
+                time.time(),
+                access.token,
+                access.route,
+                access.model[:200] if isinstance(access.model, str) else None,
+                self.get_status(),
+                access.error_code,
+                elapsed_ms(access.started),
+                access.request_id,
+            )
         )
 
     def request_output_cap(self) -> int | None:
@@ -205,8 +236,16 @@ class Admission:
         self.token = entry
         # Names the caller in the access log and metrics; "-" for ACCESS_TOKEN's.
         self.access.token = entry.name
-        if entry.policy.disabled:
+        policy = entry.policy
+        if policy.disabled:
             raise ApiError(403, "This access token is disabled.", "permission_denied", "access_token_disabled")
+        if policy.expires is not None and policy.expired(time.time()):
+            raise ApiError(
+                403,
+                "This access token expired at %s." % iso_time(policy.expires),
+                "permission_denied",
+                "access_token_expired",
+            )
         return self.admit_token(tokens, entry)
 
     def admit_token(self, tokens, entry):
@@ -263,6 +302,25 @@ class Admission:
     def on_finish(self) -> None:
         self.release_token()
         self.charge_spend()
+        access = self.access
+        if access.cache == "hit" and self.request.method == "POST":
+            self.application.spend.record_hit(
+                token=access.token,
+                route=access.route,
+                model=access.model[:200] if isinstance(access.model, str) else None,
+                status=self.get_status(),
+                request_id=access.request_id,
+                upstream=None,
+                latency_ms=elapsed_ms(access.started),
+                ttft_ms=elapsed_ms(access.started, access.first_byte_at) if access.first_byte_at else None,
+            )
+        if (
+            not self.charged
+            and self.token is not None
+            and self.access.error_code is not None
+            and self.application.console is not None
+        ):
+            self.record_refusal()
 
     def allowed_models(self) -> tuple[str, ...]:
         """ALLOWED_MODELS, or the caller's token's own allowed_models."""

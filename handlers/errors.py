@@ -43,11 +43,14 @@ class ApiError(HTTPError):
         code: str | None = None,
         headers: dict[str, str] | None = None,
         upstream_error: dict | None = None,
+        param: str | None = None,
     ):
         super().__init__(status, reason=None)
         self.message = message
         self.type = type_
         self.code = code
+        # The request field at fault (OpenAI's error objects carry it as "param").
+        self.param = param
         self.headers = headers or {}
         self.upstream_error = upstream_error
 
@@ -85,7 +88,7 @@ class JsonErrors:
         if isinstance(exc, ApiError):
             message, error = exc.message, exc.upstream_error
             if error is None:
-                error = {"message": exc.message, "type": exc.type, "code": exc.code, "param": None}
+                error = {"message": exc.message, "type": exc.type, "code": exc.code, "param": exc.param}
             for name, value in exc.headers.items():
                 self.set_header(name, value)
         elif isinstance(exc, HTTPError) and status_code < 500:
@@ -112,6 +115,9 @@ class JsonErrors:
             # Answered before the request was read to its end: Tornado closes
             # the connection after this answer; say so (RFC 9112 section 9.6).
             self.set_header("Connection", "close")
+        access = getattr(self, "access", None)
+        if access is not None:
+            access.error_code = error.get("code") if isinstance(error.get("code"), str) else "error_%d" % status_code
         # What is left of a budgeted token's budget goes with every answer, errors too.
         for name, value in getattr(self, "budget_headers", {}).items():
             self.set_header(name, value)

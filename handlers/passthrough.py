@@ -220,6 +220,9 @@ class OpenAIHandler(OpenAIStyle, ForwardingHandler):
             model_call=False,
             ran_model=found.model_from_answer(answer),
         )
+        started_by = self.application.tokens.find(entry.token)
+        if self.application.alerts is not None and started_by is not None and started_by.policy.budget:
+            self.application.alerts.check(started_by)
 
     get = post = put = patch = delete = forward
 

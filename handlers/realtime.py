@@ -33,7 +33,7 @@ from chat_gpt_proxy.upstream.errors import UpstreamError
 from chat_gpt_proxy.upstream.routing import FAILOVER_STATUSES, KEY_REFUSED_STATUSES
 from chat_gpt_proxy.upstream.urls import SAFE_QUERY_RE
 
-from .admission import check_model_allowed, take_upstream_slot
+from .admission import check_model_allowed, elapsed_ms, take_upstream_slot
 from .base import ApiMixin
 from .errors import ApiError, mirrored_error
 from .openai_style import OpenAIStyle
@@ -358,7 +358,10 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
             model_call=session.messages[CLIENT_TO_UPSTREAM] > 0,
             partial=usage,
             left_early=in_flight,
+            upstream=self.access.upstream,
+            latency_ms=elapsed_ms(self.access.started),
         )
+        self.check_alerts()
 
 
 routes = [(r"/v1/realtime", RealtimeHandler)]

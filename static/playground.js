@@ -70,6 +70,7 @@
   const BY_CODE = {
     invalid_access_token: "playground.error.access_token",
     access_token_disabled: "playground.error.token_disabled",
+    access_token_expired: "playground.error.token_expired",
     model_not_allowed: "playground.error.model_not_allowed",
     model_not_priced: "playground.error.model_not_priced",
     budget_exceeded: "playground.error.budget_exceeded",

@@ -86,6 +86,10 @@ OTHER_SECRETS = (
     "sk-ant-SERVERKEY-B-7b2d9a",
     "sk-ant-OWNKEY-5c4e2a",
     "sk-ant-FAKEKEY-0c9d2e",
+    # tests/test_admin_api.py and the console's other tests: admins and a file-defined token.
+    "admin-API-token-6c1e9a2f7b",
+    "lead-ADMIN-token-3e8b1d7c52",
+    "filed-USER-token-94a2c7e1d3",
 )
 AUTH = {"access-token": ACCESS_TOKEN, "openai-token": OPENAI_KEY}
 
@@ -194,8 +198,20 @@ def proxy_settings(request, fake_openai, **fields) -> Settings:
 def app(config, io_loop):
     application = make_app(config)
     io_loop.run_sync(lambda: application.spend.start(application.tokens.entries))
+    if application.console is not None:
+        io_loop.run_sync(application.console.start)
+    if application.alerts is not None:
+
+        async def start_alerts():
+            application.alerts.start()  # its task runs on the test's loop
+
+        io_loop.run_sync(start_alerts)
     yield application
     application.pool.close()
+    if application.alerts is not None:
+        io_loop.run_sync(application.alerts.close)
+    if application.console is not None:
+        io_loop.run_sync(application.console.close)
     io_loop.run_sync(application.spend.close)
 
 

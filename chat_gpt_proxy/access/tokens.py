@@ -15,6 +15,8 @@ The file is TOML, one table per token name::
     cache = true                      # the response cache (chat_gpt_proxy/cache.py); unset: CACHE_TTL decides
     cache_ttl = 86400                 # seconds an answer is kept; unset: CACHE_TTL, else an hour
     deferred = true                   # with a budget: may start background responses, batches, client secrets
+    expires = 2027-01-01T00:00:00Z    # refused from then on (a TOML date or date-time; UTC if no offset)
+    admin = true                      # this token also opens /admin and /admin/api (the audit names it)
     disabled = false
 
     [bob]
@@ -25,11 +27,14 @@ finds the entry a presented token belongs to, admits requests under each
 entry's limits, and reloads the file on SIGHUP: a new snapshot of entries
 replaces the old one in one assignment, so new requests see it at once while
 requests in flight keep the entry (and policy) they were admitted with.
+Tokens managed from the admin page (chat_gpt_proxy/console/) join the file's
+the same way (``set_runtime``); they are checked by the same ``parse_policy``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import hmac
 import math
@@ -60,13 +65,27 @@ FIELDS = (
     "cache",
     "cache_ttl",
     "deferred",
+    "expires",
+    "admin",
     "disabled",
 )
+# What a token's policy holds (everything but its value and the admin flag): the fields the admin API takes.
+POLICY_FIELDS = tuple(f for f in FIELDS if f not in ("token", "token_sha256", "admin"))
 UNNAMED = "-"
+# Where a named token is defined.
+FROM_FILE = "file"
+FROM_PAGE = "page"
 
 
 class TokensFileError(ValueError):
-    """A tokens file that cannot be used; the message is one line naming the file and the token."""
+    """A tokens file that cannot be used; the message is one line naming the file and the token.
+
+    ``field``: the field at fault, when one is (the admin API's 400 names it).
+    """
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +103,10 @@ class TokenPolicy:
     # Work that runs after the request (chat_gpt_proxy/usage/deferred.py): refused to a budgeted token unless true.
     deferred: bool = False
     disabled: bool = False
+    expires: float | None = None  # Unix seconds from which the token is refused; None: never
+
+    def expired(self, now: float) -> bool:
+        return self.expires is not None and now >= self.expires
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +115,10 @@ class TokenEntry:
     key: str  # what the limits count under: the name, or "-<n>" for the n-th unnamed token
     digest: bytes = dataclasses.field(repr=False)
     policy: TokenPolicy = TokenPolicy()
+    # FROM_FILE (ACCESS_TOKEN's too) or FROM_PAGE (the admin API's, in the database).
+    source: str = FROM_FILE
+    # admin = true in the tokens file: this token opens the admin page and API too.
+    admin: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,23 +206,37 @@ def _parse_entry(table: dict, settings, where: str, name: str) -> TokenEntry:
         if not isinstance(hashed, str) or not SHA256_RE.match(hashed):
             raise TokensFileError(where + "token_sha256 must be 64 hexadecimal digits (sha256sum's output)")
         digest = bytes.fromhex(hashed)
+    admin = _bool(table, "admin", where)
+    policy = parse_policy({k: v for k, v in table.items() if k in POLICY_FIELDS}, settings, where)
+    return TokenEntry(name, name, digest, policy, FROM_FILE, admin)
+
+
+def parse_policy(table: dict, settings, where: str = "") -> TokenPolicy:
+    """The policy of one token from its fields (POLICY_FIELDS), checked as the tokens file is:
+    ``TokensFileError`` naming the field (``where`` before the message) for anything wrong."""
+    unknown = sorted(set(table) - set(POLICY_FIELDS))
+    if unknown:
+        raise TokensFileError(
+            where + "unknown field %r (known: %s)" % (unknown[0][:64], ", ".join(POLICY_FIELDS)), unknown[0][:64]
+        )
     models = table.get("allowed_models")
     if models is not None and (
         not isinstance(models, list) or not models or not all(isinstance(m, str) and m for m in models)
     ):
-        raise TokensFileError(where + "allowed_models must be a non-empty list of model names")
+        raise TokensFileError(where + "allowed_models must be a non-empty list of model names", "allowed_models")
     use_server_key = _bool(table, "use_server_key", where)
     if use_server_key and not settings.openai_api_key and not settings.upstreams_file:
         raise TokensFileError(
             where + "use_server_key = true, but neither OPENAI_API_KEY nor OPENAI_API_KEY_FILE is set"
-            " (nor UPSTREAMS_FILE, whose upstreams may hold keys)"
+            " (nor UPSTREAMS_FILE, whose upstreams may hold keys)",
+            "use_server_key",
         )
     upstreams = table.get("upstreams")
     if upstreams is not None and (
         not isinstance(upstreams, list) or not upstreams or not all(isinstance(u, str) and u for u in upstreams)
     ):
-        raise TokensFileError(where + "upstreams must be a non-empty list of upstream names")
-    policy = TokenPolicy(
+        raise TokensFileError(where + "upstreams must be a non-empty list of upstream names", "upstreams")
+    return TokenPolicy(
         rate_limit_per_minute=_int(table, "rate_limit_per_minute", where, settings.rate_limit_per_token, 1_000_000),
         max_concurrent=_int(table, "max_concurrent", where, 0, 100_000),
         allowed_models=tuple(models) if models is not None else settings.allowed_models,
@@ -206,8 +247,39 @@ def _parse_entry(table: dict, settings, where: str, name: str) -> TokenEntry:
         cache_ttl=_int(table, "cache_ttl", where, 0, 365 * 86400),
         deferred=_bool(table, "deferred", where),
         disabled=_bool(table, "disabled", where),
+        expires=parse_expires(table.get("expires"), where),
     )
-    return TokenEntry(name, name, digest, policy)
+
+
+def parse_expires(value, where: str = "") -> float | None:
+    """``expires``: a TOML date or date-time, or the same as ISO 8601 text (JSON); UTC when no offset is given."""
+    if value is None:
+        return None
+    moment = None
+    if isinstance(value, str) and len(value) <= 40:
+        text = value.strip()
+        text = text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text
+        try:
+            moment = datetime.datetime.fromisoformat(text) if ("T" in text or " " in text) else None
+            if moment is None:
+                moment = datetime.date.fromisoformat(text)
+        except ValueError:
+            moment = None
+    elif isinstance(value, datetime.datetime | datetime.date):
+        moment = value
+    if isinstance(moment, datetime.datetime):
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=datetime.UTC)
+        return moment.timestamp()
+    if isinstance(moment, datetime.date):
+        return datetime.datetime.combine(moment, datetime.time(), datetime.UTC).timestamp()
+    raise TokensFileError(
+        where + "expires must be a date (2027-01-31) or a date and time (2027-01-31T18:00:00Z)", "expires"
+    )
+
+
+def iso_time(at: float) -> str:
+    return datetime.datetime.fromtimestamp(at, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _budget(table: dict, where: str) -> Budget:
@@ -216,14 +288,18 @@ def _budget(table: dict, where: str) -> Budget:
     if usd is not None and (
         isinstance(usd, bool) or not isinstance(usd, int | float) or not math.isfinite(usd) or not 0 <= usd <= 1e9
     ):
-        raise TokensFileError(where + "budget_usd must be a number of US dollars, 0 or more")
+        raise TokensFileError(where + "budget_usd must be a number of US dollars, 0 or more", "budget_usd")
     if tokens is not None:
         tokens = _int(table, "budget_tokens", where, 0, 10**15)
     if period not in PERIODS:
-        raise TokensFileError(where + "budget_period must be one of %s" % ", ".join('"%s"' % p for p in PERIODS))
+        raise TokensFileError(
+            where + "budget_period must be one of %s" % ", ".join('"%s"' % p for p in PERIODS), "budget_period"
+        )
     if usd is None and tokens is None:
         if "budget_period" in table:
-            raise TokensFileError(where + "budget_period is set but neither budget_usd nor budget_tokens")
+            raise TokensFileError(
+                where + "budget_period is set but neither budget_usd nor budget_tokens", "budget_period"
+            )
         return NO_BUDGET
     return Budget(None if usd is None else float(usd), tokens, period)
 
@@ -234,14 +310,14 @@ def _int(table: dict, field: str, where: str, default: int, high: int) -> int:
         return default
     # bool is an int in Python; TOML's true is not a number.
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= high:
-        raise TokensFileError(where + "%s must be an integer from 0 to %d" % (field, high))
+        raise TokensFileError(where + "%s must be an integer from 0 to %d" % (field, high), field)
     return value
 
 
 def _bool(table: dict, field: str, where: str) -> bool:
     value = table.get(field, False)
     if not isinstance(value, bool):
-        raise TokensFileError(where + "%s must be true or false" % field)
+        raise TokensFileError(where + "%s must be true or false" % field, field)
     return value
 
 
@@ -261,17 +337,31 @@ def load_entries(settings) -> tuple[TokenEntry, ...]:
 
 
 class TokenRegistry:
-    """The tokens in force, and the per-token limit counters, which outlive reloads."""
+    """The tokens in force, and the per-token limit counters, which outlive reloads.
+
+    ``entries``: the file's (and ACCESS_TOKEN's), then those managed from the
+    admin page; each set is replaced on its own (SIGHUP, ``set_runtime``) and
+    ``entries`` rebuilt from both in one assignment.
+    """
 
     def __init__(self, settings):
         self.settings = settings
         self.rate = RateLimiter()
         self.in_flight = InFlight()
-        self.entries = load_entries(settings)
+        self.file_entries = load_entries(settings)
+        self.runtime_entries: tuple[TokenEntry, ...] = ()
+        self.entries = self.file_entries
 
     @property
     def named(self) -> int:
-        return sum(1 for e in self.entries if e.name != UNNAMED)
+        return sum(1 for e in self.file_entries if e.name != UNNAMED)
+
+    @property
+    def has_admins(self) -> bool:
+        return any(e.admin for e in self.file_entries)
+
+    def file_names(self) -> set[str]:
+        return {e.name for e in self.file_entries if e.name != UNNAMED}
 
     def reload(self, check=None) -> None:
         """Read ACCESS_TOKENS_FILE again; on ``TokensFileError`` the tokens in force stay.
@@ -282,7 +372,27 @@ class TokenRegistry:
         problem = check(entries) if check is not None else ""
         if problem:
             raise TokensFileError(problem)
-        self.entries = entries  # one assignment: requests see the old set or the new one, never a mix
+        self.file_entries = entries
+        self._combine()
+
+    def set_runtime(self, entries) -> None:
+        """The tokens managed from the admin page, as the database now holds them."""
+        self.runtime_entries = tuple(entries)
+        self._combine()
+
+    def _combine(self) -> None:
+        # A name or a token the file defines wins: the page cannot shadow it.
+        names = self.file_names()
+        digests = {e.digest for e in self.file_entries}
+        extra = tuple(e for e in self.runtime_entries if e.name not in names and e.digest not in digests)
+        self.entries = self.file_entries + extra  # one assignment: the old set or the new one, never a mix
+
+    def find(self, name: str) -> TokenEntry | None:
+        """The entry of ``name`` in force, if any."""
+        for entry in self.entries:
+            if entry.name == name:
+                return entry
+        return None
 
     def lookup(self, presented: str) -> TokenEntry | None:
         """The entry ``presented`` belongs to, if any.

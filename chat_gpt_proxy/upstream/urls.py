@@ -88,3 +88,12 @@ def check_base_url(url: str, shown: str) -> str:
     if port is not None and not 1 <= port <= 65535:
         raise ValueError(f"the port must be between 1 and 65535, got {port}")
     return url
+
+
+def mask_webhook(url: str) -> str:
+    """A webhook URL for logs: its scheme and host; its path and query (often the secret) hidden."""
+    if not url:
+        return ""
+    parts = urllib.parse.urlsplit(url)
+    port = ":%d" % parts.port if parts.port else ""
+    return "%s://%s%s/***" % (parts.scheme, parts.hostname or "", port)

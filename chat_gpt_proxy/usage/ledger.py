@@ -31,6 +31,9 @@ log = logging.getLogger("chat_gpt_proxy")
 # batch and per query, which LOG_LEVEL=DEBUG would turn into a flood.
 logging.getLogger("aiosqlite").setLevel(logging.INFO)
 
+# Added by the migration step ``add_request_columns`` (the admin page's Requests tab); NULL in older rows.
+REQUEST_COLUMNS = ("upstream", "latency_ms", "ttft_ms", "cache")
+REQUEST_COLUMN_TYPES = {"upstream": "TEXT", "latency_ms": "REAL", "ttft_ms": "REAL", "cache": "TEXT"}
 COLUMNS = (
     "at",
     "token",
@@ -44,6 +47,7 @@ COLUMNS = (
     "estimated",
     "status",
     "request_id",
+    *REQUEST_COLUMNS,
 )
 # Built from constants only: no value ever goes into the SQL text.
 SQLITE_INSERT = "INSERT INTO usage (%s) VALUES (%s)" % (", ".join(COLUMNS), ", ".join("?" * len(COLUMNS)))  # noqa: S608
@@ -107,6 +111,7 @@ def row_of(charge: Charge) -> tuple:
         charge.estimated,
         charge.status,
         charge.request_id,
+        *(getattr(charge, c) for c in REQUEST_COLUMNS),
     )
 
 
@@ -130,6 +135,7 @@ class SqliteStore:
         await self.db.executescript(SQLITE_SCHEMA)
         await self.db.commit()
         await self._migrate()
+        await self.add_request_columns()
 
     async def _migrate(self) -> None:
         """Money in integers for a ledger an older release made; one process at a time (BEGIN IMMEDIATE)."""
@@ -145,6 +151,24 @@ class SqliteStore:
         except BaseException:
             await self.db.rollback()
             raise
+
+    async def add_request_columns(self) -> None:
+        """Migration step: the Requests tab's columns, added to a ledger made before them (rows kept,
+        NULL there); one process at a time (BEGIN IMMEDIATE), as ``_migrate``."""
+        await self.db.execute("BEGIN IMMEDIATE")
+        try:
+            async with self.db.execute("PRAGMA table_info(usage)") as cursor:
+                present = {row[1] for row in await cursor.fetchall()}
+            missing = [c for c in REQUEST_COLUMNS if c not in present]
+            for column in missing:
+                # Names and types are constants of this module.
+                await self.db.execute("ALTER TABLE usage ADD COLUMN %s %s" % (column, REQUEST_COLUMN_TYPES[column]))
+            await self.db.commit()
+        except BaseException:
+            await self.db.rollback()
+            raise
+        if missing:
+            log.info("usage ledger: added the columns %s", ", ".join(missing))
 
     async def close(self) -> None:
         if self.db is not None:

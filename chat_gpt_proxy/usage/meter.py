@@ -55,6 +55,13 @@ class Charge:
     estimated: bool
     status: int
     request_id: str
+    # For the admin page's Requests tab (REQUEST_COLUMNS in ledger.py): the upstream that
+    # answered, the time to the whole answer and to its first streamed byte, the response
+    # cache's "hit" or "miss".
+    upstream: str | None = None
+    latency_ms: float | None = None
+    ttft_ms: float | None = None
+    cache: str | None = None
     nanos: int = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self):

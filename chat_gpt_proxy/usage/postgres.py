@@ -25,7 +25,7 @@ import asyncio
 import logging
 import urllib.parse
 
-from .ledger import COLUMNS, describe, report_row, row_of
+from .ledger import COLUMNS, REQUEST_COLUMNS, describe, report_row, row_of
 from .meter import Charge
 
 log = logging.getLogger("chat_gpt_proxy")
@@ -56,6 +56,13 @@ CREATE TABLE IF NOT EXISTS usage (
 );
 CREATE INDEX IF NOT EXISTS usage_token_at ON usage (token, at);
 CREATE INDEX IF NOT EXISTS usage_at ON usage (at);
+"""
+# Migration step (see add_request_columns): nullable, so older rows stay as they are.
+ADD_REQUEST_COLUMNS = """
+ALTER TABLE usage ADD COLUMN IF NOT EXISTS upstream TEXT;
+ALTER TABLE usage ADD COLUMN IF NOT EXISTS latency_ms DOUBLE PRECISION;
+ALTER TABLE usage ADD COLUMN IF NOT EXISTS ttft_ms DOUBLE PRECISION;
+ALTER TABLE usage ADD COLUMN IF NOT EXISTS cache TEXT;
 """
 SCHEMA_PRESENT = (
     "SELECT to_regclass('usage') IS NOT NULL AND to_regclass('usage_token_at') IS NOT NULL "
@@ -209,7 +216,24 @@ class PostgresStore:
                         self.where,
                         converted,
                     )
+            await self.add_request_columns(conn)
         self.schema_ready = True
+
+    async def add_request_columns(self, conn) -> None:
+        """Migration step: the Requests tab's columns, added to a ledger made before them (rows kept, NULL there)."""
+        present = {
+            r[0]
+            for r in await conn.fetch(
+                "SELECT column_name FROM information_schema.columns "
+                "WHERE table_name = 'usage' AND table_schema = current_schema()"
+            )
+        }
+        if all(c in present for c in REQUEST_COLUMNS):
+            return
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
+            await conn.execute(ADD_REQUEST_COLUMNS)
+        log.info("usage database %s: added the Requests tab's columns", self.where)
 
     def _pool(self):
         if self.pool is None or not self.schema_ready:

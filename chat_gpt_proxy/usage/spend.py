@@ -185,6 +185,10 @@ class Spend:
         partial: Usage | None = None,
         left_early: bool = False,
         output_cap: int | None = None,
+        upstream: str | None = None,
+        latency_ms: float | None = None,
+        ttft_ms: float | None = None,
+        cache: str | None = None,
     ) -> Charge:
         """Charge one finished request: its usage, or an estimate when a model ran and none came back
         (chat_gpt_proxy/usage/meter.py says how). ``model``: the model asked for; ``upstream_model``:
@@ -213,6 +217,10 @@ class Spend:
             estimated,
             status,
             request_id,
+            upstream=upstream,
+            latency_ms=latency_ms,
+            ttft_ms=ttft_ms,
+            cache=cache,
         )
         return self.account(row)
 
@@ -225,3 +233,12 @@ class Spend:
         if self.metrics is not None and row.usd:
             self.metrics.spend.labels(row.token).inc(row.usd)
         return row
+
+    def record_hit(self, *, token: str, route: str, model: str | None, status: int, request_id: str, **timings) -> None:
+        """A cache hit: charged nothing, but a ledger row all the same (cache "hit"), for the Requests tab."""
+        if self.ledger is not None:
+            self.ledger.record(
+                Charge(
+                    time.time(), token, route, model, 0, 0, 0, 0.0, False, status, request_id, cache="hit", **timings
+                )
+            )
