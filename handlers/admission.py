@@ -23,6 +23,11 @@ log = logging.getLogger("chat_gpt_proxy")
 API_KEY_RE = re.compile(r"^[\x21-\x7e]{1,512}$")
 
 
+# On a refusal no retry can fix: the official OpenAI and Anthropic SDKs read
+# x-should-retry before their status rules and Retry-After.
+NO_RETRY = {"x-should-retry": "false"}
+
+
 def elapsed_ms(started: float, until: float | None = None) -> float:
     return round(((until if until is not None else time.monotonic()) - started) * 1000, 2)
 
@@ -122,10 +127,13 @@ class Admission:
                 refusal.message,
                 "rate_limit_exceeded",
                 "budget_exceeded",
-                headers={"Retry-After": str(refusal.retry_after)},
+                # Retry-After tells people and programs when the period resets;
+                # x-should-retry: false stops the OpenAI and Anthropic SDKs,
+                # which obey Retry-After for weeks, from waiting for it.
+                headers={"Retry-After": str(refusal.retry_after), **NO_RETRY},
             )
         self.access.limited = "model_not_priced"
-        raise ApiError(403, refusal.message, "permission_denied", "model_not_priced")
+        raise ApiError(403, refusal.message, "permission_denied", "model_not_priced", headers=dict(NO_RETRY))
 
     def charge_spend(self, model_call: bool = True) -> None:
         """Charge the finished request once: its usage, or an estimate if a model ran and none came back."""

@@ -18,7 +18,7 @@ import pytest
 
 from chat_gpt_proxy.fake_anthropic import Behaviour
 from tests import test_anthropic
-from tests.test_anthropic import ANN, KEY_A, MODEL, OWN, TEAM
+from tests.test_anthropic import ANN, BUDGETED, KEY_A, MODEL, OWN, TEAM
 from tests.test_readme import JS_DIR, snippet
 
 # The fake Anthropic and the proxy's settings (upstreams, tokens, ledger) of tests/test_anthropic.py.
@@ -75,6 +75,23 @@ async def test_the_python_sdk_raises_its_own_errors(proxy, base_url, claude):
         await sdk(base_url, api_key=TEAM).messages.create(
             model=MODEL, max_tokens=9, messages=[{"role": "user", "content": "hi"}]
         )
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_the_python_sdk_raises_a_budget_refusal_at_once_instead_of_waiting_for_the_reset(
+    proxy, base_url, claude
+):
+    """The refusal's Retry-After is the time to the budget's reset; the SDK (default max_retries) would
+    sleep that long between retries, were it not told x-should-retry: false."""
+    client = anthropic.AsyncAnthropic(base_url=base_url, api_key=BUDGETED)
+    hi = [{"role": "user", "content": "hi"}]
+    await client.messages.create(model=MODEL, max_tokens=9, messages=hi)
+    with pytest.raises(anthropic.RateLimitError) as refused:
+        await asyncio.wait_for(client.messages.create(model=MODEL, max_tokens=9, messages=hi), 10)
+    assert int(refused.value.response.headers["Retry-After"]) > 0
+    assert refused.value.response.headers["x-should-retry"] == "false"
+    assert len(claude.received) == 1
+    await client.close()
 
 
 @pytest.mark.gen_test(timeout=30)
