@@ -78,9 +78,7 @@ async def test_the_python_sdk_raises_its_own_errors(proxy, base_url, claude):
 
 
 @pytest.mark.gen_test(timeout=60)
-async def test_the_python_sdk_raises_a_budget_refusal_at_once_instead_of_waiting_for_the_reset(
-    proxy, base_url, claude
-):
+async def test_the_python_sdk_raises_a_budget_refusal_at_once_instead_of_waiting_for_the_reset(proxy, base_url, claude):
     """The refusal's Retry-After is the time to the budget's reset; the SDK (default max_retries) would
     sleep that long between retries, were it not told x-should-retry: false."""
     client = anthropic.AsyncAnthropic(base_url=base_url, api_key=BUDGETED)
