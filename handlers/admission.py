@@ -40,6 +40,20 @@ def check_model_allowed(allowed_models: tuple[str, ...], model: str | None) -> N
         )
 
 
+def model_undetermined(problem: str) -> ApiError:
+    """With an allow-list in force, a body whose model two parsers could read differently
+    (chat_gpt_proxy/request/model.py) is refused rather than guessed at."""
+    return ApiError(
+        400,
+        "ALLOWED_MODELS (or the token's allowed_models) is in force and the model of this request "
+        "cannot be determined: %s. "
+        'Send a JSON object with one string "model" as application/json '
+        "(or one model field in multipart/form-data)." % problem,
+        "invalid_request_error",
+        "model_undetermined",
+    )
+
+
 def take_upstream_slot(handler, pool: UpstreamPool) -> None:
     """Count ``handler`` in MAX_CONCURRENT_UPSTREAM (HTTP calls and realtime sessions alike), or refuse with 503."""
     if len(pool.handlers) >= handler.config.max_concurrent_upstream:

@@ -15,12 +15,13 @@ from __future__ import annotations
 from tornado.routing import Matcher, PathMatches, Rule
 
 from chat_gpt_proxy.formats.anthropic import ANTHROPIC_MESSAGES
+from chat_gpt_proxy.request.model import inspect_request
 from chat_gpt_proxy.request.strict_json import loads
 from chat_gpt_proxy.upstream.errors import UpstreamError
 from chat_gpt_proxy.upstream.headers import relayed_headers
 from chat_gpt_proxy.upstream.urls import normalised_path
 
-from .admission import check_model_allowed
+from .admission import check_model_allowed, model_undetermined
 from .errors import ApiError
 from .forwarding import ForwardingHandler
 
@@ -124,13 +125,7 @@ class MessagesHandler(AnthropicHandler):
     async def post(self) -> None:
         self.api_path = "messages/count_tokens" if self.request.path.endswith("/count_tokens") else "messages"
         key = self.openai_key()
-        payload = self.json_body()
-        model = payload.get("model")
-        if not isinstance(model, str) or not model:
-            raise ApiError(400, "model: a model name (a string) is required.", code="missing_model")
-        self.access.model = model
-        check_model_allowed(self.allowed_models(), model)
-        stream = payload.get("stream") is True
+        model, stream = self.requested_model_and_stream()
         headers = self.forwarded_headers(FORWARDED_REQUEST_HEADERS)
         body = self.body
         if self.api_path == "messages":
@@ -151,6 +146,27 @@ class MessagesHandler(AnthropicHandler):
             key=key,
         )
         await self.relay_answer(call)
+
+    def requested_model_and_stream(self) -> tuple[str, bool]:
+        """The body's ``model`` (checked against the allow-list) and ``stream``, read as /v1/* reads
+        them: with an allow-list in force, a body whose model two parsers could read differently (a
+        duplicate "model", one in another letter case) is refused, since the upstream might read
+        the other one."""
+        found = inspect_request(self.request.headers.get_list("Content-Type"), None, self.body, self.request.query)
+        allowed = self.allowed_models()
+        if found.problem is None:
+            model, stream = found.named, found.stream
+        else:
+            payload = self.json_body()
+            if allowed:
+                raise model_undetermined(found.problem)
+            model, stream = payload.get("model"), payload.get("stream") is True
+        if not isinstance(model, str) or not model:
+            raise ApiError(400, "model: a model name (a string) is required.", code="missing_model")
+        self.access.model = model
+        # Only the top-level model runs: a "model" inside a message or a tool's input is the caller's text.
+        check_model_allowed(allowed, model)
+        return model, stream
 
 
 class ModelsHandler(AnthropicHandler):

@@ -460,6 +460,38 @@ async def test_a_tokens_allowed_models_hold_on_this_surface(proxy, claude):
     assert response.code == 200 and len(claude.received) == 1
 
 
+@pytest.mark.parametrize(
+    "models",
+    [
+        b'"model": "claude-opus-4-1", "model": "claude-haiku-4-5"',
+        b'"model": "claude-haiku-4-5", "MODEL": "claude-opus-4-1"',
+        b'"Model": "claude-opus-4-1"',
+    ],
+)
+@pytest.mark.gen_test
+async def test_a_body_that_names_its_model_twice_does_not_pass_the_allow_list(proxy, claude, models):
+    body = b'{%s, "max_tokens": 9, "messages": [{"role": "user", "content": "hi"}]}' % models
+    response = await post(proxy, body, as_team(Authorization="Bearer " + HAIKU_ONLY))
+    assert response.code == 400
+    error = anthropic_error(response)
+    assert error["type"] == "invalid_request_error" and "cannot be determined" in error["message"]
+    assert len(claude.received) == 0
+    # Without an allow-list the body goes upstream as it came, the upstream's to read.
+    response = await post(proxy, body)
+    if b'"model"' in models:
+        assert response.code == 200 and claude.received[-1].body == body
+    else:
+        assert response.code == 400 and "model" in anthropic_error(response)["message"]
+
+
+@pytest.mark.gen_test
+async def test_a_model_inside_a_message_is_not_the_model_that_runs(proxy, claude):
+    tool_input = {"role": "assistant", "content": [{"type": "text", "text": "x", "model": "claude-opus-4-1"}]}
+    body = message(model="claude-haiku-4-5", messages=[*HELLO, tool_input, *HELLO])
+    response = await post(proxy, body, as_team(Authorization="Bearer " + HAIKU_ONLY))
+    assert response.code == 200
+
+
 @pytest.mark.gen_test
 async def test_the_cache_answers_a_repeated_message_and_stream(proxy, claude):
     for stream in (False, True):
