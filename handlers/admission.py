@@ -174,7 +174,9 @@ class Admission:
         # A stream's usage counts once its final usage event came, even if the
         # client left right after it (Codex CLI closes on response.completed).
         usage = access.usage if ok and (meter is None or meter.final) else None
-        left_early = usage is None and access.client_gone
+        # A stream that ended without its final count (Anthropic's message_stop after a
+        # message_delta without usage) is estimated by the caller's cap too: events undercount it.
+        left_early = usage is None and (access.client_gone or getattr(meter, "ended_uncounted", False))
         self.application.spend.charge(
             token=access.token,
             route=access.route,

@@ -220,6 +220,54 @@ async def test_usage_is_charged_exactly_with_cache_writes_and_reads_priced(proxy
         assert row["usd"] == pytest.approx((300 * 3 + 1000 * 6 + 20000 * 0.30 + output * 15) / 1e6)
 
 
+def raw_sse(*events: bytes, content_type: bytes = b"text/event-stream") -> Behaviour:
+    """An upstream that writes exactly these SSE bytes (then closes): usage the fake would not write."""
+    body = b"".join(events)
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n" % (content_type, len(body))
+    return Behaviour(kind="raw", raw=(head + body).decode("latin-1"))
+
+
+def sse(kind: str, data: dict) -> bytes:
+    return b"event: %s\ndata: %s\n\n" % (kind.encode(), json.dumps({"type": kind, **data}).encode())
+
+
+def careless_stream(start_usage: dict, delta_usage: dict | None) -> Behaviour:
+    message = {"id": "msg_1", "type": "message", "role": "assistant", "model": MODEL, "content": []}
+    message["usage"] = start_usage
+    delta = {"delta": {"stop_reason": "end_turn"}} | ({"usage": delta_usage} if delta_usage is not None else {})
+    return raw_sse(
+        sse("message_start", {"message": message}),
+        sse("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
+        sse("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": "Hi"}}),
+        sse("content_block_stop", {"index": 0}),
+        sse("message_delta", delta),
+        sse("message_stop", {}),
+    )
+
+
+@pytest.mark.parametrize(
+    "start_usage, delta_usage, charged, estimated",
+    [
+        # A delta that writes the input as 0 takes back nothing message_start reported.
+        ({"input_tokens": 1000, "output_tokens": 1}, {"input_tokens": 0, "output_tokens": 500}, (1000, 500), False),
+        # A message_start usage without output_tokens keeps its input.
+        ({"input_tokens": 1000}, {"output_tokens": 500}, (1000, 500), False),
+        # No final count: the input reported, the output by the caller's cap (max_tokens 64) on what was reported.
+        ({"input_tokens": 1000, "output_tokens": 3}, None, (1000, 67), True),
+    ],
+)
+@pytest.mark.gen_test(timeout=30)
+async def test_careless_stream_usage_is_charged_at_least_what_was_reported(
+    proxy, app, claude, config, start_usage, delta_usage, charged, estimated
+):
+    claude.push(careless_stream(start_usage, delta_usage))
+    response = await post(proxy, message(stream=True))
+    assert response.code == 200 and b"message_stop" in response.body
+    await app.spend.ledger.flush()
+    (row,) = ledger_rows(config)
+    assert (row["input_tokens"], row["output_tokens"]) == charged and bool(row["estimated"]) is estimated
+
+
 async def open_stream(proxy, body: dict, headers: dict):
     """POST a streamed request by hand; (reader, writer) after the response's headers."""
     host, port = proxy.base_url.rsplit("//", 1)[1].split(":")
