@@ -79,6 +79,8 @@ class Admission:
     # request counts against its max_concurrent.
     token = None
     token_admitted = ""
+    # The access token as presented (whatever header carried it).
+    presented_token = ""
 
     # Whether this request goes upstream with the server-held key.
     used_server_key = False
@@ -254,7 +256,8 @@ class Admission:
     def check_access_token(self):
         """Find and admit the presented token; an awaitable only when shared limits need a Redis round trip."""
         tokens = self.application.tokens
-        entry = tokens.lookup(self.presented_access_token())
+        self.presented_token = self.presented_access_token()
+        entry = tokens.lookup(self.presented_token)
         if entry is None:
             raise ApiError(403, self.refused_access_message, "permission_denied", "invalid_access_token")
         self.token = entry
@@ -420,6 +423,10 @@ class Admission:
         it (use_server_key); a key the caller sends always wins.
         """
         key = self.presented_key()
+        if key and key == self.presented_token:
+            # The proxy's own token sent again as a key (access-token: T and
+            # Authorization: Bearer T) is no key of the caller's: it never goes upstream.
+            key = ""
         missing, malformed = self.key_error_codes
         if not key and self.token is not None and self.token.policy.use_server_key:
             self.used_server_key = True

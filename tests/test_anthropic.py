@@ -461,6 +461,23 @@ async def test_a_caller_brings_their_own_anthropic_key_with_the_proxys_token(pro
     assert not any(ANN in value for value in sent.headers.values())
 
 
+@pytest.mark.parametrize("where", ["x-api-key", "Authorization"])
+@pytest.mark.gen_test
+async def test_the_proxys_token_sent_again_as_the_key_never_goes_upstream(proxy, claude, where):
+    def again(token):
+        key = {"x-api-key": token} if where == "x-api-key" else {"Authorization": "Bearer " + token}
+        return {"anthropic-version": "2023-06-01", "access-token": token, **key}
+
+    # Without use_server_key: no key of the caller's, so nothing goes upstream.
+    response = await post(proxy, message(), again(ANN))
+    assert response.code == 401 and anthropic_error(response)["type"] == "authentication_error"
+    assert len(claude.received) == 0
+    # With it: the upstream's own key, never the token.
+    response = await post(proxy, message(), again(TEAM))
+    assert response.code == 200 and claude.received[-1].headers["x-api-key"] == KEY_A
+    assert not any(TEAM in value for value in claude.received[-1].headers.values())
+
+
 @pytest.mark.gen_test
 async def test_a_named_token_as_x_api_key_uses_the_server_key(proxy, claude):
     """ANTHROPIC_API_KEY=<a named proxy token>: Claude Code sends it as x-api-key."""
