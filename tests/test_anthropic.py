@@ -404,6 +404,22 @@ async def test_an_upstream_answering_in_openais_shape_is_a_502_in_anthropics(pro
     assert error["type"] == "api_error" and "Anthropic" in error["message"]
 
 
+@pytest.mark.parametrize("opening", [b": keep-alive\n\n", b'event: ping\ndata: {"type": "ping"}\n\n'])
+@pytest.mark.gen_test
+async def test_a_comment_or_ping_before_an_openai_shaped_stream_still_gives_a_502(proxy, claude, opening):
+    claude.push(Behaviour(kind="openai", opening=opening.decode()))
+    response = await post(proxy, message(stream=True))
+    assert response.code == 502 and anthropic_error(response)["type"] == "api_error"
+    # Anthropic's own stream that opens so is relayed as it came.
+    started = {"id": "msg_1", "type": "message", "role": "assistant", "model": MODEL, "content": []}
+    own = sse("message_start", {"message": {**started, "usage": {"input_tokens": 5, "output_tokens": 1}}})
+    ended = sse("message_delta", {"delta": {}, "usage": {"output_tokens": 2}}) + sse("message_stop", {})
+    stream = opening + own + ended
+    claude.push(raw_sse(stream))
+    response = await post(proxy, message(stream=True))
+    assert response.code == 200 and response.body == stream
+
+
 @pytest.mark.gen_test
 async def test_an_upstream_error_page_is_relayed_in_anthropics_shape(proxy, claude):
     claude.by_key[KEY_B] = claude.by_key[KEY_A] = Behaviour(kind="garbage", status=502)

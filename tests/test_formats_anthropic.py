@@ -128,6 +128,15 @@ def test_a_ping_or_a_comment_before_message_start_is_not_foreign():
     assert not meter.foreign and meter.model
 
 
+def test_a_ping_or_a_comment_decides_nothing_before_an_openai_chunk():
+    meter = ANTHROPIC_MESSAGES.stream_meter()
+    for event in parse_all(b": hello\n\n" + PING):
+        meter.event(event)
+    assert not meter.settled and not meter.foreign
+    meter, _ = meter_over(b": hello\n\n" + PING + b'data: {"object":"chat.completion.chunk","choices":[]}\n\n')
+    assert meter.settled and meter.foreign
+
+
 @pytest.mark.parametrize(
     "status, kind",
     [(400, "invalid_request_error"), (401, "authentication_error"), (403, "permission_error"),

@@ -39,8 +39,8 @@ ERROR_TYPES = {
     504: "timeout_error",
     529: "overloaded_error",
 }
-# The first event of a Messages stream, or what may come before it.
-OPENING_EVENTS = frozenset(("message_start", "ping", "error"))
+# The first event of a Messages stream (pings and comments may come before it, and decide nothing).
+OPENING_EVENTS = frozenset(("message_start", "error"))
 
 
 def error_type(status: int) -> str:
@@ -98,6 +98,10 @@ class MessagesStreamMeter(StreamMeter):
         self.output_reported = False
 
     @property
+    def settled(self) -> bool:
+        return self.opened
+
+    @property
     def ended_uncounted(self) -> bool:
         """The stream ended as a finished answer (message_stop) without its final counts: the
         output missing is estimated by the caller's cap, as for a caller who left."""
@@ -118,9 +122,9 @@ class MessagesStreamMeter(StreamMeter):
         except (ValueError, RecursionError):
             parsed = None
         kind = event.type or (parsed.get("type") if isinstance(parsed, dict) else None)
-        if not self.opened:
+        if not self.opened and kind != "ping":
             self.opened = True
-            # A Messages stream opens with message_start (a ping or an error may come first).
+            # A Messages stream opens with message_start, or an error.
             self.foreign = kind not in OPENING_EVENTS
         if kind == "message_stop":
             self.complete = True
