@@ -187,6 +187,23 @@ class ModelsHandler(AnthropicHandler):
         await self.relay_answer(call)
 
 
+class NotServedHandler(AnthropicHandler):
+    """Any other path under /v1/messages/ (the Message Batches API, a trailing slash): Anthropic's
+    paths, never an OpenAI upstream's, answered as Anthropic answers a path it does not have."""
+
+    route_name = "messages"
+
+    async def get(self, *args) -> None:
+        raise ApiError(
+            404,
+            "%s %s is not served by this proxy: it relays POST /v1/messages and POST /v1/messages/count_tokens."
+            % (self.request.method, self.request.path[:200]),
+            code="not_found",
+        )
+
+    post = put = patch = delete = get
+
+
 class AnthropicClient(Matcher):
     """A request on ``path`` from an Anthropic client: one that sends ``anthropic-version`` (every
     Anthropic SDK and Claude Code does) or ``x-api-key``; OpenAI's clients send neither."""
@@ -205,5 +222,6 @@ class AnthropicClient(Matcher):
 
 routes = [
     (r"/v1/messages(?:/count_tokens)?", MessagesHandler),
+    (r"/v1/messages/.*", NotServedHandler),
     Rule(AnthropicClient(r"/v1/models(?:/([^/]+))?$"), ModelsHandler),
 ]

@@ -501,6 +501,21 @@ async def test_a_named_token_as_x_api_key_uses_the_server_key(proxy, claude):
     assert response.code == 200 and claude.received[-1].headers["x-api-key"] == KEY_A
 
 
+@pytest.mark.parametrize(
+    "method, path",
+    [("POST", "/v1/messages/batches"), ("POST", "/v1/messages/"), ("GET", "/v1/messages/batches/msgbatch_1")],
+)
+@pytest.mark.gen_test
+async def test_other_paths_under_messages_are_anthropics_404_never_an_openai_upstreams(
+    proxy, claude, fake_openai, method, path
+):
+    body = json.dumps({"requests": []}).encode() if method == "POST" else None
+    headers = {"Content-Type": "application/json", **as_team()}
+    response = await proxy.request(path, method=method, body=body, headers=headers, auth=False)
+    assert response.code == 404 and anthropic_error(response)["type"] == "not_found_error"
+    assert fake_openai.received == [] and claude.received == []
+
+
 @pytest.mark.gen_test
 async def test_count_tokens_is_relayed_and_not_charged(proxy, app, claude, config):
     response = await post(proxy, {"model": MODEL, "messages": HELLO}, path="/v1/messages/count_tokens")
