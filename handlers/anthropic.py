@@ -86,6 +86,15 @@ class AnthropicHandler(AnthropicStyle, ForwardingHandler):
     # The API path after /v1/, as the upstream sees it.
     api_path = ""
 
+    def forwarded_headers(self, names: tuple[str, ...]) -> dict[str, str]:
+        # Two anthropic-version lines would go upstream joined ("2023-06-01,2023-06-01"), a
+        # version no one sent: refused, as the upstream would refuse the joined one.
+        if len(self.request.headers.get_list("anthropic-version")) > 1:
+            raise ApiError(
+                400, "The anthropic-version header is given more than once: send it once.", code="invalid_header"
+            )
+        return super().forwarded_headers(names)
+
     async def relay_body(self, call) -> None:
         """A JSON answer, read whole (a message is some KiB, at most a few MiB) and relayed as it came, once
         known to be Anthropic's: a success in another shape is a 502, an error in another shape (an HTML

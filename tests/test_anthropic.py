@@ -516,6 +516,19 @@ async def test_other_paths_under_messages_are_anthropics_404_never_an_openai_ups
     assert fake_openai.received == [] and claude.received == []
 
 
+@pytest.mark.parametrize("method, path", [("POST", "/v1/messages"), ("GET", "/v1/models")])
+@pytest.mark.gen_test
+async def test_two_anthropic_version_lines_are_refused_not_joined(proxy, claude, method, path):
+    headers = [("Authorization", "Bearer " + TEAM), ("anthropic-version", "2023-06-01")] * 2
+    async with httpx.AsyncClient() as client:
+        body = json.dumps(message()).encode() if method == "POST" else None
+        response = await client.request(method, proxy.base_url + path, content=body, headers=headers[1:])
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and "anthropic-version" in error["message"]
+    assert claude.received == []
+
+
 @pytest.mark.gen_test
 async def test_count_tokens_is_relayed_and_not_charged(proxy, app, claude, config):
     response = await post(proxy, {"model": MODEL, "messages": HELLO}, path="/v1/messages/count_tokens")
