@@ -421,6 +421,23 @@ async def test_a_comment_or_ping_before_an_openai_shaped_stream_still_gives_a_50
 
 
 @pytest.mark.gen_test
+async def test_a_stream_whose_media_type_is_in_capitals_is_relayed_as_a_stream(proxy, app, claude, config):
+    """Media types are case-insensitive (RFC 9110 8.3.1)."""
+    started = {"id": "msg_1", "type": "message", "role": "assistant", "model": MODEL, "content": []}
+    stream = (
+        sse("message_start", {"message": {**started, "usage": {"input_tokens": 5, "output_tokens": 1}}})
+        + sse("message_delta", {"delta": {}, "usage": {"output_tokens": 2}})
+        + sse("message_stop", {})
+    )
+    claude.push(raw_sse(stream, content_type=b"Text/Event-Stream"))
+    response = await post(proxy, message(stream=True))
+    assert response.code == 200 and response.body == stream
+    await app.spend.ledger.flush()
+    (row,) = ledger_rows(config)
+    assert (row["input_tokens"], row["output_tokens"], row["estimated"]) == (5, 2, 0)
+
+
+@pytest.mark.gen_test
 async def test_an_upstream_error_page_is_relayed_in_anthropics_shape(proxy, claude):
     claude.by_key[KEY_B] = claude.by_key[KEY_A] = Behaviour(kind="garbage", status=502)
     response = await post(proxy, message())
