@@ -239,3 +239,25 @@ async def test_claude_code_completes_a_turn_with_a_tool_call_through_the_proxy(
     with sqlite3.connect(config.usage_database) as db:
         rows = db.execute("SELECT token, route, status, estimated FROM usage").fetchall()
     assert rows == [(token, "messages", 200, 0)] * 2
+
+
+@pytest.mark.parametrize(
+    "token, status",
+    [("not-a-proxy-token", 403), (ANN, 401)],  # unknown token; a token without use_server_key and no key
+)
+@pytest.mark.gen_test(timeout=120)
+async def test_what_claude_code_shows_when_the_proxy_refuses_its_token(
+    proxy, base_url, claude, tmp_path, token, status
+):
+    """docs/api.md says what Claude Code prints for the proxy's 401 and 403 and what to check."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = readme_environment(base_url) | {"ANTHROPIC_AUTH_TOKEN": token}
+    env.update(PATH=os.environ.get("PATH", "/usr/bin:/bin"), HOME=str(home), CLAUDE_CODE_MAX_RETRIES="1")
+    code, out, err = await run([claude_code_binary(), "-p", "hi", "--output-format", "json"], env, str(home))
+    result = json.loads(out)
+    assert code == 1 and result["is_error"] is True
+    # Claude Code shows neither the status nor the proxy's message, only its own words.
+    assert result["result"] == "Not logged in · Please run /login"
+    assert result["api_error_status"] == status
+    assert claude.received == []
