@@ -23,6 +23,11 @@ log = logging.getLogger("chat_gpt_proxy")
 API_KEY_RE = re.compile(r"^[\x21-\x7e]{1,512}$")
 
 
+# On a refusal no retry can fix: the official OpenAI and Anthropic SDKs read
+# x-should-retry before their status rules and Retry-After.
+NO_RETRY = {"x-should-retry": "false"}
+
+
 def elapsed_ms(started: float, until: float | None = None) -> float:
     return round(((until if until is not None else time.monotonic()) - started) * 1000, 2)
 
@@ -33,6 +38,20 @@ def check_model_allowed(allowed_models: tuple[str, ...], model: str | None) -> N
         raise ApiError(
             403, "Model %r is not allowed on this proxy." % model[:100], "permission_denied", "model_not_allowed"
         )
+
+
+def model_undetermined(problem: str) -> ApiError:
+    """With an allow-list in force, a body whose model two parsers could read differently
+    (chat_gpt_proxy/request/model.py) is refused rather than guessed at."""
+    return ApiError(
+        400,
+        "ALLOWED_MODELS (or the token's allowed_models) is in force and the model of this request "
+        "cannot be determined: %s. "
+        'Send a JSON object with one string "model" as application/json '
+        "(or one model field in multipart/form-data)." % problem,
+        "invalid_request_error",
+        "model_undetermined",
+    )
 
 
 def take_upstream_slot(handler, pool: UpstreamPool) -> None:
@@ -60,6 +79,8 @@ class Admission:
     # request counts against its max_concurrent.
     token = None
     token_admitted = ""
+    # The access token as presented (whatever header carried it).
+    presented_token = ""
 
     # Whether this request goes upstream with the server-held key.
     used_server_key = False
@@ -122,10 +143,13 @@ class Admission:
                 refusal.message,
                 "rate_limit_exceeded",
                 "budget_exceeded",
-                headers={"Retry-After": str(refusal.retry_after)},
+                # Retry-After tells people and programs when the period resets;
+                # x-should-retry: false stops the OpenAI and Anthropic SDKs,
+                # which obey Retry-After for weeks, from waiting for it.
+                headers={"Retry-After": str(refusal.retry_after), **NO_RETRY},
             )
         self.access.limited = "model_not_priced"
-        raise ApiError(403, refusal.message, "permission_denied", "model_not_priced")
+        raise ApiError(403, refusal.message, "permission_denied", "model_not_priced", headers=dict(NO_RETRY))
 
     def charge_spend(self, model_call: bool = True) -> None:
         """Charge the finished request once: its usage, or an estimate if a model ran and none came back."""
@@ -152,7 +176,9 @@ class Admission:
         # A stream's usage counts once its final usage event came, even if the
         # client left right after it (Codex CLI closes on response.completed).
         usage = access.usage if ok and (meter is None or meter.final) else None
-        left_early = usage is None and access.client_gone
+        # A stream that ended without its final count (Anthropic's message_stop after a
+        # message_delta without usage) is estimated by the caller's cap too: events undercount it.
+        left_early = usage is None and (access.client_gone or getattr(meter, "ended_uncounted", False))
         self.application.spend.charge(
             token=access.token,
             route=access.route,
@@ -230,7 +256,8 @@ class Admission:
     def check_access_token(self):
         """Find and admit the presented token; an awaitable only when shared limits need a Redis round trip."""
         tokens = self.application.tokens
-        entry = tokens.lookup(self.presented_access_token())
+        self.presented_token = self.presented_access_token()
+        entry = tokens.lookup(self.presented_token)
         if entry is None:
             raise ApiError(403, self.refused_access_message, "permission_denied", "invalid_access_token")
         self.token = entry
@@ -396,6 +423,10 @@ class Admission:
         it (use_server_key); a key the caller sends always wins.
         """
         key = self.presented_key()
+        if key and key == self.presented_token:
+            # The proxy's own token sent again as a key (access-token: T and
+            # Authorization: Bearer T) is no key of the caller's: it never goes upstream.
+            key = ""
         missing, malformed = self.key_error_codes
         if not key and self.token is not None and self.token.policy.use_server_key:
             self.used_server_key = True

@@ -15,12 +15,13 @@ from __future__ import annotations
 from tornado.routing import Matcher, PathMatches, Rule
 
 from chat_gpt_proxy.formats.anthropic import ANTHROPIC_MESSAGES
+from chat_gpt_proxy.request.model import inspect_request
 from chat_gpt_proxy.request.strict_json import loads
 from chat_gpt_proxy.upstream.errors import UpstreamError
 from chat_gpt_proxy.upstream.headers import relayed_headers
 from chat_gpt_proxy.upstream.urls import normalised_path
 
-from .admission import check_model_allowed
+from .admission import check_model_allowed, model_undetermined
 from .errors import ApiError
 from .forwarding import ForwardingHandler
 
@@ -85,6 +86,15 @@ class AnthropicHandler(AnthropicStyle, ForwardingHandler):
     # The API path after /v1/, as the upstream sees it.
     api_path = ""
 
+    def forwarded_headers(self, names: tuple[str, ...]) -> dict[str, str]:
+        # Two anthropic-version lines would go upstream joined ("2023-06-01,2023-06-01"), a
+        # version no one sent: refused, as the upstream would refuse the joined one.
+        if len(self.request.headers.get_list("anthropic-version")) > 1:
+            raise ApiError(
+                400, "The anthropic-version header is given more than once: send it once.", code="invalid_header"
+            )
+        return super().forwarded_headers(names)
+
     async def relay_body(self, call) -> None:
         """A JSON answer, read whole (a message is some KiB, at most a few MiB) and relayed as it came, once
         known to be Anthropic's: a success in another shape is a 502, an error in another shape (an HTML
@@ -124,13 +134,7 @@ class MessagesHandler(AnthropicHandler):
     async def post(self) -> None:
         self.api_path = "messages/count_tokens" if self.request.path.endswith("/count_tokens") else "messages"
         key = self.openai_key()
-        payload = self.json_body()
-        model = payload.get("model")
-        if not isinstance(model, str) or not model:
-            raise ApiError(400, "model: a model name (a string) is required.", code="missing_model")
-        self.access.model = model
-        check_model_allowed(self.allowed_models(), model)
-        stream = payload.get("stream") is True
+        model, stream = self.requested_model_and_stream()
         headers = self.forwarded_headers(FORWARDED_REQUEST_HEADERS)
         body = self.body
         if self.api_path == "messages":
@@ -152,6 +156,27 @@ class MessagesHandler(AnthropicHandler):
         )
         await self.relay_answer(call)
 
+    def requested_model_and_stream(self) -> tuple[str, bool]:
+        """The body's ``model`` (checked against the allow-list) and ``stream``, read as /v1/* reads
+        them: with an allow-list in force, a body whose model two parsers could read differently (a
+        duplicate "model", one in another letter case) is refused, since the upstream might read
+        the other one."""
+        found = inspect_request(self.request.headers.get_list("Content-Type"), None, self.body, self.request.query)
+        allowed = self.allowed_models()
+        if found.problem is None:
+            model, stream = found.named, found.stream
+        else:
+            payload = self.json_body()
+            if allowed:
+                raise model_undetermined(found.problem)
+            model, stream = payload.get("model"), payload.get("stream") is True
+        if not isinstance(model, str) or not model:
+            raise ApiError(400, "model: a model name (a string) is required.", code="missing_model")
+        self.access.model = model
+        # Only the top-level model runs: a "model" inside a message or a tool's input is the caller's text.
+        check_model_allowed(allowed, model)
+        return model, stream
+
 
 class ModelsHandler(AnthropicHandler):
     """GET /v1/models (``?limit=…``, Claude Code's gateway model discovery) and GET /v1/models/{id},
@@ -169,6 +194,23 @@ class ModelsHandler(AnthropicHandler):
             "GET", self.api_path, self.request.query, headers, None, stream=False, model=None, key=key
         )
         await self.relay_answer(call)
+
+
+class NotServedHandler(AnthropicHandler):
+    """Any other path under /v1/messages/ (the Message Batches API, a trailing slash): Anthropic's
+    paths, never an OpenAI upstream's, answered as Anthropic answers a path it does not have."""
+
+    route_name = "messages"
+
+    async def get(self, *args) -> None:
+        raise ApiError(
+            404,
+            "%s %s is not served by this proxy: it relays POST /v1/messages and POST /v1/messages/count_tokens."
+            % (self.request.method, self.request.path[:200]),
+            code="not_found",
+        )
+
+    post = put = patch = delete = get
 
 
 class AnthropicClient(Matcher):
@@ -189,5 +231,6 @@ class AnthropicClient(Matcher):
 
 routes = [
     (r"/v1/messages(?:/count_tokens)?", MessagesHandler),
+    (r"/v1/messages/.*", NotServedHandler),
     Rule(AnthropicClient(r"/v1/models(?:/([^/]+))?$"), ModelsHandler),
 ]

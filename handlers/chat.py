@@ -6,6 +6,7 @@ from chat_gpt_proxy.cache import Entry, cacheable
 from chat_gpt_proxy.formats.openai import OPENAI_CHAT
 from chat_gpt_proxy.request.generate_params import ParamsError, normalize_generate_params
 from chat_gpt_proxy.request.strict_json import dumps
+from chat_gpt_proxy.upstream.headers import is_sse
 from chat_gpt_proxy.usage.meter import output_cap
 
 from .errors import ApiError
@@ -102,11 +103,7 @@ class ChatCompleteHandler(UsagePageMixin, ProxyHandler):
         )
         # Some OpenAI-compatible servers ignore "stream": relay SSE only when
         # the upstream sends SSE, and answer JSON as JSON.
-        if (
-            200 <= call.status < 300
-            and not without_content(call.status, "POST")
-            and call.headers.get("Content-Type", "").startswith("text/event-stream")
-        ):
+        if 200 <= call.status < 300 and not without_content(call.status, "POST") and is_sse(call.headers):
             await self.relay_stream(call)
             return
         answer = await self.read_json_answer(call)

@@ -18,7 +18,7 @@ from chat_gpt_proxy.cache import Entry, cacheable
 from chat_gpt_proxy.request.body import parse_content_length
 from chat_gpt_proxy.request.strict_json import dumps, loads
 from chat_gpt_proxy.upstream.errors import UpstreamError
-from chat_gpt_proxy.upstream.headers import HOP_BY_HOP_HEADERS
+from chat_gpt_proxy.upstream.headers import HOP_BY_HOP_HEADERS, is_json, is_sse
 
 from .relay import ProxyHandler, StreamWatch, without_content
 
@@ -99,7 +99,7 @@ class ForwardingHandler(ProxyHandler):
         self.copy_answer_headers(call)
         if without_content(call.status, self.request.method):
             await self.relay_no_body(call)
-        elif call.headers.get("Content-Type", "").startswith("text/event-stream"):
+        elif is_sse(call.headers):
             await self.relay_stream(call)
         else:
             await self.relay_body(call)
@@ -158,12 +158,12 @@ class ForwardingHandler(ProxyHandler):
     def keep_json_answer(self, call, body: bytes) -> None:
         """A whole successful JSON answer, for the response cache (if this request uses it)."""
         content_type = call.headers.get("Content-Type", "")
-        if self.cache_slot is not None and call.status == 200 and "json" in content_type:
+        if self.cache_slot is not None and call.status == 200 and is_json(call.headers):
             self.keep_in_cache(Entry("json", content_type, body=body))
 
     def reads_usage(self, call) -> bool:
         """Whether the answer is one that reports usage: a successful JSON answer."""
-        return 200 <= call.status < 300 and "json" in call.headers.get("Content-Type", "")
+        return 200 <= call.status < 300 and is_json(call.headers)
 
     def note_usage(self, call, body: bytes) -> None:
         """Keep the usage and the model of a whole JSON answer, as /chat_complete does."""
@@ -184,7 +184,7 @@ class ForwardingHandler(ProxyHandler):
         # OpenAI sends its JSON answers chunked (no Content-Length): a copy of
         # a small one is kept while it is relayed, for its usage and the
         # cache; a larger one goes through the incremental usage reader.
-        copy: list[bytes] | None = [] if "json" in call.headers.get("Content-Type", "") else None
+        copy: list[bytes] | None = [] if is_json(call.headers) else None
         reader = None
         copied = 0
         while True:

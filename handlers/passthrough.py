@@ -13,7 +13,7 @@ from chat_gpt_proxy.request.strict_json import dumps, loads
 from chat_gpt_proxy.upstream.urls import join_url, normalised_path
 from chat_gpt_proxy.usage.deferred import FINISHED, KINDS, deferred_kind
 
-from .admission import check_model_allowed
+from .admission import check_model_allowed, model_undetermined
 from .errors import ApiError
 from .forwarding import ForwardingHandler
 from .openai_style import OpenAIStyle
@@ -62,7 +62,7 @@ class OpenAIHandler(OpenAIStyle, ForwardingHandler):
         allowed = self.allowed_models()
         if allowed:
             if found.problem is not None:
-                raise self.model_undetermined(found.problem)
+                raise model_undetermined(found.problem)
             for model in found.models:
                 check_model_allowed(allowed, model)
             # Fail closed: an endpoint that may run a model picks
@@ -72,21 +72,10 @@ class OpenAIHandler(OpenAIStyle, ForwardingHandler):
             # Realtime secrets and calls run the session's model, whatever else the body says.
             named = found.session_model if SESSION_MODEL_PATH_RE.match(self.v1_path) else found.named
             if named is None and not MODEL_FREE_PATH_RE.match(self.v1_path):
-                raise self.model_undetermined(
+                raise model_undetermined(
                     "the body names no model, and /v1/%s is not an endpoint that runs none" % self.v1_path[:100]
                 )
         return found.model, found.stream
-
-    def model_undetermined(self, problem: str) -> ApiError:
-        return ApiError(
-            400,
-            "ALLOWED_MODELS (or the token's allowed_models) is in force and the model of this request "
-            "cannot be determined: %s. "
-            'Send a JSON object with one string "model" as application/json '
-            "(or one model field in multipart/form-data)." % problem,
-            "invalid_request_error",
-            "model_undetermined",
-        )
 
     async def forward(self) -> None:
         # One normalised path for the allow-list check and the upstream.

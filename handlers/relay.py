@@ -48,6 +48,9 @@ MAX_PENDING_EVENT = 1024 * 1024
 # dispatches it), so that the client's parser reads our error event as the
 # next event instead of appending it to the broken one.
 SSE_END_EVENT = b"\n\n"
+# Events (comments, pings) held before a stream's first event tells its format; past these
+# it is relayed as it is.
+MAX_HELD_EVENTS = 1000
 
 
 def without_content(status: int, method: str) -> bool:
@@ -376,6 +379,9 @@ class ProxyHandler(BaseHandler):
         self.request.connection.stream.set_nodelay(True)
         parser = SseParser()
         meter = self.stream_meter = self.api_format.stream_meter(self.usage_injected)
+        # Events held until the meter knows the stream is in the client's format: a comment
+        # or a ping first must not send the headers before a foreign answer is refused.
+        held: list[bytes] = []
         keepalive = StreamWatch(self, self.config.stream_keepalive, self.config.client_stall_timeout)
         self.pool.streams += 1
         try:
@@ -387,12 +393,12 @@ class ProxyHandler(BaseHandler):
                         return
                     error = self.upstream_failed(exc)
                     ended = self.api_format.error_event(error.status_code, exc.error_object())
-                    self.write((SSE_END_EVENT if parser.relayed else b"") + ended)
+                    self.write(b"".join(held) + (SSE_END_EVENT if parser.relayed else b"") + ended)
                     await self.flush_or_abort()
                     return
                 if chunk is None:
                     # An event the upstream never ended is relayed as it came (and read, if its lines ended).
-                    rest = [relayed.raw for relayed in map(meter.event, parser.finish()) if relayed is not None]
+                    rest = held + [relayed.raw for relayed in map(meter.event, parser.finish()) if relayed is not None]
                     if rest:
                         self.write(b"".join(rest))
                         if self.cache_events is not None:
@@ -408,6 +414,12 @@ class ProxyHandler(BaseHandler):
                     self.note_fault("foreign_format")
                     raise ApiError(502, self.api_format.foreign_message, "upstream_error", "upstream_wrong_format")
                 self.access.events += len(out)
+                if held or not meter.settled:
+                    held.extend(out)
+                    out = held
+                    if not meter.settled and parser.pending <= MAX_PENDING_EVENT and len(held) < MAX_HELD_EVENTS:
+                        continue
+                    held = []
                 if parser.pending > MAX_PENDING_EVENT:
                     # An event too large to hold back: its part goes out now, and
                     # nothing of ours is written until it ends.

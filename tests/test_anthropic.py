@@ -220,6 +220,54 @@ async def test_usage_is_charged_exactly_with_cache_writes_and_reads_priced(proxy
         assert row["usd"] == pytest.approx((300 * 3 + 1000 * 6 + 20000 * 0.30 + output * 15) / 1e6)
 
 
+def raw_sse(*events: bytes, content_type: bytes = b"text/event-stream") -> Behaviour:
+    """An upstream that writes exactly these SSE bytes (then closes): usage the fake would not write."""
+    body = b"".join(events)
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n" % (content_type, len(body))
+    return Behaviour(kind="raw", raw=(head + body).decode("latin-1"))
+
+
+def sse(kind: str, data: dict) -> bytes:
+    return b"event: %s\ndata: %s\n\n" % (kind.encode(), json.dumps({"type": kind, **data}).encode())
+
+
+def careless_stream(start_usage: dict, delta_usage: dict | None) -> Behaviour:
+    message = {"id": "msg_1", "type": "message", "role": "assistant", "model": MODEL, "content": []}
+    message["usage"] = start_usage
+    delta = {"delta": {"stop_reason": "end_turn"}} | ({"usage": delta_usage} if delta_usage is not None else {})
+    return raw_sse(
+        sse("message_start", {"message": message}),
+        sse("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
+        sse("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": "Hi"}}),
+        sse("content_block_stop", {"index": 0}),
+        sse("message_delta", delta),
+        sse("message_stop", {}),
+    )
+
+
+@pytest.mark.parametrize(
+    "start_usage, delta_usage, charged, estimated",
+    [
+        # A delta that writes the input as 0 takes back nothing message_start reported.
+        ({"input_tokens": 1000, "output_tokens": 1}, {"input_tokens": 0, "output_tokens": 500}, (1000, 500), False),
+        # A message_start usage without output_tokens keeps its input.
+        ({"input_tokens": 1000}, {"output_tokens": 500}, (1000, 500), False),
+        # No final count: the input reported, the output by the caller's cap (max_tokens 64) on what was reported.
+        ({"input_tokens": 1000, "output_tokens": 3}, None, (1000, 67), True),
+    ],
+)
+@pytest.mark.gen_test(timeout=30)
+async def test_careless_stream_usage_is_charged_at_least_what_was_reported(
+    proxy, app, claude, config, start_usage, delta_usage, charged, estimated
+):
+    claude.push(careless_stream(start_usage, delta_usage))
+    response = await post(proxy, message(stream=True))
+    assert response.code == 200 and b"message_stop" in response.body
+    await app.spend.ledger.flush()
+    (row,) = ledger_rows(config)
+    assert (row["input_tokens"], row["output_tokens"]) == charged and bool(row["estimated"]) is estimated
+
+
 async def open_stream(proxy, body: dict, headers: dict):
     """POST a streamed request by hand; (reader, writer) after the response's headers."""
     host, port = proxy.base_url.rsplit("//", 1)[1].split(":")
@@ -356,6 +404,39 @@ async def test_an_upstream_answering_in_openais_shape_is_a_502_in_anthropics(pro
     assert error["type"] == "api_error" and "Anthropic" in error["message"]
 
 
+@pytest.mark.parametrize("opening", [b": keep-alive\n\n", b'event: ping\ndata: {"type": "ping"}\n\n'])
+@pytest.mark.gen_test
+async def test_a_comment_or_ping_before_an_openai_shaped_stream_still_gives_a_502(proxy, claude, opening):
+    claude.push(Behaviour(kind="openai", opening=opening.decode()))
+    response = await post(proxy, message(stream=True))
+    assert response.code == 502 and anthropic_error(response)["type"] == "api_error"
+    # Anthropic's own stream that opens so is relayed as it came.
+    started = {"id": "msg_1", "type": "message", "role": "assistant", "model": MODEL, "content": []}
+    own = sse("message_start", {"message": {**started, "usage": {"input_tokens": 5, "output_tokens": 1}}})
+    ended = sse("message_delta", {"delta": {}, "usage": {"output_tokens": 2}}) + sse("message_stop", {})
+    stream = opening + own + ended
+    claude.push(raw_sse(stream))
+    response = await post(proxy, message(stream=True))
+    assert response.code == 200 and response.body == stream
+
+
+@pytest.mark.gen_test
+async def test_a_stream_whose_media_type_is_in_capitals_is_relayed_as_a_stream(proxy, app, claude, config):
+    """Media types are case-insensitive (RFC 9110 8.3.1)."""
+    started = {"id": "msg_1", "type": "message", "role": "assistant", "model": MODEL, "content": []}
+    stream = (
+        sse("message_start", {"message": {**started, "usage": {"input_tokens": 5, "output_tokens": 1}}})
+        + sse("message_delta", {"delta": {}, "usage": {"output_tokens": 2}})
+        + sse("message_stop", {})
+    )
+    claude.push(raw_sse(stream, content_type=b"Text/Event-Stream"))
+    response = await post(proxy, message(stream=True))
+    assert response.code == 200 and response.body == stream
+    await app.spend.ledger.flush()
+    (row,) = ledger_rows(config)
+    assert (row["input_tokens"], row["output_tokens"], row["estimated"]) == (5, 2, 0)
+
+
 @pytest.mark.gen_test
 async def test_an_upstream_error_page_is_relayed_in_anthropics_shape(proxy, claude):
     claude.by_key[KEY_B] = claude.by_key[KEY_A] = Behaviour(kind="garbage", status=502)
@@ -413,11 +494,56 @@ async def test_a_caller_brings_their_own_anthropic_key_with_the_proxys_token(pro
     assert not any(ANN in value for value in sent.headers.values())
 
 
+@pytest.mark.parametrize("where", ["x-api-key", "Authorization"])
+@pytest.mark.gen_test
+async def test_the_proxys_token_sent_again_as_the_key_never_goes_upstream(proxy, claude, where):
+    def again(token):
+        key = {"x-api-key": token} if where == "x-api-key" else {"Authorization": "Bearer " + token}
+        return {"anthropic-version": "2023-06-01", "access-token": token, **key}
+
+    # Without use_server_key: no key of the caller's, so nothing goes upstream.
+    response = await post(proxy, message(), again(ANN))
+    assert response.code == 401 and anthropic_error(response)["type"] == "authentication_error"
+    assert len(claude.received) == 0
+    # With it: the upstream's own key, never the token.
+    response = await post(proxy, message(), again(TEAM))
+    assert response.code == 200 and claude.received[-1].headers["x-api-key"] == KEY_A
+    assert not any(TEAM in value for value in claude.received[-1].headers.values())
+
+
 @pytest.mark.gen_test
 async def test_a_named_token_as_x_api_key_uses_the_server_key(proxy, claude):
     """ANTHROPIC_API_KEY=<a named proxy token>: Claude Code sends it as x-api-key."""
     response = await post(proxy, message(), {"anthropic-version": "2023-06-01", "x-api-key": TEAM})
     assert response.code == 200 and claude.received[-1].headers["x-api-key"] == KEY_A
+
+
+@pytest.mark.parametrize(
+    "method, path",
+    [("POST", "/v1/messages/batches"), ("POST", "/v1/messages/"), ("GET", "/v1/messages/batches/msgbatch_1")],
+)
+@pytest.mark.gen_test
+async def test_other_paths_under_messages_are_anthropics_404_never_an_openai_upstreams(
+    proxy, claude, fake_openai, method, path
+):
+    body = json.dumps({"requests": []}).encode() if method == "POST" else None
+    headers = {"Content-Type": "application/json", **as_team()}
+    response = await proxy.request(path, method=method, body=body, headers=headers, auth=False)
+    assert response.code == 404 and anthropic_error(response)["type"] == "not_found_error"
+    assert fake_openai.received == [] and claude.received == []
+
+
+@pytest.mark.parametrize("method, path", [("POST", "/v1/messages"), ("GET", "/v1/models")])
+@pytest.mark.gen_test
+async def test_two_anthropic_version_lines_are_refused_not_joined(proxy, claude, method, path):
+    headers = [("Authorization", "Bearer " + TEAM), ("anthropic-version", "2023-06-01")] * 2
+    async with httpx.AsyncClient() as client:
+        body = json.dumps(message()).encode() if method == "POST" else None
+        response = await client.request(method, proxy.base_url + path, content=body, headers=headers[1:])
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and "anthropic-version" in error["message"]
+    assert claude.received == []
 
 
 @pytest.mark.gen_test
@@ -458,6 +584,38 @@ async def test_a_tokens_allowed_models_hold_on_this_surface(proxy, claude):
     assert response.code == 403 and anthropic_error(response)["type"] == "permission_error"
     response = await post(proxy, message(model="claude-haiku-4-5"), as_team(Authorization="Bearer " + HAIKU_ONLY))
     assert response.code == 200 and len(claude.received) == 1
+
+
+@pytest.mark.parametrize(
+    "models",
+    [
+        b'"model": "claude-opus-4-1", "model": "claude-haiku-4-5"',
+        b'"model": "claude-haiku-4-5", "MODEL": "claude-opus-4-1"',
+        b'"Model": "claude-opus-4-1"',
+    ],
+)
+@pytest.mark.gen_test
+async def test_a_body_that_names_its_model_twice_does_not_pass_the_allow_list(proxy, claude, models):
+    body = b'{%s, "max_tokens": 9, "messages": [{"role": "user", "content": "hi"}]}' % models
+    response = await post(proxy, body, as_team(Authorization="Bearer " + HAIKU_ONLY))
+    assert response.code == 400
+    error = anthropic_error(response)
+    assert error["type"] == "invalid_request_error" and "cannot be determined" in error["message"]
+    assert len(claude.received) == 0
+    # Without an allow-list the body goes upstream as it came, the upstream's to read.
+    response = await post(proxy, body)
+    if b'"model"' in models:
+        assert response.code == 200 and claude.received[-1].body == body
+    else:
+        assert response.code == 400 and "model" in anthropic_error(response)["message"]
+
+
+@pytest.mark.gen_test
+async def test_a_model_inside_a_message_is_not_the_model_that_runs(proxy, claude):
+    tool_input = {"role": "assistant", "content": [{"type": "text", "text": "x", "model": "claude-opus-4-1"}]}
+    body = message(model="claude-haiku-4-5", messages=[*HELLO, tool_input, *HELLO])
+    response = await post(proxy, body, as_team(Authorization="Bearer " + HAIKU_ONLY))
+    assert response.code == 200
 
 
 @pytest.mark.gen_test

@@ -18,7 +18,7 @@ import pytest
 
 from chat_gpt_proxy.fake_anthropic import Behaviour
 from tests import test_anthropic
-from tests.test_anthropic import ANN, KEY_A, MODEL, OWN, TEAM
+from tests.test_anthropic import ANN, BUDGETED, KEY_A, MODEL, OWN, TEAM
 from tests.test_readme import JS_DIR, snippet
 
 # The fake Anthropic and the proxy's settings (upstreams, tokens, ledger) of tests/test_anthropic.py.
@@ -75,6 +75,21 @@ async def test_the_python_sdk_raises_its_own_errors(proxy, base_url, claude):
         await sdk(base_url, api_key=TEAM).messages.create(
             model=MODEL, max_tokens=9, messages=[{"role": "user", "content": "hi"}]
         )
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_the_python_sdk_raises_a_budget_refusal_at_once_instead_of_waiting_for_the_reset(proxy, base_url, claude):
+    """The refusal's Retry-After is the time to the budget's reset; the SDK (default max_retries) would
+    sleep that long between retries, were it not told x-should-retry: false."""
+    client = anthropic.AsyncAnthropic(base_url=base_url, api_key=BUDGETED)
+    hi = [{"role": "user", "content": "hi"}]
+    await client.messages.create(model=MODEL, max_tokens=9, messages=hi)
+    with pytest.raises(anthropic.RateLimitError) as refused:
+        await asyncio.wait_for(client.messages.create(model=MODEL, max_tokens=9, messages=hi), 10)
+    assert int(refused.value.response.headers["Retry-After"]) > 0
+    assert refused.value.response.headers["x-should-retry"] == "false"
+    assert len(claude.received) == 1
+    await client.close()
 
 
 @pytest.mark.gen_test(timeout=30)
@@ -224,3 +239,25 @@ async def test_claude_code_completes_a_turn_with_a_tool_call_through_the_proxy(
     with sqlite3.connect(config.usage_database) as db:
         rows = db.execute("SELECT token, route, status, estimated FROM usage").fetchall()
     assert rows == [(token, "messages", 200, 0)] * 2
+
+
+@pytest.mark.parametrize(
+    "token, status",
+    [("not-a-proxy-token", 403), (ANN, 401)],  # unknown token; a token without use_server_key and no key
+)
+@pytest.mark.gen_test(timeout=120)
+async def test_what_claude_code_shows_when_the_proxy_refuses_its_token(
+    proxy, base_url, claude, tmp_path, token, status
+):
+    """docs/api.md says what Claude Code prints for the proxy's 401 and 403 and what to check."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = readme_environment(base_url) | {"ANTHROPIC_AUTH_TOKEN": token}
+    env.update(PATH=os.environ.get("PATH", "/usr/bin:/bin"), HOME=str(home), CLAUDE_CODE_MAX_RETRIES="1")
+    code, out, err = await run([claude_code_binary(), "-p", "hi", "--output-format", "json"], env, str(home))
+    result = json.loads(out)
+    assert code == 1 and result["is_error"] is True
+    # Claude Code shows neither the status nor the proxy's message, only its own words.
+    assert result["result"] == "Not logged in · Please run /login"
+    assert result["api_error_status"] == status
+    assert claude.received == []

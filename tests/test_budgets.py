@@ -10,6 +10,7 @@ import re
 import sqlite3
 import time
 
+import openai
 import pytest
 import websockets
 
@@ -85,6 +86,7 @@ async def test_a_token_budget_is_reached_exactly_then_429_with_retry_after(proxy
     assert "22 of its 22 tokens" in body["text"]
     _, end = period_bounds("day", time.time())
     assert 0 < int(response.headers["Retry-After"]) <= end - time.time() + 1
+    assert response.headers["x-should-retry"] == "false"
     assert response.headers["x-proxy-budget-remaining-tokens"] == "0"
     assert response.headers["x-proxy-budget-period"] == "day"
     # Another token is not affected.
@@ -182,12 +184,30 @@ async def test_a_client_that_leaves_mid_stream_is_charged_an_estimate(proxy, app
     assert row["input_tokens"] >= 100 and row["output_tokens"] >= 2
 
 
+@pytest.mark.gen_test(timeout=60)
+async def test_the_openai_sdk_raises_a_budget_refusal_at_once_instead_of_waiting_for_the_reset(
+    proxy, base_url, fake_openai
+):
+    """Retry-After is the time to the period's reset; x-should-retry: false keeps the SDK (default
+    max_retries) from sleeping that long before raising."""
+    client = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key=KEY, default_headers={"access-token": TOKENS})
+    hi = [{"role": "user", "content": "hi"}]
+    for _ in range(2):
+        await client.chat.completions.create(model="gpt-4o-mini", messages=hi)
+    with pytest.raises(openai.RateLimitError) as refused:
+        await asyncio.wait_for(client.chat.completions.create(model="gpt-4o-mini", messages=hi), 10)
+    assert refused.value.response.headers["x-should-retry"] == "false"
+    assert len(fake_openai.received) == 2
+    await client.close()
+
+
 @pytest.mark.gen_test(timeout=30)
 async def test_a_money_budget_refuses_a_model_without_a_price(proxy):
     response, body = await proxy.chat(
         {"prompt": "hi", "generate_params": {"model_name": "my-local-model"}}, headers=as_(DOLLARS)
     )
     assert response.code == 403 and body["error"]["code"] == "model_not_priced"
+    assert response.headers["x-should-retry"] == "false"
     assert "PRICES_FILE" in body["text"]
     # A token without a money budget may use it (its tokens are still counted).
     response, _ = await proxy.chat(

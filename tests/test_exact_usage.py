@@ -317,10 +317,12 @@ async def test_an_alias_is_priced_as_the_model_the_upstream_runs(proxy, app, fak
     assert row["usd"] == pytest.approx((1000 * 0.15 + 1000 * 0.60) / 1e6)
 
 
-def raw_stream(*events: bytes, end: bytes = b"data: [DONE]\n\n") -> Behaviour:
+def raw_stream(
+    *events: bytes, end: bytes = b"data: [DONE]\n\n", content_type: bytes = b"text/event-stream"
+) -> Behaviour:
     """An upstream that writes exactly these SSE bytes (then closes): framings the fake would not write."""
     body = b"".join(events) + end
-    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: %d\r\n\r\n" % len(body)
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n" % (content_type, len(body))
     return Behaviour(kind="raw", raw=(head + body).decode("latin-1"))
 
 
@@ -329,6 +331,20 @@ def chat_chunk(fields: str) -> bytes:
 
 
 FINAL_USAGE = '"choices":[],"usage":{"prompt_tokens":10,"completion_tokens":5}'
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_stream_whose_media_type_is_in_capitals_is_relayed_and_charged_as_a_stream(
+    http_server, app, fake_openai, base_url
+):
+    """Media types are case-insensitive (RFC 9110 8.3.1)."""
+    text = '"choices":[{"index":0,"delta":{"content":"hi"}}],"usage":null'
+    fake_openai.push(raw_stream(chat_chunk(text), chat_chunk(FINAL_USAGE), content_type=b"Text/Event-Stream"))
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "stream": True}
+    raw = await stream_bytes(base_url, "/v1/chat/completions", body)
+    assert [e.data for e in parse_all(raw)][-1] == "[DONE]"
+    (row,) = await rows(app)
+    assert usage_of(row) == (10, 0, 5, 0)
 
 
 @pytest.mark.gen_test(timeout=30)

@@ -41,14 +41,19 @@ def test_usage_counts_cache_writes_and_reads_as_input():
     )
     assert found == Usage(input_tokens=2125, output_tokens=7, cached_tokens=2000, cache_write_tokens=100)
     assert anthropic_usage({"input_tokens": 3, "output_tokens": 1}) == Usage(3, 1)
-    assert anthropic_usage({"output_tokens": 1}) is None and anthropic_usage("x") is None
+    assert anthropic_usage({"stop_reason": None}) is None and anthropic_usage("x") is None
+    # A count left out is 0; the rest is kept.
+    assert anthropic_usage({"input_tokens": 1000}) == Usage(1000, 0)
+    assert anthropic_usage({"output_tokens": 1}) == Usage(0, 1)
 
 
 def test_a_message_delta_that_repeats_only_the_output_keeps_the_input_it_had():
     before = Usage(input_tokens=2125, output_tokens=1, cached_tokens=2000, cache_write_tokens=100)
     assert anthropic_usage({"output_tokens": 42}, before) == Usage(2125, 42, 2000, 100)
-    # A cumulative delta that repeats every count replaces them.
-    assert anthropic_usage({"input_tokens": 5, "output_tokens": 9}, before) == Usage(2105, 9, 2000, 100)
+    # Cumulative counts: each is the larger of what was reported before and now.
+    assert anthropic_usage({"input_tokens": 30, "output_tokens": 9}, before) == Usage(2130, 9, 2000, 100)
+    assert anthropic_usage({"input_tokens": 0, "output_tokens": 500}, before) == Usage(2125, 500, 2000, 100)
+    assert anthropic_usage({"cache_read_input_tokens": 0, "output_tokens": 0}, before) == before
 
 
 @pytest.mark.parametrize("line_end", [b"\n", b"\r\n"])
@@ -64,6 +69,40 @@ def test_the_meter_reads_a_stream_and_relays_it_unchanged(line_end):
 def test_a_stream_cut_before_message_delta_has_only_its_opening_usage():
     meter, _ = meter_over(START + DELTA)
     assert meter.usage == Usage(2125, 1, 2000, 100) and not meter.final and not meter.complete
+
+
+def start_with(usage: dict) -> bytes:
+    message = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x", "content": []}
+    data = {"type": "message_start", "message": {**message, "usage": usage}}
+    return b"event: message_start\ndata: " + json.dumps(data).encode() + b"\n\n"
+
+
+def delta_with(usage: dict | None) -> bytes:
+    data = {"type": "message_delta", "delta": {"stop_reason": "end_turn"}}
+    if usage is not None:
+        data["usage"] = usage
+    return b"event: message_delta\ndata: " + json.dumps(data).encode() + b"\n\n"
+
+
+def test_a_delta_that_writes_the_input_as_0_does_not_take_it_back():
+    meter, _ = meter_over(start_with({"input_tokens": 1000, "output_tokens": 1}) + DELTA +
+                          delta_with({"input_tokens": 0, "output_tokens": 500}) + STOP)  # fmt: skip
+    assert meter.usage == Usage(1000, 500) and meter.final and not meter.ended_uncounted
+
+
+def test_an_opening_usage_without_output_tokens_keeps_its_input():
+    meter, _ = meter_over(start_with({"input_tokens": 1000}) + DELTA + delta_with({"output_tokens": 500}) + STOP)
+    assert meter.usage == Usage(1000, 500) and meter.final
+
+
+def test_a_delta_without_usage_leaves_a_partial_count_to_estimate_from():
+    meter, _ = meter_over(start_with({"input_tokens": 1000, "output_tokens": 3}) + DELTA + delta_with(None) + STOP)
+    assert meter.usage == Usage(1000, 3) and not meter.final and meter.complete and meter.ended_uncounted
+
+
+def test_a_stream_that_never_reports_its_input_is_not_final():
+    meter, _ = meter_over(start_with({"output_tokens": 1}) + DELTA + delta_with({"output_tokens": 50}) + STOP)
+    assert meter.usage == Usage(0, 50) and not meter.final and meter.ended_uncounted
 
 
 def test_an_error_event_fails_the_stream():
@@ -87,6 +126,15 @@ def test_a_stream_in_another_format_is_foreign(first):
 def test_a_ping_or_a_comment_before_message_start_is_not_foreign():
     meter, _ = meter_over(b": hello\n\n" + PING + START)
     assert not meter.foreign and meter.model
+
+
+def test_a_ping_or_a_comment_decides_nothing_before_an_openai_chunk():
+    meter = ANTHROPIC_MESSAGES.stream_meter()
+    for event in parse_all(b": hello\n\n" + PING):
+        meter.event(event)
+    assert not meter.settled and not meter.foreign
+    meter, _ = meter_over(b": hello\n\n" + PING + b'data: {"object":"chat.completion.chunk","choices":[]}\n\n')
+    assert meter.settled and meter.foreign
 
 
 @pytest.mark.parametrize(

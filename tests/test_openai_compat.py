@@ -172,6 +172,14 @@ async def test_proxy_errors_use_openai_shape(proxy, fake_openai):
 
 
 @pytest.mark.gen_test
+async def test_the_access_token_sent_again_as_the_bearer_key_never_goes_upstream(proxy, fake_openai):
+    headers = {"access-token": ACCESS_TOKEN, "Authorization": "Bearer " + ACCESS_TOKEN}
+    response = await proxy.request("/v1/models", method="GET", headers=headers, auth=False)
+    assert response.code == 401 and json.loads(response.body)["error"]["code"] == "missing_api_key"
+    assert fake_openai.received == []
+
+
+@pytest.mark.gen_test
 async def test_upstream_errors_are_relayed_unchanged(proxy, fake_openai):
     fake_openai.push(Behaviour(kind="error", status=429, message="slow", headers={"Retry-After": "5"}))
     response = await proxy.request("/v1/chat/completions", json_body={"model": "m", "messages": []})

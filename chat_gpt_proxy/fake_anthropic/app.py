@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 
@@ -56,6 +57,8 @@ class Behaviour(OpenAIBehaviour):
     cache_creation: int = 0
     cache_read: int = 0
     input_tokens: int | None = None
+    # SSE text an ``openai`` stream writes (and flushes) first, alone: a comment or a ping.
+    opening: str = ""
 
 
 class AnthropicHandler(FakeHandler):
@@ -155,7 +158,7 @@ class Messages(AnthropicHandler):
         text = echo_text(body)
         pieces = behaviour.chunks if behaviour.chunks is not None else [w + " " for w in text.split(" ")]
         if behaviour.kind == "openai":
-            await self.answer_as_openai(body, model, "".join(pieces), pieces)
+            await self.answer_as_openai(body, model, "".join(pieces), pieces, behaviour.opening)
             return
         blocks = self.blocks(behaviour, "".join(pieces))
         input_tokens = behaviour.input_tokens if behaviour.input_tokens is not None else count_input_tokens(body)
@@ -248,12 +251,17 @@ class Messages(AnthropicHandler):
             del error["request_id"]
             self.finish(sse("error", error))
 
-    async def answer_as_openai(self, body: dict, model: str, text: str, pieces: list[str]) -> None:
+    async def answer_as_openai(self, body: dict, model: str, text: str, pieces: list[str], opening: str) -> None:
         """An OpenAI-compatible server answering a Messages request in its own shape."""
         if not body.get("stream"):
             self.write_json(completion(text, model))
             return
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
+        if opening:
+            if not await self.send(opening.encode()):
+                return
+            # Apart from what follows, as a server's keep-alive would be.
+            await asyncio.sleep(0.05)
         for piece in pieces:
             chunk = {"object": "chat.completion.chunk", "model": model, "choices": [{"delta": {"content": piece}}]}
             if not await self.send(b"data: " + to_json(chunk) + b"\n\n"):

@@ -39,8 +39,8 @@ ERROR_TYPES = {
     504: "timeout_error",
     529: "overloaded_error",
 }
-# The first event of a Messages stream, or what may come before it.
-OPENING_EVENTS = frozenset(("message_start", "ping", "error"))
+# The first event of a Messages stream (pings and comments may come before it, and decide nothing).
+OPENING_EVENTS = frozenset(("message_start", "error"))
 
 
 def error_type(status: int) -> str:
@@ -48,24 +48,36 @@ def error_type(status: int) -> str:
     return ERROR_TYPES.get(status) or ("api_error" if status >= 500 else "invalid_request_error")
 
 
+# The counts of a Messages ``usage`` object: uncached input, cache writes, cache reads, output.
+USAGE_FIELDS = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "output_tokens")
+
+
 def anthropic_usage(found, before: Usage | None = None) -> Usage | None:
-    """A Messages API ``usage`` object as a ``Usage``; a field it leaves out (a ``message_delta``
-    that repeats only ``output_tokens``) keeps its value in ``before``."""
+    """A Messages API ``usage`` object as a ``Usage``; None if it holds no count at all.
+
+    A count it leaves out is 0 (the rest is kept, not discarded). With ``before`` (what
+    ``message_start`` or an earlier ``message_delta`` reported), each count is the larger of the two:
+    the counts are cumulative, so a delta that repeats only ``output_tokens``, or writes the input
+    as 0, never takes back input already reported.
+    """
     if not isinstance(found, dict):
         return None
-    earlier = before or Usage(0, 0)
-    fresh = count(found.get("input_tokens"))
-    written = count(found.get("cache_creation_input_tokens"))
-    read = count(found.get("cache_read_input_tokens"))
-    output = count(found.get("output_tokens"))
-    if before is None and (fresh is None or output is None):
+    counts = [count(found.get(field)) for field in USAGE_FIELDS]
+    if before is None and all(value is None for value in counts):
         return None
-    uncached = earlier.input_tokens - earlier.cached_tokens - earlier.cache_write_tokens
-    fresh = uncached if fresh is None else fresh
-    written = earlier.cache_write_tokens if written is None else written
-    read = earlier.cached_tokens if read is None else read
-    output = earlier.output_tokens if output is None else output
+    fresh, written, read, output = (value or 0 for value in counts)
+    if before is not None:
+        uncached = before.input_tokens - before.cached_tokens - before.cache_write_tokens
+        fresh = max(fresh, uncached)
+        written = max(written, before.cache_write_tokens)
+        read = max(read, before.cached_tokens)
+        output = max(output, before.output_tokens)
     return Usage(fresh + written + read, output, read, written)
+
+
+def reports(found, field: str) -> bool:
+    """Whether a ``usage`` object reports ``field`` (a count, 0 included)."""
+    return isinstance(found, dict) and count(found.get(field)) is not None
 
 
 def _string(value) -> str | None:
@@ -80,6 +92,20 @@ class MessagesStreamMeter(StreamMeter):
 
     def __init__(self):
         self.opened = False
+        # Whether an input count and the final output count were reported: without either the
+        # usage is a partial one, and the charge an estimate (chat_gpt_proxy/usage/meter.py).
+        self.input_reported = False
+        self.output_reported = False
+
+    @property
+    def settled(self) -> bool:
+        return self.opened
+
+    @property
+    def ended_uncounted(self) -> bool:
+        """The stream ended as a finished answer (message_stop) without its final counts: the
+        output missing is estimated by the caller's cap, as for a caller who left."""
+        return self.complete and not self.final
 
     def event(self, event: Event) -> Event | None:
         raw = event.raw
@@ -96,9 +122,9 @@ class MessagesStreamMeter(StreamMeter):
         except (ValueError, RecursionError):
             parsed = None
         kind = event.type or (parsed.get("type") if isinstance(parsed, dict) else None)
-        if not self.opened:
+        if not self.opened and kind != "ping":
             self.opened = True
-            # A Messages stream opens with message_start (a ping or an error may come first).
+            # A Messages stream opens with message_start, or an error.
             self.foreign = kind not in OPENING_EVENTS
         if kind == "message_stop":
             self.complete = True
@@ -107,12 +133,18 @@ class MessagesStreamMeter(StreamMeter):
         elif kind == "message_start" and isinstance(parsed, dict) and isinstance(parsed.get("message"), dict):
             message = parsed["message"]
             self.model = _string(message.get("model")) or self.model
-            self.usage = anthropic_usage(message.get("usage")) or self.usage
+            found = message.get("usage")
+            self.usage = anthropic_usage(found, self.usage) or self.usage
+            self.input_reported = self.input_reported or reports(found, "input_tokens")
         elif kind == "message_delta" and isinstance(parsed, dict):
-            usage = anthropic_usage(parsed.get("usage"), self.usage)
+            found = parsed.get("usage")
+            usage = anthropic_usage(found, self.usage)
             if usage is not None:
-                # Cumulative: the last message_delta holds the answer's final count.
-                self.usage, self.final = usage, True
+                self.usage = usage
+                self.input_reported = self.input_reported or reports(found, "input_tokens")
+                # Cumulative: the last message_delta's output_tokens is the answer's final count.
+                self.output_reported = self.output_reported or reports(found, "output_tokens")
+                self.final = self.input_reported and self.output_reported
         return event
 
 

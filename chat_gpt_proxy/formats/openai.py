@@ -164,6 +164,8 @@ class StreamMeter:
     failed = False
     # Whether the stream is not in the format at all (set from its first event, before any is relayed).
     foreign = False
+    # Whether ``foreign`` is decided: until then the relay holds what came (comments, pings).
+    settled = True
 
     def event(self, event: Event) -> Event | None:
         """The event to relay in place of ``event`` (itself, an edited copy, or None to drop it)."""

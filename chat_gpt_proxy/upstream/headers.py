@@ -38,3 +38,18 @@ def relayed_headers(headers: HTTPHeaders) -> list[tuple[str, str]]:
         for name, value in headers.get_all()
         if name.lower() in RELAYED_RESPONSE_HEADERS or name.lower().startswith(RELAYED_RESPONSE_PREFIXES)
     ]
+
+
+def media_type(headers) -> str:
+    """An answer's media type, lower case without parameters: type and subtype are
+    case-insensitive (RFC 9110 section 8.3.1), so ``Text/Event-Stream`` is a stream."""
+    return headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+
+
+def is_sse(headers) -> bool:
+    return media_type(headers) == "text/event-stream"
+
+
+def is_json(headers) -> bool:
+    """A JSON answer as upstreams label them (application/json, a +json type, text/json)."""
+    return "json" in media_type(headers)

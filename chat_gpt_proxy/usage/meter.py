@@ -7,6 +7,9 @@ the row is an estimate, marked ``estimated`` in the ledger:
 
 - input tokens: what the upstream had reported of the input (a stream's
   first event may carry it), else the request body's bytes / 4, rounded up;
+- output tokens, when a stream ended as a finished answer without its final
+  count (an Anthropic stream whose message_delta holds no usage): as for a
+  caller who left, below;
 - output tokens, when the caller left before the answer ended: what the
   upstream had reported of the output, plus what it could have generated
   since, which for a reasoning model is mostly hidden and never relayed.
@@ -106,7 +109,9 @@ def estimate(
     price: Price | None = None,
 ) -> Usage:
     """An estimate of what a request without reported usage used (the rules are in this module's docstring)."""
-    input_tokens = partial.input_tokens if partial is not None else max(1, math.ceil(request_bytes / 4))
+    # An input of 0 was never reported: every request has some input.
+    reported_input = partial.input_tokens if partial is not None else 0
+    input_tokens = reported_input or math.ceil(request_bytes / 4)
     reported = partial.output_tokens if partial is not None else 0
     output_tokens = max(events, reported)
     if left_early:
