@@ -201,6 +201,9 @@ async def test_the_database_holds_no_token_value_nor_prompt(proxy, app, config):
 
 BAD_FIELDS = [
     ({"name": "bad name"}, "name"),
+    ({"name": "zed\n"}, "name"),
+    ({"name": "x", "expires": "9999-12-31T23:59:59-14:00"}, "expires"),
+    ({"name": "x", "expires": "0001-01-01T00:00:00+14:00"}, "expires"),
     ({"budget_usd": 5}, "name"),
     ({"name": "x", "budget_usd": -1}, "budget_usd"),
     ({"name": "x", "budget_usd": "5"}, "budget_usd"),
@@ -237,7 +240,11 @@ async def test_bad_input_is_400_naming_the_field(proxy, app, body, field):
         status, patched, _ = await api(proxy, "PATCH", "/tokens/existing", patch)
         assert status == 400 and patched["error"]["param"] == field, patched
     status, listed, _ = await api(proxy, "GET", "/tokens")
-    assert "x" not in {t["name"] for t in listed["tokens"]}
+    assert status == 200
+    assert not {"x", "zed", "zed\n"} & {t["name"] for t in listed["tokens"]}
+    # Nothing was committed for the refused input: no row, no audit entry.
+    status, audit, _ = await api(proxy, "GET", "/audit")
+    assert status == 200 and not [a for a in audit["audit"] if a["name"] != "existing"], audit
 
 
 @pytest.mark.gen_test(timeout=30)
@@ -412,3 +419,20 @@ def test_the_tokens_file_takes_expires_and_admin(tmp_path):
         with pytest.raises(TokensFileError, match=message) as error:
             parse_tokens_file(str(path), Settings())
         assert str(error.value).startswith("%s: token 'd': " % path)
+
+
+def test_the_tokens_file_refuses_a_final_newline_and_dates_out_of_range(tmp_path):
+    from chat_gpt_proxy.access.tokens import TokensFileError, parse_tokens_file
+    from settings import Settings
+
+    path = tmp_path / "tokens.toml"
+    for text, message in (
+        ('["zed\\n"]\ntoken = "%s"\n' % ("z" * 20), "a name is 1-64"),
+        ('[zed]\ntoken = "%s\\n"\n' % ("z" * 20), "token must be a string of visible ASCII"),
+        ('[zed]\ntoken_sha256 = "%s\\n"\n' % ("0" * 64), "token_sha256 must be 64"),
+        ('[zed]\ntoken = "%s"\nexpires = 9999-12-31T23:59:59-14:00\n' % ("z" * 20), "expires must be in UTC"),
+        ('[zed]\ntoken = "%s"\nexpires = 0001-01-01T00:00:00+14:00\n' % ("z" * 20), "expires must be in UTC"),
+    ):
+        path.write_text(text)
+        with pytest.raises(TokensFileError, match=message):
+            parse_tokens_file(str(path), Settings())

@@ -45,11 +45,12 @@ from chat_gpt_proxy.access.limits import InFlight, RateLimiter
 from chat_gpt_proxy.toml_file import read_toml
 from chat_gpt_proxy.usage.budgets import NO_BUDGET, PERIODS, Budget
 
-# Names end up in log lines and metric labels: keep them short and plain.
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+# Names end up in log lines, metric labels and Location headers: keep them short and plain.
+# \Z, not $: $ also matches before a final newline, which no header may carry.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}\Z")
 # A token travels in a header: visible ASCII only.
-TOKEN_RE = re.compile(r"^[\x21-\x7e]+$")
-SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+TOKEN_RE = re.compile(r"^[\x21-\x7e]+\Z")
+SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}\Z")
 MIN_TOKEN_LENGTH = 16
 FIELDS = (
     "token",
@@ -267,15 +268,23 @@ def parse_expires(value, where: str = "") -> float | None:
             moment = None
     elif isinstance(value, datetime.datetime | datetime.date):
         moment = value
+    at = None
     if isinstance(moment, datetime.datetime):
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=datetime.UTC)
-        return moment.timestamp()
-    if isinstance(moment, datetime.date):
-        return datetime.datetime.combine(moment, datetime.time(), datetime.UTC).timestamp()
-    raise TokensFileError(
-        where + "expires must be a date (2027-01-31) or a date and time (2027-01-31T18:00:00Z)", "expires"
-    )
+        at = moment.timestamp()
+    elif isinstance(moment, datetime.date):
+        at = datetime.datetime.combine(moment, datetime.time(), datetime.UTC).timestamp()
+    if at is None:
+        raise TokensFileError(
+            where + "expires must be a date (2027-01-31) or a date and time (2027-01-31T18:00:00Z)", "expires"
+        )
+    try:
+        # An offset can carry 9999-12-31 or 0001-01-01 outside the years a UTC date can write.
+        iso_time(at)
+    except (ValueError, OverflowError, OSError):
+        raise TokensFileError(where + "expires must be in UTC between years 1 and 9999", "expires") from None
+    return at
 
 
 def iso_time(at: float) -> str:

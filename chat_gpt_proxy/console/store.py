@@ -166,7 +166,7 @@ CHARGE_COLUMNS = (
     "request_id",
 )
 REQUEST_COLUMNS = ("at", *CHARGE_COLUMNS, "refusal")
-STATUS_CLASS_RE = re.compile(r"^[1-5]xx$")
+STATUS_CLASS_RE = re.compile(r"^[1-5]xx\Z")
 
 
 class Conflict(Exception):
