@@ -272,10 +272,24 @@ async def test_malformed_bodies_and_queries(proxy, app):
     assert status == 404
     status, answer, _ = await api(proxy, "POST", "/tokens/nobody/rotate")
     assert status == 404
-    for query, param in (("limit=0", "limit"), ("limit=x", "limit"), ("before=x", "before")):
+    sup2 = "%C2%B2"  # "²": str.isdigit() takes it, int() does not
+    for query, param in (
+        ("limit=0", "limit"),
+        ("limit=x", "limit"),
+        ("before=x", "before"),
+        ("limit=" + sup2, "limit"),
+        ("before=" + sup2, "before"),
+    ):
         status, answer, _ = await api(proxy, "GET", "/audit?" + query)
         assert status == 400 and answer["error"]["param"] == param, query
-    for query, param in (("status=6xx", "status"), ("from=yesterday", "from"), ("format=xml", "format")):
+    for query, param in (
+        ("status=6xx", "status"),
+        ("status=" + sup2 * 3, "status"),
+        ("limit=" + sup2, "limit"),
+        ("offset=" + sup2, "offset"),
+        ("from=yesterday", "from"),
+        ("format=xml", "format"),
+    ):
         status, answer, _ = await api(proxy, "GET", "/requests?" + query)
         assert status == 400 and answer["error"]["param"] == param, query
     status, answer, _ = await api(proxy, "PUT", "/tokens/erin", {"disabled": True})

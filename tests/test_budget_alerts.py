@@ -209,6 +209,7 @@ async def test_sent_through_the_egress_proxy_with_a_telegram_style_query(app, pr
         ({"ALERT_WEBHOOK_URL": "https://example.com:99999/x"}, "not a valid URL"),
         ({"ALERT_THRESHOLDS": "80,abc"}, "percentages from 1 to 1000"),
         ({"ALERT_THRESHOLDS": "0"}, "percentages from 1 to 1000"),
+        ({"ALERT_THRESHOLDS": "8\u00b2"}, "percentages from 1 to 1000"),
         ({"ALERT_THRESHOLDS": ","}, "lists no percentage"),
     ],
 )
