@@ -176,6 +176,7 @@
   let tokens = [];
   let runtimeTokens = true;
   let editing = null; // the name being edited, or "" for a new one
+  let shownExpires = ""; // the day the edit form opened with
   let lastDone = null; // what the last action did, shown before the count
 
   function buildTokens() {
@@ -344,9 +345,11 @@
       const value = fields[field];
       let shown = value === undefined || value === null ? "" : String(value);
       if (field === "allowed_models" && Array.isArray(value)) shown = value.join(", ");
+      // The date input holds a day; the time of day is kept unless the day is changed (formBody).
       if (field === "expires" && shown) shown = shown.slice(0, 10);
       $("tf-" + field).value = shown;
     }
+    shownExpires = $("tf-expires").value;
     $("tf-budget_period").value = fields.budget_period || "month";
     $("tf-cache").value = fields.cache === undefined ? "" : String(fields.cache);
     $("tf-use_server_key").checked = Boolean(fields.use_server_key);
@@ -369,8 +372,17 @@
       if (value === null && isNew) return;
       body[field] = value;
     };
-    for (const [field, type] of FORM_FIELDS) {
-      const raw = $("tf-" + field).value.trim();
+    for (const [field, type, label] of FORM_FIELDS) {
+      const input = $("tf-" + field);
+      const raw = input.value.trim();
+      if (field === "expires" && !isNew && raw === shownExpires) continue;
+      // What the browser cannot read as a number reads as empty, which would remove the limit;
+      // and JSON has no Infinity: 1e400 would travel as null, which removes it too.
+      if (type === "number" && (input.validity.badInput || (raw && !Number.isFinite(Number(raw))))) {
+        const refusal = new Error(t("admin.console.form.not_a_number", { field: t(label) }));
+        refusal.param = field;
+        throw refusal;
+      }
       if (!raw) put(field, null);
       else if (field === "allowed_models") put(field, raw.split(",").map((m) => m.trim()).filter(Boolean));
       else if (type === "number") put(field, Number(raw));
@@ -386,9 +398,9 @@
 
   async function submitForm() {
     const isNew = editing === "";
-    const body = formBody();
     say($("token-form-error"), "");
     try {
+      const body = formBody();
       if (isNew) {
         const made = await api("POST", "/tokens", Object.assign({ name: $("tf-name").value.trim() }, body));
         closeForm();

@@ -238,6 +238,46 @@ def test_rotate_and_delete_ask_first_and_errors_name_the_field(page, server):
     assert failed_loads(page.problems, 400) == [] and page.evaluate("window.__csp") == []
 
 
+@pytest.mark.parametrize("language", ["en"])
+def test_editing_keeps_the_expiry_time_and_refuses_numbers_json_cannot_carry(page, server):
+    status, body = http(
+        server.url + "/admin/api/tokens",
+        {"admin-token": ADMIN_TOKEN, "Content-Type": "application/json"},
+        {"name": "fay", "budget_usd": 5, "expires": "2030-06-15T18:30:00Z"},
+    )
+    assert status == 201, body
+    page.fill("#admin-token", ADMIN_TOKEN)
+    page.click("#tab-tokens-button")
+    row = page.locator("#tokens-table tbody tr[data-name=fay]")
+    row.locator("button[data-action=edit]").click()
+    assert page.input_value("#tf-expires") == "2030-06-15"
+    page.fill("#tf-rate_limit_per_minute", "30")
+    page.click("#token-form-submit")
+    expect(row.locator("td").nth(3)).to_have_text("30/min")
+
+    def fay() -> dict:
+        status, body = http(server.url + "/admin/api/tokens/fay", {"admin-token": ADMIN_TOKEN})
+        assert status == 200, body
+        return json.loads(body)
+
+    assert fay()["expires"] == "2030-06-15T18:30:00Z"
+    for typed in ("1e400", "-1e400"):
+        row.locator("button[data-action=edit]").click()
+        page.fill("#tf-budget_usd", typed)
+        page.click("#token-form-submit")
+        expect(page.locator("#token-form-error")).to_contain_text("type a number")
+        assert page.get_attribute("#tf-budget_usd", "aria-invalid") == "true"
+        page.click("#token-form-cancel")
+        assert fay()["budget_usd"] == 5
+    # A new day is sent as that day.
+    row.locator("button[data-action=edit]").click()
+    page.fill("#tf-expires", "2031-01-02")
+    page.click("#token-form-submit")
+    expect(page.locator("#token-form")).to_be_hidden()
+    assert fay()["expires"] == "2031-01-02T00:00:00Z"
+    assert page.problems == [] and page.evaluate("window.__csp") == []
+
+
 @pytest.mark.parametrize("theme", ["light", "dark"])
 @pytest.mark.parametrize("language", ["en", "ru"])
 def test_each_language_and_theme_fits_every_width(browser, server, language, theme, tmp_path):
