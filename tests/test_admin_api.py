@@ -338,6 +338,25 @@ async def test_an_expired_token_is_refused(proxy, app):
 
 
 @pytest.mark.gen_test(timeout=30)
+async def test_usage_refuses_a_disabled_or_expired_token_as_every_route_does(proxy, app):
+    async def usage(token: str):
+        response = await proxy.request("/usage", method="GET", auth=False, headers={"access-token": token})
+        return response.code, json.loads(response.body)
+
+    _, made, _ = await api(proxy, "POST", "/tokens", {"name": "uma", "budget_usd": 5})
+    status, body = await usage(made["token"])
+    assert status == 200 and body["token"] == "uma"
+    await api(proxy, "PATCH", "/tokens/uma", {"disabled": True})
+    for answer in (await usage(made["token"]), (await chat(proxy, made["token"], 403)).body):
+        status, body = answer if isinstance(answer, tuple) else (403, json.loads(answer))
+        assert status == 403 and body["error"]["code"] == "access_token_disabled", body
+        assert "spent" not in body
+    await api(proxy, "PATCH", "/tokens/uma", {"disabled": False, "expires": "2020-01-01"})
+    status, body = await usage(made["token"])
+    assert status == 403 and body["error"]["code"] == "access_token_expired" and "spent" not in body
+
+
+@pytest.mark.gen_test(timeout=30)
 @pytest.mark.settings(workers=2)
 async def test_several_workers_without_redis_refuse_limits(proxy, app):
     status, answer, _ = await api(proxy, "POST", "/tokens", {"name": "jay", "max_concurrent": 2})
