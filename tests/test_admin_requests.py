@@ -302,3 +302,35 @@ async def test_refusals_flushed_by_the_writer_and_a_reader_at_once_are_written_o
     await asyncio.gather(app.console.flush_refusals(), app.console.flush_refusals(), app.console.flush_refusals())
     status, found, _ = await api(proxy, "GET", "/requests?name=bea&limit=100")
     assert status == 200 and sorted(r["request_id"] for r in found["requests"]) == sorted("r%d" % i for i in range(50))
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_retention_deletes_old_refusals_too(database):
+    """USAGE_RETENTION_DAYS deletes refusal rows older than its days at startup, as it does the ledger's."""
+    import dataclasses
+
+    from chat_gpt_proxy.access.tokens import TokenRegistry
+    from chat_gpt_proxy.console.runtime import RuntimeTokens
+    from chat_gpt_proxy.console.store import make_console_store
+    from settings import Settings
+
+    now = time.time()
+    store = make_console_store(database)
+    await store.open()
+    try:
+        await store.insert_refusals(
+            [
+                (now - 40 * 86400, "old", "chat_complete", None, 429, "proxy_rate_limited", 1.0, "rid-old"),
+                (now - 20 * 86400, "new", "chat_complete", None, 403, "model_not_allowed", 1.0, "rid-new"),
+            ]
+        )
+    finally:
+        await store.close()
+    settings = dataclasses.replace(Settings(), usage_database=database, usage_retention_days=30)
+    console = RuntimeTokens(settings, TokenRegistry(settings))
+    await console.start()
+    try:
+        rows = await console.store.driver.fetch("SELECT request_id FROM refusals")
+    finally:
+        await console.close()
+    assert rows == [("rid-new",)]

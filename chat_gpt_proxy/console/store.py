@@ -512,6 +512,11 @@ class ConsoleStore:
                     row,
                 )
 
+    async def delete_refusals_before(self, at: float) -> int:
+        """USAGE_RETENTION_DAYS: refusal rows older than ``at`` go, as the ledger's do."""
+        async with self.driver.transaction() as tx:
+            return await tx.execute("DELETE FROM refusals WHERE at < ?", (at,))
+
     async def spent_since(self, name: str, since: float) -> tuple[float, int]:
         """(US dollars, input + output tokens) of ``name``'s ledger rows since ``since`` (the written ones)."""
         rows = await self.driver.fetch(
