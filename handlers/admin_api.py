@@ -269,7 +269,10 @@ def time_arg(handler, name: str, end: bool) -> float | None:
 
 class RequestsHandler(AdminApiHandler):
     async def get(self) -> None:
-        """GET /admin/api/requests[?name&model&status&from&to&limit&offset&format=csv]: newest first."""
+        """GET /admin/api/requests[?name&model&status&request_id&from&to&limit&offset&format=csv]: newest first.
+
+        ``request_id``: the proxy's id (x-proxy-request-id) or the upstream's (the x-request-id an SDK reports).
+        """
         ledger = self.ledger()
         status = self.get_query_argument("status", "")
         if status and not (
@@ -281,6 +284,7 @@ class RequestsHandler(AdminApiHandler):
         filters = {
             "name": self.get_query_argument("name", ""),
             "model": self.get_query_argument("model", ""),
+            "request_id": self.get_query_argument("request_id", ""),
             "status": status,
             "since": time_arg(self, "from", False),
             "until": time_arg(self, "to", True),

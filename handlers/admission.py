@@ -8,7 +8,7 @@ import re
 import time
 
 from chat_gpt_proxy.access.tokens import UNAVAILABLE, iso_time
-from chat_gpt_proxy.observability import CLIENT_CLOSED_STATUS
+from chat_gpt_proxy.observability import CLIENT_CLOSED_STATUS, upstream_request_id
 from chat_gpt_proxy.upstream.pool import UpstreamPool
 from chat_gpt_proxy.upstream.routing import OPENAI_KINDS, Upstream
 from chat_gpt_proxy.usage.budgets import Over
@@ -174,6 +174,7 @@ class Admission:
             latency_ms=elapsed_ms(access.started),
             ttft_ms=elapsed_ms(access.started, access.first_byte_at) if access.first_byte_at else None,
             cache=access.cache,
+            upstream_request_id=upstream_request_id(call.headers) if call is not None else None,
         )
         self.check_alerts()
 

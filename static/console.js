@@ -676,7 +676,7 @@
   function buildRequests() {
     const section = el("section", { id: "tab-requests", role: "tabpanel", "aria-labelledby": "tab-requests-button", hidden: true });
     const status = el("select", { id: "req-status" });
-    for (const [value, key] of [["", "any"], ["2xx", "ok"], ["4xx", "errors"], ["5xx", "server"]]) {
+    for (const [value, key] of [["", "any"], ["2xx", "ok"], ["4xx", "errors"], ["429", "limited"], ["5xx", "server"]]) {
       status.append(fixed("option", { value: value }, "admin.console.requests.status." + key));
     }
     const form = el(
@@ -686,6 +686,12 @@
       el("datalist", { id: "req-names" }),
       el("label", {}, words("admin.console.requests.model"), el("input", { id: "req-model", autocomplete: "off", spellcheck: "false" })),
       el("label", {}, words("admin.console.requests.status"), status),
+      el(
+        "label",
+        {},
+        words("admin.console.requests.request_id"),
+        el("input", { id: "req-id", autocomplete: "off", spellcheck: "false" }),
+      ),
       el("label", {}, words("admin.console.requests.from"), el("input", { id: "req-from", type: "date" })),
       el("label", {}, words("admin.console.requests.to"), el("input", { id: "req-to", type: "date" })),
       el(
@@ -743,7 +749,7 @@
 
   function requestQuery() {
     const query = new URLSearchParams();
-    for (const [key, id] of [["name", "req-name"], ["model", "req-model"], ["status", "req-status"], ["from", "req-from"], ["to", "req-to"]]) {
+    for (const [key, id] of [["name", "req-name"], ["model", "req-model"], ["status", "req-status"], ["request_id", "req-id"], ["from", "req-from"], ["to", "req-to"]]) {
       const value = $(id).value.trim();
       if (value) query.set(key, value);
     }
@@ -753,6 +759,9 @@
   function requestRow(r) {
     const status = el("td", { class: "status-cell" + (r.status >= 400 ? " failed" : "") }, String(r.status));
     if (r.refusal) status.append(" ", el("span", { class: "refusal" }, r.refusal));
+    // The proxy's id, then the upstream's (the x-request-id a user's SDK reports), when there is one.
+    const ids = el("td", { class: "request-id" }, el("code", {}, r.request_id));
+    if (r.upstream_request_id) ids.append(" ", el("code", { class: "upstream-request-id" }, r.upstream_request_id));
     return el(
       "tr",
       { "data-request-id": r.request_id },
@@ -770,7 +779,7 @@
       el("td", { class: "num" }, ms(r.ttft_ms)),
       el("td", {}, r.cache || "–"),
       el("td", {}, r.estimated ? t("admin.console.yes") : ""),
-      el("td", { class: "request-id" }, el("code", {}, r.request_id)),
+      ids,
     );
   }
 

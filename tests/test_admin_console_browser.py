@@ -164,6 +164,21 @@ def test_add_a_person_copy_use_disable_and_find_the_request(page, server, langua
         lines = f.read().splitlines()
     assert lines[0].startswith("time,token,route,model,upstream,status") and len(lines) == 3
     save_screenshot(page, "admin-requests-%s-light" % language, tmp_path)
+    # One request by its id: the proxy's, or the upstream's (the x-request-id a user's SDK reports).
+    status, body = http(server.url + "/admin/api/requests?request_id=" + used, {"admin-token": ADMIN_TOKEN})
+    upstream_id = json.loads(body)["requests"][0]["upstream_request_id"]
+    page.fill("#req-name", "")
+    for wanted in filter(None, (used, upstream_id)):
+        page.fill("#req-id", wanted)
+        page.click("#req-show")
+        expect(page.locator("#requests-table tbody tr")).to_have_count(1)
+        expect(found).to_be_visible()
+    page.fill("#req-id", "")
+    page.fill("#req-name", person)
+    page.select_option("#req-status", "429")
+    page.click("#req-show")
+    expect(page.locator("#requests-table tbody tr")).to_have_count(0)
+    page.select_option("#req-status", "")
 
     # That person's own view: spend by model and by day, refusals by kind.
     page.click("#tab-tokens-button")

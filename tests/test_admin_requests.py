@@ -142,6 +142,7 @@ async def test_one_row_per_request_with_the_columns_the_page_shows(proxy, app, f
         "cache",
         "estimated",
         "request_id",
+        "upstream_request_id",
         "refusal",
     ]
     assert table[0]["refusal"] == "proxy_rate_limited" and table[-1]["cache"] == "miss"
@@ -191,7 +192,7 @@ CREATE INDEX usage_at ON usage (at);
 INSERT INTO usage (at, token, route, model, input_tokens, cached_tokens, output_tokens, usd, estimated, status,
     request_id) VALUES (1700006400, 'old', 'chat_complete', 'gpt-4o', 9, 0, 2, 0.25, false, 200, 'old-row');
 """
-QUERY = "SELECT request_id, upstream, latency_ms, ttft_ms, cache FROM usage ORDER BY id"
+QUERY = "SELECT request_id, upstream, latency_ms, ttft_ms, cache, upstream_request_id FROM usage ORDER BY id"
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -263,6 +264,7 @@ async def test_an_older_ledger_gets_the_new_columns_and_keeps_its_rows(old_ledge
                     latency_ms=12.5,
                     ttft_ms=3.25,
                     cache="miss",
+                    upstream_request_id="req_upstream_1",
                 )  # fmt: skip
             ]
         )
@@ -270,8 +272,8 @@ async def test_an_older_ledger_gets_the_new_columns_and_keeps_its_rows(old_ledge
     finally:
         await store.close()
     assert await fetch(old_ledger) == [
-        ("old-row", None, None, None, None),
-        ("new-row", "openai-a", 12.5, 3.25, "miss"),
+        ("old-row", None, None, None, None, None),
+        ("new-row", "openai-a", 12.5, 3.25, "miss", "req_upstream_1"),
     ]
 
 
@@ -334,3 +336,36 @@ async def test_retention_deletes_old_refusals_too(database):
     finally:
         await console.close()
     assert rows == [("rid-new",)]
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_request_is_found_by_the_proxys_id_or_the_upstreams(proxy, app):
+    """The x-request-id a user's SDK reports is the upstream's; x-proxy-request-id the proxy's: either finds the row."""
+    _, dan, _ = await api(proxy, "POST", "/tokens", {"name": "dan", "allowed_models": ["gpt-4o-mini"]})
+    ids = []
+    for _ in range(2):
+        response = await proxy.request(
+            "/v1/chat/completions",
+            json_body={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+            headers={"access-token": dan["token"], "openai-token": KEY},
+            auth=False,
+        )
+        assert response.code == 200, response.body
+        ids.append((response.headers["x-proxy-request-id"], response.headers["x-request-id"]))
+    proxy_id, upstream_id = ids[0]
+    assert upstream_id.startswith("req_fake_") and upstream_id != proxy_id
+    assert await ask(proxy, dan["token"], model="gpt-4o") == 403  # a refusal: the proxy's id only
+    for wanted in (proxy_id, upstream_id):
+        status, found, _ = await api(proxy, "GET", "/requests?request_id=" + wanted)
+        assert status == 200, found
+        assert [(r["request_id"], r["upstream_request_id"]) for r in found["requests"]] == [ids[0]], wanted
+    status, found, _ = await api(proxy, "GET", "/requests?name=dan&status=403")
+    refusal_id = found["requests"][0]["request_id"]
+    assert found["requests"][0]["upstream_request_id"] is None
+    status, found, _ = await api(proxy, "GET", "/requests?request_id=" + refusal_id)
+    assert [r["refusal"] for r in found["requests"]] == ["model_not_allowed"]
+    status, found, _ = await api(proxy, "GET", "/requests?request_id=nothing-like-it")
+    assert status == 200 and found["requests"] == []
+    status, text, response = await api(proxy, "GET", "/requests?format=csv&request_id=" + upstream_id)
+    rows = list(csv.DictReader(io.StringIO(response.body.decode())))
+    assert [(r["request_id"], r["upstream_request_id"]) for r in rows] == [ids[0]]

@@ -164,6 +164,7 @@ CHARGE_COLUMNS = (
     "cache",
     "estimated",
     "request_id",
+    "upstream_request_id",
 )
 REQUEST_COLUMNS = ("at", *CHARGE_COLUMNS, "refusal")
 STATUS_CLASS_RE = re.compile(r"^[1-5]xx\Z")
@@ -447,17 +448,18 @@ class ConsoleStore:
     async def requests(self, filters: dict, limit: int, offset: int) -> list[dict]:
         """One dict per ledger row (a charge) or refusal matching ``filters`` (name, model, status,
         since, until), newest first."""
-        where, args = _request_filter(filters)
+        where, args = _request_filter(filters, upstream_ids=True)
+        refusals_where, refusals_args = _request_filter(filters, upstream_ids=False)
         charges = "SELECT at, id, %s, NULL AS refusal FROM usage%s" % (  # noqa: S608
             ", ".join(CHARGE_COLUMNS),
             where,
         )
         refused = (
             "SELECT at, id, token, route, model, NULL, status, 0, 0, 0, 0.0, latency_ms, NULL, NULL, %s, request_id, "  # noqa: S608
-            "code FROM refusals%s" % (self.driver.false, where)
+            "NULL, code FROM refusals%s" % (self.driver.false, refusals_where)
         )
         sql = "SELECT * FROM (%s UNION ALL %s) AS r ORDER BY at DESC, id DESC LIMIT ? OFFSET ?" % (charges, refused)  # noqa: S608
-        rows = await self.driver.fetch(sql, (*args, *args, limit, offset))
+        rows = await self.driver.fetch(sql, (*args, *refusals_args, limit, offset))
         out = []
         for row in rows:
             item = dict(zip(("at", "id", *CHARGE_COLUMNS, "refusal"), row, strict=True))
@@ -536,8 +538,18 @@ class ConsoleStore:
         return out
 
 
-def _request_filter(filters: dict) -> tuple[str, list]:
+def _request_filter(filters: dict, upstream_ids: bool) -> tuple[str, list]:
+    """WHERE of the Requests tab's filters; ``upstream_ids``: the table has ``upstream_request_id``
+    (the ledger's; the refusals table keeps none)."""
     where, args = [], []
+    if filters.get("request_id"):
+        # The proxy's id (x-proxy-request-id), or the upstream's (the x-request-id an SDK reports).
+        if upstream_ids:
+            where.append("(request_id = ? OR upstream_request_id = ?)")
+            args += [filters["request_id"]] * 2
+        else:
+            where.append("request_id = ?")
+            args.append(filters["request_id"])
     if filters.get("name"):
         where.append("token = ?")
         args.append(filters["name"])
