@@ -7,6 +7,7 @@ temporary folder; the token values the API hands out are used on /chat_complete 
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import glob
 import json
@@ -17,6 +18,7 @@ import subprocess
 import pytest
 
 from chat_gpt_proxy.console.runtime import TOKEN_PREFIX
+from chat_gpt_proxy.fake_openai.behaviours import Behaviour
 from tests.conftest import proxy_settings
 from tests.test_readme import localize, snippet
 
@@ -357,6 +359,43 @@ async def test_usage_refuses_a_disabled_or_expired_token_as_every_route_does(pro
 
 
 @pytest.mark.gen_test(timeout=30)
+async def test_a_stream_open_when_its_token_is_revoked_runs_to_its_end(proxy, app, fake_openai):
+    """team.md: revoking refuses what starts after it; what is already open runs to its end."""
+    _, made, _ = await api(proxy, "POST", "/tokens", {"name": "ned"})
+    fake_openai.push(Behaviour(chunks=["one ", "two ", "three ", "four"], delay=0.3))
+    chunks: list[bytes] = []
+    stream = asyncio.ensure_future(
+        proxy.request(
+            json_body={"prompt": "hi", "generate_params": {"stream": True}},
+            headers={"access-token": made["token"], "openai-token": KEY},
+            auth=False,
+            streaming_callback=chunks.append,
+        )
+    )
+    for _ in range(200):  # bounded: 10 s
+        if b"one " in b"".join(chunks):
+            break
+        await asyncio.sleep(0.05)
+    assert b"one " in b"".join(chunks), chunks
+    status, changed, _ = await api(proxy, "PATCH", "/tokens/ned", {"disabled": True})
+    assert status == 200 and changed["status"] == "disabled"
+    await chat(proxy, made["token"], 403)
+    response = await stream
+    body = b"".join(chunks)
+    assert response.code == 200 and all(word in body for word in (b"one ", b"two ", b"three ", b"four"))
+    assert body.rstrip().endswith(b"data: [DONE]"), body[-200:]
+
+
+@pytest.mark.gen_test(timeout=30)
+@pytest.mark.settings(openai_api_key="")
+async def test_use_server_key_needs_a_key_on_the_proxy(proxy, app):
+    """team.md's curl example: use_server_key needs OPENAI_API_KEY (or an upstream's key)."""
+    status, answer, _ = await api(proxy, "POST", "/tokens", {"name": "dana", "use_server_key": True})
+    assert status == 400 and answer["error"]["param"] == "use_server_key"
+    assert "OPENAI_API_KEY" in answer["error"]["message"]
+
+
+@pytest.mark.gen_test(timeout=30)
 @pytest.mark.settings(workers=2)
 async def test_several_workers_without_redis_refuse_limits(proxy, app):
     status, answer, _ = await api(proxy, "POST", "/tokens", {"name": "jay", "max_concurrent": 2})
@@ -398,16 +437,14 @@ async def test_the_curl_examples_of_team_md(proxy, app, base_url):
         timeout=30,
     )
     assert result.returncode == 0, result.stderr
-    answers, text, at = [], result.stdout, 0
-    decoder = json.JSONDecoder()
-    while at < len(text):
-        answer, at = decoder.raw_decode(text, at)
-        answers.append(answer)
-    made, raised, disabled, rotated, requests, audit, deleted = answers
+    # One answer a line.
+    answers = [json.loads(line) for line in result.stdout.splitlines()]
+    made, raised, disabled, rotated, enabled, requests, audit, deleted = answers
     assert made["name"] == "dana" and made["token"].startswith(TOKEN_PREFIX) and made["budget_usd"] == 20
     assert made["use_server_key"] is True and raised["budget_usd"] == 30 and disabled["status"] == "disabled"
-    assert rotated["token"] != made["token"] and requests["requests"] == []
-    assert [a["action"] for a in audit["audit"]] == ["rotate", "disable", "update", "create"]
+    assert rotated["token"] != made["token"] and rotated["status"] == "disabled"
+    assert enabled["status"] == "active" and requests["requests"] == []
+    assert [a["action"] for a in audit["audit"]] == ["enable", "rotate", "disable", "update", "create"]
     assert deleted == {"deleted": "dana"}
 
 
