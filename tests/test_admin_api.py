@@ -316,6 +316,25 @@ async def test_names_taken_and_file_names_are_refused(proxy, app):
 
 
 @pytest.mark.gen_test(timeout=30)
+async def test_a_file_name_hiding_a_page_token_is_warned_about_once(proxy, app, config, caplog):
+    _, made, _ = await api(proxy, "POST", "/tokens", {"name": "zoe"})
+    await chat(proxy, made["token"], 200)
+
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "not in force" in r.getMessage()]
+
+    with open(config.access_tokens_file, "a") as file:
+        file.write('\n[zoe]\ntoken = "zoe-FILE-token-5d1c8e2a70"\n')
+    app.tokens.reload()
+    assert len(warnings()) == 1 and "'zoe'" in warnings()[0] and "same name" in warnings()[0]
+    await chat(proxy, made["token"], 403)
+    # A change on the page (another reload of the page's tokens) does not say it again.
+    await api(proxy, "POST", "/tokens", {"name": "yan"})
+    assert len(warnings()) == 1
+    no_value_in(warnings(), made["token"], "zoe-FILE-token-5d1c8e2a70")
+
+
+@pytest.mark.gen_test(timeout=30)
 async def test_only_the_admin_header_is_a_credential(proxy, app):
     for headers in ({}, {"Cookie": "admin-token=%s" % ADMIN}, {"admin-token": FILE_USER}, {"admin-token": "x" * 20}):
         status, answer, _ = await api(proxy, "GET", "/tokens", admin="", headers=headers)

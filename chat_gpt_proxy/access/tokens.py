@@ -37,6 +37,7 @@ import dataclasses
 import datetime
 import hashlib
 import hmac
+import logging
 import math
 import re
 
@@ -44,6 +45,8 @@ from chat_gpt_proxy import human
 from chat_gpt_proxy.access.limits import InFlight, RateLimiter
 from chat_gpt_proxy.toml_file import read_toml
 from chat_gpt_proxy.usage.budgets import NO_BUDGET, PERIODS, Budget
+
+log = logging.getLogger("chat_gpt_proxy")
 
 # Names end up in log lines, metric labels and Location headers: keep them short and plain.
 # \Z, not $: $ also matches before a final newline, which no header may carry.
@@ -360,6 +363,8 @@ class TokenRegistry:
         self.file_entries = load_entries(settings)
         self.runtime_entries: tuple[TokenEntry, ...] = ()
         self.entries = self.file_entries
+        # Page names the file hides (warned about once each, and again at each reload of the file).
+        self.hidden: set[str] = set()
 
     @property
     def named(self) -> int:
@@ -382,19 +387,30 @@ class TokenRegistry:
         if problem:
             raise TokensFileError(problem)
         self.file_entries = entries
-        self._combine()
+        self._combine(warn_all=True)
 
     def set_runtime(self, entries) -> None:
         """The tokens managed from the admin page, as the database now holds them."""
         self.runtime_entries = tuple(entries)
         self._combine()
 
-    def _combine(self) -> None:
+    def _combine(self, warn_all: bool = False) -> None:
         # A name or a token the file defines wins: the page cannot shadow it.
         names = self.file_names()
         digests = {e.digest for e in self.file_entries}
         extra = tuple(e for e in self.runtime_entries if e.name not in names and e.digest not in digests)
         self.entries = self.file_entries + extra  # one assignment: the old set or the new one, never a mix
+        kept = {e.name for e in extra}
+        hidden = {e.name for e in self.runtime_entries if e.name not in kept}
+        for name in sorted(hidden if warn_all else hidden - self.hidden):
+            # Its holder is refused (or served as the file's name) with no other sign of why.
+            log.warning(
+                "tokens: the page's token %r is not in force: the tokens file defines the same %s; "
+                "rename or delete one of them",
+                name,
+                "name" if name in names else "token",
+            )
+        self.hidden = hidden
 
     def find(self, name: str) -> TokenEntry | None:
         """The entry of ``name`` in force, if any."""
