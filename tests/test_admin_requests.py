@@ -369,3 +369,32 @@ async def test_a_request_is_found_by_the_proxys_id_or_the_upstreams(proxy, app):
     status, text, response = await api(proxy, "GET", "/requests?format=csv&request_id=" + upstream_id)
     rows = list(csv.DictReader(io.StringIO(response.body.decode())))
     assert [(r["request_id"], r["upstream_request_id"]) for r in rows] == [ids[0]]
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_postgresql_refuses_to_change_delete_or_truncate_the_audit(postgres_server):
+    from chat_gpt_proxy.console.store import make_console_store
+
+    name, url = new_database(postgres_server)
+    try:
+        for _ in range(2):  # a second opening finds the triggers there
+            store = make_console_store(url)
+            await store.open()
+            await store.close()
+        conn = await asyncpg.connect(url, timeout=5)
+        try:
+            await conn.execute(
+                "INSERT INTO admin_audit (at, actor, action, name, request_id) VALUES (1, 'a', 'create', 'n', 'r')"
+            )
+            for statement in (
+                "UPDATE admin_audit SET actor = 'x'",
+                "DELETE FROM admin_audit",
+                "TRUNCATE admin_audit",
+            ):
+                with pytest.raises(asyncpg.RaiseError, match="append-only"):
+                    await conn.execute(statement)
+            assert await conn.fetchval("SELECT COUNT(*) FROM admin_audit") == 1
+        finally:
+            await conn.close()
+    finally:
+        postgres_server.drop_database(name)

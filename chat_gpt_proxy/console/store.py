@@ -119,6 +119,11 @@ DO $$ BEGIN
     CREATE TRIGGER admin_audit_append_only BEFORE UPDATE OR DELETE ON admin_audit
       FOR EACH ROW EXECUTE FUNCTION admin_audit_append_only();
   END IF;
+  -- TRUNCATE fires no row trigger: a statement-level one refuses it too.
+  IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'admin_audit_no_truncate') THEN
+    CREATE TRIGGER admin_audit_no_truncate BEFORE TRUNCATE ON admin_audit
+      FOR EACH STATEMENT EXECUTE FUNCTION admin_audit_append_only();
+  END IF;
 END $$;
 CREATE TABLE IF NOT EXISTS budget_alerts (
     name TEXT NOT NULL,
