@@ -400,7 +400,7 @@ class _Env:
     def statuses(self, name: str) -> tuple[int, ...]:
         out = []
         for item in self.csv(name):
-            if not item.isdigit() or not 400 <= int(item) <= 599:
+            if not (item.isascii() and item.isdigit()) or not 400 <= int(item) <= 599:
                 raise SettingsError(f"{name}: must list HTTP error statuses (400-599), e.g. 429,503; got {item!r}")
             out.append(int(item))
         return tuple(out)
@@ -558,7 +558,7 @@ class _Env:
             return (80, 100)
         out = set()
         for item in items:
-            if not item.isdigit() or not 1 <= int(item) <= 1000:
+            if not (item.isascii() and item.isdigit()) or not 1 <= int(item) <= 1000:
                 raise SettingsError(f"{name}: must list percentages from 1 to 1000, e.g. 80,100; got {item!r}")
             out.add(int(item))
         if not out:
@@ -581,7 +581,7 @@ class _Env:
         if not parts.hostname:
             raise SettingsError(f"{name}: no host in {shown!r}")
         database = parts.path.lstrip("/")
-        if database and not database.isdigit():
+        if database and not (database.isascii() and database.isdigit()):
             raise SettingsError(f"{name}: the path must be a database number (e.g. /0), got {shown!r}")
         return url
 

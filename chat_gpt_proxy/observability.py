@@ -363,6 +363,12 @@ def _access_line(config, record: dict) -> None:
             access_log.info(" ".join("%s=%s" % (k, _field(v)) for k, v in record.items()))
 
 
+def upstream_request_id(headers) -> str | None:
+    """The upstream's own id of a request (OpenAI's x-request-id, Anthropic's request-id), cut to a log field."""
+    found = headers.get("x-request-id") or headers.get("request-id")
+    return found[:MAX_FIELD_CHARS] if found else None
+
+
 def log_request(handler) -> None:
     """Tornado's ``log_function``: the access log line and the request metrics."""
     # Handlers of Tornado's own (static files) carry no record: an empty one.
@@ -382,13 +388,12 @@ def log_request(handler) -> None:
     ttfb_s = access.first_byte_at - access.started if access.first_byte_at else None
     prompt_tokens, completion_tokens = token_counts(access.usage)
     model = access.model[:MAX_FIELD_CHARS] if isinstance(access.model, str) else None
-    # OpenAI's x-request-id, Anthropic's request-id.
-    upstream_id = (call.headers.get("x-request-id") or call.headers.get("request-id")) if call is not None else None
+    upstream_id = upstream_request_id(call.headers) if call is not None else None
     token = access.token
     record = {
         "request_id": access.request_id,
         # The upstream's id for the same request (what its support asks for).
-        "upstream_request_id": upstream_id[:MAX_FIELD_CHARS] if upstream_id is not None else None,
+        "upstream_request_id": upstream_id,
         "client_request_id": client_request_id(handler.request),
         "client": client_address(handler, config.trusted_proxies),
         "token": token,
@@ -441,13 +446,13 @@ def log_session(handler, session) -> None:
     access: AccessRecord = handler.access
     config = handler.application.config
     response = getattr(handler.upstream, "response", None)
-    upstream_id = response.headers.get("x-request-id") if response is not None else None
+    upstream_id = upstream_request_id(response.headers) if response is not None else None
     usage = session.usage if session.usage_seen else None
     token = access.token
     model = access.model[:MAX_FIELD_CHARS] if isinstance(access.model, str) else None
     record = {
         "request_id": access.request_id,
-        "upstream_request_id": upstream_id[:MAX_FIELD_CHARS] if upstream_id is not None else None,
+        "upstream_request_id": upstream_id,
         "client_request_id": client_request_id(handler.request),
         "client": client_address(handler, config.trusted_proxies),
         "token": token,

@@ -40,6 +40,11 @@ MAX_PAGE = 500
 MAX_CSV_ROWS = 100_000
 
 
+def digits(value: str) -> bool:
+    """ASCII digits only: str.isdigit() also takes "²", which int() then refuses."""
+    return value.isascii() and value.isdigit()
+
+
 class AdminApiHandler(AdminHandler):
     actor = ""
 
@@ -78,7 +83,7 @@ class AdminApiHandler(AdminHandler):
         value = self.get_query_argument(name, "")
         if not value:
             return default
-        if not value.isdigit() or not low <= int(value) <= high:
+        if not (digits(value) and len(value) <= 18) or not low <= int(value) <= high:
             raise ApiError(
                 400, "%s must be an integer from %d to %d." % (name, low, high), code="invalid_query", param=name
             )
@@ -222,7 +227,7 @@ class AuditHandler(AdminApiHandler):
         console = self.console()
         limit = self.int_arg("limit", 100, 1, MAX_PAGE)
         before = self.get_query_argument("before", "")
-        if before and not (before.isdigit() and len(before) <= 18):
+        if before and not (digits(before) and len(before) <= 18):
             raise ApiError(400, "before must be an audit row id.", code="invalid_query", param="before")
         rows = await console.store.audit(limit, int(before) if before else None, self.get_query_argument("name", ""))
         for row in rows:
@@ -264,16 +269,22 @@ def time_arg(handler, name: str, end: bool) -> float | None:
 
 class RequestsHandler(AdminApiHandler):
     async def get(self) -> None:
-        """GET /admin/api/requests[?name&model&status&from&to&limit&offset&format=csv]: newest first."""
+        """GET /admin/api/requests[?name&model&status&request_id&from&to&limit&offset&format=csv]: newest first.
+
+        ``request_id``: the proxy's id (x-proxy-request-id) or the upstream's (the x-request-id an SDK reports).
+        """
         ledger = self.ledger()
         status = self.get_query_argument("status", "")
-        if status and not (STATUS_CLASS_RE.match(status) or (status.isdigit() and 100 <= int(status) <= 599)):
+        if status and not (
+            STATUS_CLASS_RE.match(status) or (digits(status) and len(status) == 3 and 100 <= int(status) <= 599)
+        ):
             raise ApiError(
                 400, "status must be an HTTP status (429) or a class (4xx).", code="invalid_query", param="status"
             )
         filters = {
             "name": self.get_query_argument("name", ""),
             "model": self.get_query_argument("model", ""),
+            "request_id": self.get_query_argument("request_id", ""),
             "status": status,
             "since": time_arg(self, "from", False),
             "until": time_arg(self, "to", True),

@@ -8,7 +8,7 @@ import re
 import time
 
 from chat_gpt_proxy.access.tokens import UNAVAILABLE, iso_time
-from chat_gpt_proxy.observability import CLIENT_CLOSED_STATUS
+from chat_gpt_proxy.observability import CLIENT_CLOSED_STATUS, upstream_request_id
 from chat_gpt_proxy.upstream.pool import UpstreamPool
 from chat_gpt_proxy.upstream.routing import OPENAI_KINDS, Upstream
 from chat_gpt_proxy.usage.budgets import Over
@@ -200,6 +200,7 @@ class Admission:
             latency_ms=elapsed_ms(access.started),
             ttft_ms=elapsed_ms(access.started, access.first_byte_at) if access.first_byte_at else None,
             cache=access.cache,
+            upstream_request_id=upstream_request_id(call.headers) if call is not None else None,
         )
         self.check_alerts()
 
@@ -263,16 +264,7 @@ class Admission:
         self.token = entry
         # Names the caller in the access log and metrics; "-" for ACCESS_TOKEN's.
         self.access.token = entry.name
-        policy = entry.policy
-        if policy.disabled:
-            raise ApiError(403, "This access token is disabled.", "permission_denied", "access_token_disabled")
-        if policy.expires is not None and policy.expired(time.time()):
-            raise ApiError(
-                403,
-                "This access token expired at %s." % iso_time(policy.expires),
-                "permission_denied",
-                "access_token_expired",
-            )
+        refuse_if_inactive(entry.policy)
         return self.admit_token(tokens, entry)
 
     def admit_token(self, tokens, entry):
@@ -436,3 +428,16 @@ class Admission:
         if not API_KEY_RE.match(key):
             raise ApiError(401, "The %s is malformed." % self.key_name, "authentication_error", malformed)
         return key
+
+
+def refuse_if_inactive(policy) -> None:
+    """403 for a disabled or expired token: every route that takes a token says so alike."""
+    if policy.disabled:
+        raise ApiError(403, "This access token is disabled.", "permission_denied", "access_token_disabled")
+    if policy.expires is not None and policy.expired(time.time()):
+        raise ApiError(
+            403,
+            "This access token expired at %s." % iso_time(policy.expires),
+            "permission_denied",
+            "access_token_expired",
+        )

@@ -8,6 +8,7 @@ from chat_gpt_proxy.human import money_fields
 from chat_gpt_proxy.request.strict_json import dumps
 from chat_gpt_proxy.usage.budgets import PERIODS, iso
 
+from .admission import refuse_if_inactive
 from .base import BaseHandler
 from .errors import ApiError
 from .private import NoStore
@@ -30,6 +31,7 @@ class UsageHandler(NoStore, UsagePageMixin, BaseHandler):
         entry = self.application.tokens.lookup(self.presented_access_token())
         if entry is None:
             raise ApiError(403, "Missing or wrong access-token header.", "permission_denied", "invalid_access_token")
+        refuse_if_inactive(entry.policy)
         now = time.time()
         book = self.application.spend.book
         spent = {}

@@ -24,7 +24,7 @@ from tornado.websocket import WebSocketHandler, WebSocketProtocol13
 
 from chat_gpt_proxy import tornado_internals as internals
 from chat_gpt_proxy.formats.openai import openai_usage
-from chat_gpt_proxy.observability import log_session
+from chat_gpt_proxy.observability import log_session, upstream_request_id
 from chat_gpt_proxy.realtime.connect import UpstreamRefused, connect_upstream
 from chat_gpt_proxy.realtime.session import CLIENT_TO_UPSTREAM, UPSTREAM_TO_CLIENT, RealtimeSession
 from chat_gpt_proxy.request.model import models_in_query, query_pairs
@@ -346,6 +346,7 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
         # A response under way when the session ended ran on unseen: what was
         # reported, plus an estimate of it (chat_gpt_proxy/usage/meter.py).
         in_flight = session.responses_open > 0
+        response = getattr(self.upstream, "response", None)
         self.application.spend.charge(
             token=self.access.token,
             route=self.access.route,
@@ -360,6 +361,7 @@ class RealtimeHandler(OpenAIStyle, ApiMixin, WebSocketHandler):
             left_early=in_flight,
             upstream=self.access.upstream,
             latency_ms=elapsed_ms(self.access.started),
+            upstream_request_id=upstream_request_id(response.headers) if response is not None else None,
         )
         self.check_alerts()
 

@@ -176,6 +176,7 @@
   let tokens = [];
   let runtimeTokens = true;
   let editing = null; // the name being edited, or "" for a new one
+  let shownExpires = ""; // the day the edit form opened with
   let lastDone = null; // what the last action did, shown before the count
 
   function buildTokens() {
@@ -344,9 +345,11 @@
       const value = fields[field];
       let shown = value === undefined || value === null ? "" : String(value);
       if (field === "allowed_models" && Array.isArray(value)) shown = value.join(", ");
+      // The date input holds a day; the time of day is kept unless the day is changed (formBody).
       if (field === "expires" && shown) shown = shown.slice(0, 10);
       $("tf-" + field).value = shown;
     }
+    shownExpires = $("tf-expires").value;
     $("tf-budget_period").value = fields.budget_period || "month";
     $("tf-cache").value = fields.cache === undefined ? "" : String(fields.cache);
     $("tf-use_server_key").checked = Boolean(fields.use_server_key);
@@ -369,8 +372,17 @@
       if (value === null && isNew) return;
       body[field] = value;
     };
-    for (const [field, type] of FORM_FIELDS) {
-      const raw = $("tf-" + field).value.trim();
+    for (const [field, type, label] of FORM_FIELDS) {
+      const input = $("tf-" + field);
+      const raw = input.value.trim();
+      if (field === "expires" && !isNew && raw === shownExpires) continue;
+      // What the browser cannot read as a number reads as empty, which would remove the limit;
+      // and JSON has no Infinity: 1e400 would travel as null, which removes it too.
+      if (type === "number" && (input.validity.badInput || (raw && !Number.isFinite(Number(raw))))) {
+        const refusal = new Error(t("admin.console.form.not_a_number", { field: t(label) }));
+        refusal.param = field;
+        throw refusal;
+      }
       if (!raw) put(field, null);
       else if (field === "allowed_models") put(field, raw.split(",").map((m) => m.trim()).filter(Boolean));
       else if (type === "number") put(field, Number(raw));
@@ -386,9 +398,9 @@
 
   async function submitForm() {
     const isNew = editing === "";
-    const body = formBody();
     say($("token-form-error"), "");
     try {
+      const body = formBody();
       if (isNew) {
         const made = await api("POST", "/tokens", Object.assign({ name: $("tf-name").value.trim() }, body));
         closeForm();
@@ -664,7 +676,7 @@
   function buildRequests() {
     const section = el("section", { id: "tab-requests", role: "tabpanel", "aria-labelledby": "tab-requests-button", hidden: true });
     const status = el("select", { id: "req-status" });
-    for (const [value, key] of [["", "any"], ["2xx", "ok"], ["4xx", "errors"], ["5xx", "server"]]) {
+    for (const [value, key] of [["", "any"], ["2xx", "ok"], ["4xx", "errors"], ["429", "limited"], ["5xx", "server"]]) {
       status.append(fixed("option", { value: value }, "admin.console.requests.status." + key));
     }
     const form = el(
@@ -674,6 +686,12 @@
       el("datalist", { id: "req-names" }),
       el("label", {}, words("admin.console.requests.model"), el("input", { id: "req-model", autocomplete: "off", spellcheck: "false" })),
       el("label", {}, words("admin.console.requests.status"), status),
+      el(
+        "label",
+        {},
+        words("admin.console.requests.request_id"),
+        el("input", { id: "req-id", autocomplete: "off", spellcheck: "false" }),
+      ),
       el("label", {}, words("admin.console.requests.from"), el("input", { id: "req-from", type: "date" })),
       el("label", {}, words("admin.console.requests.to"), el("input", { id: "req-to", type: "date" })),
       el(
@@ -731,7 +749,7 @@
 
   function requestQuery() {
     const query = new URLSearchParams();
-    for (const [key, id] of [["name", "req-name"], ["model", "req-model"], ["status", "req-status"], ["from", "req-from"], ["to", "req-to"]]) {
+    for (const [key, id] of [["name", "req-name"], ["model", "req-model"], ["status", "req-status"], ["request_id", "req-id"], ["from", "req-from"], ["to", "req-to"]]) {
       const value = $(id).value.trim();
       if (value) query.set(key, value);
     }
@@ -741,6 +759,9 @@
   function requestRow(r) {
     const status = el("td", { class: "status-cell" + (r.status >= 400 ? " failed" : "") }, String(r.status));
     if (r.refusal) status.append(" ", el("span", { class: "refusal" }, r.refusal));
+    // The proxy's id, then the upstream's (the x-request-id a user's SDK reports), when there is one.
+    const ids = el("td", { class: "request-id" }, el("code", {}, r.request_id));
+    if (r.upstream_request_id) ids.append(" ", el("code", { class: "upstream-request-id" }, r.upstream_request_id));
     return el(
       "tr",
       { "data-request-id": r.request_id },
@@ -758,7 +779,7 @@
       el("td", { class: "num" }, ms(r.ttft_ms)),
       el("td", {}, r.cache || "–"),
       el("td", {}, r.estimated ? t("admin.console.yes") : ""),
-      el("td", { class: "request-id" }, el("code", {}, r.request_id)),
+      ids,
     );
   }
 

@@ -7,6 +7,7 @@ temporary folder; the token values the API hands out are used on /chat_complete 
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import glob
 import json
@@ -17,6 +18,7 @@ import subprocess
 import pytest
 
 from chat_gpt_proxy.console.runtime import TOKEN_PREFIX
+from chat_gpt_proxy.fake_openai.behaviours import Behaviour
 from tests.conftest import proxy_settings
 from tests.test_readme import localize, snippet
 
@@ -201,6 +203,9 @@ async def test_the_database_holds_no_token_value_nor_prompt(proxy, app, config):
 
 BAD_FIELDS = [
     ({"name": "bad name"}, "name"),
+    ({"name": "zed\n"}, "name"),
+    ({"name": "x", "expires": "9999-12-31T23:59:59-14:00"}, "expires"),
+    ({"name": "x", "expires": "0001-01-01T00:00:00+14:00"}, "expires"),
     ({"budget_usd": 5}, "name"),
     ({"name": "x", "budget_usd": -1}, "budget_usd"),
     ({"name": "x", "budget_usd": "5"}, "budget_usd"),
@@ -237,7 +242,11 @@ async def test_bad_input_is_400_naming_the_field(proxy, app, body, field):
         status, patched, _ = await api(proxy, "PATCH", "/tokens/existing", patch)
         assert status == 400 and patched["error"]["param"] == field, patched
     status, listed, _ = await api(proxy, "GET", "/tokens")
-    assert "x" not in {t["name"] for t in listed["tokens"]}
+    assert status == 200
+    assert not {"x", "zed", "zed\n"} & {t["name"] for t in listed["tokens"]}
+    # Nothing was committed for the refused input: no row, no audit entry.
+    status, audit, _ = await api(proxy, "GET", "/audit")
+    assert status == 200 and not [a for a in audit["audit"] if a["name"] != "existing"], audit
 
 
 @pytest.mark.gen_test(timeout=30)
@@ -265,10 +274,24 @@ async def test_malformed_bodies_and_queries(proxy, app):
     assert status == 404
     status, answer, _ = await api(proxy, "POST", "/tokens/nobody/rotate")
     assert status == 404
-    for query, param in (("limit=0", "limit"), ("limit=x", "limit"), ("before=x", "before")):
+    sup2 = "%C2%B2"  # "²": str.isdigit() takes it, int() does not
+    for query, param in (
+        ("limit=0", "limit"),
+        ("limit=x", "limit"),
+        ("before=x", "before"),
+        ("limit=" + sup2, "limit"),
+        ("before=" + sup2, "before"),
+    ):
         status, answer, _ = await api(proxy, "GET", "/audit?" + query)
         assert status == 400 and answer["error"]["param"] == param, query
-    for query, param in (("status=6xx", "status"), ("from=yesterday", "from"), ("format=xml", "format")):
+    for query, param in (
+        ("status=6xx", "status"),
+        ("status=" + sup2 * 3, "status"),
+        ("limit=" + sup2, "limit"),
+        ("offset=" + sup2, "offset"),
+        ("from=yesterday", "from"),
+        ("format=xml", "format"),
+    ):
         status, answer, _ = await api(proxy, "GET", "/requests?" + query)
         assert status == 400 and answer["error"]["param"] == param, query
     status, answer, _ = await api(proxy, "PUT", "/tokens/erin", {"disabled": True})
@@ -293,6 +316,25 @@ async def test_names_taken_and_file_names_are_refused(proxy, app):
 
 
 @pytest.mark.gen_test(timeout=30)
+async def test_a_file_name_hiding_a_page_token_is_warned_about_once(proxy, app, config, caplog):
+    _, made, _ = await api(proxy, "POST", "/tokens", {"name": "zoe"})
+    await chat(proxy, made["token"], 200)
+
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "not in force" in r.getMessage()]
+
+    with open(config.access_tokens_file, "a") as file:
+        file.write('\n[zoe]\ntoken = "zoe-FILE-token-5d1c8e2a70"\n')
+    app.tokens.reload()
+    assert len(warnings()) == 1 and "'zoe'" in warnings()[0] and "same name" in warnings()[0]
+    await chat(proxy, made["token"], 403)
+    # A change on the page (another reload of the page's tokens) does not say it again.
+    await api(proxy, "POST", "/tokens", {"name": "yan"})
+    assert len(warnings()) == 1
+    no_value_in(warnings(), made["token"], "zoe-FILE-token-5d1c8e2a70")
+
+
+@pytest.mark.gen_test(timeout=30)
 async def test_only_the_admin_header_is_a_credential(proxy, app):
     for headers in ({}, {"Cookie": "admin-token=%s" % ADMIN}, {"admin-token": FILE_USER}, {"admin-token": "x" * 20}):
         status, answer, _ = await api(proxy, "GET", "/tokens", admin="", headers=headers)
@@ -314,6 +356,62 @@ async def test_an_expired_token_is_refused(proxy, app):
     _, changed, _ = await api(proxy, "PATCH", "/tokens/ivy", {"expires": "2999-12-31T23:00:00+01:00"})
     assert changed["status"] == "active" and changed["expires"] == "2999-12-31T22:00:00Z"
     await chat(proxy, made["token"], 200)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_usage_refuses_a_disabled_or_expired_token_as_every_route_does(proxy, app):
+    async def usage(token: str):
+        response = await proxy.request("/usage", method="GET", auth=False, headers={"access-token": token})
+        return response.code, json.loads(response.body)
+
+    _, made, _ = await api(proxy, "POST", "/tokens", {"name": "uma", "budget_usd": 5})
+    status, body = await usage(made["token"])
+    assert status == 200 and body["token"] == "uma"
+    await api(proxy, "PATCH", "/tokens/uma", {"disabled": True})
+    for answer in (await usage(made["token"]), (await chat(proxy, made["token"], 403)).body):
+        status, body = answer if isinstance(answer, tuple) else (403, json.loads(answer))
+        assert status == 403 and body["error"]["code"] == "access_token_disabled", body
+        assert "spent" not in body
+    await api(proxy, "PATCH", "/tokens/uma", {"disabled": False, "expires": "2020-01-01"})
+    status, body = await usage(made["token"])
+    assert status == 403 and body["error"]["code"] == "access_token_expired" and "spent" not in body
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_stream_open_when_its_token_is_revoked_runs_to_its_end(proxy, app, fake_openai):
+    """team.md: revoking refuses what starts after it; what is already open runs to its end."""
+    _, made, _ = await api(proxy, "POST", "/tokens", {"name": "ned"})
+    fake_openai.push(Behaviour(chunks=["one ", "two ", "three ", "four"], delay=0.3))
+    chunks: list[bytes] = []
+    stream = asyncio.ensure_future(
+        proxy.request(
+            json_body={"prompt": "hi", "generate_params": {"stream": True}},
+            headers={"access-token": made["token"], "openai-token": KEY},
+            auth=False,
+            streaming_callback=chunks.append,
+        )
+    )
+    for _ in range(200):  # bounded: 10 s
+        if b"one " in b"".join(chunks):
+            break
+        await asyncio.sleep(0.05)
+    assert b"one " in b"".join(chunks), chunks
+    status, changed, _ = await api(proxy, "PATCH", "/tokens/ned", {"disabled": True})
+    assert status == 200 and changed["status"] == "disabled"
+    await chat(proxy, made["token"], 403)
+    response = await stream
+    body = b"".join(chunks)
+    assert response.code == 200 and all(word in body for word in (b"one ", b"two ", b"three ", b"four"))
+    assert body.rstrip().endswith(b"data: [DONE]"), body[-200:]
+
+
+@pytest.mark.gen_test(timeout=30)
+@pytest.mark.settings(openai_api_key="")
+async def test_use_server_key_needs_a_key_on_the_proxy(proxy, app):
+    """team.md's curl example: use_server_key needs OPENAI_API_KEY (or an upstream's key)."""
+    status, answer, _ = await api(proxy, "POST", "/tokens", {"name": "dana", "use_server_key": True})
+    assert status == 400 and answer["error"]["param"] == "use_server_key"
+    assert "OPENAI_API_KEY" in answer["error"]["message"]
 
 
 @pytest.mark.gen_test(timeout=30)
@@ -358,16 +456,14 @@ async def test_the_curl_examples_of_team_md(proxy, app, base_url):
         timeout=30,
     )
     assert result.returncode == 0, result.stderr
-    answers, text, at = [], result.stdout, 0
-    decoder = json.JSONDecoder()
-    while at < len(text):
-        answer, at = decoder.raw_decode(text, at)
-        answers.append(answer)
-    made, raised, disabled, rotated, requests, audit, deleted = answers
+    # One answer a line.
+    answers = [json.loads(line) for line in result.stdout.splitlines()]
+    made, raised, disabled, rotated, enabled, requests, audit, deleted = answers
     assert made["name"] == "dana" and made["token"].startswith(TOKEN_PREFIX) and made["budget_usd"] == 20
     assert made["use_server_key"] is True and raised["budget_usd"] == 30 and disabled["status"] == "disabled"
-    assert rotated["token"] != made["token"] and requests["requests"] == []
-    assert [a["action"] for a in audit["audit"]] == ["rotate", "disable", "update", "create"]
+    assert rotated["token"] != made["token"] and rotated["status"] == "disabled"
+    assert enabled["status"] == "active" and requests["requests"] == []
+    assert [a["action"] for a in audit["audit"]] == ["enable", "rotate", "disable", "update", "create"]
     assert deleted == {"deleted": "dana"}
 
 
@@ -412,3 +508,20 @@ def test_the_tokens_file_takes_expires_and_admin(tmp_path):
         with pytest.raises(TokensFileError, match=message) as error:
             parse_tokens_file(str(path), Settings())
         assert str(error.value).startswith("%s: token 'd': " % path)
+
+
+def test_the_tokens_file_refuses_a_final_newline_and_dates_out_of_range(tmp_path):
+    from chat_gpt_proxy.access.tokens import TokensFileError, parse_tokens_file
+    from settings import Settings
+
+    path = tmp_path / "tokens.toml"
+    for text, message in (
+        ('["zed\\n"]\ntoken = "%s"\n' % ("z" * 20), "a name is 1-64"),
+        ('[zed]\ntoken = "%s\\n"\n' % ("z" * 20), "token must be a string of visible ASCII"),
+        ('[zed]\ntoken_sha256 = "%s\\n"\n' % ("0" * 64), "token_sha256 must be 64"),
+        ('[zed]\ntoken = "%s"\nexpires = 9999-12-31T23:59:59-14:00\n' % ("z" * 20), "expires must be in UTC"),
+        ('[zed]\ntoken = "%s"\nexpires = 0001-01-01T00:00:00+14:00\n' % ("z" * 20), "expires must be in UTC"),
+    ):
+        path.write_text(text)
+        with pytest.raises(TokensFileError, match=message):
+            parse_tokens_file(str(path), Settings())

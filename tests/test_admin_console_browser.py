@@ -164,6 +164,21 @@ def test_add_a_person_copy_use_disable_and_find_the_request(page, server, langua
         lines = f.read().splitlines()
     assert lines[0].startswith("time,token,route,model,upstream,status") and len(lines) == 3
     save_screenshot(page, "admin-requests-%s-light" % language, tmp_path)
+    # One request by its id: the proxy's, or the upstream's (the x-request-id a user's SDK reports).
+    status, body = http(server.url + "/admin/api/requests?request_id=" + used, {"admin-token": ADMIN_TOKEN})
+    upstream_id = json.loads(body)["requests"][0]["upstream_request_id"]
+    page.fill("#req-name", "")
+    for wanted in filter(None, (used, upstream_id)):
+        page.fill("#req-id", wanted)
+        page.click("#req-show")
+        expect(page.locator("#requests-table tbody tr")).to_have_count(1)
+        expect(found).to_be_visible()
+    page.fill("#req-id", "")
+    page.fill("#req-name", person)
+    page.select_option("#req-status", "429")
+    page.click("#req-show")
+    expect(page.locator("#requests-table tbody tr")).to_have_count(0)
+    page.select_option("#req-status", "")
 
     # That person's own view: spend by model and by day, refusals by kind.
     page.click("#tab-tokens-button")
@@ -236,6 +251,46 @@ def test_rotate_and_delete_ask_first_and_errors_name_the_field(page, server):
     assert chat(server, second)[0] == 403
     # The one error in the console: Chromium's note of the 400 the bad budget got.
     assert failed_loads(page.problems, 400) == [] and page.evaluate("window.__csp") == []
+
+
+@pytest.mark.parametrize("language", ["en"])
+def test_editing_keeps_the_expiry_time_and_refuses_numbers_json_cannot_carry(page, server):
+    status, body = http(
+        server.url + "/admin/api/tokens",
+        {"admin-token": ADMIN_TOKEN, "Content-Type": "application/json"},
+        {"name": "fay", "budget_usd": 5, "expires": "2030-06-15T18:30:00Z"},
+    )
+    assert status == 201, body
+    page.fill("#admin-token", ADMIN_TOKEN)
+    page.click("#tab-tokens-button")
+    row = page.locator("#tokens-table tbody tr[data-name=fay]")
+    row.locator("button[data-action=edit]").click()
+    assert page.input_value("#tf-expires") == "2030-06-15"
+    page.fill("#tf-rate_limit_per_minute", "30")
+    page.click("#token-form-submit")
+    expect(row.locator("td").nth(3)).to_have_text("30/min")
+
+    def fay() -> dict:
+        status, body = http(server.url + "/admin/api/tokens/fay", {"admin-token": ADMIN_TOKEN})
+        assert status == 200, body
+        return json.loads(body)
+
+    assert fay()["expires"] == "2030-06-15T18:30:00Z"
+    for typed in ("1e400", "-1e400"):
+        row.locator("button[data-action=edit]").click()
+        page.fill("#tf-budget_usd", typed)
+        page.click("#token-form-submit")
+        expect(page.locator("#token-form-error")).to_contain_text("type a number")
+        assert page.get_attribute("#tf-budget_usd", "aria-invalid") == "true"
+        page.click("#token-form-cancel")
+        assert fay()["budget_usd"] == 5
+    # A new day is sent as that day.
+    row.locator("button[data-action=edit]").click()
+    page.fill("#tf-expires", "2031-01-02")
+    page.click("#token-form-submit")
+    expect(page.locator("#token-form")).to_be_hidden()
+    assert fay()["expires"] == "2031-01-02T00:00:00Z"
+    assert page.problems == [] and page.evaluate("window.__csp") == []
 
 
 @pytest.mark.parametrize("theme", ["light", "dark"])

@@ -142,6 +142,7 @@ async def test_one_row_per_request_with_the_columns_the_page_shows(proxy, app, f
         "cache",
         "estimated",
         "request_id",
+        "upstream_request_id",
         "refusal",
     ]
     assert table[0]["refusal"] == "proxy_rate_limited" and table[-1]["cache"] == "miss"
@@ -191,7 +192,7 @@ CREATE INDEX usage_at ON usage (at);
 INSERT INTO usage (at, token, route, model, input_tokens, cached_tokens, output_tokens, usd, estimated, status,
     request_id) VALUES (1700006400, 'old', 'chat_complete', 'gpt-4o', 9, 0, 2, 0.25, false, 200, 'old-row');
 """
-QUERY = "SELECT request_id, upstream, latency_ms, ttft_ms, cache FROM usage ORDER BY id"
+QUERY = "SELECT request_id, upstream, latency_ms, ttft_ms, cache, upstream_request_id FROM usage ORDER BY id"
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -263,6 +264,7 @@ async def test_an_older_ledger_gets_the_new_columns_and_keeps_its_rows(old_ledge
                     latency_ms=12.5,
                     ttft_ms=3.25,
                     cache="miss",
+                    upstream_request_id="req_upstream_1",
                 )  # fmt: skip
             ]
         )
@@ -270,8 +272,8 @@ async def test_an_older_ledger_gets_the_new_columns_and_keeps_its_rows(old_ledge
     finally:
         await store.close()
     assert await fetch(old_ledger) == [
-        ("old-row", None, None, None, None),
-        ("new-row", "openai-a", 12.5, 3.25, "miss"),
+        ("old-row", None, None, None, None, None),
+        ("new-row", "openai-a", 12.5, 3.25, "miss", "req_upstream_1"),
     ]
 
 
@@ -302,3 +304,97 @@ async def test_refusals_flushed_by_the_writer_and_a_reader_at_once_are_written_o
     await asyncio.gather(app.console.flush_refusals(), app.console.flush_refusals(), app.console.flush_refusals())
     status, found, _ = await api(proxy, "GET", "/requests?name=bea&limit=100")
     assert status == 200 and sorted(r["request_id"] for r in found["requests"]) == sorted("r%d" % i for i in range(50))
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_retention_deletes_old_refusals_too(database):
+    """USAGE_RETENTION_DAYS deletes refusal rows older than its days at startup, as it does the ledger's."""
+    import dataclasses
+
+    from chat_gpt_proxy.access.tokens import TokenRegistry
+    from chat_gpt_proxy.console.runtime import RuntimeTokens
+    from chat_gpt_proxy.console.store import make_console_store
+    from settings import Settings
+
+    now = time.time()
+    store = make_console_store(database)
+    await store.open()
+    try:
+        await store.insert_refusals(
+            [
+                (now - 40 * 86400, "old", "chat_complete", None, 429, "proxy_rate_limited", 1.0, "rid-old"),
+                (now - 20 * 86400, "new", "chat_complete", None, 403, "model_not_allowed", 1.0, "rid-new"),
+            ]
+        )
+    finally:
+        await store.close()
+    settings = dataclasses.replace(Settings(), usage_database=database, usage_retention_days=30)
+    console = RuntimeTokens(settings, TokenRegistry(settings))
+    await console.start()
+    try:
+        rows = await console.store.driver.fetch("SELECT request_id FROM refusals")
+    finally:
+        await console.close()
+    assert rows == [("rid-new",)]
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_request_is_found_by_the_proxys_id_or_the_upstreams(proxy, app):
+    """The x-request-id a user's SDK reports is the upstream's; x-proxy-request-id the proxy's: either finds the row."""
+    _, dan, _ = await api(proxy, "POST", "/tokens", {"name": "dan", "allowed_models": ["gpt-4o-mini"]})
+    ids = []
+    for _ in range(2):
+        response = await proxy.request(
+            "/v1/chat/completions",
+            json_body={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+            headers={"access-token": dan["token"], "openai-token": KEY},
+            auth=False,
+        )
+        assert response.code == 200, response.body
+        ids.append((response.headers["x-proxy-request-id"], response.headers["x-request-id"]))
+    proxy_id, upstream_id = ids[0]
+    assert upstream_id.startswith("req_fake_") and upstream_id != proxy_id
+    assert await ask(proxy, dan["token"], model="gpt-4o") == 403  # a refusal: the proxy's id only
+    for wanted in (proxy_id, upstream_id):
+        status, found, _ = await api(proxy, "GET", "/requests?request_id=" + wanted)
+        assert status == 200, found
+        assert [(r["request_id"], r["upstream_request_id"]) for r in found["requests"]] == [ids[0]], wanted
+    status, found, _ = await api(proxy, "GET", "/requests?name=dan&status=403")
+    refusal_id = found["requests"][0]["request_id"]
+    assert found["requests"][0]["upstream_request_id"] is None
+    status, found, _ = await api(proxy, "GET", "/requests?request_id=" + refusal_id)
+    assert [r["refusal"] for r in found["requests"]] == ["model_not_allowed"]
+    status, found, _ = await api(proxy, "GET", "/requests?request_id=nothing-like-it")
+    assert status == 200 and found["requests"] == []
+    status, text, response = await api(proxy, "GET", "/requests?format=csv&request_id=" + upstream_id)
+    rows = list(csv.DictReader(io.StringIO(response.body.decode())))
+    assert [(r["request_id"], r["upstream_request_id"]) for r in rows] == [ids[0]]
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_postgresql_refuses_to_change_delete_or_truncate_the_audit(postgres_server):
+    from chat_gpt_proxy.console.store import make_console_store
+
+    name, url = new_database(postgres_server)
+    try:
+        for _ in range(2):  # a second opening finds the triggers there
+            store = make_console_store(url)
+            await store.open()
+            await store.close()
+        conn = await asyncpg.connect(url, timeout=5)
+        try:
+            await conn.execute(
+                "INSERT INTO admin_audit (at, actor, action, name, request_id) VALUES (1, 'a', 'create', 'n', 'r')"
+            )
+            for statement in (
+                "UPDATE admin_audit SET actor = 'x'",
+                "DELETE FROM admin_audit",
+                "TRUNCATE admin_audit",
+            ):
+                with pytest.raises(asyncpg.RaiseError, match="append-only"):
+                    await conn.execute(statement)
+            assert await conn.fetchval("SELECT COUNT(*) FROM admin_audit") == 1
+        finally:
+            await conn.close()
+    finally:
+        postgres_server.drop_database(name)

@@ -26,15 +26,18 @@ from tests.procs import free_port
 TOKEN = "budget-ALERT-token-5a7c9e1b3d"  # budget_tokens = 44: four requests
 KEY = "sk-test-alerts-2f4a"
 SECRET_PATH = "/hooks/T0SECRET/B0SECRET/xyzSECRETxyz"
-TOKENS_TOML = (
-    """
+SMALL = "small-BUDGET-token-8e2d4f6a1c"  # budget_tokens = 10: one request crosses 50 and 100 %
+TOKENS_TOML = """
 [alice]
 token = "%s"
 budget_tokens = 44
 budget_period = "day"
-"""
-    % TOKEN
-)
+
+[bert]
+token = "%s"
+budget_tokens = 10
+budget_period = "day"
+""" % (TOKEN, SMALL)
 
 
 class Webhook:
@@ -137,6 +140,23 @@ async def test_one_post_per_threshold_and_period(proxy, app, webhook):
     assert len(webhook.posts) == 2
 
 
+@pytest.mark.gen_test(timeout=30)
+async def test_one_charge_crossing_two_thresholds_sends_the_highest_alone(proxy, app, webhook):
+    response = await proxy.request(
+        json_body={"prompt": "hi"}, headers={"access-token": SMALL, "openai-token": KEY}, auth=False
+    )
+    assert response.code == 200
+    await until(lambda: len(webhook.posts) == 1, "the 100 % alert")
+    await asyncio.sleep(0.5)
+    assert [(p["name"], p["threshold"]) for _, p in webhook.posts] == [("bert", 100)]
+    # Nor is the lower one sent later, here or by another process of the same ledger.
+    app.alerts.check(app.tokens.find("bert"))
+    app.alerts.seen.clear()
+    app.alerts.check(app.tokens.find("bert"))
+    await asyncio.sleep(0.5)
+    assert len(webhook.posts) == 1 and alerts_metric(app, "sent") == 1
+
+
 # A port nothing listens on until the test starts the webhook there.
 DOWN_PORT = free_port()
 
@@ -209,6 +229,7 @@ async def test_sent_through_the_egress_proxy_with_a_telegram_style_query(app, pr
         ({"ALERT_WEBHOOK_URL": "https://example.com:99999/x"}, "not a valid URL"),
         ({"ALERT_THRESHOLDS": "80,abc"}, "percentages from 1 to 1000"),
         ({"ALERT_THRESHOLDS": "0"}, "percentages from 1 to 1000"),
+        ({"ALERT_THRESHOLDS": "8\u00b2"}, "percentages from 1 to 1000"),
         ({"ALERT_THRESHOLDS": ","}, "lists no percentage"),
     ],
 )

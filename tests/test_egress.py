@@ -322,6 +322,7 @@ def test_retry_after_forms():
     date = email.utils.formatdate(time.time() + 5, usegmt=True)
     assert 3 < retry_after_seconds(HTTPHeaders({"Retry-After": date})) <= 5
     assert retry_after_seconds(HTTPHeaders({"Retry-After": "soon"})) is None
+    assert retry_after_seconds(HTTPHeaders({"Retry-After": "\u00b2"})) is None
     assert retry_after_seconds(HTTPHeaders()) is None
 
 

@@ -122,6 +122,26 @@ async def test_disabled_token_refused_before_the_upgrade(proxy, fake_openai, bas
 
 
 @pytest.mark.gen_test(timeout=20)
+async def test_a_session_open_when_its_token_is_revoked_runs_to_its_end(proxy, app, fake_openai, base_url, config):
+    """docs/team.md: revoking refuses sessions that start after it; one already open runs on
+    (the tokens file's reload here; the admin page's changes swap the entries the same way)."""
+    async with connect(base_url, subprotocols=["access-token." + ALICE]) as ws:
+        await opened(ws)
+        text = TOKENS_TOML.replace("use_server_key = true", "use_server_key = true\ndisabled = true", 1)
+        with open(config.access_tokens_file, "w") as file:
+            file.write(text)
+        app.tokens.reload()
+        status, body, _ = await refusal(base_url, subprotocols=["access-token." + ALICE])
+        assert status == 403 and body["error"]["code"] == "access_token_disabled"
+        await ws.send(json.dumps({"type": "response.create"}))
+        for _ in range(100):  # bounded
+            if json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] == "response.done":
+                break
+        else:
+            raise AssertionError("no response.done on the open session")
+
+
+@pytest.mark.gen_test(timeout=20)
 async def test_token_allowed_models_apply_to_the_model_parameter(proxy, fake_openai, base_url):
     headers = {"access-token": BOB, "Authorization": "Bearer " + OPENAI_KEY}
     status, body, _ = await refusal(base_url, headers=headers)

@@ -37,6 +37,7 @@ import dataclasses
 import datetime
 import hashlib
 import hmac
+import logging
 import math
 import re
 
@@ -45,11 +46,14 @@ from chat_gpt_proxy.access.limits import InFlight, RateLimiter
 from chat_gpt_proxy.toml_file import read_toml
 from chat_gpt_proxy.usage.budgets import NO_BUDGET, PERIODS, Budget
 
-# Names end up in log lines and metric labels: keep them short and plain.
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+log = logging.getLogger("chat_gpt_proxy")
+
+# Names end up in log lines, metric labels and Location headers: keep them short and plain.
+# \Z, not $: $ also matches before a final newline, which no header may carry.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}\Z")
 # A token travels in a header: visible ASCII only.
-TOKEN_RE = re.compile(r"^[\x21-\x7e]+$")
-SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+TOKEN_RE = re.compile(r"^[\x21-\x7e]+\Z")
+SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}\Z")
 MIN_TOKEN_LENGTH = 16
 FIELDS = (
     "token",
@@ -267,15 +271,23 @@ def parse_expires(value, where: str = "") -> float | None:
             moment = None
     elif isinstance(value, datetime.datetime | datetime.date):
         moment = value
+    at = None
     if isinstance(moment, datetime.datetime):
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=datetime.UTC)
-        return moment.timestamp()
-    if isinstance(moment, datetime.date):
-        return datetime.datetime.combine(moment, datetime.time(), datetime.UTC).timestamp()
-    raise TokensFileError(
-        where + "expires must be a date (2027-01-31) or a date and time (2027-01-31T18:00:00Z)", "expires"
-    )
+        at = moment.timestamp()
+    elif isinstance(moment, datetime.date):
+        at = datetime.datetime.combine(moment, datetime.time(), datetime.UTC).timestamp()
+    if at is None:
+        raise TokensFileError(
+            where + "expires must be a date (2027-01-31) or a date and time (2027-01-31T18:00:00Z)", "expires"
+        )
+    try:
+        # An offset can carry 9999-12-31 or 0001-01-01 outside the years a UTC date can write.
+        iso_time(at)
+    except (ValueError, OverflowError, OSError):
+        raise TokensFileError(where + "expires must be in UTC between years 1 and 9999", "expires") from None
+    return at
 
 
 def iso_time(at: float) -> str:
@@ -351,6 +363,8 @@ class TokenRegistry:
         self.file_entries = load_entries(settings)
         self.runtime_entries: tuple[TokenEntry, ...] = ()
         self.entries = self.file_entries
+        # Page names the file hides (warned about once each, and again at each reload of the file).
+        self.hidden: set[str] = set()
 
     @property
     def named(self) -> int:
@@ -373,19 +387,30 @@ class TokenRegistry:
         if problem:
             raise TokensFileError(problem)
         self.file_entries = entries
-        self._combine()
+        self._combine(warn_all=True)
 
     def set_runtime(self, entries) -> None:
         """The tokens managed from the admin page, as the database now holds them."""
         self.runtime_entries = tuple(entries)
         self._combine()
 
-    def _combine(self) -> None:
+    def _combine(self, warn_all: bool = False) -> None:
         # A name or a token the file defines wins: the page cannot shadow it.
         names = self.file_names()
         digests = {e.digest for e in self.file_entries}
         extra = tuple(e for e in self.runtime_entries if e.name not in names and e.digest not in digests)
         self.entries = self.file_entries + extra  # one assignment: the old set or the new one, never a mix
+        kept = {e.name for e in extra}
+        hidden = {e.name for e in self.runtime_entries if e.name not in kept}
+        for name in sorted(hidden if warn_all else hidden - self.hidden):
+            # Its holder is refused (or served as the file's name) with no other sign of why.
+            log.warning(
+                "tokens: the page's token %r is not in force: the tokens file defines the same %s; "
+                "rename or delete one of them",
+                name,
+                "name" if name in names else "token",
+            )
+        self.hidden = hidden
 
     def find(self, name: str) -> TokenEntry | None:
         """The entry of ``name`` in force, if any."""

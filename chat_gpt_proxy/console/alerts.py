@@ -126,19 +126,24 @@ class BudgetAlerts:
             for threshold in self.thresholds:
                 if used >= limit * threshold / 100 and threshold not in crossed:
                     crossed[threshold] = (kind, used, limit)
-        for threshold, (kind, used, limit) in crossed.items():
-            key = (entry.name, budget.period, start, threshold)
-            if key in self.seen:
-                continue
-            if len(self.seen) > 100_000:
-                self.seen = {k for k in self.seen if k[2] >= start}
-            self.seen.add(key)
-            if len(self.queue) >= MAX_QUEUED:
-                self.count("failed")
-                continue
-            body = alert_body(entry.name, threshold, kind, used, limit, budget.period, now)
-            self.queue.append({"key": key, "body": body})
-            self.wake.set()
+        if not crossed:
+            return
+        # One charge may cross several thresholds at once (80 and 100): one alert, the highest.
+        # The lower ones are passed over for good (here, and by every process: each tries the highest).
+        threshold = max(crossed)
+        kind, used, limit = crossed[threshold]
+        key = (entry.name, budget.period, start, threshold)
+        if key in self.seen:
+            return
+        if len(self.seen) > 100_000:
+            self.seen = {k for k in self.seen if k[2] >= start}
+        self.seen.update((entry.name, budget.period, start, t) for t in crossed)
+        if len(self.queue) >= MAX_QUEUED:
+            self.count("failed")
+            return
+        body = alert_body(entry.name, threshold, kind, used, limit, budget.period, now)
+        self.queue.append({"key": key, "body": body})
+        self.wake.set()
 
     async def _sender(self) -> None:
         while True:

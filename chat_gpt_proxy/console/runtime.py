@@ -120,6 +120,11 @@ class RuntimeTokens:
     async def start(self) -> None:
         await self.store.open()
         await self.reload()
+        days = self.settings.usage_retention_days
+        if days:
+            deleted = await self.store.delete_refusals_before(time.time() - days * 86400)
+            if deleted:
+                log.info("admin console: %d refusal rows older than %d days deleted", deleted, days)
         if self.settings.redis_url:
             from redis.asyncio import Redis
 

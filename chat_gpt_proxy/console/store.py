@@ -119,6 +119,11 @@ DO $$ BEGIN
     CREATE TRIGGER admin_audit_append_only BEFORE UPDATE OR DELETE ON admin_audit
       FOR EACH ROW EXECUTE FUNCTION admin_audit_append_only();
   END IF;
+  -- TRUNCATE fires no row trigger: a statement-level one refuses it too.
+  IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'admin_audit_no_truncate') THEN
+    CREATE TRIGGER admin_audit_no_truncate BEFORE TRUNCATE ON admin_audit
+      FOR EACH STATEMENT EXECUTE FUNCTION admin_audit_append_only();
+  END IF;
 END $$;
 CREATE TABLE IF NOT EXISTS budget_alerts (
     name TEXT NOT NULL,
@@ -164,9 +169,10 @@ CHARGE_COLUMNS = (
     "cache",
     "estimated",
     "request_id",
+    "upstream_request_id",
 )
 REQUEST_COLUMNS = ("at", *CHARGE_COLUMNS, "refusal")
-STATUS_CLASS_RE = re.compile(r"^[1-5]xx$")
+STATUS_CLASS_RE = re.compile(r"^[1-5]xx\Z")
 
 
 class Conflict(Exception):
@@ -447,17 +453,18 @@ class ConsoleStore:
     async def requests(self, filters: dict, limit: int, offset: int) -> list[dict]:
         """One dict per ledger row (a charge) or refusal matching ``filters`` (name, model, status,
         since, until), newest first."""
-        where, args = _request_filter(filters)
+        where, args = _request_filter(filters, upstream_ids=True)
+        refusals_where, refusals_args = _request_filter(filters, upstream_ids=False)
         charges = "SELECT at, id, %s, NULL AS refusal FROM usage%s" % (  # noqa: S608
             ", ".join(CHARGE_COLUMNS),
             where,
         )
         refused = (
             "SELECT at, id, token, route, model, NULL, status, 0, 0, 0, 0.0, latency_ms, NULL, NULL, %s, request_id, "  # noqa: S608
-            "code FROM refusals%s" % (self.driver.false, where)
+            "NULL, code FROM refusals%s" % (self.driver.false, refusals_where)
         )
         sql = "SELECT * FROM (%s UNION ALL %s) AS r ORDER BY at DESC, id DESC LIMIT ? OFFSET ?" % (charges, refused)  # noqa: S608
-        rows = await self.driver.fetch(sql, (*args, *args, limit, offset))
+        rows = await self.driver.fetch(sql, (*args, *refusals_args, limit, offset))
         out = []
         for row in rows:
             item = dict(zip(("at", "id", *CHARGE_COLUMNS, "refusal"), row, strict=True))
@@ -512,6 +519,11 @@ class ConsoleStore:
                     row,
                 )
 
+    async def delete_refusals_before(self, at: float) -> int:
+        """USAGE_RETENTION_DAYS: refusal rows older than ``at`` go, as the ledger's do."""
+        async with self.driver.transaction() as tx:
+            return await tx.execute("DELETE FROM refusals WHERE at < ?", (at,))
+
     async def spent_since(self, name: str, since: float) -> tuple[float, int]:
         """(US dollars, input + output tokens) of ``name``'s ledger rows since ``since`` (the written ones)."""
         rows = await self.driver.fetch(
@@ -531,8 +543,18 @@ class ConsoleStore:
         return out
 
 
-def _request_filter(filters: dict) -> tuple[str, list]:
+def _request_filter(filters: dict, upstream_ids: bool) -> tuple[str, list]:
+    """WHERE of the Requests tab's filters; ``upstream_ids``: the table has ``upstream_request_id``
+    (the ledger's; the refusals table keeps none)."""
     where, args = [], []
+    if filters.get("request_id"):
+        # The proxy's id (x-proxy-request-id), or the upstream's (the x-request-id an SDK reports).
+        if upstream_ids:
+            where.append("(request_id = ? OR upstream_request_id = ?)")
+            args += [filters["request_id"]] * 2
+        else:
+            where.append("request_id = ?")
+            args.append(filters["request_id"])
     if filters.get("name"):
         where.append("token = ?")
         args.append(filters["name"])

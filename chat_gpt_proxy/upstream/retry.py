@@ -46,7 +46,8 @@ def retry_after_seconds(headers) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    # ASCII digits only (RFC 9110 section 10.2.3): isdigit() alone takes "²", which float() refuses.
+    if value.isascii() and value.isdigit():
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)

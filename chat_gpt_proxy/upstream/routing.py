@@ -68,7 +68,7 @@ log = logging.getLogger("chat_gpt_proxy")
 KINDS = ("openai", "azure", "anthropic")
 # The kinds that serve OpenAI's API; "anthropic" serves Anthropic's Messages API alone.
 OPENAI_KINDS = ("openai", "azure")
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 FIELDS = (
     "base_url",
     "kind",
@@ -83,11 +83,11 @@ FIELDS = (
     "priority",
     "forward_caller_key",
 )
-KEY_RE = re.compile(r"^[\x21-\x7e]{1,512}$")
+KEY_RE = re.compile(r"^[\x21-\x7e]{1,512}\Z")
 # What may stand in a URL path as a model (Azure's deployment) or an alias: a
 # caller's model goes there verbatim, so "/", "..", "?" or "#" would change the
 # path or the query that the upstream's own key is sent to.
-PATH_NAME_RE = re.compile(r"^(?!\.{1,2}$)[A-Za-z0-9._:-]{1,200}$")
+PATH_NAME_RE = re.compile(r"^(?!\.{1,2}\Z)[A-Za-z0-9._:-]{1,200}\Z")
 DEFAULT_AZURE_API_VERSION = "2024-10-21"
 # Azure names the model in the path (its "deployment") for these endpoints.
 AZURE_DEPLOYMENT_PATHS = ("chat/completions", "completions", "embeddings", "audio/transcriptions", "audio/speech")

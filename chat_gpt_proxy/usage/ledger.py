@@ -32,8 +32,14 @@ log = logging.getLogger("chat_gpt_proxy")
 logging.getLogger("aiosqlite").setLevel(logging.INFO)
 
 # Added by the migration step ``add_request_columns`` (the admin page's Requests tab); NULL in older rows.
-REQUEST_COLUMNS = ("upstream", "latency_ms", "ttft_ms", "cache")
-REQUEST_COLUMN_TYPES = {"upstream": "TEXT", "latency_ms": "REAL", "ttft_ms": "REAL", "cache": "TEXT"}
+REQUEST_COLUMNS = ("upstream", "latency_ms", "ttft_ms", "cache", "upstream_request_id")
+REQUEST_COLUMN_TYPES = {
+    "upstream": "TEXT",
+    "latency_ms": "REAL",
+    "ttft_ms": "REAL",
+    "cache": "TEXT",
+    "upstream_request_id": "TEXT",
+}
 COLUMNS = (
     "at",
     "token",

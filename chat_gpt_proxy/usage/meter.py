@@ -65,10 +65,12 @@ class Charge:
     latency_ms: float | None = None
     ttft_ms: float | None = None
     cache: str | None = None
+    # The upstream's own id of the request (its x-request-id), what a user's SDK reports.
+    upstream_request_id: str | None = None
     nanos: int = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        for name in ("token", "route", "model", "request_id"):
+        for name in ("token", "route", "model", "request_id", "upstream_request_id"):
             value = getattr(self, name)
             stored = storable_text(value)
             if stored is not value:

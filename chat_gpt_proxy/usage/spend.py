@@ -189,6 +189,7 @@ class Spend:
         latency_ms: float | None = None,
         ttft_ms: float | None = None,
         cache: str | None = None,
+        upstream_request_id: str | None = None,
     ) -> Charge:
         """Charge one finished request: its usage, or an estimate when a model ran and none came back
         (chat_gpt_proxy/usage/meter.py says how). ``model``: the model asked for; ``upstream_model``:
@@ -221,6 +222,7 @@ class Spend:
             latency_ms=latency_ms,
             ttft_ms=ttft_ms,
             cache=cache,
+            upstream_request_id=upstream_request_id,
         )
         return self.account(row)
 
