@@ -26,7 +26,20 @@ SERVER_KEY = "sk-test-team-path-server-key-4d1e"
 # What the commands name: anna's token in the tokens file, the files they create.
 ANNA = "anna-long-random-token-1"
 # Settings a developer's shell may hold that the reader's would not.
-NOT_INHERITED = ("ACCESS_TOKEN", "ACCESS_KEY", "ACCESS_TOKENS_FILE", "OPENAI_API_KEY_FILE", "ADMIN_TOKEN", "PID_FILE")
+# The proxy's own settings, and make's: under `make test` (CI) MAKELEVEL and MAKEFLAGS would make the
+# pasted `make reload` a sub-make that prints "Entering directory" lines a reader's shell never shows.
+NOT_INHERITED = (
+    "ACCESS_TOKEN",
+    "ACCESS_KEY",
+    "ACCESS_TOKENS_FILE",
+    "OPENAI_API_KEY_FILE",
+    "ADMIN_TOKEN",
+    "PID_FILE",
+    "MAKELEVEL",
+    "MAKEFLAGS",
+    "MFLAGS",
+    "MAKEOVERRIDES",
+)
 
 
 def fresh_checkout(target) -> str:
