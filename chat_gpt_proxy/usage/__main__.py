@@ -32,8 +32,8 @@ def midnight(date: datetime.date) -> float:
 
 async def report(url: str, since: datetime.date, until: datetime.date) -> list[dict]:
     store = make_store(url)
-    await store.open()
     try:
+        await store.open()
         return await store.report(midnight(since), midnight(until + datetime.timedelta(days=1)))
     finally:
         await store.close()

@@ -131,7 +131,26 @@ class SqliteStore:
     async def open(self) -> None:
         import aiosqlite
 
-        self.db = await aiosqlite.connect(self.path)
+        connection = aiosqlite.connect(self.path)
+        try:
+            self.db = await connection
+        except BaseException:
+            # aiosqlite stops its thread on a failed connect without waiting: the thread's last answer would
+            # then reach a closed event loop (a traceback after the exit line). Wait for it, briefly.
+            thread = getattr(connection, "_thread", None)
+            for _ in range(200):
+                if thread is None or not thread.is_alive():
+                    break
+                await asyncio.sleep(0.01)
+            raise
+        try:
+            await self._prepare()
+        except BaseException:
+            # aiosqlite's thread is not a daemon: left open, it keeps the process alive after its exit line.
+            await self.close()
+            raise
+
+    async def _prepare(self) -> None:
         await self.db.execute("PRAGMA journal_mode=WAL")
         # WAL with synchronous=NORMAL: a committed batch survives a crash of
         # the process; only a power loss can take the last few.
