@@ -336,3 +336,40 @@ async def test_charges_kept_stay_bounded_in_memory_and_add_up_to_the_same(instan
             assert any(k.seq is None for k in slot.kept)  # a charge outside the ledger is never "held"
     finally:
         shared.limits.skip_until = 0.0
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_redis_emptied_without_downtime_keeps_the_other_instances_recent_charges(
+    instances, redis_server, tmp_path, monkeypatch
+):
+    """FLUSHALL while b's last charges are in Redis but their ledger rows still wait for b's next write:
+    the instance that seeds Redis again must not miss them. Requests one at a time, so nothing is in
+    flight: exactly the budget is admitted."""
+    from chat_gpt_proxy.usage import ledger as ledger_module
+
+    monkeypatch.setattr(ledger_module, "FLUSH_SECONDS", 2.0)  # b's rows wait longer, the race is certain
+    tokens = tmp_path / "ten.toml"
+    tokens.write_text('[anna]\ntoken = "%s"\nbudget_tokens = %d\nbudget_period = "week"\n' % (ANNA, 10 * PER_REQUEST))
+    (a, url_a), (b, url_b) = (
+        await instances(access_tokens_file=str(tokens), redis_failure_mode="closed"),
+        await instances(access_tokens_file=str(tokens), redis_failure_mode="closed"),
+    )
+    for _ in range(5):
+        assert (await chat(url_a)).code == 200
+        await settled(a)
+    await a.spend.ledger.flush()
+    await b.spend.ledger.flush()  # b's writer has just written: its next rows wait 2 s
+    for _ in range(4):
+        assert (await chat(url_b)).code == 200
+        await settled(b)
+    assert b.spend.ledger.queue, "b's rows are not written yet"
+    redis_server.command("FLUSHALL")  # no downtime: both instances keep their connections
+    codes = []
+    for url in [url_a, url_b] * 5:
+        codes.append((await chat(url)).code)
+        await settled(a, b)
+    for app in (a, b):
+        await app.spend.ledger.flush()
+    (_, charged) = await a.spend.ledger.spent_since("anna", 0.0)
+    assert charged == 10 * PER_REQUEST, (charged // PER_REQUEST, codes)
+    assert codes.count(200) == 1 and set(codes) == {200, 429}, codes

@@ -95,6 +95,8 @@ class Spend:
                 if self.shared is not None:
                     # Only where Redis has nothing yet: once it holds a period, it is the authority.
                     await self.shared.seed(name, period, start, measured)
+        if self.shared is not None:
+            await self.shared.seed_marked()
 
     async def measure(self, name: str, period: str, start: float) -> Measured:
         """What this instance knows ``name`` spent in a period: the ledger (every instance's rows,
