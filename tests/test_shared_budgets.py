@@ -373,3 +373,15 @@ async def test_redis_emptied_without_downtime_keeps_the_other_instances_recent_c
     (_, charged) = await a.spend.ledger.spent_since("anna", 0.0)
     assert charged == 10 * PER_REQUEST, (charged // PER_REQUEST, codes)
     assert codes.count(200) == 1 and set(codes) == {200, 429}, codes
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_budgets_shared_without_a_shared_ledger_are_warned_about_once(instances, ledger_url, caplog):
+    """Exact shared budgets need the ledger every instance writes (PostgreSQL): with none, or a SQLite file
+    of each instance's own, Redis restarted empty is seeded from what one instance knows. Said at startup."""
+    for database in ("", ledger_url):
+        caplog.clear()
+        await instances(usage_database=database)
+        warned = [r for r in caplog.records if "not shared" in r.getMessage() and r.levelname == "WARNING"]
+        shared = database.startswith("postgresql://")
+        assert len(warned) == (0 if shared else 1), [r.getMessage() for r in warned]

@@ -23,7 +23,7 @@ from chat_gpt_proxy.formats.usage import Usage
 
 from .budgets import NO_BUDGET, PERIODS, Budget, BudgetBook, Measured, Over, period_bounds
 from .deferred import DeferredWork
-from .ledger import Ledger, make_store
+from .ledger import Ledger, SqliteStore, make_store
 from .meter import Charge, cost, estimate
 from .prices import Price, PriceTable
 
@@ -71,6 +71,8 @@ class Spend:
 
     async def start(self, entries) -> None:
         """Open the ledger and rebuild every named token's spend in its current periods from it."""
+        if self.shared is not None and any(e.policy.budget for e in entries):
+            self.warn_unshared_ledger()
         if self.ledger is None:
             return
         await self.ledger.start()
@@ -80,6 +82,18 @@ class Spend:
             deleted = await self.ledger.delete_before(cutoff)
             if deleted:
                 log.info("usage ledger: %d rows older than %d days deleted", deleted, self.config.usage_retention_days)
+
+    def warn_unshared_ledger(self) -> None:
+        """Redis restarted empty is seeded from the ledger: exact only if it holds every instance's rows."""
+        if self.ledger is not None and not isinstance(self.ledger.store, SqliteStore):
+            return
+        log.warning(
+            "shared budgets: the usage ledger is not shared between instances (%s): if Redis restarts empty, "
+            "a budget is seeded from what the instance asking first knows, and the spend of instances that "
+            "do not write this ledger is forgotten; for exact shared budgets across hosts set USAGE_DATABASE "
+            "to one PostgreSQL database",
+            "no USAGE_DATABASE" if self.ledger is None else "SQLite: shared only by the processes of one host",
+        )
 
     async def rebuild(self, entries) -> None:
         """Read from the ledger what tokens not yet read spent in their current periods."""
