@@ -385,3 +385,29 @@ async def test_budgets_shared_without_a_shared_ledger_are_warned_about_once(inst
         warned = [r for r in caplog.records if "not shared" in r.getMessage() and r.levelname == "WARNING"]
         shared = database.startswith("postgresql://")
         assert len(warned) == (0 if shared else 1), [r.getMessage() for r in warned]
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_read_only_redis_is_logged_once_not_every_second(instances, redis_server, tmp_path, caplog):
+    """A replica (or a Redis out of memory) answers the budget's read and refuses its charge: it fails and
+    recovers every second. That is one outage: one warning, not a warning and an info line a second."""
+    tokens = tmp_path / "big.toml"
+    tokens.write_text('[anna]\ntoken = "%s"\nbudget_tokens = %d\n' % (ANNA, 10_000 * PER_REQUEST))
+    (a, url_a) = await instances(access_tokens_file=str(tokens))
+    assert (await chat(url_a)).code == 200
+    await settled(a)
+    caplog.clear()
+    assert redis_server.command("REPLICAOF", "127.0.0.1", "1") == "+OK"  # its master never answers
+    try:
+        deadline = time.monotonic() + 5
+        codes = []
+        while time.monotonic() < deadline:
+            codes.append((await chat(url_a)).code)
+            await settled(a)
+            await asyncio.sleep(0.1)
+    finally:
+        assert redis_server.command("REPLICAOF", "NO", "ONE") == "+OK"
+    assert set(codes) == {200}
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if "shared limits" in r.getMessage()]
+    assert any("READONLY" in text or "ReadOnly" in text for _, text in said), said
+    assert len(said) <= 3, said  # the first failure, the first recovery, the relapse
