@@ -76,7 +76,7 @@ class Spend:
         if self.ledger is None:
             return
         await self.ledger.start()
-        await self.rebuild(entries)
+        await self.rebuild(entries, starting=True)
         if self.config.usage_retention_days:
             cutoff = time.time() - self.config.usage_retention_days * 86400
             deleted = await self.ledger.delete_before(cutoff)
@@ -95,7 +95,7 @@ class Spend:
             "no USAGE_DATABASE" if self.ledger is None else "SQLite: shared only by the processes of one host",
         )
 
-    async def rebuild(self, entries) -> None:
+    async def rebuild(self, entries, starting: bool = False) -> None:
         """Read from the ledger what tokens not yet read spent in their current periods."""
         if self.ledger is None:
             return
@@ -109,8 +109,14 @@ class Spend:
                 if self.shared is not None:
                     # Only where Redis has nothing yet: once it holds a period, it is the authority.
                     await self.shared.seed(name, period, start, measured)
-        if self.shared is not None:
+        if self.shared is None:
+            return
+        if starting:
+            # Before the first request: one wait, then every total Redis lacks is seeded.
             await self.shared.seed_marked()
+        else:
+            # A reload does not wait: a total marked here is seeded by its token's first request.
+            self.shared.to_seed.clear()
 
     async def measure(self, name: str, period: str, start: float) -> Measured:
         """What this instance knows ``name`` spent in a period: the ledger (every instance's rows,
