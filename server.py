@@ -382,6 +382,9 @@ async def serve(
             % (mask_url(settings.usage_database), (str(exc) or type(exc).__name__).replace("\n", " ")[:300]),
             file=sys.stderr,
         )
+        # Whatever did open (a database thread, a pool) would keep the process from exiting.
+        with contextlib.suppress(Exception):
+            await app.spend.close()
         sys.exit(2)
     server = make_server(app, settings, ssl_context)
     loop = asyncio.get_running_loop()

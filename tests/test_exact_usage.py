@@ -445,3 +445,32 @@ def test_the_cap_of_a_request_for_several_choices_counts_them_all():
     assert output_cap(b'{"n": 8, "max_completion_tokens": 1000}') == 8000
     assert output_cap({"max_tokens": 50}) == 50
     assert output_cap(b"not json") is None
+
+
+HUGE = "1" + "0" * 309  # a valid JSON number, an int in Python, above any float
+
+
+@pytest.mark.parametrize("stream", [True, False])
+@pytest.mark.gen_test(timeout=30)
+async def test_a_token_count_beyond_any_float_is_estimated_not_a_traceback(
+    http_server, app, fake_openai, base_url, stream, caplog
+):
+    """An upstream reporting 10**309 tokens: the count is not believed (the estimate is charged), and
+    nothing overflows (the price, the metrics), so the request is charged and its handler ends."""
+    usage = '"usage":{"prompt_tokens":%s,"completion_tokens":5}' % HUGE
+    if stream:
+        fake_openai.push(raw_stream(chat_chunk('"choices":[],' + usage)))
+    else:
+        body = ('{"id":"c","object":"chat.completion","model":"gpt-4o-mini","choices":[],%s}' % usage).encode()
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+        fake_openai.push(Behaviour(kind="raw", raw=(head + body).decode("latin-1")))
+    request = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "stream": stream}
+    async with httpx.AsyncClient(timeout=30) as client:
+        response = await client.post(base_url + "/v1/chat/completions", json=request, headers=headers())
+    assert response.status_code == 200
+    (row,) = await rows(app)
+    assert row["estimated"] == 1 and row["input_tokens"] < 2**53
+    async with httpx.AsyncClient(timeout=30) as client:
+        metrics = await client.get(base_url + "/metrics")
+    assert metrics.status_code == 200
+    assert not [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()]

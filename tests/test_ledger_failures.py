@@ -8,17 +8,23 @@ in the database, or in ``proxy_usage_rows_dropped_total``.
 
 import asyncio
 import contextlib
+import csv
+import io
 import logging
 import os
 import sqlite3
 import subprocess
+import sys
 import time
 import uuid
 
 import pytest
 
+from chat_gpt_proxy.usage.report import to_csv, to_table
+from chat_gpt_proxy.usage.storable import storable_text
 from server import make_app
 from tests.conftest import proxy_settings
+from tests.procs import ROOT
 
 MALLORY = "mallory-TOKEN-7c1e9a3b5d"
 BOB = "bob-TOKEN-2f4a6c8e0b"
@@ -101,6 +107,51 @@ async def test_a_poisoned_model_name_does_not_stop_the_ledger_for_anyone(proxy, 
     finally:
         restarted.pool.close()
         await restarted.spend.close()
+
+
+# A model name a terminal would run: clear the screen, ring, and forge a line of the report.
+FORGED = "gpt\x1b[2J\x07\r\nday  boss  gpt-4o  1  0  0  $0.00\x85\x9b"
+
+
+def test_control_characters_never_reach_a_stored_row():
+    assert storable_text(FORGED) == "gpt\ufffd[2J\ufffd\ufffd\ufffdday  boss  gpt-4o  1  0  0  $0.00\ufffd\ufffd"
+    assert storable_text("gpt-4o\x7f") == "gpt-4o\ufffd" and storable_text("a\x00b\tc") == "ab\ufffdc"
+    assert storable_text("gpt-4o-2024-08-06") == "gpt-4o-2024-08-06" and storable_text("модель") == "модель"
+
+
+def test_the_report_escapes_control_characters_of_rows_stored_before():
+    """A ledger written by an older release may hold raw controls: the table shows them escaped, one line a
+    row, and the CSV quotes a cell with a line break (RFC 4180), so no row is forged either way."""
+    row = {"day": "2026-12-01", "token": "alice\x1b]0;x\x07", "model": FORGED, "requests": 1, "input_tokens": 9}
+    row |= {"cached_tokens": 0, "output_tokens": 2, "usd": 0.5, "estimated": 0}
+    table = to_table([row])
+    assert not any(not c.isprintable() for c in table.replace("\n", ""))
+    assert len(table.splitlines()) == 4 and "gpt\\x1b[2J\\x07\\r\\nday" in table
+    (header, cells) = list(csv.reader(io.StringIO(to_csv([row]), newline="")))
+    assert cells[1] == row["token"] and cells[2] == FORGED
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_model_name_with_control_characters_is_stored_replaced(proxy, app, config, ledger_url):
+    body = {"model": FORGED, "messages": [{"role": "user", "content": "hi"}]}
+    response = await proxy.request("/v1/chat/completions", json_body=body, headers=as_(BOB))
+    assert response.code == 200, response.body
+    ledger = app.spend.ledger
+    await until(lambda: not ledger.queue and not ledger.failing, 10, "the row written")
+    (row,) = await ledger.report(0, time.time() + 1)
+    assert row["model"] == storable_text(FORGED)
+    if ledger_url.startswith("postgresql://"):
+        return
+    await app.spend.close()
+    report = subprocess.run(
+        [sys.executable, "-m", "chat_gpt_proxy.usage", "--since", "2020-01-01", "--database", ledger_url],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert report.returncode == 0, report.stderr
+    assert "\x1b" not in report.stdout and "\r" not in report.stdout and len(report.stdout.splitlines()) == 4
 
 
 # -- a full disk

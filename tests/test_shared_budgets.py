@@ -336,3 +336,78 @@ async def test_charges_kept_stay_bounded_in_memory_and_add_up_to_the_same(instan
             assert any(k.seq is None for k in slot.kept)  # a charge outside the ledger is never "held"
     finally:
         shared.limits.skip_until = 0.0
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_redis_emptied_without_downtime_keeps_the_other_instances_recent_charges(
+    instances, redis_server, tmp_path, monkeypatch
+):
+    """FLUSHALL while b's last charges are in Redis but their ledger rows still wait for b's next write:
+    the instance that seeds Redis again must not miss them. Requests one at a time, so nothing is in
+    flight: exactly the budget is admitted."""
+    from chat_gpt_proxy.usage import ledger as ledger_module
+
+    monkeypatch.setattr(ledger_module, "FLUSH_SECONDS", 2.0)  # b's rows wait longer, the race is certain
+    tokens = tmp_path / "ten.toml"
+    tokens.write_text('[anna]\ntoken = "%s"\nbudget_tokens = %d\nbudget_period = "week"\n' % (ANNA, 10 * PER_REQUEST))
+    (a, url_a), (b, url_b) = (
+        await instances(access_tokens_file=str(tokens), redis_failure_mode="closed"),
+        await instances(access_tokens_file=str(tokens), redis_failure_mode="closed"),
+    )
+    for _ in range(5):
+        assert (await chat(url_a)).code == 200
+        await settled(a)
+    await a.spend.ledger.flush()
+    await b.spend.ledger.flush()  # b's writer has just written: its next rows wait 2 s
+    for _ in range(4):
+        assert (await chat(url_b)).code == 200
+        await settled(b)
+    assert b.spend.ledger.queue, "b's rows are not written yet"
+    redis_server.command("FLUSHALL")  # no downtime: both instances keep their connections
+    codes = []
+    for url in [url_a, url_b] * 5:
+        codes.append((await chat(url)).code)
+        await settled(a, b)
+    for app in (a, b):
+        await app.spend.ledger.flush()
+    (_, charged) = await a.spend.ledger.spent_since("anna", 0.0)
+    assert charged == 10 * PER_REQUEST, (charged // PER_REQUEST, codes)
+    assert codes.count(200) == 1 and set(codes) == {200, 429}, codes
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_budgets_shared_without_a_shared_ledger_are_warned_about_once(instances, ledger_url, caplog):
+    """Exact shared budgets need the ledger every instance writes (PostgreSQL): with none, or a SQLite file
+    of each instance's own, Redis restarted empty is seeded from what one instance knows. Said at startup."""
+    for database in ("", ledger_url):
+        caplog.clear()
+        await instances(usage_database=database)
+        warned = [r for r in caplog.records if "not shared" in r.getMessage() and r.levelname == "WARNING"]
+        shared = database.startswith("postgresql://")
+        assert len(warned) == (0 if shared else 1), [r.getMessage() for r in warned]
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_read_only_redis_is_logged_once_not_every_second(instances, redis_server, tmp_path, caplog):
+    """A replica (or a Redis out of memory) answers the budget's read and refuses its charge: it fails and
+    recovers every second. That is one outage: one warning, not a warning and an info line a second."""
+    tokens = tmp_path / "big.toml"
+    tokens.write_text('[anna]\ntoken = "%s"\nbudget_tokens = %d\n' % (ANNA, 10_000 * PER_REQUEST))
+    (a, url_a) = await instances(access_tokens_file=str(tokens))
+    assert (await chat(url_a)).code == 200
+    await settled(a)
+    caplog.clear()
+    assert redis_server.command("REPLICAOF", "127.0.0.1", "1") == "+OK"  # its master never answers
+    try:
+        deadline = time.monotonic() + 5
+        codes = []
+        while time.monotonic() < deadline:
+            codes.append((await chat(url_a)).code)
+            await settled(a)
+            await asyncio.sleep(0.1)
+    finally:
+        assert redis_server.command("REPLICAOF", "NO", "ONE") == "+OK"
+    assert set(codes) == {200}
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if "shared limits" in r.getMessage()]
+    assert any("READONLY" in text or "ReadOnly" in text for _, text in said), said
+    assert len(said) <= 3, said  # the first failure, the first recovery, the relapse

@@ -15,6 +15,8 @@ import asyncio
 import itertools
 import logging
 import os
+import subprocess
+import sys
 import time
 import traceback
 import urllib.parse
@@ -27,7 +29,7 @@ from chat_gpt_proxy.usage import ledger as ledger_module
 from chat_gpt_proxy.usage.ledger import BATCH_ROWS, Ledger, SqliteStore, make_store
 from chat_gpt_proxy.usage.meter import Charge
 from chat_gpt_proxy.usage.postgres import PostgresStore, PostgresStoreError
-from tests.procs import free_port
+from tests.procs import ROOT, free_port
 
 # 2023-11-15 00:00:00 UTC.
 DAY = 1_700_006_400.0
@@ -736,3 +738,38 @@ async def test_sqlite_keeps_its_wal_small(tmp_path, ledgers):
     await ledger.flush()
     assert os.path.getsize(path) > 2 << 20
     assert os.path.getsize(path + "-wal") <= 512 << 10, os.path.getsize(path + "-wal")
+
+
+async def columns_of(url) -> set[str]:
+    if url.startswith("postgresql://"):
+        conn = await asyncpg.connect(url, timeout=5)
+        try:
+            found = await conn.fetch("SELECT column_name FROM information_schema.columns WHERE table_name = 'usage'")
+        finally:
+            await conn.close()
+        return {r[0] for r in found}
+    async with aiosqlite.connect(url) as db, db.execute("PRAGMA table_info(usage)") as cursor:
+        return {r[1] for r in await cursor.fetchall()}
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_the_report_command_reads_an_older_ledger_without_changing_it(store_url, tmp_path):
+    """``python -m chat_gpt_proxy.usage`` only reads: an older release's ledger is reported as it is, not
+    migrated (the server that writes it migrates it when it is upgraded), and SQLite's file is not written."""
+    old = [(DAY + i, "alice", "/v1/chat/completions", "gpt-4o", 9, 0, 2, 0.25, False, 200, "o%d" % i) for i in range(4)]
+    await old_ledger(store_url, old)
+    before = await columns_of(store_url)
+    stamp = None if store_url.startswith("postgresql://") else os.stat(store_url).st_mtime_ns
+    report = subprocess.run(
+        [sys.executable, "-m", "chat_gpt_proxy.usage", "--since", "2023-11-01", "--until", "2023-11-30", "--csv"],
+        cwd=ROOT,
+        env={"USAGE_DATABASE": store_url, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert report.returncode == 0, report.stderr
+    assert report.stdout.splitlines()[1:] == ["2023-11-15,alice,gpt-4o,4,36,0,8,1,0"]
+    assert await columns_of(store_url) == before and "usd_nanos" not in before
+    if stamp is not None:
+        assert os.stat(store_url).st_mtime_ns == stamp

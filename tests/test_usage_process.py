@@ -158,3 +158,29 @@ def test_the_report_command_explains_a_missing_database(tmp_path):
         timeout=30,
     )
     assert report.returncode == 2 and "no such database file" in report.stderr and "Traceback" not in report.stderr
+
+
+@pytest.mark.gen_test(timeout=60)
+@pytest.mark.parametrize("kind", ["junk", "directory"])
+async def test_a_ledger_that_will_not_open_ends_the_process(fake_openai, tmp_path, kind):
+    """A file that is no database, or a directory: one line and exit 2 within seconds, not a process that
+    printed its last words and hangs on the driver's thread."""
+    path = tmp_path / "ledger"
+    if kind == "junk":
+        path.write_bytes(b"this is not a database " * 100)
+    else:
+        path.mkdir()
+    server = start(fake_openai, tmp_path, USAGE_DATABASE=str(path))
+    try:
+        assert await server.wait_exit(10) == 2, server.output()
+        assert "invalid setting USAGE_DATABASE" in server.output() and "Traceback" not in server.output()
+    finally:
+        server.stop()
+    report = subprocess.run(
+        [sys.executable, "-m", "chat_gpt_proxy.usage", "--database", str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    assert report.returncode == 2 and "Traceback" not in report.stderr, report.stderr

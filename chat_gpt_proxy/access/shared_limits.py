@@ -150,6 +150,10 @@ return count
 RETRY_AFTER_FAILURE = 1.0
 # At most one warning per this many seconds while Redis fails.
 WARNING_INTERVAL = 10.0
+# A failure this soon after Redis answered again is the same outage going on (a Redis that answers reads
+# but refuses writes, read-only or out of memory, fails and recovers every second): said once, and
+# the outage ends only after this long without a failure.
+RELAPSE_WINDOW = 60.0
 # What a failed call may raise: the client's errors, the socket's, wait_for's.
 FAILURES = (RedisError, OSError, asyncio.TimeoutError)
 
@@ -194,6 +198,11 @@ class SharedLimits:
         self.failures = 0
         self.warned_at = -math.inf
         self.suppressed = 0
+        # When Redis last answered again after failing, and when a call last failed (monotonic).
+        self.back_at = -math.inf
+        self.failed_at = -math.inf
+        # Failing and answering in turn: not logged until RELAPSE_WINDOW passes without a failure.
+        self.relapsing = False
 
     def describe(self) -> str:
         if self.closed_mode:
@@ -347,16 +356,27 @@ class SharedLimits:
             self.pending.add(future)
             future.add_done_callback(self.pending.discard)
         now = time.monotonic()
+        self.failed_at = now
+        if self.relapsing:
+            self.suppressed += 1
+            return
+        if now - self.back_at < RELAPSE_WINDOW:
+            self.relapsing = True
+            log.warning(
+                "shared limits: Redis %s failed again %.0fs after it answered (%s); as long as it keeps "
+                "failing now and then (a read-only or full Redis answers reads, refuses writes), this is "
+                "not logged again until it has answered for %gs without a failure; see "
+                "proxy_redis_errors_total",
+                op,
+                now - self.back_at,
+                describe_failure(exc, self.timeout),
+                RELAPSE_WINDOW,
+            )
+            return
         if now - self.warned_at < WARNING_INTERVAL:
             self.suppressed += 1
             return
-        if exc is None:
-            cause = "not retried yet after a failure"
-        elif isinstance(exc, asyncio.TimeoutError):
-            cause = "no answer within REDIS_TIMEOUT=%gs" % self.timeout
-        else:
-            # redis-py's messages name the host and port, never the password.
-            cause = "%s: %s" % (type(exc).__name__, str(exc).replace("\n", " ")[:200])
+        cause = describe_failure(exc, self.timeout)
         log.warning(
             "shared limits: Redis %s failed (%s); %s%s",
             op,
@@ -370,11 +390,28 @@ class SharedLimits:
         self.suppressed = 0
 
     def succeeded(self) -> None:
+        if self.relapsing:
+            if time.monotonic() - self.failed_at < RELAPSE_WINDOW:
+                self.up = True
+                self.skip_until = 0.0
+                return
+            self.relapsing = False
+            self.up = False  # said below, once
         if self.up is False:
             log.info("shared limits: Redis answers again, after %d failed or skipped calls", self.failures)
             self.failures = 0
             self.warned_at = -math.inf
             self.suppressed = 0
+            self.back_at = time.monotonic()
         self.up = True
         # Any call that got through (a heartbeat too) ends the pause.
         self.skip_until = 0.0
+
+
+def describe_failure(exc: BaseException | None, timeout: float) -> str:
+    if exc is None:
+        return "not retried yet after a failure"
+    if isinstance(exc, asyncio.TimeoutError):
+        return "no answer within REDIS_TIMEOUT=%gs" % timeout
+    # redis-py's messages name the host and port, never the password.
+    return "%s: %s" % (type(exc).__name__, str(exc).replace("\n", " ")[:200])

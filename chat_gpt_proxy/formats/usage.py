@@ -36,6 +36,11 @@ class Usage:
         return usage if all(count(getattr(usage, f.name)) is not None for f in dataclasses.fields(cls)) else None
 
 
+# The largest count believed: every integer up to it is exact as a float, which prices and metrics use;
+# a JSON number may be any integer, and one beyond a float overflows where it is priced or counted.
+COUNT_MAX = 2**53
+
+
 def count(value) -> int | None:
-    """A token count as an upstream writes it: a non-negative integer (not a bool), else None."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+    """A token count as an upstream writes it: an integer (not a bool) from 0 to ``COUNT_MAX``, else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= COUNT_MAX else None

@@ -2,8 +2,9 @@
 
     python -m chat_gpt_proxy.usage --since 2026-12-01 [--until 2026-12-31] [--csv] [--database URL]
 
-The database is USAGE_DATABASE unless --database names one. SQLite is read
-while the server writes (WAL mode). Exit 2 with one line for a bad argument
+The database is USAGE_DATABASE unless --database names one. It is only read,
+never migrated (an older release's ledger is reported as it is); SQLite is
+read while the server writes (WAL mode). Exit 2 with one line for a bad argument
 or a database that cannot be read.
 """
 
@@ -32,8 +33,8 @@ def midnight(date: datetime.date) -> float:
 
 async def report(url: str, since: datetime.date, until: datetime.date) -> list[dict]:
     store = make_store(url)
-    await store.open()
     try:
+        await store.open_read_only()
         return await store.report(midnight(since), midnight(until + datetime.timedelta(days=1)))
     finally:
         await store.close()

@@ -21,6 +21,7 @@ import collections
 import contextlib
 import datetime
 import logging
+import os
 import time
 
 from .meter import Charge
@@ -127,11 +128,50 @@ class SqliteStore:
     def __init__(self, path: str):
         self.path = path
         self.db = None
+        # The money of a row, in SQL: an older release's ledger opened read-only has no usd_nanos.
+        self.nanos = SQLITE_NANOS
 
     async def open(self) -> None:
         import aiosqlite
 
-        self.db = await aiosqlite.connect(self.path)
+        connection = aiosqlite.connect(self.path)
+        try:
+            self.db = await connection
+        except BaseException:
+            # aiosqlite stops its thread on a failed connect without waiting: the thread's last answer would
+            # then reach a closed event loop (a traceback after the exit line). Wait for it, briefly.
+            thread = getattr(connection, "_thread", None)
+            for _ in range(200):
+                if thread is None or not thread.is_alive():
+                    break
+                await asyncio.sleep(0.01)
+            raise
+        try:
+            await self._prepare()
+        except BaseException:
+            # aiosqlite's thread is not a daemon: left open, it keeps the process alive after its exit line.
+            await self.close()
+            raise
+
+    async def open_read_only(self) -> None:
+        """For the report command: read the file as it is, older schemas included; never write it."""
+        import urllib.parse
+
+        import aiosqlite
+
+        uri = "file:%s?mode=ro" % urllib.parse.quote(os.path.abspath(self.path))
+        connection = aiosqlite.connect(uri, uri=True)
+        self.db = await connection
+        try:
+            async with self.db.execute("PRAGMA table_info(usage)") as cursor:
+                columns = {row[1] for row in await cursor.fetchall()}
+        except BaseException:
+            await self.close()
+            raise
+        if "usd_nanos" not in columns:
+            self.nanos = "CAST(round(usd * 1000000000) AS INTEGER)"
+
+    async def _prepare(self) -> None:
         await self.db.execute("PRAGMA journal_mode=WAL")
         # WAL with synchronous=NORMAL: a committed batch survives a crash of
         # the process; only a power loss can take the last few.
@@ -224,7 +264,7 @@ class SqliteStore:
         async with self.db.execute(
             "SELECT date(at, 'unixepoch') AS day, token, model, COUNT(*), SUM(input_tokens), SUM(cached_tokens), "  # noqa: S608
             "SUM(output_tokens), SUM(%s), SUM(estimated) FROM usage WHERE at >= ? AND at < ? "
-            "GROUP BY day, token, model ORDER BY day, token, model" % SQLITE_NANOS,
+            "GROUP BY day, token, model ORDER BY day, token, model" % self.nanos,
             (since, until),
         ) as cursor:
             rows = await cursor.fetchall()

@@ -86,11 +86,17 @@ SPENT = (
     "FROM usage WHERE token = $1 AND at >= $2" % NANOS
 )
 # Day as SQLite's date(at, 'unixepoch'); order as SQLite's (bytewise, NULL first).
-REPORT = (
+REPORT_OF = (
     "SELECT to_char(to_timestamp(at) AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day, token, model, COUNT(*), "  # noqa: S608
     "SUM(input_tokens), SUM(cached_tokens), SUM(output_tokens), SUM(%s)::bigint, "
     "COUNT(*) FILTER (WHERE estimated) FROM usage WHERE at >= $1 AND at < $2 GROUP BY day, token, model "
-    'ORDER BY day, token COLLATE "C", model COLLATE "C" NULLS FIRST' % NANOS
+    'ORDER BY day, token COLLATE "C", model COLLATE "C" NULLS FIRST'
+)
+REPORT = REPORT_OF % NANOS
+# An older release's ledger, read as it is (the report command never migrates).
+USD_NANOS_PRESENT = (
+    "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('usage') AND attname = 'usd_nanos' "
+    "AND NOT attisdropped)"
 )
 
 
@@ -166,6 +172,7 @@ class PostgresStore:
         # (transaction id, server pid, rows) of a batch that failed after BEGIN: written or not, unknown.
         self.in_doubt: tuple[str, int, list[Charge]] | None = None
         self.log_filter = _DriverLogFilter(self._scrub)
+        self.report_sql = REPORT
 
     def __repr__(self) -> str:
         return "PostgresStore(%r)" % self.where
@@ -191,16 +198,35 @@ class PostgresStore:
             # ``from None``: the driver's exception is not shown with this one.
             raise PostgresStoreError("usage database %s: %s" % (self.where, self._describe(exc))) from None
 
-    async def _create_pool(self):
+    async def open_read_only(self) -> None:
+        """For the report command: every transaction read-only, no schema made or migrated, an older
+        release's table read as it is."""
+        try:
+            self.pool = await self._create_pool(read_only=True)
+            async with self.pool.acquire() as conn:
+                if not await conn.fetchval(USD_NANOS_PRESENT):
+                    self.report_sql = REPORT_OF % "round(usd * 1e9)::bigint"
+            self.schema_ready = True
+        except Exception as exc:
+            pool, self.pool = self.pool, None
+            if pool is not None:
+                pool.terminate()
+            logging.getLogger(DRIVER_LOGGER).removeFilter(self.log_filter)
+            raise PostgresStoreError("usage database %s: %s" % (self.where, self._describe(exc))) from None
+
+    async def _create_pool(self, read_only: bool = False):
         import asyncpg
 
         logging.getLogger(DRIVER_LOGGER).addFilter(self.log_filter)  # once, however often called
+        settings = {"application_name": "chat_gpt_proxy"}
+        if read_only:
+            settings["default_transaction_read_only"] = "on"
         return await asyncpg.create_pool(
             self.url,
             min_size=POOL_MIN,
             max_size=POOL_MAX,
             timeout=CONNECT_TIMEOUT,
-            server_settings={"application_name": "chat_gpt_proxy"},
+            server_settings=settings,
         )
 
     async def _ensure_schema(self) -> None:
@@ -352,7 +378,7 @@ class PostgresStore:
     async def report(self, since: float, until: float) -> list[dict]:
         """Spend grouped by UTC day, token and model, for ``since <= at < until``."""
         async with self._pool().acquire() as conn:
-            rows = await conn.fetch(REPORT, since, until)
+            rows = await conn.fetch(self.report_sql, since, until)
         return [report_row(*row) for row in rows]
 
     async def delete_before(self, at: float) -> int:

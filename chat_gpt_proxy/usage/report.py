@@ -36,6 +36,15 @@ def to_csv(rows: list[dict]) -> str:
     return out.getvalue()
 
 
+def shown(text: str) -> str:
+    """``text`` safe to print on a terminal: a control or format character (ESC, CR, a bidi override), which
+    would clear the screen or forge a line, is written as its escape. Rows stored by an older release may
+    still hold them."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def to_table(rows: list[dict]) -> str:
     """A plain-text table with totals per token, for a terminal."""
     lines = [
@@ -47,8 +56,8 @@ def to_table(rows: list[dict]) -> str:
             "%-10s  %-20s  %-28s  %8d  %12d  %12d  %12s%s"
             % (
                 row["day"],
-                row["token"][:20],
-                (row["model"] or "-")[:28],
+                shown(row["token"][:20]),
+                shown((row["model"] or "-")[:28]),
                 row["requests"],
                 row["input_tokens"],
                 row["output_tokens"],
@@ -58,5 +67,5 @@ def to_table(rows: list[dict]) -> str:
         )
         totals[row["token"]] = totals.get(row["token"], 0.0) + row["usd"]
     lines.append("")
-    lines.extend("total %-20s  %12s" % (token[:20], dollars(usd)) for token, usd in sorted(totals.items()))
+    lines.extend("total %-20s  %12s" % (shown(token[:20]), dollars(usd)) for token, usd in sorted(totals.items()))
     return "\n".join(lines) + "\n"

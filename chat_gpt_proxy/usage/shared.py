@@ -7,7 +7,9 @@ a day after its period ends, with:
 - ``nanos`` and ``tokens``: what every instance charged in the period (money in
   integer nano-dollars: exact sums, where float dollars drift);
 - ``seed``: who first filled the hash and from what (``<instance>|ledger|<time>``
-  or ``<instance>|local|<time>``). A hash without it is not trusted.
+  or ``<instance>|local|<time>``). A hash without it is not trusted;
+- ``pending``, on a hash without its seed: the mark of the instance that found
+  it so (``<instance>|pending|<time>``), until it is seeded.
 
 What each step costs and does:
 
@@ -18,20 +20,32 @@ What each step costs and does:
   lowers it: a smaller total is one that lost charges), so that if Redis goes
   away the instance goes on from there (REDIS_FAILURE_MODE open), or refuses
   (closed: 503 ``limits_unavailable``).
-- A hash without its seed (Redis restarted empty, a key evicted, a new
+- A hash without its seed (Redis restarted or emptied, a key evicted, a new
   period) is seeded before it is trusted: from the ledger, which holds every
   instance's rows (and this instance's rows not yet written), or without a
   ledger from this instance's own counter; one atomic script, so the first
-  instance to seed it wins and the others read its total.
+  instance to seed it wins and the others read its total. Redis emptied
+  while up loses charges other instances had added whose ledger rows are
+  still queued (written every ``FLUSH_SECONDS``): so, with a ledger, the
+  hash is first marked ``pending`` and seeded only ``settle_seconds`` after
+  this instance first saw that mark, and only if the mark is still there (no
+  emptying since; no charge lands meanwhile, as a charge needs the seed). A
+  request of that token waits that long once (about 2 s); at startup one
+  wait covers every hash.
 - A charge Redis did not take (unreachable, no seed yet) is kept, per hash,
   and added once Redis answers again, unless the seed already holds it: a seed
   this instance made holds its rows recorded before; a seed another instance
   made from the ledger at time T holds this instance's rows written to the
   database before T (``Ledger.written_before``).
 
-So two instances never exceed a budget by more than what their requests in
-flight at that moment spend, Redis restarts included (closed mode; in open
-mode, while Redis is down each instance counts alone). A charge whose answer
+So two instances sharing one ledger never exceed a budget by more than what
+their requests in flight at that moment spend, Redis restarted or emptied
+included (closed mode; in open mode, while Redis is down each instance counts
+alone), with one window left: an instance whose ledger write takes longer
+than ``SETTLE_MARGIN`` (its database slow or down) when Redis is emptied has
+its charges of the last moments before that missing from the new seed.
+Without a shared ledger (none, or one SQLite file per instance) a seed holds
+only what its instance knew: see ``docs/team.md``. A charge whose answer
 was lost (a timeout) may have been applied: it is added again, so Redis may
 count it twice (never zero times); the ledger has it once.
 """
@@ -46,6 +60,7 @@ import time
 from chat_gpt_proxy.access.shared_limits import FAILURES, SharedLimits
 from chat_gpt_proxy.access.tokens import UNAVAILABLE
 
+from . import ledger as ledger_module
 from .budgets import PERIODS, Measured, period_bounds
 from .ledger import describe
 
@@ -61,6 +76,9 @@ MEASURE_TIMEOUT = 1.0
 RETRY_PAUSE = 0.25
 # Charges kept per hash before neighbours are merged (memory stays bounded however long Redis is away).
 PENDING_MAX = 10_000
+# Seconds, beyond the ledger's pause between writes, that a hash found without its seed waits before
+# it is seeded from the ledger: time for every instance's write in progress.
+SETTLE_MARGIN = 1.5
 # A charge larger than this (a corrupt usage) is added as this: HINCRBY refuses what overflows 64 bits.
 LARGEST = 1 << 50
 
@@ -81,17 +99,35 @@ end
 return added
 """
 
-# KEYS: one period's hash. ARGV: nanos, tokens, seed, expiry. Fills it only if it has no seed.
-# Returns its nanos, tokens and seed afterwards.
+# KEYS: one period's hash. ARGV: nanos, tokens, seed, expiry, the ``pending`` mark expected ('' for
+# none needed). Fills it only if it has no seed and still has that mark (no emptying since).
+# Returns its nanos, tokens and seed afterwards ('', '', '' if not filled).
 SEED_LUA = """
 local seed = redis.call('HGET', KEYS[1], 'seed')
 if not seed then
+  if ARGV[5] ~= '' and redis.call('HGET', KEYS[1], 'pending') ~= ARGV[5] then
+    return {'', '', ''}
+  end
   redis.call('HSET', KEYS[1], 'nanos', ARGV[1], 'tokens', ARGV[2], 'seed', ARGV[3])
+  redis.call('HDEL', KEYS[1], 'pending')
   redis.call('EXPIREAT', KEYS[1], ARGV[4])
   seed = ARGV[3]
 end
 local found = redis.call('HMGET', KEYS[1], 'nanos', 'tokens')
 return {found[1], found[2], seed}
+"""
+
+# KEYS: one period's hash. ARGV: a ``pending`` mark, expiry. On a hash without its seed, sets the mark
+# unless one is there. Returns {seed or '', the mark}.
+PEND_LUA = """
+local seed = redis.call('HGET', KEYS[1], 'seed')
+if seed then
+  return {seed, ''}
+end
+if redis.call('HSETNX', KEYS[1], 'pending', ARGV[1]) == 1 then
+  redis.call('EXPIREAT', KEYS[1], ARGV[2])
+end
+return {'', redis.call('HGET', KEYS[1], 'pending')}
 """
 
 # KEYS: one period's hash. ARGV: the seed expected, nanos, tokens, expiry.
@@ -137,6 +173,7 @@ class SharedSpend:
         self.charge_script = self.client.register_script(CHARGE_LUA)
         self.seed_script = self.client.register_script(SEED_LUA)
         self.add_script = self.client.register_script(ADD_LUA)
+        self.pend_script = self.client.register_script(PEND_LUA)
         self.pending: set[asyncio.Future] = set()
         # Charges Redis has not taken, per hash key.
         self.slots: dict[str, Slot] = {}
@@ -144,9 +181,48 @@ class SharedSpend:
         self.lock = asyncio.Lock()
         self.catch_up_task: asyncio.Task | None = None
         self.measure_failing = False
+        # Per hash found without its seed: its ``pending`` mark and when this instance first saw it (monotonic).
+        self.marks: dict[str, tuple[str, float]] = {}
+        # (name, period, start) marked by ``seed``, for ``seed_marked``.
+        self.to_seed: list[tuple[str, str, float]] = []
 
     def key(self, name: str, period: str, start: float) -> str:
         return "{%s:%s}:budget:%s:%d" % (self.limits.prefix, name, period, start)
+
+    def settle_seconds(self) -> float:
+        """How long a hash without its seed waits, from the first sight of its ``pending`` mark, before it is
+        seeded from the ledger.
+
+        Redis emptied while up (FLUSHALL, a key evicted or deleted) loses the charges every instance had
+        added to the hash, and their ledger rows may still be queued in the instance that made them, for
+        up to the ledger's pause between writes. The mark, set on the empty hash, says no charge was added
+        since (a charge needs the seed), and its staying there that no emptying came since: once a pause
+        and a write have passed, the ledger holds every charge the seed must start from."""
+        if self.spend.ledger is None:
+            return 0.0
+        return ledger_module.FLUSH_SECONDS + SETTLE_MARGIN
+
+    async def _mark(self, key: str, expiry: int, timeout: float) -> tuple[str, float] | None:
+        """For a hash seen without its seed: (its pending mark, seconds left before it may be seeded),
+        ('', 0) if it has a seed now, None if Redis did not answer."""
+        if not self.settle_seconds():
+            return "", 0.0
+        try:
+            seed, mark = await asyncio.wait_for(
+                self.pend_script(keys=[key], args=[self.marker("pending", time.time()), expiry]), timeout
+            )
+        except FAILURES as exc:
+            self.limits.failed("seed", exc)
+            return None
+        self.limits.succeeded()
+        if seed:
+            self.marks.pop(key, None)
+            return "", 0.0
+        mark = mark.decode() if isinstance(mark, bytes) else mark
+        known = self.marks.get(key)
+        if known is None or known[0] != mark:
+            known = self.marks[key] = (mark, time.monotonic())
+        return mark, max(0.0, known[1] + self.settle_seconds() - time.monotonic())
 
     def marker(self, source: str, read_at: float) -> str:
         return "%s|%s|%r" % (self.limits.instance, source, read_at)
@@ -170,10 +246,22 @@ class SharedSpend:
             return UNAVAILABLE
         limits.succeeded()
         if seed is None:
-            # Redis lost this total (or never had it): not trusted before it is seeded.
-            async with self.lock:
-                found = await self._seed(name, period, start, max(limits.timeout, MEASURE_TIMEOUT))
-            if found is None:
+            # Redis lost this total (or never had it): not trusted before it is seeded, once the other
+            # instances' rows of the charges it lost are in the ledger.
+            expiry = int(period_bounds(period, start)[1]) + KEEP_AFTER_END
+            for _ in range(3):  # emptied again while settling: start again
+                marked = await self._mark(key, expiry, limits.timeout)
+                if marked is None:
+                    return UNAVAILABLE
+                if marked[1]:
+                    await asyncio.sleep(marked[1])
+                async with self.lock:
+                    found = await self._seed(name, period, start, max(limits.timeout, MEASURE_TIMEOUT), marked[0])
+                if found is None:
+                    return UNAVAILABLE
+                if found[2]:
+                    break
+            else:
                 return UNAVAILABLE
             nanos, tokens, _ = found
         return int(nanos or 0), int(tokens or 0)
@@ -251,7 +339,11 @@ class SharedSpend:
                 limits.failed("charge", exc)
                 return False
             if seed is None:
-                if await self._seed(slot.name, slot.period, slot.start, max(limits.timeout, SEED_TIMEOUT)) is None:
+                marked = await self._mark(key, slot.expiry, limits.timeout)
+                if marked is None or marked[1]:
+                    return False  # tried again at the next round
+                timeout = max(limits.timeout, SEED_TIMEOUT)
+                if await self._seed(slot.name, slot.period, slot.start, timeout, marked[0]) is None:
                     return False
                 continue
             seed = seed.decode() if isinstance(seed, bytes) else seed
@@ -299,13 +391,41 @@ class SharedSpend:
 
     async def seed(self, name: str, period: str, start: float, measured: Measured) -> None:
         """At startup, before any request: a first connection may take longer than REDIS_TIMEOUT,
-        which bounds what a request waits for, and a slow one must not count as Redis down."""
-        async with self.lock:
-            await self._seed(name, period, start, max(self.limits.timeout, SEED_TIMEOUT), measured)
+        which bounds what a request waits for, and a slow one must not count as Redis down.
 
-    async def _seed(self, name: str, period: str, start: float, timeout: float, measured: Measured | None = None):
-        """Fill the hash from what this instance knows if it has no seed; its (nanos, tokens, seed)
-        after, or None if Redis or the ledger did not answer within ``timeout``."""
+        With a ledger, a hash without its seed is only marked here (Redis may have been emptied a
+        moment ago, other instances' rows still queued); ``seed_marked`` seeds it once settled."""
+        timeout = max(self.limits.timeout, SEED_TIMEOUT)
+        if self.settle_seconds():
+            key = self.key(name, period, start)
+            marked = await self._mark(key, int(period_bounds(period, start)[1]) + KEEP_AFTER_END, timeout)
+            if marked is not None and marked[0]:
+                self.to_seed.append((name, period, start))
+            return
+        async with self.lock:
+            await self._seed(name, period, start, timeout, "", measured)
+
+    async def seed_marked(self) -> None:
+        """After ``seed`` of every token: one wait for all the hashes marked, then each seeded from a
+        fresh read of the ledger (a hash emptied again meanwhile is left to its first request)."""
+        todo, self.to_seed = self.to_seed, []
+        if not todo:
+            return
+        await asyncio.sleep(self.settle_seconds())
+        timeout = max(self.limits.timeout, SEED_TIMEOUT)
+        for name, period, start in todo:
+            known = self.marks.get(self.key(name, period, start))
+            if known is None:
+                continue  # seeded meanwhile
+            async with self.lock:
+                await self._seed(name, period, start, timeout, known[0])
+
+    async def _seed(
+        self, name: str, period: str, start: float, timeout: float, mark: str = "", measured: Measured | None = None
+    ):
+        """Fill the hash from what this instance knows if it has no seed (and still has the pending
+        ``mark``, if one is given); its (nanos, tokens, seed) after (seed '': the mark had gone, not
+        filled), or None if Redis or the ledger did not answer within ``timeout``."""
         key = self.key(name, period, start)
         if measured is None:
             try:
@@ -330,7 +450,9 @@ class SharedSpend:
             slot.busy = len(slot.kept)
         try:
             found = await asyncio.wait_for(
-                self.seed_script(keys=[key], args=[measured.nanos, measured.tokens, mine, int(end) + KEEP_AFTER_END]),
+                self.seed_script(
+                    keys=[key], args=[measured.nanos, measured.tokens, mine, int(end) + KEEP_AFTER_END, mark]
+                ),
                 timeout,
             )
         except FAILURES as exc:
@@ -341,6 +463,8 @@ class SharedSpend:
                 slot.busy = 0
         self.limits.succeeded()
         nanos, tokens, seed = (v.decode() if isinstance(v, bytes) else v for v in found)
+        if seed:
+            self.marks.pop(key, None)
         if seed == mine:
             # This seed holds those kept charges: this instance's rows recorded before it measured
             # (from the ledger), or everything it had counted (its own counter).

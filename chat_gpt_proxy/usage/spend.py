@@ -23,7 +23,7 @@ from chat_gpt_proxy.formats.usage import Usage
 
 from .budgets import NO_BUDGET, PERIODS, Budget, BudgetBook, Measured, Over, period_bounds
 from .deferred import DeferredWork
-from .ledger import Ledger, make_store
+from .ledger import Ledger, SqliteStore, make_store
 from .meter import Charge, cost, estimate
 from .prices import Price, PriceTable
 
@@ -71,17 +71,31 @@ class Spend:
 
     async def start(self, entries) -> None:
         """Open the ledger and rebuild every named token's spend in its current periods from it."""
+        if self.shared is not None and any(e.policy.budget for e in entries):
+            self.warn_unshared_ledger()
         if self.ledger is None:
             return
         await self.ledger.start()
-        await self.rebuild(entries)
+        await self.rebuild(entries, starting=True)
         if self.config.usage_retention_days:
             cutoff = time.time() - self.config.usage_retention_days * 86400
             deleted = await self.ledger.delete_before(cutoff)
             if deleted:
                 log.info("usage ledger: %d rows older than %d days deleted", deleted, self.config.usage_retention_days)
 
-    async def rebuild(self, entries) -> None:
+    def warn_unshared_ledger(self) -> None:
+        """Redis restarted empty is seeded from the ledger: exact only if it holds every instance's rows."""
+        if self.ledger is not None and not isinstance(self.ledger.store, SqliteStore):
+            return
+        log.warning(
+            "shared budgets: the usage ledger is not shared between instances (%s): if Redis restarts empty, "
+            "a budget is seeded from what the instance asking first knows, and the spend of instances that "
+            "do not write this ledger is forgotten; for exact shared budgets across hosts set USAGE_DATABASE "
+            "to one PostgreSQL database",
+            "no USAGE_DATABASE" if self.ledger is None else "SQLite: shared only by the processes of one host",
+        )
+
+    async def rebuild(self, entries, starting: bool = False) -> None:
         """Read from the ledger what tokens not yet read spent in their current periods."""
         if self.ledger is None:
             return
@@ -95,6 +109,14 @@ class Spend:
                 if self.shared is not None:
                     # Only where Redis has nothing yet: once it holds a period, it is the authority.
                     await self.shared.seed(name, period, start, measured)
+        if self.shared is None:
+            return
+        if starting:
+            # Before the first request: one wait, then every total Redis lacks is seeded.
+            await self.shared.seed_marked()
+        else:
+            # A reload does not wait: a total marked here is seeded by its token's first request.
+            self.shared.to_seed.clear()
 
     async def measure(self, name: str, period: str, start: float) -> Measured:
         """What this instance knows ``name`` spent in a period: the ledger (every instance's rows,

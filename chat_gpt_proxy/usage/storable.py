@@ -7,7 +7,9 @@ raises ``UnicodeEncodeError``; PostgreSQL refuses a NUL in ``text``; and a
 caller could send a model name of megabytes, held in memory by every queued
 row. ``storable_text`` makes each storable: surrogates (lone ones, and the
 surrogate-escaped bytes of invalid UTF-8) become U+FFFD, NUL is removed,
-and the text is cut at ``TEXT_CAP`` characters.
+other C0 and C1 control characters (ESC, BEL, CR, LF, DEL, U+0080-U+009F)
+become U+FFFD, since a model name never needs one and a terminal would run
+them (the CLI report prints rows), and the text is cut at ``TEXT_CAP`` characters.
 
 Money is kept in nano-dollars, an integer: sums are exact in every
 database and in Redis, where float dollars drift (0.1 + 0.2). A nano-dollar
@@ -22,6 +24,8 @@ import re
 TEXT_CAP = 256
 NANOS_PER_USD = 1_000_000_000
 _SURROGATES = re.compile("[\ud800-\udfff]")
+# NUL is removed (the stored name stays what a reader would type); every other control is replaced.
+_CONTROLS = re.compile("[\x01-\x1f\x7f-\x9f]")
 
 
 def storable_text(value: str | None) -> str | None:
@@ -30,11 +34,10 @@ def storable_text(value: str | None) -> str | None:
         return None
     if not isinstance(value, str):
         value = str(value)
-    if value.isascii():
-        if "\x00" in value:
-            value = value.replace("\x00", "")
+    if value.isascii() and value.isprintable():
         return value[:TEXT_CAP]
-    value = _SURROGATES.sub("\ufffd", value[: TEXT_CAP * 2]).replace("\x00", "")
+    value = value[: TEXT_CAP * 2].replace("\x00", "")
+    value = _CONTROLS.sub("\ufffd", _SURROGATES.sub("\ufffd", value))
     return value[:TEXT_CAP]
 
 
