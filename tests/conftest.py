@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import json
 import logging
 import subprocess
@@ -161,6 +162,28 @@ def redis_server(tmp_path):
         yield server
     finally:
         server.stop()
+
+
+_databases = itertools.count()
+
+
+def new_database(server) -> tuple[str, str]:
+    """A new empty database of the session's PostgreSQL server: its name and URL."""
+    name = "ledger_%d" % next(_databases)
+    return name, server.create_database(name, icu_locale="en-US")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_url(request, tmp_path):
+    """USAGE_DATABASE for a new, empty ledger of each backend: a SQLite file, or a new database of
+    the session's PostgreSQL server (dropped after the test)."""
+    if request.param == "sqlite":
+        yield str(tmp_path / "usage.sqlite3")
+        return
+    server = request.getfixturevalue("postgres_server")
+    name, url = new_database(server)
+    yield url
+    server.drop_database(name)
 
 
 @pytest.fixture

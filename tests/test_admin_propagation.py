@@ -20,9 +20,8 @@ import tornado.httpclient
 import websockets
 from websockets.exceptions import InvalidStatus
 
-from tests.conftest import ACCESS_TOKEN, OPENAI_KEY
+from tests.conftest import ACCESS_TOKEN, OPENAI_KEY, new_database
 from tests.procs import ServerProcess, free_ports
-from tests.test_usage_ledger import new_database
 from tests.test_workers import both_workers, children
 
 ADMIN = "admin-API-token-6c1e9a2f7b"

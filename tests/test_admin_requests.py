@@ -20,9 +20,8 @@ import asyncpg
 import pytest
 
 from chat_gpt_proxy.usage.ledger import make_store
-from tests.conftest import proxy_settings
+from tests.conftest import new_database, proxy_settings
 from tests.test_admin_api import ADMIN, api
-from tests.test_usage_ledger import new_database
 
 KEY = "sk-test-admin-requests-1c2d"
 TOKENS_TOML = """
@@ -32,26 +31,14 @@ admin = true
 """
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database(request, tmp_path):
-    """USAGE_DATABASE: a SQLite file, or a new database of the session's PostgreSQL server."""
-    if request.param == "sqlite":
-        yield str(tmp_path / "usage.sqlite3")
-        return
-    server = request.getfixturevalue("postgres_server")
-    name, url = new_database(server)
-    yield url
-    server.drop_database(name)
-
-
 @pytest.fixture
-def config(request, fake_openai, tmp_path, database):
+def config(request, fake_openai, tmp_path, ledger_url):
     (tmp_path / "tokens.toml").write_text(TOKENS_TOML)
     return proxy_settings(
         request,
         fake_openai,
         access_tokens_file=str(tmp_path / "tokens.toml"),
-        usage_database=database,
+        usage_database=ledger_url,
         admin_token=ADMIN,
     )
 
@@ -307,7 +294,7 @@ async def test_refusals_flushed_by_the_writer_and_a_reader_at_once_are_written_o
 
 
 @pytest.mark.gen_test(timeout=60)
-async def test_retention_deletes_old_refusals_too(database):
+async def test_retention_deletes_old_refusals_too(ledger_url):
     """USAGE_RETENTION_DAYS deletes refusal rows older than its days at startup, as it does the ledger's."""
     import dataclasses
 
@@ -317,7 +304,7 @@ async def test_retention_deletes_old_refusals_too(database):
     from settings import Settings
 
     now = time.time()
-    store = make_console_store(database)
+    store = make_console_store(ledger_url)
     await store.open()
     try:
         await store.insert_refusals(
@@ -328,7 +315,7 @@ async def test_retention_deletes_old_refusals_too(database):
         )
     finally:
         await store.close()
-    settings = dataclasses.replace(Settings(), usage_database=database, usage_retention_days=30)
+    settings = dataclasses.replace(Settings(), usage_database=ledger_url, usage_retention_days=30)
     console = RuntimeTokens(settings, TokenRegistry(settings))
     await console.start()
     try:

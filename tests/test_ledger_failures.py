@@ -47,14 +47,6 @@ def as_(token: str) -> dict:
     return {"access-token": token, "Authorization": "Bearer " + KEY, "Content-Type": "application/json"}
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def ledger_url(request, tmp_path):
-    if request.param == "sqlite":
-        return str(tmp_path / "usage.sqlite3")
-    server = request.getfixturevalue("postgres_server")
-    return server.create_database("failures_%s" % uuid.uuid4().hex[:12])
-
-
 @pytest.fixture
 def config(request, fake_openai, tmp_path, ledger_url):
     tokens = tmp_path / "tokens.toml"

@@ -26,14 +26,6 @@ KEY = "sk-test-shared-budgets-0123"
 PER_REQUEST = 11
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def ledger_url(request, tmp_path):
-    if request.param == "sqlite":
-        return str(tmp_path / "usage.sqlite3")
-    server = request.getfixturevalue("postgres_server")
-    return server.create_database("budgets_%s" % uuid.uuid4().hex[:12])
-
-
 @pytest.fixture
 def settings(fake_openai, redis_server, tmp_path, ledger_url):
     tokens = tmp_path / "tokens.toml"

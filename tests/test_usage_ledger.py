@@ -12,7 +12,6 @@ without CREATE.
 """
 
 import asyncio
-import itertools
 import logging
 import os
 import subprocess
@@ -29,12 +28,12 @@ from chat_gpt_proxy.usage import ledger as ledger_module
 from chat_gpt_proxy.usage.ledger import BATCH_ROWS, Ledger, SqliteStore, make_store
 from chat_gpt_proxy.usage.meter import Charge
 from chat_gpt_proxy.usage.postgres import PostgresStore, PostgresStoreError
+from tests.conftest import new_database
 from tests.procs import ROOT, free_port
 
 # 2023-11-15 00:00:00 UTC.
 DAY = 1_700_006_400.0
 FOREVER = (0.0, 4_000_000_000.0)
-_databases = itertools.count()
 
 
 def charge(at, token="alice", model="gpt-4o", tokens=(10, 0, 5), usd=0.25, estimated=False, request_id="req"):
@@ -46,23 +45,6 @@ def charge(at, token="alice", model="gpt-4o", tokens=(10, 0, 5), usd=0.25, estim
     )  # fmt: skip
 
 
-def new_database(server) -> tuple[str, str]:
-    name = "ledger_%d" % next(_databases)
-    return name, server.create_database(name, icu_locale="en-US")
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request, tmp_path):
-    """USAGE_DATABASE for a new, empty ledger of each backend."""
-    if request.param == "sqlite":
-        yield str(tmp_path / "usage.db")
-        return
-    server = request.getfixturevalue("postgres_server")
-    name, url = new_database(server)
-    yield url
-    server.drop_database(name)
-
-
 @pytest.fixture
 def pg_url(postgres_server):  # noqa: F811
     name, url = new_database(postgres_server)
@@ -71,8 +53,8 @@ def pg_url(postgres_server):  # noqa: F811
 
 
 @pytest.fixture
-def store(store_url, io_loop):
-    opened = make_store(store_url)
+def store(ledger_url, io_loop):
+    opened = make_store(ledger_url)
     io_loop.run_sync(opened.open, timeout=30)
     yield opened
     io_loop.run_sync(opened.close, timeout=30)
@@ -241,8 +223,8 @@ async def test_delete_before_removes_only_older_rows_and_says_how_many(store):
 
 
 @pytest.mark.gen_test(timeout=30)
-async def test_the_writer_task_writes_recorded_rows_in_batches_after_start(store_url, ledgers):
-    store = make_store(store_url)
+async def test_the_writer_task_writes_recorded_rows_in_batches_after_start(ledger_url, ledgers):
+    store = make_store(ledger_url)
     batches = []
     insert = store.insert
 
@@ -265,26 +247,26 @@ async def test_the_writer_task_writes_recorded_rows_in_batches_after_start(store
         ledger.record(charge(DAY + total + i, request_id="late%d" % i))
     await until(lambda: not ledger.queue, 5, "the writer writes a small batch on its timer")
     assert batches == [BATCH_ROWS, BATCH_ROWS, 200, 3]
-    assert await request_ids(store_url) == ["r%d" % i for i in range(total)] + ["late0", "late1", "late2"]
+    assert await request_ids(ledger_url) == ["r%d" % i for i in range(total)] + ["late0", "late1", "late2"]
     assert await ledger.spent_since("alice", 0.0) == ((total + 3) * 250_000_000, (total + 3) * 15)
 
 
 @pytest.mark.gen_test(timeout=30)
-async def test_close_writes_what_is_left(store_url, ledgers):
-    ledger = ledgers(make_store(store_url))
+async def test_close_writes_what_is_left(ledger_url, ledgers):
+    ledger = ledgers(make_store(ledger_url))
     await ledger.start()
     for i in range(7):
         ledger.record(charge(DAY + i, request_id="r%d" % i))
     # Straight away: the writer's timer has not fired; close() must write them.
     await ledger.close()
     assert not ledger.queue
-    assert await request_ids(store_url) == ["r%d" % i for i in range(7)]
+    assert await request_ids(ledger_url) == ["r%d" % i for i in range(7)]
 
 
 @pytest.mark.gen_test(timeout=30)
-async def test_a_full_queue_drops_counts_exactly_and_never_raises(store_url, ledgers, caplog):
+async def test_a_full_queue_drops_counts_exactly_and_never_raises(ledger_url, ledgers, caplog):
     metrics = FakeMetrics()
-    ledger = ledgers(make_store(store_url), max_queue=10, metrics=metrics)
+    ledger = ledgers(make_store(ledger_url), max_queue=10, metrics=metrics)
     for i in range(25):
         ledger.record(charge(DAY + i, request_id="r%d" % i))
     assert len(ledger.queue) == 10
@@ -294,7 +276,7 @@ async def test_a_full_queue_drops_counts_exactly_and_never_raises(store_url, led
     await ledger.start()
     await ledger.close()
     # The first ten were kept; the others were never queued.
-    assert await request_ids(store_url) == ["r%d" % i for i in range(10)]
+    assert await request_ids(ledger_url) == ["r%d" % i for i in range(10)]
     assert metrics.ledger_queue.value == 0
 
 
@@ -503,16 +485,16 @@ async def test_postgres_opens_without_create_privilege_once_the_table_exists(pos
 
 
 @pytest.mark.gen_test(timeout=30)
-async def test_flushes_at_the_same_time_write_each_row_once(store_url, ledgers):
+async def test_flushes_at_the_same_time_write_each_row_once(ledger_url, ledgers):
     """A report flushes while the writer task may be flushing: one flush at a time."""
-    ledger = ledgers(make_store(store_url))
+    ledger = ledgers(make_store(ledger_url))
     await ledger.start()
     count = 3 * BATCH_ROWS + 7
     for i in range(count):
         ledger.record(charge(DAY + i, request_id="r%d" % i))
     await asyncio.gather(ledger.flush(), ledger.flush(), ledger.flush())
     assert not ledger.queue
-    assert await request_ids(store_url) == ["r%d" % i for i in range(count)]
+    assert await request_ids(ledger_url) == ["r%d" % i for i in range(count)]
 
 
 class RefusingStore(SqliteStore):
@@ -563,11 +545,11 @@ async def rows_of(url) -> list[tuple]:
 
 
 @pytest.mark.gen_test(timeout=30)
-async def test_strings_a_caller_poisoned_never_stop_the_ledger(store_url, ledgers):
+async def test_strings_a_caller_poisoned_never_stop_the_ledger(ledger_url, ledgers):
     """A lone surrogate (valid JSON: "x\\ud800"), a NUL, bytes that were not UTF-8 (surrogate-escaped),
     a huge name: each row is stored, made storable, and every other token's rows after it arrive."""
     metrics = FakeMetrics()
-    ledger = ledgers(make_store(store_url), metrics=metrics)
+    ledger = ledgers(make_store(ledger_url), metrics=metrics)
     await ledger.start()
     ledger.record(charge(DAY, token="mallory", model="x\ud800", request_id="poison-surrogate"))
     ledger.record(charge(DAY + 1, token="mallory", model="a\x00b", request_id="poison-nul"))
@@ -581,13 +563,13 @@ async def test_strings_a_caller_poisoned_never_stop_the_ledger(store_url, ledger
     assert not ledger.failing and ledger.dropped == 0 and metrics.ledger_dropped.value == 0
     await ledger.close()
     # As a restarted proxy reads them: every row is there.
-    rows = await rows_of(store_url)
+    rows = await rows_of(ledger_url)
     assert [r[0] for r in rows] == ["poison-surrogate", "poison-nul", "rid", "poison-long"] + [
         "after%d" % i for i in range(20)
     ]
     assert [r[2] for r in rows[:3]] == ["x\ufffd", "ab", "caf\ufffd"]
     assert rows[3][2] == "m" * 256
-    reopened = make_store(store_url)
+    reopened = make_store(ledger_url)
     await reopened.open()
     try:
         assert await reopened.spent_since("bob", 0.0) == (10 * 250_000_000, 150)
@@ -597,11 +579,11 @@ async def test_strings_a_caller_poisoned_never_stop_the_ledger(store_url, ledger
 
 
 @pytest.mark.gen_test(timeout=30)
-async def test_a_row_the_database_refuses_is_dropped_alone_and_counted(store_url, ledgers, caplog):
+async def test_a_row_the_database_refuses_is_dropped_alone_and_counted(ledger_url, ledgers, caplog):
     """2**63 tokens fit neither SQLite's INTEGER nor PostgreSQL's BIGINT: that row alone is dropped,
     counted and logged once; the rows of its batch and after it are written, and nothing is retried for ever."""
     metrics = FakeMetrics()
-    store = make_store(store_url)
+    store = make_store(ledger_url)
     ledger = ledgers(store, metrics=metrics)
     await ledger.start()
     for i in range(5):
@@ -612,27 +594,27 @@ async def test_a_row_the_database_refuses_is_dropped_alone_and_counted(store_url
     await until(lambda: not ledger.queue, 10, "the writer is done with the batch")
     assert not ledger.failing
     assert ledger.dropped == 1 and metrics.ledger_dropped.value == 1
-    assert await request_ids(store_url) == ["before%d" % i for i in range(5)] + ["after%d" % i for i in range(5)]
+    assert await request_ids(ledger_url) == ["before%d" % i for i in range(5)] + ["after%d" % i for i in range(5)]
     said = [r for r in caplog.records if "refused" in r.getMessage() and r.name == "chat_gpt_proxy"]
     assert len(said) == 1 and said[0].levelno == logging.WARNING, [r.getMessage() for r in said]
     assert "request_id=refused" in said[0].getMessage()
     # Later rows go on being written by the writer's timer.
     ledger.record(charge(DAY + 20, token="bob", request_id="later"))
     await until(lambda: not ledger.queue, 5, "a later row is written")
-    assert (await request_ids(store_url))[-1] == "later"
+    assert (await request_ids(ledger_url))[-1] == "later"
 
 
 @pytest.mark.gen_test(timeout=30)
-async def test_money_is_kept_as_exact_integer_nanodollars(store_url, ledgers):
+async def test_money_is_kept_as_exact_integer_nanodollars(ledger_url, ledgers):
     """1000 requests of 2.55 micro-dollars (9 + 2 tokens of gpt-4o-mini) sum to exactly $0.00255."""
-    ledger = ledgers(make_store(store_url))
+    ledger = ledgers(make_store(ledger_url))
     await ledger.start()
     for i in range(1000):
         ledger.record(charge(DAY + i, usd=(9 * 0.15 + 2 * 0.60) / 1e6, request_id="r%d" % i))
     ledger.record(charge(DAY + 86400, usd=0.1, request_id="dime"))
     ledger.record(charge(DAY + 86401, usd=0.2, request_id="two-dimes"))
     await ledger.flush()
-    rows = await rows_of(store_url)
+    rows = await rows_of(ledger_url)
     assert {r[3] for r in rows[:1000]} == {2550} and [r[3] for r in rows[1000:]] == [100_000_000, 200_000_000]
     assert all(type(r[3]) is int for r in rows)
     assert await ledger.spent_since("alice", 0.0) == (2_550_000 + 300_000_000, 1002 * 15)
@@ -684,7 +666,7 @@ async def old_ledger(url, rows) -> None:
 
 
 @pytest.mark.gen_test(timeout=30)
-async def test_an_older_ledger_is_migrated_and_keeps_its_rows(store_url, ledgers, caplog):
+async def test_an_older_ledger_is_migrated_and_keeps_its_rows(ledger_url, ledgers, caplog):
     old = [
         (
             DAY + i,
@@ -701,14 +683,14 @@ async def test_an_older_ledger_is_migrated_and_keeps_its_rows(store_url, ledgers
         )
         for i in range(10)
     ] + [(DAY + 20, "bob", "chat_complete", None, 3, 0, 1, 0.1, True, 499, "old-bob")]
-    await old_ledger(store_url, old)
-    ledger = ledgers(make_store(store_url))
+    await old_ledger(ledger_url, old)
+    ledger = ledgers(make_store(ledger_url))
     await ledger.start()  # migrates
     said = [r.getMessage() for r in caplog.records if "nano-dollars" in r.getMessage()]
     assert len(said) == 1 and "(11 rows converted)" in said[0], said
     ledger.record(charge(DAY + 30, usd=0.2, request_id="new"))
     await ledger.flush()
-    rows = await rows_of(store_url)
+    rows = await rows_of(ledger_url)
     assert [r[0] for r in rows] == ["old%d" % i for i in range(10)] + ["old-bob", "new"]
     assert [r[3] for r in rows] == [2550] * 10 + [100_000_000, 200_000_000]
     assert await ledger.spent_since("alice", 0.0) == (10 * 2550 + 200_000_000, 10 * 11 + 15)
@@ -717,7 +699,7 @@ async def test_an_older_ledger_is_migrated_and_keeps_its_rows(store_url, ledgers
     await ledger.close()
     # Opening it again (the next restart) migrates nothing twice.
     caplog.clear()
-    again = make_store(store_url)
+    again = make_store(ledger_url)
     await again.open()
     assert not [r for r in caplog.records if "nano-dollars" in r.getMessage()]
     try:
@@ -753,23 +735,23 @@ async def columns_of(url) -> set[str]:
 
 
 @pytest.mark.gen_test(timeout=60)
-async def test_the_report_command_reads_an_older_ledger_without_changing_it(store_url, tmp_path):
+async def test_the_report_command_reads_an_older_ledger_without_changing_it(ledger_url, tmp_path):
     """``python -m chat_gpt_proxy.usage`` only reads: an older release's ledger is reported as it is, not
     migrated (the server that writes it migrates it when it is upgraded), and SQLite's file is not written."""
     old = [(DAY + i, "alice", "/v1/chat/completions", "gpt-4o", 9, 0, 2, 0.25, False, 200, "o%d" % i) for i in range(4)]
-    await old_ledger(store_url, old)
-    before = await columns_of(store_url)
-    stamp = None if store_url.startswith("postgresql://") else os.stat(store_url).st_mtime_ns
+    await old_ledger(ledger_url, old)
+    before = await columns_of(ledger_url)
+    stamp = None if ledger_url.startswith("postgresql://") else os.stat(ledger_url).st_mtime_ns
     report = subprocess.run(
         [sys.executable, "-m", "chat_gpt_proxy.usage", "--since", "2023-11-01", "--until", "2023-11-30", "--csv"],
         cwd=ROOT,
-        env={"USAGE_DATABASE": store_url, "PATH": "/usr/bin:/bin"},
+        env={"USAGE_DATABASE": ledger_url, "PATH": "/usr/bin:/bin"},
         capture_output=True,
         text=True,
         timeout=30,
     )
     assert report.returncode == 0, report.stderr
     assert report.stdout.splitlines()[1:] == ["2023-11-15,alice,gpt-4o,4,36,0,8,1,0"]
-    assert await columns_of(store_url) == before and "usd_nanos" not in before
+    assert await columns_of(ledger_url) == before and "usd_nanos" not in before
     if stamp is not None:
-        assert os.stat(store_url).st_mtime_ns == stamp
+        assert os.stat(ledger_url).st_mtime_ns == stamp
