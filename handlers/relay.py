@@ -15,7 +15,8 @@ from tornado.ioloop import IOLoop
 
 from chat_gpt_proxy import tornado_internals as internals
 from chat_gpt_proxy.cache import Entry, cache_key, key_partition
-from chat_gpt_proxy.formats.openai import OPENAI_JSON, OpenAIJson
+from chat_gpt_proxy.formats.base import ApiFormat
+from chat_gpt_proxy.formats.openai import OPENAI_JSON
 from chat_gpt_proxy.formats.sse import SseParser, parse_all
 from chat_gpt_proxy.request.strict_json import loads
 from chat_gpt_proxy.upstream.call import UpstreamCall
@@ -360,7 +361,7 @@ class ProxyHandler(BaseHandler):
         raise mirrored_error(call.status, answer, call.headers)
 
     # The API format of this request's answer (chat_gpt_proxy/formats): where its usage and model are.
-    api_format: OpenAIJson = OPENAI_JSON
+    api_format: ApiFormat = OPENAI_JSON
 
     async def relay_stream(self, call: UpstreamCall) -> None:
         """Relay an SSE answer event by event as it arrives; headers are sent with the first event.

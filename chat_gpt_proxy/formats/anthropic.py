@@ -23,7 +23,7 @@ import json
 
 from chat_gpt_proxy.request.strict_json import dumps
 
-from .openai import JsonUsageReader, StreamMeter
+from .base import ApiFormat, StreamMeter, text
 from .sse import Event
 from .usage import Usage, count
 
@@ -80,10 +80,6 @@ def reports(found, field: str) -> bool:
     return isinstance(found, dict) and count(found.get(field)) is not None
 
 
-def _string(value) -> str | None:
-    return value if isinstance(value, str) and value else None
-
-
 class MessagesStreamMeter(StreamMeter):
     """A Messages stream: the model and input from ``message_start``, the usage so far from each
     ``message_delta``, ``complete`` at ``message_stop``, ``failed`` at an ``error`` event, and
@@ -132,7 +128,7 @@ class MessagesStreamMeter(StreamMeter):
             self.failed = True
         elif kind == "message_start" and isinstance(parsed, dict) and isinstance(parsed.get("message"), dict):
             message = parsed["message"]
-            self.model = _string(message.get("model")) or self.model
+            self.model = text(message.get("model")) or self.model
             found = message.get("usage")
             self.usage = anthropic_usage(found, self.usage) or self.usage
             self.input_reported = self.input_reported or reports(found, "input_tokens")
@@ -148,21 +144,12 @@ class MessagesStreamMeter(StreamMeter):
         return event
 
 
-class AnthropicMessages:
+class AnthropicMessages(ApiFormat):
     """The Messages API: ``POST /v1/messages`` (JSON or a stream), ``count_tokens``, the model list."""
 
     name = "anthropic"
-    # The upstream kinds that speak it (UPSTREAMS_FILE).
     kinds = ("anthropic",)
-
-    def usage_from_answer(self, answer) -> Usage | None:
-        return anthropic_usage(answer.get("usage")) if isinstance(answer, dict) else None
-
-    def model_from_answer(self, answer) -> str | None:
-        return _string(answer.get("model")) if isinstance(answer, dict) else None
-
-    def answer_reader(self) -> JsonUsageReader:
-        return JsonUsageReader()
+    parse_usage = staticmethod(anthropic_usage)
 
     def stream_meter(self, strip_usage: bool = False) -> MessagesStreamMeter:
         return MessagesStreamMeter()

@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import json
 
-import ijson
-
 from chat_gpt_proxy.request.strict_json import dumps
 from chat_gpt_proxy.upstream.routing import OPENAI_KINDS
 
+from .base import ApiFormat, StreamMeter, text
 from .sse import Event
 from .usage import Usage, count
 
@@ -52,10 +51,6 @@ def openai_usage(found) -> Usage | None:
     return Usage(input_tokens, output_tokens, min(cached, input_tokens), 0, min(reasoning, output_tokens))
 
 
-def _string(value) -> str | None:
-    return value if isinstance(value, str) and value else None
-
-
 # How JSON writers space and escape: OpenAI's compact form first, then Python's json.dumps defaults.
 JSON_STYLES = (
     {"separators": (",", ":"), "ensure_ascii": False},
@@ -74,69 +69,12 @@ def style_of(obj, data: str) -> dict:
     return JSON_STYLES[0]
 
 
-class JsonUsageReader:
-    """Reads a JSON answer's top-level ``usage`` and ``model`` as its bytes arrive, holding neither
-    the answer nor anything but those two (ijson's C parser): an answer of any size is charged what it reports."""
-
-    def __init__(self):
-        self.events = ijson.sendable_list()
-        self.parser = ijson.parse_coro(self.events)
-        self.builder = None
-        self.found: dict = {}
-        self.broken = False
-
-    def feed(self, chunk: bytes) -> None:
-        if self.broken:
-            return
-        try:
-            self.parser.send(chunk)
-        except ijson.JSONError:
-            self.broken = True
-            return
-        self._take()
-
-    def _take(self) -> None:
-        for prefix, kind, value in self.events:
-            if self.builder is not None:
-                self.builder.event(kind, value)
-                if prefix == "usage" and kind in ("end_map", "end_array"):
-                    self.found["usage"], self.builder = self.builder.value, None
-            elif prefix == "usage":
-                if kind in ("start_map", "start_array"):
-                    self.builder = ijson.ObjectBuilder()
-                    self.builder.event(kind, value)
-                else:
-                    self.found["usage"] = value
-            elif prefix == "model" and kind == "string":
-                self.found["model"] = value
-        del self.events[:]
-
-    def close(self) -> dict:
-        """``{"usage": …, "model": …}`` as far as found (empty for a body that is not JSON)."""
-        if not self.broken:
-            try:
-                self.parser.close()
-                self._take()
-            except ijson.JSONError:
-                self.broken = True
-        return {} if self.broken else self.found
-
-
-class OpenAIJson:
+class OpenAIJson(ApiFormat):
     """JSON answers (and the stream-free routes): top-level ``usage`` and ``model``."""
 
     name = "openai"
-    # The upstream kinds that speak it (UPSTREAMS_FILE).
     kinds = OPENAI_KINDS
-
-    def usage_from_answer(self, answer) -> Usage | None:
-        return openai_usage(answer.get("usage")) if isinstance(answer, dict) else None
-
-    def model_from_answer(self, answer) -> str | None:
-        return _string(answer.get("model")) if isinstance(answer, dict) else None
-
-    def answer_reader(self) -> JsonUsageReader:
-        return JsonUsageReader()
+    parse_usage = staticmethod(openai_usage)
 
     def stream_meter(self, strip_usage: bool = False):
         return ChatStreamMeter(strip_usage)
@@ -148,28 +86,6 @@ class OpenAIJson:
         """A stream's last event when the upstream fails mid-answer (``error``: the proxy's error
         object): the error as a chunk, then ``[DONE]``, so that the SDKs raise it and stop."""
         return b"data: " + dumps({"error": error}) + b"\n\n" + SSE_DONE
-
-
-class StreamMeter:
-    """What one stream reported, recorded as its events pass: ``usage``, ``model`` (the one that ran),
-    ``complete`` (it ended as a finished answer) and ``failed`` (an error event came)."""
-
-    usage: Usage | None = None
-    # Whether ``usage`` is the answer's final count (not a running or partial one).
-    final = False
-    model: str | None = None
-    # The id of what the stream answers (a Responses API response), if it says.
-    object_id: str | None = None
-    complete = False
-    failed = False
-    # Whether the stream is not in the format at all (set from its first event, before any is relayed).
-    foreign = False
-    # Whether ``foreign`` is decided: until then the relay holds what came (comments, pings).
-    settled = True
-
-    def event(self, event: Event) -> Event | None:
-        """The event to relay in place of ``event`` (itself, an edited copy, or None to drop it)."""
-        raise NotImplementedError
 
 
 class ChatStreamMeter(StreamMeter):
@@ -200,7 +116,7 @@ class ChatStreamMeter(StreamMeter):
             return event
         if "error" in chunk:
             self.failed = True
-        self.model = _string(chunk.get("model")) or self.model
+        self.model = text(chunk.get("model")) or self.model
         if "usage" not in chunk:
             return event
         found = chunk["usage"]
@@ -247,8 +163,8 @@ class ResponsesStreamMeter(StreamMeter):
         kind = event.type or parsed.get("type")
         response = parsed.get("response")
         if isinstance(response, dict):
-            self.model = _string(response.get("model")) or self.model
-            self.object_id = _string(response.get("id")) or self.object_id
+            self.model = text(response.get("model")) or self.model
+            self.object_id = text(response.get("id")) or self.object_id
             if kind in RESPONSES_FINAL_EVENTS:
                 usage = openai_usage(response.get("usage"))
                 if usage is not None:
