@@ -21,10 +21,13 @@ Sync clients (requests, the openai SDK) run in a thread through
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import json
 import logging
+import os
+import signal
 import subprocess
 import time
 
@@ -36,7 +39,7 @@ from chat_gpt_proxy.fake_openai.app import FakeOpenAI
 from server import make_app, make_server
 from settings import Settings
 from tests.postgres_server import postgres_server  # noqa: F401 (a fixture: one server per test session)
-from tests.procs import ROOT, RedisServer
+from tests.procs import ROOT, RedisServer, ServerProcess
 
 ACCESS_TOKEN = "acc-TESTACCESS-7f3a9c"
 OPENAI_KEY = "sk-TESTOPENAIKEY-5d2e8b1c"
@@ -184,6 +187,35 @@ def ledger_url(request, tmp_path):
     name, url = new_database(server)
     yield url
     server.drop_database(name)
+
+
+def children(pid: int) -> list[int]:
+    """The process ids of ``pid``'s children (a supervisor's workers)."""
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return sorted(int(p) for p in out)
+
+
+@pytest.fixture
+def start(tmp_path, fake_openai):
+    """``start(**env)``: server.py as a process of its own (tests/procs.py), on the fake, with ACCESS_TOKEN
+    and ``env``; every one started is stopped after the test, its workers first."""
+    started = []
+
+    def run(**env):
+        server = ServerProcess(
+            {"ACCESS_TOKEN": ACCESS_TOKEN, "OPENAI_BASE_URL": fake_openai.url, **env},
+            str(tmp_path / ("server%d.log" % len(started))),
+        )
+        started.append(server)
+        return server
+
+    yield run
+    for server in started:
+        # The workers first: killing the supervisor alone would leave them serving.
+        for pid in children(server.proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        server.stop()
 
 
 @pytest.fixture

@@ -9,10 +9,7 @@ requests, streams and realtime sessions that start afterwards.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
-import signal
 import time
 
 import pytest
@@ -20,9 +17,9 @@ import tornado.httpclient
 import websockets
 from websockets.exceptions import InvalidStatus
 
-from tests.conftest import ACCESS_TOKEN, OPENAI_KEY, new_database
-from tests.procs import ServerProcess, free_ports
-from tests.test_workers import both_workers, children
+from tests.conftest import OPENAI_KEY, new_database
+from tests.procs import free_ports
+from tests.test_workers import both_workers
 
 ADMIN = "admin-API-token-6c1e9a2f7b"
 # Within one second, as docs/team.md promises.
@@ -75,26 +72,6 @@ async def until(check, what: str, limit: float = 10.0) -> float:
 
 
 @pytest.fixture
-def start(tmp_path, fake_openai):
-    started = []
-
-    def run(**env):
-        server = ServerProcess(
-            {"ACCESS_TOKEN": ACCESS_TOKEN, "OPENAI_BASE_URL": fake_openai.url, "ADMIN_TOKEN": ADMIN, **env},
-            str(tmp_path / ("server%d.log" % len(started))),
-        )
-        started.append(server)
-        return server
-
-    yield run
-    for server in started:
-        for pid in children(server.proc.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        server.stop()
-
-
-@pytest.fixture
 def pg_database(postgres_server):
     name, url = new_database(postgres_server)
     yield url
@@ -103,8 +80,8 @@ def pg_database(postgres_server):
 
 @pytest.mark.gen_test(timeout=120)
 async def test_two_instances_on_postgresql_and_redis(start, pg_database, redis_server):
-    one = start(USAGE_DATABASE=pg_database, REDIS_URL=redis_server.url)
-    two = start(USAGE_DATABASE=pg_database, REDIS_URL=redis_server.url)
+    one = start(ADMIN_TOKEN=ADMIN, USAGE_DATABASE=pg_database, REDIS_URL=redis_server.url)
+    two = start(ADMIN_TOKEN=ADMIN, USAGE_DATABASE=pg_database, REDIS_URL=redis_server.url)
     await one.wait_ready()
     await two.wait_ready()
     client = tornado.httpclient.AsyncHTTPClient(force_instance=True)
@@ -164,7 +141,9 @@ async def per_worker(client, base: int, name: str) -> list[dict[str, float]]:
 @pytest.mark.gen_test(timeout=120)
 async def test_two_workers_on_sqlite(start, tmp_path):
     base = free_ports(2)
-    server = start(WORKERS="2", WORKER_METRICS_PORT=str(base), USAGE_DATABASE=str(tmp_path / "usage.sqlite3"))
+    server = start(
+        ADMIN_TOKEN=ADMIN, WORKERS="2", WORKER_METRICS_PORT=str(base), USAGE_DATABASE=str(tmp_path / "usage.sqlite3")
+    )
     await server.wait_ready()
     await both_workers(server)
     client = tornado.httpclient.AsyncHTTPClient(force_instance=True)
@@ -198,8 +177,8 @@ async def test_two_workers_on_sqlite(start, tmp_path):
 @pytest.mark.gen_test(timeout=120)
 @pytest.mark.parametrize("away", ["stopped", "paused"])
 async def test_with_redis_away_the_version_check_still_tells(start, pg_database, redis_server, away):
-    one = start(USAGE_DATABASE=pg_database, REDIS_URL=redis_server.url)
-    two = start(USAGE_DATABASE=pg_database, REDIS_URL=redis_server.url)
+    one = start(ADMIN_TOKEN=ADMIN, USAGE_DATABASE=pg_database, REDIS_URL=redis_server.url)
+    two = start(ADMIN_TOKEN=ADMIN, USAGE_DATABASE=pg_database, REDIS_URL=redis_server.url)
     await one.wait_ready()
     await two.wait_ready()
     client = tornado.httpclient.AsyncHTTPClient(force_instance=True)

@@ -2,28 +2,21 @@
 
 import asyncio
 import collections
-import contextlib
 import json
 import os
 import re
 import signal
 import socket
-import subprocess
 import time
 
 import pytest
 import tornado.httpclient
 
 from chat_gpt_proxy.fake_openai.behaviours import Behaviour
-from tests.conftest import ACCESS_TOKEN, OPENAI_KEY
-from tests.procs import ServerProcess, free_ports
+from tests.conftest import ACCESS_TOKEN, OPENAI_KEY, children
+from tests.procs import free_ports
 
 NEW_TOKEN = "reloaded-TOKEN-8e6c4a2b0d"
-
-
-def children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    return sorted(int(p) for p in out)
 
 
 async def both_workers(server) -> None:
@@ -54,27 +47,6 @@ async def worker_counts(client, base: int, workers: int) -> list[float]:
                 total += float(line.rsplit(" ", 1)[1])
         counts.append(total)
     return counts
-
-
-@pytest.fixture
-def start(tmp_path, fake_openai):
-    started = []
-
-    def run(**env):
-        server = ServerProcess(
-            {"ACCESS_TOKEN": ACCESS_TOKEN, "OPENAI_BASE_URL": fake_openai.url, **env},
-            str(tmp_path / ("server%d.log" % len(started))),
-        )
-        started.append(server)
-        return server
-
-    yield run
-    for server in started:
-        # The workers first: killing the supervisor alone would leave them serving.
-        for pid in children(server.proc.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        server.stop()
 
 
 @pytest.mark.gen_test(timeout=90)
