@@ -191,12 +191,8 @@ class PostgresStore:
             self.pool = await self._create_pool()
             await self._ensure_schema()
         except Exception as exc:
-            pool, self.pool = self.pool, None
-            if pool is not None:
-                pool.terminate()
-            logging.getLogger(DRIVER_LOGGER).removeFilter(self.log_filter)
             # ``from None``: the driver's exception is not shown with this one.
-            raise PostgresStoreError("usage database %s: %s" % (self.where, self._describe(exc))) from None
+            raise self._not_opened(exc) from None
 
     async def open_read_only(self) -> None:
         """For the report command: every transaction read-only, no schema made or migrated, an older
@@ -208,11 +204,16 @@ class PostgresStore:
                     self.report_sql = REPORT_OF % "round(usd * 1e9)::bigint"
             self.schema_ready = True
         except Exception as exc:
-            pool, self.pool = self.pool, None
-            if pool is not None:
-                pool.terminate()
-            logging.getLogger(DRIVER_LOGGER).removeFilter(self.log_filter)
-            raise PostgresStoreError("usage database %s: %s" % (self.where, self._describe(exc))) from None
+            # ``from None``: the driver's exception is not shown with this one.
+            raise self._not_opened(exc) from None
+
+    def _not_opened(self, exc: BaseException) -> PostgresStoreError:
+        """Undo a half-done opening (the pool, the driver's log filter); the error to raise."""
+        pool, self.pool = self.pool, None
+        if pool is not None:
+            pool.terminate()
+        logging.getLogger(DRIVER_LOGGER).removeFilter(self.log_filter)
+        return PostgresStoreError("usage database %s: %s" % (self.where, self._describe(exc)))
 
     async def _create_pool(self, read_only: bool = False):
         import asyncpg
