@@ -156,6 +156,16 @@
 
   // -- the report, summed up the ways the charts need it
 
+  // One report row added to a token's sums or to the totals.
+  function addRow(sums, row, spend) {
+    sums.usd += spend;
+    sums.requests += row.requests || 0;
+    sums.input += row.input_tokens || 0;
+    sums.cached += row.cached_tokens || 0;
+    sums.output += row.output_tokens || 0;
+    sums.estimated += row.estimated || 0;
+  }
+
   function summarise(report) {
     const tokens = new Map();
     const models = new Map();
@@ -167,13 +177,7 @@
       if (!tokens.has(token)) {
         tokens.set(token, { token: token, usd: 0, requests: 0, input: 0, cached: 0, output: 0, estimated: 0 });
       }
-      const sums = tokens.get(token);
-      sums.usd += spend;
-      sums.requests += row.requests || 0;
-      sums.input += row.input_tokens || 0;
-      sums.cached += row.cached_tokens || 0;
-      sums.output += row.output_tokens || 0;
-      sums.estimated += row.estimated || 0;
+      addRow(tokens.get(token), row, spend);
       const model = modelKey(row.model);
       if (!models.has(model)) models.set(model, { model: model, usd: 0, requests: 0, input: 0, output: 0 });
       const m = models.get(model);
@@ -186,12 +190,7 @@
       if (!perToken.has(token)) perToken.set(token, { usd: 0, requests: 0 });
       perToken.get(token).usd += spend;
       perToken.get(token).requests += row.requests || 0;
-      totals.usd += spend;
-      totals.requests += row.requests || 0;
-      totals.input += row.input_tokens || 0;
-      totals.cached += row.cached_tokens || 0;
-      totals.output += row.output_tokens || 0;
-      totals.estimated += row.estimated || 0;
+      addRow(totals, row, spend);
     }
     const bySpend = (a, b) => b.usd - a.usd || (a.token || a.model).localeCompare(b.token || b.model);
     const tokenList = [...tokens.values()].sort(bySpend);
