@@ -8,7 +8,7 @@ use OpenAI's error shape, so SDKs raise their usual exception classes.
 from __future__ import annotations
 
 from chat_gpt_proxy.formats.openai import for_path
-from chat_gpt_proxy.request.model import MODEL_FREE_PATH_RE, SESSION_MODEL_PATH_RE, inspect_request
+from chat_gpt_proxy.request.model import MODEL_FREE_PATH_RE, SESSION_MODEL_PATH_RE, RequestedModel, inspect_request
 from chat_gpt_proxy.request.strict_json import dumps, loads
 from chat_gpt_proxy.upstream.urls import join_url, normalised_path
 from chat_gpt_proxy.usage.deferred import FINISHED, KINDS, deferred_kind
@@ -50,7 +50,7 @@ class OpenAIHandler(OpenAIStyle, ForwardingHandler):
         """
         if self.request.method not in ("POST", "PUT", "PATCH"):
             return None, False  # no body goes upstream
-        found = inspect_request(
+        found = self.requested = inspect_request(
             self.request.headers.get_list("Content-Type"),
             # The base handler has already decoded a gzip or deflate body (or
             # refused any other coding with 415): what is read here is what goes upstream.
@@ -77,6 +77,9 @@ class OpenAIHandler(OpenAIStyle, ForwardingHandler):
                 )
         return found.model, found.stream
 
+    # What the body asks for (chat_gpt_proxy/request/model.py); nothing without a body.
+    requested = RequestedModel()
+
     async def forward(self) -> None:
         # One normalised path for the allow-list check and the upstream.
         self.v1_path = normalised_path(self.request.path[len("/v1/") :])
@@ -89,7 +92,7 @@ class OpenAIHandler(OpenAIStyle, ForwardingHandler):
         model, stream = self.requested_model_and_stream()
         method = self.request.method
         self.runs_model = method in ("POST", "PUT", "PATCH") and not MODEL_FREE_PATH_RE.match(self.v1_path)
-        self.deferred = deferred_kind(method, self.v1_path, self.responses_body() if method == "POST" else None)
+        self.deferred = deferred_kind(method, self.v1_path, self.requested.background)
         if self.deferred is not None:
             self.check_deferred()
             # A streamed background response is charged as a stream (charge_spend).
@@ -153,15 +156,6 @@ class OpenAIHandler(OpenAIStyle, ForwardingHandler):
                 self.charge_deferred(*finished, answer)
 
     deferred: str | None = None
-
-    def responses_body(self):
-        """The body of a Responses API request, parsed (whether it runs in the background); None elsewhere."""
-        if self.v1_path != "responses":
-            return None
-        try:
-            return loads(self.body)
-        except (ValueError, RecursionError):
-            return None
 
     def check_deferred(self) -> None:
         """A token with a budget starts work that runs after the request only if its entry allows it."""

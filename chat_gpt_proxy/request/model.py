@@ -38,7 +38,8 @@ class RequestedModel:
     (realtime client secrets and calls). Only these two say which model will
     run: a nested ``metadata.model`` or a query parameter on a POST is ignored
     by OpenAI. ``problem``: why the model cannot be determined with
-    certainty (None if it can). ``stream``: whether the body asks for a stream.
+    certainty (None if it can). ``stream``: whether the body asks for a stream;
+    ``background``: whether it asks to run in the background (the Responses API's ``background``).
     """
 
     model: str | None = None
@@ -47,6 +48,7 @@ class RequestedModel:
     problem: str | None = None
     named: str | None = None
     session_model: str | None = None
+    background: bool = False
 
 
 class Undetermined(ValueError):
@@ -104,7 +106,7 @@ def inspect_request(content_types: list[str], content_encoding: str | None, body
             found.models += (query_models[0],)
         return found
     except Undetermined as exc:
-        return RequestedModel(*_lenient(body), problem=str(exc))
+        return _lenient(body, str(exc))
 
 
 def _inspect(content_types: list[str], content_encoding: str | None, body: bytes) -> RequestedModel:
@@ -197,6 +199,7 @@ def _from_json(body: bytes | str, *, is_session: bool = False) -> RequestedModel
         parsed.get("stream") is True,
         named=model,
         session_model=_session_model(parsed if is_session else parsed.get("session")),
+        background=parsed.get("background") is True,
     )
 
 
@@ -333,17 +336,22 @@ def inspect_event(message: str | bytes) -> RequestedModel:
         return RequestedModel(problem=str(exc).replace("body", "event"))
 
 
-def _lenient(body: bytes) -> tuple[str | None, tuple, bool]:
-    """Best effort for logs and the stream flag when there is no allow-list: JSON whatever the label."""
+def _lenient(body: bytes, problem: str) -> RequestedModel:
+    """Best effort for logs, the stream and background flags when the body cannot be read with
+    certainty (``problem``) and there is no allow-list: JSON whatever the label."""
     try:
         parsed = json.loads(body)
     except (ValueError, RecursionError):
-        return None, (), False
+        return RequestedModel(problem=problem)
     if not isinstance(parsed, dict):
-        return None, (), False
+        return RequestedModel(problem=problem)
     model = parsed.get("model")
-    model = model if isinstance(model, str) else None
-    return model, (), parsed.get("stream") is True
+    return RequestedModel(
+        model if isinstance(model, str) else None,
+        stream=parsed.get("stream") is True,
+        problem=problem,
+        background=parsed.get("background") is True,
+    )
 
 
 # With an allow-list in force, a request with a body must name its model,

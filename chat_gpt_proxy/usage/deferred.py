@@ -51,11 +51,12 @@ RETRIEVAL_RE = re.compile(r"^(responses|batches)/([A-Za-z0-9_-]{1,200})$")
 FINISHED = frozenset(("completed", "incomplete", "failed", "cancelled", "expired"))
 
 
-def deferred_kind(method: str, path: str, body) -> str | None:
-    """What kind of work that runs after the request this is (a key of ``KINDS``), or None."""
+def deferred_kind(method: str, path: str, background: bool) -> str | None:
+    """What kind of work that runs after the request this is (a key of ``KINDS``), or None;
+    ``background``: the body asks to run in the background."""
     if method != "POST":
         return None
-    if path == "responses" and isinstance(body, dict) and body.get("background") is True:
+    if path == "responses" and background:
         return "background"
     if path == "batches":
         return "batch"
