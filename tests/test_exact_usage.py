@@ -164,11 +164,7 @@ async def test_a_chat_complete_stream_is_charged_with_no_usage_chunk_for_the_cli
     styled(fake_openai, style)
     fake_openai.push(Behaviour(usage={"prompt_tokens": 509, "completion_tokens": 2}))
     body = {"prompt": "one two", "generate_params": {"stream": True}}
-    async with (
-        httpx.AsyncClient(timeout=30) as client,
-        client.stream("POST", base_url + "/chat_complete", json=body, headers=headers()) as response,
-    ):
-        raw = b"".join([chunk async for chunk in response.aiter_raw()])
+    raw = await stream_bytes(base_url, "/chat_complete", body)
     datas = [e.data for e in parse_all(raw) if e.data is not None]
     assert datas[-1] == "[DONE]"
     chunks = [json.loads(d) for d in datas[:-1]]
